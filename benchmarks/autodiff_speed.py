@@ -1,0 +1,77 @@
+"""How fast the autodiff suite checks examples, and how much of that is JAX compiling.
+
+    python benchmarks/autodiff_speed.py                      # the default --equiv profile
+    python benchmarks/autodiff_speed.py --shapes 0           # a fresh shape every example
+    python benchmarks/autodiff_speed.py --examples 100 -k exp
+
+Prints, per dtype and in total: examples checked per second (one example runs every check
+of a pair on both sides), the share of wall time spent tracing, lowering and compiling JAX
+programs, and the number of distinct XLA compilations. Figures, not assertions: these
+machines are shared and noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the suites package
+
+
+def main(argv: list[str] | None = None) -> int:
+    from equivcheck.backends import jax_side, torch_side
+    from equivcheck.runner import PROFILES, RunSettings, prepare, run_pair
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--examples", type=int, default=PROFILES["dev"])
+    ap.add_argument("--shapes", type=int, default=4, help="shapes per check (0: fresh every example)")
+    ap.add_argument("--dtypes", default="float32,float64")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-k", default="", help="only pairs whose name contains this")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    jb = jax_side()
+    torch_side().set_precision("highest")
+    jb.set_precision("highest")
+    from suites.test_autodiff import PAIRS
+
+    pairs = [p for p in PAIRS if args.k in p.name]
+    run = RunSettings(examples=args.examples, seed=args.seed, palette=args.shapes)
+    rows, failures = [], []
+    for dtype in args.dtypes.split(","):
+        start, (c0, s0) = time.perf_counter(), jb.COMPILES.snapshot()
+        examples = 0
+        todo = [p for p in pairs if dtype in p.dtypes]
+        for i, pair in enumerate(todo):
+            if i + 1 < len(todo):
+                prepare(todo[i + 1], dtype, run)  # as the plugin does for the next test
+            records = run_pair(pair, dtype=dtype, run=run)
+            examples += max(r.examples for r in records)
+            failures += [r.id for r in records if r.outcome == "failed"]
+        wall = time.perf_counter() - start
+        c1, s1 = jb.COMPILES.snapshot()
+        rows.append({"dtype": dtype, "pairs": len(pairs), "wall_s": wall, "examples": examples,
+                     "examples_per_s": examples / wall, "compilations": c1 - c0, "compile_s": s1 - s0,
+                     "compile_share": (s1 - s0) / wall})
+    total = {k: sum(r[k] for r in rows) for k in ("wall_s", "examples", "compilations", "compile_s")}
+    total |= {"dtype": "all", "pairs": len(pairs), "examples_per_s": total["examples"] / total["wall_s"],
+              "compile_share": total["compile_s"] / total["wall_s"]}
+    print(f"autodiff suite: {args.examples} examples per check, {args.shapes or 'fresh'} shapes per check")
+    print("compile s: tracing, lowering and compiling on the checking thread (what the wall clock waits for);")
+    print(f"{jb.COMPILES.overlapped():.1f} s more ran on the background thread, overlapped with checking")
+    print(f"{'dtype':8} {'pairs':>5} {'wall s':>8} {'examples':>9} {'ex/s':>7} {'compiles':>9} {'compile s':>10} {'share':>6}")
+    for r in rows + [total]:
+        print(f"{r['dtype']:8} {r['pairs']:5d} {r['wall_s']:8.1f} {r['examples']:9d} {r['examples_per_s']:7.1f} "
+              f"{r['compilations']:9d} {r['compile_s']:10.1f} {100 * r['compile_share']:5.1f}%")
+    if failures:
+        print(f"{len(failures)} checks failed (their shrinking is part of the time): {', '.join(failures)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows + [total]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The JAX side: one jitted program per pair computes every check, compiled once per shape.
+
+Forward, VJP, JVP and HVP (forward over reverse) share one XLA program, so a new input
+shape costs one compilation instead of four. Compilations are counted through
+jax.monitoring so benchmarks can report the share of time spent compiling.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+# JAX grabs 75% of GPU memory on first use unless told otherwise, which starves torch when
+# both share a process. Must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from equivcheck.backends import SideResult, Vectors  # noqa: E402
+
+NAME = "jax"
+
+
+_BACKGROUND = "equivcheck-precompile"
+
+
+class _CompileStats:
+    """Counts XLA compilations and the seconds spent tracing, lowering and compiling,
+    apart for the background precompile thread (overlapped with checking) and the rest
+    (on the critical path)."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self.background = 0.0
+        self.waiting = 0.0
+        self._lock = threading.Lock()
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_: Any) -> None:
+        if event in self.EVENTS:
+            behind = threading.current_thread().name.startswith(_BACKGROUND)
+            with self._lock:
+                self.seconds += duration
+                self.background += duration if behind else 0.0
+                self.count += event == self.EVENTS[-1]
+
+    def waited(self, seconds: float) -> None:
+        """The checking thread blocked this long on a background compilation."""
+        with self._lock:
+            self.waiting += seconds
+
+    def snapshot(self) -> tuple[int, float]:
+        """(compilations, seconds the checking thread spent compiling or waiting for one)."""
+        with self._lock:
+            return self.count, self.seconds - self.background + self.waiting
+
+    def overlapped(self) -> float:
+        with self._lock:
+            return self.background
+
+
+COMPILES = _CompileStats()
+
+
+def version() -> str:
+    import jaxlib
+
+    return f"{jax.__version__} (jaxlib {jaxlib.__version__})"
+
+
+def available(device: str) -> bool:
+    return bool(_devices(device))
+
+
+def _devices(device: str) -> list[Any]:
+    try:
+        return jax.devices("cpu" if device == "cpu" else "gpu")
+    except RuntimeError:
+        return []
+
+
+def device_of(device: str) -> Any:
+    devs = _devices(device)
+    if not devs:
+        raise RuntimeError(f"JAX sees no {device} device (backends: {jax.default_backend()})")
+    return devs[0]
+
+
+def device_name(device: str) -> str:
+    return getattr(device_of(device), "device_kind", device)
+
+
+def set_precision(mode: str) -> dict[str, Any]:
+    jax.config.update("jax_default_matmul_precision", "highest" if mode == "highest" else None)
+    return {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision}
+
+
+def enable_persistent_cache(path: str) -> None:
+    """Compiled programs survive the process: a nightly rerun skips most compilation."""
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def x64(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    return jax.enable_x64(True) if enabled else contextlib.nullcontext()
+
+
+def sync(device: str) -> None:
+    (jax.device_put(0.0, device_of(device)) + 0).block_until_ready()
+
+
+def memory(device: str) -> dict[str, int]:
+    stats = (device_of(device).memory_stats() or {}) if device == "gpu" else {}
+    return {k: int(v) for k, v in stats.items() if k in ("peak_bytes_in_use", "bytes_in_use")}
+
+
+def to_numpy(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: to_numpy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [to_numpy(v) for v in tree]
+    if tree is None:
+        return None
+    if isinstance(tree, (jax.Array, np.ndarray, np.generic, int, float, bool)):
+        return np.asarray(tree)
+    # Any other pytree node (a Flax struct, an optax state): its leaves, in JAX's order.
+    return [to_numpy(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _float_leaves(tree: Any) -> list[Any]:
+    return [x for x in jax.tree_util.tree_leaves(tree) if _is_float(x)]
+
+
+class Programs:
+    """Jitted check programs, one per (pair callable, statics, checks)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Any, Callable[..., Any]] = {}
+
+    def get(self, fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks: Sequence[str]) -> Callable[..., Any]:
+        static = tuple((i, _hashable(a)) for i, a in enumerate(args) if not isinstance(a, np.ndarray))
+        key = (fn, static, tuple(diff), tuple(checks))
+        if key not in self._cache:
+            self._cache[key] = jax.jit(_program(fn, len(args), dict(static_values(args)), tuple(diff), tuple(checks)))
+        return self._cache[key]
+
+
+def static_values(args: Sequence[Any]) -> list[tuple[int, Any]]:
+    return [(i, a) for i, a in enumerate(args) if not isinstance(a, np.ndarray)]
+
+
+def _hashable(x: Any) -> Any:
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return repr(x)
+
+
+def _program(fn: Callable[..., Any], n: int, static: dict[int, Any], diff: tuple[int, ...],
+             checks: tuple[str, ...]) -> Callable[..., Any]:
+    def full(dyn: Sequence[Any], replace: Mapping[int, Any] | None = None) -> list[Any]:
+        args = _merge(dyn, static, n)
+        for i, x in (replace or {}).items():
+            args[i] = x
+        return args
+
+    def program(dyn: list[Any], cts: list[Any], ts: list[Any], vs: list[Any]) -> dict[str, Any]:
+        args = full(dyn)
+        primals = [args[i] for i in diff]
+
+        def f(*d: Any) -> list[Any]:
+            return _float_leaves(fn(*full(dyn, dict(zip(diff, d)))))
+
+        def pullback(*d: Any) -> list[Any]:
+            outs, back = jax.vjp(f, *d)
+            # Cotangents were shaped from torch's outputs: say so when jax's differ.
+            if [o.shape for o in outs] != [c.shape for c in cts]:
+                raise ValueError(f"jax gives floating outputs of shapes {[o.shape for o in outs]}, "
+                                 f"torch {[c.shape for c in cts]}: no common cotangent")
+            return list(back([c.astype(o.dtype) for c, o in zip(cts, outs)]))
+
+        out: dict[str, Any] = {}
+        if "forward" in checks:
+            out["forward"] = fn(*args)
+        if "vjp" in checks:
+            out["vjp"] = pullback(*primals)
+        if "jvp" in checks:
+            out["jvp"] = jax.jvp(f, tuple(primals), tuple(ts))[1]
+        if "hvp" in checks:
+            out["hvp"] = jax.jvp(pullback, tuple(primals), tuple(vs))[1]
+        return out
+
+    return program
+
+
+PROGRAMS = Programs()
+
+
+def output_leaves(fn: Callable[..., Any], args: Sequence[Any], device: str, wide: bool) -> list[np.ndarray]:
+    """Zero arrays shaped like the float outputs, without running anything (for cotangents)."""
+    with x64(wide):
+        dyn = [a for a in args if isinstance(a, np.ndarray)]
+        static = dict(static_values(args))
+        shaped = jax.eval_shape(lambda d: _float_leaves(fn(*_merge(d, static, len(args)))), dyn)
+    return [np.zeros(s.shape, s.dtype) for s in shaped]
+
+
+def _merge(dyn: Sequence[Any], static: Mapping[int, Any], n: int) -> list[Any]:
+    it = iter(dyn)
+    return [static[i] if i in static else next(it) for i in range(n)]
+
+
+_POOL: list[ThreadPoolExecutor] = []
+# Precompiles queued or running, by what the compiled program is keyed on. The checking
+# thread waits for a running one instead of compiling the same program a second time.
+_INFLIGHT: dict[Any, Future[None]] = {}
+_INFLIGHT_LOCK = threading.Lock()
+
+
+def _key(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks: Sequence[str], wide: bool) -> Any:
+    arrays = tuple((np.shape(a), np.asarray(a).dtype.str) for a in args if isinstance(a, np.ndarray))
+    static = tuple((i, _hashable(a)) for i, a in enumerate(args) if not isinstance(a, np.ndarray))
+    return (fn, arrays, static, tuple(diff), tuple(checks), wide)
+
+
+def _await_precompile(key: Any) -> None:
+    with _INFLIGHT_LOCK:
+        fut = _INFLIGHT.pop(key, None)
+    if fut is not None and not fut.cancel():  # queued: cancelled, we compile; running: wait
+        start = time.perf_counter()
+        fut.result()
+        COMPILES.waited(time.perf_counter() - start)
+
+
+def precompile(fn: Callable[..., Any], arg_sets: Sequence[Sequence[Any]], diff: Sequence[int],
+               checks: Sequence[str], device: str, wide: bool) -> None:
+    """Compile the check program for each argument set on a background thread.
+
+    XLA releases the GIL while compiling, so on a second core the compilations of a pair's
+    shape palette overlap with the checking of its first examples; the real calls then hit
+    the jit cache. Failures are ignored here: the real call reports them.
+    """
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix=_BACKGROUND))
+    for args in arg_sets:
+        key = _key(fn, args, diff, checks, wide)
+        with _INFLIGHT_LOCK:
+            if key not in _INFLIGHT:
+                _INFLIGHT[key] = _POOL[0].submit(_warm, key, fn, list(args), tuple(diff), tuple(checks), device, wide)
+
+
+def _warm(key: Any, fn: Callable[..., Any], args: list[Any], diff: tuple[int, ...], checks: tuple[str, ...],
+          device: str, wide: bool) -> None:
+    try:
+        with x64(wide):  # jax config contexts are per thread
+            leaves = output_leaves(fn, args, device, wide)
+            primals = [args[i] for i in diff]
+            zeros = [np.zeros_like(p) for p in primals]
+            run(fn, args, diff, checks, device, Vectors([np.zeros_like(x) for x in leaves], zeros, zeros), wide,
+                split_errors=False, background=True)
+    except Exception:
+        pass
+    finally:
+        with _INFLIGHT_LOCK:
+            _INFLIGHT.pop(key, None)
+
+
+def run(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks: Sequence[str], device: str,
+        vectors: Vectors, wide: bool, split_errors: bool = True, background: bool = False) -> SideResult:
+    """All checks in one compiled call; on an error, each check alone, to say which one broke."""
+    if not background and _INFLIGHT:
+        _await_precompile(_key(fn, args, diff, checks, wide))
+    res = SideResult(NAME)
+    dev = device_of(device)
+    with x64(wide):
+        dyn = [jax.device_put(a, dev) for a in args if isinstance(a, np.ndarray)]
+        put = lambda xs: [jax.device_put(x, dev) for x in xs]  # noqa: E731
+        cts, ts, vs = put(vectors.ct), put(vectors.t), put(vectors.v)
+        try:
+            values = _call(fn, args, diff, checks, wide, dyn, cts, ts, vs)
+            res.values = {k: to_numpy(v) for k, v in values.items()}
+            return res
+        except Exception as first:
+            if len(checks) == 1 or not split_errors:
+                res.fail(checks, first)
+                return res
+        for check in checks:
+            try:
+                res.values[check] = to_numpy(_call(fn, args, diff, (check,), wide, dyn, cts, ts, vs)[check])
+            except Exception as exc:
+                res.fail(check, exc)
+    return res
+
+
+# Programs that failed to trace or compile, by key: tracing depends on shapes, dtypes and
+# statics only, so the same call fails the same way; a shrinking run makes it hundreds of times.
+_BROKEN: dict[Any, Exception] = {}
+
+
+def _call(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks: Sequence[str], wide: bool,
+          *inputs: Any) -> dict[str, Any]:
+    key = _key(fn, args, diff, checks, wide) + (tuple(np.shape(c) for c in inputs[1]),)
+    if key in _BROKEN:
+        raise _BROKEN[key]
+    try:
+        return PROGRAMS.get(fn, args, diff, checks)(*inputs)
+    except Exception as exc:
+        if not isinstance(exc, jax.errors.JaxRuntimeError):  # runtime errors may depend on values
+            _BROKEN[key] = exc
+        raise

@@ -1,0 +1,86 @@
+"""Known divergences: a file of id patterns, each with the reason the two sides differ.
+
+One entry per line, `PATTERN  REASON`; `#` at a line's start or after a space starts a comment:
+
+    abs::vjp                      abs'(0): torch 0, JAX 1 (jax-ml/jax#37820)
+    gelu_default::forward::*::gpu jax.nn.gelu defaults to the tanh approximation
+    suites/test_models.py::test_train[cnn-*]   dropout RNG streams differ
+
+A pattern is a check id `pair::check::dtype::device` (segments left off match anything)
+or a pytest node id (anything naming a `.py` file). Only `*` and `?` are wildcards, so
+the brackets of node ids match themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    pattern: str
+    reason: str
+    source: str  # file:line, for messages
+    regex: re.Pattern[str]
+
+    @property
+    def is_node(self) -> bool:
+        return ".py" in self.pattern
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    if ".py" not in pattern:
+        parts = pattern.split("::")
+        if len(parts) > 4:
+            raise ValueError("a check id has at most four parts: pair::check::dtype::device")
+        pattern = "::".join(parts + ["*"] * (4 - len(parts)))
+    body = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
+    return re.compile(f"^{body}$")
+
+
+class KnownDivergences:
+    def __init__(self, entries: list[Entry] | None = None) -> None:
+        self.entries = entries or []
+
+    @classmethod
+    def load(cls, paths: list[str]) -> KnownDivergences:
+        entries: list[Entry] = []
+        for path in paths:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"known-divergences file {path}: {exc.strerror or exc}") from None
+            for n, raw in enumerate(text.splitlines(), 1):
+                # A comment is a `#` at the start or after white space: `jax#123` stays.
+                line = "" if raw.lstrip().startswith("#") else re.sub(r"\s+#.*$", "", raw).strip()
+                if not line:
+                    continue
+                pattern, _, reason = line.partition(" ")
+                reason = reason.strip()
+                if not reason:
+                    raise ValueError(f"{path}:{n}: {pattern!r} has no reason; write `PATTERN  REASON`")
+                try:
+                    regex = _compile(pattern)
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{n}: {pattern!r}: {exc}") from None
+                entries.append(Entry(pattern, reason, f"{path}:{n}", regex))
+        return cls(entries)
+
+    def match_check(self, check_id: str) -> tuple[str, str] | None:
+        for e in self.entries:
+            if not e.is_node and e.regex.match(check_id):
+                return e.pattern, e.reason
+        return None
+
+    def match_node(self, nodeid: str) -> tuple[str, str] | None:
+        for e in self.entries:
+            if e.is_node and e.regex.match(nodeid):
+                return e.pattern, e.reason
+        return None
+
+    def unmatched(self, matched: set[str]) -> list[Entry]:
+        return [e for e in self.entries if e.pattern not in matched]
+
+    def __len__(self) -> int:
+        return len(self.entries)

@@ -1,0 +1,276 @@
+"""The pytest plugin: options, hooks and the `equiv` fixture - nothing else.
+
+Inert without --equiv: equivalence checks (tests that use `equiv` or carry the `equiv`
+marker) are deselected and nothing is imported. With --equiv only they run. torch, jax and
+Hypothesis load in pytest_configure, and only when --equiv is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import random
+from typing import Any
+
+import pytest
+
+STATE: pytest.StashKey[Any] = pytest.StashKey()
+DEVICE_CHOICES = ("cpu", "gpu", "all")
+PRECISIONS = ("highest", "default")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("equivcheck", "PyTorch/JAX equivalence checks (equivcheck)")
+    g.addoption("--equiv", action="store_true", help="run the equivalence checks (and only them)")
+    g.addoption("--device", "--equiv-device", dest="equiv_device", default="cpu", choices=DEVICE_CHOICES,
+                help="where both frameworks run: cpu, gpu (CUDA torch + JAX GPU backend) or all (default: cpu)")
+    g.addoption("--equiv-profile", choices=("dev", "ci", "nightly"), default=None,
+                help="example budget: dev 30, ci 30, nightly 300 per check (default: ci when $CI is set, else dev)")
+    g.addoption("--equiv-examples", type=int, default=None, metavar="N", help="examples per check (overrides the profile)")
+    g.addoption("--equiv-seed", type=int, default=None, metavar="S", help="seed of the run; the same seed replays it exactly")
+    g.addoption("--equiv-precision", choices=PRECISIONS, default="highest",
+                help="highest: TF32 off in torch, JAX matmul precision 'highest'; default: each framework's own")
+    g.addoption("--equiv-dtypes", default="float32,float64", metavar="LIST",
+                help="comma-separated dtypes to check (float32, float64, bfloat16, float16)")
+    g.addoption("--equiv-shapes", type=int, default=4, metavar="K",
+                help="distinct input shapes per check, so JAX compiles K times; 0 draws a new shape every example")
+    g.addoption("--equiv-report", default="reports", metavar="DIR", help="where the JSON and Markdown reports go ('none': no report)")
+    g.addoption("--equiv-known-divergences", action="append", default=[], metavar="FILE",
+                help="file of known divergences (PATTERN REASON per line): matches become xfail; repeatable")
+    g.addoption("--equiv-jax-cache", default="auto", metavar="DIR",
+                help="JAX persistent compilation cache ('auto': in pytest's cache dir; 'none': off)")
+    parser.addini("equiv_known_divergences", type="paths", default=[],
+                  help="known-divergence files always loaded with --equiv")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "equiv: an equivalence check; runs only under --equiv")
+    from equivcheck.fixture import SessionState
+
+    if not config.getoption("equiv"):
+        config.stash[STATE] = SessionState(enabled=False)
+        return
+    config.stash[STATE] = _build_state(config)
+    config.pluginmanager.register(_Collector(config.stash[STATE]), "equivcheck-collector")
+
+
+def _build_state(config: pytest.Config) -> Any:
+    from equivcheck import pairs
+    from equivcheck.backends import jax_side, torch_side
+    from equivcheck.fixture import SessionState
+    from equivcheck.knowns import KnownDivergences
+    from equivcheck.runner import PROFILES, RunSettings
+
+    opt = config.getoption
+    dtypes = tuple(d.strip() for d in opt("equiv_dtypes").split(",") if d.strip())
+    bad = [d for d in dtypes if d not in pairs.DTYPES]
+    if bad or not dtypes:
+        raise pytest.UsageError(f"--equiv-dtypes: unknown {bad or 'empty list'}; choose from {', '.join(pairs.DTYPES)}")
+    profile = opt("equiv_profile") or ("ci" if os.environ.get("CI") else "dev")
+    examples = PROFILES[profile] if opt("equiv_examples") is None else opt("equiv_examples")
+    if examples < 1 or opt("equiv_shapes") < 0:
+        raise pytest.UsageError("--equiv-examples must be >= 1 and --equiv-shapes >= 0")
+    worker = getattr(config, "workerinput", None)
+    seed = opt("equiv_seed")
+    if seed is None:
+        seed = worker["equivcheck_seed"] if worker else random.SystemRandom().randrange(2**31)
+    try:
+        known = KnownDivergences.load([str(p) for p in config.getini("equiv_known_divergences")]
+                                      + list(opt("equiv_known_divergences")))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    device_opt = opt("equiv_device")
+    devices = ("cpu", "gpu") if device_opt == "all" else (device_opt,)
+    precision = opt("equiv_precision")
+    tb, jb = torch_side(), jax_side()  # imports torch, then jax (after the GPU memory setting)
+    cache = opt("equiv_jax_cache")
+    if cache == "auto" and getattr(config, "cache", None) is not None:
+        cache = str(config.cache.mkdir("equivcheck-jax"))
+    if cache not in ("auto", "none"):
+        jb.enable_persistent_cache(cache)
+    state = SessionState(
+        enabled=True,
+        run=RunSettings(examples=examples, profile=profile, seed=seed, precision=precision, palette=opt("equiv_shapes")),
+        dtypes=dtypes, devices=devices, known=known,
+        report_dir=None if opt("equiv_report") == "none" else opt("equiv_report"),
+        precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
+    )
+    for device in devices:
+        missing = [name for name, side in (("torch", tb), ("jax", jb)) if not side.available(device)]
+        if missing:
+            state.unavailable[device] = f"no {device.upper()} here: {' and '.join(missing)} cannot see one"
+        else:
+            state.device_names[device] = tb.device_name(device)
+    return state
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist: every worker draws from the controller's seed."""
+    state = node.config.stash[STATE]
+    if state.enabled:
+        node.workerinput["equivcheck_seed"] = state.run.seed
+
+
+@pytest.hookimpl(trylast=True)  # after @parametrize, so ids read pair-dtype-device
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    state = metafunc.config.stash[STATE]
+    if "equiv" not in metafunc.fixturenames or not state.enabled:
+        return
+    combos = [(dtype, device) for device in state.devices for dtype in state.dtypes]
+    metafunc.parametrize("equiv", combos, indirect=True, ids=[f"{d}-{v}" for d, v in combos])
+
+
+def _is_equiv(item: pytest.Item) -> bool:
+    return "equiv" in getattr(item, "fixturenames", ()) or item.get_closest_marker("equiv") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = config.stash[STATE]
+    keep, drop = [], []
+    for item in items:
+        (keep if _is_equiv(item) == state.enabled else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+    if not state.enabled:
+        return
+    from equivcheck.fixture import KNOWN_KEY
+
+    _refuse_duplicate_names(items)
+    for item in items:
+        hit = state.known.match_node(item.nodeid)
+        if hit:
+            item.user_properties.append((KNOWN_KEY, hit[0]))
+            item.add_marker(pytest.mark.xfail(reason=f"known divergence: {hit[1]}", strict=False))
+
+
+def _refuse_duplicate_names(items: list[pytest.Item]) -> None:
+    from equivcheck.pairs import Pair
+
+    seen: dict[str, tuple[Any, str]] = {}
+    for item in items:
+        for value in getattr(getattr(item, "callspec", None), "params", {}).values():
+            if isinstance(value, Pair):
+                first = seen.setdefault(value.name, (value, item.nodeid))
+                if first[0] is not value and (first[0].torch_fn, first[0].jax_fn) != (value.torch_fn, value.jax_fn):
+                    raise pytest.UsageError(
+                        f"two different pairs are named {value.name!r} ({first[1]} and {item.nodeid}); "
+                        "names key the report, so give each its own")
+
+
+@pytest.fixture
+def equiv(request: pytest.FixtureRequest) -> Any:
+    """Checks a Pair at this test's dtype and device: `equiv.check(pair)`."""
+    from equivcheck.fixture import Equiv
+
+    state = request.config.stash[STATE]
+    if not state.enabled:
+        pytest.skip("equivalence check: run with --equiv")
+    dtype, device = request.param
+    if device in state.unavailable:
+        pytest.skip(state.unavailable[device])
+    return Equiv(request.node, state, dtype, device)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """While this check runs, compile the next one's JAX programs in the background."""
+    state = item.config.stash[STATE]
+    params = getattr(getattr(nextitem, "callspec", None), "params", {})
+    if not state.enabled or "equiv" not in params:
+        return
+    from equivcheck.pairs import Pair
+    from equivcheck.runner import prepare
+
+    dtype, device = params["equiv"]
+    pairs = [v for v in params.values() if isinstance(v, Pair)]
+    if len(pairs) == 1 and dtype in pairs[0].dtypes and device not in state.unavailable:
+        try:
+            prepare(pairs[0], dtype, dataclasses.replace(state.run, device=device))
+        except Exception:  # a head start only: the test itself reports a broken pair
+            pass
+
+
+class _Collector:
+    """Gathers check records from test reports: the same path with or without xdist."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        from equivcheck.fixture import KNOWN_KEY, RECORDS_KEY
+
+        for name, value in report.user_properties:
+            if name == RECORDS_KEY and report.when == "call":
+                self.state.records.extend(value)
+            elif name == KNOWN_KEY:
+                self.state.matched_known.add(value)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = config.stash[STATE]
+    if not state.enabled:
+        return []
+    r = state.run
+    lines = [f"equivcheck: seed {r.seed} (replay with --equiv-seed {r.seed}), profile {r.profile}, "
+             f"{r.examples} examples, {r.palette or 'fresh'} shapes per check, precision {r.precision}, "
+             f"dtypes {','.join(state.dtypes)}, devices {','.join(state.devices)}"]
+    lines += [f"equivcheck: {device} skipped: {why}" for device, why in state.unavailable.items()]
+    if len(state.known):
+        lines.append(f"equivcheck: {len(state.known)} known divergences loaded")
+    return lines
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = session.config.stash[STATE]
+    if not state.enabled or hasattr(session.config, "workerinput"):
+        return
+    from equivcheck import report
+    from equivcheck.backends import jax_side
+
+    finished = dt.datetime.now(dt.timezone.utc)
+    state.matched_known |= {r["known_pattern"] for r in state.records if r.get("known_pattern")}
+    versions = report.versions()
+    count, seconds = jax_side().COMPILES.snapshot()
+    run = {
+        "id": report.run_id(state.started, versions, state.devices),
+        "started": state.started.isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "seconds": (finished - state.started).total_seconds(),
+        "seed": state.run.seed, "profile": state.run.profile, "examples": state.run.examples,
+        "palette": state.run.palette, "precision": state.run.precision,
+        "precision_settings": state.precision_settings, "dtypes": list(state.dtypes),
+        "devices": list(state.devices), "unavailable": state.unavailable, "device_names": state.device_names,
+        "versions": versions, "machine": report.machine(), "matrix": os.environ.get("TOX_ENV_NAME"),
+        "jax_compilations": None if _uses_xdist(session) else {"count": count, "seconds": round(seconds, 3)},
+        "replay": state.replay("<node id>", ",".join(state.dtypes), ",".join(state.devices)),
+        "unmatched_known": [{"pattern": e.pattern, "reason": e.reason, "source": e.source}
+                            for e in state.known.unmatched(state.matched_known)],
+    }
+    if state.report_dir and state.records:
+        state.report_paths = report.write(report.build(state.records, run), state.report_dir)
+
+
+def _uses_xdist(session: pytest.Session) -> bool:
+    return bool(getattr(session.config.option, "numprocesses", None))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = config.stash[STATE]
+    if not state.enabled or hasattr(config, "workerinput") or config.option.collectonly:
+        return
+    from equivcheck import report
+
+    tr = terminalreporter
+    tr.section("equivcheck")
+    if state.records:
+        tr.write_line(report.text_table(*report.grid(state.records)))
+        counts = {k: sum(r["outcome"] == k for r in state.records) for k in report.OUTCOMES}
+        tr.write_line(", ".join(f"{v} {k}" for k, v in counts.items() if v) + " checks")
+    else:
+        tr.write_line("no equivalence checks ran")
+    for e in state.known.unmatched(state.matched_known):
+        tr.write_line(f"WARNING known divergence {e.pattern!r} ({e.source}) matched no check or test", yellow=True)
+    for path in state.report_paths:
+        tr.write_line(f"report: {path}")

@@ -1,0 +1,310 @@
+"""Run one pair at one dtype and device under Hypothesis, and turn the outcome into records.
+
+Every example runs all remaining checks on both sides. The first check to fail stops the
+pass: Hypothesis shrinks to a minimal example for it, the float64 diagnosis runs once on
+that example, and a new pass continues with the checks still standing, so every check gets
+its full example budget and its own counterexample.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings, target
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+from hypothesis.errors import Flaky
+
+from equivcheck import tolerance
+from equivcheck.autodiff import Evaluation, evaluate, judge, wide
+from equivcheck.backends import jax_side
+from equivcheck.compare import LeafDiff, Verdict, format_args, n_elements
+from equivcheck.conditioning import explained_by_rounding
+from equivcheck.diagnose import diagnose
+from equivcheck.pairs import CHECKS, Pair
+
+PROFILES = {"dev": 30, "ci": 30, "nightly": 300}
+for _name, _count in PROFILES.items():
+    settings.register_profile(
+        f"equivcheck-{_name}",
+        max_examples=_count,
+        deadline=None,  # JAX compiles on first sight of a shape: timing says nothing
+        database=None,  # replay is by seed (--equiv-seed), exact across machines
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
+                               HealthCheck.filter_too_much],
+        verbosity=Verbosity.quiet,  # the check's own message carries the minimal example
+        report_multiple_bugs=False,
+        # "explain" re-runs a failure many times to annotate its printout, which we replace.
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How one check runs; the plugin builds it from the command line, scripts directly."""
+
+    examples: int = PROFILES["dev"]
+    profile: str = "dev"
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "highest"
+    palette: int = 4  # distinct shapes per check; 0 draws a fresh shape every example
+    shrink_seconds: float = 20.0  # then report the smallest failing example found so far
+
+    def item_seed(self, *parts: str) -> int:
+        return zlib.crc32(":".join([str(self.seed), *parts]).encode())
+
+
+@dataclasses.dataclass
+class CheckRecord:
+    """One row of the report: a pair x check x dtype x device."""
+
+    pair: str
+    check: str
+    dtype: str
+    device: str
+    precision: str
+    outcome: str  # passed | failed | known-divergence | xpass | skipped
+    examples: int = 0
+    worst_ratio: float = 0.0
+    max_abs_err: float = 0.0
+    max_rel_err: float = 0.0
+    max_ulp: float = 0.0
+    tolerance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    kind: str = ""
+    side: str | None = None
+    message: str = ""
+    diagnosis: str = ""
+    inputs: str = ""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    known_reason: str = ""
+    known_pattern: str = ""
+    tags: list[str] = dataclasses.field(default_factory=list)
+    nodeid: str = ""
+    replay: str = ""
+    ill_conditioned: int = 0  # examples past the table bound that input rounding explains
+
+    @property
+    def id(self) -> str:
+        return check_id(self.pair, self.check, self.dtype, self.device)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["id"] = self.id
+        for k in ("worst_ratio", "max_abs_err", "max_rel_err", "max_ulp"):
+            if not math.isfinite(d[k]):
+                d[k] = None if math.isnan(d[k]) else str(d[k])
+        return d
+
+    def failure_text(self) -> str:
+        lines = [f"{self.id} [precision {self.precision}] failed: {self.message}"]
+        if self.diagnosis:
+            lines.append(f"  which side: {self.side or 'undecided'}: {self.diagnosis}")
+        if self.inputs:
+            lines.append(f"  minimal inputs: {self.inputs}")
+        tol = self.tolerance
+        if tol:
+            lines.append(f"  tolerance: rtol={tol['rtol']:.3g} atol={tol['atol']:.3g} ({tol['reason']})")
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.replay:
+            lines.append(f"  replay: {self.replay}")
+        return "\n".join(lines)
+
+
+def check_id(pair: str, check: str, dtype: str, device: str) -> str:
+    return f"{pair}::{check}::{dtype}::{device}"
+
+
+class CheckFailed(Exception):
+    """Raised inside the Hypothesis test so that it shrinks; carries the evidence out."""
+
+    def __init__(self, check: str, verdict: Verdict, args: Sequence[Any], ev: Evaluation) -> None:
+        super().__init__(f"{check}: {verdict.kind}: {verdict.message}")
+        self.check, self.verdict, self.args, self.ev = check, verdict, args, ev
+
+
+@dataclasses.dataclass
+class _Stats:
+    examples: int = 0
+    ratio: float = 0.0
+    leaf: LeafDiff | None = None
+    notes: set[str] = dataclasses.field(default_factory=set)
+    ill_conditioned: int = 0
+
+
+def run_pair(
+    pair: Pair,
+    *,
+    dtype: str,
+    run: RunSettings,
+    known: Callable[[str], tuple[str, str] | None] = lambda _id: None,
+    nodeid: str = "",
+    replay: str = "",
+) -> list[CheckRecord]:
+    """All checks of `pair` at `dtype` on `run.device`; one record per check.
+
+    `known(check_id)` returns (pattern, reason) for an expected divergence.
+    """
+    start = time.perf_counter()
+    checks = [c for c in CHECKS if c in pair.checks]
+    tols = {c: tolerance.lookup(dtype, device=run.device, precision=run.precision, check=c, tags=pair.tags,
+                                override=pair.tolerance_for(dtype, c)) for c in checks}
+    item_seed = run.item_seed(pair.name, dtype, run.device)
+    palette = _palette(pair, dtype, run)
+    prepare(pair, dtype, run)
+    examples = st.tuples(pair.inputs.strategy(dtype, palette), st.integers(0, 2**31 - 1))
+    stats = {c: _Stats() for c in checks}
+    failures: dict[str, CheckFailed] = {}
+    active = list(checks)
+    while active:
+        failure = _one_pass(pair, examples, active, tols, stats, dtype, run, item_seed)
+        if failure is None:
+            break
+        failures[failure.check] = failure
+        active.remove(failure.check)
+        # The minimal example often breaks other checks too (a side that raises breaks all):
+        # those are failures as they stand, and need no pass of their own.
+        for check in list(active):
+            verdict = judge(pair, failure.ev, check, tols[check], failure.args)
+            if not verdict.ok and not _ill_conditioned(pair, check, failure.args, failure.ev, verdict, dtype,
+                                                       tols[check], 0):
+                verdict.notes.append(f"found on the minimal example of the {failure.check} failure")
+                failures[check] = CheckFailed(check, verdict, failure.args, failure.ev)
+                active.remove(check)
+    seconds = time.perf_counter() - start
+    records = []
+    for check in checks:
+        tol = tols[check]
+        rec = CheckRecord(
+            pair=pair.name, check=check, dtype=dtype, device=run.device, precision=run.precision, outcome="passed",
+            examples=stats[check].examples, worst_ratio=stats[check].ratio,
+            tolerance={"rtol": tol.rtol, "atol": tol.atol, "reason": tol.reason},
+            seconds=seconds / len(checks), notes=sorted(stats[check].notes), tags=sorted(pair.tags),
+            nodeid=nodeid, replay=replay, ill_conditioned=stats[check].ill_conditioned,
+        )
+        if rec.ill_conditioned:
+            rec.notes.append(f"{rec.ill_conditioned} examples beyond the table bound were within the float64 "
+                             "result's sensitivity to input rounding (ill-conditioned): accepted")
+        _fill_errors(rec, stats[check].leaf)
+        hit = known(rec.id)
+        if check in failures:
+            _fill_failure(rec, failures[check], pair, dtype)
+            rec.outcome = "known-divergence" if hit else "failed"
+        elif hit:
+            rec.outcome = "xpass"
+        if hit:
+            rec.known_pattern, rec.known_reason = hit
+        records.append(rec)
+    return records
+
+
+def _palette(pair: Pair, dtype: str, run: RunSettings) -> list[Any] | None:
+    if not run.palette:
+        return None
+    try:
+        return pair.inputs.palette(run.item_seed(pair.name, dtype, run.device), run.palette)
+    except Exception as exc:
+        raise ValueError(f"pair {pair.name!r}: its shape rule raised {type(exc).__name__}: {exc}") from exc
+
+
+def prepare(pair: Pair, dtype: str, run: RunSettings) -> None:
+    """Start compiling the JAX programs `run_pair` will need, on a background thread.
+
+    The palette is a function of the seed, so this can run ahead: the plugin prepares the
+    next test while the current one checks.
+    """
+    palette = _palette(pair, dtype, run)
+    if palette:
+        checks = [c for c in CHECKS if c in pair.checks]
+        placeholders = [a for shapes in palette for a in pair.inputs.placeholders(dtype, shapes)]
+        jax_side().precompile(pair.jax_fn, placeholders, pair.diff_args, checks, run.device, wide(pair, dtype))
+
+
+def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: dict[str, Any],
+              stats: dict[str, _Stats], dtype: str, run: RunSettings, item_seed: int) -> CheckFailed | None:
+    shrink: dict[str, Any] = {"since": None, "best": None}
+
+    def test(example: tuple[tuple[Any, ...], int]) -> None:
+        best = shrink["best"]
+        if best is not None and time.monotonic() - shrink["since"] > run.shrink_seconds:
+            # Out of shrinking time: every call now reports the smallest failure found.
+            raise best
+        args, vec_seed = example
+        ev = evaluate(pair, args, vec_seed, dtype=dtype, device=run.device, checks=active)
+        for check in active:
+            verdict = judge(pair, ev, check, tols[check], args)
+            s = stats[check]
+            s.examples += 1
+            s.notes.update(verdict.notes)
+            if not verdict.ok:
+                if _ill_conditioned(pair, check, args, ev, verdict, dtype, tols[check], vec_seed):
+                    s.ill_conditioned += 1
+                    continue
+                failed = CheckFailed(check, verdict, args, ev)
+                if best is None or n_elements(args) < n_elements(best.args):
+                    shrink["best"] = failed
+                    shrink["since"] = shrink["since"] or time.monotonic()
+                raise failed
+            if verdict.ratio >= s.ratio:
+                s.ratio, s.leaf = verdict.ratio, verdict.worst
+            # Steer generation towards the inputs where the two sides drift furthest apart.
+            target(min(verdict.ratio, 1e6), label=check)
+
+    # Hypothesis keys its example database by function digest: keep checks apart.
+    test._hypothesis_internal_add_digest = f"{pair.name}:{dtype}:{run.device}".encode()  # type: ignore[attr-defined]
+    wrapped = settings(settings.get_profile(f"equivcheck-{run.profile}"), max_examples=run.examples)(
+        hypothesis_seed(item_seed)(given(examples)(test))
+    )
+    try:
+        wrapped()
+    except CheckFailed as failed:
+        if shrink["since"] is not None and time.monotonic() - shrink["since"] > run.shrink_seconds:
+            failed.verdict.notes.append(f"shrinking stopped after {run.shrink_seconds:g} s: the smallest failing "
+                                        "example found is shown")
+        return failed
+    except Flaky as flaky:
+        inner = [e for e in getattr(flaky, "exceptions", ()) if isinstance(e, CheckFailed)]
+        if not inner:
+            raise
+        failed = inner[0]
+        failed.verdict.notes.append(
+            "flaky: this example failed once and passed when replayed (a nondeterministic op, e.g. scatter-add on GPU)")
+        return failed
+    return None
+
+
+def _ill_conditioned(pair: Pair, check: str, args: Any, ev: Evaluation, verdict: Verdict, dtype: str,
+                     tol: Any, seed: int) -> bool:
+    try:
+        return explained_by_rounding(pair, check, args, ev, verdict, dtype, tol, seed)
+    except Exception:  # the float64 re-run failing leaves the failure standing
+        return False
+
+
+def _fill_errors(rec: CheckRecord, leaf: LeafDiff | None) -> None:
+    if leaf is not None:
+        rec.max_abs_err, rec.max_rel_err, rec.max_ulp = leaf.max_abs, leaf.max_rel, leaf.max_ulp
+
+
+def _fill_failure(rec: CheckRecord, failure: CheckFailed, pair: Pair, dtype: str) -> None:
+    verdict = failure.verdict
+    try:
+        diagnose(pair, failure.check, failure.args, failure.ev, verdict, dtype=dtype)
+    except Exception as exc:  # advice only: the failure stands without it
+        verdict.diagnosis = f"diagnosis failed: {type(exc).__name__}: {exc}"
+    rec.kind, rec.side, rec.diagnosis = verdict.kind, verdict.side, verdict.diagnosis
+    worst = verdict.worst if verdict.kind == "values" else None
+    rec.message = verdict.message + (f"\n  worst: {worst.summary()}" if worst else "")
+    if worst is not None:
+        rec.worst_ratio = worst.ratio
+        _fill_errors(rec, worst)
+    else:
+        rec.worst_ratio = math.inf
+    rec.inputs = format_args(failure.args)
+    rec.notes = sorted(set(rec.notes) | set(verdict.notes))
+

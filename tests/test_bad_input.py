@@ -1,0 +1,72 @@
+"""Bad input from users' pairs: each becomes a failing check that names the side and the
+cause; the rest of the run goes on and reaches the report."""
+from __future__ import annotations
+
+import json
+
+import equivcheck.backends.jax  # noqa: F401  (see test_plugin.py: load frameworks before pytester)
+import equivcheck.backends.torch  # noqa: F401
+import equivcheck.fixture  # noqa: F401
+
+BAD = """
+import numpy as np, pytest, torch, jax.numpy as jnp
+import equivcheck as ec
+
+def raises(x):
+    raise ValueError("user code broke")
+
+def bad_sampler(rng):
+    raise RuntimeError("strategy broke")
+
+PAIRS = [
+    ec.Pair("good", torch.tanh, jnp.tanh, ec.unary()),
+    ec.Pair("torch_raises", raises, jnp.tanh, ec.unary()),
+    ec.Pair("jax_raises", torch.tanh, raises, ec.unary()),
+    ec.Pair("other_shape", torch.tanh, lambda x: jnp.tanh(x)[None], ec.unary(), checks=("forward",)),
+    ec.Pair("other_dtype", torch.tanh, lambda x: jnp.tanh(x).astype(jnp.float16), ec.unary(), checks=("forward",)),
+    ec.Pair("other_tree", lambda x: (torch.tanh(x), x), jnp.tanh, ec.unary(), checks=("forward",)),
+    ec.Pair("nan_on_jax", torch.tanh, lambda x: jnp.where(x > 1, jnp.nan, jnp.tanh(x)), ec.unary(ec.Floats(special=(2.0,))),
+            checks=("forward",)),
+    ec.Pair("bad_strategy", torch.tanh, jnp.tanh, ec.Inputs(ec.Custom(bad_sampler, ((2,),)), (ec.Floats(),))),
+]
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+"""
+
+
+def run(pytester):
+    pytester.makepyfile(test_bad=BAD)
+    result = pytester.runpytest("--equiv", "--equiv-examples", "10", "--equiv-seed", "2", "--equiv-dtypes", "float32",
+                                "-p", "no:cacheprovider")
+    records = json.loads((pytester.path / "reports" / "latest.json").read_text())["records"]
+    return result, {r["id"]: r for r in records}
+
+
+def test_each_bad_pair_fails_with_its_side_and_cause_and_the_run_goes_on(pytester):
+    result, rec = run(pytester)
+    out = result.stdout.str()
+    result.assert_outcomes(passed=1, failed=7, errors=0)
+    assert rec["good::hvp::float32::cpu"]["outcome"] == "passed"
+
+    torch_raises = rec["torch_raises::forward::float32::cpu"]
+    assert torch_raises["outcome"] == "failed" and torch_raises["side"] == "torch"
+    assert "the torch side raised ValueError in forward: user code broke" in torch_raises["message"]
+    assert "test_bad.py" in torch_raises["message"]  # where in the user's code
+
+    jax_raises = rec["jax_raises::vjp::float32::cpu"]
+    assert jax_raises["side"] == "jax" and "the jax side raised ValueError in vjp" in jax_raises["message"]
+
+    assert "shape differs: torch" in rec["other_shape::forward::float32::cpu"]["message"]
+    assert "dtype differs: torch float32, jax float16" in rec["other_dtype::forward::float32::cpu"]["message"]
+    assert "tree structure differs" in rec["other_tree::forward::float32::cpu"]["message"]
+    nan = rec["nan_on_jax::forward::float32::cpu"]
+    assert nan["side"] == "jax" and "jax gives NaN" in nan["message"]
+    assert "bad_strategy" in out and "strategy broke" in out  # a broken strategy is that test's failure
+
+
+def test_a_failing_check_does_not_hide_the_others_of_its_pair(pytester):
+    _, rec = run(pytester)
+    # jax_raises fails every check; each is reported on its own.
+    assert {rec[f"jax_raises::{c}::float32::cpu"]["outcome"] for c in ("forward", "vjp", "jvp", "hvp")} == {"failed"}

@@ -1,0 +1,108 @@
+"""The comparison engine on NumPy trees: structure, shape, dtype, NaN/Inf, values."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from equivcheck import tolerance
+from equivcheck.compare import compare, format_args, ulp_distance
+from equivcheck.tolerance import Tolerance
+
+F32 = tolerance.lookup("float32")
+
+
+def arr(*xs, dtype=np.float32):
+    return np.asarray(xs, dtype=dtype)
+
+
+def test_identical_trees_match_with_zero_ratio():
+    v = compare({"a": arr(1, 2), "b": [arr(3)]}, {"a": arr(1, 2), "b": [arr(3)]}, F32)
+    assert v.ok and v.kind == "match" and v.ratio == 0
+
+
+@pytest.mark.parametrize("t, j, where", [
+    ((arr(1), arr(2)), arr(1), "torch gives tuple of 2, jax gives array"),
+    ({"a": arr(1)}, {"b": arr(1)}, "dict with keys ['a']"),
+    ([arr(1), arr(2)], [arr(1)], "list of 2"),
+])
+def test_structure_mismatch_says_what_each_side_gives(t, j, where):
+    v = compare(t, j, F32)
+    assert not v.ok and v.kind == "structure" and where in v.message
+
+
+def test_shape_and_dtype_mismatches_are_named_by_leaf():
+    v = compare([arr(1, 2), arr(1, 2)], [arr(1, 2), arr(1, 2).reshape(1, 2)], F32)
+    assert v.kind == "shape" and v.message.startswith("out[1]: shape differs: torch [2], jax [1, 2]")
+    v = compare(arr(1, 2), arr(1, 2, dtype=np.float16), F32)
+    assert v.kind == "dtype" and "torch float32, jax float16" in v.message
+
+
+def test_integer_widths_may_differ_but_are_noted():
+    v = compare(np.array([1, 2], np.int64), np.array([1, 2], np.int32), F32)
+    assert v.ok and "integer widths differ" in v.notes[0]
+
+
+def test_nan_on_one_side_names_that_side():
+    v = compare(arr(1, np.nan), arr(1, 2), F32)
+    assert v.kind == "nonfinite" and v.side == "torch" and "torch gives NaN" in v.message
+    assert compare(arr(1, np.nan), arr(1, np.nan), F32).ok  # NaN in the same place agrees
+
+
+def test_infinities_must_match_in_sign():
+    assert not compare(arr(np.inf), arr(-np.inf), F32).ok
+    assert compare(arr(np.inf), arr(np.inf), F32).ok
+
+
+def test_values_use_the_symmetric_bound_and_report_the_worst_element():
+    tol = Tolerance(1e-3, 0.0, "test")
+    t = arr(1.0, 2.0, 3.0)
+    j = arr(1.0005, 2.0, 3.01)
+    v = compare(t, j, tol)
+    assert not v.ok and v.kind == "values"
+    w = v.worst
+    assert w.worst_index == (2,) and w.torch_value == 3.0 and w.jax_value == pytest.approx(3.01)
+    assert w.frac_bad == pytest.approx(1 / 3)
+    assert w.max_abs == pytest.approx(0.01, rel=1e-4)
+    assert "worst at index [2]" in w.summary()
+
+
+def test_ratio_is_the_margin_used_against_the_tolerance():
+    tol = Tolerance(0.0, 1.0, "test")
+    v = compare(arr(0.0), arr(0.5), tol)
+    assert v.ok and v.ratio == pytest.approx(0.5)
+
+
+def test_masks_remove_elements_from_the_value_comparison():
+    t, j = arr(1.0, 5.0), arr(1.0, -5.0)
+    assert not compare(t, j, F32).ok
+    assert compare(t, j, F32, masks={"out": np.array([False, True])}).ok
+
+
+def test_ulp_distance_counts_units_of_the_compared_dtype():
+    one = np.float64(1.0)
+    assert ulp_distance(one, one + 2 * np.finfo(np.float32).eps, np.dtype(np.float32)) == pytest.approx(2)
+    assert ulp_distance(one, one + np.finfo(np.float64).eps, np.dtype(np.float64)) == pytest.approx(1)
+
+
+def test_empty_leaves_compare_as_equal():
+    assert compare(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), F32).ok
+
+
+def test_format_args_prints_small_arrays_in_full_and_summarises_large_ones():
+    text = format_args([arr(1.5, -2.0), np.zeros((10, 10), np.float32), 3])
+    assert "arg0: float32[2] [ 1.5, -2. ]" in text
+    assert "arg1: float32[10, 10] range [0, 0]" in text and "arg2: 3" in text
+
+
+def test_tolerance_table_follows_dtype_device_precision_and_check():
+    assert tolerance.lookup("float32").rtol == 1.3e-6
+    assert tolerance.lookup("float64", check="hvp").rtol == pytest.approx(4e-7)
+    tf32 = tolerance.lookup("float32", device="gpu", precision="default", tags=frozenset({"matmul"}))
+    assert tf32.rtol == tolerance.TF32.rtol
+    plain = tolerance.lookup("float32", device="gpu", precision="default", tags=frozenset())
+    assert plain.rtol == 1.3e-6
+    assert tolerance.lookup("float32", override=Tolerance(0.1, 0.1, "why")).rtol == 0.1
+    with pytest.raises(ValueError, match="no tolerance for dtype"):
+        tolerance.lookup("int8")
+    with pytest.raises(ValueError, match="non-negative"):
+        Tolerance(-1, 0)

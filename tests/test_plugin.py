@@ -1,0 +1,175 @@
+"""The pytest plugin, driven through pytester: options, selection, reports, known
+divergences, devices, replay."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+
+# pytester's in-process runs forget modules first imported inside them, and torch cannot be
+# imported twice into one process: load the frameworks through our backends up front.
+import equivcheck.backends.jax  # noqa: F401,E402
+import equivcheck.backends.torch  # noqa: F401,E402
+import equivcheck.fixture  # noqa: F401,E402
+
+PAIRS = """
+import pytest, torch, jax, jax.numpy as jnp, torch.nn.functional as F
+import equivcheck as ec
+
+PAIRS = ec.Registry([
+    ec.Pair("tanh", torch.tanh, jnp.tanh, ec.unary()),
+    ec.Pair("gelu_bug", F.gelu, jax.nn.gelu, ec.unary(), checks=("forward",)),
+])
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+
+def test_plain():
+    assert True
+"""
+FAST = ("--equiv-examples", "10", "--equiv-seed", "1", "--equiv-dtypes", "float32", "-p", "no:cacheprovider")
+
+
+@pytest.fixture
+def project(pytester):
+    pytester.makepyfile(test_pairs=PAIRS)
+    return pytester
+
+
+def report(pytester, name="reports"):
+    return json.loads((pytester.path / name / "latest.json").read_text())
+
+
+def test_help_lists_the_options(pytester):
+    out = pytester.runpytest("--help").stdout.str()
+    for opt in ("--equiv ", "--device=", "--equiv-examples", "--equiv-seed", "--equiv-precision", "--equiv-dtypes",
+                "--equiv-report", "--equiv-known-divergences", "--equiv-profile", "--equiv-shapes"):
+        assert opt in out, opt
+
+
+def test_without_equiv_a_plain_run_is_untouched(project):
+    result = project.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, deselected=2)
+    assert "== equivcheck ==" not in result.stdout.str() and "equivcheck: seed" not in result.stdout.str()
+    assert not (project.path / "reports").exists()
+
+
+def test_with_equiv_only_the_checks_run_and_a_report_is_written(project):
+    result = project.runpytest("--equiv", *FAST, "--equiv-seed", "3")
+    result.assert_outcomes(passed=1, failed=1, deselected=1)
+    out = result.stdout.str()
+    assert "equivcheck: seed 3 (replay with --equiv-seed 3)" in out
+    assert re.search(r"tanh\s+float32\s+cpu\s+ok \S+\s+ok \S+\s+ok \S+\s+ok", out)
+    rep = report(project)
+    assert rep["schema"] == "equivcheck.report/1"
+    assert rep["run"]["seed"] == 3 and rep["run"]["precision"] == "highest" and rep["run"]["versions"]["torch"]
+    assert rep["summary"] == {"passed": 4, "failed": 1, "known-divergence": 0, "xpass": 0, "skipped": 0, "total": 5}
+    ids = [r["id"] for r in rep["records"]]
+    assert "tanh::hvp::float32::cpu" in ids and "gelu_bug::forward::float32::cpu" in ids
+    md = (project.path / "reports" / "latest.md").read_text()
+    assert "## Failures" in md and "gelu_bug::forward::float32::cpu" in md
+
+
+def test_a_failure_prints_its_diagnosis_and_a_replay_that_reproduces_it(project):
+    out = project.runpytest("--equiv", *FAST, "--equiv-seed", "11").stdout.str()
+    assert "gelu_bug::forward::float32::cpu [precision highest] failed" in out
+    assert "minimal inputs: arg0: float32" in out
+    replay = re.search(r"replay: (pytest .*)", out).group(1)
+    args = shlex.split(replay)[1:] + ["-p", "no:cacheprovider"]
+    again = project.runpytest(*args).stdout.str()
+    first_inputs = re.search(r"minimal inputs: (.*)", out).group(1)
+    assert f"minimal inputs: {first_inputs}" in again
+
+
+def test_known_divergences_become_xfail_and_stale_entries_are_reported(project):
+    known = project.path / "known.txt"
+    known.write_text("gelu_bug::forward   tanh approximation by default\nnothing::*   stale entry\n"
+                     "test_pairs.py::test_plain   a node id pattern\n")
+    result = project.runpytest("--equiv", "--equiv-known-divergences", str(known), "-rx", *FAST)
+    result.assert_outcomes(passed=1, xfailed=1, deselected=1)
+    out = result.stdout.str()
+    assert "forward: tanh approximation by default" in out
+    assert "WARNING known divergence 'nothing::*'" in out
+    assert "WARNING known divergence 'test_pairs.py::test_plain'" in out  # deselected: matched nothing run
+    rep = report(project)
+    outcomes = {r["id"]: r["outcome"] for r in rep["records"]}
+    assert outcomes["gelu_bug::forward::float32::cpu"] == "known-divergence"
+    assert {e["pattern"] for e in rep["run"]["unmatched_known"]} == {"nothing::*", "test_pairs.py::test_plain"}
+
+
+def test_a_known_divergence_that_agrees_is_reported_as_xpass(project):
+    known = project.path / "known.txt"
+    known.write_text("tanh::vjp   listed, but it agrees\n")
+    project.runpytest("--equiv", "--equiv-known-divergences", str(known), *FAST)
+    outcomes = {r["id"]: r["outcome"] for r in report(project)["records"]}
+    assert outcomes["tanh::vjp::float32::cpu"] == "xpass"
+
+
+def test_gpu_without_a_gpu_skips_with_the_reason(project):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = project.runpytest("--equiv", "--device=gpu", "-rs", *FAST)
+    result.assert_outcomes(skipped=2, deselected=1)
+    assert "no GPU here" in result.stdout.str()
+
+
+def test_device_all_runs_cpu_and_skips_an_absent_gpu(project):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = project.runpytest("--equiv", "--device=all", *FAST)
+    result.assert_outcomes(passed=1, failed=1, skipped=2, deselected=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--equiv-dtypes", "float8"), "--equiv-dtypes: unknown ['float8']"),
+    (("--equiv-examples", "0"), "--equiv-examples must be >= 1"),
+    (("--device", "tpu"), "invalid choice: 'tpu'"),
+])
+def test_bad_options_are_usage_errors(project, args, message):
+    result = project.runpytest("--equiv", *args)
+    assert result.ret != 0 and message in result.stderr.str() + result.stdout.str()
+
+
+def test_a_malformed_known_divergence_file_names_the_line(project):
+    bad = project.path / "bad.txt"
+    bad.write_text("tanh::vjp\n")
+    result = project.runpytest("--equiv", "--equiv-known-divergences", str(bad))
+    assert result.ret != 0 and "bad.txt:1: 'tanh::vjp' has no reason" in result.stderr.str()
+
+
+def test_undeclared_dtypes_skip_with_the_pair_s_declaration(project):
+    result = project.runpytest("--equiv", "--equiv-dtypes", "float32,bfloat16", "-rs", "--equiv-examples", "3",
+                               "-p", "no:cacheprovider", "-k", "tanh")
+    result.assert_outcomes(passed=1, skipped=1, deselected=3)
+    assert "tanh declares dtypes float32, float64; not bfloat16" in result.stdout.str()
+
+
+def test_two_different_pairs_of_one_name_are_refused(pytester):
+    pytester.makepyfile(test_dup="""
+import pytest, torch, jax.numpy as jnp, equivcheck as ec
+A = ec.Pair("same", torch.exp, jnp.exp, ec.unary())
+B = ec.Pair("same", torch.log, jnp.log, ec.unary())
+@pytest.mark.parametrize("pair", [A], ids=str)
+def test_a(pair, equiv): equiv.check(pair)
+@pytest.mark.parametrize("pair", [B], ids=str)
+def test_b(pair, equiv): equiv.check(pair)
+""")
+    result = pytester.runpytest("--equiv", *FAST)
+    assert result.ret != 0 and "two different pairs are named 'same'" in result.stderr.str()
+
+
+def test_profiles_set_the_example_budget(project):
+    out = project.runpytest("--equiv", "--equiv-profile", "nightly", "--collect-only").stdout.str()
+    assert "profile nightly, 300 examples" in out
+
+
+def test_xdist_workers_send_their_records_to_the_report(project):
+    pytest.importorskip("xdist")
+    result = project.runpytest("--equiv", "-n", "2", *FAST)
+    result.assert_outcomes(passed=1, failed=1)
+    assert report(project)["summary"]["total"] == 5

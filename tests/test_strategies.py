@@ -1,0 +1,123 @@
+"""Inputs: shape palettes, value domains per dtype, structured matrices, placeholders."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from equivcheck import Broadcast, Floats, Index, Inputs, Mask, MatMul, Matrices, Same, Square, Static, unary
+from equivcheck.strategies import np_dtype
+
+FAST = settings(max_examples=60, deadline=None, database=None)
+
+
+def test_palette_is_deterministic_starts_minimal_and_is_distinct():
+    spec = Same(min_dims=1, max_dims=3, zero_size=True)
+    a, b = spec.palette(np.random.default_rng(7), 5), spec.palette(np.random.default_rng(7), 5)
+    assert a == b and a[0] == spec.minimal() and len(set(a)) == len(a) == 5
+    assert ((0,),) in a  # the zero-size variant
+    assert spec.palette(np.random.default_rng(8), 5) != a  # another seed, other shapes
+
+
+def test_palette_spreads_over_sizes():
+    palette = Same(max_dims=3).palette(np.random.default_rng(0), 4)
+    sizes = [int(np.prod(s[0])) for s in palette]
+    assert sizes == sorted(sizes[:1]) + sorted(sizes[1:]) and max(sizes) >= 20
+
+
+@pytest.mark.parametrize("spec", [Broadcast(n=3), MatMul(), Square(rhs=True)])
+def test_joint_shapes_fit_together(spec):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        shapes = spec.sample(rng)
+        if isinstance(spec, Broadcast):
+            np.broadcast_shapes(*shapes)
+        elif isinstance(spec, MatMul):
+            np.matmul(np.zeros(shapes[0]), np.zeros(shapes[1]))
+        else:
+            np.linalg.solve(np.eye(shapes[0][-1]) + np.zeros(shapes[0]), np.zeros(shapes[1]))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "bfloat16"])
+def test_values_stay_in_domain_for_every_dtype(dtype):
+    spec = Floats(-0.999, 0.999, special=(0.0,), near=(0.5,))
+
+    @FAST
+    @given(unary(spec, min_dims=1).strategy(dtype, [((3, 4),)]))
+    def check(args):
+        (x,) = args
+        assert x.dtype == np_dtype(dtype) and x.shape == (3, 4)
+        wide = x.astype(np.float64)
+        assert np.all((wide >= -0.999) & (wide <= 0.999)), x
+
+    check()
+
+
+def test_special_points_and_options_are_honoured():
+    seen = set()
+
+    @FAST
+    @given(Floats(-5, 5, special=(0.0,), exclude=(1.0,), min_magnitude=1e-3).elements("float32"))
+    def check(v):
+        assert v != 1.0 and (v == 0 or abs(v) >= 1e-3 * (1 - 1e-6))
+        seen.add(v)
+
+    check()
+    assert 0.0 in seen
+
+
+def test_unique_arrays_have_distinct_elements():
+    @FAST
+    @given(Floats(unique=True).draw("float32", (6,), ((6,),)))
+    def check(x):
+        assert len(set(x.tolist())) == 6
+
+    check()
+
+
+@pytest.mark.parametrize("kind", ["spd", "general", "symmetric", "distinct"])
+def test_matrices_have_the_promised_structure(kind):
+    shape = (2, 4, 4) if kind != "distinct" else (3, 2)
+
+    @FAST
+    @given(Matrices(kind).draw("float64", shape, (shape,)))
+    def check(a):
+        assert a.shape == shape
+        s = np.linalg.svd(a, compute_uv=False)
+        if kind == "spd":
+            assert np.allclose(a, np.swapaxes(a, -1, -2)) and np.all(np.linalg.eigvalsh(a) >= 0.99)
+        elif kind == "general":
+            assert s.min() >= 0.99 and s.max() <= 10.01
+        elif kind == "symmetric":
+            w = np.linalg.eigvalsh(a)
+            assert np.all(np.diff(w, axis=-1) >= 0.99)
+        else:
+            assert np.all(-np.diff(s, axis=-1) >= 0.99)
+
+    check()
+
+
+def test_indices_point_into_their_array():
+    inputs = Inputs(Same(n=2, min_dims=1, max_dims=1), (Floats(), Index(of=0, axis=0)))
+
+    @FAST
+    @given(inputs.strategy("float32", [((4,), (4,)), ((1,), (1,))]))
+    def check(args):
+        x, i = args
+        assert i.dtype == np.int64 and np.all((i >= 0) & (i < x.shape[0]))
+
+    check()
+
+
+def test_placeholders_match_the_drawn_dtypes_for_each_static_value():
+    inputs = Inputs(Same(n=3), (Floats(), Mask(), Index(of=0), Static((1, 2))))
+    got = inputs.placeholders("bfloat16", ((2,), (2,), (3,)))
+    assert [a[3] for a in got] == [1, 2]
+    x, m, i, _ = got[0]
+    assert x.dtype == np_dtype("bfloat16") and m.dtype == np.bool_ and i.dtype == np.int64 and i.shape == (3,)
+
+
+def test_inputs_refuse_a_shape_rule_that_does_not_fit_the_arguments():
+    with pytest.raises(ValueError, match="2 array arguments but the shape rule makes 1"):
+        Inputs(Same(n=1), (Floats(), Floats()))
