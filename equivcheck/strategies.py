@@ -269,11 +269,11 @@ class Floats:
             # tiny * 2**e * (1 + m/16) is exact in every float dtype: no rejection sampling.
             mags = st.tuples(st.integers(0, 20), st.integers(0, 15)).map(lambda em: tiny * 2.0 ** em[0] * (1 + em[1] / 16))
             top = tiny * 2.0**21  # above every magnitude drawn
-            if hi >= tiny:
-                parts.append(mags if hi >= top else mags.filter(lambda v: v <= hi))
-            if lo <= -tiny:
+            if hi >= tiny and lo <= top:
+                parts.append(mags if lo <= tiny and hi >= top else mags.filter(lambda v: lo <= v <= hi))
+            if lo <= -tiny and hi >= -top:
                 neg = mags.map(lambda v: -v)
-                parts.append(neg if lo <= -top else neg.filter(lambda v: v >= lo))
+                parts.append(neg if lo <= -top and hi >= -tiny else neg.filter(lambda v: lo <= v <= hi))
         if self.nonfinite:
             parts.append(st.sampled_from([math.nan, math.inf, -math.inf]))
         values = st.one_of(parts)

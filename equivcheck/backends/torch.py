@@ -1,6 +1,7 @@
 """The PyTorch side: placement, precision mode, NumPy round trip, and eager derivatives."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,6 +12,15 @@ from equivcheck.backends import SideResult, Vectors
 from equivcheck.strategies import np_dtype
 
 NAME = "torch"
+
+# torch.func.jvp's first use scripts its decompositions with torch.jit.script, which warns of its
+# own deprecation: torch's internal affair, not the user's. Load them once, quietly.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
+    try:
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    except ImportError:  # another torch layout: the warning, if any, is harmless
+        pass
 
 _TORCH_DTYPES = {
     "float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
