@@ -254,8 +254,8 @@ PAIRS = Registry([
     Pair("log_softmax", functools.partial(torch.log_softmax, dim=-1), functools.partial(jax.nn.log_softmax, axis=-1),
          unary(Floats(-30, 30), **last()), reference=lambda x: np.log(_softmax(x)), dtypes=ALL_FLOATS),
     Pair("glu", functools.partial(F.glu, dim=-1), functools.partial(jax.nn.glu, axis=-1),
-         Inputs(Custom(_even_last, ((2,),)), (Floats(),)), dtypes=("float32", "float64"),
-         doc="torch has no forward-mode formula for glu in bfloat16/float16 on CPU (glu_jvp_cpu)"),
+         Inputs(Custom(_even_last, ((2,),)), (Floats(),)), dtypes=ALL_FLOATS,
+         doc="torch has no glu_jvp_cpu kernel for bfloat16/float16: its JVP there is the transpose of its VJP"),
     # ---------------------------------------------------------------- reductions
     Pair("sum", torch.sum, jnp.sum, unary(), reference=np.sum, dtypes=ALL_FLOATS),
     Pair("sum_last", functools.partial(torch.sum, dim=-1), functools.partial(jnp.sum, axis=-1),
