@@ -83,7 +83,7 @@ def mlp_files():
 
 def torch_run(files, x):
     _, model, _ = files()
-    weights = {k: v.to(x.dtype) for k, v in model.state_dict().items()}
+    weights = {k: v.to(x.device, x.dtype) for k, v in model.state_dict().items()}
     return torch.func.functional_call(model, weights, (x,))
 
 

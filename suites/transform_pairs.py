@@ -69,7 +69,7 @@ def tv(transform):
 
 def from_array(transform):
     """A torchvision transform applied to the raw ndarray (ToImage permutes ndarrays, not tensors)."""
-    return lambda x: plain(transform(x.numpy()))
+    return lambda x: plain(transform(x.cpu().numpy()))
 
 
 def jx(fn, **kw):
@@ -159,16 +159,19 @@ PAIRS = [
     pair("to_tensor", from_array(ToTensorV1()), jx(V.to_tensor), raw(), ref(V.to_tensor), RAW),
     # ToTensor divides by 255; XLA:CPU's vectorised float32 division is not correctly rounded.
     pair("to_tensor_bitexact", from_array(ToTensorV1()), jx(V.to_tensor), raw(), ref(V.to_tensor), RAW, EXACT),
-    pair("convert_image_dtype_to_uint8", tv(v2.ToDtype(torch.uint8, scale=True)),
+    pair("convert_image_dtype_uint8_to_float", lambda x: plain(v2.ConvertImageDtype(torch.float32)(
+        v2.ToImage()(x.cpu().numpy()))), lambda x: V.to_dtype(V.to_image(x, jnp), np.float32, scale=True, xp=jnp),
+         raw(), lambda x: V.to_dtype(V.to_image(x), np.float32, scale=True), RAW, EXACT),
+    pair("convert_image_dtype_to_uint8", tv(v2.ConvertImageDtype(torch.uint8)),
          jx(V.to_dtype, dtype=np.uint8, scale=True), img(), ref(V.to_dtype, dtype=np.uint8, scale=True),
          tolerance=EXACT),
-    pair("grayscale_uint8", lambda x: plain(F.rgb_to_grayscale(v2.ToImage()(x.numpy()))),
+    pair("grayscale_uint8", lambda x: plain(F.rgb_to_grayscale(v2.ToImage()(x.cpu().numpy()))),
          lambda x: V.grayscale(V.to_image(x, jnp), xp=jnp), raw(channels=(3,)),
          lambda x: V.grayscale(V.to_image(x)), RAW, EXACT),
-    pair("resize_bilinear_uint8", lambda x: plain(F.resize(v2.ToImage()(x.numpy()), [6, 5], IM.BILINEAR, antialias=True)),
+    pair("resize_bilinear_uint8", lambda x: plain(F.resize(v2.ToImage()(x.cpu().numpy()), [6, 5], IM.BILINEAR)),
          lambda x: V.resize(V.to_image(x, jnp), (6, 5), "bilinear", True, xp=jnp), raw(),
          lambda x: V.resize(V.to_image(x), (6, 5), "bilinear", True), RAW, ONE_LEVEL),
-    pair("resize_bicubic_uint8", lambda x: plain(F.resize(v2.ToImage()(x.numpy()), [6, 5], IM.BICUBIC, antialias=True)),
+    pair("resize_bicubic_uint8", lambda x: plain(F.resize(v2.ToImage()(x.cpu().numpy()), [6, 5], IM.BICUBIC)),
          lambda x: V.resize(V.to_image(x, jnp), (6, 5), "bicubic", True, xp=jnp), raw(),
          lambda x: V.resize(V.to_image(x), (6, 5), "bicubic", True), RAW, ONE_LEVEL),
     # float CHW images
