@@ -62,8 +62,9 @@ def cnn_files():
     pt, orb = Path(_DIR.name, "cnn.pt"), Path(_DIR.name, "cnn_orbax")
     ck.save(state, pt, overwrite=True)
     ck.save(ck.unnest(W.torch_to_jax(ck.load(pt), M.CNN_RULES)), orb, overwrite=True)
-    model = M.TorchCNN()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in ck.load(pt).items()})
+    model, loaded = M.TorchCNN(), ck.load(pt)
+    ck.check_against(loaded, model.state_dict(), path=pt)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in loaded.items()})
     return state, model, ck.nest(ck.load(orb))
 
 
@@ -77,6 +78,7 @@ def mlp_files():
     ck.save(W.jax_to_torch(ck.nest(ck.load(mp)), M.MLP_RULES), st_path, overwrite=True)
     state = ck.load(st_path)
     model = M.torch_mlp()
+    ck.check_against(state, model.state_dict(), path=st_path)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     return state, model, params
 

@@ -100,6 +100,20 @@ def grain_seeded(s, dtype):
     return D.compare_epochs(D.torch_epochs(loader, s["epochs"]), _grain_shuffled(ds, s))
 
 
+def grain_index_sampler(s, dtype):
+    """grain.DataLoader with Grain's own IndexSampler(shuffle=True) for one epoch, replayed on torch."""
+    import grain
+
+    ds, seed = records(s["n"], dtype), s["seed"] % 2**32
+    sampler = grain.samplers.IndexSampler(s["n"], shuffle=True, seed=seed, num_epochs=1)
+    jax_side = [list(grain.DataLoader(data_source=ds, sampler=sampler, worker_count=0,
+                                      shard_options=grain.sharding.NoSharding(),
+                                      operations=[grain.transforms.Batch(s["batch"], drop_remainder=s["drop"])]))]
+    orders = D.grain_shuffle_orders(s["n"], seed, 1)
+    loader = DataLoader(ds, batch_size=s["batch"], drop_last=s["drop"], sampler=D.EpochOrderSampler(orders))
+    return D.compare_epochs(D.torch_epochs(loader, 1), jax_side)
+
+
 def weighted(s, dtype):
     """A sampler with replacement: its draws recorded from a twin and replayed on Grain."""
     ds = records(s["n"], dtype)
@@ -174,6 +188,7 @@ LOADERS = {  # name: (body, needs, max examples)
     "loader_shuffle_explicit_order": (explicit, "grain", None),
     "loader_shuffle_torch_seeded": (torch_seeded, "grain", None),
     "loader_shuffle_grain_seeded": (grain_seeded, "grain", None),
+    "loader_grain_index_sampler": (grain_index_sampler, "grain", None),
     "loader_weighted_sampler": (weighted, "grain", None),
     "loader_collate_tuples": (tuple_records, "grain", None),
     "loader_shuffle_same_seed": (same_seed, "grain", None),

@@ -164,3 +164,54 @@ def test_run_check_records_examples_failures_and_known_divergences():
     known = D.run_check("off_above_3", body, st.integers(0, 50), dtype="float32", run=run,
                         known=lambda cid: ("off_above_3::forward", "planted") if cid.startswith("off_above_3") else None)
     assert known.outcome == "known-divergence" and known.known_reason == "planted"
+
+
+# ---------------------------------------------------------------- plumbing: Ints(dtype), equiv.conclude
+
+
+def test_ints_draw_raw_uint8_images_and_refuse_a_range_outside_their_dtype():
+    from hypothesis import given, settings
+
+    from equivcheck import Custom, Inputs, Ints
+
+    inputs = Inputs(Custom(lambda rng: ((2, 3, 3),), ((1, 1, 3),)), (Ints(0, 255, dtype="uint8"),))
+    assert inputs.placeholders("float32", ((2, 3, 3),))[0][0].dtype == np.uint8
+
+    @settings(max_examples=20, database=None)
+    @given(inputs.strategy("float32"))
+    def draws(args):
+        assert args[0].dtype == np.uint8
+
+    draws()
+    with pytest.raises(ValueError, match="not a range inside uint8"):
+        Ints(0, 256, dtype="uint8")
+
+
+LOADER_SUITE = """
+import numpy as np
+from hypothesis import strategies as st
+from equivcheck import data as D
+
+def body(n):
+    return D.compare_epochs([[np.arange(n)]], [[np.arange(n) + (n > 2)]], index=None)
+
+def test_loader(equiv):
+    equiv.conclude([D.run_check("off_above_2", body, st.integers(0, 99), dtype=equiv.dtype, run=equiv.run,
+                                known=equiv.known, nodeid=equiv.nodeid, replay=equiv.replay)])
+"""
+
+
+def test_conclude_files_records_and_fails_or_xfails_the_test(pytester):
+    import json
+
+    pytester.makepyfile(test_loader=LOADER_SUITE)
+    fast = ("--equiv", "--equiv-examples", "10", "--equiv-seed", "1", "--equiv-dtypes", "float32", "-p",
+            "no:cacheprovider")
+    result = pytester.runpytest(*fast)
+    result.assert_outcomes(failed=1)
+    assert "off_above_2::forward::float32::cpu [precision highest] failed" in result.stdout.str()
+    assert "minimal inputs: arg0: 3" in result.stdout.str() and "replay: pytest --equiv" in result.stdout.str()
+    rec = json.loads((pytester.path / "reports" / "latest.json").read_text())["records"][0]
+    assert rec["id"] == "off_above_2::forward::float32::cpu" and rec["outcome"] == "failed"
+    (pytester.path / "known.txt").write_text("off_above_2::forward   planted\n")
+    pytester.runpytest(*fast, "--equiv-known-divergences", "known.txt").assert_outcomes(xfailed=1)
