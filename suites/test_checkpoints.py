@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import tempfile
 import threading
 from pathlib import Path
@@ -31,11 +30,8 @@ from equivcheck import checkpoints as ck
 from equivcheck import weights as W
 from equivcheck.strategies import np_dtype
 
-MISSING = [m for m in ("safetensors", "orbax.checkpoint", "flax") if importlib.util.find_spec(m.split(".")[0]) is None
-           or (m == "orbax.checkpoint" and importlib.util.find_spec("orbax") is None)]
-WHY = f"{', '.join(MISSING)} not installed: pip install 'equivcheck[checkpoints]'"
-if MISSING:
-    pytest.skip(WHY, allow_module_level=True)
+for _module in ("safetensors", "orbax.checkpoint", "flax"):
+    pytest.importorskip(_module, reason=f"{_module} is not installed: pip install 'equivcheck[checkpoints]'")
 
 from suites import ckpt_models as M  # noqa: E402 - needs flax
 

@@ -20,14 +20,24 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from equivcheck import data as D
 
-MISSING = {name: importlib.util.find_spec(mod) is None
-           for name, mod in (("torchvision", "torchvision"), ("grain", "grain"), ("scikit-learn", "sklearn"))}
+def _missing(module: str) -> str | None:
+    """Why `module` cannot be used here, or None. A torchvision built for another torch fails at import."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+MISSING = {name: _missing(mod) for name, mod in (("torchvision", "torchvision"), ("grain", "grain"),
+                                                 ("scikit-learn", "sklearn"))}
 HOW = "pip install 'equivcheck[data]' (grain, scikit-learn); torchvision: 'equivcheck[vision]' with torch 2.14.1"
 
 
 def _skip(what: str) -> list:
     return [pytest.param(None, id=f"{what}-not-installed",
-                         marks=pytest.mark.skip(reason=f"{what} is not installed: {HOW}"))]
+                         marks=pytest.mark.skip(reason=f"{what} is not installed or does not import "
+                                                       f"({MISSING[what]}): {HOW}"))]
 
 
 if MISSING["torchvision"]:
@@ -195,9 +205,9 @@ LOADERS = {  # name: (body, needs, max examples)
     "loader_grain_streamed_epochs": (streamed, "grain", None),
     "loader_digits_end_to_end": (digits, "scikit-learn", 8),
 }
-LOADER_PARAMS = [pytest.param(name, marks=[pytest.mark.skip(reason=f"{need} is not installed: {HOW}")]
-                              if MISSING[need] or (need == "scikit-learn" and MISSING["grain"]) else [])
-                 for name, (_, need, _) in LOADERS.items()]
+LOADER_PARAMS = [pytest.param(name, marks=_skip(missing)[0].marks if missing else [])
+                 for name, (_, need, _) in LOADERS.items()
+                 for missing in [next((m for m in (need, "grain") if MISSING[m]), None)]]
 
 
 @pytest.mark.parametrize("name", LOADER_PARAMS)
