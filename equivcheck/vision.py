@@ -19,7 +19,6 @@ and the docstring says how (the suites check each against torchvision):
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -281,7 +280,3 @@ def compose(*fns: Callable[[Any], Any]) -> Callable[[Any], Any]:
             x = fn(x)
         return x
     return run
-
-
-def n_pixels(shape: Sequence[int]) -> int:
-    return math.prod(shape[-2:])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -190,13 +191,13 @@ PAIRS = [
          jx(V.resize, size=5, max_size=8), img(lo=3), ref(V.resize, size=5, max_size=8)),
     # the defaults, side by side: known divergences (suites/known_divergences.txt)
     pair("resize_interpolate_vs_jax_defaults", lambda x: TF.interpolate(x[None], size=(6, 5), mode="bilinear")[0],
-         lambda x: __import__("jax").image.resize(x, x.shape[:-2] + (6, 5), "bilinear"), img(),
+         lambda x: jax.image.resize(x, x.shape[:-2] + (6, 5), "bilinear"), img(),
          ref(V.resize, size=(6, 5), antialias=False)),
     pair("resize_nearest_vs_jax_nearest", tv(v2.Resize((6, 5), interpolation=IM.NEAREST)),
-         lambda x: __import__("jax").image.resize(x, x.shape[:-2] + (6, 5), "nearest"), img(),
+         lambda x: jax.image.resize(x, x.shape[:-2] + (6, 5), "nearest"), img(),
          ref(V.resize, size=(6, 5), interpolation="nearest")),
     pair("resize_bicubic_vs_jax_cubic", tv(v2.Resize((6, 5), interpolation=IM.BICUBIC, antialias=False)),
-         lambda x: __import__("jax").image.resize(x, x.shape[:-2] + (6, 5), "cubic", antialias=False), img(),
+         lambda x: jax.image.resize(x, x.shape[:-2] + (6, 5), "cubic", antialias=False), img(),
          ref(V.resize, size=(6, 5), interpolation="bicubic", antialias=False)),
     # geometry: bit-exact
     pair("center_crop", lambda x, s: plain(F.center_crop(x, list(s))), lambda x, s: V.center_crop(x, s, jnp),

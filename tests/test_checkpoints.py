@@ -127,6 +127,7 @@ def test_an_existing_output_is_replaced_only_when_asked(tmp_path):
     assert list(ck.load(out)) == ["only"] and sorted(p.name for p in tmp_path.iterdir()) == ["a_orbax"]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the refused file is a plain pickle
 def test_cli_convert_check_and_exit_codes(tmp_path, capsys, monkeypatch):
     src = ck.save(state(), tmp_path / "a.pt")
     assert main(["convert", str(src), str(tmp_path / "b.safetensors"), "--check"]) == 0

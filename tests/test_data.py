@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from equivcheck import RunSettings, run_pair
 from equivcheck import data as D
 from equivcheck import vision as V
+from equivcheck.tolerance import lookup
 from tests.helpers import by_check
 
 grain = pytest.importorskip("grain", reason="grain is not installed: pip install 'equivcheck[data]'")
@@ -69,6 +70,7 @@ def test_correct_transform_passes(tv_pairs, good):
 
 
 def test_numpy_and_jax_sides_agree_on_torchvision_rules():
+    tol = lookup("float32")
     x = np.arange(2 * 5 * 7, dtype=np.float32).reshape(2, 5, 7)
     # Python's round: (5 - 2) / 2 = 1.5 -> 2, (7 - 2) / 2 = 2.5 -> 2
     assert V.center_crop(x, (2, 2))[0, 0, 0] == x[0, 2, 2]
@@ -77,7 +79,7 @@ def test_numpy_and_jax_sides_agree_on_torchvision_rules():
         for aa in (False, True):
             a = V.resize(x.astype(np.float64), (4, 9), mode, aa)
             b = np.asarray(V.resize(jnp.asarray(x), (4, 9), mode, aa, xp=jnp))
-            np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * np.abs(x).max(), err_msg=f"{mode} aa={aa}")
+            np.testing.assert_allclose(a, b, rtol=tol.rtol, atol=tol.atol, err_msg=f"{mode} aa={aa}")
     with pytest.raises(ValueError, match="interpolation"):
         V.resize(x, (2, 2), "lanczos")
     with pytest.raises(TypeError, match="float image"):
