@@ -16,7 +16,7 @@ NAME = "torch"
 # torch.func.jvp's first use scripts its decompositions with torch.jit.script, which warns of its
 # own deprecation: torch's internal affair, not the user's. Load them once, quietly.
 with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # Deprecation- or FutureWarning
     try:
         import torch._decomp.decompositions_for_jvp  # noqa: F401
     except ImportError:  # another torch layout: the warning, if any, is harmless
