@@ -27,11 +27,12 @@ from equivcheck.convert import channels_first, channels_last
 
 @functools.lru_cache(maxsize=512)
 def _skeleton(cls: Any, items: tuple[tuple[str, Any], ...]) -> tuple[Any, Any]:
-    # Built for real (not abstractly) so RNG streams hold keys; outside any trace, so cached
-    # values never leak tracers. The parameter values are replaced on every use.
-    with jax.ensure_compile_time_eval():
+    # Abstract: no initialiser runs (eagerly each would compile); the values are replaced on use.
+    def build() -> Any:
         kwargs = {k: v() if isinstance(v, _Build) else v for k, v in items}
-        return nnx.split(cls(**kwargs, rngs=nnx.Rngs(0)))
+        return cls(**({"rngs": nnx.Rngs(0)} | kwargs))
+
+    return nnx.split(nnx.eval_shape(build))
 
 
 class _Build(tuple):
@@ -51,6 +52,10 @@ def nnx_layer(cls: Any, tree: Any, **kwargs: Any) -> Any:
         nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, tree))
     except ValueError as exc:
         raise convert.ConversionError(f"{cls.__name__}: {exc}") from None
+    unset = [".".join(map(str, path)) for path, leaf in nnx.to_flat_state(state)
+             if isinstance(leaf.get_value() if hasattr(leaf, "get_value") else leaf, jax.ShapeDtypeStruct)]
+    if unset:
+        raise convert.ConversionError(f"{cls.__name__}: the parameter tree has no value for {unset[0]!r}")
     return nnx.merge(graphdef, state)
 
 
@@ -193,7 +198,10 @@ def embedding(indices: Any, weight: Any, padding_idx: int | None = None) -> Any:
         row = (jnp.arange(weight.shape[0]) == padding_idx % weight.shape[0])[:, None]
         weight = jnp.where(row, jax.lax.stop_gradient(weight), weight)
     tree = convert.to_jax("embedding", {"weight": weight})
-    return nnx_layer(nnx.Embed, tree, num_embeddings=weight.shape[0], features=weight.shape[1])(indices)
+    # nnx.Embed fixes its compute dtype when built (dtype or the initial table's, float32):
+    # float64 weights loaded into a default Embed come out float32.
+    return nnx_layer(nnx.Embed, tree, num_embeddings=weight.shape[0], features=weight.shape[1],
+                     dtype=weight.dtype, param_dtype=weight.dtype)(indices)
 
 
 def dropout_eval(x: Any, p: float) -> Any:
@@ -331,7 +339,7 @@ def lstm(x: Any, state_dict: dict[str, Any], h0: Any = None, c0: Any = None, bat
         in_f = cell["ii"]["kernel"].shape[0]
         cls = _Build((nnx.LSTMCell, (("hidden_features", hidden), ("in_features", in_f))))
         layers.append(lambda seq, carry, cell=cell, cls=cls: nnx_layer(nnx.RNN, {"cell": cell}, cell=cls,
-                                                                       return_carry=True)(seq, initial_carry=carry))
+                                                                       return_carry=True, rngs=False)(seq, initial_carry=carry))
     out, finals = _layers_over_time(x, layers, [(c0[k], h0[k]) for k in range(len(tree))])
     out = out if batch_first else jnp.swapaxes(out, 0, 1)
     return out, (jnp.stack([h for _, h in finals]), jnp.stack([c for c, _ in finals]))

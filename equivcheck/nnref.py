@@ -282,7 +282,24 @@ def gru(x, sd, h0, batch_first=False):
 # --------------------------------------------------------------------------- resampling, reshaping
 
 
-def _resample_matrix(n_in: int, n_out: int, mode: str, align_corners: bool | None) -> np.ndarray:
+def _antialias_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """torch's (and PIL's) antialiased linear filter: a triangle widened by the downscale
+    factor around each output centre, weights normalised over the input taps it covers."""
+    scale = n_in / n_out
+    support, inv = (scale, 1 / scale) if scale >= 1 else (1.0, 1.0)
+    a = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        centre = scale * (i + 0.5)
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+        w = np.maximum(0.0, 1 - np.abs((np.arange(lo, hi) - centre + 0.5) * inv))
+        a[i, lo:hi] = w / w.sum()
+    return a
+
+
+def _resample_matrix(n_in: int, n_out: int, mode: str, align_corners: bool | None,
+                     antialias: bool = False) -> np.ndarray:
+    if antialias and mode not in ("nearest", "nearest-exact"):
+        return _antialias_matrix(n_in, n_out)
     a = np.zeros((n_out, n_in))
     for i in range(n_out):
         if mode == "nearest":
@@ -301,11 +318,11 @@ def _resample_matrix(n_in: int, n_out: int, mode: str, align_corners: bool | Non
     return a
 
 
-def interpolate(x, size: Sequence[int], mode="nearest", align_corners=None):
-    """F.interpolate(x, size) for nearest, nearest-exact and (bi)linear without antialiasing."""
+def interpolate(x, size: Sequence[int], mode="nearest", align_corners=None, antialias=False):
+    """F.interpolate(x, size) for nearest, nearest-exact and (bi)linear, antialiased or not."""
     y = np.asarray(x, np.float64)
     for axis, (n_in, n_out) in enumerate(zip(y.shape[2:], size)):
-        m = _resample_matrix(n_in, int(n_out), mode, align_corners)
+        m = _resample_matrix(n_in, int(n_out), mode, align_corners, antialias)
         y = np.moveaxis(np.tensordot(y, m.T, axes=[[2 + axis], [0]]), -1, 2 + axis)
     return y
 
