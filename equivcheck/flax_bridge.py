@@ -108,7 +108,8 @@ def conv(x: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 
     kernel, dil = tuple(weight.shape[2:]), _tuple(dilation, n)
     tree = convert.to_jax("conv", _same({"weight": weight, "bias": bias}))
     layer = nnx_layer(nnx.Conv, tree, in_features=weight.shape[1] * groups, out_features=weight.shape[0],
-                      kernel_size=kernel, strides=_tuple(stride, n), padding=conv_padding(padding, kernel, dil, padding_mode),
+                      kernel_size=kernel, strides=_tuple(stride, n),
+                      padding=conv_padding(padding, kernel, dil, padding_mode),
                       kernel_dilation=dil, feature_group_count=groups, use_bias=bias is not None)
     return channels_first(layer(channels_last(x)))
 
@@ -327,19 +328,20 @@ def _layers_over_time(x: Any, layers: list[Any], carries: list[Any]) -> tuple[An
     return x, finals
 
 
-def lstm(x: Any, state_dict: dict[str, Any], h0: Any = None, c0: Any = None, batch_first: bool = False) -> tuple[Any, tuple[Any, Any]]:
+def lstm(x: Any, state_dict: dict[str, Any], h0: Any = None, c0: Any = None,
+         batch_first: bool = False) -> tuple[Any, tuple[Any, Any]]:
     """torch nn.LSTM (stacked, unidirectional) through nnx.RNN(nnx.LSTMCell): (output, (h_n, c_n))."""
     tree = convert.to_jax("lstm", state_dict)
     x = x if batch_first else jnp.swapaxes(x, 0, 1)
     hidden = tree[0]["hi"]["kernel"].shape[0]
     zeros = jnp.zeros((len(tree), x.shape[0], hidden), x.dtype)
     h0, c0 = (zeros if h0 is None else h0), (zeros if c0 is None else c0)
-    layers = []
-    for k, cell in enumerate(tree):
-        in_f = cell["ii"]["kernel"].shape[0]
-        cls = _Build((nnx.LSTMCell, (("hidden_features", hidden), ("in_features", in_f))))
-        layers.append(lambda seq, carry, cell=cell, cls=cls: nnx_layer(nnx.RNN, {"cell": cell}, cell=cls,
-                                                                       return_carry=True, rngs=False)(seq, initial_carry=carry))
+    def rnn(cell: dict[str, Any]) -> Any:
+        build = _Build((nnx.LSTMCell, (("hidden_features", hidden), ("in_features", cell["ii"]["kernel"].shape[0]))))
+        layer = nnx_layer(nnx.RNN, {"cell": cell}, cell=build, return_carry=True, rngs=False)
+        return lambda seq, carry: layer(seq, initial_carry=carry)
+
+    layers = [rnn(cell) for cell in tree]
     out, finals = _layers_over_time(x, layers, [(c0[k], h0[k]) for k in range(len(tree))])
     out = out if batch_first else jnp.swapaxes(out, 0, 1)
     return out, (jnp.stack([h for _, h in finals]), jnp.stack([c for c, _ in finals]))

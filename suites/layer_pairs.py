@@ -151,7 +151,8 @@ def _pool_pair(kind, n, configs, min_side):
 
 POOL_PAIRS = [
     _pool_pair("max", 1, [cfg(kernel_size=3, stride=2, padding=1, ceil_mode=True)], 3),
-    _pool_pair("max", 2, [cfg(kernel_size=2), cfg(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), ceil_mode=True)], 3),
+    _pool_pair("max", 2, [cfg(kernel_size=2),
+                          cfg(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), ceil_mode=True)], 3),
     _pool_pair("avg", 1, [cfg(kernel_size=4, stride=3, padding=2, ceil_mode=True, count_include_pad=True)], 4),
     _pool_pair("avg", 2, [cfg(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
                           cfg(kernel_size=3, stride=2, padding=1, count_include_pad=True)], 3),
@@ -224,20 +225,19 @@ def t_bn_train(x, w, b, rm, rv):
     return torch.stack(ys), rm, rv
 
 
-def j_bn_train(x, w, b, rm, rv):
-    ys = []
-    for t in range(x.shape[0]):
-        y, rm, rv = fb.batch_norm(x[t], rm, rv, w, b, training=True)
-        ys.append(y)
-    return jnp.stack(ys), rm, rv
+def _bn_steps(batch_norm, stack):
+    def run(x, w, b, rm, rv):
+        ys = []
+        for t in range(x.shape[0]):
+            y, rm, rv = batch_norm(x[t], rm, rv, w, b, training=True)
+            ys.append(y)
+        return stack(ys), rm, rv
+
+    return run
 
 
-def r_bn_train(x, w, b, rm, rv):
-    ys = []
-    for t in range(x.shape[0]):
-        y, rm, rv = R.batch_norm(x[t], rm, rv, w, b, training=True)
-        ys.append(y)
-    return np.stack(ys), rm, rv
+j_bn_train = _bn_steps(fb.batch_norm, jnp.stack)
+r_bn_train = _bn_steps(R.batch_norm, np.stack)
 
 
 def s_bn(steps):

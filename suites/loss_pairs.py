@@ -221,8 +221,9 @@ def _kink(arg, sign):
 
 REGRESSION_PAIRS = [
     layer("loss.mse", lambda x, y, r: F.mse_loss(x, y, reduction=r),
-          lambda x, y, r: reduce(optax.losses.squared_error(x, y), r), _pairwise, ((1, 1), (1, 1)), (Floats(), Floats()),
-          ("input", "target"), configs=["mean", "none"], checks=SMOOTH, reference=lambda x, y, r: R.reduce((x - y) ** 2, r),
+          lambda x, y, r: reduce(optax.losses.squared_error(x, y), r), _pairwise, ((1, 1), (1, 1)),
+          (Floats(), Floats()), ("input", "target"), configs=["mean", "none"], checks=SMOOTH,
+          reference=lambda x, y, r: R.reduce((x - y) ** 2, r),
           doc="optax.losses.squared_error (not l2_loss, which halves it)"),
     layer("loss.l1", lambda x, y, r: F.l1_loss(x, y, reduction=r), lambda x, y, r: reduce(jnp.abs(x - y), r),
           _pairwise, ((1, 1), (1, 1)), (Floats(), Floats()), ("input", "target"), configs=["mean", "none"],
@@ -232,7 +233,8 @@ REGRESSION_PAIRS = [
           lambda x, y, b: (optax.losses.huber_loss(x, y, delta=b) / b).mean(), _pairwise, ((1, 1), (1, 1)),
           (Floats(-3, 3), Floats(-3, 3)), ("input", "target"), configs=[1.0, 0.5], checks=PIECEWISE,
           reference=lambda x, y, b: R.smooth_l1(x, y, b), doc="smooth_l1(beta) = huber_loss(delta=beta) / beta"),
-    layer("loss.huber", lambda x, y, d: F.huber_loss(x, y, delta=d), lambda x, y, d: optax.losses.huber_loss(x, y, delta=d).mean(),
+    layer("loss.huber", lambda x, y, d: F.huber_loss(x, y, delta=d),
+          lambda x, y, d: optax.losses.huber_loss(x, y, delta=d).mean(),
           _pairwise, ((1, 1), (1, 1)), (Floats(-3, 3), Floats(-3, 3)), ("input", "target"), configs=[1.0, 2.0],
           checks=PIECEWISE, reference=lambda x, y, d: R.huber(x, y, d)),
 ]
@@ -246,7 +248,8 @@ def j_kl(logq, p, config):
     if reduction == "none":
         pointwise = jnp.exp(p) * (p - logq) if log_target else p * (jnp.where(p == 0, 0.0, jnp.log(p)) - logq)
         return pointwise
-    per_example = (optax.losses.kl_divergence_with_log_targets(logq, p) if log_target else optax.losses.kl_divergence(logq, p))
+    kl = optax.losses.kl_divergence_with_log_targets if log_target else optax.losses.kl_divergence
+    per_example = kl(logq, p)
     return per_example.mean() if reduction == "batchmean" else per_example.sum()
 
 
@@ -271,7 +274,9 @@ def j_ctc(logits, targets, lengths, reduction):
     label_pad = (jnp.arange(targets.shape[1])[None, :] >= t_len[:, None]).astype(logits.dtype)
     loss = optax.losses.ctc_loss(logits, jnp.zeros(logits.shape[:2], logits.dtype), targets, label_pad)
     # torch 'mean' divides each sequence's loss by its target length, then averages
-    return reduce(loss / t_len.astype(logits.dtype) if reduction == "mean" else loss, "sum" if reduction == "sum" else "mean")
+    if reduction == "mean":
+        return (loss / t_len.astype(logits.dtype)).mean()
+    return reduce(loss, reduction)
 
 
 def s_ctc(rng):

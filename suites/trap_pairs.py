@@ -48,7 +48,8 @@ NORM_TRAPS = [
           _features, ((1, 2),), (SMALL,), ("input",), reference=lambda x: R.layer_norm(x, x.shape[-1:]), **TRAP),
     layer("nn.trap.layer_norm_fast_variance", lambda x: module(nn.LayerNorm, x.shape[-1], dtype=x.dtype)(x),
           lambda x: nnx.LayerNorm(x.shape[-1], epsilon=1e-5, rngs=nnx.Rngs(0))(x),
-          _features, ((1, 2),), (Floats(1000.3, 1001.7),), ("input",), reference=lambda x: R.layer_norm(x, x.shape[-1:]),
+          _features, ((1, 2),), (Floats(1000.3, 1001.7),), ("input",),
+          reference=lambda x: R.layer_norm(x, x.shape[-1:]),
           **TRAP),
     layer("nn.trap.group_norm_eps", lambda x: module(nn.GroupNorm, 2, x.shape[1], dtype=x.dtype)(x),
           lambda x: _cl(nnx.GroupNorm(x.shape[1], num_groups=2, use_fast_variance=False, rngs=nnx.Rngs(0)), x),
@@ -115,7 +116,8 @@ def t_init_linear(fan_in):
 def j_init_linear(fan_in, matched=False):
     bound = 1 / math.sqrt(fan_in)
     kw = dict(kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-              bias_init=lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)) if matched else {}
+              bias_init=lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
+              ) if matched else {}
     m = nnx.Linear(fan_in, 4096, rngs=nnx.Rngs(0), **kw)
     return jnp.stack(_stats(m.kernel[...], m.bias[...], fan_in, jnp))
 
@@ -161,7 +163,8 @@ INIT_PAIRS = [
 
 
 def t_conv3(x, w, b, stride=1, padding=0):
-    return call(module(nn.Conv2d, x.shape[1], w.shape[0], 3, stride=stride, padding=padding), {"weight": w, "bias": b}, x)
+    conv = module(nn.Conv2d, x.shape[1], w.shape[0], 3, stride=stride, padding=padding)
+    return call(conv, {"weight": w, "bias": b}, x)
 
 
 def j_conv_default(x, w, b, **kw):

@@ -143,7 +143,8 @@ def test_torch_tensors_are_read_as_numpy():
 
 MALFORMED = [
     ("linear", {"weight": np.zeros((3, 2))}, {"bias": np.zeros(4)}, "bias", "shape [4], expected [3]"),
-    ("conv", {"weight": np.zeros((4, 3, 3, 3)), "bias": np.zeros(4)}, {"scale": np.zeros(4)}, "scale", "unexpected key"),
+    ("conv", {"weight": np.zeros((4, 3, 3, 3)), "bias": np.zeros(4)}, {"scale": np.zeros(4)}, "scale",
+     "unexpected key"),
     ("batch_norm", {"weight": np.zeros(3), "bias": np.zeros(3), "running_mean": np.zeros(3)}, {}, "running_var",
      "missing"),
     ("layer_norm", {"weight": np.zeros(4), "bias": np.zeros(5)}, {}, "bias", "shape [5], expected [4]"),

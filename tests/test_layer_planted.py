@@ -13,7 +13,7 @@ from equivcheck import Custom, Inputs, RunSettings, run_pair
 from equivcheck import convert
 from equivcheck import flax_bridge as fb
 from equivcheck import nnref as R
-from suites import layer_pairs, sequence_pairs
+from suites import layer_pairs, loss_pairs, sequence_pairs
 from suites._kit import X, ints, layer, module
 from tests.helpers import by_check
 
@@ -137,3 +137,26 @@ def test_a_layer_that_raises_names_its_side_and_does_not_stop_the_run():
     records = run_pair(bad, dtype="float32", run=RunSettings(examples=5, seed=SEED))
     assert all(r.outcome == "failed" and r.kind == "error" and r.side == "jax" for r in records)
     assert "the jax side raised" in records[0].message
+
+
+def _perturbed(jax_fn):
+    """The JAX side off by 1% + 0.01 in every floating output: what any wrong port looks like."""
+    import jax
+
+    def bad(*args):
+        return jax.tree.map(lambda y: y * 1.01 + 0.01 if jnp.issubdtype(y.dtype, jnp.floating) else y, jax_fn(*args))
+
+    return bad
+
+
+CHECKED = [p for p in [*layer_pairs.PAIRS, *sequence_pairs.PAIRS, *loss_pairs.PAIRS] if p.reference is not None]
+
+
+@pytest.mark.parametrize("pair", CHECKED, ids=str)
+def test_every_layer_and_loss_pair_blames_a_perturbed_jax_side(pair):
+    """Each pair's forward check fails on a wrong JAX side, and its NumPy reference names jax."""
+    bad = pair.replace(name=pair.name + ".perturbed", jax_fn=_perturbed(pair.jax_fn), checks=("forward",),
+                       tolerance=None)
+    rec = run_pair(bad, dtype="float64", run=RunSettings(examples=5, seed=SEED, palette=1, shrink_seconds=2))[0]
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert "jax is off" in rec.diagnosis, rec.diagnosis
