@@ -31,9 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-k", default="", help="only pairs whose name contains this")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--jax-cache", help="JAX persistent compilation cache directory (as the plugin keeps one): "
+                                        "run twice to see a warm cache")
     args = ap.parse_args(argv)
 
     jb = jax_side()
+    if args.jax_cache:
+        jb.enable_persistent_cache(args.jax_cache)
     torch_side().set_precision("highest")
     jb.set_precision("highest")
     from suites.test_autodiff import PAIRS

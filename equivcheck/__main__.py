@@ -1,5 +1,9 @@
-"""Command line: `python -m equivcheck compare OLD.json NEW.json` (what changed between two
-runs; exit 1 if a check regressed), for nightly CI outside pytest."""
+"""Command line, for CI outside pytest:
+
+    python -m equivcheck compare OLD.json NEW.json   what changed between two runs; exit 1 on a regression
+    python -m equivcheck convert IN OUT [--check]    a checkpoint from one format to another (exit 1 if
+                                                     --check finds the two differ, 2 on bad input)
+"""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +24,29 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if regressed else 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from equivcheck import checkpoints as ck
+
+    try:
+        state = ck.convert(args.src, args.dst, src_fmt=args.src_format, dst_fmt=args.dst_format, key=args.key,
+                           overwrite=args.overwrite)
+        print(f"wrote {args.dst} ({ck.detect(args.dst, args.dst_format)}): {len(state)} arrays, "
+              f"{sum(a.nbytes for a in state.values())} bytes, from {args.src} ({ck.detect(args.src, args.src_format)})")
+        if not args.check:
+            return 0
+        # Both sides read back from disk: the check covers the writer and the reader.
+        diffs = ck.differences(ck.load(args.src, args.src_format, key=args.key), ck.load(args.dst, args.dst_format),
+                               names=(str(args.src), str(args.dst)))
+    except ck.CheckpointError as exc:
+        print(f"equivcheck convert: {exc}", file=sys.stderr)
+        return 2
+    if diffs:
+        print("check: the two checkpoints differ:\n  " + "\n  ".join(diffs), file=sys.stderr)
+        return 1
+    print(f"check: {len(state)} arrays identical bit for bit (names, shapes, dtypes, values)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="equivcheck", description="PyTorch/JAX equivalence reports")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -29,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--growth", type=float, default=2.0,
                      help="report a check whose worst error/allowed grew by this factor (default 2)")
     cmp.set_defaults(run=_compare)
+    conv = sub.add_parser("convert", help="convert a checkpoint: .pt/.pth (weights only), .safetensors, "
+                                          ".msgpack (Flax), a directory (Orbax)")
+    conv.add_argument("src", metavar="IN")
+    conv.add_argument("dst", metavar="OUT")
+    conv.add_argument("--check", action="store_true", help="load both and compare them bit for bit")
+    conv.add_argument("--key", help="take the weights from this entry of a torch training checkpoint")
+    conv.add_argument("--from", dest="src_format", choices=("torch", "safetensors", "orbax", "msgpack"),
+                      help="format of IN (default: from its suffix)")
+    conv.add_argument("--to", dest="dst_format", choices=("torch", "safetensors", "orbax", "msgpack"),
+                      help="format of OUT (default: from its suffix)")
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    conv.set_defaults(run=_convert)
     args = ap.parse_args(argv)
     return args.run(args)
 

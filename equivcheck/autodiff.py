@@ -88,7 +88,7 @@ def judge(pair: Pair, ev: Evaluation, check: str, tol: Tolerance, args: Sequence
         if bad is not None:
             return bad
     verdict = compare(t, j, tol, masks=masks)
-    verdict.notes += ev.torch.notes + ev.jax.notes
+    verdict.notes += ev.torch.notes.get(check, []) + ev.jax.notes.get(check, [])
     return verdict
 
 

@@ -167,7 +167,8 @@ def compare_leaf(path: str, t: np.ndarray, j: np.ndarray, tol: Tolerance, *, mas
     tf, jf = np.where(finite, tw, 0.0), np.where(finite, jw, 0.0)
     err = np.abs(tf - jf)
     mag = np.maximum(np.abs(tf), np.abs(jf))
-    allowed = tol.atol + tol.rtol * mag
+    scale = mag if tol.per == "element" else np.max(mag, initial=0.0)
+    allowed = tol.atol + tol.rtol * scale
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(allowed > 0, err / allowed, np.where(err > 0, np.inf, 0.0))
         rel = np.where(mag > 0, err / mag, 0.0)

@@ -73,9 +73,27 @@ class Equiv:
             self._file([CheckRecord(pair.name, c, self.dtype, self.device, self.run.precision, "skipped",
                                     message=why, nodeid=self._item.nodeid) for c in pair.checks])
             pytest.skip(why)
-        records = run_pair(pair, dtype=self.dtype, run=self.run, known=self._state.known.match_check,
-                           nodeid=self._item.nodeid,
-                           replay=self._state.replay(self._item.nodeid, self.dtype, self.device))
+        records = run_pair(pair, dtype=self.dtype, run=self.run, known=self.known, nodeid=self.nodeid,
+                           replay=self.replay)
+        return self.conclude(records)
+
+    @property
+    def nodeid(self) -> str:
+        return self._item.nodeid
+
+    @property
+    def replay(self) -> str:
+        """The command line that replays this test."""
+        return self._state.replay(self._item.nodeid, self.dtype, self.device)
+
+    def known(self, check_id: str) -> tuple[str, str] | None:
+        """(pattern, reason) of the known divergence matching `check_id`, if any."""
+        return self._state.known.match_check(check_id)
+
+    def conclude(self, records: list[CheckRecord]) -> list[CheckRecord]:
+        """File records made outside `check` (e.g. by `equivcheck.data.run_check`, which compares
+        batches rather than a Pair) for the report, and fail, xfail or pass this test like `check`."""
+        __tracebackhide__ = True
         self._file(records)
         failed = [r for r in records if r.outcome == "failed"]
         if failed:

@@ -19,6 +19,12 @@ DEVICE_CHOICES = ("cpu", "gpu", "all")
 PRECISIONS = ("highest", "default")
 
 
+class _Off:
+    """The state of a run without --equiv: nothing of equivcheck's is loaded."""
+
+    enabled = False
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("equivcheck", "PyTorch/JAX equivalence checks (equivcheck)")
     g.addoption("--equiv", action="store_true", help="run the equivalence checks (and only them)")
@@ -45,10 +51,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "equiv: an equivalence check; runs only under --equiv")
-    from equivcheck.fixture import SessionState
-
     if not config.getoption("equiv"):
-        config.stash[STATE] = SessionState(enabled=False)
+        config.stash[STATE] = _Off()
         return
     config.stash[STATE] = _build_state(config)
     config.pluginmanager.register(_Collector(config.stash[STATE]), "equivcheck-collector")

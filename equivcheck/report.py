@@ -156,7 +156,7 @@ def markdown(report: dict[str, Any]) -> str:
     header, body = grid(records)
     out += ["", "## All checks", "", "Cells: outcome and worst error / allowed error over all examples (1 = at tolerance).",
             "", _md_table(header, body), "", "## Tolerance table", "",
-            _md_table(["dtype", "device", "precision", "rtol", "atol", "reason"],
+            _md_table(["dtype", "device", "precision", "rtol", "atol", "relative to", "reason"],
                       [[str(v) for v in row.values()] for row in report["tolerances"]])]
     scale = ", ".join(f"{k} x{v:g}" for k, v in tolerance.CHECK_SCALE.items())
     out += ["", f"Derivative checks scale the row: {scale}. Per-pair overrides are in each record's `tolerance`.", ""]

@@ -7,6 +7,7 @@ its full example budget and its own counterexample.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -23,7 +24,7 @@ from equivcheck import tolerance
 from equivcheck.autodiff import Evaluation, evaluate, judge, wide
 from equivcheck.backends import jax_side
 from equivcheck.compare import LeafDiff, Verdict, format_args, n_elements
-from equivcheck.conditioning import explained_by_rounding
+from equivcheck.conditioning import LOWP_ULPS, explained_by_precision, explained_by_rounding
 from equivcheck.diagnose import diagnose
 from equivcheck.pairs import CHECKS, Pair
 
@@ -88,6 +89,7 @@ class CheckRecord:
     nodeid: str = ""
     replay: str = ""
     ill_conditioned: int = 0  # examples past the table bound that input rounding explains
+    low_precision: int = 0  # bfloat16/float16 examples past the table bound that agree in float32
 
     @property
     def id(self) -> str:
@@ -134,7 +136,7 @@ class _Stats:
     ratio: float = 0.0
     leaf: LeafDiff | None = None
     notes: set[str] = dataclasses.field(default_factory=set)
-    ill_conditioned: int = 0
+    accepted: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
 def run_pair(
@@ -171,8 +173,8 @@ def run_pair(
         # those are failures as they stand, and need no pass of their own.
         for check in list(active):
             verdict = judge(pair, failure.ev, check, tols[check], failure.args)
-            if not verdict.ok and not _ill_conditioned(pair, check, failure.args, failure.ev, verdict, dtype,
-                                                       tols[check], 0):
+            if not verdict.ok and not _accepted(pair, check, failure.args, failure.ev, verdict, dtype,
+                                                tols[check], 0):
                 verdict.notes.append(f"found on the minimal example of the {failure.check} failure")
                 failures[check] = CheckFailed(check, verdict, failure.args, failure.ev)
                 active.remove(check)
@@ -183,13 +185,19 @@ def run_pair(
         rec = CheckRecord(
             pair=pair.name, check=check, dtype=dtype, device=run.device, precision=run.precision, outcome="passed",
             examples=stats[check].examples, worst_ratio=stats[check].ratio,
-            tolerance={"rtol": tol.rtol, "atol": tol.atol, "reason": tol.reason},
+            tolerance={"rtol": tol.rtol, "atol": tol.atol, "per": tol.per, "reason": tol.reason},
             seconds=seconds / len(checks), notes=sorted(stats[check].notes), tags=sorted(pair.tags),
-            nodeid=nodeid, replay=replay, ill_conditioned=stats[check].ill_conditioned,
+            nodeid=nodeid, replay=replay, ill_conditioned=stats[check].accepted["ill-conditioned"],
+            low_precision=stats[check].accepted["low-precision"],
         )
         if rec.ill_conditioned:
             rec.notes.append(f"{rec.ill_conditioned} examples beyond the table bound were within the float64 "
                              "result's sensitivity to input rounding (ill-conditioned): accepted")
+        if rec.low_precision:
+            rec.notes.append(f"{rec.low_precision} examples beyond the table bound agreed in float32 on the same "
+                             f"inputs, each side within {LOWP_ULPS:g} {dtype} ulps: accepted as the frameworks' "
+                             "low-precision arithmetic (torch computes in float32 inside kernels, XLA rounds "
+                             "every primitive)")
         _fill_errors(rec, stats[check].leaf)
         hit = known(rec.id)
         if check in failures:
@@ -242,8 +250,9 @@ def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: 
             s.examples += 1
             s.notes.update(verdict.notes)
             if not verdict.ok:
-                if _ill_conditioned(pair, check, args, ev, verdict, dtype, tols[check], vec_seed):
-                    s.ill_conditioned += 1
+                why = _accepted(pair, check, args, ev, verdict, dtype, tols[check], vec_seed)
+                if why:
+                    s.accepted[why] += 1
                     continue
                 failed = CheckFailed(check, verdict, args, ev)
                 if best is None or n_elements(args) < n_elements(best.args):
@@ -278,12 +287,17 @@ def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: 
     return None
 
 
-def _ill_conditioned(pair: Pair, check: str, args: Any, ev: Evaluation, verdict: Verdict, dtype: str,
-                     tol: Any, seed: int) -> bool:
+def _accepted(pair: Pair, check: str, args: Any, ev: Evaluation, verdict: Verdict, dtype: str,
+              tol: Any, seed: int) -> str | None:
+    """Why a disagreement beyond the table is no difference, or None."""
     try:
-        return explained_by_rounding(pair, check, args, ev, verdict, dtype, tol, seed)
-    except Exception:  # the float64 re-run failing leaves the failure standing
-        return False
+        if explained_by_rounding(pair, check, args, ev, verdict, dtype, tol, seed):
+            return "ill-conditioned"
+        if explained_by_precision(pair, check, args, ev, verdict, dtype):
+            return "low-precision"
+    except Exception:  # a failing re-run leaves the failure standing
+        return None
+    return None
 
 
 def _fill_errors(rec: CheckRecord, leaf: LeafDiff | None) -> None:

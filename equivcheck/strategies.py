@@ -269,11 +269,11 @@ class Floats:
             # tiny * 2**e * (1 + m/16) is exact in every float dtype: no rejection sampling.
             mags = st.tuples(st.integers(0, 20), st.integers(0, 15)).map(lambda em: tiny * 2.0 ** em[0] * (1 + em[1] / 16))
             top = tiny * 2.0**21  # above every magnitude drawn
-            if hi >= tiny:
-                parts.append(mags if hi >= top else mags.filter(lambda v: v <= hi))
-            if lo <= -tiny:
+            if hi >= tiny and lo <= top:
+                parts.append(mags if lo <= tiny and hi >= top else mags.filter(lambda v: lo <= v <= hi))
+            if lo <= -tiny and hi >= -top:
                 neg = mags.map(lambda v: -v)
-                parts.append(neg if lo <= -top else neg.filter(lambda v: v >= lo))
+                parts.append(neg if lo <= -top and hi >= -tiny else neg.filter(lambda v: lo <= v <= hi))
         if self.nonfinite:
             parts.append(st.sampled_from([math.nan, math.inf, -math.inf]))
         values = st.one_of(parts)
@@ -313,13 +313,22 @@ def _clip_into(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Ints:
-    """Integer values in [lo, hi] (int64 on the torch side; JAX keeps int32 without x64)."""
+    """Integer values in [lo, hi] (int64 on the torch side; JAX keeps int32 without x64).
+
+    `dtype` another integer type: `Ints(0, 255, dtype="uint8")` draws raw 8-bit images.
+    """
 
     lo: int = 0
     hi: int = 10
+    dtype: str = "int64"
+
+    def __post_init__(self) -> None:
+        info = np.iinfo(np.dtype(self.dtype))  # refuses a non-integer dtype
+        if not info.min <= self.lo <= self.hi <= info.max:
+            raise ValueError(f"Ints: [{self.lo}, {self.hi}] is not a range inside {self.dtype}")
 
     def draw(self, dtype, shape, shapes):
-        return hnp.arrays(np.int64, shape, elements=st.integers(self.lo, self.hi), fill=st.nothing())
+        return hnp.arrays(np.dtype(self.dtype), shape, elements=st.integers(self.lo, self.hi), fill=st.nothing())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,7 +458,7 @@ class Inputs:
             if isinstance(spec, Static):
                 options.append(list(spec.values))
             else:
-                kind = {Ints: np.int64, Index: np.int64, Mask: np.bool_}.get(type(spec))
+                kind = np.dtype(spec.dtype) if isinstance(spec, Ints) else {Index: np.int64, Mask: np.bool_}.get(type(spec))
                 options.append([np.zeros(next(it), kind or np_dtype(dtype))])
         return [tuple(combo) for combo in itertools.product(*options)]
 

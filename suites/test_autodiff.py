@@ -48,6 +48,9 @@ NEAR_ZERO = {f"{d}/forward": Tolerance(BASE[d].rtol, 0.0, "relative only: log1p/
 GELU_TANH_T = functools.partial(F.gelu, approximate="tanh")
 GELU_TANH_J = functools.partial(jax.nn.gelu, approximate=True)
 GELU_TANH_REF = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))  # noqa: E731
+CUMPROD_T = functools.partial(torch.cumprod, dim=-1)
+CUMPROD_J = functools.partial(jnp.cumprod, axis=-1)
+F32_MIN_NORMAL = float(np.finfo(np.float32).tiny)
 SELU_SCALE, SELU_ALPHA = 1.0507009873554805, 1.6732632423543772
 
 
@@ -168,10 +171,16 @@ PAIRS = Registry([
     ew("log", torch.log, jnp.log, pos, np.log),
     ew("log1p", torch.log1p, jnp.log1p, Floats(-0.99, 10, near=(-1.0,)), np.log1p, tolerance=NEAR_ZERO),
     ew("expm1", torch.expm1, jnp.expm1, Floats(-20, 20), np.expm1, tolerance=NEAR_ZERO),
-    ew("sqrt", torch.sqrt, jnp.sqrt, Floats(0, 100, special=(0.0,)), np.sqrt),
+    # sqrt'' = -x^-1.5/4 overflows in JAX's intermediates below ~1e-200 (float64) while torch's stays
+    # finite: magnitudes start at 1e-30; 0 itself (inf in both) is drawn often.
+    ew("sqrt", torch.sqrt, jnp.sqrt, Floats(0, 100, special=(0.0,), min_magnitude=1e-30), np.sqrt),
     ew("rsqrt", torch.rsqrt, jax.lax.rsqrt, pos, lambda x: 1 / np.sqrt(x)),
     Pair("pow", torch.pow, jnp.power, binary(Floats(0.1, 10), Floats(-3, 3, exclude=(0.0,))), diff_args=(0, 1),
          reference=np.power, dtypes=ALL_FLOATS),
+    Pair("pow_tiny_base", torch.pow, jnp.power,
+         binary(Floats(0, 1e-30, special=(F32_MIN_NORMAL,), tiny=False), Floats(0.01, 3), broadcast=False),
+         diff_args=(0, 1), reference=np.power, dtypes=("float32",),
+         doc="bases near float32's smallest normal: torch's second derivative overflows in an intermediate"),
     Pair("pow_zero_exponent", torch.pow, jnp.power, binary(Floats(0.1, 10), Floats(0.0, 0.0, tiny=False),
                                                            broadcast=False),
          diff_args=(0, 1), reference=np.power,
@@ -245,14 +254,20 @@ PAIRS = Registry([
     Pair("log_softmax", functools.partial(torch.log_softmax, dim=-1), functools.partial(jax.nn.log_softmax, axis=-1),
          unary(Floats(-30, 30), **last()), reference=lambda x: np.log(_softmax(x)), dtypes=ALL_FLOATS),
     Pair("glu", functools.partial(F.glu, dim=-1), functools.partial(jax.nn.glu, axis=-1),
-         Inputs(Custom(_even_last, ((2,),)), (Floats(),)), dtypes=ALL_FLOATS),
+         Inputs(Custom(_even_last, ((2,),)), (Floats(),)), dtypes=ALL_FLOATS,
+         doc="torch has no glu_jvp_cpu kernel for bfloat16/float16: its JVP there is the transpose of its VJP"),
     # ---------------------------------------------------------------- reductions
     Pair("sum", torch.sum, jnp.sum, unary(), reference=np.sum, dtypes=ALL_FLOATS),
     Pair("sum_last", functools.partial(torch.sum, dim=-1), functools.partial(jnp.sum, axis=-1),
          unary(**last()), reference=lambda x: x.sum(-1), dtypes=ALL_FLOATS),
     Pair("mean_first", functools.partial(torch.mean, dim=0), functools.partial(jnp.mean, axis=0),
          unary(**last()), reference=lambda x: x.mean(0), dtypes=ALL_FLOATS),
-    Pair("prod", torch.prod, jnp.prod, unary(Floats(-2, 2, special=(0.0,)), max_side=4), reference=np.prod),
+    # torch's prod gradient divides the product by each input when none is zero: near the underflow
+    # threshold its second derivative collapses to 0 (prod_tiny), so magnitudes start at 1e-6 here.
+    Pair("prod", torch.prod, jnp.prod, unary(Floats(-2, 2, special=(0.0,), min_magnitude=1e-6), max_side=4),
+         reference=np.prod),
+    Pair("prod_tiny", torch.prod, jnp.prod, unary(Floats(0, 2, special=(1.0, F32_MIN_NORMAL), tiny=False), max_side=4),
+         reference=np.prod, dtypes=("float32",)),
     Pair("var_ddof1", lambda x: torch.var(x, dim=-1, correction=1), lambda x: jnp.var(x, axis=-1, ddof=1),
          unary(**last(min_side=2)), reference=lambda x: x.var(-1, ddof=1)),
     Pair("var_ddof0", lambda x: torch.var(x, dim=-1, correction=0), lambda x: jnp.var(x, axis=-1, ddof=0),
@@ -276,8 +291,13 @@ PAIRS = Registry([
          unary(Floats(special=(1.0,), fill=True), **last()), reference=lambda x: x.max(-1), dtypes=ALL_FLOATS),
     Pair("cumsum", lambda x: torch.cumsum(x, dim=-1), lambda x: jnp.cumsum(x, axis=-1), unary(**last()),
          reference=lambda x: np.cumsum(x, -1), dtypes=ALL_FLOATS),
-    Pair("cumprod", lambda x: torch.cumprod(x, dim=-1), lambda x: jnp.cumprod(x, axis=-1),
-         unary(Floats(-2, 2, special=(0.0,)), **last(max_side=4)), reference=lambda x: np.cumprod(x, -1)),
+    # torch's cumprod gradient divides by the input when it holds no zero: near the underflow
+    # threshold its second derivative overflows (cumprod_tiny), so magnitudes start at 1e-6 here.
+    Pair("cumprod", CUMPROD_T, CUMPROD_J, unary(Floats(-2, 2, special=(0.0,), min_magnitude=1e-6), **last(max_side=4)),
+         reference=lambda x: np.cumprod(x, -1)),
+    Pair("cumprod_tiny", CUMPROD_T, CUMPROD_J,
+         unary(Floats(0, 2, special=(1.0, F32_MIN_NORMAL), tiny=False), **last(max_side=4)),
+         reference=lambda x: np.cumprod(x, -1), dtypes=("float32",)),
     Pair("norm2", torch.linalg.vector_norm, jnp.linalg.vector_norm, unary(zero_heavy, **last()),
          reference=lambda x: np.linalg.norm(x.ravel()),
          conventions=(Convention("norm at 0", lambda x: np.broadcast_to(~x.any(), x.shape), 0.0, np.nan,

@@ -66,6 +66,15 @@ def test_values_use_the_symmetric_bound_and_report_the_worst_element():
     assert "worst at index [2]" in w.summary()
 
 
+def test_leaf_tolerances_bound_errors_by_the_leaf_s_largest_value():
+    t, j = arr(100.0, 0.001), arr(100.0, 0.002)  # the small element is 100% off
+    assert not compare(t, j, Tolerance(1e-3, 0.0, "t")).ok
+    assert compare(t, j, Tolerance(1e-3, 0.0, "t", per="leaf")).ok  # but 1e-5 of the leaf's scale
+    assert not compare(arr(100.0, 0.0), arr(100.0, 0.2), Tolerance(1e-3, 0.0, "t", per="leaf")).ok
+    with pytest.raises(ValueError, match="'element' or 'leaf'"):
+        Tolerance(1, 1, per="row")
+
+
 def test_ratio_is_the_margin_used_against_the_tolerance():
     tol = Tolerance(0.0, 1.0, "test")
     v = compare(arr(0.0), arr(0.5), tol)

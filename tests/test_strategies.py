@@ -39,9 +39,12 @@ def test_joint_shapes_fit_together(spec):
             np.linalg.solve(np.eye(shapes[0][-1]) + np.zeros(shapes[0]), np.zeros(shapes[1]))
 
 
+@pytest.mark.parametrize("lo, hi", [(-0.999, 0.999), (0.1, 10.0), (-10.0, -1e-3), (1e-30, 1e-20)])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "bfloat16"])
-def test_values_stay_in_domain_for_every_dtype(dtype):
-    spec = Floats(-0.999, 0.999, special=(0.0,), near=(0.5,))
+def test_values_stay_in_domain_for_every_dtype(dtype, lo, hi):
+    if dtype == "float16" and hi < 1e-8:
+        pytest.skip("below float16's range")
+    spec = Floats(lo, hi, special=(0.0,), near=(0.5,))
 
     @FAST
     @given(unary(spec, min_dims=1).strategy(dtype, [((3, 4),)]))
@@ -49,7 +52,7 @@ def test_values_stay_in_domain_for_every_dtype(dtype):
         (x,) = args
         assert x.dtype == np_dtype(dtype) and x.shape == (3, 4)
         wide = x.astype(np.float64)
-        assert np.all((wide >= -0.999) & (wide <= 0.999)), x
+        assert np.all((wide >= lo) & (wide <= hi)), x
 
     check()
 

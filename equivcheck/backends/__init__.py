@@ -44,7 +44,10 @@ class SideResult:
     side: str
     values: dict[str, Any] = dataclasses.field(default_factory=dict)
     errors: dict[str, SideError] = dataclasses.field(default_factory=dict)
-    notes: list[str] = dataclasses.field(default_factory=list)
+    notes: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # per check
+
+    def note(self, check: str, text: str) -> None:
+        self.notes.setdefault(check, []).append(text)
 
     def fail(self, checks: Any, exc: BaseException) -> None:
         for check in [checks] if isinstance(checks, str) else checks:

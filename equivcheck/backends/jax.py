@@ -110,6 +110,7 @@ def enable_persistent_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", 2**30)  # LRU-evicted beyond 1 GiB
 
 
 def x64(enabled: bool) -> contextlib.AbstractContextManager[Any]:

@@ -1,6 +1,7 @@
 """The PyTorch side: placement, precision mode, NumPy round trip, and eager derivatives."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,6 +12,15 @@ from equivcheck.backends import SideResult, Vectors
 from equivcheck.strategies import np_dtype
 
 NAME = "torch"
+
+# torch.func.jvp's first use scripts its decompositions with torch.jit.script, which warns of its
+# own deprecation: torch's internal affair, not the user's. Load them once, quietly.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # Deprecation- or FutureWarning
+    try:
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    except ImportError:  # another torch layout: the warning, if any, is harmless
+        pass
 
 _TORCH_DTYPES = {
     "float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -172,7 +182,10 @@ def _jvp(fn: Callable[..., Any], targs: list[Any], diff: Sequence[int], vec: Vec
         res.values["jvp"] = [to_numpy(t) for t in tang]
         return
     except Exception as exc:
-        if "forward AD" not in str(exc) and "forward-mode" not in str(exc).lower():
+        text = str(exc)
+        no_formula = "forward AD" in text or "forward-mode" in text.lower() or (
+            isinstance(exc, NotImplementedError) and "_jvp" in text)  # e.g. glu_jvp_cpu for bfloat16
+        if not no_formula:
             res.fail("jvp", exc)
             return
     # No forward-mode formula in torch for this op: J t through two reverse passes
@@ -184,6 +197,6 @@ def _jvp(fn: Callable[..., Any], targs: list[Any], diff: Sequence[int], vec: Vec
         gs = _grad(outs, prim, us, create_graph=True)
         total = [sum((g * t).sum() for g, t in zip(gs, tangents))] if gs else []
         res.values["jvp"] = [to_numpy(x) for x in _grad(total, us, [torch.ones_like(x) for x in total], False)]
-        res.notes.append("torch has no forward-mode AD for this op; its JVP was taken as the transpose of its VJP")
+        res.note("jvp", "torch has no forward-mode AD for this op here; its JVP was taken as the transpose of its VJP")
     except Exception as exc:
         res.fail("jvp", exc)

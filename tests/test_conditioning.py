@@ -1,0 +1,65 @@
+"""What is not a difference: ill-conditioned inputs, answers beyond the dtype's range, and the
+frameworks' own low-precision arithmetic. Each acceptance is shown to refuse a real bug."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from equivcheck import tolerance
+from equivcheck.autodiff import evaluate, judge
+from equivcheck.conditioning import explained_by_precision, explained_by_rounding
+from equivcheck.strategies import np_dtype
+from tests.helpers import SUITE
+
+
+def failing(pair, check, args, dtype, seed=0):
+    ev = evaluate(pair, args, seed, dtype=dtype, device="cpu", checks=(check,))
+    tol = tolerance.lookup(dtype, check=check, override=pair.tolerance_for(dtype, check))
+    verdict = judge(pair, ev, check, tol, args)
+    assert not verdict.ok, "the example must be past the table bound for the test to mean anything"
+    return ev, verdict, tol
+
+
+def test_erfinv_near_one_is_ill_conditioned_not_wrong():
+    args = [np.array([0.99899995], np.float32)]
+    ev, verdict, tol = failing(SUITE["erfinv"], "vjp", args, "float32")
+    assert explained_by_rounding(SUITE["erfinv"], "vjp", args, ev, verdict, "float32", tol, seed=0)
+
+
+def test_a_wrong_formula_is_not_explained_by_rounding():
+    bad = SUITE["log1p"].replace(name="log_one_plus", jax_fn=lambda x: jnp.log(1 + x))
+    args = [np.array([1e-4, 3e-3], np.float32)]
+    ev, verdict, tol = failing(bad, "forward", args, "float32")
+    assert not explained_by_rounding(bad, "forward", args, ev, verdict, "float32", tol, seed=0)
+
+
+def test_an_answer_beyond_the_dtype_s_range_is_not_comparable():
+    tiny = np.array(np.finfo(np.float32).tiny, np.float32)  # logit'' = -1/x^2 ~ -7e75 overflows float32
+    ev, verdict, tol = failing(SUITE["logit"], "hvp", [tiny], "float32")
+    assert verdict.kind == "nonfinite"
+    assert explained_by_rounding(SUITE["logit"], "hvp", [tiny], ev, verdict, "float32", tol, seed=0)
+
+
+def test_low_precision_arithmetic_is_accepted_when_float32_agrees():
+    args = [np.array([0, 0, 0, 0, 5], np_dtype("bfloat16"))]
+    ev, verdict, _ = failing(SUITE["softmax"], "vjp", args, "bfloat16")
+    assert explained_by_precision(SUITE["softmax"], "vjp", args, ev, verdict, "bfloat16")
+
+
+def test_a_real_difference_in_low_precision_is_not_excused():
+    bad = SUITE["softmax"].replace(name="softmax_axis0", jax_fn=functools.partial(jax.nn.softmax, axis=0))
+    args = [np.array([[0, 1, 2], [3, 0, 1], [2, 2, 0]], np_dtype("bfloat16"))]
+    ev, verdict, _ = failing(bad, "forward", args, "bfloat16")
+    assert not explained_by_precision(bad, "forward", args, ev, verdict, "bfloat16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_precision_acceptance_is_for_low_precision_only(dtype):
+    bad = SUITE["tanh"].replace(name="tanh_f16", jax_fn=lambda x: jnp.tanh(x.astype(jnp.float16)).astype(x.dtype))
+    args = [np.array([0.3, 1.7], dtype)]
+    ev, verdict, _ = failing(bad, "forward", args, dtype)
+    assert not explained_by_precision(bad, "forward", args, ev, verdict, dtype)
