@@ -108,11 +108,16 @@ TABLE: tuple[Divergence, ...] = (
                "inf where p = 0 or 1 (NaN for 0 * log 0)", "jnp.maximum(jnp.log(p), -100)", "loss.bce_saturated"),
     Divergence("loss.trap.ctc_mean", "ctc_loss 'mean' divides each loss by its target length before averaging",
                "12 max abs (a factor of the target length)", "(loss / target_lengths).mean()", "loss.ctc"),
-    # found by the suites, no trap: a torch bug and a gradient convention
+    # found by the suites, no trap: a torch bug, a torch precision loss and a gradient convention
     Divergence("nn.interp_bilinear_antialias_width1::forward",
                "torch 2.13 CPU bug: bilinear antialias=True with output width 1 repeats the first output row",
                "1.1 max abs against the NumPy reference (JAX matches it to 1e-16)",
                "none in torch; avoid a width-1 antialiased resize (or resize in two steps)"),
+    Divergence("nn.layer_norm_offset::vjp::float32",
+               "torch's float32 LayerNorm backward loses ~3 digits when a row's spread is small against its mean "
+               "(x = [11.4375, 11.5]: 0.2421875 where the exact value is 0.2420329; JAX 0.2420320)",
+               "up to 0.24% relative (1e-4 abs) at offset ~11, spread ~0.06; the float64 reference blames torch",
+               "none in torch: centre the inputs, or run the backward in float64"),
     Divergence("loss.bce_saturated::vjp",
                "at p = 0 or 1 torch's BCE backward divides by max(p(1-p), 1e-12); the clamped jnp port gives 0*inf",
                "NaN vs finite gradient", "jnp.clip(p, 1e-12, 1 - 1e-12) before the log when gradients must match"),
@@ -125,7 +130,7 @@ def markdown_section(records: Sequence[dict[str, Any]]) -> list[str]:
     """Report lines: the rows whose pair ran, with this run's outcome and observed size."""
     seen = {}
     for r in records:
-        for key in (r["pair"], f"{r['pair']}::{r['check']}"):
+        for key in (r["pair"], f"{r['pair']}::{r['check']}", f"{r['pair']}::{r['check']}::{r['dtype']}"):
             if key in BY_ID and r["outcome"] != "skipped":
                 seen.setdefault(key, r)
     if not seen:

@@ -84,7 +84,7 @@ def _conv_smallest(n, side=3):
 
 CONV_PAIRS = [
     layer("nn.conv1d", t_conv, j_conv, conv_sampler(1), _conv_smallest(1), (X, W, W), XWB,
-          configs=[cfg(stride=1, padding="valid"), cfg(stride=2, padding=1, dilation=2)],
+          configs=[cfg(stride=1, padding="valid"), cfg(stride=2, padding=1, dilation=2), cfg(padding="same")],
           reference=r_conv, tags={"conv"}),
     layer("nn.conv2d", t_conv, j_conv, conv_sampler(2), _conv_smallest(2), (X, W, W), XWB,
           configs=[cfg(stride=2, padding=1), cfg(padding="same", dilation=2)], reference=r_conv, tags={"conv"}),

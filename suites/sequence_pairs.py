@@ -14,12 +14,14 @@ from equivcheck import nnref as R
 from equivcheck.tolerance import BASE
 from suites._kit import W, X, call, ints, layer, module, pick
 
-# Measured: jax.nn.dot_product_attention (used by nnx.MultiHeadAttention) computes the softmax in
-# float32 even for float64 inputs ("Softmax is always computed in float32",
-# jax/_src/nn/functions.py), so float64 attention agrees with torch only to float32 rounding.
+# jax.nn.dot_product_attention (used by nnx.MultiHeadAttention) computes the softmax in float32
+# even for float64 inputs ("Softmax is always computed in float32", jax/_src/nn/functions.py).
+# Measured without this override (30 examples, seeds 1-2): float64 errors up to 1.1e-7 in the
+# forward and 2.3e-7 in gradients, 1.1x the float64 bound, finite differences blaming jax; under
+# the float32-level bound the worst is 0.005x.
 ATTENTION_F64 = {"float64": Tolerance(BASE["float32"].rtol, BASE["float32"].atol,
-                                      "jax.nn.dot_product_attention runs its softmax in float32 for float64 inputs "
-                                      "(jax/_src/nn/functions.py); float32-level bound")}
+                                      "jax.nn.dot_product_attention runs its softmax in float32 for float64 inputs; "
+                                      "measured up to 2.3e-7 (1.1x the float64 bound)")}
 
 
 def _kpm(mask):

@@ -58,9 +58,12 @@ NORM_TRAPS = [
           lambda x: nnx.RMSNorm(x.shape[-1], use_fast_variance=False, rngs=nnx.Rngs(0))(x),
           _features, ((1, 2),), (Floats(-1e-3, 1e-3),), ("input",), reference=lambda x: R.rms_norm(x, x.shape[-1:]),
           **TRAP),
-    # The reconciled twin of layer_norm_fast_variance on the same offset inputs.
+    # The reconciled twin of layer_norm_fast_variance, on inputs offset by 10: from ~100 on, float32
+    # rounding of x - mean alone puts both sides ~1e-4 off the float64 value (measured at offset
+    # 100: forward 7.8e-5 torch, 5.2e-5 jax; torch's backward 1.3e-4 on a 5e-3 gradient), whatever
+    # the variance formula. Fast variance at offset 10 is already off by ~5e-5.
     layer("nn.layer_norm_offset", lambda x: module(nn.LayerNorm, x.shape[-1], dtype=x.dtype)(x),
-          lambda x: fb.layer_norm(x, x.shape[-1:]), _features, ((1, 2),), (Floats(100.3, 101.7),), ("input",),
+          lambda x: fb.layer_norm(x, x.shape[-1:]), _features, ((1, 2),), (Floats(10.3, 11.7),), ("input",),
           reference=lambda x: R.layer_norm(x, x.shape[-1:]), doc="twin of nn.trap.layer_norm_fast_variance"),
 ]
 
@@ -135,11 +138,12 @@ def j_init_embedding(dim, matched=False):
     return jnp.stack(_stats(m.embedding[...], None, 1, jnp)[:1])
 
 
-# Statistics of independent draws agree only to sampling error: the std of 4096 bias values
-# has a relative standard error of ~1.1% for a uniform distribution (measured: 0.6-1.5% at
-# fan_in 16 and 64 between torch and the matched Flax initialiser); 4096*fan_in weights ~0.2%.
-# The largest |w| of a uniform sample sits within 1/n of its bound on both sides.
-SAMPLING = Tolerance(0.05, 0.0, "sampling error of a std over >= 4096 independent draws (measured <= 1.5%)")
+# Statistics of independent draws agree only to sampling error: the std of 4096 uniform bias
+# values has a relative standard error of ~1.1%; 4096*fan_in weights ~0.2%; the largest |w| of
+# a uniform sample sits within 1/n of its bound on both sides. Measured between torch and the
+# matched Flax initialisers (fan_in 16, 64; features 8, 32): at most 1.7% relative.
+SAMPLING = Tolerance(0.05, 0.0, "sampling error of statistics over >= 4096 independent draws "
+                                "(measured <= 1.7% between matched initialisers)")
 
 
 def _init_pair(name, t_fn, j_fn, configs, **kw):
