@@ -110,7 +110,8 @@ TABLE: tuple[Divergence, ...] = (
                "12 max abs (a factor of the target length)", "(loss / target_lengths).mean()", "loss.ctc"),
     # found by the suites, no trap: a torch bug, a torch precision loss and a gradient convention
     Divergence("nn.interp_bilinear_antialias_width1::forward",
-               "torch 2.13 CPU bug: bilinear antialias=True with output width 1 repeats the first output row",
+               "torch CPU bug (2.13.0 and 2.14.1): bilinear antialias=True with output width 1 repeats the first "
+               "output row",
                "1.1 max abs against the NumPy reference (JAX matches it to 1e-16)",
                "none in torch; avoid a width-1 antialiased resize (or resize in two steps)"),
     Divergence("nn.layer_norm_offset::vjp::float32",

@@ -301,14 +301,20 @@ def j_ranking(x1, x2, y, margin):
     return jax.nn.relu(-(2 * y - 1) * (x1 - x2) + margin).mean()
 
 
+# torch's clamp_min passes the gradient at its bound up to 2.13 and not from 2.14 on
+# (pytorch/pytorch#184574; measured 2.13.0 and 2.14.1).
+CLAMP_BOUNDARY = 1.0 if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14) else 0.0
+
+
 def _ranking_kink(arg):
-    """max(0, z) at z = 0: torch's clamp_min passes the gradient (1), relu's is 0."""
+    """max(0, z) at z = 0: torch's clamp_min gives gradient CLAMP_BOUNDARY there, jax.nn.relu 0."""
     def torch_value(x1, x2, y, margin):
-        return (-(2 * y - 1) if arg == 0 else (2 * y - 1)) / x1.size
+        return CLAMP_BOUNDARY * (-(2 * y - 1) if arg == 0 else (2 * y - 1)) / x1.size
 
     where = lambda x1, x2, y, m: -(2 * y - 1) * (x1 - x2) + m == 0  # noqa: E731
     return Convention(f"ranking_hinge_{arg}", where, torch_value, 0.0,
-                      "at -y*(x1-x2) + margin == 0 torch's clamp_min(0) gives gradient 1, jax.nn.relu 0", arg=arg)
+                      "at -y*(x1-x2) + margin == 0 torch's clamp_min(0) gives gradient 1 (torch < 2.14) or 0, "
+                      "jax.nn.relu 0", arg=arg)
 
 
 NONUNIT = Floats(-2, 2, tiny=False, min_magnitude=0.1, exclude=(0.0,))  # no zero vectors: eps conventions differ
