@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from equivcheck import tolerance
+from equivcheck import divergences, tolerance
 from equivcheck.pairs import CHECKS
 
 SCHEMA = "equivcheck.report/1"
@@ -148,6 +148,7 @@ def markdown(report: dict[str, Any]) -> str:
                 _md_table(["check", "outcome", "reason", "observed"],
                           [[f"`{r['id']}`", r["outcome"], r["known_reason"], r["message"].split("\n")[0][:160]]
                            for r in known])]
+    out += divergences.markdown_section(records)
     stale = run.get("unmatched_known", [])
     if stale:
         out += ["", "Known-divergence entries that matched nothing in this run:", ""]
