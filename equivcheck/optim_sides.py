@@ -1,0 +1,233 @@
+"""Both sides of an optimizer trajectory, NumPy in and NumPy out.
+
+torch runs the ordinary eager loop (`zero_grad; loss.backward() per micro-batch; clip;
+optimizer.step(); scheduler.step()`). JAX runs the whole trajectory as one `lax.scan` of a
+fixed length, compiled ahead of time once per (pair, problem, shapes, dtype): the drawn
+number of steps only decides how much of the output is compared, so it never recompiles.
+Each step yields `{"params", "state" (neutral form), "lr"?, "grad_norm"?}`.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from equivcheck.optim_state import load_torch, neutral_to_optax, optax_to_neutral, torch_to_neutral
+
+MAX_STEPS = 100  # the longest trajectory a check draws; the scan always runs this many
+
+
+def treedef_of(tree: Any) -> Any:
+    import jax
+
+    return jax.tree.structure(tree)
+
+
+# ---- torch ------------------------------------------------------------------------------
+
+def torch_param_groups_ok(optimizer: Any) -> None:
+    """One optax transformation applies one set of hyperparameters to the whole tree."""
+    groups = optimizer.param_groups
+    if len(groups) <= 1:
+        return
+    keys = sorted(k for k in groups[0] if k != "params")
+    differ = [k for k in keys if len({repr(g.get(k)) for g in groups}) > 1]
+    if differ:
+        values = "; ".join(f"{k}: {', '.join(repr(g.get(k)) for g in groups)}" for k in differ)
+        raise ValueError(
+            f"the torch optimizer has {len(groups)} param groups with different {', '.join(differ)} ({values}); "
+            "an optax transformation has no param groups: build one pair per group and combine them with "
+            "optax.multi_transform (labels per leaf), or use a single group")
+
+
+def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, dtype: str, device: str = "cpu",
+              start: dict[str, Any] | None = None, start_step: int = 0,
+              jitter: tuple[np.random.Generator, float] | None = None) -> list[dict[str, Any]]:
+    """The torch trajectory. `jitter=(rng, rel)` multiplies the parameters and the optimizer
+    state by 1 + rel * U(-1, 1) after every step: a float64 run that rounds like a lower
+    precision would (the conditioning test, equivcheck.optim_diagnose)."""
+    import torch
+
+    from equivcheck.backends.torch import device_of
+
+    treedef = treedef_of(params0)
+    dev = device_of(device)
+    leaves = [torch.tensor(np.array(x), device=dev).requires_grad_() for x in treedef.flatten_up_to(params0)]
+    tdata = _to_torch(data, dev)
+    optimizer = pair.torch_optimizer(leaves)
+    _check_torch_optimizer(optimizer, leaves, pair.name)
+    scheduler = pair.torch_scheduler(optimizer) if pair.torch_scheduler else None
+    if start is not None:
+        load_torch(optimizer, pair.state_map, treedef, start, scheduler)
+    micro = pair.accumulate
+    out = []
+    for t in range(steps):
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for j in range(micro):
+            loss = problem.torch_loss(treedef.unflatten(leaves), tdata, j) / micro
+            loss.backward()
+            loss_total += float(loss.detach())
+        norm = pair.torch_clip(leaves) if pair.torch_clip else None
+        optimizer.step()
+        if scheduler is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scheduler.step(loss_total) if pair.schedule_takes_loss else scheduler.step()
+        if jitter is not None:
+            _jitter(leaves, optimizer, *jitter)
+        step = {"params": treedef.unflatten([p.detach().cpu().numpy().copy() for p in leaves]),
+                "state": torch_to_neutral(optimizer, pair.state_map, treedef, start_step + t + 1, scheduler)}
+        if pair.optax_schedule is not None:
+            step["lr"] = np.asarray(lr)
+        if norm is not None:
+            step["grad_norm"] = np.asarray(float(norm))
+        out.append(step)
+    return out
+
+
+def _jitter(leaves: Sequence[Any], optimizer: Any, rng: np.random.Generator, rel: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        tensors = list(leaves) + [v for p in leaves for k, v in optimizer.state.get(p, {}).items()
+                                  if k != "step" and torch.is_tensor(v) and v.is_floating_point()]
+        for t in tensors:
+            t.mul_(torch.from_numpy(np.asarray(1 + rel * rng.uniform(-1, 1, tuple(t.shape)))).to(t.dtype))
+
+
+def _check_torch_optimizer(optimizer: Any, leaves: Sequence[Any], name: str) -> None:
+    torch_param_groups_ok(optimizer)
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(held) != len(leaves) or any(a is not b for a, b in zip(held, leaves)):
+        raise ValueError(f"pair {name!r}: its torch optimizer holds {len(held)} parameters, not the {len(leaves)} "
+                         "leaves it was given, in tree order: build it from the list it receives")
+
+
+def _to_torch(tree: Any, dev: Any) -> Any:
+    import torch
+
+    if isinstance(tree, dict):
+        return {k: _to_torch(v, dev) for k, v in tree.items()}
+    return torch.tensor(np.array(tree), device=dev)
+
+
+# ---- jax --------------------------------------------------------------------------------
+
+_POOL: list[ThreadPoolExecutor] = []
+_PROGRAMS: dict[Any, Future] = {}
+_LOCK = threading.Lock()
+
+
+def _wide(dtype: str) -> bool:
+    return dtype == "float64"
+
+
+def _program(pair: Any, problem: Any, length: int) -> Callable[..., Any]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    tx = optax.with_extra_args_support(pair.optax_transform())
+    loss = problem.jax_loss
+    micro, sched = pair.accumulate, pair.optax_schedule
+
+    def trajectory(params0: Any, data: Any, state0: Any, offset: Any) -> Any:
+        def body(carry: Any, i: Any) -> Any:
+            p, s = carry
+            vals, grads = zip(*[jax.value_and_grad(loss)(p, data, j) for j in range(micro)])
+            value = sum(vals) / micro
+            for g in grads:  # optax.MultiSteps emits zero updates until the last micro-batch
+                u, s = tx.update(g, s, p, value=value)
+                p = optax.apply_updates(p, u)
+            out = {"params": p, "state": s}
+            if sched is not None:
+                out["lr"] = jnp.asarray(sched(i + offset))
+            if pair.torch_clip is not None:
+                mean = jax.tree.map(lambda *gs: sum(gs) / micro, *grads)
+                out["grad_norm"] = optax.global_norm(mean)
+            return (p, s), out
+
+        return jax.lax.scan(body, (params0, state0), jnp.arange(length))[1]
+
+    return trajectory
+
+
+def _compile(key: Any, pair: Any, problem: Any, length: int, params0: Any, data: Any, dtype: str) -> Any:
+    import jax
+
+    from equivcheck.backends.jax import x64
+
+    with x64(_wide(dtype)):  # jax config contexts are per thread
+        state0 = pair.optax_transform().init(_as_jax(params0))
+        return jax.jit(_program(pair, problem, length)).lower(_as_jax(params0), _as_jax(data), state0, 0).compile()
+
+
+def compiled(pair: Any, problem: Any, length: int, params0: Any, data: Any, dtype: str, *, background: bool = False) -> Any:
+    """The compiled trajectory program for these shapes, compiling it (here, or on the
+    background thread when `background`) unless it is compiled or compiling already."""
+    shapes = _shapes(params0), _shapes(data)
+    key = (id(pair), pair.name, problem.name, length, dtype, repr(shapes))
+    with _LOCK:
+        fut = _PROGRAMS.get(key)
+        if fut is None:
+            if background:
+                if not _POOL:
+                    _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="equivcheck-optim-precompile"))
+                fut = _POOL[0].submit(_compile, key, pair, problem, length, params0, data, dtype)
+            else:
+                fut = Future()
+                try:
+                    fut.set_result(_compile(key, pair, problem, length, params0, data, dtype))
+                except Exception as exc:
+                    fut.set_exception(exc)
+            _PROGRAMS[key] = fut
+            # a pair object lives as long as its table; keep the cache from holding every planted variant
+            if len(_PROGRAMS) > 512:
+                _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    return fut if background else fut.result()
+
+
+def _shapes(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _shapes(v) for k, v in sorted(tree.items())}
+    a = np.asarray(tree)
+    return (a.shape, str(a.dtype))
+
+
+def _as_jax(tree: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def run_jax(pair: Any, problem: Any, length: int, params0: Any, data: Any, steps: int, *, dtype: str,
+            device: str = "cpu", start: dict[str, Any] | None = None, start_step: int = 0) -> list[dict[str, Any]]:
+    import jax
+
+    from equivcheck.backends.jax import device_of, x64
+
+    program = compiled(pair, problem, length, params0, data, dtype)
+    with x64(_wide(dtype)):
+        dev = device_of(device)
+        p0 = jax.device_put(_as_jax(params0), dev)
+        state0 = pair.optax_transform().init(p0)
+        if start is not None:
+            state0 = neutral_to_optax(state0, pair.state_map, start)
+        out = program(p0, jax.device_put(_as_jax(data), dev), state0, start_step)
+        host = jax.tree.map(np.asarray, out)
+    steps_out = []
+    for t in range(min(steps, length)):
+        at = jax.tree.map(lambda x: x[t], host)
+        step = {"params": at["params"], "state": optax_to_neutral(at["state"], pair.state_map, start_step + t + 1)}
+        for k in ("lr", "grad_norm"):
+            if k in at:
+                step[k] = np.asarray(at[k], np.float64)  # torch reports Python floats
+        steps_out.append(step)
+    return steps_out
