@@ -132,12 +132,25 @@ def map_nadam(hp: Mapping[str, Any], lr: Any = None) -> Mapped:
     if math.isinf(md):
         core = ("optax.scale_by_adam(nesterov=True)",
                 optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=0.0, nesterov=True))
-        smap = ADAM_STATE
+        # torch still keeps mu_product = b1**t (by float32 multiplications); optax needs none
+        smap = StateMap(ADAM_STATE.fields + (StateField("mu_product", "", scalar=True, derive=_float32_power(b1)),))
     else:
         core = ("equivcheck scale_by_nadam_torch (optax.nadam has no momentum_decay schedule)",
                 ot.scale_by_nadam_torch(b1, b2, eps, md))
         smap = StateMap(ADAM_STATE.fields + (StateField("mu_product", "mu_product", scalar=True),))
     return _adam_like("NAdam", hp, lr, hp["decoupled_weight_decay"], core, smap)
+
+
+def _float32_power(base: float) -> Callable[[int], float]:
+    def power(t: int) -> float:
+        import numpy as np
+
+        prod, b = np.float32(1.0), np.float32(base)
+        for _ in range(t):
+            prod = np.float32(prod * b)
+        return float(prod)
+
+    return power
 
 
 def map_radam(hp: Mapping[str, Any], lr: Any = None) -> Mapped:

@@ -20,15 +20,18 @@ class StateField:
     """One entry of torch's per-parameter state and where optax keeps it.
 
     torch      key in `optimizer.state[p]` ("exp_avg")
-    optax      field of a NamedTuple inside the optax state ("mu")
+    optax      field of a NamedTuple inside the optax state ("mu"); "" with `derive`, for
+               what torch keeps and optax computes from the step (NAdam's mu_product
+               when optax.nadam matches it)
     scale      optax value = scale * torch value (RMSprop momentum: optax traces -lr * buf)
     scalar     torch keeps one scalar per parameter, optax one for the whole tree (mu_product)
     """
 
     torch: str
-    optax: str
+    optax: str  # "" for a value optax does not keep: `derive(step)` gives it
     scale: float = 1.0
     scalar: bool = False
+    derive: Callable[[int], Any] | None = None
 
 
 # NamedTuple fields that count optimizer steps in optax states.
@@ -104,6 +107,7 @@ def load_torch(optimizer: Any, smap: StateMap, treedef: Any, neutral: Mapping[st
     if scheduler is not None:
         if smap.sched is not None and "sched" in neutral:
             smap.sched.load_torch(scheduler, neutral["sched"])
+            scheduler.last_epoch = step
         else:
             _advance(scheduler, step)
 
@@ -145,9 +149,12 @@ def optax_to_neutral(opt_state: Any, smap: StateMap, step: int) -> dict[str, Any
     import jax
 
     tuples = _named(opt_state)
-    counts = [getattr(nt, c) for nt in tuples for c in COUNT_FIELDS if c in nt._fields]
+    counts = [getattr(nt, c) for nt in tuples for c in COUNT_FIELDS if c in nt._fields and not _plateau(nt)]
     out: dict[str, Any] = {"step": np.asarray(float(np.asarray(counts[0]) if counts else step))}
     for f in smap.fields:
+        if f.derive is not None:
+            out[f.torch] = np.asarray(f.derive(int(out["step"])), np.float64)
+            continue
         value = getattr(_owner(tuples, f.optax), f.optax)
         out[f.torch] = jax.tree.map(lambda x: np.asarray(x) / f.scale if f.scale != 1.0 else np.asarray(x), value)
         if f.scalar:
@@ -155,6 +162,11 @@ def optax_to_neutral(opt_state: Any, smap: StateMap, step: int) -> dict[str, Any
     if smap.sched is not None:
         out["sched"] = smap.sched.optax_to_neutral(tuples)
     return out
+
+
+def _plateau(nt: Any) -> bool:
+    """optax's ReduceLROnPlateauState has a `count` of loss values averaged, not of steps."""
+    return "plateau_count" in nt._fields
 
 
 def _owner(tuples: Sequence[Any], field: str) -> Any:
@@ -178,7 +190,7 @@ def neutral_to_optax(template: Any, smap: StateMap, neutral: Mapping[str, Any]) 
         changes: dict[str, Any] = {}
         for name in nt._fields:
             old = getattr(nt, name)
-            if name in COUNT_FIELDS:
+            if name in COUNT_FIELDS and not _plateau(nt):
                 changes[name] = jnp.asarray(step, jnp.asarray(old).dtype)
             elif name in by_field and name not in seen:
                 f = by_field[name]
