@@ -182,8 +182,9 @@ def optimizer_pair(name: str, torch_optimizer: str | type, *, schedule: Schedule
         parts += list(sched.parts)
     tx = optax.chain(*pieces) if len(pieces) > 1 else pieces[0]
     if accumulate > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulate, use_grad_mean=True).gradient_transformation()
-        parts.append(f"optax.MultiSteps(every_k_schedule={accumulate}, use_grad_mean=True)")
+        tx = ot.multi_steps(tx, accumulate)
+        parts.append(f"optax.MultiSteps(every_k_schedule={accumulate}, use_grad_mean=True, accumulator_dtype=the "
+                     "parameters')")
     clip = None
     if clip_norm is not None:
         clip = lambda ps: torch.nn.utils.clip_grad_norm_(ps, clip_norm)  # noqa: E731

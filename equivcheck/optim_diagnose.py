@@ -21,6 +21,7 @@ from equivcheck.optim_state import torch_to_neutral
 from equivcheck.tolerance import Tolerance, lookup
 
 LARGE_STEP = 10**6
+FLOAT32_LEVEL = 64 * 2.0**-23  # relative error per step that float32 arithmetic can leave
 
 MEANING = {
     "weight_decay": "weight decay is applied differently: coupled L2 added to the gradient (torch's Adam, SGD, "
@@ -39,11 +40,16 @@ MEANING = {
 def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: Tolerance) -> tuple[str | None, str]:
     if out.side_error:
         return out.side_error, "a side raised: see the message"
-    path = out.verdict.worst.path if out.verdict is not None and out.verdict.worst is not None else ""
+    worst = out.verdict.worst if out.verdict is not None else None
+    path = worst.path if worst is not None else ""
     if ex.check == "schedule" or path.startswith("out['lr']"):
         shifted = _shift(pair, dtype, base)
-        if shifted:
-            return None, shifted
+        if shifted or ex.check == "schedule":
+            return None, shifted or "the learning-rate schedules differ"
+    if dtype == "float64" and worst is not None and 0 < worst.max_rel <= FLOAT32_LEVEL * out.step:
+        return None, (f"the gap is at float32's level (max relative error {worst.max_rel:.2g} after {out.step} "
+                      "steps): one side likely computes part of the step in float32 in this float64 run (an "
+                      "accumulator, a schedule at an int32 count, a constant)")
     if dtype != "float64":
         verdict = _rounding(pair, ex, out, run)
         if verdict:
@@ -102,6 +108,8 @@ def _shift(pair: Any, dtype: str, base: Tolerance) -> str:
     except Exception:
         return ""
     t_arr, j_arr = np.asarray(t), np.asarray(j)
+    if not len(t_arr):
+        return ""
     same = lambda a, b: bool(np.all(np.abs(a - b) <= base.atol + base.rtol * np.maximum(abs(a), abs(b))))  # noqa: E731
     if same(t_arr, j_arr):
         return ""
@@ -112,7 +120,7 @@ def _shift(pair: Any, dtype: str, base: Tolerance) -> str:
         return ("schedule shifted by one step: torch's lr at update t is optax's at update t+1 - torch calls "
                 "scheduler.step() before optimizer.step() (update t must use the lr after t-1 scheduler steps, "
                 "optax's schedule(t - 1))")
-    return "the learning-rate schedules differ (not by a shift of one step)"
+    return "the learning-rate schedules differ, and not by a shift of one step"
 
 
 def _rounding(pair: Any, ex: Example, out: Outcome, run: Any) -> tuple[str | None, str] | None:
@@ -145,15 +153,16 @@ def explained_by_rounding(pair: Any, ex: Example, out: Outcome, dtype: str, run:
     dtype's rounding alone explains.
 
     Some trajectories amplify rounding: an MLP gradient that cancels to noise (a true 1e-18
-    computed as +-1e-9) becomes an O(1) step once RMSprop or Adam divides it by its own root
-    mean square; NAdam near the optimum of the quadratic, once v has decayed, oscillates
-    with a gain lr*a/sqrt(v) > 2 and grows every ulp it is given. Rounding acts at every
-    step, so we run torch in float64 from the start of the compared stretch (the initial
-    point, or the state that moved) on SAMPLES copies that round like the tested dtype:
-    inputs, parameters and optimizer state multiplied by 1 + ULPS * eps * U(-1, 1) after
-    every step. If both float32 sides, and JAX in float64, lie within SAFETY x that spread
-    (plus the bound for n steps) of the float64 result, no side is wrong. A wrong formula
-    shows at the first steps, where the spread is a few ulps, and still fails.
+    computed as +-1e-9, or 1 - tanh**2 near saturation) becomes an O(1) step once RMSprop or
+    Adam divides it by its own root mean square; NAdam near the optimum of the quadratic,
+    once v has decayed, oscillates with a gain lr*a/sqrt(v) > 2 and grows every ulp it is
+    given. Rounding acts at every step, so we run torch in float64 from the start of the
+    compared stretch (the initial point, or the state that moved) on SAMPLES copies that
+    round like the tested dtype (equivcheck.optim_sides.run_torch's jitter: each gradient
+    moved by up to twice its own rounding error at that dtype, parameters and state by ULPS
+    ulps after every step). If both float32 sides, and JAX in float64, lie within SAFETY x
+    that spread (plus the bound for n steps) of the float64 result, no side is wrong. A
+    wrong formula shows at the first steps, where the spread is a few ulps, and still fails.
     """
     from equivcheck.conditioning import SAFETY, SAMPLES, ULPS, _eps
     from equivcheck.optim_runner import _PROBLEM_OF, trajectory_tolerance
@@ -176,7 +185,7 @@ def explained_by_rounding(pair: Any, ex: Example, out: Outcome, dtype: str, run:
         spread = [np.zeros_like(x) for x in exact]
         for _ in range(SAMPLES):
             s = None if state is None else {**state, **{f.torch: nudge(state[f.torch]) for f in pair.state_map.fields}}
-            moved = at_n(nudge(params), nudge(data), s, (rng, rel))
+            moved = at_n(nudge(params), nudge(data), s, (rng, rel, dtype))
             spread = [np.maximum(a, np.abs(m - e)) for a, m, e in zip(spread, moved, exact)]
         length = 1 if ex.check == "step" else MAX_STEPS
         jax64 = _leaves(run_jax(pair, problem, length, params, data, n, dtype="float64", start=state,

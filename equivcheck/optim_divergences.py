@@ -113,9 +113,17 @@ NAIVE_PORTS: list[NaivePort] = [
     NaivePort("naive_clip_norm", "clip_grad_norm_(params, 1.0)", "optax.clip_by_global_norm(1.0)",
               "torch scales by max_norm / (norm + 1e-6), optax by max_norm / norm: a relative 1e-6 / norm, beyond "
               "float64's tolerance only", "equivcheck clip_by_global_norm_torch", "see the report",
-              lambda: optimizer_pair("naive_clip_norm", "SGD", lr=0.05, clip_norm=1.0, checks=("step",))
-              .replace(optax_transform=lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05)),
+              lambda: optimizer_pair("naive_clip_norm", "SGD", lr=1.0, clip_norm=1.0, checks=("step",))
+              .replace(optax_transform=lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)),
                        rebuild=None, parts=("naive: optax.clip_by_global_norm",)),
+              dtypes=("float64",)),
+    NaivePort("naive_multisteps", "loss / 4; backward per micro-batch; step every 4", "optax.MultiSteps(adam, 4)",
+              "MultiSteps accumulates in float32 (accumulator_dtype=jnp.float32 by default) also for float64 "
+              "parameters", "optax.MultiSteps(..., accumulator_dtype=params' dtype) (equivcheck multi_steps)",
+              "see the report",
+              lambda: optimizer_pair("naive_multisteps", "Adam", lr=1e-2, accumulate=4, checks=("step",))
+              .replace(optax_transform=lambda: optax.MultiSteps(optax.adam(1e-2), 4).gradient_transformation(),
+                       rebuild=None, parts=("naive: optax.MultiSteps defaults",)),
               dtypes=("float64",)),
     NaivePort("naive_cosine_past_tmax", "CosineAnnealingLR(T_max=40)", "optax.cosine_decay_schedule(lr, 40)",
               "past T_max torch's cosine rises again (period 2*T_max), optax's stays at its floor",
@@ -142,9 +150,9 @@ NAIVE_PORTS: list[NaivePort] = [
 
 
 def _plateau_naive() -> OptimizerPair:
-    spec = Schedule("ReduceLROnPlateau", patience=2, factor=0.5, threshold=1e-2)
+    spec = Schedule("ReduceLROnPlateau", patience=2, factor=0.5, threshold=0.1)
     good = optimizer_pair("naive_plateau", "SGD", lr=0.05, schedule=spec, checks=("quadratic",))
-    tx = optax.chain(optax.sgd(0.05), optax.contrib.reduce_on_plateau(patience=2, factor=0.5, rtol=1e-2))
+    tx = optax.chain(optax.sgd(0.05), optax.contrib.reduce_on_plateau(patience=2, factor=0.5, rtol=0.1))
     return good.replace(optax_transform=lambda: tx, rebuild=None, parts=("naive: optax.contrib.reduce_on_plateau",))
 
 

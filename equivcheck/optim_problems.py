@@ -33,9 +33,10 @@ UNIT = Floats(-1.0, 1.0, tiny=False, special=(0.0,), min_magnitude=MIN_MAGNITUDE
 
 
 def _tree_shapes(rng: np.random.Generator) -> dict[str, Any]:
-    """A nested dict of 1-4 leaves of rank 0-3: several leaves, mixed shapes."""
+    """A nested dict of 1-4 leaves of rank 0-2, sides 1-4: several leaves, mixed shapes, and
+    few elements (Hypothesis draws each one)."""
     n = int(rng.integers(1, 5))
-    leaves = {f"p{i}": tuple(int(s) for s in rng.integers(1, 5, size=int(rng.integers(0, 4)))) for i in range(n)}
+    leaves = {f"p{i}": tuple(int(s) for s in rng.integers(1, 5, size=int(rng.integers(0, 3)))) for i in range(n)}
     if n > 2:  # some nesting, so paths and tree order are exercised
         return {"inner": {k: leaves[k] for k in list(leaves)[:2]}, **{k: leaves[k] for k in list(leaves)[2:]}}
     return leaves

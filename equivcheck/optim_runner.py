@@ -200,8 +200,10 @@ def lr_sequences(pair: Any, steps: int, dtype: str) -> tuple[list[float], list[f
             lrs.append(float(optimizer.param_groups[0]["lr"]))
             optimizer.step()
             scheduler.step()
-    with x64(dtype == "float64"):
-        ours = np.asarray(pair.optax_schedule(jnp.arange(steps)), np.float64)
+    import jax
+
+    with x64(dtype == "float64"):  # one count at a time: a schedule need not broadcast over counts
+        ours = np.asarray(jax.vmap(pair.optax_schedule)(jnp.arange(steps)), np.float64)
     return lrs, [float(x) for x in np.broadcast_to(ours, (steps,))]
 
 

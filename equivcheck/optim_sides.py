@@ -46,10 +46,12 @@ def torch_param_groups_ok(optimizer: Any) -> None:
 
 def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, dtype: str, device: str = "cpu",
               start: dict[str, Any] | None = None, start_step: int = 0,
-              jitter: tuple[np.random.Generator, float] | None = None) -> list[dict[str, Any]]:
-    """The torch trajectory. `jitter=(rng, rel)` multiplies the parameters and the optimizer
-    state by 1 + rel * U(-1, 1) after every step: a float64 run that rounds like a lower
-    precision would (the conditioning test, equivcheck.optim_diagnose)."""
+              jitter: tuple[np.random.Generator, float, str] | None = None) -> list[dict[str, Any]]:
+    """The torch trajectory. `jitter=(rng, rel, low)` makes a float64 run round like the
+    dtype `low` (the conditioning test, equivcheck.optim_diagnose): every gradient moves by
+    U(-2, 2) times its own rounding error at `low` (the gradient computed at `low` minus the
+    float64 one: cancellation in a backward pass is not relative to the result), and after
+    every step the parameters and the optimizer state are multiplied by 1 + rel * U(-1, 1)."""
     import torch
 
     from equivcheck.backends.torch import device_of
@@ -73,6 +75,8 @@ def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, d
             loss = problem.torch_loss(treedef.unflatten(leaves), tdata, j) / micro
             loss.backward()
             loss_total += float(loss.detach())
+        if jitter is not None:
+            _jitter_grads(problem, treedef, leaves, data, micro, *jitter)
         norm = pair.torch_clip(leaves) if pair.torch_clip else None
         optimizer.step()
         if scheduler is not None:
@@ -80,7 +84,7 @@ def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, d
                 warnings.simplefilter("ignore")
                 scheduler.step(loss_total) if pair.schedule_takes_loss else scheduler.step()
         if jitter is not None:
-            _jitter(leaves, optimizer, *jitter)
+            _jitter(leaves, optimizer, *jitter[:2])
         step = {"params": treedef.unflatten([p.detach().cpu().numpy().copy() for p in leaves]),
                 "state": torch_to_neutral(optimizer, pair.state_map, treedef, start_step + t + 1, scheduler)}
         if pair.optax_schedule is not None:
@@ -89,6 +93,47 @@ def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, d
             step["grad_norm"] = np.asarray(float(norm))
         out.append(step)
     return out
+
+
+def _jitter_grads(problem: Any, treedef: Any, leaves: Sequence[Any], data: Any, micro: int, rng: np.random.Generator,
+                  rel: float, low: str) -> None:
+    import torch
+
+    from equivcheck.backends.torch import _TORCH_DTYPES
+
+    dt = _TORCH_DTYPES[low]
+    lows = [p.detach().to(dt).requires_grad_() for p in leaves]
+    ldata = _to_torch(data, leaves[0].device)
+    ldata = _map_tensors(ldata, lambda t: t.to(dt))
+    for j in range(micro):
+        (problem.torch_loss(treedef.unflatten(lows), ldata, j) / micro).backward()
+    # JAX's own rounding counts too: XLA's float32 tanh is off by up to 4.2 ulp (torch's
+    # by 0.56), so 1 - tanh**2 near saturation carries 7x torch's relative error.
+    theirs = jax_grads(problem, micro, treedef.unflatten([q.detach().cpu().numpy() for q in lows]),
+                       _map_tensors(ldata, lambda t: t.cpu().numpy()))
+    with torch.no_grad():
+        for p, q, g in zip(leaves, lows, theirs):
+            err = torch.maximum((q.grad.to(p.dtype) - p.grad).abs(), (torch.from_numpy(np.array(g)).to(p.dtype) - p.grad).abs())
+            p.grad.add_(err * torch.from_numpy(np.asarray(rng.uniform(-2, 2, tuple(p.shape)))).to(p.dtype))
+
+
+_GRADS: dict[Any, Any] = {}
+
+
+def jax_grads(problem: Any, micro: int, params: Any, data: Any) -> list[np.ndarray]:
+    """JAX's gradient of the problem's loss (mean over micro-batches), leaves in tree order."""
+    import jax
+
+    key = (problem.name, micro)
+    if key not in _GRADS:
+        _GRADS[key] = jax.jit(jax.grad(lambda p, d: sum(problem.jax_loss(p, d, j) for j in range(micro)) / micro))
+    return [np.asarray(g) for g in jax.tree.leaves(_GRADS[key](_as_jax(params), _as_jax(data)))]
+
+
+def _map_tensors(tree: Any, fn: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    return fn(tree)
 
 
 def _jitter(leaves: Sequence[Any], optimizer: Any, rng: np.random.Generator, rel: float) -> None:
@@ -148,9 +193,9 @@ def _program(pair: Any, problem: Any, length: int) -> Callable[..., Any]:
             out = {"params": p, "state": s}
             if sched is not None:
                 out["lr"] = jnp.asarray(sched(i + offset))
-            if pair.torch_clip is not None:
+            if pair.clip_reports_norm:
                 mean = jax.tree.map(lambda *gs: sum(gs) / micro, *grads)
-                out["grad_norm"] = optax.global_norm(mean)
+                out["grad_norm"] = optax.tree.norm(mean)
             return (p, s), out
 
         return jax.lax.scan(body, (params0, state0), jnp.arange(length))[1]

@@ -189,7 +189,7 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
         return optax.EmptyState()
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        norm = optax.global_norm(updates)
+        norm = optax.tree.norm(updates)
         coef = jnp.minimum(max_norm / (norm + TORCH_CLIP_EPS), 1.0)
         return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
 
@@ -217,5 +217,29 @@ def lag_one_step(inner: optax.GradientTransformationExtraArgs) -> optax.Gradient
         _, new_inner = inner.update(updates, state.inner, params, **extra)
         scaled = jax.tree.map(lambda g: (state.scale * g).astype(g.dtype), updates)
         return scaled, LaggedState(new_inner.scale, new_inner)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def multi_steps(inner: optax.GradientTransformation, every_k: int) -> optax.GradientTransformationExtraArgs:
+    """optax.MultiSteps (gradient accumulation, mean over every_k micro-batches) with its
+    accumulator in the parameters' dtype.
+
+    MultiSteps' accumulator_dtype defaults to float32, also for float64 parameters: the
+    accumulated gradient of a float64 run is rounded to float32 (measured: a float64
+    one-step check fails). The dtype is only known from the parameters, so the wrapper
+    builds MultiSteps for them.
+    """
+
+    def make(tree: Any) -> optax.MultiSteps:
+        leaves = jax.tree.leaves(tree)
+        dtype = leaves[0].dtype if leaves else jnp.float32
+        return optax.MultiSteps(inner, every_k_schedule=every_k, use_grad_mean=True, accumulator_dtype=dtype)
+
+    def init(params: Any) -> Any:
+        return make(params).init(params)
+
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
+        return make(updates).update(updates, state, params, **extra)
 
     return optax.GradientTransformationExtraArgs(init, update)

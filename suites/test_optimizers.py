@@ -59,11 +59,12 @@ SCHEDULES = [
     optimizer_pair("onecycle", "SGD", lr=0.05, schedule=S("OneCycleLR", max_lr=0.1, total_steps=100, pct_start=0.3,
                                                          cycle_momentum=False), checks=TRAJECTORY),
     optimizer_pair("plateau", "SGD", lr=0.05, momentum=0.9, checks=("quadratic", "mlp"),
-                   schedule=S("ReduceLROnPlateau", patience=2, factor=0.5, threshold=1e-2, cooldown=1)),
+                   schedule=S("ReduceLROnPlateau", patience=2, factor=0.5, threshold=0.1, cooldown=1)),
 ]
 
 GRADIENTS = [
-    optimizer_pair("clip_norm", "SGD", lr=0.05, momentum=0.9, clip_norm=1.0),
+    # lr 1: clip_grad_norm_'s +1e-6 changes the step by 1e-6/norm relative, above float64's bound only at this lr
+    optimizer_pair("clip_norm", "SGD", lr=1.0, clip_norm=1.0),
     optimizer_pair("clip_value", "Adam", lr=1e-2, clip_value=0.5),
     optimizer_pair("accumulate4", "Adam", lr=1e-2, accumulate=4, clip_norm=1.0, checks=("step", "mlp")),
 ]
