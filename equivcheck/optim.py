@@ -237,8 +237,11 @@ def optax_state_from_torch(pair: OptimizerPair, optimizer: Any, params: Any, *, 
     (its leaves in tree order are the optimizer's parameters). `step` is needed only for
     optimizers that keep no count of their own (SGD without a scheduler)."""
     treedef = _leaves_match(pair, optimizer, params)
+    import jax
+    import jax.numpy as jnp
+
     neutral = torch_to_neutral(optimizer, pair.state_map, treedef, step or 0, scheduler)
-    return neutral_to_optax(pair.optax_transform().init(params), pair.state_map, neutral)
+    return jax.tree.map(jnp.asarray, neutral_to_optax(pair.optax_transform().init(params), pair.state_map, neutral))
 
 
 def load_torch_state(pair: OptimizerPair, opt_state: Any, optimizer: Any, params: Any, *, step: int | None = None,

@@ -200,11 +200,16 @@ def lr_sequences(pair: Any, steps: int, dtype: str) -> tuple[list[float], list[f
             lrs.append(float(optimizer.param_groups[0]["lr"]))
             optimizer.step()
             scheduler.step()
-    import jax
+    key = (id(pair), pair.name, dtype)
+    if key not in _LRS:
+        import jax
 
-    with x64(dtype == "float64"):  # one count at a time: a schedule need not broadcast over counts
-        ours = np.asarray(jax.vmap(pair.optax_schedule)(jnp.arange(steps)), np.float64)
-    return lrs, [float(x) for x in np.broadcast_to(ours, (steps,))]
+        with x64(dtype == "float64"):  # one count at a time: a schedule need not broadcast over counts
+            _LRS[key] = np.asarray(jax.jit(jax.vmap(pair.optax_schedule))(jnp.arange(MAX_STEPS)), np.float64)
+    return lrs, [float(x) for x in _LRS[key][:steps]]
+
+
+_LRS: dict[Any, np.ndarray] = {}  # the optax schedule's first MAX_STEPS values, per pair and dtype
 
 
 def _schedule(pair: Any, ex: Example, dtype: str, base: Tolerance) -> Outcome:

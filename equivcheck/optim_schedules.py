@@ -156,11 +156,9 @@ class PlateauState:
                 "cooldown_counter": np.asarray(float(inner.cooldown_count)), "scale": np.asarray(float(inner.scale))}
 
     def optax_fields(self, nt: Any, n: Mapping[str, Any] | None, step: int) -> dict[str, Any]:
-        import jax.numpy as jnp
-
         if n is None:
             return {}
-        cast = lambda old, v: jnp.asarray(v, jnp.asarray(old).dtype)  # noqa: E731
+        cast = lambda old, v: np.asarray(v, np.asarray(old).dtype)  # noqa: E731
         if "plateau_count" in nt._fields:
             return {"best_value": cast(nt.best_value, n["best"]), "plateau_count": cast(nt.plateau_count, n["num_bad_epochs"]),
                     "cooldown_count": cast(nt.cooldown_count, n["cooldown_counter"]), "scale": cast(nt.scale, n["scale"]),

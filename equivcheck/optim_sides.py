@@ -46,9 +46,10 @@ def torch_param_groups_ok(optimizer: Any) -> None:
 
 def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, dtype: str, device: str = "cpu",
               start: dict[str, Any] | None = None, start_step: int = 0,
-              jitter: tuple[np.random.Generator, float, str] | None = None) -> list[dict[str, Any]]:
+              jitter: tuple[np.random.Generator, float, str | None] | None = None) -> list[dict[str, Any]]:
     """The torch trajectory. `jitter=(rng, rel, low)` makes a float64 run round like the
-    dtype `low` (the conditioning test, equivcheck.optim_diagnose): every gradient moves by
+    dtype `low` (the conditioning test, equivcheck.optim_diagnose; None: float64 itself):
+    every gradient moves by
     U(-2, 2) times its own rounding error at `low` (the gradient computed at `low` minus the
     float64 one: cancellation in a backward pass is not relative to the result), and after
     every step the parameters and the optimizer state are multiplied by 1 + rel * U(-1, 1)."""
@@ -75,7 +76,7 @@ def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, d
             loss = problem.torch_loss(treedef.unflatten(leaves), tdata, j) / micro
             loss.backward()
             loss_total += float(loss.detach())
-        if jitter is not None:
+        if jitter is not None and jitter[2] is not None:
             _jitter_grads(problem, treedef, leaves, data, micro, *jitter)
         norm = pair.torch_clip(leaves) if pair.torch_clip else None
         optimizer.step()
@@ -182,7 +183,10 @@ def _program(pair: Any, problem: Any, length: int) -> Callable[..., Any]:
     loss = problem.jax_loss
     micro, sched = pair.accumulate, pair.optax_schedule
 
-    def trajectory(params0: Any, data: Any, state0: Any, offset: Any) -> Any:
+    def trajectory(params0: Any, data: Any, given: Any, use_given: Any, offset: Any) -> Any:
+        # tx.init inside the program: run eagerly, every init op compiles on its own
+        state0 = jax.tree.map(lambda g, s: jnp.where(use_given, g, s), given, tx.init(params0))
+
         def body(carry: Any, i: Any) -> Any:
             p, s = carry
             vals, grads = zip(*[jax.value_and_grad(loss)(p, data, j) for j in range(micro)])
@@ -209,8 +213,26 @@ def _compile(key: Any, pair: Any, problem: Any, length: int, params0: Any, data:
     from equivcheck.backends.jax import x64
 
     with x64(_wide(dtype)):  # jax config contexts are per thread
-        state0 = pair.optax_transform().init(_as_jax(params0))
-        return jax.jit(_program(pair, problem, length)).lower(_as_jax(params0), _as_jax(data), state0, 0).compile()
+        given = state_template(pair, params0, dtype)
+        return jax.jit(_program(pair, problem, length)).lower(_as_jax(params0), _as_jax(data), given, False,
+                                                              0).compile()
+
+
+_TEMPLATES: dict[Any, Any] = {}
+
+
+def state_template(pair: Any, params0: Any, dtype: str) -> Any:
+    """The optax state's structure for these parameters, as NumPy zeros: traced, never run."""
+    import jax
+
+    from equivcheck.backends.jax import x64
+
+    key = (id(pair), pair.name, dtype, repr(_shapes(params0)))
+    if key not in _TEMPLATES:
+        with x64(_wide(dtype)):
+            shapes = jax.eval_shape(pair.optax_transform().init, _as_jax(params0))
+        _TEMPLATES[key] = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    return _TEMPLATES[key]
 
 
 def compiled(pair: Any, problem: Any, length: int, params0: Any, data: Any, dtype: str, *, background: bool = False) -> Any:
@@ -223,7 +245,7 @@ def compiled(pair: Any, problem: Any, length: int, params0: Any, data: Any, dtyp
         if fut is None:
             if background:
                 if not _POOL:
-                    _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="equivcheck-optim-precompile"))
+                    _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="equivcheck-precompile-optim"))
                 fut = _POOL[0].submit(_compile, key, pair, problem, length, params0, data, dtype)
             else:
                 fut = Future()
@@ -262,10 +284,10 @@ def run_jax(pair: Any, problem: Any, length: int, params0: Any, data: Any, steps
     with x64(_wide(dtype)):
         dev = device_of(device)
         p0 = jax.device_put(_as_jax(params0), dev)
-        state0 = pair.optax_transform().init(p0)
+        given = state_template(pair, params0, dtype)
         if start is not None:
-            state0 = neutral_to_optax(state0, pair.state_map, start)
-        out = program(p0, jax.device_put(_as_jax(data), dev), state0, start_step)
+            given = neutral_to_optax(given, pair.state_map, start)
+        out = program(p0, jax.device_put(_as_jax(data), dev), given, start is not None, start_step)
         host = jax.tree.map(np.asarray, out)
     steps_out = []
     for t in range(min(steps, length)):

@@ -178,9 +178,8 @@ def _owner(tuples: Sequence[Any], field: str) -> Any:
 
 
 def neutral_to_optax(template: Any, smap: StateMap, neutral: Mapping[str, Any]) -> Any:
-    """`template` (tx.init(params)) with the neutral state's values put in place."""
+    """`template` (the structure of tx.init(params)) with the neutral state's values put in place."""
     import jax
-    import jax.numpy as jnp
 
     step = int(np.asarray(neutral["step"]))
     by_field = {f.optax: f for f in smap.fields}
@@ -190,13 +189,14 @@ def neutral_to_optax(template: Any, smap: StateMap, neutral: Mapping[str, Any]) 
         changes: dict[str, Any] = {}
         for name in nt._fields:
             old = getattr(nt, name)
+            # NumPy only: an eager JAX conversion compiles once per shape and dtype
             if name in COUNT_FIELDS and not _plateau(nt):
-                changes[name] = jnp.asarray(step, jnp.asarray(old).dtype)
+                changes[name] = np.asarray(step, np.asarray(old).dtype)
             elif name in by_field and name not in seen:
                 f = by_field[name]
                 seen.add(name)
                 value = neutral[f.torch]
-                changes[name] = jax.tree.map(lambda o, v: jnp.asarray(np.asarray(v) * f.scale, jnp.asarray(o).dtype),
+                changes[name] = jax.tree.map(lambda o, v: np.asarray(np.asarray(v) * f.scale, np.asarray(o).dtype),
                                              old, value)
         if smap.sched is not None:
             changes.update(smap.sched.optax_fields(nt, neutral.get("sched"), step))

@@ -226,9 +226,11 @@ def multi_steps(inner: optax.GradientTransformation, every_k: int) -> optax.Grad
     accumulator in the parameters' dtype.
 
     MultiSteps' accumulator_dtype defaults to float32, also for float64 parameters: the
-    accumulated gradient of a float64 run is rounded to float32 (measured: a float64
-    one-step check fails). The dtype is only known from the parameters, so the wrapper
-    builds MultiSteps for them.
+    accumulated gradient of a float64 run is rounded to float32. Measured on the suite's
+    Adam + clipping + 4 micro-batches at float64: 0.073 of the table's bound with the
+    default, 1.5e-9 with the parameters' dtype (within the bound either way: float64's
+    rtol of 1e-7 is wider than one float32 rounding, so it is not listed as a divergence).
+    The dtype is only known from the parameters, so the wrapper builds MultiSteps for them.
     """
 
     def make(tree: Any) -> optax.MultiSteps:

@@ -63,8 +63,10 @@ SCHEDULES = [
 ]
 
 GRADIENTS = [
-    # lr 1: clip_grad_norm_'s +1e-6 changes the step by 1e-6/norm relative, above float64's bound only at this lr
-    optimizer_pair("clip_norm", "SGD", lr=1.0, clip_norm=1.0),
+    optimizer_pair("clip_norm", "SGD", lr=0.05, momentum=0.9, clip_norm=1.0),
+    # clip_grad_norm_'s +1e-6 moves a step by lr * max_norm * 1e-6 / norm: beyond float64's bound once
+    # lr * max_norm is large against the parameters (else both optax and torch's clipping pass)
+    optimizer_pair("clip_norm_large_step", "SGD", lr=1000.0, clip_norm=0.01, checks=("step",)),
     optimizer_pair("clip_value", "Adam", lr=1e-2, clip_value=0.5),
     optimizer_pair("accumulate4", "Adam", lr=1e-2, accumulate=4, clip_norm=1.0, checks=("step", "mlp")),
 ]
