@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from equivcheck import tolerance  # noqa: E402
-from equivcheck.optim_runner import BUCKETS, _run_check, run_optimizer_pair  # noqa: E402
-from equivcheck.runner import RunSettings  # noqa: E402
+from equivcheck import tolerance
+from equivcheck.optim_runner import BUCKETS, _run_check, run_optimizer_pair
+from equivcheck.runner import RunSettings
 
 
 def margins(pair, dtype, run):
@@ -66,7 +66,8 @@ def main() -> int:
             for dtype in pair.dtypes:
                 for rec in run_optimizer_pair(pair, dtype=dtype, run=run):
                     print(f"{pair.name:24} {dtype:8} {rec.check:10} {rec.outcome:8} max abs err {rec.max_abs_err:.3g} "
-                          f"(max rel {rec.max_rel_err:.3g}) {rec.message.splitlines()[0][:90]}")
+                          f"(max rel {rec.max_rel_err:.3g}) {rec.message.splitlines()[0][:110]}\n"
+                          f"{'':24} diagnosis: {rec.diagnosis}")
         return 0
     header = f"{'pair':28} {'dtype':8} {'check':10} " + " ".join(f"{f'{lo}-{hi}':>8}" for lo, hi in BUCKETS)
     print(header + f" {'vs n*tol':>9} {'slope':>6} {'ill':>4}  seconds")

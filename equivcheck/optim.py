@@ -27,6 +27,7 @@ from typing import Any
 from equivcheck.optim_map import Mapped, Unmatched, map_optimizer, torch_hparams
 from equivcheck.optim_schedules import Schedule, map_schedule
 from equivcheck.optim_state import StateMap, load_torch, neutral_to_optax, optax_to_neutral, torch_to_neutral
+from equivcheck.pairs import Pair
 from equivcheck.tolerance import Tolerance
 
 OPTIM_CHECKS = ("step", "quadratic", "mlp", "schedule")
@@ -58,7 +59,7 @@ class OptimizerPair:
     name: str
     torch_optimizer: Callable[[list[Any]], Any]
     optax_transform: Callable[[], Any]
-    state_map: StateMap = StateMap()
+    state_map: StateMap = dataclasses.field(default_factory=StateMap)
     torch_scheduler: Callable[[Any], Any] | None = None
     optax_schedule: Callable[[Any], Any] | None = None
     schedule_takes_loss: bool = False
@@ -78,7 +79,7 @@ class OptimizerPair:
     all_checks = OPTIM_CHECKS  # what `equiv.check(pair, checks=...)` may select
 
     def __post_init__(self) -> None:
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        set_ = lambda k, v: object.__setattr__(self, k, v)
         set_("checks", tuple(self.checks))
         set_("dtypes", tuple(self.dtypes))
         set_("tags", frozenset(self.tags))
@@ -107,13 +108,8 @@ class OptimizerPair:
     def replace(self, **changes: Any) -> OptimizerPair:
         return dataclasses.replace(self, **changes)
 
-    def tolerance_for(self, dtype: str, check: str) -> Tolerance | None:
-        if isinstance(self.tolerance, Mapping):
-            for key in (f"{dtype}/{check}", dtype, check):
-                if key in self.tolerance:
-                    return self.tolerance[key]
-            return None
-        return self.tolerance
+    # the override for a dtype and check, most specific key first: the same lookup as Pair's
+    tolerance_for = Pair.tolerance_for
 
     def run_checks(self, *, dtype: str, run: Any, known: Any, nodeid: str = "", replay: str = "") -> list[Any]:
         """The `equiv` fixture's entry point (equivcheck.fixture.Equiv.check)."""
@@ -187,9 +183,9 @@ def optimizer_pair(name: str, torch_optimizer: str | type, *, schedule: Schedule
                      "parameters')")
     clip = None
     if clip_norm is not None:
-        clip = lambda ps: torch.nn.utils.clip_grad_norm_(ps, clip_norm)  # noqa: E731
+        clip = lambda ps: torch.nn.utils.clip_grad_norm_(ps, clip_norm)
     elif clip_value is not None:
-        clip = lambda ps: torch.nn.utils.clip_grad_value_(ps, clip_value)  # noqa: E731
+        clip = lambda ps: torch.nn.utils.clip_grad_value_(ps, clip_value)
 
     def rebuild(**changes: Any) -> OptimizerPair:
         return optimizer_pair(name, cls, schedule=schedule, clip_norm=clip_norm, clip_value=clip_value,

@@ -110,7 +110,7 @@ def _shift(pair: Any, dtype: str, base: Tolerance) -> str:
     t_arr, j_arr = np.asarray(t), np.asarray(j)
     if not len(t_arr):
         return ""
-    same = lambda a, b: bool(np.all(np.abs(a - b) <= base.atol + base.rtol * np.maximum(abs(a), abs(b))))  # noqa: E731
+    same = lambda a, b: bool(np.all(np.abs(a - b) <= base.atol + base.rtol * np.maximum(abs(a), abs(b))))
     if same(t_arr, j_arr):
         return ""
     if same(t_arr[1:], j_arr[:-1]):
@@ -178,7 +178,7 @@ def explained_by_rounding(pair: Any, ex: Example, out: Outcome, dtype: str, run:
     state = _cast_state(out.start["state"], pair) if out.start else None
     data = _cast(ex.data)
     rng, rel = np.random.default_rng(seed), ULPS * _eps(dtype)
-    nudge = lambda t: _map(t, lambda a: a * (1 + rel * rng.uniform(-1, 1, a.shape)))  # noqa: E731
+    nudge = lambda t: _map(t, lambda a: a * (1 + rel * rng.uniform(-1, 1, a.shape)))
 
     def at_n(p: Any, d: Any, s: Any, jitter: Any = None) -> list[np.ndarray]:
         return _leaves(run_torch(pair, problem, p, d, n, dtype="float64", start=s, start_step=k, jitter=jitter)[n - 1])

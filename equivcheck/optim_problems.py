@@ -160,7 +160,7 @@ def _quadratic_zeros(shapes: Any, dtype: str, micro: int) -> tuple[Any, Any]:
 
 def _mlp_zeros(dims: tuple[int, int, int, int], dtype: str, micro: int) -> tuple[Any, Any]:
     i, h, o, b = dims
-    z = lambda *s: np.zeros(s, dtype)  # noqa: E731
+    z = lambda *s: np.zeros(s, dtype)
     return {"w1": z(i, h), "b1": z(h), "w2": z(h, o), "b2": z(o)}, {"x": z(micro, b, i), "y": z(micro, b, o)}
 
 

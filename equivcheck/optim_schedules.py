@@ -158,7 +158,7 @@ class PlateauState:
     def optax_fields(self, nt: Any, n: Mapping[str, Any] | None, step: int) -> dict[str, Any]:
         if n is None:
             return {}
-        cast = lambda old, v: np.asarray(v, np.asarray(old).dtype)  # noqa: E731
+        cast = lambda old, v: np.asarray(v, np.asarray(old).dtype)
         if "plateau_count" in nt._fields:
             return {"best_value": cast(nt.best_value, n["best"]), "plateau_count": cast(nt.plateau_count, n["num_bad_epochs"]),
                     "cooldown_count": cast(nt.cooldown_count, n["cooldown_counter"]), "scale": cast(nt.scale, n["scale"]),

@@ -166,7 +166,7 @@ def _to_torch(tree: Any, dev: Any) -> Any:
 # ---- jax --------------------------------------------------------------------------------
 
 _POOL: list[ThreadPoolExecutor] = []
-_PROGRAMS: dict[Any, Future] = {}
+_PROGRAMS: dict[Any, tuple[Any, Future]] = {}
 _LOCK = threading.Lock()
 
 
@@ -227,36 +227,39 @@ def state_template(pair: Any, params0: Any, dtype: str) -> Any:
 
     from equivcheck.backends.jax import x64
 
-    key = (id(pair), pair.name, dtype, repr(_shapes(params0)))
+    key = (id(pair), dtype, repr(_shapes(params0)))
     if key not in _TEMPLATES:
         with x64(_wide(dtype)):
             shapes = jax.eval_shape(pair.optax_transform().init, _as_jax(params0))
-        _TEMPLATES[key] = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
-    return _TEMPLATES[key]
+        _TEMPLATES[key] = (pair, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
+    return _TEMPLATES[key][1]
 
 
 def compiled(pair: Any, problem: Any, length: int, params0: Any, data: Any, dtype: str, *, background: bool = False) -> Any:
     """The compiled trajectory program for these shapes, compiling it (here, or on the
     background thread when `background`) unless it is compiled or compiling already."""
     shapes = _shapes(params0), _shapes(data)
-    key = (id(pair), pair.name, problem.name, length, dtype, repr(shapes))
+    # keyed by the pair object's id: each entry holds the pair, so that id is not reused by
+    # another pair (a diagnosis probe, a planted variant) while the entry lives
+    key = (id(pair), problem.name, length, dtype, repr(shapes))
+    mine = None
     with _LOCK:
-        fut = _PROGRAMS.get(key)
+        fut = _PROGRAMS.get(key, (None, None))[1]
         if fut is None:
             if background:
                 if not _POOL:
                     _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="equivcheck-precompile-optim"))
                 fut = _POOL[0].submit(_compile, key, pair, problem, length, params0, data, dtype)
             else:
-                fut = Future()
-                try:
-                    fut.set_result(_compile(key, pair, problem, length, params0, data, dtype))
-                except Exception as exc:
-                    fut.set_exception(exc)
-            _PROGRAMS[key] = fut
-            # a pair object lives as long as its table; keep the cache from holding every planted variant
-            if len(_PROGRAMS) > 512:
+                fut = mine = Future()
+            _PROGRAMS[key] = (pair, fut)
+            if len(_PROGRAMS) > 512:  # bounded: probes and planted variants would pile up
                 _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    if mine is not None:  # compiled here, outside the lock
+        try:
+            mine.set_result(_compile(key, pair, problem, length, params0, data, dtype))
+        except Exception as exc:
+            mine.set_exception(exc)
     return fut if background else fut.result()
 
 
@@ -291,7 +294,7 @@ def run_jax(pair: Any, problem: Any, length: int, params0: Any, data: Any, steps
         host = jax.tree.map(np.asarray, out)
     steps_out = []
     for t in range(min(steps, length)):
-        at = jax.tree.map(lambda x: x[t], host)
+        at = jax.tree.map(lambda x, t=t: x[t], host)
         step = {"params": at["params"], "state": optax_to_neutral(at["state"], pair.state_map, start_step + t + 1)}
         for k in ("lr", "grad_norm"):
             if k in at:

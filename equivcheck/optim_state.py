@@ -156,7 +156,7 @@ def optax_to_neutral(opt_state: Any, smap: StateMap, step: int) -> dict[str, Any
             out[f.torch] = np.asarray(f.derive(int(out["step"])), np.float64)
             continue
         value = getattr(_owner(tuples, f.optax), f.optax)
-        out[f.torch] = jax.tree.map(lambda x: np.asarray(x) / f.scale if f.scale != 1.0 else np.asarray(x), value)
+        out[f.torch] = jax.tree.map(lambda x, k=f.scale: np.asarray(x) / k if k != 1.0 else np.asarray(x), value)
         if f.scalar:
             out[f.torch] = np.asarray(out[f.torch], np.float64)
     if smap.sched is not None:
@@ -196,7 +196,7 @@ def neutral_to_optax(template: Any, smap: StateMap, neutral: Mapping[str, Any]) 
                 f = by_field[name]
                 seen.add(name)
                 value = neutral[f.torch]
-                changes[name] = jax.tree.map(lambda o, v: np.asarray(np.asarray(v) * f.scale, np.asarray(o).dtype),
+                changes[name] = jax.tree.map(lambda o, v, k=f.scale: np.asarray(np.asarray(v) * k, np.asarray(o).dtype),
                                              old, value)
         if smap.sched is not None:
             changes.update(smap.sched.optax_fields(nt, neutral.get("sched"), step))

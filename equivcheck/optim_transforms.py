@@ -63,7 +63,7 @@ def scale_by_amsgrad_torch(b1: float, b2: float, eps: float) -> optax.GradientTr
     """
 
     def init(params: Any) -> TorchAmsgradState:
-        z = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        z = lambda: jax.tree.map(jnp.zeros_like, params)
         return TorchAmsgradState(jnp.zeros([], jnp.int32), z(), z(), z())
 
     def update(updates: Any, state: TorchAmsgradState, params: Any = None) -> tuple[Any, TorchAmsgradState]:
@@ -102,7 +102,7 @@ def scale_by_nadam_torch(b1: float, b2: float, eps: float, momentum_decay: float
         return b1 * (1.0 - 0.5 * _powf(0.96, t * momentum_decay if momentum_decay != float("inf") else jnp.inf, like))
 
     def init(params: Any) -> TorchNadamState:
-        z = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        z = lambda: jax.tree.map(jnp.zeros_like, params)
         return TorchNadamState(jnp.zeros([], jnp.int32), z(), z(), jnp.ones([], jnp.float32))
 
     def update(updates: Any, state: TorchNadamState, params: Any = None) -> tuple[Any, TorchNadamState]:
@@ -136,7 +136,7 @@ def scale_by_radam_torch(b1: float, b2: float, eps: float) -> optax.GradientTran
     rho_inf = 2 / (1 - b2) - 1
 
     def init(params: Any) -> optax.ScaleByAdamState:
-        z = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        z = lambda: jax.tree.map(jnp.zeros_like, params)
         return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), z(), z())
 
     def update(updates: Any, state: optax.ScaleByAdamState, params: Any = None) -> tuple[Any, Any]:

@@ -10,7 +10,12 @@ import torch
 
 from equivcheck.compare import compare
 from equivcheck.optim import (
-    OptimizerPair, Schedule, Unmatched, load_torch_state, optax_state_from_torch, optimizer_pair,
+    OptimizerPair,
+    Schedule,
+    Unmatched,
+    load_torch_state,
+    optax_state_from_torch,
+    optimizer_pair,
 )
 from equivcheck.optim_divergences import NAIVE_PORTS
 from equivcheck.optim_runner import run_optimizer_pair
@@ -115,7 +120,7 @@ def _torch_run(pair, steps):
 
 @pytest.mark.parametrize("pair", STATEFUL, ids=str)
 def test_optimizer_state_moves_to_optax_and_back_exactly(pair):
-    leaves, optimizer, scheduler = _torch_run(pair, 3)
+    _, optimizer, scheduler = _torch_run(pair, 3)
     treedef = jax.tree.structure(PARAMS)
     before = torch_to_neutral(optimizer, pair.state_map, treedef, 3, scheduler)
     with jax.enable_x64(True):

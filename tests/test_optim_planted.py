@@ -111,7 +111,7 @@ STEP = Schedule("StepLR", step_size=7, gamma=0.5)
 
 def _shifted_optax():
     good = optimizer_pair("steplr_shift_bug", "SGD", lr=0.05, momentum=0.9, schedule=STEP, checks=("schedule",))
-    ahead = lambda count: good.optax_schedule(count + 1)  # noqa: E731 - the schedule one count ahead
+    ahead = lambda count: good.optax_schedule(count + 1)
     tx = map_sgd(good.hparams, ahead).transform
     return good.replace(optax_schedule=ahead, optax_transform=lambda: tx, rebuild=None)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-import equivcheck.backends.jax  # noqa: F401 - torch cannot be imported twice into one process
-import equivcheck.backends.torch  # noqa: F401
-import equivcheck.fixture  # noqa: F401
+import equivcheck.backends.jax
+import equivcheck.backends.torch
+import equivcheck.fixture
 import equivcheck.optim  # noqa: F401
 
 SUITE = """
