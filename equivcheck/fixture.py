@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import shlex
 from collections.abc import Sequence
 from typing import Any
@@ -59,22 +60,28 @@ class Equiv:
         return f"<equiv {self.dtype} on {self.device}>"
 
     def check(self, pair: Pair, *, checks: Sequence[str] | None = None) -> list[CheckRecord]:
-        """Run `pair` (all its checks, or `checks`) and fail, xfail or pass this test."""
+        """Run `pair` (all its checks, or `checks`) and fail, xfail or pass this test.
+
+        Besides a `Pair`, any record with `run_checks(dtype=, run=, known=, nodeid=,
+        replay=)` and `all_checks` runs here the same way (equivcheck.optim.OptimizerPair).
+        """
         __tracebackhide__ = True
-        if not isinstance(pair, Pair):
+        own = not isinstance(pair, Pair) and callable(getattr(pair, "run_checks", None))
+        if not isinstance(pair, Pair) and not own:
             raise TypeError(f"equiv.check takes a Pair, got {type(pair).__name__}")
         if checks is not None:
-            unknown = set(checks) - set(CHECKS)
+            valid = getattr(pair, "all_checks", CHECKS)
+            unknown = set(checks) - set(valid)
             if unknown:
-                raise ValueError(f"unknown checks {sorted(unknown)}; choose from {CHECKS}")
+                raise ValueError(f"unknown checks {sorted(unknown)}; choose from {valid}")
             pair = pair.replace(checks=tuple(c for c in pair.checks if c in checks))
         if self.dtype not in pair.dtypes:
             why = f"{pair.name} declares dtypes {', '.join(pair.dtypes)}; not {self.dtype}"
             self._file([CheckRecord(pair.name, c, self.dtype, self.device, self.run.precision, "skipped",
                                     message=why, nodeid=self._item.nodeid) for c in pair.checks])
             pytest.skip(why)
-        records = run_pair(pair, dtype=self.dtype, run=self.run, known=self.known, nodeid=self.nodeid,
-                           replay=self.replay)
+        runner = pair.run_checks if own else functools.partial(run_pair, pair)
+        records = runner(dtype=self.dtype, run=self.run, known=self.known, nodeid=self.nodeid, replay=self.replay)
         return self.conclude(records)
 
     @property
@@ -95,6 +102,8 @@ class Equiv:
         batches rather than a Pair) for the report, and fail, xfail or pass this test like `check`."""
         __tracebackhide__ = True
         self._file(records)
+        if records and all(r.outcome == "skipped" for r in records):
+            pytest.skip(records[0].message)
         failed = [r for r in records if r.outcome == "failed"]
         if failed:
             pytest.fail("\n\n".join(r.failure_text() for r in failed), pytrace=False)

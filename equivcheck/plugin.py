@@ -188,10 +188,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     from equivcheck.runner import prepare
 
     dtype, device = params["equiv"]
-    pairs = [v for v in params.values() if isinstance(v, Pair)]
+    pairs = [v for v in params.values() if isinstance(v, Pair) or callable(getattr(v, "run_checks", None))]
     if len(pairs) == 1 and dtype in pairs[0].dtypes and device not in state.unavailable:
-        try:
-            prepare(pairs[0], dtype, dataclasses.replace(state.run, device=device))
+        run = dataclasses.replace(state.run, device=device)
+        try:  # an OptimizerPair (or any record with run_checks) compiles its own programs
+            pairs[0].prepare(dtype, run) if not isinstance(pairs[0], Pair) else prepare(pairs[0], dtype, run)
         except Exception:  # a head start only: the test itself reports a broken pair
             pass
 

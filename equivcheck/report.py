@@ -89,11 +89,16 @@ def grid(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     rows: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
     for r in records:
         rows[(r["pair"], r["dtype"], r["device"])][r["check"]] = r
-    header = ["pair", "dtype", "device", *CHECKS]
+    # Checks of other record kinds (optimizer steps, trajectories) get columns of their own,
+    # in order of first appearance; the core's columns show only the ones present then.
+    extra = [c for c in dict.fromkeys(r["check"] for r in records) if c not in CHECKS]
+    present = {r["check"] for r in records}
+    columns = [c for c in CHECKS if not extra or c in present] + extra
+    header = ["pair", "dtype", "device", *columns]
     body = []
     for key in sorted(rows):
         cells = []
-        for check in CHECKS:
+        for check in columns:
             r = rows[key].get(check)
             if r is None:
                 cells.append("-")

@@ -1,0 +1,380 @@
+"""Run an OptimizerPair's checks under Hypothesis; compare every step; file CheckRecords.
+
+Tolerance over a trajectory. A one-step comparison uses the table's bound for the dtype.
+After n steps the bound is n times that (`trajectory_tolerance`): each step adds at most
+one step's rounding difference, and a stable step does not amplify earlier differences.
+The roundings of the two sides are correlated (the same formula in a different operation
+order repeats the same bias every step), so they add linearly rather than as a random walk
+(sqrt(n)): measured (benchmarks/optim_margins.py), the float32 error of Adam-like rows grows
+as n**1.0-1.3 and uses 2-5% of the linear bound after 100 steps. Where a trajectory does
+amplify rounding (NAdam oscillating about the optimum: n**1.8, up to the bound), an example
+past the bound is accepted only if float64 runs that round like the tested dtype spread as
+far (equivcheck.optim_diagnose.explained_by_rounding); the record counts those. Each record
+notes the worst error over the *one-step* bound by step bucket: how much of the linear
+allowance a trajectory actually uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from hypothesis import Phase, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+from hypothesis.errors import Flaky
+
+from equivcheck import tolerance
+from equivcheck.compare import Verdict, compare, flatten, format_args
+from equivcheck.optim_problems import LINEAR, MLP, QUADRATIC, Problem
+from equivcheck.optim_sides import MAX_STEPS, compiled, run_jax, run_torch
+from equivcheck.runner import CheckRecord, RunSettings
+from equivcheck.tolerance import Tolerance
+
+GROWTH = "linear"
+BUCKETS = ((1, 1), (2, 10), (11, 30), (31, MAX_STEPS))
+_PROBLEM_OF = {"step": LINEAR, "quadratic": QUADRATIC, "mlp": MLP}
+
+
+def trajectory_tolerance(base: Tolerance, n: int) -> Tolerance:
+    """The bound after n steps: n times the one-step bound (see the module docstring)."""
+    return base if n <= 1 else base.scaled(n, f"after {n} steps (linear accumulation)")
+
+
+@dataclasses.dataclass
+class Example:
+    check: str
+    params: Any = None
+    data: Any = None
+    steps: int = 1
+    split: int = 0  # mlp: the step after which the state moves to the other framework
+
+    def describe(self) -> str:
+        head = f"{self.steps} step{'s' * (self.steps != 1)}" + (f", state moved after step {self.split}" if self.split else "")
+        if self.params is None:
+            return head
+        parts = [f"{path.replace('out', '', 1)}: {format_args([x]).removeprefix('arg0: ')}"
+                 for path, x in flatten({"params": self.params, "data": self.data})]
+        return f"{head}; " + "; ".join(parts)
+
+
+@dataclasses.dataclass
+class Outcome:
+    ok: bool
+    verdict: Verdict | None = None
+    step: int = 0  # the first step out of tolerance (1-based, counted from the start or the move)
+    where: str = ""  # after a state move: which direction
+    ratios: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (n, error / one-step bound)
+    side_error: str | None = None
+    offset: int = 0  # steps before the compared stretch (after a state move: the step it moved at)
+    torch_at: Any = None  # both sides at the failing step
+    jax_at: Any = None
+    start: Any = None  # after a state move: {"params", "state"} both sides continued from
+
+    @property
+    def global_step(self) -> int:
+        return self.offset + self.step
+
+    @property
+    def model_ratio(self) -> float:
+        return max((r / n for n, r in self.ratios), default=0.0)
+
+
+class _Failed(Exception):
+    def __init__(self, outcome: Outcome, example: Example) -> None:
+        super().__init__(outcome.verdict.message if outcome.verdict else "failed")
+        self.outcome, self.example = outcome, example
+
+
+def compare_steps(torch_steps: list[Any], jax_steps: list[Any], base: Tolerance, where: str = "",
+                  offset: int = 0) -> Outcome:
+    """Compare step by step; stop at the first step outside the bound for its step count.
+
+    All steps of a leaf are compared in one vectorised pass (a 100-step trajectory has
+    thousands of leaf-steps); the first failing step is then compared again in full, for
+    the standard message and worst element.
+    """
+    out = Outcome(True, where=where, offset=offset)
+    if not torch_steps:
+        return out
+    first = compare(torch_steps[0], jax_steps[0], base)
+    if not first.ok and first.kind != "values":
+        first.message = f"step 1{where}: {first.message}"
+        return dataclasses.replace(out, ok=False, verdict=first, step=1, torch_at=torch_steps[0], jax_at=jax_steps[0])
+    n = min(len(torch_steps), len(jax_steps))
+    t_flat = [[x for _, x in flatten(s)] for s in torch_steps[:n]]
+    j_flat = [[x for _, x in flatten(s)] for s in jax_steps[:n]]
+    ratios, nonfinite = np.zeros(n), np.zeros(n, bool)
+    for k in range(len(t_flat[0])):
+        t = np.stack([np.asarray(f[k], np.float64) for f in t_flat]).reshape(n, -1)
+        j = np.stack([np.asarray(f[k], np.float64) for f in j_flat]).reshape(n, -1)
+        if t.shape[1] == 0:
+            continue
+        t_nan, j_nan, t_inf, j_inf = np.isnan(t), np.isnan(j), np.isinf(t), np.isinf(j)
+        nonfinite |= ((t_nan != j_nan) | (t_inf != j_inf) | (t_inf & (t != j))).any(1)
+        ok = ~(t_nan | t_inf | j_nan | j_inf)
+        tf, jf = np.where(ok, t, 0.0), np.where(ok, j, 0.0)
+        err, allowed = np.abs(tf - jf), base.atol + base.rtol * np.maximum(np.abs(tf), np.abs(jf))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(allowed > 0, err / allowed, np.where(err > 0, np.inf, 0.0))
+        ratios = np.maximum(ratios, r.max(1))
+    steps = np.arange(1, n + 1)
+    bad = nonfinite | (ratios > steps)
+    stop = int(np.argmax(bad)) if bad.any() else n
+    out.ratios = [(int(a), float(b)) for a, b in zip(steps[:stop], ratios[:stop])]
+    if stop == n:
+        return out
+    m = stop + 1
+    v = compare(torch_steps[stop], jax_steps[stop], trajectory_tolerance(base, m))
+    v.message = f"step {m}{where}: first step out of tolerance; {v.message}"
+    return dataclasses.replace(out, ok=False, verdict=v, step=m, torch_at=torch_steps[stop], jax_at=jax_steps[stop])
+
+
+def evaluate(pair: Any, ex: Example, dtype: str, run: RunSettings, base: Tolerance,
+             start: dict[str, Any] | None = None) -> Outcome:
+    """One example of one check, both sides, compared."""
+    if ex.check == "schedule":
+        return _schedule(pair, ex, dtype, base)
+    problem = _PROBLEM_OF[ex.check]
+    length = 1 if ex.check == "step" else MAX_STEPS
+    try:
+        t_full = run_torch(pair, problem, ex.params, ex.data, ex.steps, dtype=dtype, device=run.device, start=start)
+    except Exception as exc:
+        return _side_error("torch", exc)
+    try:
+        j_full = run_jax(pair, problem, length, ex.params, ex.data, ex.steps, dtype=dtype, device=run.device,
+                         start=start)
+    except Exception as exc:
+        return _side_error("jax", exc)
+    whole = compare_steps(t_full, j_full, base)
+    if ex.check != "mlp" or not whole.ok or not ex.split:
+        return whole
+    # The same trajectory again, with the optimizer state moved to the other framework
+    # after step k (a checkpoint converted mid-run): training must continue identically.
+    k, rest = ex.split, ex.steps - ex.split
+    at_t, at_j = t_full[k - 1], j_full[k - 1]
+    try:
+        j_cont = run_jax(pair, problem, length, at_t["params"], ex.data, rest, dtype=dtype, device=run.device,
+                         start=at_t["state"], start_step=k)
+    except Exception as exc:
+        return _side_error("jax", exc, f" (continuing from torch's state after step {k})")
+    try:
+        t_cont = run_torch(pair, problem, at_j["params"], ex.data, rest, dtype=dtype, device=run.device,
+                           start=at_j["state"], start_step=k)
+    except Exception as exc:
+        return _side_error("torch", exc, f" (continuing from optax's state after step {k})")
+    moved = [compare_steps(t_full[k:], j_cont, base, f" after the move (torch's state moved to optax after step {k})", k),
+             compare_steps(t_cont, j_full[k:], base, f" after the move (optax's state moved to torch after step {k})", k)]
+    for o, at in zip(moved, (at_t, at_j)):
+        if not o.ok:
+            o.start = at  # the moved state both sides continued from
+            return o
+    whole.ratios += [r for o in moved for r in o.ratios]
+    return whole
+
+
+def _side_error(side: str, exc: BaseException, context: str = "") -> Outcome:
+    from equivcheck.backends import SideError
+
+    err = SideError.from_exc(side, "optimizer step", exc)
+    v = Verdict(False, "error", err.describe() + context, side=side)
+    return Outcome(False, v, side_error=side)
+
+
+def lr_sequences(pair: Any, steps: int, dtype: str) -> tuple[list[float], list[float]]:
+    """torch's lr for each update (read before optimizer.step(), scheduler stepped after it)
+    and optax's schedule(count) for the same updates."""
+    import warnings
+
+    import jax.numpy as jnp
+    import torch
+
+    from equivcheck.backends.jax import x64
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = pair.torch_optimizer([p])
+    scheduler = pair.torch_scheduler(optimizer)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
+            optimizer.step()
+            scheduler.step()
+    key = (id(pair), dtype)
+    if key not in _LRS:
+        import jax
+
+        with x64(dtype == "float64"):  # one count at a time: a schedule need not broadcast over counts
+            values = np.asarray(jax.jit(jax.vmap(pair.optax_schedule))(jnp.arange(MAX_STEPS)), np.float64)
+        _LRS[key] = (pair, values)  # holding the pair keeps its id from being reused by another
+    return lrs, [float(x) for x in _LRS[key][1][:steps]]
+
+
+_LRS: dict[Any, tuple[Any, np.ndarray]] = {}  # the optax schedule's first MAX_STEPS values, per pair and dtype
+
+
+def _schedule(pair: Any, ex: Example, dtype: str, base: Tolerance) -> Outcome:
+    try:
+        t, j = lr_sequences(pair, ex.steps, dtype)
+    except Exception as exc:
+        return _side_error("torch/jax", exc)
+    return compare_steps([{"lr": np.asarray(x)} for x in t], [{"lr": np.asarray(x)} for x in j], base)
+
+
+# ---- the Hypothesis loop ----------------------------------------------------------------
+
+def _palette(pair: Any, check: str, problem: Problem, dtype: str, run: RunSettings) -> list[Any]:
+    size = 2 if check == "step" else 1  # trajectories compile a 100-step scan: one shape set each
+    return problem.palette(run.item_seed(pair.name, problem.name, dtype, run.device), size)
+
+
+def _strategy(pair: Any, check: str, dtype: str, run: RunSettings) -> st.SearchStrategy:
+    steps = st.integers(1, MAX_STEPS)
+    if check == "schedule":
+        return steps.map(lambda n: Example("schedule", steps=n))
+    problem = _PROBLEM_OF[check]
+    drawn = st.sampled_from(_palette(pair, check, problem, dtype, run)).flatmap(
+        lambda s: problem.draw(s, dtype, pair.accumulate))
+    if check == "step":
+        return drawn.map(lambda pd: Example("step", pd[0], pd[1], 1))
+    if check == "mlp":  # and a step after which the state moves (none for a 1-step trajectory)
+        return st.tuples(drawn, steps, st.integers(1, MAX_STEPS - 1)).map(
+            lambda x: Example("mlp", x[0][0], x[0][1], x[1], min(x[2], x[1] - 1)))
+    return st.tuples(drawn, steps).map(lambda x: Example(check, x[0][0], x[0][1], x[1]))
+
+
+def prepare(pair: Any, dtype: str, run: RunSettings) -> None:
+    """Compile every program this pair's checks will call, on the background thread."""
+    if pair.unavailable or dtype not in pair.dtypes:
+        return
+    for check in pair.checks:
+        problem = _PROBLEM_OF.get(check)
+        if problem is None:
+            continue
+        for shapes in _palette(pair, check, problem, dtype, run):
+            params, data = problem.zeros(shapes, dtype, pair.accumulate)
+            compiled(pair, problem, 1 if check == "step" else MAX_STEPS, params, data, dtype, background=True)
+
+
+def _run_check(pair: Any, check: str, dtype: str, run: RunSettings, base: Tolerance, expected: bool,
+               ill: list[int]) -> tuple[list[Outcome], _Failed | None]:
+    from equivcheck.optim_diagnose import explained_by_rounding
+
+    seen: list[Outcome] = []
+    shrink: dict[str, Any] = {"since": None, "best": None}
+
+    def test(ex: Example) -> None:
+        best = shrink["best"]
+        if best is not None and time.monotonic() - shrink["since"] > run.shrink_seconds:
+            raise best
+        out = evaluate(pair, ex, dtype, run, base)
+        if out.ok:
+            seen.append(out)
+            return
+        if explained_by_rounding(pair, ex, out, dtype, run, base, run.item_seed(pair.name, check, str(len(seen)))):
+            if best is None:  # count drawn examples, not the shrinker's variants of a failure
+                ill.append(ex.steps)
+            return
+        failed = _Failed(out, ex)
+        if best is None or ex.steps < best.example.steps:
+            shrink["best"], shrink["since"] = failed, shrink["since"] or time.monotonic()
+        raise failed
+
+    test._hypothesis_internal_add_digest = f"optim:{pair.name}:{check}:{dtype}".encode()  # type: ignore[attr-defined]
+    profile = settings.get_profile(f"equivcheck-{run.profile}")
+    # A known divergence needs no minimal example: stop at the first one found.
+    phases = [p for p in profile.phases if not (expected and p == Phase.shrink)]
+    wrapped = settings(profile, max_examples=run.examples, phases=phases)(
+        hypothesis_seed(run.item_seed(pair.name, check, dtype, run.device))(given(_strategy(pair, check, dtype, run))(test)))
+    try:
+        wrapped()
+    except _Failed as failed:
+        return seen, failed
+    except Flaky as flaky:
+        inner = [e for e in getattr(flaky, "exceptions", ()) if isinstance(e, _Failed)]
+        if not inner:
+            raise
+        return seen, inner[0]
+    return seen, None
+
+
+def run_optimizer_pair(pair: Any, *, dtype: str, run: RunSettings,
+                       known: Callable[[str], tuple[str, str] | None] = lambda _id: None, nodeid: str = "",
+                       replay: str = "") -> list[CheckRecord]:
+    from equivcheck.optim_diagnose import diagnose
+
+    records = []
+    if pair.unavailable:
+        return [CheckRecord(pair.name, c, dtype, run.device, run.precision, "skipped", message=pair.unavailable,
+                            nodeid=nodeid) for c in pair.checks]
+    prepare(pair, dtype, run)
+    for check in pair.checks:
+        start = time.perf_counter()
+        base = tolerance.lookup(dtype, device=run.device, precision=run.precision, check=check,
+                                override=pair.tolerance_for(dtype, check))
+        cid = f"{pair.name}::{check}::{dtype}::{run.device}"
+        hit = known(cid)
+        ill: list[int] = []
+        seen, failed = _run_check(pair, check, dtype, run, base, hit is not None, ill)
+        growth = "" if check == "step" else f"; x n after n steps ({GROWTH} accumulation, equivcheck.optim_runner)"
+        rec = CheckRecord(pair.name, check, dtype, run.device, run.precision, "passed",
+                          examples=len(seen) + len(ill) + bool(failed), ill_conditioned=len(ill),
+                          tolerance={"rtol": base.rtol, "atol": base.atol, "reason": base.reason + growth},
+                          tags=sorted(pair.tags), nodeid=nodeid, replay=replay)
+        rec.worst_ratio = max((o.model_ratio for o in seen), default=0.0)
+        rec.notes = _margins(seen) if check != "step" else []
+        if ill:
+            rec.notes.append(f"{len(ill)} examples beyond the bound were within the float64 trajectory's sensitivity "
+                             "to input rounding (ill-conditioned): accepted")
+        if pair.parts:
+            rec.notes.append("optax side: " + " -> ".join(pair.parts))
+        if failed is not None:
+            out, ex = failed.outcome, failed.example
+            v = out.verdict
+            worst = v.worst if v.kind == "values" else None
+            rec.kind, rec.message = v.kind, v.message + (f"\n  worst: {worst.summary()}" if worst else "")
+            rec.worst_ratio = (worst.ratio if worst else float("inf"))
+            if worst is not None:
+                rec.max_abs_err, rec.max_rel_err, rec.max_ulp = worst.max_abs, worst.max_rel, worst.max_ulp
+            rec.inputs = ex.describe()
+            if hit is None:
+                rec.side, rec.diagnosis = diagnose(pair, ex, out, dtype, run, base)
+            else:
+                rec.side = out.side_error
+            rec.outcome = "known-divergence" if hit else "failed"
+        elif hit:
+            rec.outcome = "xpass"
+        if hit:
+            rec.known_pattern, rec.known_reason = hit
+        rec.seconds = time.perf_counter() - start
+        records.append(rec)
+    return records
+
+
+def _margins(seen: list[Outcome]) -> list[str]:
+    if not seen:
+        return []
+    cells = []
+    for lo, hi in BUCKETS:
+        rs = [r for o in seen for n, r in o.ratios if lo <= n <= hi]
+        if rs:
+            cells.append(f"{lo}-{hi}: {max(rs):.2g}" if lo != hi else f"{lo}: {max(rs):.2g}")
+    longest = max((n for o in seen for n, _ in o.ratios), default=0)
+    return [f"worst error / one-step bound by step ({longest} steps at most): " + ", ".join(cells)]
+
+
+__all__ = [
+    "BUCKETS",
+    "GROWTH",
+    "Example",
+    "Outcome",
+    "compare_steps",
+    "evaluate",
+    "lr_sequences",
+    "prepare",
+    "run_optimizer_pair",
+    "trajectory_tolerance",
+]

@@ -1,0 +1,80 @@
+"""Optimizer suite: torch.optim against optax, one step and whole trajectories.
+
+One table, one generic test. Each row is a torch optimizer with its hyperparameters (and a
+schedule, clipping or accumulation); `optimizer_pair` builds the optax side from the same
+hyperparameters through equivcheck.optim_map, every optax argument explicit. Checks per row:
+`step` (one step on drawn parameter pytrees and gradients), `quadratic` and `mlp`
+(trajectories of up to 100 steps compared at every step; `mlp` also moves the optimizer
+state between the frameworks mid-run), `schedule` (the learning-rate sequence).
+
+The naive ports at the end (equivcheck.optim_divergences) use each library's own defaults:
+they must diverge, and suites/known_divergences.txt says why and what reconciles them.
+"""
+from __future__ import annotations
+
+import pytest
+
+from equivcheck.optim import Schedule, optimizer_pair
+from equivcheck.optim_divergences import NAIVE_PORTS
+
+S = Schedule
+TRAJECTORY = ("quadratic", "schedule")  # a schedule row: its lr sequence and an SGD trajectory under it
+
+OPTIMIZERS = [
+    optimizer_pair("sgd", "SGD", lr=0.05),
+    optimizer_pair("sgd_nesterov_wd", "SGD", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    optimizer_pair("sgd_dampening", "SGD", lr=0.05, momentum=0.9, dampening=0.5),
+    optimizer_pair("adam", "Adam", lr=1e-2),
+    optimizer_pair("adam_l2", "Adam", lr=1e-2, weight_decay=1e-2),
+    optimizer_pair("adam_amsgrad", "Adam", lr=1e-2, betas=(0.8, 0.99), amsgrad=True),
+    optimizer_pair("adamw", "AdamW", lr=1e-2),  # torch's default weight_decay 1e-2, passed to optax explicitly
+    optimizer_pair("nadam", "NAdam", lr=1e-2),
+    optimizer_pair("nadam_optax", "NAdam", lr=1e-2, momentum_decay=float("inf")),  # exactly optax.nadam
+    optimizer_pair("nadamw", "NAdam", lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
+    optimizer_pair("radam", "RAdam", lr=1e-2),
+    optimizer_pair("rmsprop", "RMSprop", lr=1e-2),
+    optimizer_pair("rmsprop_centered_momentum", "RMSprop", lr=1e-2, centered=True, momentum=0.5, weight_decay=1e-2),
+    optimizer_pair("adagrad", "Adagrad", lr=0.1, lr_decay=1e-2, initial_accumulator_value=0.1),
+    optimizer_pair("adagrad_eps0", "Adagrad", lr=0.1, eps=0.0, initial_accumulator_value=0.1),  # optax.scale_by_rss
+    optimizer_pair("adadelta", "Adadelta", lr=1.0, weight_decay=1e-2),
+    optimizer_pair("adamax", "Adamax", lr=1e-2, weight_decay=1e-2),
+    optimizer_pair("lion", "Lion", lr=1e-3),  # skipped with the reason where torch has no torch.optim.Lion
+]
+
+SCHEDULES = [
+    optimizer_pair("step_lr", "SGD", lr=0.05, momentum=0.9, schedule=S("StepLR", step_size=7, gamma=0.5),
+                   checks=TRAJECTORY),
+    optimizer_pair("multistep_lr", "SGD", lr=0.05, momentum=0.9,
+                   schedule=S("MultiStepLR", milestones=[10, 30, 30, 60], gamma=0.5), checks=TRAJECTORY),
+    optimizer_pair("exponential_lr", "SGD", lr=0.05, momentum=0.9, schedule=S("ExponentialLR", gamma=0.97),
+                   checks=TRAJECTORY),
+    optimizer_pair("cosine_lr", "Adam", lr=1e-2, schedule=S("CosineAnnealingLR", T_max=100, eta_min=1e-4),
+                   checks=TRAJECTORY),
+    optimizer_pair("linear_warmup", "SGD", lr=0.05, momentum=0.9,
+                   schedule=S("LinearLR", start_factor=0.1, end_factor=1.0, total_iters=10), checks=TRAJECTORY),
+    optimizer_pair("warmup_cosine", "AdamW", lr=1e-2, checks=TRAJECTORY,
+                   schedule=S("SequentialLR", milestones=[10],
+                              schedulers=[S("LinearLR", start_factor=0.1, end_factor=1.0, total_iters=10),
+                                          S("CosineAnnealingLR", T_max=90, eta_min=1e-4)])),
+    optimizer_pair("onecycle", "SGD", lr=0.05, schedule=S("OneCycleLR", max_lr=0.1, total_steps=100, pct_start=0.3,
+                                                         cycle_momentum=False), checks=TRAJECTORY),
+    optimizer_pair("plateau", "SGD", lr=0.05, momentum=0.9, checks=("quadratic", "mlp"),
+                   schedule=S("ReduceLROnPlateau", patience=2, factor=0.5, threshold=0.1, cooldown=1)),
+]
+
+GRADIENTS = [
+    optimizer_pair("clip_norm", "SGD", lr=0.05, momentum=0.9, clip_norm=1.0),
+    # clip_grad_norm_'s +1e-6 moves a step by lr * max_norm * 1e-6 / norm: beyond float64's bound once
+    # lr * max_norm is large against the parameters (else both optax and torch's clipping pass)
+    optimizer_pair("clip_norm_large_step", "SGD", lr=1000.0, clip_norm=0.01, checks=("step",)),
+    optimizer_pair("clip_value", "Adam", lr=1e-2, clip_value=0.5),
+    optimizer_pair("accumulate4", "Adam", lr=1e-2, accumulate=4, clip_norm=1.0, checks=("step", "mlp")),
+]
+
+NAIVE = [port.pair() for port in NAIVE_PORTS]
+PAIRS = OPTIMIZERS + SCHEDULES + GRADIENTS + NAIVE
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_optimizer(pair, equiv):
+    equiv.check(pair)

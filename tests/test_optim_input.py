@@ -1,0 +1,142 @@
+"""The optimizer API on bad input, and the state mapping on its own: clear messages naming
+the cause, and a checkpoint's optimizer state that moves between frameworks exactly."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+
+from equivcheck.compare import compare
+from equivcheck.optim import (
+    OptimizerPair,
+    Schedule,
+    Unmatched,
+    load_torch_state,
+    optax_state_from_torch,
+    optimizer_pair,
+)
+from equivcheck.optim_divergences import NAIVE_PORTS
+from equivcheck.optim_runner import run_optimizer_pair
+from equivcheck.optim_state import optax_to_neutral, torch_to_neutral
+from equivcheck.runner import RunSettings
+from equivcheck.tolerance import Tolerance
+from suites.test_optimizers import GRADIENTS, OPTIMIZERS, SCHEDULES
+
+RUN = RunSettings(examples=5, seed=3, shrink_seconds=2)
+PARAMS = {"layer": {"w": np.arange(6.0).reshape(2, 3) / 7 - 0.3, "b": np.array([0.5, -0.25])}, "scale": np.array(1.5)}
+
+
+def test_unknown_hyperparameter_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"torch.optim.Adam has no hyperparameter momentum; it takes lr, betas"):
+        optimizer_pair("x", "Adam", lr=1e-3, momentum=0.9)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(torch_optimizer="LBFGS", lr=1.0), "LBFGS: torch.optim.LBFGS runs up to max_iter inner iterations"),
+    (dict(torch_optimizer="Adam", lr=1e-3, maximize=True), "(maximize=True): optax minimises"),
+    (dict(torch_optimizer="SGD", lr=0.1, schedule=Schedule("OneCycleLR", max_lr=0.1, total_steps=100)),
+     "cycle_momentum=True"),
+    (dict(torch_optimizer="RMSprop", lr=0.1, momentum=0.9, schedule=Schedule("StepLR", step_size=3)),
+     "RMSprop(momentum>0) with a schedule"),
+    (dict(torch_optimizer="SGD", lr=0.1, schedule=Schedule("CyclicLR", base_lr=0.01, max_lr=0.1)),
+     "no mapping for torch.optim.lr_scheduler.CyclicLR"),
+])
+def test_settings_without_an_optax_counterpart_say_why(kw, words):
+    with pytest.raises(Unmatched, match=None) as err:
+        optimizer_pair("x", **kw)
+    assert words in str(err.value)
+
+
+def test_an_optimizer_torch_lacks_is_skipped_with_the_reason():
+    pair = optimizer_pair("lion", "Lion", lr=1e-3)
+    if hasattr(torch.optim, "Lion"):
+        pytest.skip("this torch has torch.optim.Lion: the pair runs")
+    records = run_optimizer_pair(pair, dtype="float32", run=RUN)
+    assert {r.outcome for r in records} == {"skipped"}
+    assert records[0].message == f"torch {torch.__version__} has no torch.optim.Lion"
+
+
+def _two_groups(params):
+    extra = torch.zeros(1, requires_grad=True)
+    return torch.optim.SGD([{"params": params, "lr": 0.1}, {"params": [extra], "lr": 0.01}], lr=0.1)
+
+
+def test_param_groups_without_an_optax_counterpart_are_refused_by_the_checks():
+    pair = OptimizerPair("groups", _two_groups, lambda: optax.sgd(0.1), checks=("step",))
+    rec = run_optimizer_pair(pair, dtype="float32", run=RUN)[0]
+    assert rec.outcome == "failed" and rec.side == "torch", rec
+    assert "2 param groups with different lr (lr: 0.1, 0.01)" in rec.message and "optax.multi_transform" in rec.message
+
+
+def test_param_groups_are_refused_by_the_state_conversion():
+    pair = optimizer_pair("sgd", "SGD", lr=0.1, momentum=0.9)
+    leaves = [torch.tensor(x) for x in jax.tree.leaves(PARAMS)]
+    with pytest.raises(ValueError, match="param groups with different lr"):
+        optax_state_from_torch(pair, _two_groups(leaves), PARAMS)
+
+
+def test_mismatched_pytrees_name_both_structures():
+    pair = optimizer_pair("adam", "Adam", lr=1e-3)
+    optimizer = torch.optim.Adam([torch.zeros(2, 3), torch.zeros(2)], lr=1e-3)
+    with pytest.raises(ValueError) as err:
+        optax_state_from_torch(pair, optimizer, PARAMS)
+    text = str(err.value)
+    assert "holds 2 parameters of shapes [(2, 3), (2,)]" in text and "3 leaves" in text and "['scale']" in text
+
+
+def test_a_state_map_naming_a_field_optax_lacks_is_reported_with_the_fields():
+    from equivcheck.optim_state import StateField, StateMap
+
+    pair = OptimizerPair("wrong_map", lambda ps: torch.optim.Adam(ps, lr=1e-3), lambda: optax.sgd(1e-3),
+                         StateMap((StateField("exp_avg", "mu"),)), checks=("step",))
+    rec = run_optimizer_pair(pair, dtype="float32", run=RUN)[0]
+    assert rec.outcome == "failed" and rec.side == "jax"
+    assert "the optax state has no field 'mu'" in rec.message
+
+
+def test_a_tolerance_override_must_state_its_reason():
+    with pytest.raises(ValueError, match="must state its reason"):
+        optimizer_pair("x", "SGD", lr=0.1, tolerance=Tolerance(1e-3, 1e-3))
+
+
+STATEFUL = [p for p in OPTIMIZERS + SCHEDULES + GRADIENTS if not p.unavailable]
+
+
+def _torch_run(pair, steps):
+    leaves = [torch.tensor(x, requires_grad=True) for x in jax.tree.leaves(PARAMS)]
+    optimizer = pair.torch_optimizer(leaves)
+    scheduler = pair.torch_scheduler(optimizer) if pair.torch_scheduler else None
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        for p in leaves:
+            p.grad = torch.tensor(rng.normal(size=p.shape))
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step(1.0) if pair.schedule_takes_loss else scheduler.step()
+    return leaves, optimizer, scheduler
+
+
+@pytest.mark.parametrize("pair", STATEFUL, ids=str)
+def test_optimizer_state_moves_to_optax_and_back_exactly(pair):
+    _, optimizer, scheduler = _torch_run(pair, 3)
+    treedef = jax.tree.structure(PARAMS)
+    before = torch_to_neutral(optimizer, pair.state_map, treedef, 3, scheduler)
+    with jax.enable_x64(True):
+        opt_state = optax_state_from_torch(pair, optimizer, PARAMS, step=3, scheduler=scheduler)
+        assert compare(before, optax_to_neutral(opt_state, pair.state_map, 3), Tolerance(0, 0, "exact")).ok
+        _, fresh, fresh_sched = _torch_run(pair, 0)
+        load_torch_state(pair, opt_state, fresh, PARAMS, step=3, scheduler=fresh_sched)
+    after = torch_to_neutral(fresh, pair.state_map, treedef, 3, fresh_sched)
+    verdict = compare(before, after, Tolerance(0, 0, "exact"))
+    assert verdict.ok, verdict.message
+
+
+def test_every_naive_port_is_listed_as_a_known_divergence():
+    from pathlib import Path
+
+    text = Path(__file__).parents[1].joinpath("suites", "known_divergences.txt").read_text()
+    for port in NAIVE_PORTS:
+        assert f"\n{port.name}::" in text, port.name
+        assert port.reconcile and port.differs and port.measured

@@ -1,0 +1,156 @@
+"""Planted optimizer bugs: each wrong port must fail its check with the right diagnosis, and
+its correct counterpart must pass the same examples."""
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+import torch
+
+from equivcheck.optim import OptimizerPair, Schedule, optimizer_pair
+from equivcheck.optim_map import ADAM_STATE, Mapped, map_sgd
+from equivcheck.optim_runner import run_optimizer_pair
+from equivcheck.runner import RunSettings
+
+SEED = 20261126
+RUN = RunSettings(examples=25, seed=SEED, shrink_seconds=5)
+
+
+def by_check(records):
+    return {r.check: r for r in records}
+
+
+def run(pair, dtype="float32", run=RUN):
+    return by_check(run_optimizer_pair(pair, dtype=dtype, run=run))
+
+
+def _map(build):
+    """A port of one's own: (hparams) -> optax transformation, Adam-style state."""
+    return lambda cls, hp, lr: Mapped(build(hp), ADAM_STATE, ("planted",))
+
+
+def adam_without_bias_correction(hp):
+    b1, b2 = hp["betas"]
+
+    def init(params):
+        z = jax.tree.map(jnp.zeros_like, params)
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), z, z)
+
+    def update(g, s, params=None):
+        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, g, s.mu)
+        nu = jax.tree.map(lambda g, v: (1 - b2) * g * g + b2 * v, g, s.nu)
+        u = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + hp["eps"]), mu, nu)
+        return u, optax.ScaleByAdamState(optax.safe_increment(s.count), mu, nu)
+
+    return optax.chain(optax.GradientTransformation(init, update), optax.scale_by_learning_rate(hp["lr"]))
+
+
+RMS_STATE_FIELDS = {"square_avg": "nu"}
+
+
+def _rms_inside(hp):
+    return optax.rmsprop(hp["lr"], decay=hp["alpha"], eps=hp["eps"], eps_in_sqrt=True)
+
+
+def _coupled_adamw(hp):
+    b1, b2 = hp["betas"]
+    return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), optax.scale_by_adam(b1, b2, hp["eps"]),
+                       optax.scale_by_learning_rate(hp["lr"]))
+
+
+def _rmsprop(name, build=None):
+    from equivcheck.optim_state import StateField, StateMap
+
+    smap = StateMap((StateField("square_avg", "nu"),))
+    mapping = (lambda cls, hp, lr: Mapped(build(hp), smap, ("planted",))) if build else None
+    return optimizer_pair(name, "RMSprop", lr=1e-2, optax_map=mapping, checks=("step",))
+
+
+# (correct pair, planted pair, check that fails, words the diagnosis must contain)
+PLANTED = [
+    (_rmsprop("rmsprop"), _rmsprop("rmsprop_eps_inside_bug", _rms_inside), "step", "eps enters differently"),
+    (optimizer_pair("adamw", "AdamW", lr=1e-2, weight_decay=0.1, checks=("step",)),
+     optimizer_pair("adamw_coupled_bug", "AdamW", lr=1e-2, weight_decay=0.1, checks=("step",),
+                    optax_map=_map(_coupled_adamw)),
+     "step", "weight decay is applied differently"),
+    (optimizer_pair("adam", "Adam", lr=1e-2, checks=("step",)),
+     optimizer_pair("adam_no_bias_correction_bug", "Adam", lr=1e-2, checks=("step",),
+                    optax_map=_map(adam_without_bias_correction)),
+     "step", "bias correction differs"),
+    (optimizer_pair("nadam", "NAdam", lr=1e-2, checks=("step",)),
+     optimizer_pair("nadam_dozat_bug", "NAdam", lr=1e-2, checks=("step",), optax_map=_map(
+         lambda hp: optax.nadam(hp["lr"], b1=hp["betas"][0], b2=hp["betas"][1], eps=hp["eps"]))),
+     "step", "first-moment (momentum / Nesterov) formula differs"),
+    (optimizer_pair("sgd_nesterov", "SGD", lr=0.05, momentum=0.9, nesterov=True, checks=("quadratic",)),
+     optimizer_pair("sgd_plain_momentum_bug", "SGD", lr=0.05, momentum=0.9, nesterov=True, checks=("quadratic",),
+                    optax_map=lambda cls, hp, lr: map_sgd({**hp, "nesterov": False}, lr)),
+     "quadratic", "Nesterov formula differs"),
+]
+
+
+@pytest.mark.parametrize("good, bad, check, words", PLANTED, ids=[bad.name for _, bad, _, _ in PLANTED])
+def test_planted_optimizer_bug_is_caught_with_its_cause(good, bad, check, words):
+    rec = run(bad)[check]
+    assert rec.outcome == "failed", rec
+    assert words in rec.diagnosis, rec.failure_text()
+    assert rec.message.startswith("step 1:" if check == "step" else "step "), rec.message
+
+
+@pytest.mark.parametrize("good, bad, check, words", PLANTED, ids=[good.name for good, _, _, _ in PLANTED])
+def test_correct_optimizer_port_passes(good, bad, check, words):
+    rec = run(good)[check]
+    assert rec.outcome == "passed", rec.failure_text()
+    assert rec.examples >= RUN.examples
+
+
+STEP = Schedule("StepLR", step_size=7, gamma=0.5)
+
+
+def _shifted_optax():
+    good = optimizer_pair("steplr_shift_bug", "SGD", lr=0.05, momentum=0.9, schedule=STEP, checks=("schedule",))
+    ahead = lambda count: good.optax_schedule(count + 1)
+    tx = map_sgd(good.hparams, ahead).transform
+    return good.replace(optax_schedule=ahead, optax_transform=lambda: tx, rebuild=None)
+
+
+def _stepped_first(optimizer):
+    """The classic torch bug: scheduler.step() before optimizer.step()."""
+    sch = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sch.step()
+    return sch
+
+
+@pytest.mark.parametrize("bad, words", [
+    (_shifted_optax(), "optax evaluates its schedule one count ahead"),
+    (optimizer_pair("steplr_torch_early_bug", "SGD", lr=0.05, momentum=0.9, schedule=STEP, checks=("schedule",))
+     .replace(torch_scheduler=_stepped_first, rebuild=None), "torch calls scheduler.step() before optimizer.step()"),
+], ids=["optax_ahead", "torch_scheduler_first"])
+def test_schedule_shifted_by_one_step_is_named(bad, words):
+    rec = run(bad)["schedule"]
+    assert rec.outcome == "failed", rec
+    assert "shifted by one step" in rec.diagnosis and words in rec.diagnosis, rec.failure_text()
+    assert rec.message.startswith("step 7:"), rec.message  # the first update after the drop at 7
+
+
+def test_the_schedule_convention_holds_without_shift():
+    good = optimizer_pair("steplr", "SGD", lr=0.05, momentum=0.9, schedule=STEP, checks=("schedule", "quadratic"))
+    records = run(good)
+    assert [r.outcome for r in records.values()] == ["passed", "passed"], [r.failure_text() for r in records.values()]
+
+
+def test_a_diverging_trajectory_names_its_first_step_and_leaf():
+    """The two sides agree for 7 steps; from update 8 optax decays by 0.4 instead of 0.5."""
+    good = optimizer_pair("gamma_bug", "SGD", lr=0.05, momentum=0.9, schedule=STEP, checks=("quadratic",))
+    wrong = optax.exponential_decay(0.05, transition_steps=7, decay_rate=0.4, staircase=True)
+    tx = map_sgd(good.hparams, wrong).transform
+    bad = OptimizerPair("gamma_bug", good.torch_optimizer, lambda: tx, good.state_map,
+                        torch_scheduler=good.torch_scheduler, checks=("quadratic",))
+    rec = run(bad)["quadratic"]
+    assert rec.outcome == "failed", rec
+    assert rec.message.startswith("step 8: first step out of tolerance; out['params']"), rec.message
+    assert "worst: out['params']" in rec.message
