@@ -90,6 +90,7 @@ class CheckRecord:
     replay: str = ""
     ill_conditioned: int = 0  # examples past the table bound that input rounding explains
     low_precision: int = 0  # bfloat16/float16 examples past the table bound that agree in float32
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-kind detail (models: layers, curves)
 
     @property
     def id(self) -> str:
