@@ -75,18 +75,26 @@ def _close(a: Any, b: Any, tol: Tolerance) -> bool:
 def hint(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], t_out: Any, j_out: np.ndarray,
          tol: Tolerance) -> str:
     """Which known slip reproduces the port's output of this torch module, if any."""
+    from equivcheck.backends.torch import to_numpy
+
+    t = to_numpy(t_out)
+    found = _slip(module, args, kwargs, t, j_out, tol)
+    if found or np.shape(t) == np.shape(j_out):
+        return found
+    turned = np.shape(j_out) == np.shape(t)[::-1]
+    return (f"shape: torch gives {list(np.shape(t))}, the port {list(np.shape(j_out))}"
+            + ("; the port's is transposed: a layout slip (a weight used untransposed, or NHWC vs NCHW)"
+               if turned else ""))
+
+
+def _slip(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], t: np.ndarray, j_out: np.ndarray,
+          tol: Tolerance) -> str:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
 
     from equivcheck.backends.torch import to_numpy
 
-    t = to_numpy(t_out)
-    if np.shape(t) != np.shape(j_out):
-        turned = np.shape(j_out) == np.shape(t)[::-1]
-        return (f"shape: torch gives {list(np.shape(t))}, the port {list(np.shape(j_out))}"
-                + ("; the port's is transposed: a layout slip (a weight used untransposed, or NHWC vs NCHW)"
-                   if turned else ""))
     same = lambda y: _close(to_numpy(y), j_out, tol)  # noqa: E731
     x = args[0] if args else None
     with torch.no_grad():
@@ -130,6 +138,7 @@ def _conv_padding(module: Any, x: Any, same: Any) -> str:
     ph, pw = module.padding
     base = [pw, pw, ph, ph]  # F.pad order: left, right, top, bottom
     names = ("left", "right", "top", "bottom")
+    found = []
     for side, delta in itertools.product(range(4), (-1, 1)):
         pads = list(base)
         pads[side] += delta
@@ -137,8 +146,11 @@ def _conv_padding(module: Any, x: Any, same: Any) -> str:
             continue
         y = F.conv2d(F.pad(x, pads), module.weight, module.bias, module.stride, 0, module.dilation, module.groups)
         if same(y):
-            return (f"conv padding differs on one border: the port pads {names[side]} by {pads[side]} where torch pads "
-                    f"{base[side]} on every side ({_known('nn.trap.conv_same_stride2')})")
+            found.append((names[side], pads[side]))
+    if found:  # a flat input cannot tell the borders apart: name every one that fits
+        where = " or ".join(f"{side} by {n}" for side, n in found)
+        return (f"conv padding differs on one border: the port pads {where} where torch pads {base[0]} on every side"
+                f" ({_known('nn.trap.conv_same_stride2')})")
     return ""
 
 

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from equivcheck import divergences, tolerance
+from equivcheck import divergences, report_models, tolerance
 from equivcheck.pairs import CHECKS
 
 SCHEMA = "equivcheck.report/1"
@@ -61,7 +61,7 @@ def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> tuple[Pa
     out.mkdir(parents=True, exist_ok=True)
     stem = report["run"]["id"]
     text_json = json.dumps(report, indent=1, sort_keys=False, default=str) + "\n"
-    text_md = markdown(report)
+    text_md = markdown(report, report_models.plots(report["records"], out, stem))
     paths = (out / f"{stem}.json", out / f"{stem}.md")
     for path, text in zip(paths + (out / "latest.json", out / "latest.md"), (text_json, text_md) * 2):
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -123,7 +123,7 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> str:
     run, records, summary = report["run"], report["records"], report["summary"]
     vers = " · ".join(f"{k} {v}" for k, v in run["versions"].items() if v)
     mach = run["machine"]
@@ -154,6 +154,7 @@ def markdown(report: dict[str, Any]) -> str:
                           [[f"`{r['id']}`", r["outcome"], r["known_reason"], r["message"].split("\n")[0][:160]]
                            for r in known])]
     out += divergences.markdown_section(records)
+    out += report_models.markdown_section(records, images)
     stale = run.get("unmatched_known", [])
     if stale:
         out += ["", "Known-divergence entries that matched nothing in this run:", ""]

@@ -1,0 +1,88 @@
+"""The model checks' part of the report: per-layer tables and loss curves (JSON always, a PNG
+plot of the curves where matplotlib imports)."""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CURVE_ROWS = 12  # loss-curve rows shown in Markdown (the JSON has every step)
+
+
+def _num(x: Any) -> str:
+    return x if isinstance(x, str) else "-" if x is None else f"{x:.3g}"
+
+
+def plot_name(stem: str, record: dict[str, Any]) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{stem}-{record['id'].replace('::', '-')}") + ".png"
+
+
+def plots(records: Sequence[dict[str, Any]], directory: Path, stem: str) -> dict[str, str]:
+    """One PNG per record with loss curves: both frameworks' losses and their difference."""
+    with_curves = [r for r in records if (r.get("extra") or {}).get("curves")]
+    if not with_curves:
+        return {}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # no matplotlib: the numbers stay in the JSON
+        return {}
+    out = {}
+    for r in with_curves:
+        c = r["extra"]["curves"]
+        steps = range(1, len(c["torch"]) + 1)
+        fig, (a, b) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+        a.plot(steps, c["torch"], label="torch")
+        a.plot(steps, c["jax"], "--", label="jax")
+        a.set_ylabel("loss")
+        a.legend()
+        a.set_title(r["id"])
+        b.plot(steps, [abs(t - j) for t, j in zip(c["torch"], c["jax"])])
+        b.set_ylabel("|torch - jax|")
+        b.set_xlabel("step")
+        name = plot_name(stem, r)
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=80)
+        plt.close(fig)
+        out[r["id"]] = name
+    return out
+
+
+def markdown_section(records: Sequence[dict[str, Any]], images: dict[str, str] | None = None) -> list[str]:
+    images = images or {}
+    rows = [r for r in records if (r.get("extra") or {}).get("layers") or (r.get("extra") or {}).get("curves")]
+    if not rows:
+        return []
+    out = ["", "## Models", "",
+           "Per-layer errors of each model check (the failing example, or one batch of a passing check), and the "
+           "loss curves of training checks. `first` marks the first diverging layer."]
+    for r in rows:
+        extra = r["extra"]
+        out += ["", f"### `{r['id']}` ({r['outcome']})", ""]
+        tol = r.get("tolerance") or {}
+        if extra.get("layers"):
+            out += ["| layer | module | max abs err | max rel err | error / tolerance | first divergence |",
+                    "|---|---|---|---|---|---|"]
+            for row in extra["layers"]:
+                out.append(f"| {row.get('layer', '-')} | {row.get('module', '-')} | {_num(row.get('max_abs'))} | "
+                           f"{_num(row.get('max_rel'))} | {_num(row.get('ratio'))} | "
+                           f"{'**first**' if row.get('first') else ''} {row.get('note', '')} |")
+            if tol:
+                out += ["", f"Tolerance: rtol={tol['rtol']:.3g} atol={tol['atol']:.3g} ({tol['reason']})."]
+        if extra.get("accuracy"):
+            acc = extra["accuracy"]
+            out += ["", f"Test accuracy: torch {100 * acc['torch']:.2f}%, jax {100 * acc['jax']:.2f}%."]
+        curves = extra.get("curves")
+        if curves:
+            n = len(curves["torch"])
+            every = max(1, n // CURVE_ROWS)
+            shown = sorted(set(range(0, n, every)) | {n - 1})
+            out += ["", "| step | torch loss | jax loss | difference |", "|---|---|---|---|"]
+            out += [f"| {k + 1} | {curves['torch'][k]:.8g} | {curves['jax'][k]:.8g} | "
+                    f"{abs(curves['torch'][k] - curves['jax'][k]):.3g} |" for k in shown]
+            if r["id"] in images:
+                out += ["", f"![loss curves of {r['id']}]({images[r['id']]})"]
+    return out

@@ -1,0 +1,96 @@
+"""Planted migration bugs: each wrong port must fail and be localised to the right layer (or the
+right optimizer/schedule cause); the correct ports pass 100 examples without a false alarm."""
+from __future__ import annotations
+
+import optax
+import pytest
+
+from equivcheck.models_zoo import (
+    cnn_apply, cnn_pair, encoder_apply, encoder_pair, lstm_apply, lstm_pair, mlp_apply, mlp_pair, planted,
+)
+from equivcheck.optim import Schedule, optimizer_pair
+from equivcheck.optim_divergences import NAIVE_PORTS
+from equivcheck.optim_map import ADAM_STATE, Mapped
+from equivcheck.runner import RunSettings
+
+SEED = 20261126
+RUN = RunSettings(examples=10, seed=SEED, shrink_seconds=5)
+
+
+def check(pair, name, dtype="float32", run=RUN):
+    (rec,) = pair.replace(checks=(name,)).run_checks(dtype=dtype, run=run)
+    return rec
+
+
+# (pair, check, dtype, the first diverging layer, what the hint or cause must say)
+LAYER_SLIPS = [
+    ("gelu_tanh", encoder_pair("p_gelu", planted(encoder_apply, gelu_approximate=True)), "forward", "float32",
+     "act (GELU)", "approximate"),
+    ("layer_norm_eps", encoder_pair("p_ln", planted(encoder_apply, ln_eps=1e-6)), "forward", "float64",
+     "norm1 (LayerNorm)", "eps"),
+    ("batch_norm_momentum", cnn_pair("p_bn", planted(cnn_apply, bn_momentum=0.1)), "modes", "float32",
+     "bn1 (running stats)", "momentum"),
+    ("square_linear_untransposed", mlp_pair("p_lin", planted(mlp_apply, transpose_bug=True)), "forward", "float32",
+     "fc1 (Linear)", "untransposed"),
+    ("conv_pad_one_border", cnn_pair("p_pad", planted(cnn_apply, padding=((1, 1), (1, 0)))), "forward", "float32",
+     "conv1 (Conv2d)", "right by 0"),
+    ("dropout_in_eval", cnn_pair("p_drop", planted(cnn_apply, eval_dropout=True)), "forward", "float32",
+     "drop (Dropout)", "dropout active in eval"),
+    ("attention_mask_inverted", encoder_pair("p_mask", planted(encoder_apply, invert_mask=True)), "forward", "float32",
+     "attn (MultiheadAttention)", "key_padding_mask True = ignore"),
+    ("lstm_gate_swap", lstm_pair("p_gates", planted(lstm_apply, swap_gates=True)), "forward", "float32",
+     "lstm (LSTM)", "gate order"),
+]
+
+
+@pytest.mark.parametrize("slip", LAYER_SLIPS, ids=[s[0] for s in LAYER_SLIPS])
+def test_layer_slip_is_localised(slip):
+    _, pair, name, dtype, layer, why = slip
+    rec = check(pair, name, dtype)
+    assert rec.outcome == "failed", rec.message
+    assert f"first diverging layer: {layer}" in rec.diagnosis, rec.diagnosis
+    assert why in rec.diagnosis, rec.diagnosis
+    assert rec.side == "jax"
+    rows = rec.extra["layers"]
+    first = [r for r in rows if r["first"]]
+    assert [r["layer"] for r in first] == [layer.split(" (")[0] if "running" not in layer else "bn1 (running stats)"]
+
+
+def _adam_eps_inside(eps):
+    return lambda cls, hp, lr: Mapped(optax.adam(lr, eps=0.0, eps_root=eps), ADAM_STATE, ("optax.adam(eps_root=eps)",))
+
+
+def _shifted_steplr():
+    good = optimizer_pair("p_sched.sgd", "SGD", lr=0.01, momentum=0.9, schedule=Schedule("StepLR", step_size=3, gamma=0.5))
+    shifted = lambda count: good.optax_schedule(count + 1)  # noqa: E731
+    tx = optax.sgd(shifted, momentum=0.9)
+    return good.replace(optax_transform=lambda: tx, optax_schedule=shifted, rebuild=None)
+
+
+NAIVE_ADAMW = next(p for p in NAIVE_PORTS if p.name == "naive_adamw")
+
+OPTIMIZER_SLIPS = [
+    ("adam_eps_placement", mlp_pair("p_eps", optimizer=optimizer_pair("p_eps.adam", "Adam", lr=1e-2, eps=1e-3,
+                                                                      optax_map=_adam_eps_inside(1e-3))), "eps"),
+    ("adamw_weight_decay_default", mlp_pair("p_wd", optimizer=NAIVE_ADAMW.build()), "weight_decay"),
+    ("lr_schedule_shifted", mlp_pair("p_sched", optimizer=_shifted_steplr()), "schedule shifted by one step"),
+]
+
+
+@pytest.mark.parametrize("slip", OPTIMIZER_SLIPS, ids=[s[0] for s in OPTIMIZER_SLIPS])
+def test_optimizer_slip_is_named(slip):
+    _, pair, why = slip
+    rec = check(pair, "train", "float64")
+    assert rec.outcome == "failed", rec.message
+    assert "every tapped layer is within tolerance" in rec.diagnosis, rec.diagnosis
+    assert "the optimizer differs" in rec.diagnosis and why in rec.diagnosis, rec.diagnosis
+    assert rec.extra["curves"]["torch"] and len(rec.extra["curves"]["jax"]) == len(rec.extra["curves"]["torch"])
+
+
+def test_correct_ports_pass_100_examples():
+    run = RunSettings(examples=100, seed=SEED)
+    for pair in (mlp_pair(), cnn_pair(), encoder_pair(), lstm_pair()):
+        for rec in pair.replace(checks=("forward", "grad", "modes")).run_checks(dtype="float32", run=run):
+            assert rec.outcome == "passed", rec.failure_text()
+            assert rec.examples >= 100, (rec.id, rec.examples)
+            assert rec.extra["layers"] and all(r["ok"] for r in rec.extra["layers"])
