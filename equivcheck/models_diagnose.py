@@ -36,6 +36,12 @@ def diagnose(pair: Any, check: str, ex: Any, res: Any, ents: list[mm.Entry], dty
     """(side, diagnosis text, the per-layer table as JSON rows)."""
     fwd = _forward_tol(base, check)
     x, y = _inputs(pair, check, ex, dtype)
+    if res.verdict.kind == "error" and ex.args:
+        # an error shrinks to flat (often all-zero) inputs, on which a wrong layer may still agree:
+        # localise on a batch of the same shapes drawn across the inputs' ranges
+        shapes = tuple(np.shape(a) for a in ex.args)
+        batch = ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(ex.seed))
+        x, y = list(batch[:-1]), batch[-1]
     train = check in ("modes", "train", "fit")
     try:
         model = ms.build_torch(pair, ex.seed, dtype, run.device)

@@ -18,7 +18,8 @@ from equivcheck import convert, weights
 from equivcheck.layouts import ConversionError
 
 STATS = {"batch_norm": ("mean", "var")}
-_GATE_CELLS = tuple(("i" + ("f_" if g == "f" else g), "h" + g) for g in "ifgo")  # nnx.LSTMCell's names, in torch's row order
+# nnx.LSTMCell's (input, hidden) Linear names, in torch's row order
+_GATE_CELLS = tuple(("i" + ("f_" if g == "f" else g), "h" + g) for g in "ifgo")
 
 
 def _lstm_biases(cells: list[Any], sub: Mapping[str, Any]) -> list[Any]:
@@ -169,8 +170,8 @@ def to_torch(ents: Sequence[Entry], params: Any, stats: Any = None, *, grads: bo
             sub = convert.to_torch(e.kind, [{n: {"kernel": v["kernel"]} if n.startswith("i") else v
                                             for n, v in c.items()} for c in layer], **e.cfg)
             for k, cell in enumerate(layer):
-                cat = lambda side: _concat([cell[pair[side]]["bias"] for pair in _GATE_CELLS])  # noqa: E731
-                sub[f"bias_ih_l{k}"], sub[f"bias_hh_l{k}"] = cat(0), cat(1)
+                sub[f"bias_ih_l{k}"] = _concat([cell[i]["bias"] for i, _ in _GATE_CELLS])
+                sub[f"bias_hh_l{k}"] = _concat([cell[h]["bias"] for _, h in _GATE_CELLS])
         else:
             sub = convert.to_torch(e.kind, layer, **e.cfg)
         if grads and e.kind == "gru":

@@ -120,7 +120,8 @@ def evaluate(pair: Any, check: str, ex: Example, ents: list[mm.Entry], dtype: st
             verdict = compare({"loss": t_info["loss"], "grad": t_grads},
                               {"loss": j_loss, "grad": {k: j_grads[k] for k in t_grads if k in j_grads}}, tol)
             if verdict.ok and set(t_grads) - set(j_grads):
-                verdict = Verdict(False, "structure", f"the port has no parameter for {sorted(set(t_grads) - set(j_grads))}")
+                lost = sorted(set(t_grads) - set(j_grads))
+                verdict = Verdict(False, "structure", f"the port has no parameter for {lost}")
         else:
             j_train, j_stats = ms.run_jax(pair, "forward_train", dtype, dev, params, stats, x, masks)
             j_eval, _ = ms.run_jax(pair, "forward_eval", dtype, dev, params, j_stats, x, masks)
@@ -192,8 +193,9 @@ def _rounding(pair: Any, ents: list[mm.Entry], ex: Example, batches: list[Any], 
     leaves = lambda tree: [np.asarray(x, np.float64) for _, x in flatten(tree)]  # noqa: E731
     t32, j32, t_ref = (leaves(s[step - 1]) for s in (t_steps, j_steps, t64))
     gap = lambda a, b: float(np.max(np.abs(a - b), initial=0.0))  # noqa: E731
-    return all(gap(j, r) <= ROUNDING_FACTOR * gap(t, r) + bound.atol + bound.rtol * float(np.max(np.abs(r), initial=0.0))
-               for t, j, r in zip(t32, j32, t_ref))
+    size = lambda r: float(np.max(np.abs(r), initial=0.0))  # noqa: E731
+    return all(gap(j, r) <= ROUNDING_FACTOR * gap(t, r) + bound.atol + bound.rtol * size(r)
+               for t, j, r in zip(t32, j32, t_ref, strict=True))
 
 
 # ---- the Hypothesis loop ----------------------------------------------------------------
@@ -234,7 +236,8 @@ def _run_check(pair: Any, check: str, ents: list[mm.Entry], dtype: str, run: Run
     profile = settings.get_profile(f"equivcheck-{run.profile}")
     phases = [p for p in profile.phases if not (expected and p == Phase.shrink)]
     wrapped = settings(profile, max_examples=run.examples, phases=phases)(
-        hypothesis_seed(run.item_seed(pair.name, check, dtype, run.device))(given(_strategy(pair, check, dtype, run))(test)))
+        hypothesis_seed(run.item_seed(pair.name, check, dtype, run.device))(
+            given(_strategy(pair, check, dtype, run))(test)))
     try:
         wrapped()
     except _Failed as failed:
@@ -274,13 +277,15 @@ def run_model_pair(pair: Any, *, dtype: str, run: RunSettings,
             rec.examples = len(seen) + len(accepted) + bool(failed)
             rec.ill_conditioned = len(accepted)
             if accepted:
-                rec.notes.append(f"{len(accepted)} examples past the trajectory bound agreed in float64, the port's {dtype} run "
+                rec.notes.append(f"{len(accepted)} examples past the trajectory bound agreed in float64, the port's "
+                                 f"{dtype} run "
                                  f"within {ROUNDING_FACTOR:g}x torch's own {dtype} distance from float64: accepted as "
                                  "rounding amplified by the optimizer (equivcheck.models_runner._rounding)")
             rec.worst_ratio = max((r.verdict.ratio for r in seen), default=0.0)
             worst_leaf = max((r.verdict.worst for r in seen if r.verdict.worst), key=lambda w: w.ratio, default=None)
             if worst_leaf is not None:
-                rec.max_abs_err, rec.max_rel_err, rec.max_ulp = worst_leaf.max_abs, worst_leaf.max_rel, worst_leaf.max_ulp
+                w = worst_leaf
+                rec.max_abs_err, rec.max_rel_err, rec.max_ulp = w.max_abs, w.max_rel, w.max_ulp
             if check == "train":
                 rec.notes.append(_margins(seen))
                 full = max(seen, key=lambda r: len(r.curves["torch"]), default=None) if seen else None

@@ -40,7 +40,7 @@ def plots(records: Sequence[dict[str, Any]], directory: Path, stem: str) -> dict
         a.set_ylabel("loss")
         a.legend()
         a.set_title(r["id"])
-        b.plot(steps, [abs(t - j) for t, j in zip(c["torch"], c["jax"])])
+        b.plot(steps, [abs(t - j) for t, j in zip(c["torch"], c["jax"], strict=True)])
         b.set_ylabel("|torch - jax|")
         b.set_xlabel("step")
         name = plot_name(stem, r)

@@ -61,7 +61,8 @@ def _adam_eps_inside(eps):
 
 
 def _shifted_steplr():
-    good = optimizer_pair("p_sched.sgd", "SGD", lr=0.01, momentum=0.9, schedule=Schedule("StepLR", step_size=3, gamma=0.5))
+    good = optimizer_pair("p_sched.sgd", "SGD", lr=0.01, momentum=0.9,
+                          schedule=Schedule("StepLR", step_size=3, gamma=0.5))
     shifted = lambda count: good.optax_schedule(count + 1)  # noqa: E731
     tx = optax.sgd(shifted, momentum=0.9)
     return good.replace(optax_transform=lambda: tx, optax_schedule=shifted, rebuild=None)
