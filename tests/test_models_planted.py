@@ -56,8 +56,11 @@ def test_layer_slip_is_localised(slip):
     assert [r["layer"] for r in first] == [layer.split(" (")[0] if "running" not in layer else "bn1 (running stats)"]
 
 
-def _adam_eps_inside(eps):
-    return lambda cls, hp, lr: Mapped(optax.adam(lr, eps=0.0, eps_root=eps), ADAM_STATE, ("optax.adam(eps_root=eps)",))
+def _adam_eps_inside(cls, hp, lr):
+    """torch's eps moved inside the square root (optax's eps_root): the slip of an Adam port."""
+    b1, b2 = hp["betas"]
+    rate = hp["lr"] if lr is None else lr  # lr: the schedule, when there is one
+    return Mapped(optax.adam(rate, b1=b1, b2=b2, eps=0.0, eps_root=hp["eps"]), ADAM_STATE, ("optax.adam(eps_root=eps)",))
 
 
 def _shifted_steplr():
@@ -72,8 +75,8 @@ NAIVE_ADAMW = next(p for p in NAIVE_PORTS if p.name == "naive_adamw")
 
 OPTIMIZER_SLIPS = [
     ("adam_eps_placement", mlp_pair("p_eps", optimizer=optimizer_pair("p_eps.adam", "Adam", lr=1e-2, eps=1e-3,
-                                                                      optax_map=_adam_eps_inside(1e-3))), "eps"),
-    ("adamw_weight_decay_default", mlp_pair("p_wd", optimizer=NAIVE_ADAMW.build()), "weight_decay"),
+                                                                      optax_map=_adam_eps_inside)), "with eps=0.0 on both sides"),
+    ("adamw_weight_decay_default", mlp_pair("p_wd", optimizer=NAIVE_ADAMW.build()), "with weight_decay=0.0 on both sides"),
     ("lr_schedule_shifted", mlp_pair("p_sched", optimizer=_shifted_steplr()), "schedule shifted by one step"),
 ]
 
