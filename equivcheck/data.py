@@ -344,7 +344,7 @@ def run_check(name: str, body: Callable[[Any], DataVerdict], examples: Any, *, d
     from hypothesis import given, settings
     from hypothesis import seed as hypothesis_seed
 
-    from equivcheck.runner import CheckRecord
+    from equivcheck.runner import CheckRecord, seeded_generation
 
     start, stats = time.perf_counter(), {"n": 0, "worst": 0.0, "batches": 0}
 
@@ -365,7 +365,8 @@ def run_check(name: str, body: Callable[[Any], DataVerdict], examples: Any, *, d
                                  "reason": "floating leaves: " + tol.reason},
                       tags=["data"])
     try:
-        wrapped()
+        with seeded_generation():
+            wrapped()
     except _Mismatch as m:
         rec.outcome, rec.kind, rec.side, rec.message = "failed", m.verdict.kind, m.verdict.side, m.verdict.message
         rec.worst_ratio = float("inf")

@@ -30,7 +30,7 @@ from equivcheck import tolerance
 from equivcheck.compare import Verdict, compare, flatten, format_args
 from equivcheck.optim_problems import LINEAR, MLP, QUADRATIC, Problem
 from equivcheck.optim_sides import MAX_STEPS, compiled, run_jax, run_torch
-from equivcheck.runner import CheckRecord, RunSettings
+from equivcheck.runner import CheckRecord, RunSettings, seeded_generation
 from equivcheck.tolerance import Tolerance
 
 GROWTH = "linear"
@@ -290,7 +290,8 @@ def _run_check(pair: Any, check: str, dtype: str, run: RunSettings, base: Tolera
     wrapped = settings(profile, max_examples=run.examples, phases=phases)(
         hypothesis_seed(run.item_seed(pair.name, check, dtype, run.device))(given(_strategy(pair, check, dtype, run))(test)))
     try:
-        wrapped()
+        with seeded_generation():
+            wrapped()
     except _Failed as failed:
         return seen, failed
     except Flaky as flaky:

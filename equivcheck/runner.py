@@ -8,6 +8,7 @@ its full example budget and its own counterexample.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import time
@@ -42,6 +43,33 @@ for _name, _count in PROFILES.items():
         # "explain" re-runs a failure many times to annotate its printout, which we replace.
         phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     )
+
+
+@contextlib.contextmanager
+def seeded_generation():
+    """Hypothesis (6.131+) mixes literals from every loaded non-site-packages module into
+    generation, so the same seed drew other examples depending on which tests were imported,
+    or whether equivcheck was installed or imported from a checkout: a replay command could
+    miss the failure it was printed for. Within equivcheck's runs only its global constants
+    pool is used."""
+    try:
+        from hypothesis.internal.conjecture import providers
+    except ImportError:  # pragma: no cover - a Hypothesis without the module has no local pool
+        yield
+        return
+    local = getattr(providers, "_get_local_constants", None)
+    empty = getattr(providers, "Constants", None)
+    cache = getattr(providers, "CONSTANTS_CACHE", None)
+    if local is None or empty is None or cache is None:
+        yield
+        return
+    cache.cache.clear()
+    providers._get_local_constants = empty
+    try:
+        yield
+    finally:
+        providers._get_local_constants = local
+        cache.cache.clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +299,8 @@ def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: 
         hypothesis_seed(item_seed)(given(examples)(test))
     )
     try:
-        wrapped()
+        with seeded_generation():
+            wrapped()
     except CheckFailed as failed:
         if shrink["since"] is not None and time.monotonic() - shrink["since"] > run.shrink_seconds:
             failed.verdict.notes.append(f"shrinking stopped after {run.shrink_seconds:g} s: the smallest failing "
