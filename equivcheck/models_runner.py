@@ -30,7 +30,7 @@ from equivcheck import tolerance
 from equivcheck.backends import SideError
 from equivcheck.compare import Verdict, compare, flatten, format_args
 from equivcheck.optim_runner import BUCKETS, compare_steps
-from equivcheck.runner import CheckRecord, RunSettings
+from equivcheck.runner import CheckRecord, RunSettings, seeded_generation
 from equivcheck.tolerance import Tolerance
 
 _SCALE_OF = {"forward": "forward", "modes": "forward", "grad": "vjp", "train": "vjp", "fit": "vjp"}
@@ -239,7 +239,8 @@ def _run_check(pair: Any, check: str, ents: list[mm.Entry], dtype: str, run: Run
         hypothesis_seed(run.item_seed(pair.name, check, dtype, run.device))(
             given(_strategy(pair, check, dtype, run))(test)))
     try:
-        wrapped()
+        with seeded_generation():
+            wrapped()
     except _Failed as failed:
         return seen, failed
     return seen, None
