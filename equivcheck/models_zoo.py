@@ -27,6 +27,10 @@ from equivcheck.strategies import Custom, Floats, Inputs, Ints
 from equivcheck.weights import Rule
 
 
+# GPU under --equiv-precision=default: the table's TF32 row for models that multiply matrices
+MATMUL = frozenset({"matmul"})
+
+
 def _dense(p: Any, x: Any) -> Any:
     return x @ p["kernel"] + p["bias"]
 
@@ -71,6 +75,7 @@ MLP_INPUTS = Inputs(Custom(lambda rng: ((n := _sizes(1, 3, 8, 16)(rng), 10), (n,
 def mlp_pair(name: str = "mlp", apply: Any = mlp_apply, optimizer: Any = None, **kw: Any) -> ModelPair:
     opt = optimizer or optimizer_pair(f"{name}.sgd_steplr", "SGD", lr=0.01, momentum=0.9,
                                       schedule=Schedule("StepLR", step_size=5, gamma=0.5))
+    kw.setdefault("tags", MATMUL)
     return ModelPair(name, MLP, apply, MLP_INPUTS, loss=mse(), optimizer=opt,
                      doc="Linear(10,10) -> ReLU -> Linear(10,1), MSE, SGD(momentum) + StepLR", **kw)
 
@@ -138,9 +143,11 @@ def cnn_pair(name: str = "cnn", apply: Any = cnn_apply, optimizer: Any = None, *
     from equivcheck.models import Fit
 
     kw.setdefault("checks", ("forward", "grad", "modes", "train"))
+    kw.setdefault("tags", MATMUL | {"conv"})
+    kw.setdefault("fit", Fit(load_digits_split, epochs=3, batch_size=64))
     return ModelPair(name, DigitsCNN, apply, CNN_INPUTS, loss=cross_entropy(),
                      optimizer=optimizer or optimizer_pair(f"{name}.adam", "Adam", lr=1e-2), rules=CNN_RULES,
-                     stateful=True, fit=Fit(load_digits_split, epochs=3, batch_size=64),
+                     stateful=True,
                      doc="conv, BatchNorm, max pool, dropout, linear (NHWC port); Adam, cross-entropy", **kw)
 
 
@@ -205,6 +212,7 @@ SEQ_INPUTS = Inputs(Custom(lambda rng: ((b := _sizes(2, 4, 6)(rng), _sizes(3, 5,
 
 
 def encoder_pair(name: str = "encoder", apply: Any = encoder_apply, optimizer: Any = None, **kw: Any) -> ModelPair:
+    kw.setdefault("tags", MATMUL)
     return ModelPair(name, TinyEncoder, apply, SEQ_INPUTS, loss=cross_entropy(),
                      optimizer=optimizer or optimizer_pair(f"{name}.adamw", "AdamW", lr=1e-2),
                      doc="embedding, MHA with key padding mask, LayerNorm, GELU MLP, residuals; AdamW", **kw)
@@ -235,6 +243,7 @@ def lstm_apply(params: Any, tokens: Any, train: bool = False, swap_gates: bool =
 
 
 def lstm_pair(name: str = "lstm", apply: Any = lstm_apply, optimizer: Any = None, **kw: Any) -> ModelPair:
+    kw.setdefault("tags", MATMUL)
     return ModelPair(name, LSTMClassifier, apply, SEQ_INPUTS, loss=cross_entropy(),
                      optimizer=optimizer or optimizer_pair(f"{name}.adam", "Adam", lr=1e-2),
                      doc="embedding -> one-layer LSTM -> linear on the last hidden state; Adam", **kw)

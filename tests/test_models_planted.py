@@ -98,3 +98,23 @@ def test_correct_ports_pass_100_examples():
             assert rec.outcome == "passed", rec.failure_text()
             assert rec.examples >= 100, (rec.id, rec.examples)
             assert rec.extra["layers"] and all(r["ok"] for r in rec.extra["layers"])
+
+
+def _small_digits():
+    from equivcheck.models_zoo import load_digits_split
+
+    x, y, xt, yt = load_digits_split()
+    return x[:96], y[:96], xt[:50], yt[:50]
+
+
+def test_fit_reports_both_accuracies_and_catches_a_slip():
+    pytest.importorskip("sklearn")
+    from equivcheck.models import Fit
+
+    fit = Fit(_small_digits, epochs=2, batch_size=32)
+    good = check(cnn_pair("fit_ok", fit=fit, checks=("fit",)), "fit")
+    assert good.outcome == "passed", good.failure_text()
+    assert set(good.extra["accuracy"]) == {"torch", "jax"} and len(good.extra["curves"]["jax"]) == 6
+    assert "test accuracy torch" in good.notes[0]
+    bad = check(cnn_pair("fit_bn", planted(cnn_apply, bn_momentum=0.1), fit=fit, checks=("fit",)), "fit")
+    assert bad.outcome == "failed" and "first diverging layer: bn1 (running stats)" in bad.diagnosis, bad.diagnosis
