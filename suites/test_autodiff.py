@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from equivcheck import (
-    Broadcast, Convention, Custom, Floats, Index, Inputs, Mask, Matrices, MatMul, Pair, Registry, Same, Square,
+    Broadcast, Convention, Custom, Fixed, Floats, Index, Inputs, Mask, Matrices, MatMul, Pair, Registry, Same, Square,
     Static, Tolerance, binary, unary,
 )
 from equivcheck.tolerance import BASE
@@ -277,6 +277,11 @@ PAIRS = Registry([
            reference=lambda x, d=d: np.std(x, ddof=d),
            doc="deviations below ~1e-19 square to subnormals, which XLA on CPU flushes to zero: left out")
       for d in (0, 1)),
+    # Two values close together: std is linear on each side of x0 == x1 (gradient +-1/sqrt(2), Hessian
+    # 0), so no input rounding explains a gradient error; torch's float32 backward still shows one.
+    Pair("std_two_close", lambda x: torch.std(x, correction=1), lambda x: jnp.std(x, ddof=1),
+         Inputs(Fixed((((2,),),)), (Floats(2.49, 2.51, unique=True, special=(), tiny=False),)),
+         reference=lambda x: np.std(x, ddof=1)),
     Pair("std_at_zero", lambda x: torch.std(x, correction=1), lambda x: jnp.std(x, ddof=1),
          unary(Floats(0.0, 0.0, tiny=False), **last(min_side=2)), reference=lambda x: np.std(x, ddof=1),
          conventions=(Convention("std of an all-zero array", lambda x: np.ones(x.shape, bool), 0.0, np.nan,

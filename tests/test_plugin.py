@@ -87,17 +87,21 @@ def test_a_failure_prints_its_diagnosis_and_a_replay_that_reproduces_it(project)
 def test_known_divergences_become_xfail_and_stale_entries_are_reported(project):
     known = project.path / "known.txt"
     known.write_text("gelu_bug::forward   tanh approximation by default\nnothing::*   stale entry\n"
-                     "test_pairs.py::test_plain   a node id pattern\n")
+                     "test_pairs.py::test_plain   a node id pattern\ntanh::hvp::float16   a dtype not run\n")
     result = project.runpytest("--equiv", "--equiv-known-divergences", str(known), "-rx", *FAST)
     result.assert_outcomes(passed=1, xfailed=1, deselected=1)
     out = result.stdout.str()
     assert "forward: tanh approximation by default" in out
     assert "WARNING known divergence 'nothing::*'" in out
     assert "WARNING known divergence 'test_pairs.py::test_plain'" in out  # deselected: matched nothing run
+    # float16 was not selected: the entry cannot match, which is no sign that it is stale
+    assert "WARNING known divergence 'tanh::hvp::float16'" not in out
+    assert "1 known divergences are for dtypes or devices this run did not select" in out
     rep = report(project)
     outcomes = {r["id"]: r["outcome"] for r in rep["records"]}
     assert outcomes["gelu_bug::forward::float32::cpu"] == "known-divergence"
-    assert {e["pattern"] for e in rep["run"]["unmatched_known"]} == {"nothing::*", "test_pairs.py::test_plain"}
+    assert {e["pattern"] for e in rep["run"]["unmatched_known"]} == {"nothing::*", "test_pairs.py::test_plain",
+                                                                 "tanh::hvp::float16"}
 
 
 def test_a_known_divergence_that_agrees_is_reported_as_xpass(project):
