@@ -1,0 +1,85 @@
+"""Flax modules as ports (equivcheck.models_flax): correct ones pass, a slip inside a submodule is
+localised to that submodule through Flax's own intermediate capture, a module laid out otherwise
+than the torch model is named key by key."""
+from __future__ import annotations
+
+import jax
+import pytest
+from flax import linen as lnn
+from flax import nnx
+
+from equivcheck.models_flax import linen_port, nnx_port
+from equivcheck.models_zoo import mlp_pair
+from equivcheck.runner import RunSettings
+
+RUN = RunSettings(examples=10, seed=20261126, shrink_seconds=5)
+
+
+class LinenMLP(lnn.Module):
+    transposed: bool = False
+
+    @lnn.compact
+    def __call__(self, x):
+        fc1 = LinenTransposed(10, name="fc1") if self.transposed else lnn.Dense(10, name="fc1")
+        return lnn.Dense(1, name="fc2")(jax.nn.relu(fc1(x)))
+
+
+class LinenTransposed(lnn.Module):
+    """A Dense whose kernel is applied untransposed: the slip of a square layer's port."""
+
+    features: int
+
+    @lnn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", lnn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        return x @ kernel.T + self.param("bias", lnn.initializers.zeros, (self.features,))
+
+
+class NnxTransposed(nnx.Module):
+    def __init__(self, n: int, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (n, n)))
+        self.bias = nnx.Param(jax.numpy.zeros((n,)))
+
+    def __call__(self, x):
+        return x @ self.kernel.T + self.bias
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs, transposed: bool = False, first: str = "fc1"):
+        setattr(self, first, NnxTransposed(10, rngs) if transposed else nnx.Linear(10, 10, rngs=rngs))
+        self.first = first
+        self.fc2 = nnx.Linear(10, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(getattr(self, self.first)(x)))
+
+
+def _pair(name, port):
+    return mlp_pair(name, port, jax_params=getattr(port, "jax_params", None))
+
+
+PORTS = {"linen": lambda **kw: linen_port(LinenMLP(**kw)),
+         "nnx": lambda **kw: nnx_port(NnxMLP(nnx.Rngs(0), **kw))}
+
+
+@pytest.mark.parametrize("kind", PORTS)
+def test_a_flax_module_port_passes_forward_gradients_and_training(kind):
+    records = _pair(f"flax_{kind}", PORTS[kind]()).run_checks(dtype="float32", run=RUN)
+    assert {r.check: r.outcome for r in records} == dict.fromkeys(("forward", "grad", "modes", "train"), "passed"), \
+        [r.failure_text() for r in records if r.outcome != "passed"]
+
+
+@pytest.mark.parametrize("kind", PORTS)
+def test_a_slip_inside_a_submodule_is_localised_to_it(kind):
+    pair = _pair(f"flax_{kind}_bug", PORTS[kind](transposed=True)).replace(checks=("forward",))
+    (rec,) = pair.run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert "first diverging layer: fc1 (Linear)" in rec.diagnosis, rec.diagnosis
+    assert "untransposed" in rec.diagnosis, rec.diagnosis
+
+
+def test_an_nnx_module_named_otherwise_is_refused_naming_the_keys():
+    port = nnx_port(NnxMLP(nnx.Rngs(0), first="dense1"))
+    (rec,) = _pair("flax_nnx_names", port).replace(checks=("forward",)).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed", rec
+    assert "fc1" in rec.message and "dense1" in rec.message, rec.message
