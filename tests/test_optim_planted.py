@@ -6,6 +6,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 import torch
@@ -154,3 +155,33 @@ def test_a_diverging_trajectory_names_its_first_step_and_leaf():
     assert rec.outcome == "failed", rec
     assert rec.message.startswith("step 8: first step out of tolerance; out['params']"), rec.message
     assert "worst: out['params']" in rec.message
+
+
+@pytest.mark.parametrize("min_lr", [0.0, 1e-7])
+def test_plateau_lr_stops_where_torchs_eps_stops_it(min_lr):
+    """torch skips a reduction smaller than eps (1e-8, absolute): on a flat loss its lr stops at a
+    floor while optax.contrib.reduce_on_plateau alone would keep halving (found after 97 steps)."""
+    import jax.numpy as jnp
+    import torch
+
+    from equivcheck.optim_schedules import map_schedule
+    from equivcheck.tolerance import lookup
+
+    lr, kw = 0.05, dict(patience=2, factor=0.5, threshold=0.1, cooldown=1, min_lr=min_lr)
+    w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=lr)
+    sch = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **kw)
+    tx = map_schedule(Schedule("ReduceLROnPlateau", **kw), lr).transform
+    params = {"w": jnp.zeros(1, jnp.float64)}
+    state = tx.init(params)
+    torch_lrs, optax_lrs = [], []
+    for _ in range(150):
+        torch_lrs.append(opt.param_groups[0]["lr"])
+        optax_lrs.append(lr * float(state.scale))
+        _, state = tx.update({"w": jnp.ones(1, jnp.float64)}, state, params, value=jnp.asarray(1.0, jnp.float64))
+        opt.step()
+        sch.step(1.0)
+    assert torch_lrs[-1] == torch_lrs[-40] > min_lr * 0.999  # torch has stopped reducing
+    # optax keeps the plateau scale in float32 (min_lr / lr = 2e-6 rounds), torch the lr in a Python float
+    tol = lookup("float32")
+    np.testing.assert_allclose(optax_lrs, torch_lrs, rtol=tol.rtol, atol=0)
