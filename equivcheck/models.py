@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from equivcheck.pairs import Pair
+from equivcheck.pairs import Pair, require_reasons
 from equivcheck.strategies import Inputs
 from equivcheck.tolerance import Tolerance
 
@@ -146,9 +146,7 @@ class ModelPair:
                              "use an optimizer pair with accumulate=1")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"ModelPair {self.name!r}: steps must be a positive int")
-        tols = self.tolerance.values() if isinstance(self.tolerance, Mapping) else [self.tolerance]
-        if any(t is not None and not t.reason for t in tols):
-            raise ValueError(f"ModelPair {self.name!r}: a tolerance override must state its reason")
+        require_reasons(f"ModelPair {self.name!r}", self.tolerance)
 
     def __str__(self) -> str:
         return self.name

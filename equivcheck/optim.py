@@ -27,7 +27,7 @@ from typing import Any
 from equivcheck.optim_map import Mapped, Unmatched, map_optimizer, torch_hparams
 from equivcheck.optim_schedules import Schedule, map_schedule
 from equivcheck.optim_state import StateMap, load_torch, neutral_to_optax, optax_to_neutral, torch_to_neutral
-from equivcheck.pairs import Pair
+from equivcheck.pairs import Pair, require_reasons
 from equivcheck.tolerance import Tolerance
 
 OPTIM_CHECKS = ("step", "quadratic", "mlp", "schedule")
@@ -95,9 +95,7 @@ class OptimizerPair:
             raise ValueError(f"OptimizerPair {self.name!r}: the schedule check needs torch_scheduler and optax_schedule")
         if not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise ValueError(f"OptimizerPair {self.name!r}: accumulate must be a positive int")
-        tols = self.tolerance.values() if isinstance(self.tolerance, Mapping) else [self.tolerance]
-        if any(t is not None and not t.reason for t in tols):
-            raise ValueError(f"OptimizerPair {self.name!r}: a tolerance override must state its reason")
+        require_reasons(f"OptimizerPair {self.name!r}", self.tolerance)
 
     def __str__(self) -> str:
         return self.name

@@ -53,6 +53,14 @@ class Convention:
         return v(*args) if callable(v) else v
 
 
+def require_reasons(owner: str, tolerance: Any) -> None:
+    """Every tolerance override (one, or a mapping of them) states why: the rule of every
+    matched-pair record (Pair, OptimizerPair, ModelPair)."""
+    tols = tolerance.values() if isinstance(tolerance, Mapping) else [tolerance]
+    if any(t is not None and not t.reason for t in tols):
+        raise ValueError(f"{owner}: a tolerance override must state its reason")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Pair:
     """One operation in PyTorch and its counterpart in JAX.
@@ -119,15 +127,12 @@ class Pair:
             raise ValueError(f"Pair {self.name!r}: diff_args {self.diff_args} but inputs draw {n_args} arguments")
         if not self.diff_args and set(self.checks) - {"forward"}:
             raise ValueError(f"Pair {self.name!r}: derivative checks need diff_args")
-        tols = self.tolerance.values() if isinstance(self.tolerance, Mapping) else [self.tolerance]
         if isinstance(self.tolerance, Mapping):
             for key in self.tolerance:
                 parts = key.split("/")
                 if not (len(parts) <= 2 and all(p in DTYPES or p in CHECKS for p in parts)):
                     raise ValueError(f"Pair {self.name!r}: tolerance key {key!r}: use a dtype, a check or 'dtype/check'")
-        for tol in tols:
-            if tol is not None and not tol.reason:
-                raise ValueError(f"Pair {self.name!r}: a tolerance override must state its reason")
+        require_reasons(f"Pair {self.name!r}", self.tolerance)
         if self.arg_names is not None and (len(self.arg_names) != n_args or len(set(self.arg_names)) != n_args):
             raise ValueError(f"Pair {self.name!r}: arg_names needs {n_args} distinct names, got {self.arg_names}")
         for conv in self.conventions:
