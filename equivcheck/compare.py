@@ -189,11 +189,13 @@ def compare_leaf(path: str, t: np.ndarray, j: np.ndarray, tol: Tolerance, *, mas
     return None, diff
 
 
-def compare(torch_tree: Any, jax_tree: Any, tol: Tolerance, *, masks: Mapping[str, np.ndarray] | None = None) -> Verdict:
+def compare(torch_tree: Any, jax_tree: Any, tol: Tolerance, *, masks: Mapping[str, np.ndarray] | None = None,
+            per_path: Mapping[str, Tolerance] | None = None) -> Verdict:
     """Compare two result trees leaf by leaf under one tolerance.
 
     `masks` (path -> bool array) removes elements from the value comparison; the caller
-    checks them separately (derivative conventions at kinks).
+    checks them separately (derivative conventions at kinks). `per_path` (path ->
+    Tolerance) replaces `tol` for those leaves.
     """
     d = _structure_diff(torch_tree, jax_tree)
     if d:
@@ -205,7 +207,7 @@ def compare(torch_tree: Any, jax_tree: Any, tol: Tolerance, *, masks: Mapping[st
         ta, ja = _as_array(t), _as_array(j)
         if ta.dtype != ja.dtype and ta.dtype.kind in "iu" and ja.dtype.kind in "iu":
             notes.append(f"{path}: integer widths differ (torch {ta.dtype}, jax {ja.dtype}); values compared")
-        bad, diff = compare_leaf(path, ta, ja, tol, mask=(masks or {}).get(path))
+        bad, diff = compare_leaf(path, ta, ja, (per_path or {}).get(path, tol), mask=(masks or {}).get(path))
         if bad is not None:
             bad.path = path
         if diff is not None:

@@ -46,6 +46,9 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
         shifted = _shift(pair, dtype, base)
         if shifted or ex.check == "schedule":
             return None, shifted or "the learning-rate schedules differ"
+    moved_lr = _schedule_state(out, base)
+    if moved_lr:
+        return None, moved_lr
     if dtype == "float64" and worst is not None and 0 < worst.max_rel <= FLOAT32_LEVEL * out.step:
         return None, (f"the gap is at float32's level (max relative error {worst.max_rel:.2g} after {out.step} "
                       "steps): one side likely computes part of the step in float32 in this float64 run (an "
@@ -70,6 +73,27 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
             return None, MEANING["bias"]
     return None, ("the formulas differ; no single change (weight_decay, eps, nesterov, momentum, beta1 set to 0, "
                   "or a start at step 10**6) makes the sides agree")
+
+
+def _schedule_state(out: Outcome, base: Tolerance) -> str:
+    """A schedule with state of its own (ReduceLROnPlateau) whose decisions differ at the first
+    failing step has moved the lr apart: the parameters then differ because of the schedule,
+    whatever the optimizer's formula (probing hyperparameters would only move the plateau).
+    Its decisions, not its `best` loss: losses differ once parameters do, whatever the cause.
+    The scale is a product of a few factors; 1e-4 relative is far above its rounding."""
+    t = ((out.torch_at or {}).get("state") or {}).get("sched")
+    j = ((out.jax_at or {}).get("state") or {}).get("sched")
+    if not t or not j:
+        return ""
+    differ = [k for k in sorted(t) if k in j and k != "best" and
+              abs(float(t[k]) - float(j[k])) > (1e-4 * max(abs(float(t[k])), abs(float(j[k]))) if k == "scale" else 0)]
+    if not differ:
+        return ""
+    values = ", ".join(f"{k} torch {float(t[k]):.6g} vs optax {float(j[k]):.6g}" for k in differ)
+    why = ("the two sides reduce the learning rate differently (factor, min_lr, or the floor where torch skips a "
+           "reduction smaller than its eps)" if differ == ["scale"] else
+           "the plateau decisions differ (patience, threshold and its mode, cooldown)")
+    return f"the schedule's own state differs at step {out.global_step} ({values}): {why}"
 
 
 def _probes(hp: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -63,6 +63,10 @@ class Problem:
     zeros_fn: Callable[[Any, str, int], tuple[Any, Any]]  # the same shapes, all zeros (to compile ahead)
     torch_loss: Callable[[Any, Any, int], Any]  # (params tree, data tree, micro-batch) -> scalar
     jax_loss: Callable[[Any, Any, int], Any]
+    # (params, data, micro-batch) -> (loss, gradient tree): torch's gradient in closed form, bit
+    # for bit what autograd gives (checked in tests/test_optim_problems.py) at a third of
+    # the cost, where the eager loop is most of a check's time
+    torch_grad: Callable[[Any, Any, int], tuple[Any, Any]] | None = None
 
     def palette(self, seed: int, size: int) -> list[Any]:
         rng = np.random.default_rng(seed)
@@ -108,6 +112,16 @@ def _linear_loss(params: Any, data: Any, j: int) -> Any:
     return _tree_sum(lambda p, g: (p * g[j]).sum(), params, data["g"])
 
 
+def _linear_grad(params: Any, data: Any, j: int) -> tuple[Any, Any]:
+    return _linear_loss(params, data, j), _map_trees(lambda p, g: g[j].clone(), params, data["g"])
+
+
+def _map_trees(fn: Callable[..., Any], *trees: Any) -> Any:
+    if isinstance(trees[0], dict):
+        return {k: _map_trees(fn, *[t[k] for t in trees]) for k in trees[0]}
+    return fn(*trees)
+
+
 def _quadratic_draw(shapes: Any, dtype: str, micro: int) -> st.SearchStrategy:
     curv = Floats(0.1, 10.0, tiny=False)
     return st.tuples(_tree_strategy(shapes, lambda s: PARAMS.draw(dtype, s, ())),
@@ -117,6 +131,11 @@ def _quadratic_draw(shapes: Any, dtype: str, micro: int) -> st.SearchStrategy:
 
 def _quadratic_loss(params: Any, data: Any, j: int) -> Any:
     return _tree_sum(lambda p, a, c: (a * (p - c[j]) ** 2).sum() / 2, params, data["a"], data["c"])
+
+
+def _quadratic_grad(params: Any, data: Any, j: int) -> tuple[Any, Any]:
+    # autograd's a * (2 * (p - c) * 0.5): the powers of two are exact, one rounding remains
+    return _quadratic_loss(params, data, j), _map_trees(lambda p, a, c: a * (p - c[j]), params, data["a"], data["c"])
 
 
 def _mlp_sample(rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -164,7 +183,8 @@ def _mlp_zeros(dims: tuple[int, int, int, int], dtype: str, micro: int) -> tuple
     return {"w1": z(i, h), "b1": z(h), "w2": z(h, o), "b2": z(o)}, {"x": z(micro, b, i), "y": z(micro, b, o)}
 
 
-LINEAR = Problem("linear", _tree_shapes, _linear_draw, _linear_zeros, _linear_loss, _linear_loss)
-QUADRATIC = Problem("quadratic", _tree_shapes, _quadratic_draw, _quadratic_zeros, _quadratic_loss, _quadratic_loss)
+LINEAR = Problem("linear", _tree_shapes, _linear_draw, _linear_zeros, _linear_loss, _linear_loss, _linear_grad)
+QUADRATIC = Problem("quadratic", _tree_shapes, _quadratic_draw, _quadratic_zeros, _quadratic_loss, _quadratic_loss,
+                    _quadratic_grad)
 MLP = Problem("mlp", _mlp_sample, _mlp_draw, _mlp_zeros, _mlp_torch, _mlp_jax)
 PROBLEMS = {p.name: p for p in (LINEAR, QUADRATIC, MLP)}

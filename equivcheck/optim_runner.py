@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,31 @@ class _Failed(Exception):
         self.outcome, self.example = outcome, example
 
 
+def _leaves(tree: Any) -> list[Any]:
+    """The leaves in `flatten`'s order, without building paths (a 100-step trajectory has
+    thousands of leaf-steps; the paths are needed only for the failing step)."""
+    if isinstance(tree, Mapping):
+        return [x for k in sorted(tree, key=str) for x in _leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in _leaves(v)]
+    return [tree]
+
+
+# Learning rates, and a plateau schedule's lr scale: compared relative to their largest value
+# in the trajectory. The dtype's absolute floor (1e-5 in float32) would pass a schedule off by
+# 10% at lr 1e-4, or an lr reduced to 1e-10 where the other side stopped at 1e-7.
+RATES = ("['lr']", "['scale']")
+
+
+def rate_tolerance(base: Tolerance, peak: float) -> Tolerance:
+    return dataclasses.replace(base, atol=base.rtol * peak,
+                               reason=f"{base.reason}; a learning rate: atol = rtol x its peak {peak:.3g}")
+
+
+def _signature(tree: Any) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    return [(path, np.shape(x), np.asarray(x).dtype) for path, x in flatten(tree)]
+
+
 def compare_steps(torch_steps: list[Any], jax_steps: list[Any], base: Tolerance, where: str = "",
                   offset: int = 0) -> Outcome:
     """Compare step by step; stop at the first step outside the bound for its step count.
@@ -99,24 +124,33 @@ def compare_steps(torch_steps: list[Any], jax_steps: list[Any], base: Tolerance,
     out = Outcome(True, where=where, offset=offset)
     if not torch_steps:
         return out
-    first = compare(torch_steps[0], jax_steps[0], base)
-    if not first.ok and first.kind != "values":
-        first.message = f"step 1{where}: {first.message}"
-        return dataclasses.replace(out, ok=False, verdict=first, step=1, torch_at=torch_steps[0], jax_at=jax_steps[0])
+    # structure, shapes and dtypes from step 1 (the same for every step); the full comparison
+    # only where they differ, for its message
+    signature = _signature(torch_steps[0])
+    if signature != _signature(jax_steps[0]):
+        first = compare(torch_steps[0], jax_steps[0], base)
+        if not first.ok and first.kind != "values":
+            first.message = f"step 1{where}: {first.message}"
+            return dataclasses.replace(out, ok=False, verdict=first, step=1, torch_at=torch_steps[0],
+                                       jax_at=jax_steps[0])
     n = min(len(torch_steps), len(jax_steps))
-    t_flat = [[x for _, x in flatten(s)] for s in torch_steps[:n]]
-    j_flat = [[x for _, x in flatten(s)] for s in jax_steps[:n]]
+    t_flat = [_leaves(s) for s in torch_steps[:n]]
+    j_flat = [_leaves(s) for s in jax_steps[:n]]
     ratios, nonfinite = np.zeros(n), np.zeros(n, bool)
-    for k in range(len(t_flat[0])):
-        t = np.stack([np.asarray(f[k], np.float64) for f in t_flat]).reshape(n, -1)
-        j = np.stack([np.asarray(f[k], np.float64) for f in j_flat]).reshape(n, -1)
+    rates: dict[str, Tolerance] = {}
+    for k, (path, _, _) in enumerate(signature):
+        t = np.asarray(np.stack([f[k] for f in t_flat]), np.float64).reshape(n, -1)
+        j = np.asarray(np.stack([f[k] for f in j_flat]), np.float64).reshape(n, -1)
         if t.shape[1] == 0:
             continue
         t_nan, j_nan, t_inf, j_inf = np.isnan(t), np.isnan(j), np.isinf(t), np.isinf(j)
         nonfinite |= ((t_nan != j_nan) | (t_inf != j_inf) | (t_inf & (t != j))).any(1)
         ok = ~(t_nan | t_inf | j_nan | j_inf)
         tf, jf = np.where(ok, t, 0.0), np.where(ok, j, 0.0)
-        err, allowed = np.abs(tf - jf), base.atol + base.rtol * np.maximum(np.abs(tf), np.abs(jf))
+        tol = base
+        if path.endswith(RATES):
+            tol = rates[path] = rate_tolerance(base, max(np.abs(tf).max(), np.abs(jf).max()))
+        err, allowed = np.abs(tf - jf), tol.atol + tol.rtol * np.maximum(np.abs(tf), np.abs(jf))
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(allowed > 0, err / allowed, np.where(err > 0, np.inf, 0.0))
         ratios = np.maximum(ratios, r.max(1))
@@ -127,7 +161,8 @@ def compare_steps(torch_steps: list[Any], jax_steps: list[Any], base: Tolerance,
     if stop == n:
         return out
     m = stop + 1
-    v = compare(torch_steps[stop], jax_steps[stop], trajectory_tolerance(base, m))
+    v = compare(torch_steps[stop], jax_steps[stop], trajectory_tolerance(base, m),
+                per_path={p: trajectory_tolerance(t, m) for p, t in rates.items()})
     v.message = f"step {m}{where}: first step out of tolerance; {v.message}"
     return dataclasses.replace(out, ok=False, verdict=v, step=m, torch_at=torch_steps[stop], jax_at=jax_steps[stop])
 
@@ -236,8 +271,10 @@ def _strategy(pair: Any, check: str, dtype: str, run: RunSettings) -> st.SearchS
     if check == "schedule":
         return steps.map(lambda n: Example("schedule", steps=n))
     problem = _PROBLEM_OF[check]
-    drawn = st.sampled_from(_palette(pair, check, problem, dtype, run)).flatmap(
-        lambda s: problem.draw(s, dtype, pair.accumulate))
+    # Built once per palette entry (a strategy built per example is validated anew, which
+    # cost more than drawing the values); drawn by index, as sampled_from(palette) did.
+    built = [problem.draw(s, dtype, pair.accumulate) for s in _palette(pair, check, problem, dtype, run)]
+    drawn = st.sampled_from(range(len(built))).flatmap(built.__getitem__)
     if check == "step":
         return drawn.map(lambda pd: Example("step", pd[0], pd[1], 1))
     if check == "mlp":  # and a step after which the state moves (none for a 1-step trajectory)

@@ -73,9 +73,7 @@ def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, d
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for j in range(micro):
-            loss = problem.torch_loss(treedef.unflatten(leaves), tdata, j) / micro
-            loss.backward()
-            loss_total += float(loss.detach())
+            loss_total += _backward(problem, treedef, leaves, tdata, j, micro)
         if jitter is not None and jitter[2] is not None:
             _jitter_grads(problem, treedef, leaves, data, micro, *jitter)
         norm = pair.torch_clip(leaves) if pair.torch_clip else None
@@ -94,6 +92,26 @@ def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, d
             step["grad_norm"] = np.asarray(float(norm))
         out.append(step)
     return out
+
+
+def _backward(problem: Any, treedef: Any, leaves: Sequence[Any], tdata: Any, j: int, micro: int) -> float:
+    """Accumulate micro-batch j's gradient (of loss / micro) into the leaves' .grad, as
+    loss.backward() does; return that share of the loss."""
+    import torch
+
+    if problem.torch_grad is None:
+        loss = problem.torch_loss(treedef.unflatten(leaves), tdata, j) / micro
+        loss.backward()
+        return float(loss.detach())
+    with torch.no_grad():
+        loss, grads = problem.torch_grad(treedef.unflatten(leaves), tdata, j)
+        for p, g in zip(leaves, treedef.flatten_up_to(grads)):
+            g = g / micro if micro != 1 else g
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad += g
+    return float(loss / micro)
 
 
 def _jitter_grads(problem: Any, treedef: Any, leaves: Sequence[Any], data: Any, micro: int, rng: np.random.Generator,
@@ -247,6 +265,12 @@ def compiled(pair: Any, problem: Any, length: int, params0: Any, data: Any, dtyp
         fut = _PROGRAMS.get(key, (None, None))[1]
         if fut is None:
             if background:
+                # Imported here first: under pytest, equivcheck's modules are imported through the
+                # assertion rewriter (ast.parse), and CPython 3.11's AST constructor is not
+                # thread-safe: a first import on the compile thread while Hypothesis parses a
+                # lambda's source on this one raised "AST constructor recursion depth mismatch".
+                import equivcheck.backends.jax  # noqa: F401
+
                 if not _POOL:
                     _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="equivcheck-precompile-optim"))
                 fut = _POOL[0].submit(_compile, key, pair, problem, length, params0, data, dtype)
@@ -286,15 +310,15 @@ def run_jax(pair: Any, problem: Any, length: int, params0: Any, data: Any, steps
     program = compiled(pair, problem, length, params0, data, dtype)
     with x64(_wide(dtype)):
         dev = device_of(device)
-        p0 = jax.device_put(_as_jax(params0), dev)
         given = state_template(pair, params0, dtype)
         if start is not None:
             given = neutral_to_optax(given, pair.state_map, start)
-        out = program(p0, jax.device_put(_as_jax(data), dev), given, start is not None, start_step)
-        host = jax.tree.map(np.asarray, out)
+        # NumPy straight to the device: an eager jnp.asarray per leaf cost more than the run
+        out = program(*jax.device_put((params0, data, given), dev), start is not None, start_step)
+        stacked, layout = jax.tree.flatten(jax.device_get(out))
     steps_out = []
     for t in range(min(steps, length)):
-        at = jax.tree.map(lambda x, t=t: x[t], host)
+        at = layout.unflatten([x[t] for x in stacked])
         step = {"params": at["params"], "state": optax_to_neutral(at["state"], pair.state_map, start_step + t + 1)}
         for k in ("lr", "grad_norm"):
             if k in at:

@@ -447,7 +447,16 @@ class Inputs:
         else:
             fresh = st.integers(0, 2**32 - 1).map(lambda s: self.shapes.sample(np.random.default_rng(s)))
             shapes = st.one_of(st.just(self.shapes.minimal()), fresh)
-        return shapes.flatmap(lambda ss: self._values(dtype, ss))
+        # One strategy per shape set, built once: a fresh one per example is validated anew,
+        # which cost more than drawing the values.
+        built: dict[tuple[Shape, ...], st.SearchStrategy[tuple]] = {}
+
+        def values(ss: tuple[Shape, ...]) -> st.SearchStrategy[tuple]:
+            if ss not in built:
+                built[ss] = self._values(dtype, ss)
+            return built[ss]
+
+        return shapes.flatmap(values)
 
     def placeholders(self, dtype: str, shapes: tuple[Shape, ...]) -> list[tuple[Any, ...]]:
         """Zero-valued argument tuples with the dtypes the strategy draws, one per

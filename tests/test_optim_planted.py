@@ -185,3 +185,21 @@ def test_plateau_lr_stops_where_torchs_eps_stops_it(min_lr):
     # optax keeps the plateau scale in float32 (min_lr / lr = 2e-6 rounds), torch the lr in a Python float
     tol = lookup("float32")
     np.testing.assert_allclose(optax_lrs, torch_lrs, rtol=tol.rtol, atol=0)
+
+
+def test_a_plateau_schedule_that_decides_differently_is_blamed_on_the_schedule(monkeypatch):
+    """optax's reduce_on_plateau counts patience differently from torch (it reduces when the bad
+    steps reach patience, torch when they exceed it): a port without the +1 reduces one step
+    early. The parameters differ after that too; the diagnosis must name the schedule's
+    state, not a hyperparameter of the optimizer (it once blamed momentum for a plateau bug)."""
+    plateau = Schedule("ReduceLROnPlateau", patience=2, factor=0.5, threshold=0.1, cooldown=1)
+    good = optimizer_pair("plateau", "SGD", lr=0.05, momentum=0.9, checks=("quadratic",), schedule=plateau)
+    rec = run(good)["quadratic"]
+    assert rec.outcome == "passed", rec.failure_text()
+    original = optax.contrib.reduce_on_plateau
+    monkeypatch.setattr(optax.contrib, "reduce_on_plateau", lambda patience, **kw: original(patience=patience - 1, **kw))
+    bad = optimizer_pair("plateau_patience_bug", "SGD", lr=0.05, momentum=0.9, checks=("quadratic",), schedule=plateau)
+    rec = run(bad)["quadratic"]
+    assert rec.outcome == "failed", rec
+    assert "the schedule's own state differs" in rec.diagnosis and "plateau decisions differ" in rec.diagnosis, \
+        rec.failure_text()
