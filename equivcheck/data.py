@@ -341,10 +341,8 @@ def run_check(name: str, body: Callable[[Any], DataVerdict], examples: Any, *, d
     CheckRecord (check "forward": the batches a pipeline yields are its forward output).
     In a suite: `equiv.conclude([run_check(..., dtype=equiv.dtype, run=equiv.run,
     known=equiv.known, nodeid=equiv.nodeid, replay=equiv.replay)])`."""
-    from hypothesis import given, settings
-    from hypothesis import seed as hypothesis_seed
-
-    from equivcheck.runner import CheckRecord, seeded_generation
+    from equivcheck.runner import CheckRecord
+    from equivcheck.search import FLAKY_NOTE, Search
 
     start, stats = time.perf_counter(), {"n": 0, "worst": 0.0, "batches": 0}
 
@@ -355,22 +353,20 @@ def run_check(name: str, body: Callable[[Any], DataVerdict], examples: Any, *, d
             raise _Mismatch(verdict, example)
         stats["worst"], stats["batches"] = max(stats["worst"], verdict.worst), stats["batches"] + verdict.batches
 
-    test._hypothesis_internal_add_digest = f"data:{name}:{dtype}".encode()  # type: ignore[attr-defined]
-    wrapped = settings(settings.get_profile(f"equivcheck-{run.profile}"),
-                       max_examples=min(run.examples, max_examples or run.examples))(
-        hypothesis_seed(run.item_seed(name, dtype, run.device))(given(examples)(test)))
     tol = tolerance_table.lookup(dtype)
     rec = CheckRecord(name, "forward", dtype, run.device, run.precision, "passed", nodeid=nodeid, replay=replay,
                       tolerance={"rtol": tol.rtol, "atol": tol.atol, "per": getattr(tol, "per", "element"),
                                  "reason": "floating leaves: " + tol.reason},
                       tags=["data"])
-    try:
-        with seeded_generation():
-            wrapped()
-    except _Mismatch as m:
+    search = Search(run, _Mismatch)
+    m = search(test, examples, digest=f"data:{name}:{dtype}", seed=run.item_seed(name, dtype, run.device),
+               max_examples=max_examples)
+    if m is not None:
         rec.outcome, rec.kind, rec.side, rec.message = "failed", m.verdict.kind, m.verdict.side, m.verdict.message
         rec.worst_ratio = float("inf")
         rec.inputs = format_args(m.example if isinstance(m.example, tuple) else (m.example,))
+        if search.flaky:
+            rec.notes.append(FLAKY_NOTE)
     rec.examples, rec.max_abs_err, rec.seconds = stats["n"], stats["worst"], time.perf_counter() - start
     if rec.outcome == "passed":
         rec.notes.append(f"{stats['batches']} batches compared")

@@ -20,8 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from hypothesis import Phase, given, settings
-from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from equivcheck import models_map as mm
@@ -30,7 +28,8 @@ from equivcheck import tolerance
 from equivcheck.backends import SideError
 from equivcheck.compare import Verdict, compare, flatten, format_args
 from equivcheck.optim_runner import BUCKETS, compare_steps
-from equivcheck.runner import CheckRecord, RunSettings, seeded_generation
+from equivcheck.runner import CheckRecord, RunSettings
+from equivcheck.search import Search
 from equivcheck.tolerance import Tolerance
 
 _SCALE_OF = {"forward": "forward", "modes": "forward", "grad": "vjp", "train": "vjp", "fit": "vjp"}
@@ -213,37 +212,22 @@ def _strategy(pair: Any, check: str, dtype: str, run: RunSettings) -> st.SearchS
 def _run_check(pair: Any, check: str, ents: list[mm.Entry], dtype: str, run: RunSettings, tol: Tolerance,
                expected: bool, accepted: list[Result]) -> tuple[list[Result], _Failed | None]:
     seen: list[Result] = []
-    shrink: dict[str, Any] = {"since": None, "best": None}
+    search = Search(run, _Failed)
 
     def test(ex: Example) -> None:
-        best = shrink["best"]
-        if best is not None and time.monotonic() - shrink["since"] > run.shrink_seconds:
-            raise best
         res = evaluate(pair, check, ex, ents, dtype, run, tol)
         if res.verdict.ok:
             seen.append(res)
             return
         if res.accepted:
-            if best is None:  # count drawn examples, not the shrinker's variants of a failure
+            if not search.shrinking:  # count drawn examples, not the shrinker's variants of a failure
                 accepted.append(res)
             return
-        failed = _Failed(res, ex)
-        if best is None:
-            shrink["best"], shrink["since"] = failed, time.monotonic()
-        raise failed
+        raise _Failed(res, ex)
 
-    test._hypothesis_internal_add_digest = f"model:{pair.name}:{check}:{dtype}".encode()  # type: ignore[attr-defined]
-    profile = settings.get_profile(f"equivcheck-{run.profile}")
-    phases = [p for p in profile.phases if not (expected and p == Phase.shrink)]
-    wrapped = settings(profile, max_examples=run.examples, phases=phases)(
-        hypothesis_seed(run.item_seed(pair.name, check, dtype, run.device))(
-            given(_strategy(pair, check, dtype, run))(test)))
-    try:
-        with seeded_generation():
-            wrapped()
-    except _Failed as failed:
-        return seen, failed
-    return seen, None
+    failed = search(test, _strategy(pair, check, dtype, run), digest=f"model:{pair.name}:{check}:{dtype}",
+                    seed=run.item_seed(pair.name, check, dtype, run.device), shrink=not expected)
+    return seen, failed
 
 
 def run_model_pair(pair: Any, *, dtype: str, run: RunSettings,

@@ -21,16 +21,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from hypothesis import Phase, given, settings
-from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from hypothesis.errors import Flaky
 
 from equivcheck import tolerance
 from equivcheck.compare import Verdict, compare, flatten, format_args
 from equivcheck.optim_problems import LINEAR, MLP, QUADRATIC, Problem
 from equivcheck.optim_sides import MAX_STEPS, compiled, run_jax, run_torch
-from equivcheck.runner import CheckRecord, RunSettings, seeded_generation
+from equivcheck.runner import CheckRecord, RunSettings
+from equivcheck.search import Search
 from equivcheck.tolerance import Tolerance
 
 GROWTH = "linear"
@@ -301,42 +299,22 @@ def _run_check(pair: Any, check: str, dtype: str, run: RunSettings, base: Tolera
     from equivcheck.optim_diagnose import explained_by_rounding
 
     seen: list[Outcome] = []
-    shrink: dict[str, Any] = {"since": None, "best": None}
+    search = Search(run, _Failed, smaller=lambda new, best: new.example.steps < best.example.steps)
 
     def test(ex: Example) -> None:
-        best = shrink["best"]
-        if best is not None and time.monotonic() - shrink["since"] > run.shrink_seconds:
-            raise best
         out = evaluate(pair, ex, dtype, run, base)
         if out.ok:
             seen.append(out)
             return
         if explained_by_rounding(pair, ex, out, dtype, run, base, run.item_seed(pair.name, check, str(len(seen)))):
-            if best is None:  # count drawn examples, not the shrinker's variants of a failure
+            if not search.shrinking:  # count drawn examples, not the shrinker's variants of a failure
                 ill.append(ex.steps)
             return
-        failed = _Failed(out, ex)
-        if best is None or ex.steps < best.example.steps:
-            shrink["best"], shrink["since"] = failed, shrink["since"] or time.monotonic()
-        raise failed
+        raise _Failed(out, ex)
 
-    test._hypothesis_internal_add_digest = f"optim:{pair.name}:{check}:{dtype}".encode()  # type: ignore[attr-defined]
-    profile = settings.get_profile(f"equivcheck-{run.profile}")
-    # A known divergence needs no minimal example: stop at the first one found.
-    phases = [p for p in profile.phases if not (expected and p == Phase.shrink)]
-    wrapped = settings(profile, max_examples=run.examples, phases=phases)(
-        hypothesis_seed(run.item_seed(pair.name, check, dtype, run.device))(given(_strategy(pair, check, dtype, run))(test)))
-    try:
-        with seeded_generation():
-            wrapped()
-    except _Failed as failed:
-        return seen, failed
-    except Flaky as flaky:
-        inner = [e for e in getattr(flaky, "exceptions", ()) if isinstance(e, _Failed)]
-        if not inner:
-            raise
-        return seen, inner[0]
-    return seen, None
+    failed = search(test, _strategy(pair, check, dtype, run), digest=f"optim:{pair.name}:{check}:{dtype}",
+                    seed=run.item_seed(pair.name, check, dtype, run.device), shrink=not expected)
+    return seen, failed
 
 
 def run_optimizer_pair(pair: Any, *, dtype: str, run: RunSettings,

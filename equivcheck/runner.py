@@ -8,7 +8,6 @@ its full example budget and its own counterexample.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import math
 import time
@@ -16,10 +15,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, Verbosity, given, settings, target
-from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from hypothesis.errors import Flaky
+from hypothesis import target
 
 from equivcheck import tolerance
 from equivcheck.autodiff import Evaluation, evaluate, judge, wide
@@ -28,49 +25,7 @@ from equivcheck.compare import LeafDiff, Verdict, format_args, n_elements
 from equivcheck.conditioning import LOWP_ULPS, explained_by_precision, explained_by_rounding
 from equivcheck.diagnose import diagnose
 from equivcheck.pairs import CHECKS, Pair
-
-PROFILES = {"dev": 30, "ci": 30, "nightly": 300}
-for _name, _count in PROFILES.items():
-    settings.register_profile(
-        f"equivcheck-{_name}",
-        max_examples=_count,
-        deadline=None,  # JAX compiles on first sight of a shape: timing says nothing
-        database=None,  # replay is by seed (--equiv-seed), exact across machines
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
-                               HealthCheck.filter_too_much],
-        verbosity=Verbosity.quiet,  # the check's own message carries the minimal example
-        report_multiple_bugs=False,
-        # "explain" re-runs a failure many times to annotate its printout, which we replace.
-        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
-    )
-
-
-@contextlib.contextmanager
-def seeded_generation():
-    """Hypothesis (6.131+) mixes literals from every loaded non-site-packages module into
-    generation, so the same seed drew other examples depending on which tests were imported,
-    or whether equivcheck was installed or imported from a checkout: a replay command could
-    miss the failure it was printed for. Within equivcheck's runs only its global constants
-    pool is used."""
-    try:
-        from hypothesis.internal.conjecture import providers
-    except ImportError:  # pragma: no cover - a Hypothesis without the module has no local pool
-        yield
-        return
-    local = getattr(providers, "_get_local_constants", None)
-    empty = getattr(providers, "Constants", None)
-    cache = getattr(providers, "CONSTANTS_CACHE", None)
-    if local is None or empty is None or cache is None:
-        yield
-        return
-    cache.cache.clear()
-    providers._get_local_constants = empty
-    try:
-        yield
-    finally:
-        providers._get_local_constants = local
-        cache.cache.clear()
-
+from equivcheck.search import FLAKY_NOTE, PROFILES, Search, seeded_generation  # noqa: F401 (re-exported)
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
@@ -264,13 +219,9 @@ def prepare(pair: Pair, dtype: str, run: RunSettings) -> None:
 
 def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: dict[str, Any],
               stats: dict[str, _Stats], dtype: str, run: RunSettings, item_seed: int) -> CheckFailed | None:
-    shrink: dict[str, Any] = {"since": None, "best": None}
+    search = Search(run, CheckFailed, smaller=lambda new, best: n_elements(new.args) < n_elements(best.args))
 
     def test(example: tuple[tuple[Any, ...], int]) -> None:
-        best = shrink["best"]
-        if best is not None and time.monotonic() - shrink["since"] > run.shrink_seconds:
-            # Out of shrinking time: every call now reports the smallest failure found.
-            raise best
         args, vec_seed = example
         ev = evaluate(pair, args, vec_seed, dtype=dtype, device=run.device, checks=active)
         for check in active:
@@ -283,38 +234,19 @@ def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: 
                 if why:
                     s.accepted[why] += 1
                     continue
-                failed = CheckFailed(check, verdict, args, ev)
-                if best is None or n_elements(args) < n_elements(best.args):
-                    shrink["best"] = failed
-                    shrink["since"] = shrink["since"] or time.monotonic()
-                raise failed
+                raise CheckFailed(check, verdict, args, ev)
             if verdict.ratio >= s.ratio:
                 s.ratio, s.leaf = verdict.ratio, verdict.worst
             # Steer generation towards the inputs where the two sides drift furthest apart.
             target(min(verdict.ratio, 1e6), label=check)
 
-    # Hypothesis keys its example database by function digest: keep checks apart.
-    test._hypothesis_internal_add_digest = f"{pair.name}:{dtype}:{run.device}".encode()  # type: ignore[attr-defined]
-    wrapped = settings(settings.get_profile(f"equivcheck-{run.profile}"), max_examples=run.examples)(
-        hypothesis_seed(item_seed)(given(examples)(test))
-    )
-    try:
-        with seeded_generation():
-            wrapped()
-    except CheckFailed as failed:
-        if shrink["since"] is not None and time.monotonic() - shrink["since"] > run.shrink_seconds:
-            failed.verdict.notes.append(f"shrinking stopped after {run.shrink_seconds:g} s: the smallest failing "
-                                        "example found is shown")
-        return failed
-    except Flaky as flaky:
-        inner = [e for e in getattr(flaky, "exceptions", ()) if isinstance(e, CheckFailed)]
-        if not inner:
-            raise
-        failed = inner[0]
-        failed.verdict.notes.append(
-            "flaky: this example failed once and passed when replayed (a nondeterministic op, e.g. scatter-add on GPU)")
-        return failed
-    return None
+    failed = search(test, examples, digest=f"{pair.name}:{dtype}:{run.device}", seed=item_seed)
+    if failed is not None and search.flaky:
+        failed.verdict.notes.append(FLAKY_NOTE)
+    elif failed is not None and search.out_of_time:
+        failed.verdict.notes.append(f"shrinking stopped after {run.shrink_seconds:g} s: the smallest failing "
+                                    "example found is shown")
+    return failed
 
 
 def _accepted(pair: Pair, check: str, args: Any, ev: Evaluation, verdict: Verdict, dtype: str,
