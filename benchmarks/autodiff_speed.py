@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the suites pa
 
 def main(argv: list[str] | None = None) -> int:
     from equivcheck.backends import jax_side, torch_side
-    from equivcheck.runner import PROFILES, RunSettings, prepare, run_pair
+    from equivcheck.engine.records import RunSettings
+    from equivcheck.engine.search import PROFILES
+    from equivcheck.ops.runner import prepare, run_pair
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=PROFILES["dev"])

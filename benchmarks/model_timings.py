@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from equivcheck.models_zoo import cnn_pair, encoder_pair, lstm_pair, mlp_pair
-from equivcheck.runner import RunSettings
+from equivcheck.engine.records import RunSettings
+from equivcheck.models.zoo import cnn_pair, encoder_pair, lstm_pair, mlp_pair
 
 
 def main() -> None:

@@ -22,9 +22,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from equivcheck import tolerance
-from equivcheck.optim_runner import BUCKETS, _run_check, run_optimizer_pair
-from equivcheck.runner import RunSettings
+from equivcheck.engine import tolerance
+from equivcheck.engine.records import RunSettings
+from equivcheck.optim.runner import _run_check, run_optimizer_pair
+from equivcheck.optim.trajectory import BUCKETS
 
 
 def margins(pair, dtype, run):

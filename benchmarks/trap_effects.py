@@ -13,8 +13,8 @@ import argparse
 import numpy as np
 import torch
 
-from equivcheck.autodiff import evaluate
-from equivcheck.compare import flatten
+from equivcheck.engine.compare import flatten
+from equivcheck.ops.autodiff import evaluate
 from suites._kit import sample_args
 from suites.loss_traps import PAIRS as LOSS_TRAPS
 from suites.trap_pairs import PAIRS as LAYER_TRAPS

@@ -3,6 +3,16 @@
 The public API, re-exported explicitly. Names load on first use (PEP 562), so importing
 the package - which pytest does for the plugin at every start - pulls in neither torch,
 jax, numpy nor Hypothesis.
+
+The tree reads as the flow of a check:
+
+  ops, models, optim, data   the check kinds: what runs on each side, drawn by Hypothesis
+  backends                   both sides: placement, precision, NumPy round trip, compiled programs
+  engine                     compare, tolerance table, the Hypothesis loop, records, CheckKind
+  references, layers         float64 references that arbitrate; layers on the JAX side and their traps
+  weights, checkpoints       state_dict <-> JAX trees; checkpoint files across formats
+  report                     JSON, Markdown, terminal table, run comparison
+  plugin, fixture            pytest's hooks and options; the `equiv` fixture
 """
 from __future__ import annotations
 
@@ -12,12 +22,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "equivcheck.pairs": ("CHECKS", "DTYPES", "Convention", "Pair", "Registry"),
-    "equivcheck.runner": ("CheckRecord", "RunSettings", "run_pair"),
-    "equivcheck.strategies": ("Broadcast", "Custom", "Fixed", "Floats", "Index", "Inputs", "Ints", "Mask",
-                              "MatMul", "Matrices", "Same", "Square", "Static", "binary", "unary"),
-    "equivcheck.tolerance": ("Tolerance",),
-    "equivcheck.knowns": ("KnownDivergences",),
+    "equivcheck.ops": ("CHECKS", "Convention", "Pair", "Registry", "run_pair", "Broadcast", "Custom", "Fixed", "Floats",
+                       "Index", "Inputs", "Ints", "Mask", "MatMul", "Matrices", "Same", "Square", "Static", "binary",
+                       "unary"),
+    "equivcheck.engine": ("DTYPES", "CheckKind", "CheckRecord", "KnownDivergences", "RunSettings", "Tolerance"),
+    "equivcheck.data": ("DataCheck",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -36,11 +45,34 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static tools see the real names
-    from equivcheck.knowns import KnownDivergences
-    from equivcheck.pairs import CHECKS, DTYPES, Convention, Pair, Registry
-    from equivcheck.runner import CheckRecord, RunSettings, run_pair
-    from equivcheck.strategies import (
-        Broadcast, Custom, Fixed, Floats, Index, Inputs, Ints, Mask, Matrices, MatMul, Same, Square, Static, binary,
+    from equivcheck.data import DataCheck  # noqa: F401
+    from equivcheck.engine import (  # noqa: F401
+        DTYPES,
+        CheckKind,
+        CheckRecord,
+        KnownDivergences,
+        RunSettings,
+        Tolerance,
+    )
+    from equivcheck.ops import (  # noqa: F401
+        CHECKS,
+        Broadcast,
+        Convention,
+        Custom,
+        Fixed,
+        Floats,
+        Index,
+        Inputs,
+        Ints,
+        Mask,
+        MatMul,
+        Matrices,
+        Pair,
+        Registry,
+        Same,
+        Square,
+        Static,
+        binary,
+        run_pair,
         unary,
     )
-    from equivcheck.tolerance import Tolerance

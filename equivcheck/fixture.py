@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import shlex
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from equivcheck.knowns import KnownDivergences
-from equivcheck.pairs import CHECKS, Pair
-from equivcheck.runner import CheckRecord, RunSettings, run_pair
+from equivcheck.engine.kind import CheckKind
+from equivcheck.engine.knowns import KnownDivergences
+from equivcheck.engine.records import CheckRecord, RunSettings
 
 RECORDS_KEY = "equivcheck"
 KNOWN_KEY = "equivcheck-known"  # a node-id pattern from the known-divergence files matched this test
@@ -59,29 +58,30 @@ class Equiv:
     def __repr__(self) -> str:
         return f"<equiv {self.dtype} on {self.device}>"
 
-    def check(self, pair: Pair, *, checks: Sequence[str] | None = None) -> list[CheckRecord]:
+    def check(self, pair: CheckKind, *, checks: Sequence[str] | None = None) -> list[CheckRecord]:
         """Run `pair` (all its checks, or `checks`) and fail, xfail or pass this test.
 
-        Besides a `Pair`, any record with `run_checks(dtype=, run=, known=, nodeid=,
-        replay=)` and `all_checks` runs here the same way (equivcheck.optim.OptimizerPair).
+        `pair` is any `CheckKind`: a Pair, an OptimizerPair, a ModelPair, a DataCheck, or a
+        user's own record with the same six members (equivcheck.engine.kind).
         """
         __tracebackhide__ = True
-        own = not isinstance(pair, Pair) and callable(getattr(pair, "run_checks", None))
-        if not isinstance(pair, Pair) and not own:
-            raise TypeError(f"equiv.check takes a Pair, got {type(pair).__name__}")
+        if not isinstance(pair, CheckKind):
+            missing = [m for m in ("name", "dtypes", "checks", "all_checks", "replace", "prepare", "run_checks")
+                       if not hasattr(pair, m)]
+            raise TypeError(f"equiv.check takes a check record (a CheckKind such as Pair), got "
+                            f"{type(pair).__name__}, which lacks {', '.join(missing)}")
         if checks is not None:
-            valid = getattr(pair, "all_checks", CHECKS)
-            unknown = set(checks) - set(valid)
+            unknown = set(checks) - set(pair.all_checks)
             if unknown:
-                raise ValueError(f"unknown checks {sorted(unknown)}; choose from {valid}")
+                raise ValueError(f"unknown checks {sorted(unknown)}; choose from {tuple(pair.all_checks)}")
             pair = pair.replace(checks=tuple(c for c in pair.checks if c in checks))
         if self.dtype not in pair.dtypes:
             why = f"{pair.name} declares dtypes {', '.join(pair.dtypes)}; not {self.dtype}"
             self._file([CheckRecord(pair.name, c, self.dtype, self.device, self.run.precision, "skipped",
                                     message=why, nodeid=self._item.nodeid) for c in pair.checks])
             pytest.skip(why)
-        runner = pair.run_checks if own else functools.partial(run_pair, pair)
-        records = runner(dtype=self.dtype, run=self.run, known=self.known, nodeid=self.nodeid, replay=self.replay)
+        records = pair.run_checks(dtype=self.dtype, run=self.run, known=self.known, nodeid=self.nodeid,
+                                  replay=self.replay)
         return self.conclude(records)
 
     @property
@@ -98,8 +98,8 @@ class Equiv:
         return self._state.known.match_check(check_id)
 
     def conclude(self, records: list[CheckRecord]) -> list[CheckRecord]:
-        """File records made outside `check` (e.g. by `equivcheck.data.run_check`, which compares
-        batches rather than a Pair) for the report, and fail, xfail or pass this test like `check`."""
+        """File records made outside `check` (e.g. by `equivcheck.data.run_check`) for the report,
+        and fail, xfail or pass this test like `check`."""
         __tracebackhide__ = True
         self._file(records)
         if records and all(r.outcome == "skipped" for r in records):

@@ -59,17 +59,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _build_state(config: pytest.Config) -> Any:
-    from equivcheck import pairs
     from equivcheck.backends import jax_side, torch_side
+    from equivcheck.engine import DTYPES, PROFILES, KnownDivergences, RunSettings
     from equivcheck.fixture import SessionState
-    from equivcheck.knowns import KnownDivergences
-    from equivcheck.runner import PROFILES, RunSettings
 
     opt = config.getoption
     dtypes = tuple(d.strip() for d in opt("equiv_dtypes").split(",") if d.strip())
-    bad = [d for d in dtypes if d not in pairs.DTYPES]
+    bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
-        raise pytest.UsageError(f"--equiv-dtypes: unknown {bad or 'empty list'}; choose from {', '.join(pairs.DTYPES)}")
+        raise pytest.UsageError(f"--equiv-dtypes: unknown {bad or 'empty list'}; choose from {', '.join(DTYPES)}")
     profile = opt("equiv_profile") or ("ci" if os.environ.get("CI") else "dev")
     examples = PROFILES[profile] if opt("equiv_examples") is None else opt("equiv_examples")
     if examples < 1 or opt("equiv_shapes") < 0:
@@ -150,17 +148,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _refuse_duplicate_names(items: list[pytest.Item]) -> None:
-    from equivcheck.pairs import Pair
+    from equivcheck.engine import CheckKind
 
     seen: dict[str, tuple[Any, str]] = {}
     for item in items:
         for value in getattr(getattr(item, "callspec", None), "params", {}).values():
-            if isinstance(value, Pair):
+            if isinstance(value, CheckKind):
                 first = seen.setdefault(value.name, (value, item.nodeid))
-                if first[0] is not value and (first[0].torch_fn, first[0].jax_fn) != (value.torch_fn, value.jax_fn):
+                if first[0] is not value and not _same_record(first[0], value):
                     raise pytest.UsageError(
                         f"two different pairs are named {value.name!r} ({first[1]} and {item.nodeid}); "
                         "names key the report, so give each its own")
+
+
+def _same_record(a: Any, b: Any) -> bool:
+    """The same record, or a copy of it with other checks (`pair.replace(checks=...)`)."""
+    if type(a) is not type(b) or not dataclasses.is_dataclass(a):
+        return False
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a) if f.name != "checks")
 
 
 @pytest.fixture
@@ -184,15 +189,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     params = getattr(getattr(nextitem, "callspec", None), "params", {})
     if not state.enabled or "equiv" not in params:
         return
-    from equivcheck.pairs import Pair
-    from equivcheck.runner import prepare
+    from equivcheck.engine import CheckKind
 
     dtype, device = params["equiv"]
-    pairs = [v for v in params.values() if isinstance(v, Pair) or callable(getattr(v, "run_checks", None))]
+    pairs = [v for v in params.values() if isinstance(v, CheckKind)]
     if len(pairs) == 1 and dtype in pairs[0].dtypes and device not in state.unavailable:
-        run = dataclasses.replace(state.run, device=device)
-        try:  # an OptimizerPair (or any record with run_checks) compiles its own programs
-            pairs[0].prepare(dtype, run) if not isinstance(pairs[0], Pair) else prepare(pairs[0], dtype, run)
+        try:
+            pairs[0].prepare(dtype, dataclasses.replace(state.run, device=device))
         except Exception:  # a head start only: the test itself reports a broken pair
             pass
 

@@ -3,7 +3,7 @@ and the Pair shorthand those tables use.
 
 A layer pair passes a layer's parameters as explicit arguments in torch layout
 (`torch_fn(x, weight, bias, config)` runs the module through torch.func.functional_call;
-`jax_fn` converts them with equivcheck.convert inside the traced function and applies the
+`jax_fn` converts them with equivcheck.weights.convert inside the traced function and applies the
 Flax layer), so gradients come back per parameter name and the weight conversion is part of
 what is checked. A pair's hyperparameter configurations are evaluated together in one
 program (`bundled`): XLA compilation is what the suites' time goes to (forward+VJP of a
@@ -101,7 +101,7 @@ def sample_args(pair: Pair, rng: np.random.Generator, dtype: str = "float64") ->
     """One argument tuple drawn with NumPy instead of Hypothesis (benchmarks, reference tests):
     shapes from the pair's own rule, values uniform in each spec's range, statics picked."""
     from equivcheck import Index, Ints, Mask, Static
-    from equivcheck.strategies import np_dtype
+    from equivcheck.engine.dtypes import np_dtype
 
     all_shapes = pair.inputs.shapes.sample(rng)
     shapes = iter(all_shapes)

@@ -1,7 +1,7 @@
 """Layer pairs, part 1: linear, convolutions, pooling, normalization, embedding, dropout,
 resampling and reshaping. torch.nn modules on one side, the Flax layer (via
-equivcheck.flax_bridge, which converts the torch-layout weights) on the other; a float64
-NumPy reference (equivcheck.nnref) decides which side is off.
+equivcheck.layers.flax_bridge, which converts the torch-layout weights) on the other; a float64
+NumPy reference (equivcheck.references.layers) decides which side is off.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch.nn as nn
 from flax import nnx
 
 from equivcheck import Floats, Index
-from equivcheck import flax_bridge as fb
-from equivcheck import nnref as R
+from equivcheck.layers import flax_bridge as fb
+from equivcheck.references import layers as R
 from suites._kit import POSITIVE, W, X, call, cfg, ints, layer, module, pick
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

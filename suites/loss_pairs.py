@@ -1,6 +1,6 @@
 """Loss pairs: torch.nn.functional losses against optax where optax has them, else jax.numpy,
 with each torch reduction written out on the JAX side (optax returns per-example losses).
-float64 NumPy references (equivcheck.lossref) decide which side is off.
+float64 NumPy references (equivcheck.references.losses) decide which side is off.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from equivcheck import Convention, Floats, Index, Ints
-from equivcheck import lossref as R
+from equivcheck.references import losses as R
 from suites._kit import POSITIVE, ints, layer
 
 SMOOTH = ("forward", "vjp", "jvp", "hvp")  # smooth losses: their Hessians matter (second-order methods)

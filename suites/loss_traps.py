@@ -7,7 +7,7 @@ import optax
 import torch.nn.functional as F
 
 from equivcheck import Floats, Index, Ints
-from equivcheck import lossref as R
+from equivcheck.references import losses as R
 from suites._kit import POSITIVE, ints, layer
 from suites.loss_pairs import LOGITS, _classes, _pairwise, _targets, s_ctc, t_ctc
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from equivcheck import Mask, Tolerance
-from equivcheck import flax_bridge as fb
-from equivcheck import nnref as R
-from equivcheck.tolerance import BASE
+from equivcheck.engine.tolerance import BASE
+from equivcheck.layers import flax_bridge as fb
+from equivcheck.references import layers as R
 from suites._kit import W, X, call, ints, layer, module, pick
 
 # jax.nn.dot_product_attention (used by nnx.MultiHeadAttention) computes the softmax in float32

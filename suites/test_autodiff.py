@@ -17,10 +17,26 @@ import torch
 import torch.nn.functional as F
 
 from equivcheck import (
-    Broadcast, Convention, Custom, Fixed, Floats, Index, Inputs, Mask, Matrices, MatMul, Pair, Registry, Same, Square,
-    Static, Tolerance, binary, unary,
+    Broadcast,
+    Convention,
+    Custom,
+    Fixed,
+    Floats,
+    Index,
+    Inputs,
+    Mask,
+    MatMul,
+    Matrices,
+    Pair,
+    Registry,
+    Same,
+    Square,
+    Static,
+    Tolerance,
+    binary,
+    unary,
 )
-from equivcheck.tolerance import BASE
+from equivcheck.engine.tolerance import BASE
 
 ALL_FLOATS = ("float32", "float64", "bfloat16", "float16")
 NO_HVP = ("forward", "vjp", "jvp")

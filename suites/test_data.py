@@ -1,7 +1,7 @@
 """Data pipelines: the batches a model sees, from PyTorch and from the JAX side.
 
 Two tables, one generic test each:
-- TRANSFORMS (suites/transform_pairs.py): torchvision.transforms.v2 against equivcheck.vision,
+- TRANSFORMS (suites/transform_pairs.py): torchvision.transforms.v2 against equivcheck.data.vision,
   as Pairs with a forward check; skipped, with the reason, where torchvision is not installed.
 - LOADERS: torch.utils.data.DataLoader against Grain (MapDataset, DataLoader) and a plain
   NumPy iterator. Hypothesis draws the data set size, batch size, drop_last, epochs and seed;
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from equivcheck import data as D
+
 
 def _missing(module: str) -> str | None:
     """Why `module` cannot be used here, or None. A torchvision built for another torch fails at import."""
@@ -162,7 +163,7 @@ def streamed(s, dtype):
 
 def digits(s, dtype):
     """scikit-learn's bundled digits (1797 8x8 images, no download), normalised and batched."""
-    from equivcheck import vision as V
+    from equivcheck.data import vision as V
 
     images, labels = _digits()
     mean, std = float(images.mean()), float(images.std())
@@ -176,7 +177,7 @@ def digits(s, dtype):
             x = torch.from_numpy(images[i]).to(getattr(torch, dtype))[None]
             return {"index": i, "image": (x - mean) / std, "label": int(labels[i])}
 
-    def jax_side(r):  # the JAX-side pipeline: Grain maps equivcheck.vision in NumPy
+    def jax_side(r):  # the JAX-side pipeline: Grain maps equivcheck.data.vision in NumPy
         x = V.to_dtype(V.to_image(images[r["index"]]), dtype)
         return {"index": r["index"], "image": V.normalize(x, [mean], [std]), "label": int(labels[r["index"]])}
 
@@ -210,10 +211,11 @@ LOADER_PARAMS = [pytest.param(name, marks=_skip(missing)[0].marks if missing els
                  for missing in [next((m for m in (need, "grain") if MISSING[m]), None)]]
 
 
+LOADER_CHECKS = {name: D.DataCheck(name, body, SETUP, max_examples=limit) for name, (body, _, limit) in LOADERS.items()}
+
+
 @pytest.mark.parametrize("name", LOADER_PARAMS)
 def test_loader(name, equiv):
-    body, _, limit = LOADERS[name]
     if equiv.device != "cpu":
         pytest.skip("data loading runs on the host: checked once, on cpu")
-    equiv.conclude([D.run_check(name, lambda s: body(s, equiv.dtype), SETUP, dtype=equiv.dtype, run=equiv.run,
-                                known=equiv.known, nodeid=equiv.nodeid, replay=equiv.replay, max_examples=limit)])
+    equiv.check(LOADER_CHECKS[name])

@@ -1,7 +1,7 @@
 """Model migration suite: torch models against their JAX ports, as a migration checks them.
 
 One table, one generic test (the same `equiv.check` a user's own model test calls). Rows
-(equivcheck.models_zoo): the two-layer MLP and its naive `W @ x` port (a known divergence:
+(equivcheck.models.zoo): the two-layer MLP and its naive `W @ x` port (a known divergence:
 the report shows the first diverging layer and the shape error), a small CNN (conv,
 BatchNorm, pooling, dropout, linear) with its forward/grad/modes/20-step checks and, as its
 own row, three epochs on scikit-learn's digits (loss curves and test accuracy of both), a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from equivcheck.models_zoo import cnn_pair, encoder_pair, lstm_pair, mlp_naive_apply, mlp_pair
+from equivcheck.models.zoo import cnn_pair, encoder_pair, lstm_pair, mlp_naive_apply, mlp_pair
 
 MODELS = [
     mlp_pair(),

@@ -2,12 +2,12 @@
 
 One table, one generic test. Each row is a torch optimizer with its hyperparameters (and a
 schedule, clipping or accumulation); `optimizer_pair` builds the optax side from the same
-hyperparameters through equivcheck.optim_map, every optax argument explicit. Checks per row:
+hyperparameters through equivcheck.optim.mapping, every optax argument explicit. Checks per row:
 `step` (one step on drawn parameter pytrees and gradients), `quadratic` and `mlp`
 (trajectories of up to 100 steps compared at every step; `mlp` also moves the optimizer
 state between the frameworks mid-run), `schedule` (the learning-rate sequence).
 
-The naive ports at the end (equivcheck.optim_divergences) use each library's own defaults:
+The naive ports at the end (equivcheck.optim.naive) use each library's own defaults:
 they must diverge, and suites/known_divergences.txt says why and what reconciles them.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from equivcheck.optim import Schedule, optimizer_pair
-from equivcheck.optim_divergences import NAIVE_PORTS
+from equivcheck.optim.naive import NAIVE_PORTS
 
 S = Schedule
 TRAJECTORY = ("quadratic", "schedule")  # a schedule row: its lr sequence and an SGD trajectory under it

@@ -1,5 +1,5 @@
 """The image-transform table of the data suite: torchvision.transforms.v2 against
-equivcheck.vision on jax.numpy, with equivcheck.vision on NumPy (float64) as the reference.
+equivcheck.data.vision on jax.numpy, with equivcheck.data.vision on NumPy (float64) as the reference.
 
 Raw images are uint8 HWC arrays as a data set stores them; later stages take float CHW
 images in [0, 1]. Each pair is a forward check. Transforms that only move pixels (crops,
@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as TF
-from torchvision.transforms import v2
 from torchvision.transforms import ToTensor as ToTensorV1
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode as IM
 from torchvision.transforms.v2 import functional as F
 
 from equivcheck import Custom, Fixed, Floats, Inputs, Ints, Pair, Static, Tolerance
-from equivcheck import vision as V
+from equivcheck.data import vision as V
 
 FLOATS = ("float32", "float64")
 RAW = ("float32",)  # uint8 input: the output dtype is the transform's, whatever the run's dtype

@@ -3,7 +3,7 @@ reconciled twin.
 
 A trap pair is what a user writes when porting naively (nnx.LayerNorm(C) for
 nn.LayerNorm(C)). It is listed in known_divergences.txt (so it xfails with the cause) and in
-equivcheck.divergences (cause, measured size, the setting that reconciles the two); its twin,
+equivcheck.layers.traps (cause, measured size, the setting that reconciles the two); its twin,
 with that setting, is a passing pair. Traps check the forward at float32 only: the trap is
 in the function itself, and a failing check costs its shrinking time.
 """
@@ -20,9 +20,9 @@ import torch.nn as nn
 from flax import nnx
 
 from equivcheck import Fixed, Floats, Inputs, Mask, Pair, Static, Tolerance
-from equivcheck import convert
-from equivcheck import flax_bridge as fb
-from equivcheck import nnref as R
+from equivcheck.layers import flax_bridge as fb
+from equivcheck.references import layers as R
+from equivcheck.weights import convert
 from suites._kit import POSITIVE, W, X, call, ints, layer, module
 
 TRAP = dict(checks=("forward",), dtypes=("float32",))

@@ -13,10 +13,10 @@ pytest.importorskip("safetensors", reason="pip install 'equivcheck[checkpoints]'
 pytest.importorskip("orbax.checkpoint", reason="pip install 'equivcheck[checkpoints]'")
 
 from equivcheck import RunSettings, data, run_pair  # noqa: E402
-from equivcheck import checkpoints as ck  # noqa: E402
 from equivcheck import weights as W  # noqa: E402
 from equivcheck.__main__ import main  # noqa: E402
-from equivcheck.strategies import np_dtype  # noqa: E402
+from equivcheck.checkpoints import formats as ck  # noqa: E402 - its private _SAVE table is patched here
+from equivcheck.engine.dtypes import np_dtype  # noqa: E402
 from suites import ckpt_models as M  # noqa: E402
 
 BF16 = np_dtype("bfloat16")

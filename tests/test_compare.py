@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from equivcheck import tolerance
-from equivcheck.compare import compare, format_args, ulp_distance
-from equivcheck.tolerance import Tolerance
+from equivcheck.engine import tolerance
+from equivcheck.engine.compare import compare, format_args, ulp_distance
+from equivcheck.engine.tolerance import Tolerance
 
 F32 = tolerance.lookup("float32")
 

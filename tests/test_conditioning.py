@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from equivcheck import tolerance
-from equivcheck.autodiff import evaluate, judge
-from equivcheck.conditioning import explained_by_precision, explained_by_rounding
-from equivcheck.strategies import np_dtype
+from equivcheck.engine import tolerance
+from equivcheck.engine.dtypes import np_dtype
+from equivcheck.ops.autodiff import evaluate, judge
+from equivcheck.ops.conditioning import explained_by_precision, explained_by_rounding
 from tests.helpers import SUITE
 
 

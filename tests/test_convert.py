@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from flax import linen, nnx
 
-from equivcheck import convert
-from equivcheck.convert import ConversionError
+from equivcheck.weights import convert
+from equivcheck.weights.convert import ConversionError
 
 
 def _sd(module):

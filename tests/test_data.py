@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from equivcheck import RunSettings, run_pair
 from equivcheck import data as D
-from equivcheck import vision as V
-from equivcheck.tolerance import lookup
+from equivcheck.data import vision as V
+from equivcheck.engine.tolerance import lookup
 from tests.helpers import by_check
 
 grain = pytest.importorskip("grain", reason="grain is not installed: pip install 'equivcheck[data]'")

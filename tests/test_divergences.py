@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from equivcheck import divergences, report
-from equivcheck.knowns import KnownDivergences
+from equivcheck import report
+from equivcheck.engine.knowns import KnownDivergences
+from equivcheck.layers import traps as divergences
 from suites import loss_pairs, loss_traps, trap_pairs
 from suites.test_layers import PAIRS as LAYERS
 from suites.test_losses import PAIRS as LOSSES

@@ -10,9 +10,9 @@ import torch.nn as nn
 from flax import nnx
 
 from equivcheck import Custom, Inputs, RunSettings, run_pair
-from equivcheck import convert
-from equivcheck import flax_bridge as fb
-from equivcheck import nnref as R
+from equivcheck.layers import flax_bridge as fb
+from equivcheck.references import layers as R
+from equivcheck.weights import convert
 from suites import layer_pairs, loss_pairs, sequence_pairs
 from suites._kit import X, ints, layer, module
 from tests.helpers import by_check

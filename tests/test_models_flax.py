@@ -1,4 +1,4 @@
-"""Flax modules as ports (equivcheck.models_flax): correct ones pass, a slip inside a submodule is
+"""Flax modules as ports (equivcheck.models.flax_ports): correct ones pass, a slip inside a submodule is
 localised to that submodule through Flax's own intermediate capture, a module laid out otherwise
 than the torch model is named key by key."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 from flax import linen as lnn
 from flax import nnx
 
-from equivcheck.models_flax import linen_port, nnx_port
-from equivcheck.models_zoo import mlp_pair
-from equivcheck.runner import RunSettings
+from equivcheck.engine.records import RunSettings
+from equivcheck.models.flax_ports import linen_port, nnx_port
+from equivcheck.models.zoo import mlp_pair
 
 RUN = RunSettings(examples=10, seed=20261126, shrink_seconds=5)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from equivcheck.engine.records import RunSettings
 from equivcheck.models import ModelPair, mse
-from equivcheck.models_zoo import MLP, MLP_INPUTS, mlp_apply, mlp_naive_apply, mlp_pair
-from equivcheck.runner import RunSettings
+from equivcheck.models.zoo import MLP, MLP_INPUTS, mlp_apply, mlp_naive_apply, mlp_pair
 
 RUN = RunSettings(examples=3, seed=1, shrink_seconds=2)
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 import optax
 import pytest
 
-from equivcheck.models_zoo import (
-    cnn_apply, cnn_pair, encoder_apply, encoder_pair, lstm_apply, lstm_pair, mlp_apply, mlp_pair, planted,
+from equivcheck.engine.records import RunSettings
+from equivcheck.models.zoo import (
+    cnn_apply,
+    cnn_pair,
+    encoder_apply,
+    encoder_pair,
+    lstm_apply,
+    lstm_pair,
+    mlp_apply,
+    mlp_pair,
+    planted,
 )
 from equivcheck.optim import Schedule, optimizer_pair
-from equivcheck.optim_divergences import NAIVE_PORTS
-from equivcheck.optim_map import ADAM_STATE, Mapped
-from equivcheck.runner import RunSettings
+from equivcheck.optim.mapping import ADAM_STATE, Mapped
+from equivcheck.optim.naive import NAIVE_PORTS
 
 SEED = 20261126
 RUN = RunSettings(examples=10, seed=SEED, shrink_seconds=5)
@@ -101,7 +109,7 @@ def test_correct_ports_pass_100_examples():
 
 
 def _small_digits():
-    from equivcheck.models_zoo import load_digits_split
+    from equivcheck.models.zoo import load_digits_split
 
     x, y, xt, yt = load_digits_split()
     return x[:96], y[:96], xt[:50], yt[:50]

@@ -8,11 +8,11 @@ import equivcheck.backends.jax
 import equivcheck.backends.torch
 import equivcheck.fixture
 import equivcheck.models  # noqa: F401
-from equivcheck import report_models
+from equivcheck.report import models as report_models
 
 SUITE = """
 import pytest
-from equivcheck.models_zoo import mlp_apply, mlp_pair, planted
+from equivcheck.models.zoo import mlp_apply, mlp_pair, planted
 
 MODELS = [
     mlp_pair("mlp", checks=("forward", "train")),

@@ -8,7 +8,9 @@ import optax
 import pytest
 import torch
 
-from equivcheck.compare import compare
+from equivcheck.engine.compare import compare
+from equivcheck.engine.records import RunSettings
+from equivcheck.engine.tolerance import Tolerance
 from equivcheck.optim import (
     OptimizerPair,
     Schedule,
@@ -17,11 +19,9 @@ from equivcheck.optim import (
     optax_state_from_torch,
     optimizer_pair,
 )
-from equivcheck.optim_divergences import NAIVE_PORTS
-from equivcheck.optim_runner import run_optimizer_pair
-from equivcheck.optim_state import optax_to_neutral, torch_to_neutral
-from equivcheck.runner import RunSettings
-from equivcheck.tolerance import Tolerance
+from equivcheck.optim.naive import NAIVE_PORTS
+from equivcheck.optim.runner import run_optimizer_pair
+from equivcheck.optim.state import optax_to_neutral, torch_to_neutral
 from suites.test_optimizers import GRADIENTS, OPTIMIZERS, SCHEDULES
 
 RUN = RunSettings(examples=5, seed=3, shrink_seconds=2)
@@ -87,7 +87,7 @@ def test_mismatched_pytrees_name_both_structures():
 
 
 def test_a_state_map_naming_a_field_optax_lacks_is_reported_with_the_fields():
-    from equivcheck.optim_state import StateField, StateMap
+    from equivcheck.optim.state import StateField, StateMap
 
     pair = OptimizerPair("wrong_map", lambda ps: torch.optim.Adam(ps, lr=1e-3), lambda: optax.sgd(1e-3),
                          StateMap((StateField("exp_avg", "mu"),)), checks=("step",))

@@ -11,10 +11,10 @@ import optax
 import pytest
 import torch
 
+from equivcheck.engine.records import RunSettings
 from equivcheck.optim import OptimizerPair, Schedule, optimizer_pair
-from equivcheck.optim_map import ADAM_STATE, Mapped, map_sgd
-from equivcheck.optim_runner import run_optimizer_pair
-from equivcheck.runner import RunSettings
+from equivcheck.optim.mapping import ADAM_STATE, Mapped, map_sgd
+from equivcheck.optim.runner import run_optimizer_pair
 
 SEED = 20261126
 RUN = RunSettings(examples=25, seed=SEED, shrink_seconds=5)
@@ -63,7 +63,7 @@ def _coupled_adamw(hp):
 
 
 def _rmsprop(name, build=None):
-    from equivcheck.optim_state import StateField, StateMap
+    from equivcheck.optim.state import StateField, StateMap
 
     smap = StateMap((StateField("square_avg", "nu"),))
     mapping = (lambda cls, hp, lr: Mapped(build(hp), smap, ("planted",))) if build else None
@@ -164,8 +164,8 @@ def test_plateau_lr_stops_where_torchs_eps_stops_it(min_lr):
     import jax.numpy as jnp
     import torch
 
-    from equivcheck.optim_schedules import map_schedule
-    from equivcheck.tolerance import lookup
+    from equivcheck.engine.tolerance import lookup
+    from equivcheck.optim.schedules import map_schedule
 
     lr, kw = 0.05, dict(patience=2, factor=0.5, threshold=0.1, cooldown=1, min_lr=min_lr)
     w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))

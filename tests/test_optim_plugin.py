@@ -12,7 +12,7 @@ import equivcheck.optim  # noqa: F401
 SUITE = """
 import pytest, optax
 from equivcheck.optim import optimizer_pair
-from equivcheck.optim_map import ADAM_STATE, Mapped
+from equivcheck.optim.mapping import ADAM_STATE, Mapped
 
 PAIRS = [
     optimizer_pair("sgd_momentum", "SGD", lr=0.05, momentum=0.9, checks=("step", "quadratic")),

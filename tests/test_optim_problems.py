@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from equivcheck.optim_problems import LINEAR, QUADRATIC
-from equivcheck.optim_sides import _backward, _to_torch, treedef_of
+from equivcheck.optim.problems import LINEAR, QUADRATIC
+from equivcheck.optim.sides import _backward, _to_torch, treedef_of
 
 
 def _grads(problem, params, data, micro, closed):

@@ -1,12 +1,12 @@
 """The declarative records: Pair validation, the Registry, known-divergence files."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax.numpy as jnp
 
-from equivcheck import Convention, Floats, Ints, Inputs, KnownDivergences, Pair, Registry, Same, Tolerance, unary
+from equivcheck import Convention, Floats, Inputs, Ints, KnownDivergences, Pair, Registry, Same, Tolerance, unary
 
 
 def pair(**kw):
@@ -17,7 +17,7 @@ def pair(**kw):
 @pytest.mark.parametrize("kw, message", [
     (dict(name="has space"), "use letters, digits"),
     (dict(torch_fn=1), "torch_fn must be callable"),
-    (dict(inputs="x"), "inputs must be an equivcheck.strategies.Inputs"),
+    (dict(inputs="x"), "inputs must be an equivcheck.ops.strategies.Inputs"),
     (dict(checks=("forward", "hessian")), "not among"),
     (dict(dtypes=("float8",)), "not among"),
     (dict(diff_args=(3,)), "inputs draw 1 arguments"),

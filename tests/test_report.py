@@ -8,7 +8,7 @@ import pytest
 
 from equivcheck import report
 from equivcheck.__main__ import main
-from equivcheck.runner import CheckRecord
+from equivcheck.engine.records import CheckRecord
 
 
 def rec(pair, check, outcome="passed", ratio=0.1, **kw):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from equivcheck import Broadcast, Floats, Index, Inputs, Mask, MatMul, Matrices, Same, Square, Static, unary
-from equivcheck.strategies import np_dtype
+from equivcheck.engine.dtypes import np_dtype
 
 FAST = settings(max_examples=60, deadline=None, database=None)
 

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from equivcheck.backends import SideResult, Vectors  # noqa: E402
+from equivcheck.backends.results import SideResult, Vectors  # noqa: E402
 
 NAME = "jax"
 

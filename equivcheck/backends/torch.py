@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from equivcheck.backends import SideResult, Vectors
-from equivcheck.strategies import np_dtype
+from equivcheck.backends.results import SideResult, Vectors
+from equivcheck.engine.dtypes import np_dtype
 
 NAME = "torch"
 

@@ -1,0 +1,62 @@
+"""What one framework's run of one example gives back: values or errors per check (SideResult),
+the errors kept as text so they travel between xdist workers (SideError), and the random
+vectors both sides share (Vectors)."""
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from typing import Any
+
+DEVICES = ("cpu", "gpu")
+
+
+@dataclasses.dataclass
+class SideError:
+    """An exception raised by one side's code, kept as text so it can travel (xdist)."""
+
+    side: str
+    check: str
+    type: str
+    message: str
+    where: str
+
+    @classmethod
+    def from_exc(cls, side: str, check: str, exc: BaseException) -> SideError:
+        frames = traceback.extract_tb(exc.__traceback__)
+        # The innermost frame outside the frameworks points at the user's callable.
+        user = [f for f in frames if "site-packages" not in f.filename and "/equivcheck/" not in f.filename]
+        frame = (user or frames or [None])[-1]
+        where = f"{frame.filename}:{frame.lineno} in {frame.name}" if frame else "?"
+        text = str(exc).strip().splitlines()
+        return cls(side, check, type(exc).__name__, text[0][:300] if text else "", where)
+
+    def describe(self) -> str:
+        return f"the {self.side} side raised {self.type} in {self.check}: {self.message} ({self.where})"
+
+
+@dataclasses.dataclass
+class SideResult:
+    """What one framework produced for one example: per-check values or errors."""
+
+    side: str
+    values: dict[str, Any] = dataclasses.field(default_factory=dict)
+    errors: dict[str, SideError] = dataclasses.field(default_factory=dict)
+    notes: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # per check
+
+    def note(self, check: str, text: str) -> None:
+        self.notes.setdefault(check, []).append(text)
+
+    def fail(self, checks: Any, exc: BaseException) -> None:
+        for check in [checks] if isinstance(checks, str) else checks:
+            if check not in self.errors:
+                self.errors[check] = SideError.from_exc(self.side, check, exc)
+                self.values.pop(check, None)
+
+
+@dataclasses.dataclass
+class Vectors:
+    """Cotangents (one per float output leaf), tangents and HVP directions (one per diff arg)."""
+
+    ct: list[Any]
+    t: list[Any]
+    v: list[Any]

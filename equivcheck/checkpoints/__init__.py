@@ -1,0 +1,22 @@
+"""Checkpoints across frameworks: torch, safetensors, orbax and msgpack files as one flat
+{name: ndarray} view; conversion between them (`python -m equivcheck convert`) and comparison.
+
+formats  detect, load, save (atomically), convert, differences, check_against; nest and unnest
+"""
+from equivcheck.checkpoints.formats import (
+    FORMATS,
+    CheckpointError,
+    State,
+    atomic_path,
+    check_against,
+    convert,
+    detect,
+    differences,
+    load,
+    nest,
+    save,
+    unnest,
+)
+
+__all__ = ["FORMATS", "CheckpointError", "State", "atomic_path", "check_against", "convert", "detect",
+           "differences", "load", "nest", "save", "unnest"]

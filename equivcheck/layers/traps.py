@@ -1,0 +1,155 @@
+"""Known PyTorch/Flax divergences of layers and losses: the table the report shows.
+
+Each row is a measured difference with its cause and the setting that reconciles the two
+sides. A row with a `twin` is a default-configuration trap: the pair named by `id` ports the
+layer with each framework's defaults and fails (suites/known_divergences.txt lists it, so it
+xfails with the cause); the twin, with the reconciling setting, passes. `effect` is the size
+measured by benchmarks/trap_effects.py (seed 0, 5 draws; torch 2.13.0, jax 0.10.2, flax 0.12.8,
+optax 0.2.8, CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+    id: str  # the pair (or pair::check) that shows it
+    cause: str  # what differs, named as the setting
+    effect: str  # measured size
+    reconcile: str  # the setting (or code) that makes the two agree
+    twin: str = ""  # the reconciled pair that passes
+    source: str = ""
+
+
+TABLE: tuple[Divergence, ...] = (
+    # layers: effect = largest |torch - jax| of the trap's forward on inputs drawn from its own ranges
+    Divergence("nn.trap.layer_norm_eps", "LayerNorm eps: torch 1e-5, Flax LayerNorm epsilon=1e-6",
+               "0.42 max abs (inputs U(-0.01, 0.01))", "nnx.LayerNorm(epsilon=1e-5)", "nn.layer_norm"),
+    Divergence("nn.trap.layer_norm_fast_variance",
+               "Flax norms default use_fast_variance=True (E[x^2] - E[x]^2); torch subtracts the mean first",
+               "1e2 max abs (inputs U(1000.3, 1001.7), float32)", "use_fast_variance=False", "nn.layer_norm_offset",
+               "flax/nnx/nn/normalization.py _compute_stats"),
+    Divergence("nn.trap.group_norm_eps", "GroupNorm eps: torch 1e-5, Flax GroupNorm epsilon=1e-6 (and num_groups=32)",
+               "0.31 max abs (inputs U(-0.01, 0.01))", "nnx.GroupNorm(num_groups=G, epsilon=1e-5)", "nn.group_norm"),
+    Divergence("nn.trap.rms_norm_eps", "RMSNorm eps: torch None = finfo(dtype).eps, Flax RMSNorm epsilon=1e-6",
+               "0.74 max abs (inputs U(-1e-3, 1e-3))", "epsilon=float(jnp.finfo(dtype).eps)", "nn.rms_norm"),
+    Divergence("nn.trap.batch_norm_momentum",
+               "BatchNorm momentum: torch 0.1 weighs the new batch statistic, Flax 0.99 weighs the old one",
+               "0.2 max abs in running_mean after one step", "nnx.BatchNorm(momentum=1 - torch_momentum)",
+               "nn.batch_norm_train", "equivcheck.weights.convert.flax_momentum"),
+    Divergence("nn.trap.batch_norm_running_var",
+               "BatchNorm running_var: torch updates with the unbiased batch variance, Flax with the biased one",
+               "0.23 max abs in running_var after one step (2-5 values per channel)",
+               "no Flax setting: rescale the update by n/(n-1) (equivcheck.weights.convert.unbiased_running_var)",
+               "nn.batch_norm_train"),
+    Divergence("nn.trap.init_linear",
+               "Linear init: torch U(+-1/sqrt(fan_in)) weights and bias, Flax lecun_normal kernel and zero bias",
+               "sqrt(fan_in) * [std(W), max|W|, std(b)]: torch [0.58, 1.0, 0.58], Flax [1.0, 2.27, 0]",
+               "kernel_init=variance_scaling(1/3, 'fan_in', 'uniform'), bias_init=uniform(+-1/sqrt(fan_in))",
+               "nn.init_linear_matched", "pytorch/pytorch#57109"),
+    Divergence("nn.trap.init_embedding", "Embedding init: torch N(0, 1), Flax Embed std 1/sqrt(features)",
+               "std 1.0 vs 1/sqrt(features) (0.35 at 8)", "embedding_init=nnx.initializers.normal(stddev=1.0)",
+               "nn.init_embedding_matched"),
+    Divergence("nn.trap.conv_padding_default", "Conv padding: torch 0, Flax Conv 'SAME'",
+               "output shape differs (H-2 vs H for a 3x3 kernel)", "padding='VALID' or explicit ((p, p), ...)",
+               "nn.conv2d"),
+    Divergence("nn.trap.conv_same_stride2",
+               "stride 2: torch padding=k//2 pads both sides, Flax 'SAME' pads (0, 1) on even sides",
+               "14 max abs, same output shape", "padding=((1, 1), (1, 1))", "nn.conv2d", "pytorch/pytorch#45667"),
+    Divergence("nn.trap.conv_transpose_no_flip",
+               "ConvTranspose: torch is a conv's gradient (flipped kernel), Flax transpose_kernel=False",
+               "12 max abs with matched padding",
+               "transpose_kernel=True, padding (d(k-1)-p, d(k-1)-p+output_padding)", "nn.conv_transpose2d",
+               "jax-ml/jax#592, google/flax#3137"),
+    Divergence("nn.trap.max_pool_stride_default", "max_pool stride: torch kernel_size, Flax max_pool strides=1",
+               "output shape differs (H//2 vs H-1)", "strides=window_shape", "nn.max_pool2d"),
+    Divergence("nn.trap.interp_bilinear_antialias",
+               "downsampling: torch interpolate antialias=False, jax.image.resize antialias=True",
+               "2.1 max abs (4-6 px -> 2 px)", "antialias=False (or torch antialias=True)", "nn.interp_bilinear"),
+    Divergence("nn.trap.interp_nearest",
+               "nearest: torch 'nearest' picks floor(i*in/out), jax.image.resize half-pixel centres",
+               "5.2 max abs (3-5 x 4-5 px -> 2x3)", "torch mode='nearest-exact' (or gather floor indices)",
+               "nn.interp_nearest_exact"),
+    Divergence("nn.trap.mha_batch_first", "MultiheadAttention batch_first: torch False (L, N, E), Flax batch-major",
+               "5.9 max abs, same shape", "batch_first=True, or swap axes 0 and 1 around the Flax layer",
+               "nn.multihead_attention"),
+    Divergence("nn.trap.mha_key_padding_polarity",
+               "masks: torch key_padding_mask True = ignore, Flax mask True = attend",
+               "5.6 max abs", "mask = ~key_padding_mask[:, None, None, :]", "nn.multihead_attention"),
+    Divergence("nn.trap.sdpa_fully_masked_row",
+               "fully masked query row: torch SDPA gives 0, jax.nn.dot_product_attention mean(V)",
+               "2.7 max abs on the masked rows", "no setting: jnp.where(mask.any(-1, keepdims=True), out, 0)",
+               "nn.sdpa_masked_rows_guarded", "pytorch/pytorch#133882"),
+    Divergence("nn.trap.gru_nnx_cell",
+               "GRU: torch's b_hn sits inside r*(W_hn h + b_hn); nnx.GRUCell has no hidden-side bias",
+               "0.22 max abs with b_hn folded into the input bias",
+               "flax.linen.GRUCell (hn has a bias), as equivcheck.layers.flax_bridge.gru does", "nn.gru"),
+    Divergence("nn.trap.gelu_approximate", "GELU: torch exact erf, Flax/JAX gelu approximate=True",
+               "4.6e-4 max abs on [-8, 8]", "approximate=False", "nn.gelu"),
+    # losses
+    Divergence("loss.trap.cross_entropy_reduction",
+               "reduction: torch cross_entropy averages, optax returns per-example losses",
+               "output shape differs (scalar vs per example)", ".mean() (or .sum())", "loss.cross_entropy"),
+    Divergence("loss.trap.cross_entropy_weighted_mean",
+               "weighted mean: torch divides by the kept targets' summed weights", "8.9 max abs",
+               "sum(w[y] * l) / sum(w[y])", "loss.cross_entropy_weighted"),
+    Divergence("loss.trap.kl_div_mean", "kl_div reduction='mean' divides by every element (N*C), not the batch",
+               "4.7 max abs (a factor C)", "torch reduction='batchmean' = optax kl_divergence(...).mean()",
+               "loss.kl_div"),
+    Divergence("loss.trap.smooth_l1_as_huber", "smooth_l1(beta) = huber_loss(delta=beta) / beta",
+               "1.7 max abs (a factor beta = 2)", "optax.losses.huber_loss(x, y, delta=beta) / beta",
+               "loss.smooth_l1"),
+    Divergence("loss.trap.mse_as_l2_loss", "optax.l2_loss is 0.5 * (x - y)^2; mse_loss is (x - y)^2",
+               "48 max abs (a factor 2)", "optax.losses.squared_error", "loss.mse"),
+    Divergence("loss.trap.bce_unclamped", "binary_cross_entropy clamps each log at -100; a plain log gives inf",
+               "inf where p = 0 or 1 (NaN for 0 * log 0)", "jnp.maximum(jnp.log(p), -100)", "loss.bce_saturated"),
+    Divergence("loss.trap.ctc_mean", "ctc_loss 'mean' divides each loss by its target length before averaging",
+               "12 max abs (a factor of the target length)", "(loss / target_lengths).mean()", "loss.ctc"),
+    # found by the suites, no trap: a torch bug, a torch precision loss and a gradient convention
+    Divergence("nn.interp_bilinear_antialias_width1::forward",
+               "torch CPU bug (2.13.0 and 2.14.1): bilinear antialias=True with output width 1 repeats the first "
+               "output row",
+               "1.1 max abs against the NumPy reference (JAX matches it to 1e-16)",
+               "none in torch; avoid a width-1 antialiased resize (or resize in two steps)"),
+    Divergence("nn.layer_norm_offset::vjp::float32",
+               "torch's float32 LayerNorm backward loses ~3 digits when a row's spread is small against its mean "
+               "(x = [11.4375, 11.5]: 0.2421875 where the exact value is 0.2420329; JAX 0.2420320)",
+               "up to 0.24% relative (1e-4 abs) at offset ~11, spread ~0.06; the float64 reference blames torch",
+               "none in torch: centre the inputs, or run the backward in float64"),
+    Divergence("loss.bce_saturated::vjp",
+               "at p = 0 or 1 torch's BCE backward divides by max(p(1-p), 1e-12); the clamped jnp port gives 0*inf",
+               "NaN vs finite gradient", "jnp.clip(p, 1e-12, 1 - 1e-12) before the log when gradients must match"),
+)
+
+BY_ID = {d.id: d for d in TABLE}
+
+
+def markdown_section(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Report lines: the rows whose pair ran, with this run's outcome and observed size."""
+    seen = {}
+    for r in records:
+        for key in (r["pair"], f"{r['pair']}::{r['check']}", f"{r['pair']}::{r['check']}::{r['dtype']}"):
+            if key in BY_ID and r["outcome"] != "skipped":
+                seen.setdefault(key, r)
+    if not seen:
+        return []
+    # a twin passes when its forward does (loss.bce_saturated also carries a vjp divergence)
+    outcome = {r["pair"]: r["outcome"] for r in records if r["check"] == "forward" and r["outcome"] != "skipped"}
+    rows = []
+    for d in TABLE:
+        if d.id not in seen:
+            continue
+        r = seen[d.id]
+        observed = f"{r['max_abs_err']:.2g}" if isinstance(r.get("max_abs_err"), float) and r["max_abs_err"] else \
+            (r.get("message", "").split(":")[-1].strip()[:60] or "-")
+        twin = f"`{d.twin}` {outcome.get(d.twin, 'not run')}" if d.twin else "-"
+        rows.append([f"`{d.id}`", r["outcome"], observed, d.cause, d.effect, d.reconcile, twin])
+    header = ["id", "outcome", "observed", "cause", "measured", "reconciling setting", "twin"]
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["", "## Default-configuration traps and known layer divergences", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return lines

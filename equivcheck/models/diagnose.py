@@ -1,0 +1,127 @@
+"""Why a model check failed: the first diverging layer, else the gradient, else the optimizer.
+
+The torch model is what is being migrated, so it is the reference: a divergence is blamed
+on the port (side "jax") at the first layer out of tolerance. For `grad` with every layer's
+output in tolerance, the first parameter whose gradient differs is named. For `train`, the
+first step is localised in train mode (with the step's dropout masks and BatchNorm
+statistics); if every layer and every gradient agree there, the optimizer pair runs its own
+checks (equivcheck.optim.runner) and its diagnosis (eps placement, weight decay, a schedule
+shifted by one step, ...) is the cause.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from equivcheck.engine.compare import compare
+from equivcheck.engine.tolerance import Tolerance
+from equivcheck.models import mapping as mm
+from equivcheck.models import sides as ms
+from equivcheck.models.localise import localise
+
+OPTIMIZER_EXAMPLES = 20  # the optimizer pair's own checks, on a failure only
+
+
+def _inputs(pair: Any, check: str, ex: Any, dtype: str) -> tuple[list[Any], Any]:
+    if not ex.args:
+        batch = ms.numpy_batch(pair.inputs, ex.shapes, dtype, np.random.default_rng(ex.batch_seed))
+        return list(batch[:-1]), batch[-1]
+    return list(ex.args[:-1]), ex.args[-1]
+
+
+def diagnose(pair: Any, check: str, ex: Any, res: Any, ents: list[mm.Entry], dtype: str, run: Any,
+             base: Tolerance) -> tuple[str | None, str, list[dict[str, Any]]]:
+    """(side, diagnosis text, the per-layer table as JSON rows)."""
+    fwd = _forward_tol(base, check)
+    x, y = _inputs(pair, check, ex, dtype)
+    if res.verdict.kind == "error" and ex.args:
+        # an error shrinks to flat (often all-zero) inputs, on which a wrong layer may still agree:
+        # localise on a batch of the same shapes drawn across the inputs' ranges
+        shapes = tuple(np.shape(a) for a in ex.args)
+        batch = ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(ex.seed))
+        x, y = list(batch[:-1]), batch[-1]
+    train = check in ("modes", "train", "fit")
+    try:
+        model = ms.build_torch(pair, ex.seed, dtype, run.device)
+        loc = localise(pair, model, ents, x, res.masks, train=train, seed=ex.seed, dtype=dtype, device=run.device,
+                       tol=fwd)
+    except Exception as exc:
+        return res.verdict.side, f"localisation failed: {type(exc).__name__}: {exc}", []
+    rows = [r.to_json() for r in loc.rows]
+    if loc.first is not None or "raised" in loc.text:
+        return "jax" if res.verdict.side != "torch" else "torch", loc.text, rows
+    if res.verdict.kind == "error":
+        return res.verdict.side, loc.text, rows
+    if check in ("grad", "train", "fit"):
+        g = _gradients(pair, ents, ex, x, y, dtype, run, base, train)
+        if g:
+            return "jax", f"{loc.text}; {g}", rows
+    if check in ("train", "fit"):
+        side, why = optimizer_cause(pair, dtype, run)
+        return side, f"{loc.text}; the gradients at step 1 agree too; {why}", rows
+    return res.verdict.side, loc.text, rows
+
+
+def _forward_tol(base: Tolerance, check: str) -> Tolerance:
+    from equivcheck.engine.tolerance import CHECK_SCALE
+
+    return base if check in ("forward", "modes") else dataclasses.replace(
+        base, rtol=base.rtol / CHECK_SCALE["vjp"], atol=base.atol / CHECK_SCALE["vjp"])
+
+
+def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, dtype: str, run: Any,
+               base: Tolerance, train: bool) -> str:
+    model = ms.build_torch(pair, ex.seed, dtype, run.device)
+    params, stats = mm.to_jax(ents, ms.torch_state(model))
+    _, t_grads = ms.torch_grad(pair, model, x, y, train=train, seed=ex.seed, device=run.device)
+    masks: dict[str, Any] = {}
+    if train:  # the masks torch's first step draws
+        ms.torch_forward(ms.build_torch(pair, ex.seed, dtype, run.device), x, train=True, seed=ex.seed,
+                         device=run.device, masks=masks)
+    (_, _), j_g = ms.run_jax(pair, "grad_train" if train else "grad_eval", dtype, run.device, params, stats, x, y,
+                             masks)
+    j_grads = mm.to_torch(ents, j_g, grads=True)
+    for name in t_grads:
+        v = compare(t_grads[name], j_grads.get(name), base)
+        if not v.ok:
+            w = v.worst
+            return (f"every layer's output agrees, but the gradient of {name!r} differs first (in module order)"
+                    + (f": max abs err {w.max_abs:.3g}" if w else f": {v.message}"))
+    return ""
+
+
+def optimizer_cause(pair: Any, dtype: str, run: Any) -> tuple[str | None, str]:
+    """Run the optimizer pair's own checks; its first failure and diagnosis name the cause."""
+    from equivcheck.optim.runner import run_optimizer_pair
+
+    opt = pair.optimizer
+    checks = tuple(c for c in ("schedule", "step", "quadratic")
+                   if c != "schedule" or (opt.optax_schedule is not None and opt.torch_scheduler is not None))
+    small = dataclasses.replace(run, examples=OPTIMIZER_EXAMPLES, shrink_seconds=5.0)
+    try:
+        records = run_optimizer_pair(opt.replace(checks=checks), dtype=dtype, run=small)
+    except Exception as exc:
+        return None, f"the optimizer pair's own checks raised {type(exc).__name__}: {exc}"
+    for rec in records:
+        if rec.outcome == "failed":
+            cause = rec.diagnosis or rec.message.split("\n")[0]
+            return rec.side or "jax", (f"the optimizer differs: {opt.name!r} alone fails its {rec.check} check: "
+                                       f"{rec.message.splitlines()[0]}; cause: {cause}")
+    return None, (f"the optimizer pair {opt.name!r} passes its own checks ({', '.join(checks)}): the trajectories "
+                  "part by accumulated rounding or by how the model and optimizer combine")
+
+
+def layer_table(pair: Any, check: str, ents: list[mm.Entry], dtype: str, run: Any,
+                base: Tolerance) -> list[dict[str, Any]]:
+    """The per-layer table of a passing check, on one batch of the pair's smallest shapes."""
+    shapes = pair.inputs.shapes.minimal()
+    x = list(ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(0))[:-1])
+    try:
+        model = ms.build_torch(pair, 0, dtype, run.device)
+        loc = localise(pair, model, ents, x, {}, train=check in ("modes", "train", "fit"), seed=0, dtype=dtype,
+                       device=run.device, tol=_forward_tol(base, check))
+    except Exception as exc:  # the table is a report, not a verdict
+        return [{"layer": "-", "note": f"no layer table: {type(exc).__name__}: {exc}"}]
+    return [r.to_json() for r in loc.rows]

@@ -1,0 +1,266 @@
+"""The first diverging layer of a model pair, and a hint at why.
+
+torch: forward hooks on every module record its inputs, keyword arguments and output in
+the order the modules finish. JAX: the port's `tap(name, value)`s, recorded on an eager run
+(so the layers before an exception still count). Each torch module with a tap of its name
+(or `layer_names[name]`) is compared under the forward tolerance; BatchNorm statistics after
+a train-mode forward are rows of their own. The first row out of tolerance is the first
+diverging layer: every layer that finished before it was within tolerance, so its inputs
+were. The hint re-runs that torch module with each known migration slip (the divergences
+table's traps: gelu approximation, LayerNorm eps, BatchNorm momentum, one-border conv
+padding, mask polarity; and an untransposed Linear weight, dropout in eval, LSTM gate order)
+and names the one that reproduces the port's output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from equivcheck.engine.compare import compare
+from equivcheck.engine.tolerance import Tolerance
+from equivcheck.layers import traps as divergences
+from equivcheck.models import mapping as mm
+
+
+@dataclasses.dataclass
+class Row:
+    layer: str
+    module: str
+    max_abs: float
+    max_rel: float
+    ratio: float
+    ok: bool
+    first: bool = False
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (v if not isinstance(v, float) or np.isfinite(v) else str(v)) for k, v in
+                dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
+class Localisation:
+    rows: list[Row]
+    first: Row | None
+    hint: str
+    text: str
+
+
+def _first_tensor(x: Any) -> Any:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x:
+        return _first_tensor(x[0])
+    return None
+
+
+def _known(div_id: str) -> str:
+    for d in divergences.TABLE:
+        if d.id == div_id:
+            return f"{d.cause}; reconcile: {d.reconcile} (known divergence {d.id})"
+    return div_id
+
+
+def _close(a: Any, b: Any, tol: Tolerance) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and compare(a, b, tol).ok
+
+
+def hint(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], t_out: Any, j_out: np.ndarray,
+         tol: Tolerance) -> str:
+    """Which known slip reproduces the port's output of this torch module, if any."""
+    from equivcheck.backends.torch import to_numpy
+
+    t = to_numpy(t_out)
+    found = _slip(module, args, kwargs, t, j_out, tol)
+    if found or np.shape(t) == np.shape(j_out):
+        return found
+    turned = np.shape(j_out) == np.shape(t)[::-1]
+    return (f"shape: torch gives {list(np.shape(t))}, the port {list(np.shape(j_out))}"
+            + ("; the port's is transposed: a layout slip (a weight used untransposed, or NHWC vs NCHW)"
+               if turned else ""))
+
+
+def _slip(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], t: np.ndarray, j_out: np.ndarray,
+          tol: Tolerance) -> str:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from equivcheck.backends.torch import to_numpy
+
+    same = lambda y: _close(to_numpy(y), j_out, tol)  # noqa: E731
+    x = args[0] if args else None
+    with torch.no_grad():
+        if isinstance(module, nn.GELU) and module.approximate == "none" and same(F.gelu(x, approximate="tanh")):
+            return _known("nn.trap.gelu_approximate")
+        if isinstance(module, nn.LayerNorm) and same(F.layer_norm(x, module.normalized_shape, module.weight,
+                                                                  module.bias, eps=1e-6)):
+            return _known("nn.trap.layer_norm_eps")
+        if isinstance(module, nn.Linear) and module.in_features == module.out_features:
+            if same(x @ module.weight + (module.bias if module.bias is not None else 0)):
+                return ("layout: the port multiplies by torch's (out, in) weight untransposed (x @ W where torch "
+                        "computes x @ W.T); Flax kernels are (in, out): convert with equivcheck.weights.convert "
+                        "('linear'), and weights.probe names such a layer")
+        if isinstance(module, nn.Conv2d) and isinstance(module.padding, tuple):
+            found = _conv_padding(module, x, same)
+            if found:
+                return found
+        if isinstance(module, nn.Dropout) and not module.training:
+            dropped = (j_out == 0) & (t != 0)
+            if dropped.any() and _close(np.where(dropped, 0, t / (1 - module.p)), j_out, tol):
+                return ("dropout active in eval mode: the port drops and rescales by 1/(1-p) where torch's eval "
+                        "mode is the identity (Flax: deterministic=True / model.eval(); equivcheck.models.dropout "
+                        "with train=False)")
+        if isinstance(module, nn.MultiheadAttention) and kwargs.get("key_padding_mask") is not None:
+            flipped = dict(kwargs, key_padding_mask=~kwargs["key_padding_mask"].bool())
+            try:
+                if same(module(*args, **flipped)[0]):
+                    return _known("nn.trap.mha_key_padding_polarity")
+            except Exception:  # a fully masked row: not this slip
+                pass
+        if isinstance(module, nn.LSTM):
+            found = _lstm_gates(module, args, same)
+            if found:
+                return found
+    return ""
+
+
+def _conv_padding(module: Any, x: Any, same: Any) -> str:
+    import torch.nn.functional as F
+
+    ph, pw = module.padding
+    base = [pw, pw, ph, ph]  # F.pad order: left, right, top, bottom
+    names = ("left", "right", "top", "bottom")
+    found = []
+    for side, delta in itertools.product(range(4), (-1, 1)):
+        pads = list(base)
+        pads[side] += delta
+        if min(pads) < 0:
+            continue
+        y = F.conv2d(F.pad(x, pads), module.weight, module.bias, module.stride, 0, module.dilation, module.groups)
+        if same(y):
+            found.append((names[side], pads[side]))
+    if found:  # a flat input cannot tell the borders apart: name every one that fits
+        where = " or ".join(f"{side} by {n}" for side, n in found)
+        return (f"conv padding differs on one border: the port pads {where} where torch pads {base[0]} on every side"
+                f" ({_known('nn.trap.conv_same_stride2')})")
+    return ""
+
+
+def _lstm_gates(module: Any, args: tuple[Any, ...], same: Any) -> str:
+    import copy
+
+    import torch
+
+    gates = "ifgo"
+    for perm in itertools.permutations(range(4)):
+        if perm == (0, 1, 2, 3):
+            continue
+        twin = copy.deepcopy(module)
+        with torch.no_grad():
+            for name, p in twin.named_parameters():
+                h = p.shape[0] // 4
+                p.copy_(torch.cat([getattr(module, name)[k * h:(k + 1) * h] for k in perm]))
+        if same(twin(*args)[0]):
+            return (f"LSTM gate order: the port reads torch's gate rows (i, f, g, o) as "
+                    f"({', '.join(gates[k] for k in perm)}); equivcheck.weights.convert ('lstm') maps them by name")
+    return ""
+
+
+def _stats_hint(old: Mapping[str, np.ndarray], t_new: Mapping[str, np.ndarray], j_new: Mapping[str, np.ndarray],
+                momentum: float, tol: Tolerance) -> str:
+    batch = (t_new["mean"] - (1 - momentum) * old["mean"]) / momentum  # torch's batch mean, recovered
+    if _close(momentum * old["mean"] + (1 - momentum) * batch, j_new["mean"], tol):
+        return _known("nn.trap.batch_norm_momentum")
+    return ""
+
+
+def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[Any], masks: Mapping[str, Any],
+             *, train: bool, seed: int, dtype: str, device: str, tol: Tolerance) -> Localisation:
+    """Run both sides once more with every layer recorded; the first divergence and its hint."""
+    import torch
+
+    from equivcheck.backends import SideError
+    from equivcheck.backends.torch import to_numpy
+    from equivcheck.models.sides import _dropout_hooks, jax_capture, to_torch_args, torch_state
+
+    params, stats = mm.to_jax(ents, torch_state(model))
+    seen: list[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]] = []
+    model.train(train)
+    masks = dict(masks)
+    handles = _dropout_hooks(model, masks, seed, 0)
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(
+                lambda m, a, k, o, name=name: seen.append((name, m, a, dict(k), o)), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*to_torch_args(inputs, device))
+    finally:
+        for h in handles:
+            h.remove()
+    t_stats = mm.to_jax(ents, torch_state(model))[1]
+    _, taps, exc, j_stats = jax_capture(pair, params, stats, inputs, masks, train, dtype, device)
+    rows: list[Row] = []
+    first_hint, untapped = "", []
+    bn_of = {e.module: e for e in ents if e.kind == "batch_norm"}
+    for name, module, args, kwargs, out in seen:
+        key = pair.layer_names.get(name, name)
+        t = _first_tensor(out)
+        if key not in taps or t is None:
+            untapped.append(name)
+            continue
+        tn, jn = to_numpy(t), np.asarray(taps[key])
+        if tn.shape != jn.shape:
+            row = Row(name, type(module).__name__, float("inf"), float("inf"), float("inf"), False,
+                      note=f"shape: torch {list(tn.shape)}, port {list(jn.shape)}")
+        else:
+            v = compare(tn, jn, tol)
+            w = v.worst
+            row = Row(name, type(module).__name__, w.max_abs if w else 0.0, w.max_rel if w else 0.0, v.ratio, v.ok,
+                      note="" if v.ok or v.kind == "values" else v.kind)
+        rows.append(row)
+        if not row.ok and not first_hint:
+            first_hint = hint(module, args, kwargs, t, jn, tol) or "-"
+        if train and name in bn_of and j_stats is not None:
+            path = bn_of[name].path
+            tsub, jsub = mm.get(t_stats, path), mm.get(j_stats, path, "port's statistics")
+            v = compare(dict(tsub), dict(jsub), tol)
+            w = v.worst
+            srow = Row(f"{name} (running stats)", type(module).__name__, w.max_abs if w else 0.0,
+                       w.max_rel if w else 0.0, v.ratio, v.ok)
+            rows.append(srow)
+            if not v.ok and not first_hint:
+                first_hint = _stats_hint(mm.get(stats, path), tsub, jsub, module.momentum or 0.1, tol) or "-"
+    first = next((r for r in rows if not r.ok), None)
+    if first is not None:
+        first.first = True
+    parts = []
+    if first is not None:
+        before = [r.layer for r in rows[:rows.index(first)]]
+        parts.append(f"first diverging layer: {first.layer} ({first.module}): max abs err {first.max_abs:.3g}, "
+                     f"max rel err {first.max_rel:.3g}, {first.ratio:.3g} x the tolerance"
+                     + (f" [{first.note}]" if first.note else "")
+                     + (f"; every layer before it ({', '.join(before[-4:])}) was within tolerance, so were its inputs"
+                        if before else "; its input is the model's input"))
+        if first_hint and first_hint != "-":
+            parts.append(f"hint: {first_hint}")
+    if exc is not None:
+        err = SideError.from_exc("jax", "forward", exc)
+        after = rows[-1].layer if rows else "the start"
+        parts.append(f"the port raised after {after}: {err.type}: {err.message} ({err.where})")
+    if first is None and exc is None:
+        parts.append("every tapped layer is within tolerance" + (f" ({len(rows)} rows)" if rows else
+                                                                   ": the port taps no layer (models.tap)"))
+    missing = [n for n in untapped if not any(r.layer == n for r in rows)]
+    hint_text = first_hint if first_hint not in ("", "-") else ""
+    if missing and first is None:
+        parts.append(f"layers without a tap: {', '.join(missing[:8])}")
+    return Localisation(rows, first, hint_text, "; ".join(parts))

@@ -1,0 +1,151 @@
+"""Run a ModelPair's checks under Hypothesis; localise failures; file CheckRecords.
+
+Examples. `forward`, `grad` and `modes` draw the model's inputs from the pair's `Inputs`
+(shapes from a palette of two, so JAX compiles twice) and a weight seed: the torch model is
+built under torch.manual_seed(seed) and its weights converted. `train` draws a batch seed,
+a weight seed and a number of steps n <= K: K batches of one shape come from a generator
+seeded by it within the inputs' ranges, JAX runs all K steps as one compiled scan, and the
+first n steps are compared.
+
+Tolerance. forward/modes use the table's forward row, grad the vjp row (x2). A trajectory
+step n is held to n times the grad row (equivcheck.optim.runner.trajectory_tolerance:
+each step adds at most one step's rounding difference and a stable step does not amplify
+it); the record states it, and notes the worst error over the one-step bound by step.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import strategies as st
+
+from equivcheck.engine import tolerance
+from equivcheck.engine.records import CheckRecord, RunSettings
+from equivcheck.engine.search import Search
+from equivcheck.engine.tolerance import Tolerance
+from equivcheck.models import mapping as mm
+from equivcheck.models.diagnose import diagnose, layer_table
+from equivcheck.models.evaluate import ROUNDING_FACTOR, SCALE_OF, Example, Result, evaluate, mapping
+from equivcheck.models.fit import run_fit
+from equivcheck.optim.trajectory import BUCKETS
+
+PALETTE = 2  # input shapes per check: each costs a compilation of every program
+
+
+class _Failed(Exception):
+    def __init__(self, result: Result, ex: Example) -> None:
+        super().__init__(result.verdict.message)
+        self.result, self.ex = result, ex
+
+
+# ---- the Hypothesis loop ----------------------------------------------------------------
+
+def _strategy(pair: Any, check: str, dtype: str, run: RunSettings) -> st.SearchStrategy:
+    seeds = st.integers(0, 2**16 - 1)
+    if check == "train":
+        shapes = pair.inputs.palette(run.item_seed(pair.name, check, dtype, run.device), 1)
+        return st.tuples(st.sampled_from(shapes), seeds, seeds, st.integers(1, pair.steps)).map(
+            lambda t: Example(shapes=t[0], seed=t[1], batch_seed=t[2], steps=t[3]))
+    palette = pair.inputs.palette(run.item_seed(pair.name, check, dtype, run.device), PALETTE)
+    return st.tuples(pair.inputs.strategy(dtype, palette), seeds).map(lambda t: Example(args=t[0], seed=t[1]))
+
+
+def _run_check(pair: Any, check: str, ents: list[mm.Entry], dtype: str, run: RunSettings, tol: Tolerance,
+               expected: bool, accepted: list[Result]) -> tuple[list[Result], _Failed | None]:
+    seen: list[Result] = []
+    search = Search(run, _Failed)
+
+    def test(ex: Example) -> None:
+        res = evaluate(pair, check, ex, ents, dtype, run, tol)
+        if res.verdict.ok:
+            seen.append(res)
+            return
+        if res.accepted:
+            if not search.shrinking:  # count drawn examples, not the shrinker's variants of a failure
+                accepted.append(res)
+            return
+        raise _Failed(res, ex)
+
+    failed = search(test, _strategy(pair, check, dtype, run), digest=f"model:{pair.name}:{check}:{dtype}",
+                    seed=run.item_seed(pair.name, check, dtype, run.device), shrink=not expected)
+    return seen, failed
+
+
+def run_model_pair(pair: Any, *, dtype: str, run: RunSettings,
+                   known: Callable[[str], tuple[str, str] | None] = lambda _id: None, nodeid: str = "",
+                   replay: str = "") -> list[CheckRecord]:
+
+    records = []
+    try:
+        ents = mapping(pair, dtype, run.device)
+        broken = ""
+    except Exception as exc:
+        ents, broken = [], f"the weight mapping failed: {type(exc).__name__}: {exc}"
+    for check in pair.checks:
+        start = time.perf_counter()
+        base = tolerance.lookup(dtype, device=run.device, precision=run.precision, check=SCALE_OF[check],
+                                tags=pair.tags, override=pair.tolerance_for(dtype, check))
+        hit = known(f"{pair.name}::{check}::{dtype}::{run.device}")
+        growth = f"; x n at step n (linear accumulation over {pair.steps} steps)" if check in ("train", "fit") else ""
+        rec = CheckRecord(pair.name, check, dtype, run.device, run.precision, "passed",
+                          tolerance={"rtol": base.rtol, "atol": base.atol, "per": base.per,
+                                     "reason": base.reason + growth},
+                          tags=sorted(pair.tags), nodeid=nodeid, replay=replay)
+        if broken:
+            rec.outcome, rec.kind, rec.message, rec.worst_ratio = "failed", "error", broken, float("inf")
+        elif check == "fit":
+            run_fit(pair, rec, ents, dtype, run, base)
+        else:
+            accepted: list[Result] = []
+            seen, failed = _run_check(pair, check, ents, dtype, run, base, hit is not None, accepted)
+            rec.examples = len(seen) + len(accepted) + bool(failed)
+            rec.ill_conditioned = len(accepted)
+            if accepted:
+                rec.notes.append(f"{len(accepted)} examples past the trajectory bound agreed in float64, the port's "
+                                 f"{dtype} run "
+                                 f"within {ROUNDING_FACTOR:g}x torch's own {dtype} distance from float64: accepted as "
+                                 "rounding amplified by the optimizer (equivcheck.models.evaluate._rounding)")
+            rec.worst_ratio = max((r.verdict.ratio for r in seen), default=0.0)
+            worst_leaf = max((r.verdict.worst for r in seen if r.verdict.worst), key=lambda w: w.ratio, default=None)
+            if worst_leaf is not None:
+                w = worst_leaf
+                rec.max_abs_err, rec.max_rel_err, rec.max_ulp = w.max_abs, w.max_rel, w.max_ulp
+            if check == "train":
+                rec.notes.append(_margins(seen))
+                full = max(seen, key=lambda r: len(r.curves["torch"]), default=None) if seen else None
+                if full is not None:
+                    rec.extra["curves"] = full.curves
+            if failed is not None:
+                res, ex = failed.result, failed.ex
+                v = res.verdict
+                worst = v.worst if v.kind == "values" else None
+                rec.kind = v.kind
+                rec.message = v.message + (f"\n  worst: {worst.summary()}" if worst else "")
+                rec.worst_ratio = worst.ratio if worst else float("inf")
+                if worst is not None:
+                    rec.max_abs_err, rec.max_rel_err, rec.max_ulp = worst.max_abs, worst.max_rel, worst.max_ulp
+                rec.inputs = ex.describe()
+                if res.curves:
+                    rec.extra["curves"] = res.curves
+                rec.side, rec.diagnosis, rows = diagnose(pair, check, ex, res, ents, dtype, run, base)
+                rec.extra["layers"] = rows
+                rec.outcome = "known-divergence" if hit else "failed"
+            elif hit:
+                rec.outcome = "xpass"
+            if failed is None and seen:
+                rec.extra["layers"] = layer_table(pair, check, ents, dtype, run, base)
+        if hit:
+            rec.known_pattern, rec.known_reason = hit
+        rec.seconds = time.perf_counter() - start
+        records.append(rec)
+    return records
+
+
+def _margins(seen: list[Result]) -> str:
+    cells = []
+    for lo, hi in BUCKETS:
+        rs = [r for res in seen for n, r in res.ratios if lo <= n <= hi]
+        if rs:
+            cells.append(f"{lo}-{hi}: {max(rs):.2g}" if lo != hi else f"{lo}: {max(rs):.2g}")
+    return "worst error / one-step bound by step: " + (", ".join(cells) or "-")

@@ -1,0 +1,285 @@
+"""Both sides of a model check, NumPy in and NumPy out.
+
+torch runs eagerly with forward hooks: every nn.Dropout draws its mask from a NumPy
+generator seeded by (example, module, step) and applies it itself, and the same masks go
+to the port (equivcheck.models.dropout), so train mode is deterministic on both sides.
+JAX runs jitted programs: a forward, a loss with its gradient, and the whole K-step
+trajectory as one lax.scan (compiled once per input shape, whatever number of steps the
+example compares).
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from equivcheck.engine.dtypes import np_dtype
+from equivcheck.models import mapping as mm
+from equivcheck.models.tap import capturing
+from equivcheck.ops.strategies import Floats, Ints
+
+
+def mask_seed(seed: int, name: str, step: int) -> int:
+    return zlib.crc32(f"{seed}:{name}:{step}".encode())
+
+
+# ---- torch ------------------------------------------------------------------------------
+
+def build_torch(pair: Any, seed: int, dtype: str, device: str) -> Any:
+    import torch
+
+    from equivcheck.backends.torch import _TORCH_DTYPES, device_of
+
+    torch.manual_seed(seed)
+    model = pair.torch_model()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"torch_model() returned {type(model).__name__}, not an nn.Module")
+    return model.to(device=device_of(device), dtype=_TORCH_DTYPES[dtype])
+
+
+def _dropout_hooks(model: Any, masks: dict[str, Any], seed: int, step: int) -> list[Any]:
+    import torch
+
+    handles = []
+    for name, module in model.named_modules():
+        if type(module) is not torch.nn.Dropout:
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+                raise ValueError(f"module {name!r} is {type(module).__name__}: only nn.Dropout's masks are matched")
+            continue
+
+        def hook(mod: Any, args: tuple[Any, ...], out: Any, name: str = name) -> Any:
+            x = args[0]
+            if name not in masks:
+                rng = np.random.default_rng(mask_seed(seed, name, step))
+                masks[name] = rng.random(tuple(x.shape)) >= mod.p
+            if not mod.training or mod.p == 0:
+                return None
+            keep = torch.from_numpy(masks[name]).to(x.device)
+            return torch.where(keep, x / (1 - mod.p), torch.zeros_like(x))
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def to_torch_args(args: Sequence[Any], device: str) -> list[Any]:
+    from equivcheck.backends.torch import device_of, to_torch
+
+    return [to_torch(a, device_of(device)) for a in args]
+
+
+def torch_forward(model: Any, inputs: Sequence[Any], *, train: bool, seed: int, device: str, step: int = 0,
+                  masks: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """(output, masks drawn) with the model in train or eval mode."""
+    import torch
+
+    from equivcheck.backends.torch import to_numpy
+
+    masks = {} if masks is None else masks
+    model.train(train)
+    handles = _dropout_hooks(model, masks, seed, step)
+    try:
+        with torch.no_grad():
+            out = model(*to_torch_args(inputs, device))
+    finally:
+        for h in handles:
+            h.remove()
+    return to_numpy(out), masks
+
+
+def torch_state(model: Any) -> dict[str, np.ndarray]:
+    from equivcheck.backends.torch import to_numpy
+
+    return {k: to_numpy(v) for k, v in model.state_dict().items()}
+
+
+def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, train: bool, seed: int,
+               device: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """({"loss", "out"}, gradients by torch parameter name)."""
+    from equivcheck.backends.torch import to_numpy
+
+    masks: dict[str, Any] = {}
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    handles = _dropout_hooks(model, masks, seed, 0)
+    try:
+        out = model(*to_torch_args(inputs, device))
+        loss = pair.loss.torch_fn(out, to_torch_args([target], device)[0])
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = {n: to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape), to_numpy(p.detach()).dtype)
+             for n, p in model.named_parameters()}
+    return {"loss": to_numpy(loss), "out": to_numpy(out)}, grads
+
+
+def torch_train(pair: Any, model: Any, ents: Sequence[mm.Entry], batches: Sequence[tuple[Any, ...]], *, seed: int,
+                device: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """K optimizer steps in torch's own loop: per step the loss before it, and the parameters
+    and BatchNorm statistics after it (in the port's layout); and the masks each step drew."""
+    import warnings
+
+    import torch
+
+    from equivcheck.backends.torch import to_numpy
+
+    opt_pair = pair.optimizer
+    optimizer = opt_pair.torch_optimizer(list(model.parameters()))
+    scheduler = opt_pair.torch_scheduler(optimizer) if opt_pair.torch_scheduler else None
+    model.train(True)
+    steps, all_masks = [], []
+    for t, batch in enumerate(batches):
+        masks: dict[str, Any] = {}
+        handles = _dropout_hooks(model, masks, seed, t)
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            targs = to_torch_args(batch, device)
+            loss = pair.loss.torch_fn(model(*targs[:-1]), targs[-1])
+            loss.backward()
+            if opt_pair.torch_clip:
+                opt_pair.torch_clip(list(model.parameters()))
+            optimizer.step()
+            if scheduler is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    scheduler.step(float(loss)) if opt_pair.schedule_takes_loss else scheduler.step()
+        finally:
+            for h in handles:
+                h.remove()
+        with torch.no_grad():
+            params, stats = mm.to_jax(ents, torch_state(model))
+        steps.append({"loss": to_numpy(loss), "params": params, "stats": stats})
+        all_masks.append(masks)
+    return steps, all_masks
+
+
+# ---- jax --------------------------------------------------------------------------------
+
+_PROGRAMS: dict[Any, tuple[Any, Any]] = {}
+
+
+def _jnp_tree(tree: Any, dtype: str) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    def conv(x: Any) -> Any:
+        a = np.asarray(x)
+        if a.dtype.kind in "iu" and dtype != "float64":
+            a = a.astype(np.int32)  # JAX keeps int32 without x64: say so explicitly, no warning
+        return jnp.asarray(a)
+
+    return jax.tree.map(conv, tree)
+
+
+def _forward(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks: Mapping[str, Any], train: bool,
+             record: bool) -> tuple[Any, Any, dict[str, Any]]:
+    with capturing(masks, record) as cap:
+        res = pair.jax_apply(mm.merge(params, stats), *inputs, train=train)
+    if pair.stateful:
+        if not (isinstance(res, tuple) and len(res) == 2):
+            raise TypeError("a stateful port returns (output, statistics)")
+        out, new_stats = res
+    else:
+        out, new_stats = res, stats
+    return out, (new_stats if train else stats), dict(cap.taps or {})
+
+
+def program(pair: Any, kind: str) -> Any:
+    """The jitted program of one kind for this pair: forward, grad or train."""
+    import jax
+
+    key = (id(pair), kind)
+    if key in _PROGRAMS:
+        return _PROGRAMS[key][1]
+    if kind in ("forward_eval", "forward_train"):
+        train = kind == "forward_train"
+        fn = jax.jit(lambda p, s, x, m: _forward(pair, p, s, x, m, train, False)[:2])
+    elif kind in ("grad_eval", "grad_train"):
+        train = kind == "grad_train"
+        fn = jax.jit(jax.value_and_grad(lambda p, s, x, y, m: _loss(pair, p, s, x, y, m, train), has_aux=True))
+    elif kind == "train":
+        fn = jax.jit(lambda p, s, x, y, m: _trajectory(pair, p, s, x, y, m))
+    else:
+        raise ValueError(kind)
+    _PROGRAMS[key] = (pair, fn)  # holding the pair keeps its id from being reused
+    return fn
+
+
+def _loss(pair: Any, params: Any, stats: Any, inputs: Any, target: Any, masks: Any, train: bool) -> Any:
+    out, new_stats, _ = _forward(pair, params, stats, inputs, masks, train, False)
+    return pair.loss.jax_fn(out, target), (out, new_stats)
+
+
+def _trajectory(pair: Any, params: Any, stats: Any, inputs: Any, targets: Any, masks: Any) -> Any:
+    import jax
+    import optax
+
+    tx = pair.optimizer.optax_transform()
+    grad = jax.value_and_grad(lambda p, s, x, y, m: _loss(pair, p, s, x, y, m, True), has_aux=True)
+
+    def step(carry: Any, batch: Any) -> Any:
+        p, s, opt_state = carry
+        x, y, m = batch
+        (loss, (_, s)), g = grad(p, s, x, y, m)
+        updates, opt_state = tx.update(g, opt_state, p)
+        p = optax.apply_updates(p, updates)
+        return (p, s, opt_state), {"loss": loss, "params": p, "stats": s}
+
+    return jax.lax.scan(step, (params, stats, tx.init(params)), (inputs, targets, masks))[1]
+
+
+def run_jax(pair: Any, kind: str, dtype: str, device: str, *args: Any) -> Any:
+    import jax
+
+    from equivcheck.backends.jax import device_of, to_numpy, x64
+
+    with x64(dtype == "float64"):
+        dev = device_of(device)
+        placed = [jax.device_put(_jnp_tree(a, dtype), dev) for a in args]
+        return to_numpy(program(pair, kind)(*placed))
+
+
+def jax_capture(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks: Mapping[str, Any], train: bool,
+                dtype: str, device: str) -> tuple[Any, dict[str, Any], BaseException | None, Any]:
+    """The port run eagerly with its taps recorded: the layers before an exception survive."""
+    import jax
+
+    from equivcheck.backends.jax import device_of, to_numpy, x64
+
+    taps: dict[str, Any] = {}
+    with x64(dtype == "float64"), jax.default_device(device_of(device)):
+        p, s, x, m = (_jnp_tree(a, dtype) for a in (params, stats, list(inputs), masks))
+        with capturing(m, True) as cap:
+            try:
+                res = pair.jax_apply(mm.merge(p, s), *x, train=train)
+            except Exception as exc:  # the layers tapped so far still localise
+                return None, {k: to_numpy(v) for k, v in (cap.taps or {}).items()}, exc, None
+            taps = dict(cap.taps or {})
+    out, new_stats = (res if pair.stateful and isinstance(res, tuple) else (res, stats))
+    return to_numpy(out), {k: to_numpy(v) for k, v in taps.items()}, None, to_numpy(new_stats if train else stats)
+
+
+def jax_index(tree: Any, k: int) -> Any:
+    """Step k of a scanned trajectory's stacked outputs."""
+    import jax
+
+    return jax.tree.map(lambda a: a[k], tree)
+
+
+# ---- batches for trajectories -------------------------------------------------------------
+
+def numpy_batch(inputs: Any, shapes: tuple[Any, ...], dtype: str, rng: np.random.Generator) -> tuple[Any, ...]:
+    """One batch of the pair's inputs from a seeded generator, within each spec's range:
+    a trajectory needs K batches of one shape, too many values for Hypothesis to draw."""
+    out, it = [], iter(shapes)
+    for spec in inputs.args:
+        shape = next(it)
+        if isinstance(spec, Floats):
+            out.append(rng.uniform(spec.lo, spec.hi, shape).astype(np_dtype(dtype)))
+        elif isinstance(spec, Ints):
+            out.append(rng.integers(spec.lo, spec.hi + 1, shape).astype(spec.dtype))
+        else:
+            raise ValueError(f"train batches are drawn for Floats and Ints inputs, not {type(spec).__name__}")
+    return tuple(out)

@@ -1,0 +1,210 @@
+"""Run one pair at one dtype and device under Hypothesis, and turn the outcome into records.
+
+Every example runs all remaining checks on both sides. The first check to fail stops the
+pass: Hypothesis shrinks to a minimal example for it, the float64 diagnosis runs once on
+that example, and a new pass continues with the checks still standing, so every check gets
+its full example budget and its own counterexample.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from hypothesis import strategies as st
+from hypothesis import target
+
+from equivcheck.backends import jax_side
+from equivcheck.engine import tolerance
+from equivcheck.engine.compare import LeafDiff, Verdict, format_args, n_elements
+from equivcheck.engine.records import CheckRecord, RunSettings
+from equivcheck.engine.search import FLAKY_NOTE, Search
+from equivcheck.ops.autodiff import CHECKS, Evaluation, evaluate, judge, wide
+from equivcheck.ops.conditioning import LOWP_ULPS, explained_by_precision, explained_by_rounding
+from equivcheck.ops.diagnose import diagnose
+
+if TYPE_CHECKING:
+    from equivcheck.ops.pairs import Pair
+
+
+class CheckFailed(Exception):
+    """Raised inside the Hypothesis test so that it shrinks; carries the evidence out."""
+
+    def __init__(self, check: str, verdict: Verdict, args: Sequence[Any], ev: Evaluation) -> None:
+        super().__init__(f"{check}: {verdict.kind}: {verdict.message}")
+        self.check, self.verdict, self.args, self.ev = check, verdict, args, ev
+
+
+@dataclasses.dataclass
+class _Stats:
+    examples: int = 0
+    ratio: float = 0.0
+    leaf: LeafDiff | None = None
+    notes: set[str] = dataclasses.field(default_factory=set)
+    accepted: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+
+def run_pair(
+    pair: Pair,
+    *,
+    dtype: str,
+    run: RunSettings,
+    known: Callable[[str], tuple[str, str] | None] = lambda _id: None,
+    nodeid: str = "",
+    replay: str = "",
+) -> list[CheckRecord]:
+    """All checks of `pair` at `dtype` on `run.device`; one record per check.
+
+    `known(check_id)` returns (pattern, reason) for an expected divergence.
+    """
+    start = time.perf_counter()
+    checks = [c for c in CHECKS if c in pair.checks]
+    tols = {c: tolerance.lookup(dtype, device=run.device, precision=run.precision, check=c, tags=pair.tags,
+                                override=pair.tolerance_for(dtype, c)) for c in checks}
+    item_seed = run.item_seed(pair.name, dtype, run.device)
+    palette = _palette(pair, dtype, run)
+    prepare(pair, dtype, run)
+    examples = st.tuples(pair.inputs.strategy(dtype, palette), st.integers(0, 2**31 - 1))
+    stats = {c: _Stats() for c in checks}
+    failures: dict[str, CheckFailed] = {}
+    active = list(checks)
+    while active:
+        failure = _one_pass(pair, examples, active, tols, stats, dtype, run, item_seed)
+        if failure is None:
+            break
+        failures[failure.check] = failure
+        active.remove(failure.check)
+        # The minimal example often breaks other checks too (a side that raises breaks all):
+        # those are failures as they stand, and need no pass of their own.
+        for check in list(active):
+            verdict = judge(pair, failure.ev, check, tols[check], failure.args)
+            if not verdict.ok and not _accepted(pair, check, failure.args, failure.ev, verdict, dtype,
+                                                tols[check], 0):
+                verdict.notes.append(f"found on the minimal example of the {failure.check} failure")
+                failures[check] = CheckFailed(check, verdict, failure.args, failure.ev)
+                active.remove(check)
+    seconds = time.perf_counter() - start
+    records = []
+    for check in checks:
+        tol = tols[check]
+        rec = CheckRecord(
+            pair=pair.name, check=check, dtype=dtype, device=run.device, precision=run.precision, outcome="passed",
+            examples=stats[check].examples, worst_ratio=stats[check].ratio,
+            tolerance={"rtol": tol.rtol, "atol": tol.atol, "per": tol.per, "reason": tol.reason},
+            seconds=seconds / len(checks), notes=sorted(stats[check].notes), tags=sorted(pair.tags),
+            nodeid=nodeid, replay=replay, ill_conditioned=stats[check].accepted["ill-conditioned"],
+            low_precision=stats[check].accepted["low-precision"],
+        )
+        if rec.ill_conditioned:
+            rec.notes.append(f"{rec.ill_conditioned} examples beyond the table bound were within the float64 "
+                             "result's sensitivity to input rounding (ill-conditioned): accepted")
+        if rec.low_precision:
+            rec.notes.append(f"{rec.low_precision} examples beyond the table bound agreed in float32 on the same "
+                             f"inputs, each side within {LOWP_ULPS:g} {dtype} ulps: accepted as the frameworks' "
+                             "low-precision arithmetic (torch computes in float32 inside kernels, XLA rounds "
+                             "every primitive)")
+        _fill_errors(rec, stats[check].leaf)
+        hit = known(rec.id)
+        if check in failures:
+            _fill_failure(rec, failures[check], pair, dtype)
+            rec.outcome = "known-divergence" if hit else "failed"
+        elif hit:
+            rec.outcome = "xpass"
+        if hit:
+            rec.known_pattern, rec.known_reason = hit
+        records.append(rec)
+    return records
+
+
+def _palette(pair: Pair, dtype: str, run: RunSettings) -> list[Any] | None:
+    if not run.palette:
+        return None
+    try:
+        return pair.inputs.palette(run.item_seed(pair.name, dtype, run.device), run.palette)
+    except Exception as exc:
+        raise ValueError(f"pair {pair.name!r}: its shape rule raised {type(exc).__name__}: {exc}") from exc
+
+
+def prepare(pair: Pair, dtype: str, run: RunSettings) -> None:
+    """Start compiling the JAX programs `run_pair` will need, on a background thread.
+
+    The palette is a function of the seed, so this can run ahead: the plugin prepares the
+    next test while the current one checks.
+    """
+    palette = _palette(pair, dtype, run)
+    if palette:
+        checks = [c for c in CHECKS if c in pair.checks]
+        placeholders = [a for shapes in palette for a in pair.inputs.placeholders(dtype, shapes)]
+        jax_side().precompile(pair.jax_fn, placeholders, pair.diff_args, checks, run.device, wide(pair, dtype))
+
+
+def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: dict[str, Any],
+              stats: dict[str, _Stats], dtype: str, run: RunSettings, item_seed: int) -> CheckFailed | None:
+    search = Search(run, CheckFailed, smaller=lambda new, best: n_elements(new.args) < n_elements(best.args))
+
+    def test(example: tuple[tuple[Any, ...], int]) -> None:
+        args, vec_seed = example
+        ev = evaluate(pair, args, vec_seed, dtype=dtype, device=run.device, checks=active)
+        for check in active:
+            verdict = judge(pair, ev, check, tols[check], args)
+            s = stats[check]
+            s.examples += 1
+            s.notes.update(verdict.notes)
+            if not verdict.ok:
+                why = _accepted(pair, check, args, ev, verdict, dtype, tols[check], vec_seed)
+                if why:
+                    s.accepted[why] += 1
+                    continue
+                raise CheckFailed(check, verdict, args, ev)
+            if verdict.ratio >= s.ratio:
+                s.ratio, s.leaf = verdict.ratio, verdict.worst
+            # Steer generation towards the inputs where the two sides drift furthest apart.
+            target(min(verdict.ratio, 1e6), label=check)
+
+    failed = search(test, examples, digest=f"{pair.name}:{dtype}:{run.device}", seed=item_seed)
+    if failed is not None and search.flaky:
+        failed.verdict.notes.append(FLAKY_NOTE)
+    elif failed is not None and search.out_of_time:
+        failed.verdict.notes.append(f"shrinking stopped after {run.shrink_seconds:g} s: the smallest failing "
+                                    "example found is shown")
+    return failed
+
+
+def _accepted(pair: Pair, check: str, args: Any, ev: Evaluation, verdict: Verdict, dtype: str,
+              tol: Any, seed: int) -> str | None:
+    """Why a disagreement beyond the table is no difference, or None."""
+    try:
+        if explained_by_rounding(pair, check, args, ev, verdict, dtype, tol, seed):
+            return "ill-conditioned"
+        if explained_by_precision(pair, check, args, ev, verdict, dtype):
+            return "low-precision"
+    except Exception:  # a failing re-run leaves the failure standing
+        return None
+    return None
+
+
+def _fill_errors(rec: CheckRecord, leaf: LeafDiff | None) -> None:
+    if leaf is not None:
+        rec.max_abs_err, rec.max_rel_err, rec.max_ulp = leaf.max_abs, leaf.max_rel, leaf.max_ulp
+
+
+def _fill_failure(rec: CheckRecord, failure: CheckFailed, pair: Pair, dtype: str) -> None:
+    verdict = failure.verdict
+    try:
+        diagnose(pair, failure.check, failure.args, failure.ev, verdict, dtype=dtype)
+    except Exception as exc:  # advice only: the failure stands without it
+        verdict.diagnosis = f"diagnosis failed: {type(exc).__name__}: {exc}"
+    rec.kind, rec.side, rec.diagnosis = verdict.kind, verdict.side, verdict.diagnosis
+    worst = verdict.worst if verdict.kind == "values" else None
+    rec.message = verdict.message + (f"\n  worst: {worst.summary()}" if worst else "")
+    if worst is not None:
+        rec.worst_ratio = worst.ratio
+        _fill_errors(rec, worst)
+    else:
+        rec.worst_ratio = math.inf
+    rec.inputs = format_args(failure.args)
+    rec.notes = sorted(set(rec.notes) | set(verdict.notes))
+

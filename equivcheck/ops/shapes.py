@@ -1,0 +1,183 @@
+"""Shape rules: which array shapes an operation's arguments take, drawn from a small palette.
+
+JAX compiles anew for every input shape (~0.1-0.2 s), a cached call costs ~0.1 ms, so each check
+draws its shapes from a palette sampled once with the run's seed; its first entry is the
+smallest valid shape, so Hypothesis still shrinks towards it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+Shape = tuple[int, ...]
+
+__all__ = ["Broadcast", "Custom", "Fixed", "MatMul", "Same", "Shape", "ShapeSpec", "Square"]
+
+
+class ShapeSpec:
+    """Draws a tuple of array shapes that fit together (one shape per array argument)."""
+
+    n: int = 1
+    zero_size: bool = False
+
+    def sample(self, rng: np.random.Generator) -> tuple[Shape, ...]:
+        raise NotImplementedError
+
+    def minimal(self) -> tuple[Shape, ...]:
+        raise NotImplementedError
+
+    def empty(self) -> tuple[Shape, ...] | None:
+        """A zero-size variant, where the op accepts one."""
+        if not self.zero_size:
+            return None
+        shapes = self.minimal()
+        # Zero the leading axis of every shape that has one: stays broadcast-compatible.
+        out = tuple((0,) + s[1:] if s else (0,) for s in shapes)
+        return out
+
+    def palette(self, rng: np.random.Generator, size: int) -> list[tuple[Shape, ...]]:
+        """`size` distinct shape tuples, smallest first so that shrinking heads there.
+
+        The rest spread over the sizes seen in many samples, the largest included, so each
+        run meets small, middling and large shapes.
+        """
+        found = [self.minimal()]
+        empty = self.empty()
+        if empty is not None and size > 2:
+            found.append(empty)
+        pool = {self.sample(rng) for _ in range(8 * size)} - set(found)
+        pool = sorted(pool, key=lambda s: (sum(map(math.prod, s)), s))
+        want = size - len(found)
+        if want > 0 and pool:
+            picks = {max(0, round(len(pool) * (i + 1) / want) - 1) for i in range(want)}
+            found += [pool[i] for i in sorted(picks)]
+        return found[:1] + sorted(found[1:], key=lambda s: (sum(map(math.prod, s)), s))
+
+
+def _dims(rng: np.random.Generator, lo: int, hi: int) -> int:
+    return int(rng.integers(lo, hi + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ranked(ShapeSpec):
+    """Shapes of min_dims..max_dims axes, each of min_side..max_side."""
+
+    n: int = 1
+    min_dims: int = 0
+    max_dims: int = 3
+    min_side: int = 1
+    max_side: int = 5
+    zero_size: bool = False
+
+    def _full(self, rng: np.random.Generator) -> list[int]:
+        return [_dims(rng, self.min_side, self.max_side) for _ in range(_dims(rng, self.min_dims, self.max_dims))]
+
+    def minimal(self):
+        return ((self.min_side,) * self.min_dims,) * self.n
+
+
+@dataclasses.dataclass(frozen=True)
+class Same(_Ranked):
+    """`n` arrays of one shape."""
+
+    def sample(self, rng):
+        return (tuple(self._full(rng)),) * self.n
+
+
+@dataclasses.dataclass(frozen=True)
+class Broadcast(_Ranked):
+    """`n` shapes that broadcast together (some axes 1, some missing)."""
+
+    n: int = 2
+
+    def sample(self, rng):
+        full = self._full(rng)
+        out = []
+        for _ in range(self.n):
+            drop = _dims(rng, 0, len(full) - self.min_dims) if full else 0
+            out.append(tuple(1 if rng.random() < 0.3 else d for d in full[drop:]))
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatMul(ShapeSpec):
+    """(..., m, k) and (..., k, n) with `batch` leading dims shared (or broadcast)."""
+
+    min_batch: int = 0
+    max_batch: int = 2
+    min_side: int = 1
+    max_side: int = 5
+    n: int = 2
+
+    def sample(self, rng):
+        batch = tuple(_dims(rng, 1, 3) for _ in range(_dims(rng, self.min_batch, self.max_batch)))
+        m, k, n = (_dims(rng, self.min_side, self.max_side) for _ in range(3))
+        return (batch + (m, k), batch + (k, n))
+
+    def minimal(self):
+        b = (1,) * self.min_batch
+        s = self.min_side
+        return (b + (s, s), b + (s, s))
+
+
+@dataclasses.dataclass(frozen=True)
+class Square(ShapeSpec):
+    """(..., k, k) matrices, optionally with a right-hand side (..., k, r)."""
+
+    min_batch: int = 0
+    max_batch: int = 1
+    min_side: int = 1
+    max_side: int = 4
+    rhs: bool = False
+
+    @property
+    def n(self) -> int:  # type: ignore[override]
+        return 2 if self.rhs else 1
+
+    def _make(self, batch, k, r):
+        return (batch + (k, k), batch + (k, r)) if self.rhs else (batch + (k, k),)
+
+    def sample(self, rng):
+        batch = tuple(_dims(rng, 1, 3) for _ in range(_dims(rng, self.min_batch, self.max_batch)))
+        return self._make(batch, _dims(rng, self.min_side, self.max_side), _dims(rng, 1, 3))
+
+    def minimal(self):
+        return self._make((1,) * self.min_batch, self.min_side, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed(ShapeSpec):
+    """Exactly these shapes (a palette of one, or several to choose from)."""
+
+    choices: tuple[tuple[Shape, ...], ...] = ((),)
+
+    @property
+    def n(self) -> int:  # type: ignore[override]
+        return len(self.choices[0])
+
+    def sample(self, rng):
+        return self.choices[int(rng.integers(len(self.choices)))]
+
+    def minimal(self):
+        return self.choices[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Custom(ShapeSpec):
+    """Any joint shape rule: `sample(rng) -> shapes`, `smallest` the minimal shapes."""
+
+    sampler: Callable[[np.random.Generator], tuple[Shape, ...]] = lambda rng: ((),)
+    smallest: tuple[Shape, ...] = ((),)
+
+    @property
+    def n(self) -> int:  # type: ignore[override]
+        return len(self.smallest)
+
+    def sample(self, rng):
+        return tuple(tuple(int(d) for d in s) for s in self.sampler(rng))
+
+    def minimal(self):
+        return self.smallest

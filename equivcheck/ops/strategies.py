@@ -1,0 +1,318 @@
+"""Framework-neutral inputs: NumPy arrays drawn by Hypothesis, one master copy for both sides.
+
+Shapes come from a small per-check *palette* rather than fresh each example: JAX compiles
+anew for every input shape (~0.1-0.2 s), a cached call costs ~0.1 ms. The palette is
+sampled from the full shape space with the run's seed (a new seed, new shapes), its first
+entry is the smallest valid shape, so Hypothesis still shrinks towards it. Values are drawn
+element by element by Hypothesis, with each op's special points mixed in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from equivcheck.engine.dtypes import np_dtype
+from equivcheck.ops.shapes import Broadcast, Same, Shape, ShapeSpec
+
+_WIDTH = {"float16": 16, "float32": 32, "float64": 64, "bfloat16": 32}
+_TINY = {"float16": 2.0**-14, "float32": 2.0**-126, "float64": 2.0**-1022, "bfloat16": 2.0**-126}
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _representable(x: float, dtype: str, direction: float) -> float:
+    """`x` rounded into the dtype, moving towards `direction` if rounding left the range."""
+    dt = np.float32 if dtype == "bfloat16" else np_dtype(dtype).type
+    y = dt(x)
+    if (float(y) - x) * (direction - x) < 0:
+        y = np.nextafter(y, dt(direction))
+    return float(y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Floats:
+    """Values for one floating-point argument.
+
+    lo, hi     closed range (kept inside the dtype's finite range)
+    special    values the op treats specially (kinks, zeros, poles): drawn often
+    near       points approached within a few ulps from both sides (singularities)
+    tiny       also draw magnitudes near the smallest normal number
+    nonfinite  also draw NaN and +-inf
+    fill       arrays mostly of one repeated value (ties for max, all-zero vectors for
+               norms); otherwise every element is drawn on its own
+    unique     no two elements equal (std/var away from a constant array)
+    exclude    values never drawn (x**y at y == 0 has its own pair)
+    min_magnitude  nonzero values have at least this magnitude (keeps an op whose
+               derivatives blow up near 0 away from overflow; specials still drawn)
+    """
+
+    lo: float = -10.0
+    hi: float = 10.0
+    special: tuple[float, ...] = ()
+    near: tuple[float, ...] = ()
+    tiny: bool = True
+    nonfinite: bool = False
+    fill: bool = False
+    unique: bool = False
+    exclude: tuple[float, ...] = ()
+    min_magnitude: float = 0.0
+
+    def elements(self, dtype: str) -> st.SearchStrategy[float]:
+        finfo = np.finfo(np.float32 if dtype == "bfloat16" else np_dtype(dtype))
+        lo = _representable(max(self.lo, float(finfo.min)), dtype, math.inf)
+        hi = _representable(min(self.hi, float(finfo.max)), dtype, -math.inf)
+        width = _WIDTH[dtype]
+        parts = [st.floats(a, b, width=width, allow_nan=False, allow_infinity=False, allow_subnormal=False)
+                 for a, b in self._bands(lo, hi, dtype)]
+        inside = [float(v) for v in self.special if lo <= v <= hi]
+        spacing = np.finfo(np.float32 if dtype == "bfloat16" else np_dtype(dtype)).eps
+        for x0 in self.near:
+            step = spacing * max(abs(x0), 1.0) * (256 if dtype == "bfloat16" else 1)
+            inside += [v for k in (1, 2, 8) for v in (x0 - k * step, x0 + k * step) if lo <= v <= hi]
+        if inside:
+            parts.append(st.sampled_from(inside))
+        tiny = _TINY[dtype]
+        if self.tiny and self.min_magnitude <= tiny:
+            # tiny * 2**e * (1 + m/16) is exact in every float dtype: no rejection sampling.
+            mags = st.tuples(st.integers(0, 20), st.integers(0, 15)).map(lambda em: tiny * 2.0 ** em[0] * (1 + em[1] / 16))
+            top = tiny * 2.0**21  # above every magnitude drawn
+            if hi >= tiny and lo <= top:
+                parts.append(mags if lo <= tiny and hi >= top else mags.filter(lambda v: lo <= v <= hi))
+            if lo <= -tiny and hi >= -top:
+                neg = mags.map(lambda v: -v)
+                parts.append(neg if lo <= -top and hi >= -tiny else neg.filter(lambda v: lo <= v <= hi))
+        if self.nonfinite:
+            parts.append(st.sampled_from([math.nan, math.inf, -math.inf]))
+        values = st.one_of(parts)
+        if self.exclude:
+            values = values.filter(lambda v: v not in self.exclude)
+        return values
+
+    def _bands(self, lo: float, hi: float, dtype: str) -> list[tuple[float, float]]:
+        m = self.min_magnitude
+        if m <= 0 or lo >= m or hi <= -m:
+            return [(lo, hi)]
+        bands = [(lo, _representable(-m, dtype, -math.inf)), (_representable(m, dtype, math.inf), hi)]
+        kept = [(a, b) for a, b in bands if a <= b]
+        return kept + ([(0.0, 0.0)] if lo <= 0 <= hi else [])
+
+    def draw(self, dtype: str, shape: Shape, shapes: tuple[Shape, ...]) -> st.SearchStrategy[np.ndarray]:
+        elements = self.elements(dtype)
+        fill = elements if self.fill else st.nothing()
+        if dtype == "bfloat16":
+            # Unique float32 values can round to equal bfloat16 ones: unique stays best effort here.
+            return hnp.arrays(np.float32, shape, elements=elements, fill=fill, unique=self.unique).map(
+                lambda a: _clip_into(a.astype(np_dtype("bfloat16")), self.lo, self.hi)
+            )
+        return hnp.arrays(np_dtype(dtype), shape, elements=elements, fill=fill, unique=self.unique)
+
+
+def _clip_into(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Rounding to bfloat16 can step just outside [lo, hi]: step back inside."""
+    wide = a.astype(np.float64)
+    bad = (wide < lo) | (wide > hi)
+    if bad.any():
+        a = a.copy()
+        toward = np.where(wide[bad] < lo, np.inf, -np.inf).astype(a.dtype)
+        a[bad] = np.nextafter(a[bad], toward)
+    return a
+
+
+@dataclasses.dataclass(frozen=True)
+class Ints:
+    """Integer values in [lo, hi] (int64 on the torch side; JAX keeps int32 without x64).
+
+    `dtype` another integer type: `Ints(0, 255, dtype="uint8")` draws raw 8-bit images.
+    """
+
+    lo: int = 0
+    hi: int = 10
+    dtype: str = "int64"
+
+    def __post_init__(self) -> None:
+        info = np.iinfo(np.dtype(self.dtype))  # refuses a non-integer dtype
+        if not info.min <= self.lo <= self.hi <= info.max:
+            raise ValueError(f"Ints: [{self.lo}, {self.hi}] is not a range inside {self.dtype}")
+
+    def draw(self, dtype, shape, shapes):
+        return hnp.arrays(np.dtype(self.dtype), shape, elements=st.integers(self.lo, self.hi), fill=st.nothing())
+
+
+@dataclasses.dataclass(frozen=True)
+class Index:
+    """Valid indices into axis `axis` of the array whose shape is `shapes[of]`."""
+
+    of: int = 0
+    axis: int = 0
+
+    def draw(self, dtype, shape, shapes):
+        size = shapes[self.of][self.axis]
+        if size == 0 and math.prod(shape) > 0:
+            raise ValueError(f"Index: axis {self.axis} of shape {shapes[self.of]} is empty but indices are needed")
+        return hnp.arrays(np.int64, shape, elements=st.integers(0, max(size - 1, 0)), fill=st.nothing())
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Boolean arrays."""
+
+    def draw(self, dtype, shape, shapes):
+        return hnp.arrays(np.bool_, shape, elements=st.booleans(), fill=st.nothing())
+
+
+@dataclasses.dataclass(frozen=True)
+class Matrices:
+    """Square matrices of a structure that keeps the op well-posed at float32.
+
+    kind  "spd"       symmetric positive definite (cholesky, solve): eigenvalues in [1, 10]
+          "general"   any (.., m, n), full rank, singular values in [1, 10] (inv, solve, det, qr)
+          "symmetric" symmetric, eigenvalues at least 1 apart (eigh: gradients need gaps)
+          "distinct"  any (.., m, n), singular values at least 1 apart (svd)
+    Drawn as a random orthogonal basis and a spectrum (both from Hypothesis), composed in
+    float64 and rounded once, so both sides get the same bits.
+    """
+
+    kind: str = "spd"
+
+    def draw(self, dtype, shape, shapes):
+        m, n = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, 1)
+        batch = shape[:-2]
+        k = min(m, n)
+        count = math.prod(batch) if batch else 1
+        basis = hnp.arrays(np.float64, (count, 2, max(m, n), max(m, n)),
+                           elements=st.floats(-1, 1, allow_subnormal=False), fill=st.nothing())
+        spectrum = hnp.arrays(np.float64, (count, k), elements=st.floats(0.0, 1.0), fill=st.nothing())
+        return st.tuples(basis, spectrum).map(lambda bs: self._compose(bs[0], bs[1], shape, m, n, dtype))
+
+    def _compose(self, basis, spectrum, shape, m, n, dtype):
+        k = min(m, n)
+        out = np.empty((len(basis), m, n))
+        for i, (b, s) in enumerate(zip(basis, spectrum)):
+            q1 = _orthogonal(b[0][:m, :m] + 2 * np.eye(m))
+            q2 = _orthogonal(b[1][:n, :n] + 2 * np.eye(n))
+            if self.kind in ("symmetric", "distinct"):
+                sig = 1.0 + 2.0 * np.arange(len(s)) + s  # gaps >= 1 keep eigen/svd grads finite
+                if self.kind == "symmetric":
+                    sig = sig * np.where(np.arange(len(s)) % 2, -1, 1)
+            else:
+                sig = 1.0 + 9.0 * s
+            if self.kind in ("spd", "symmetric"):
+                a = (q1 * sig) @ q1.T
+                a = (a + a.T) / 2
+            else:
+                a = (q1[:, :k] * sig) @ q2[:, :k].T
+            out[i] = a
+        return out.reshape(shape).astype(np_dtype(dtype))
+
+
+def _orthogonal(b: np.ndarray) -> np.ndarray:
+    q, r = np.linalg.qr(b)
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """A non-array argument (axis, exponent, flag) drawn from a few values.
+
+    Each value compiles its own JAX program, so keep the list short.
+    """
+
+    values: tuple[Any, ...]
+
+
+ArgSpec = Floats | Ints | Index | Mask | Matrices | Static
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """How to draw a pair's positional arguments: a shape rule and one spec per argument.
+
+    Array arguments take the shapes from `shapes` in order; `Static` ones take none.
+    """
+
+    shapes: ShapeSpec
+    args: tuple[ArgSpec, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", tuple(self.args))
+        arrays = sum(not isinstance(a, Static) for a in self.args)
+        if arrays != self.shapes.n:
+            raise ValueError(f"Inputs: {arrays} array arguments but the shape rule makes {self.shapes.n} shapes")
+
+    @property
+    def n_args(self) -> int:
+        return len(self.args)
+
+    def palette(self, seed: int, size: int) -> list[tuple[Shape, ...]]:
+        return self.shapes.palette(np.random.default_rng(seed), size)
+
+    def strategy(self, dtype: str, palette: Sequence[tuple[Shape, ...]] | None = None) -> st.SearchStrategy[tuple]:
+        """Argument tuples. With a palette, shapes come from it; without, fresh every example."""
+        if palette:
+            # The smallest shapes are cheap and quickly exhausted: give the others twice the weight.
+            shapes = st.sampled_from(list(palette[:2]) + [s for s in palette[2:] for _ in (0, 1)])
+        else:
+            fresh = st.integers(0, 2**32 - 1).map(lambda s: self.shapes.sample(np.random.default_rng(s)))
+            shapes = st.one_of(st.just(self.shapes.minimal()), fresh)
+        # One strategy per shape set, built once: a fresh one per example is validated anew,
+        # which cost more than drawing the values.
+        built: dict[tuple[Shape, ...], st.SearchStrategy[tuple]] = {}
+
+        def values(ss: tuple[Shape, ...]) -> st.SearchStrategy[tuple]:
+            if ss not in built:
+                built[ss] = self._values(dtype, ss)
+            return built[ss]
+
+        return shapes.flatmap(values)
+
+    def placeholders(self, dtype: str, shapes: tuple[Shape, ...]) -> list[tuple[Any, ...]]:
+        """Zero-valued argument tuples with the dtypes the strategy draws, one per
+        combination of static values: what a compiler needs, nothing more."""
+        options: list[list[Any]] = []
+        it = iter(shapes)
+        for spec in self.args:
+            if isinstance(spec, Static):
+                options.append(list(spec.values))
+            else:
+                kind = np.dtype(spec.dtype) if isinstance(spec, Ints) else {Index: np.int64, Mask: np.bool_}.get(type(spec))
+                options.append([np.zeros(next(it), kind or np_dtype(dtype))])
+        return [tuple(combo) for combo in itertools.product(*options)]
+
+    def _values(self, dtype: str, shapes: tuple[Shape, ...]) -> st.SearchStrategy[tuple]:
+        parts, it = [], iter(shapes)
+        for spec in self.args:
+            if isinstance(spec, Static):
+                parts.append(st.sampled_from(spec.values))
+            else:
+                parts.append(spec.draw(dtype, next(it), shapes))
+        return st.tuples(*parts)
+
+
+# --------------------------------------------------------------------------- shorthands
+
+
+def unary(elements: Floats | None = None, **shape_kw: Any) -> Inputs:
+    """One floating array: `unary(Floats(lo=0), min_dims=1)`."""
+    shape_kw.setdefault("zero_size", True)
+    return Inputs(Same(n=1, **shape_kw), (elements or Floats(),))
+
+
+def binary(a: Floats | None = None, b: Floats | None = None, *, broadcast: bool = True, **shape_kw: Any) -> Inputs:
+    """Two floating arrays, broadcastable (default) or of one shape."""
+    shape_kw.setdefault("zero_size", True)
+    rule = Broadcast(n=2, **shape_kw) if broadcast else Same(n=2, **shape_kw)
+    return Inputs(rule, (a or Floats(), b or Floats()))
+
+
+def tangent_like(seed: int, leaves: Sequence[np.ndarray], dtype: str) -> list[np.ndarray]:
+    """Standard-normal arrays shaped like `leaves`: cotangents, tangents, HVP directions."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(np.shape(x)).astype(np_dtype(dtype)) for x in leaves]

@@ -1,0 +1,253 @@
+"""Why an optimizer check failed: re-run the failing example under controlled changes.
+
+In order: a learning-rate sequence shifted by one step; float64 (the gap was rounding, and
+the float32 side further from float64 torch is off); then one hyperparameter at a time,
+changed on both sides (weight_decay=0, eps=0, Nesterov off, momentum or beta1 = 0) and a
+start at step 10**6, where every bias correction 1 - beta**t is 1. The first change under
+which the two sides agree names the cause. A pair built by hand (no `rebuild`) gets the
+first two only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from equivcheck.engine.compare import flatten
+from equivcheck.engine.tolerance import Tolerance, lookup
+from equivcheck.optim.sides import MAX_STEPS, run_torch, treedef_of
+from equivcheck.optim.state import torch_to_neutral
+from equivcheck.optim.trajectory import PROBLEM_OF, Example, Outcome, evaluate, lr_sequences, trajectory_tolerance
+
+LARGE_STEP = 10**6
+FLOAT32_LEVEL = 64 * 2.0**-23  # relative error per step that float32 arithmetic can leave
+
+MEANING = {
+    "weight_decay": "weight decay is applied differently: coupled L2 added to the gradient (torch's Adam, SGD, "
+                    "RMSprop weight_decay) vs decoupled param *= 1 - lr*wd (AdamW, optax.adamw), or with another value",
+    "eps": "eps enters differently: inside vs outside the square root (or on the raw vs bias-corrected second "
+           "moment), or with another value",
+    "nesterov": "the Nesterov formula differs (plain momentum agrees)",
+    "momentum": "the momentum update differs (dampening, or where the lr enters the buffer)",
+    "beta1": "the first-moment (momentum / Nesterov) formula differs: e.g. NAdam's momentum schedule mu_t vs a "
+             "constant beta1",
+    "bias": "the bias correction differs: missing, or applied at another point (from step 10**6 on, where "
+            "1 - beta**t = 1, the sides agree)",
+}
+
+
+def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: Tolerance) -> tuple[str | None, str]:
+    if out.side_error:
+        return out.side_error, "a side raised: see the message"
+    worst = out.verdict.worst if out.verdict is not None else None
+    path = worst.path if worst is not None else ""
+    if ex.check == "schedule" or path.startswith("out['lr']"):
+        shifted = _shift(pair, dtype, base)
+        if shifted or ex.check == "schedule":
+            return None, shifted or "the learning-rate schedules differ"
+    moved_lr = _schedule_state(out, base)
+    if moved_lr:
+        return None, moved_lr
+    if dtype == "float64" and worst is not None and 0 < worst.max_rel <= FLOAT32_LEVEL * out.step:
+        return None, (f"the gap is at float32's level (max relative error {worst.max_rel:.2g} after {out.step} "
+                      "steps): one side likely computes part of the step in float32 in this float64 run (an "
+                      "accumulator, a schedule at an int32 count, a constant)")
+    if dtype != "float64":
+        verdict = _rounding(pair, ex, out, run)
+        if verdict:
+            return verdict
+    if pair.rebuild is None or not pair.hparams:
+        return None, "the two sides compute different steps (a pair built by hand: no hyperparameter probes)"
+    for label, changes in _probes(pair.hparams):
+        try:
+            probe = pair.rebuild(**changes)
+        except Exception:  # a change the mapping cannot express says nothing
+            continue
+        if evaluate(probe, ex, dtype, run, base).ok:
+            said = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+            return None, f"with {said} on both sides the two agree on this example: {MEANING[label]}"
+    if pair.state_map.torch_step and pair.torch_scheduler is None:
+        start = _fresh_state(pair, ex, dtype)
+        if start is not None and evaluate(pair, ex, dtype, run, base, start=start).ok:
+            return None, MEANING["bias"]
+    return None, ("the formulas differ; no single change (weight_decay, eps, nesterov, momentum, beta1 set to 0, "
+                  "or a start at step 10**6) makes the sides agree")
+
+
+def _schedule_state(out: Outcome, base: Tolerance) -> str:
+    """A schedule with state of its own (ReduceLROnPlateau) whose decisions differ at the first
+    failing step has moved the lr apart: the parameters then differ because of the schedule,
+    whatever the optimizer's formula (probing hyperparameters would only move the plateau).
+    Its decisions, not its `best` loss: losses differ once parameters do, whatever the cause.
+    The scale is a product of a few factors; 1e-4 relative is far above its rounding."""
+    t = ((out.torch_at or {}).get("state") or {}).get("sched")
+    j = ((out.jax_at or {}).get("state") or {}).get("sched")
+    if not t or not j:
+        return ""
+    differ = [k for k in sorted(t) if k in j and k != "best" and
+              abs(float(t[k]) - float(j[k])) > (1e-4 * max(abs(float(t[k])), abs(float(j[k]))) if k == "scale" else 0)]
+    if not differ:
+        return ""
+    values = ", ".join(f"{k} torch {float(t[k]):.6g} vs optax {float(j[k]):.6g}" for k in differ)
+    why = ("the two sides reduce the learning rate differently (factor, min_lr, or the floor where torch skips a "
+           "reduction smaller than its eps)" if differ == ["scale"] else
+           "the plateau decisions differ (patience, threshold and its mode, cooldown)")
+    return f"the schedule's own state differs at step {out.global_step} ({values}): {why}"
+
+
+def _probes(hp: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    if hp.get("weight_decay"):
+        out.append(("weight_decay", {"weight_decay": 0.0}))
+    if hp.get("eps"):
+        out.append(("eps", {"eps": 0.0}))
+    if hp.get("nesterov"):
+        out.append(("nesterov", {"nesterov": False}))
+    if hp.get("momentum"):
+        out.append(("momentum", {"momentum": 0.0, **({"nesterov": False} if "nesterov" in hp else {}),
+                                 **({"dampening": 0.0} if "dampening" in hp else {})}))
+    betas = hp.get("betas")
+    if betas and betas[0]:
+        out.append(("beta1", {"betas": (0.0, betas[1])}))
+    return out
+
+
+def _fresh_state(pair: Any, ex: Example, dtype: str) -> dict[str, Any] | None:
+    import torch
+
+    try:
+        treedef = treedef_of(ex.params)
+        leaves = [torch.tensor(np.array(x)) for x in treedef.flatten_up_to(ex.params)]
+        state = torch_to_neutral(pair.torch_optimizer(leaves), pair.state_map, treedef, 0)
+    except Exception:
+        return None
+    state["step"] = np.asarray(float(LARGE_STEP))
+    return state
+
+
+def _shift(pair: Any, dtype: str, base: Tolerance) -> str:
+    try:
+        t, j = lr_sequences(pair, MAX_STEPS, dtype)
+    except Exception:
+        return ""
+    t_arr, j_arr = np.asarray(t), np.asarray(j)
+    if not len(t_arr):
+        return ""
+    same = lambda a, b: bool(np.all(np.abs(a - b) <= base.atol + base.rtol * np.maximum(abs(a), abs(b))))
+    if same(t_arr, j_arr):
+        return ""
+    if same(t_arr[1:], j_arr[:-1]):
+        return ("schedule shifted by one step: torch's lr at update t+1 is optax's at update t - optax evaluates "
+                "its schedule one count ahead (schedule(count + 1)), or torch steps its scheduler one call late")
+    if same(t_arr[:-1], j_arr[1:]):
+        return ("schedule shifted by one step: torch's lr at update t is optax's at update t+1 - torch calls "
+                "scheduler.step() before optimizer.step() (update t must use the lr after t-1 scheduler steps, "
+                "optax's schedule(t - 1))")
+    return "the learning-rate schedules differ, and not by a shift of one step"
+
+
+def _rounding(pair: Any, ex: Example, out: Outcome, run: Any) -> tuple[str | None, str] | None:
+    """If the example agrees in float64, the float32 gap was rounding: blame the float32 side
+    further from torch's float64 value at the failing leaf and step."""
+    wide = dataclasses.replace(ex, params=_cast(ex.params), data=_cast(ex.data))
+    tol64 = lookup("float64", device=run.device, precision=run.precision)
+    if not evaluate(pair, wide, "float64", run, tol64).ok:
+        return None
+    text = (f"rounding: the sides agree in float64, so the float32 gap after {out.step} steps outgrew the "
+            f"{'linear' if ex.check != 'step' else 'one-step'} bound")
+    worst = out.verdict.worst if out.verdict is not None else None
+    if worst is None or ex.check == "schedule" or "moved" in out.where:
+        return None, text
+    try:
+
+        steps = run_torch(pair, PROBLEM_OF[ex.check], wide.params, wide.data, out.step, dtype="float64",
+                          device=run.device)
+        ref = float(np.asarray(dict(flatten(steps[out.step - 1]))[worst.path])[tuple(worst.worst_index)])
+    except Exception:
+        return None, text
+    side = "torch" if abs(worst.torch_value - ref) > abs(worst.jax_value - ref) else "jax"
+    return side, f"{text}; {side} is off: torch float64 gives {ref:.9g} at {worst.path}{list(worst.worst_index)}"
+
+
+def explained_by_rounding(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: Tolerance,
+                          seed: int) -> bool:
+    """The trajectory version of equivcheck.ops.conditioning: accept a float32 gap that the
+    dtype's rounding alone explains.
+
+    Some trajectories amplify rounding: an MLP gradient that cancels to noise (a true 1e-18
+    computed as +-1e-9, or 1 - tanh**2 near saturation) becomes an O(1) step once RMSprop or
+    Adam divides it by its own root mean square; NAdam near the optimum of the quadratic,
+    once v has decayed, oscillates with a gain lr*a/sqrt(v) > 2 and grows every ulp it is
+    given. Rounding acts at every step, so we run torch in float64 from the start of the
+    compared stretch (the initial point, or the state that moved) on SAMPLES copies that
+    round like the tested dtype (equivcheck.optim.sides.run_torch's jitter: each gradient
+    moved by up to twice its own rounding error at that dtype, parameters and state by ULPS
+    ulps after every step). If both float32 sides, and JAX in float64, lie within SAFETY x
+    that spread (plus the bound for n steps) of the float64 result, no side is wrong. A
+    wrong formula shows at the first steps, where the spread is a few ulps, and still fails.
+    """
+    from equivcheck.ops.conditioning import SAFETY, SAMPLES, ULPS, _eps
+    from equivcheck.optim.sides import MAX_STEPS, run_jax
+
+    if out.verdict is None or out.verdict.kind != "values" or ex.check not in PROBLEM_OF:
+        return False
+    problem, n, k = PROBLEM_OF[ex.check], out.step, out.offset
+    # a float64 run is its own reference: its spread is float64 rounding alone (NAdam's
+    # unstable oscillation grows even float64's ulps past the bound after ~80 steps)
+    low = dtype if dtype != "float64" else None
+    params = _cast(out.start["params"] if out.start else ex.params)
+    state = _cast_state(out.start["state"], pair) if out.start else None
+    data = _cast(ex.data)
+    rng, rel = np.random.default_rng(seed), ULPS * _eps(dtype)
+    nudge = lambda t: _map(t, lambda a: a * (1 + rel * rng.uniform(-1, 1, a.shape)))
+
+    def at_n(p: Any, d: Any, s: Any, jitter: Any = None) -> list[np.ndarray]:
+        return _leaves(run_torch(pair, problem, p, d, n, dtype="float64", start=s, start_step=k, jitter=jitter)[n - 1])
+
+    try:
+        exact = at_n(params, data, state)
+        spread = [np.zeros_like(x) for x in exact]
+        for _ in range(SAMPLES):
+            s = None if state is None else {**state, **{f.torch: nudge(state[f.torch]) for f in pair.state_map.fields}}
+            moved = at_n(nudge(params), nudge(data), s, (rng, rel, low))
+            spread = [np.maximum(a, np.abs(m - e)) for a, m, e in zip(spread, moved, exact)]
+        length = 1 if ex.check == "step" else MAX_STEPS
+        jax64 = _leaves(run_jax(pair, problem, length, params, data, n, dtype="float64", start=state,
+                                start_step=k)[n - 1])
+    except Exception:  # the float64 re-run failing leaves the failure standing
+        return False
+    tol = trajectory_tolerance(base, n)
+    for x in (_leaves(out.torch_at), _leaves(out.jax_at), jax64):
+        for v, e, sp in zip(x, exact, spread):
+            bound = SAFETY * sp + tol.atol + tol.rtol * np.abs(e)
+            with np.errstate(invalid="ignore"):
+                if not np.all((np.abs(v - e) <= bound) | (v == e)):
+                    return False
+    return True
+
+
+def _cast_state(state: Any, pair: Any) -> Any:
+    out = dict(state)
+    for f in pair.state_map.fields:
+        out[f.torch] = _cast(state[f.torch])
+    return out
+
+
+def _leaves(step: Any) -> list[np.ndarray]:
+    return [np.asarray(x, np.float64) for _, x in flatten(step)]
+
+
+def _map(tree: Any, fn: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _map(v, fn) for k, v in tree.items()}
+    return fn(np.asarray(tree))
+
+
+def _cast(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _cast(v) for k, v in tree.items()}
+    return np.asarray(tree, np.float64)
+
+
+__all__ = ["diagnose", "explained_by_rounding"]

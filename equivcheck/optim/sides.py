@@ -1,0 +1,327 @@
+"""Both sides of an optimizer trajectory, NumPy in and NumPy out.
+
+torch runs the ordinary eager loop (`zero_grad; loss.backward() per micro-batch; clip;
+optimizer.step(); scheduler.step()`). JAX runs the whole trajectory as one `lax.scan` of a
+fixed length, compiled ahead of time once per (pair, problem, shapes, dtype): the drawn
+number of steps only decides how much of the output is compared, so it never recompiles.
+Each step yields `{"params", "state" (neutral form), "lr"?, "grad_norm"?}`.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from equivcheck.optim.state import load_torch, neutral_to_optax, optax_to_neutral, torch_to_neutral
+
+MAX_STEPS = 100  # the longest trajectory a check draws; the scan always runs this many
+
+
+def treedef_of(tree: Any) -> Any:
+    import jax
+
+    return jax.tree.structure(tree)
+
+
+# ---- torch ------------------------------------------------------------------------------
+
+def torch_param_groups_ok(optimizer: Any) -> None:
+    """One optax transformation applies one set of hyperparameters to the whole tree."""
+    groups = optimizer.param_groups
+    if len(groups) <= 1:
+        return
+    keys = sorted(k for k in groups[0] if k != "params")
+    differ = [k for k in keys if len({repr(g.get(k)) for g in groups}) > 1]
+    if differ:
+        values = "; ".join(f"{k}: {', '.join(repr(g.get(k)) for g in groups)}" for k in differ)
+        raise ValueError(
+            f"the torch optimizer has {len(groups)} param groups with different {', '.join(differ)} ({values}); "
+            "an optax transformation has no param groups: build one pair per group and combine them with "
+            "optax.multi_transform (labels per leaf), or use a single group")
+
+
+def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, dtype: str, device: str = "cpu",
+              start: dict[str, Any] | None = None, start_step: int = 0,
+              jitter: tuple[np.random.Generator, float, str | None] | None = None) -> list[dict[str, Any]]:
+    """The torch trajectory. `jitter=(rng, rel, low)` makes a float64 run round like the
+    dtype `low` (the conditioning test, equivcheck.optim.diagnose; None: float64 itself):
+    every gradient moves by
+    U(-2, 2) times its own rounding error at `low` (the gradient computed at `low` minus the
+    float64 one: cancellation in a backward pass is not relative to the result), and after
+    every step the parameters and the optimizer state are multiplied by 1 + rel * U(-1, 1)."""
+    import torch
+
+    from equivcheck.backends.torch import device_of
+
+    treedef = treedef_of(params0)
+    dev = device_of(device)
+    leaves = [torch.tensor(np.array(x), device=dev).requires_grad_() for x in treedef.flatten_up_to(params0)]
+    tdata = _to_torch(data, dev)
+    optimizer = pair.torch_optimizer(leaves)
+    _check_torch_optimizer(optimizer, leaves, pair.name)
+    scheduler = pair.torch_scheduler(optimizer) if pair.torch_scheduler else None
+    if start is not None:
+        load_torch(optimizer, pair.state_map, treedef, start, scheduler)
+    micro = pair.accumulate
+    out = []
+    for t in range(steps):
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for j in range(micro):
+            loss_total += _backward(problem, treedef, leaves, tdata, j, micro)
+        if jitter is not None and jitter[2] is not None:
+            _jitter_grads(problem, treedef, leaves, data, micro, *jitter)
+        norm = pair.torch_clip(leaves) if pair.torch_clip else None
+        optimizer.step()
+        if scheduler is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scheduler.step(loss_total) if pair.schedule_takes_loss else scheduler.step()
+        if jitter is not None:
+            _jitter(leaves, optimizer, *jitter[:2])
+        step = {"params": treedef.unflatten([p.detach().cpu().numpy().copy() for p in leaves]),
+                "state": torch_to_neutral(optimizer, pair.state_map, treedef, start_step + t + 1, scheduler)}
+        if pair.optax_schedule is not None:
+            step["lr"] = np.asarray(lr)
+        if norm is not None:
+            step["grad_norm"] = np.asarray(float(norm))
+        out.append(step)
+    return out
+
+
+def _backward(problem: Any, treedef: Any, leaves: Sequence[Any], tdata: Any, j: int, micro: int) -> float:
+    """Accumulate micro-batch j's gradient (of loss / micro) into the leaves' .grad, as
+    loss.backward() does; return that share of the loss."""
+    import torch
+
+    if problem.torch_grad is None:
+        loss = problem.torch_loss(treedef.unflatten(leaves), tdata, j) / micro
+        loss.backward()
+        return float(loss.detach())
+    with torch.no_grad():
+        loss, grads = problem.torch_grad(treedef.unflatten(leaves), tdata, j)
+        for p, g in zip(leaves, treedef.flatten_up_to(grads)):
+            g = g / micro if micro != 1 else g
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad += g
+    return float(loss / micro)
+
+
+def _jitter_grads(problem: Any, treedef: Any, leaves: Sequence[Any], data: Any, micro: int, rng: np.random.Generator,
+                  rel: float, low: str) -> None:
+    import torch
+
+    from equivcheck.backends.torch import _TORCH_DTYPES
+
+    dt = _TORCH_DTYPES[low]
+    lows = [p.detach().to(dt).requires_grad_() for p in leaves]
+    ldata = _to_torch(data, leaves[0].device)
+    ldata = _map_tensors(ldata, lambda t: t.to(dt))
+    for j in range(micro):
+        (problem.torch_loss(treedef.unflatten(lows), ldata, j) / micro).backward()
+    # JAX's own rounding counts too: XLA's float32 tanh is off by up to 4.2 ulp (torch's
+    # by 0.56), so 1 - tanh**2 near saturation carries 7x torch's relative error.
+    theirs = jax_grads(problem, micro, treedef.unflatten([q.detach().cpu().numpy() for q in lows]),
+                       _map_tensors(ldata, lambda t: t.cpu().numpy()))
+    with torch.no_grad():
+        for p, q, g in zip(leaves, lows, theirs):
+            err = torch.maximum((q.grad.to(p.dtype) - p.grad).abs(), (torch.from_numpy(np.array(g)).to(p.dtype) - p.grad).abs())
+            p.grad.add_(err * torch.from_numpy(np.asarray(rng.uniform(-2, 2, tuple(p.shape)))).to(p.dtype))
+
+
+_GRADS: dict[Any, Any] = {}
+
+
+def jax_grads(problem: Any, micro: int, params: Any, data: Any) -> list[np.ndarray]:
+    """JAX's gradient of the problem's loss (mean over micro-batches), leaves in tree order."""
+    import jax
+
+    key = (problem.name, micro)
+    if key not in _GRADS:
+        _GRADS[key] = jax.jit(jax.grad(lambda p, d: sum(problem.jax_loss(p, d, j) for j in range(micro)) / micro))
+    return [np.asarray(g) for g in jax.tree.leaves(_GRADS[key](_as_jax(params), _as_jax(data)))]
+
+
+def _map_tensors(tree: Any, fn: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    return fn(tree)
+
+
+def _jitter(leaves: Sequence[Any], optimizer: Any, rng: np.random.Generator, rel: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        tensors = list(leaves) + [v for p in leaves for k, v in optimizer.state.get(p, {}).items()
+                                  if k != "step" and torch.is_tensor(v) and v.is_floating_point()]
+        for t in tensors:
+            t.mul_(torch.from_numpy(np.asarray(1 + rel * rng.uniform(-1, 1, tuple(t.shape)))).to(t.dtype))
+
+
+def _check_torch_optimizer(optimizer: Any, leaves: Sequence[Any], name: str) -> None:
+    torch_param_groups_ok(optimizer)
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(held) != len(leaves) or any(a is not b for a, b in zip(held, leaves)):
+        raise ValueError(f"pair {name!r}: its torch optimizer holds {len(held)} parameters, not the {len(leaves)} "
+                         "leaves it was given, in tree order: build it from the list it receives")
+
+
+def _to_torch(tree: Any, dev: Any) -> Any:
+    import torch
+
+    if isinstance(tree, dict):
+        return {k: _to_torch(v, dev) for k, v in tree.items()}
+    return torch.tensor(np.array(tree), device=dev)
+
+
+# ---- jax --------------------------------------------------------------------------------
+
+_POOL: list[ThreadPoolExecutor] = []
+_PROGRAMS: dict[Any, tuple[Any, Future]] = {}
+_LOCK = threading.Lock()
+
+
+def _wide(dtype: str) -> bool:
+    return dtype == "float64"
+
+
+def _program(pair: Any, problem: Any, length: int) -> Callable[..., Any]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    tx = optax.with_extra_args_support(pair.optax_transform())
+    loss = problem.jax_loss
+    micro, sched = pair.accumulate, pair.optax_schedule
+
+    def trajectory(params0: Any, data: Any, given: Any, use_given: Any, offset: Any) -> Any:
+        # tx.init inside the program: run eagerly, every init op compiles on its own
+        state0 = jax.tree.map(lambda g, s: jnp.where(use_given, g, s), given, tx.init(params0))
+
+        def body(carry: Any, i: Any) -> Any:
+            p, s = carry
+            vals, grads = zip(*[jax.value_and_grad(loss)(p, data, j) for j in range(micro)])
+            value = sum(vals) / micro
+            for g in grads:  # optax.MultiSteps emits zero updates until the last micro-batch
+                u, s = tx.update(g, s, p, value=value)
+                p = optax.apply_updates(p, u)
+            out = {"params": p, "state": s}
+            if sched is not None:
+                out["lr"] = jnp.asarray(sched(i + offset))
+            if pair.clip_reports_norm:
+                mean = jax.tree.map(lambda *gs: sum(gs) / micro, *grads)
+                out["grad_norm"] = optax.tree.norm(mean)
+            return (p, s), out
+
+        return jax.lax.scan(body, (params0, state0), jnp.arange(length))[1]
+
+    return trajectory
+
+
+def _compile(key: Any, pair: Any, problem: Any, length: int, params0: Any, data: Any, dtype: str) -> Any:
+    import jax
+
+    from equivcheck.backends.jax import x64
+
+    with x64(_wide(dtype)):  # jax config contexts are per thread
+        given = state_template(pair, params0, dtype)
+        return jax.jit(_program(pair, problem, length)).lower(_as_jax(params0), _as_jax(data), given, False,
+                                                              0).compile()
+
+
+_TEMPLATES: dict[Any, Any] = {}
+
+
+def state_template(pair: Any, params0: Any, dtype: str) -> Any:
+    """The optax state's structure for these parameters, as NumPy zeros: traced, never run."""
+    import jax
+
+    from equivcheck.backends.jax import x64
+
+    key = (id(pair), dtype, repr(_shapes(params0)))
+    if key not in _TEMPLATES:
+        with x64(_wide(dtype)):
+            shapes = jax.eval_shape(pair.optax_transform().init, _as_jax(params0))
+        _TEMPLATES[key] = (pair, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
+    return _TEMPLATES[key][1]
+
+
+def compiled(pair: Any, problem: Any, length: int, params0: Any, data: Any, dtype: str, *, background: bool = False) -> Any:
+    """The compiled trajectory program for these shapes, compiling it (here, or on the
+    background thread when `background`) unless it is compiled or compiling already."""
+    shapes = _shapes(params0), _shapes(data)
+    # keyed by the pair object's id: each entry holds the pair, so that id is not reused by
+    # another pair (a diagnosis probe, a planted variant) while the entry lives
+    key = (id(pair), problem.name, length, dtype, repr(shapes))
+    mine = None
+    with _LOCK:
+        fut = _PROGRAMS.get(key, (None, None))[1]
+        if fut is None:
+            if background:
+                # Imported here first: under pytest, equivcheck's modules are imported through the
+                # assertion rewriter (ast.parse), and CPython 3.11's AST constructor is not
+                # thread-safe: a first import on the compile thread while Hypothesis parses a
+                # lambda's source on this one raised "AST constructor recursion depth mismatch".
+                import equivcheck.backends.jax  # noqa: F401
+
+                if not _POOL:
+                    _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="equivcheck-precompile-optim"))
+                fut = _POOL[0].submit(_compile, key, pair, problem, length, params0, data, dtype)
+            else:
+                fut = mine = Future()
+            _PROGRAMS[key] = (pair, fut)
+            if len(_PROGRAMS) > 512:  # bounded: probes and planted variants would pile up
+                _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    if mine is not None:  # compiled here, outside the lock
+        try:
+            mine.set_result(_compile(key, pair, problem, length, params0, data, dtype))
+        except Exception as exc:
+            mine.set_exception(exc)
+    return fut if background else fut.result()
+
+
+def _shapes(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _shapes(v) for k, v in sorted(tree.items())}
+    a = np.asarray(tree)
+    return (a.shape, str(a.dtype))
+
+
+def _as_jax(tree: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def run_jax(pair: Any, problem: Any, length: int, params0: Any, data: Any, steps: int, *, dtype: str,
+            device: str = "cpu", start: dict[str, Any] | None = None, start_step: int = 0) -> list[dict[str, Any]]:
+    import jax
+
+    from equivcheck.backends.jax import device_of, x64
+
+    program = compiled(pair, problem, length, params0, data, dtype)
+    with x64(_wide(dtype)):
+        dev = device_of(device)
+        given = state_template(pair, params0, dtype)
+        if start is not None:
+            given = neutral_to_optax(given, pair.state_map, start)
+        # NumPy straight to the device: an eager jnp.asarray per leaf cost more than the run
+        out = program(*jax.device_put((params0, data, given), dev), start is not None, start_step)
+        stacked, layout = jax.tree.flatten(jax.device_get(out))
+    steps_out = []
+    for t in range(min(steps, length)):
+        at = layout.unflatten([x[t] for x in stacked])
+        step = {"params": at["params"], "state": optax_to_neutral(at["state"], pair.state_map, start_step + t + 1)}
+        for k in ("lr", "grad_norm"):
+            if k in at:
+                step[k] = np.asarray(at[k], np.float64)  # torch reports Python floats
+        steps_out.append(step)
+    return steps_out

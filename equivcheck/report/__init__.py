@@ -1,0 +1,15 @@
+"""reports/: what a run leaves behind, and the comparison of two runs.
+
+runs     the run's report: records, machine, versions, settings (schema equivcheck.report/1)
+files    the JSON and Markdown files, written atomically
+tables   the terminal grid and the Markdown summary
+models   the model checks' part: per-layer tables and loss curves
+compare  two runs' reports: what changed, and whether anything regressed
+"""
+from equivcheck.report.compare import compare_runs
+from equivcheck.report.files import write
+from equivcheck.report.runs import OUTCOMES, SCHEMA, build, machine, run_id, versions
+from equivcheck.report.tables import grid, markdown, text_table
+
+__all__ = ["OUTCOMES", "SCHEMA", "build", "compare_runs", "grid", "machine", "markdown", "run_id", "text_table",
+           "versions", "write"]

@@ -1,0 +1,58 @@
+"""reports/: one JSON file per run (schema-versioned, one record per check), with the run's
+machine, framework versions and settings.
+
+Records are plain dicts (CheckRecord.to_json) so that they cross xdist workers unchanged.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from typing import Any
+
+from equivcheck.engine import tolerance
+
+SCHEMA = "equivcheck.report/1"
+OUTCOMES = ("passed", "failed", "known-divergence", "xpass", "skipped")
+_PACKAGES = ("equivcheck", "torch", "jax", "jaxlib", "flax", "optax", "numpy", "hypothesis", "pytest")
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def build(records: Sequence[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
+    counts = Counter(r["outcome"] for r in records)
+    return {
+        "schema": SCHEMA,
+        "run": run,
+        "summary": {k: counts.get(k, 0) for k in OUTCOMES} | {"total": len(records)},
+        "tolerances": tolerance.table(),
+        "records": sorted(records, key=lambda r: r["id"]),
+    }
+
+
+def run_id(now: dt.datetime, versions_: dict[str, str | None], devices: Iterable[str]) -> str:
+    stamp = now.strftime("%Y%m%d-%H%M%S")
+    tv = (versions_.get("torch") or "none").split("+")[0]
+    jv = versions_.get("jax") or "none"
+    return f"{stamp}-torch{tv}-jax{jv}-{'-'.join(devices)}"

@@ -1,0 +1,115 @@
+"""What a person reads: the terminal grid (one row per pair x dtype x device, a column per
+check) and the Markdown summary of a run's report."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from equivcheck.engine import tolerance
+from equivcheck.engine.records import CheckRecord
+from equivcheck.layers import traps as divergences
+from equivcheck.ops.autodiff import CHECKS
+from equivcheck.report import models as report_models
+from equivcheck.report.runs import OUTCOMES
+
+_CELL = {"passed": "ok", "failed": "FAIL", "known-divergence": "known", "xpass": "XPASS", "skipped": "skip"}
+
+
+def _ratio(r: dict[str, Any]) -> str:
+    x = r.get("worst_ratio")
+    if x is None or isinstance(x, str):
+        return "inf" if x else "-"
+    return f"{x:.2g}"
+
+
+def grid(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """One row per pair x dtype x device, one column per check: outcome and worst error/allowed."""
+    rows: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in records:
+        rows[(r["pair"], r["dtype"], r["device"])][r["check"]] = r
+    # Checks of other record kinds (optimizer steps, trajectories) get columns of their own,
+    # in order of first appearance; the core's columns show only the ones present then.
+    extra = [c for c in dict.fromkeys(r["check"] for r in records) if c not in CHECKS]
+    present = {r["check"] for r in records}
+    columns = [c for c in CHECKS if not extra or c in present] + extra
+    header = ["pair", "dtype", "device", *columns]
+    body = []
+    for key in sorted(rows):
+        cells = []
+        for check in columns:
+            r = rows[key].get(check)
+            if r is None:
+                cells.append("-")
+            elif r["outcome"] in ("passed", "xpass"):
+                cells.append(f"{_CELL[r['outcome']]} {_ratio(r)}")
+            else:
+                cells.append(_CELL[r["outcome"]])
+        body.append([*key, *cells])
+    return header, body
+
+
+def text_table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in body])
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> str:
+    run, records, summary = report["run"], report["records"], report["summary"]
+    vers = " · ".join(f"{k} {v}" for k, v in run["versions"].items() if v)
+    mach = run["machine"]
+    out = [
+        "# equivcheck report",
+        "",
+        f"- run `{run['id']}`, {run['started']} → {run['finished']} ({run['seconds']:.0f} s)",
+        f"- seed {run['seed']} · profile {run['profile']} ({run['examples']} examples per check) · "
+        f"precision `{run['precision']}` · devices {', '.join(run['devices'])} · shapes per check {run['palette']}",
+        f"- {vers}",
+        f"- {mach['platform']}, {mach['cpus']} CPUs, Python {mach['python']}"
+        + (f" · GPU {run['device_names'].get('gpu')}" if run.get("device_names", {}).get("gpu") else ""),
+        f"- replay any run: `{run['replay']}`",
+        "",
+        "## Summary",
+        "",
+        _md_table(["outcome", "checks"], [[k, str(summary[k])] for k in OUTCOMES] + [["total", str(summary["total"])]]),
+    ]
+    failed = [r for r in records if r["outcome"] == "failed"]
+    if failed:
+        out += ["", "## Failures", ""]
+        for r in failed:
+            out += [f"### `{r['id']}`", "", "```text", _failure_text(r), "```", ""]
+    known = [r for r in records if r["outcome"] in ("known-divergence", "xpass")]
+    if known:
+        out += ["", "## Known divergences", "",
+                _md_table(["check", "outcome", "reason", "observed"],
+                          [[f"`{r['id']}`", r["outcome"], r["known_reason"], r["message"].split("\n")[0][:160]]
+                           for r in known])]
+    out += divergences.markdown_section(records)
+    out += report_models.markdown_section(records, images)
+    stale = run.get("unmatched_known", [])
+    if stale:
+        out += ["", "Known-divergence entries that matched nothing in this run:", ""]
+        out += [f"- `{e['pattern']}` ({e['source']})" for e in stale]
+    header, body = grid(records)
+    out += ["", "## All checks", "", "Cells: outcome and worst error / allowed error over all examples (1 = at tolerance).",
+            "", _md_table(header, body), "", "## Tolerance table", "",
+            _md_table(["dtype", "device", "precision", "rtol", "atol", "relative to", "reason"],
+                      [[str(v) for v in row.values()] for row in report["tolerances"]])]
+    scale = ", ".join(f"{k} x{v:g}" for k, v in tolerance.CHECK_SCALE.items())
+    out += ["", f"Derivative checks scale the row: {scale}. Per-pair overrides are in each record's `tolerance`.", ""]
+    return "\n".join(out)
+
+
+def _failure_text(r: dict[str, Any]) -> str:
+    fields = {k: v for k, v in r.items() if k in CheckRecord.__dataclass_fields__}
+    for k in ("worst_ratio", "max_abs_err", "max_rel_err", "max_ulp"):
+        fields[k] = float(fields[k]) if fields[k] is not None else float("nan")
+    return CheckRecord(**fields).failure_text()

@@ -1,0 +1,13 @@
+"""Weights between a torch state_dict and a JAX (Flax) parameter tree, both ways.
+
+rules        Rule, Layout and LAYOUTS (the registry of layouts); torch_to_jax, jax_to_torch, probe
+convert      per-layer conversions (Linear, Conv, norms, Embedding, RNNs, attention) in one table
+layouts      dense and convolutional layouts, their validation, ConversionError
+layouts_seq  recurrent and attention layouts
+"""
+from equivcheck.weights import convert
+from equivcheck.weights.layouts import ConversionError, channels_first, channels_last
+from equivcheck.weights.rules import LAYOUTS, PROBE_RTOL, Layout, Rule, jax_to_torch, probe, torch_to_jax
+
+__all__ = ["LAYOUTS", "PROBE_RTOL", "ConversionError", "Layout", "Rule", "channels_first", "channels_last", "convert",
+           "jax_to_torch", "probe", "torch_to_jax"]
