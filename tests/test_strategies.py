@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from equivcheck import Broadcast, Floats, Index, Inputs, Mask, MatMul, Matrices, Same, Square, Static, unary
 from equivcheck.engine.dtypes import np_dtype

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from equivcheck.backends.results import DEVICES, SideError, SideResult, Vectors
+from equivcheck.backends.results import DEVICES, CotangentMismatch, SideError, SideResult, Vectors, shapes_text
 
-__all__ = ["DEVICES", "SideError", "SideResult", "Vectors", "jax_side", "torch_side"]
+__all__ = ["DEVICES", "CotangentMismatch", "SideError", "SideResult", "Vectors", "jax_side", "shapes_text",
+           "torch_side"]
 
 
 def torch_side() -> Any:

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from equivcheck.backends.results import SideResult, Vectors  # noqa: E402
+from equivcheck.backends.results import CotangentMismatch, SideResult, Vectors  # noqa: E402
 
 NAME = "jax"
 
@@ -192,8 +192,7 @@ def _program(fn: Callable[..., Any], n: int, static: dict[int, Any], diff: tuple
             outs, back = jax.vjp(f, *d)
             # Cotangents were shaped from torch's outputs: say so when jax's differ.
             if [o.shape for o in outs] != [c.shape for c in cts]:
-                raise ValueError(f"jax gives floating outputs of shapes {[o.shape for o in outs]}, "
-                                 f"torch {[c.shape for c in cts]}: no common cotangent")
+                raise CotangentMismatch([c.shape for c in cts], [o.shape for o in outs])
             return list(back([c.astype(o.dtype) for c, o in zip(cts, outs)]))
 
         out: dict[str, Any] = {}

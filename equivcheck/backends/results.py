@@ -42,6 +42,12 @@ class SideResult:
     values: dict[str, Any] = dataclasses.field(default_factory=dict)
     errors: dict[str, SideError] = dataclasses.field(default_factory=dict)
     notes: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # per check
+    # Set by the torch side once its forward ran: the float output leaves' shapes (the cotangents
+    # follow them), and why autograd cannot see an output: `lost` when the side returned a Python
+    # float or a NumPy array, `detached` when a float tensor output is outside the graph.
+    outputs: list[tuple[int, ...]] | None = None
+    lost: str = ""
+    detached: str = ""
 
     def note(self, check: str, text: str) -> None:
         self.notes.setdefault(check, []).append(text)
@@ -51,6 +57,21 @@ class SideResult:
             if check not in self.errors:
                 self.errors[check] = SideError.from_exc(self.side, check, exc)
                 self.values.pop(check, None)
+
+
+class CotangentMismatch(ValueError):
+    """The two sides' floating outputs have different shapes, so no cotangent fits both: a fault
+    of the pair's structure, not of the side that noticed it."""
+
+    def __init__(self, torch_shapes: list[tuple[int, ...]], jax_shapes: list[tuple[int, ...]]) -> None:
+        super().__init__(f"outputs have different shapes (torch {shapes_text(torch_shapes)}, jax "
+                         f"{shapes_text(jax_shapes)}), so no common cotangent")
+
+
+def shapes_text(shapes: list[tuple[int, ...]]) -> str:
+    if not shapes:
+        return "no floating output"
+    return str(tuple(shapes[0])) if len(shapes) == 1 else "[" + ", ".join(str(tuple(s)) for s in shapes) + "]"
 
 
 @dataclasses.dataclass

@@ -116,6 +116,21 @@ def _float_leaves(tree: Any) -> list[torch.Tensor]:
     return [x for x in _leaves(tree) if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
 
+def _graph_of(out: Any, wants_grad: bool) -> tuple[str, str]:
+    """Why autograd cannot see the outputs: (lost, detached), each empty when it can."""
+    leaves = _leaves(out)
+    lost = ""
+    if any(isinstance(x, (np.ndarray, np.generic)) and x.dtype.kind == "f" for x in leaves):
+        lost = "the torch side returned a NumPy array (the graph is lost)"
+    elif any(isinstance(x, float) for x in leaves):
+        lost = "the torch side returned a Python float (the graph is lost)"
+    detached = ""
+    if wants_grad and any(isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad
+                          for x in leaves):
+        detached = "the torch side's output does not require grad / is detached"
+    return lost, detached
+
+
 def _grad(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
           create_graph: bool) -> list[torch.Tensor]:
     """autograd.grad that treats outputs or inputs outside the graph as zero contributions."""
@@ -141,7 +156,14 @@ def run(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks
         res.fail(checks, exc)
         return res, None
     out_leaves = _float_leaves(out)
+    res.outputs = [tuple(x.shape) for x in out_leaves]
+    res.lost, res.detached = _graph_of(out, wants_grad)
     vec = vectors_for([to_numpy(x) for x in out_leaves])
+    if not out_leaves:
+        # Nothing autograd can differentiate: the engine says why (a lost graph, or no floating
+        # output at all) instead of comparing zeros made up for the occasion.
+        res.values = {c: v for c, v in res.values.items() if c in checks}
+        return res, vec
     primals = [targs[i] for i in diff]
     if wants_grad:
         try:

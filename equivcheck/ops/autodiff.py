@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from equivcheck.backends import SideResult, Vectors, jax_side, torch_side
-from equivcheck.engine.compare import Verdict, compare, is_float
+from equivcheck.backends import CotangentMismatch, SideResult, Vectors, jax_side, shapes_text, torch_side
+from equivcheck.engine.compare import Verdict, compare, flatten, is_float
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.ops.conventions import Convention
 from equivcheck.ops.strategies import tangent_like
@@ -30,6 +30,7 @@ class Evaluation:
     torch: SideResult
     jax: SideResult
     vectors: Vectors
+    not_applicable: dict[str, str] = dataclasses.field(default_factory=dict)  # check -> why
 
 
 def wide(pair: Pair, dtype: str) -> bool:
@@ -44,18 +45,36 @@ def make_vectors(seed: int, out_leaves: Sequence[np.ndarray], primals: Sequence[
     return Vectors(ct, t, v)
 
 
+def _floating(a: Any) -> bool:
+    return isinstance(a, np.ndarray) and is_float(a)
+
+
 def check_diff_args(pair: Pair, args: Sequence[Any]) -> None:
     for i in pair.diff_args:
-        if not (isinstance(args[i], np.ndarray) and is_float(args[i])):
+        if not _floating(args[i]):
             kind = type(args[i]).__name__ if not isinstance(args[i], np.ndarray) else str(args[i].dtype)
             raise TypeError(f"pair {pair.name!r}: diff_args names argument {i}, which is drawn as {kind}, not floating")
 
 
 def evaluate(pair: Pair, args: Sequence[Any], seed: int, *, dtype: str, device: str, checks: Sequence[str],
              vectors: Vectors | None = None) -> Evaluation:
-    """Run `checks` on both sides. `vectors` pins the cotangents etc. (float64 re-runs)."""
-    check_diff_args(pair, args)
-    primals = [args[i] for i in pair.diff_args]
+    """Run `checks` on both sides. `vectors` pins the cotangents etc. (float64 re-runs).
+
+    Derivative checks are not applicable, and not run, when no argument is floating at all;
+    `diff_args` naming a non-floating argument while a floating one exists is the pair's error
+    (TypeError), not a derivative to skip."""
+    derivatives = [c for c in checks if c != "forward"]
+    if derivatives and not any(_floating(a) for a in args):
+        na = {c: "no floating-point input to differentiate" for c in derivatives}
+        checks = [c for c in checks if c == "forward"]
+        if not checks:
+            return Evaluation(SideResult("torch"), SideResult("jax"), Vectors([], [], []), na)
+        ev = evaluate(pair, args, seed, dtype=dtype, device=device, checks=checks, vectors=Vectors([], [], []))
+        ev.not_applicable = na
+        return ev
+    if derivatives:
+        check_diff_args(pair, args)
+    primals = [args[i] for i in pair.diff_args] if derivatives else []
     tb, jb = torch_side(), jax_side()
 
     def vectors_for(leaves: list[np.ndarray]) -> Vectors:
@@ -81,7 +100,18 @@ def keyed(pair: Pair, check: str, value: Any) -> Any:
 
 
 def judge(pair: Pair, ev: Evaluation, check: str, tol: Tolerance, args: Sequence[Any]) -> Verdict:
-    """One check of one example: errors first, then conventions, then values."""
+    """One check of one example: whether a derivative can be taken at all, then errors, then
+    conventions, then values.
+
+    A derivative check is not applicable (an ok verdict of kind "not-applicable", never a pass
+    of zeros) when nothing floating goes in or comes out. It fails on the torch side when that
+    side's output is a Python float or NumPy array (autograd lost the graph), and fails naming
+    no side when the two sides' floating outputs differ in shape (no common cotangent).
+    """
+    if check != "forward":
+        early = _derivable(ev, check)
+        if early is not None:
+            return early
     errs = [e for e in (ev.torch.errors.get(check), ev.jax.errors.get(check)) if e]
     if errs:
         side = errs[0].side if len(errs) == 1 else "both"
@@ -94,7 +124,45 @@ def judge(pair: Pair, ev: Evaluation, check: str, tol: Tolerance, args: Sequence
             return bad
     verdict = compare(t, j, tol, masks=masks)
     verdict.notes += ev.torch.notes.get(check, []) + ev.jax.notes.get(check, [])
+    if not verdict.ok and check == "forward" and ev.torch.lost:
+        verdict.message, verdict.side = f"{ev.torch.lost}: {verdict.message}", "torch"
+    elif (not verdict.ok and check != "forward" and ev.torch.detached and verdict.kind in ("values", "nonfinite")
+          and not np.any(dict(flatten(t)).get(verdict.path, 1))):
+        # Zeros where the other side has a derivative: the output was cut from the graph.
+        verdict.kind, verdict.side = "graph", "torch"
+        verdict.message = f"{ev.torch.detached}, so no {check.upper()}: {verdict.message}"
+        verdict.diagnosis = _GRAPH_ADVICE
     return verdict
+
+
+_GRAPH_ADVICE = ("autograd cannot see the torch output: return the tensor itself (no .item(), .numpy(), .tolist(), "
+                 ".detach() or torch.no_grad() on the way out)")
+
+
+def _derivable(ev: Evaluation, check: str) -> Verdict | None:
+    """Why a derivative check cannot compare derivatives at this example, as its verdict; None if it can."""
+    if check in ev.not_applicable:
+        return Verdict(True, "not-applicable", ev.not_applicable[check])
+    t, name = ev.torch, check.upper()
+    if t.lost:
+        return Verdict(False, "graph", f"{t.lost}, so no {name}", ratio=float("inf"), side="torch",
+                       diagnosis=_GRAPH_ADVICE)
+    if t.outputs is None:
+        return None  # torch's forward raised: its error is the finding
+    no_side = "no side is named: the two forwards differ in shape, so their derivatives have nothing to compare"
+    jerr = ev.jax.errors.get(check)
+    if jerr is not None and jerr.type == CotangentMismatch.__name__:
+        return Verdict(False, "structure", f"{jerr.message}: the {name} could not run", ratio=float("inf"),
+                       diagnosis=no_side)
+    if check == "jvp" and isinstance(ev.jax.values.get(check), list):
+        shapes = [tuple(np.shape(x)) for x in ev.jax.values[check]]  # JVP leaves follow the outputs
+        if shapes != t.outputs:
+            return Verdict(False, "structure", f"outputs have different shapes (torch {shapes_text(t.outputs)}, "
+                           f"jax {shapes_text(shapes)}), so their {name}s cannot be compared", ratio=float("inf"),
+                           diagnosis=no_side)
+    if not t.outputs:
+        return Verdict(True, "not-applicable", "no floating-point output to differentiate")
+    return None
 
 
 def _apply_convention(pair: Pair, conv: Convention, check: str, args: Sequence[Any], ev: Evaluation,

@@ -4,7 +4,9 @@
    rounding: the side further from the float64 value is the one off.
 2. If they still disagree, the two sides compute different functions. For the forward, the
    pair's own `reference` (a NumPy float64 implementation) decides. For derivatives, central
-   finite differences of the float64 forward decide: no framework's autodiff is trusted.
+   finite differences decide, never one side's forward alone and no framework's autodiff: of
+   the pair's `reference` if it has one, else of both sides' float64 forwards if those agree
+   at the example. If they do not, the derivatives cannot be arbitrated and no side is named.
 """
 from __future__ import annotations
 
@@ -14,13 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.backends import Vectors, torch_side
-from equivcheck.engine.compare import Verdict, flatten, float_leaves, is_float
+from equivcheck.backends import Vectors, jax_side, torch_side
+from equivcheck.engine.compare import Verdict, compare, flatten, float_leaves, is_float
+from equivcheck.engine.tolerance import lookup
 from equivcheck.ops.autodiff import Evaluation, evaluate, keyed
 
 # Central differences in float64 with this step are accurate to ~1e-9 relative for smooth
 # functions of O(1) inputs (truncation h^2 ~ 1e-12, rounding eps/h ~ 1e-10).
 FD_STEP = 1e-6
+# A mixed second difference (HVP) errs by ~h^2 in truncation and ~eps/h^2 in rounding: h = 1e-4
+# balances them near 1e-8 relative.
+FD2_STEP = 1e-4
 FD_MAX_ELEMENTS = 2048
 # One side must be this many times further from the reference to be named alone.
 DECISIVE = 4.0
@@ -91,14 +97,15 @@ def diagnose(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict
         _decide(verdict, path, t64, j64, ref, lead + "; the pair's NumPy reference decides")
         return
     try:
-        ref = _finite_difference(pair, check, args64, vec64, path)
+        ref, source = _finite_difference(pair, check, args64, vec64, path)
     except Exception as exc:
         verdict.diagnosis = lead + f"; finite differences failed ({type(exc).__name__}: {exc})"
         return
     if ref is None:
-        verdict.diagnosis = lead + f"; too many elements for finite differences (> {FD_MAX_ELEMENTS})"
+        verdict.side = None
+        verdict.diagnosis = lead + "; " + source
         return
-    _decide(verdict, path, t64, j64, ref, lead + "; central finite differences of the float64 forward decide")
+    _decide(verdict, path, t64, j64, ref, lead + "; " + source)
 
 
 def _as_tree(x: Any) -> Any:
@@ -150,56 +157,98 @@ def _decide(verdict: Verdict, path: str, t: np.ndarray, j: np.ndarray, ref: np.n
     )
 
 
-def _forward64(pair: Any, args64: Sequence[Any]) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
-    tb = torch_side()
+def _forward64(pair: Any, args64: Sequence[Any], side: str, vec: Vectors
+               ) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+    """The float leaves of one side's float64 forward, or of the pair's reference, as a
+    function of the differentiable arguments."""
+    tb, jb = torch_side(), jax_side()
     cpu = tb.device_of("cpu")
 
     def f(diff_vals: Sequence[np.ndarray]) -> list[np.ndarray]:
         a = list(args64)
         for i, v in zip(pair.diff_args, diff_vals):
             a[i] = v
-        out = pair.torch_fn(*[tb.to_torch(x, cpu) for x in a])
-        return [np.asarray(leaf, np.float64) for leaf in float_leaves(tb.to_numpy(out))]
+        if side == "reference":
+            out = _as_tree(pair.reference(*a))
+        elif side == "torch":
+            out = tb.to_numpy(pair.torch_fn(*[tb.to_torch(x, cpu) for x in a]))
+        else:
+            res = jb.run(pair.jax_fn, a, pair.diff_args, ("forward",), "cpu", vec, True)
+            if "forward" in res.errors:
+                raise RuntimeError(res.errors["forward"].describe())
+            out = res.values["forward"]
+        return [np.asarray(leaf, np.float64) for leaf in float_leaves(out)]
 
     return f
 
 
-def _finite_difference(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path: str) -> np.ndarray | None:
-    """The derivative `check` of the torch float64 forward by central differences, at `path`."""
-    f = _forward64(pair, args64)
+def _arbiter(pair: Any, args64: Sequence[Any], vec: Vectors
+             ) -> tuple[Callable[[Sequence[np.ndarray]], list[np.ndarray]] | None, str]:
+    """The float64 function whose derivatives decide, and how to name it. The pair's reference
+    when it has one; else the mean of both sides' float64 forwards, provided they agree at the
+    example (if they do not, no derivative of either can be trusted over the other)."""
+    if pair.reference is not None:
+        source = "central finite differences of the pair's float64 NumPy reference decide"
+        return _forward64(pair, args64, "reference", vec), source
+    ft, fj = _forward64(pair, args64, "torch", vec), _forward64(pair, args64, "jax", vec)
     primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
+    tol = lookup("float64", check="forward", tags=pair.tags, override=pair.tolerance_for("float64", "forward"))
+    same = compare(ft(primals), fj(primals), tol)
+    if not same.ok:
+        return None, (f"the two forwards differ ({same.message}), so their derivatives cannot be arbitrated; "
+                      f"give the Pair a float64 `reference` to decide which side is right")
+    source = "central finite differences of both sides' float64 forwards (which agree) decide"
+    return (lambda d: [(a + b) / 2 for a, b in zip(ft(d), fj(d))]), source
 
-    def directional(d: Sequence[np.ndarray], g: Callable[[Sequence[np.ndarray]], list[np.ndarray]]) -> list[np.ndarray]:
-        plus = g([np.asarray(p + FD_STEP * x) for p, x in zip(primals, d)])
-        minus = g([np.asarray(p - FD_STEP * x) for p, x in zip(primals, d)])
+
+def _finite_difference(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path: str
+                       ) -> tuple[np.ndarray | None, str]:
+    """The derivative `check` at `path` by central differences of the arbiter function (see
+    `_arbiter`), and how it was taken; None with the reason where it cannot be."""
+    f, source = _arbiter(pair, args64, vec)
+    if f is None:
+        return None, source
+    primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
+    shifted = lambda steps: f([np.asarray(p + sum(h * x[k] for h, x in steps))  # noqa: E731
+                               for k, p in enumerate(primals)])
+
+    def directional(d: Sequence[np.ndarray]) -> list[np.ndarray]:
+        plus, minus = shifted([(FD_STEP, d)]), shifted([(-FD_STEP, d)])
         return [(a - b) / (2 * FD_STEP) for a, b in zip(plus, minus)]
 
+    def unit(k: int, e: int) -> list[np.ndarray]:
+        d = [np.zeros_like(p) for p in primals]
+        d[k].flat[e] = 1.0
+        return d
+
+    def weighted(outs: list[np.ndarray]) -> float:
+        if len(outs) != len(vec.ct) or any(o.shape != np.shape(c) for o, c in zip(outs, vec.ct)):
+            raise ValueError("the arbiter's outputs do not match the cotangents' shapes")
+        return sum(float(np.sum(o * c)) for o, c in zip(outs, vec.ct))
+
+    too_many = f"too many elements for finite differences (> {FD_MAX_ELEMENTS})"
     if check == "jvp":
-        return leaf_at(directional(vec.t, f), path)  # JVP leaves follow the outputs
-    if check == "vjp":
+        ref = leaf_at(directional(vec.t), path)  # JVP leaves follow the outputs
+    elif check == "vjp":
         k = pair.grad_index(path)
         if primals[k].size > FD_MAX_ELEMENTS:
-            return None
-        grad = np.zeros_like(primals[k])
+            return None, too_many
+        ref = np.zeros_like(primals[k])
         for e in range(primals[k].size):
-            d = [np.zeros_like(p) for p in primals]
-            d[k].flat[e] = 1.0
-            cols = directional(d, f)
-            grad.flat[e] = sum(float(np.sum(c * ct)) for c, ct in zip(cols, vec.ct))
-        return grad
-    if check == "hvp":
-        # FD of the gradient; the torch float64 VJP stands in for it (the VJP check of this
-        # example passed before the HVP ran).
-        tb = torch_side()
-
-        def grad_of(vals: Sequence[np.ndarray]) -> list[np.ndarray]:
-            a = list(args64)
-            for i, v in zip(pair.diff_args, vals):
-                a[i] = v
-            res, _ = tb.run(pair.torch_fn, a, pair.diff_args, ("vjp",), "cpu", lambda leaves: vec)
-            if "vjp" in res.errors:
-                raise RuntimeError(res.errors["vjp"].describe())
-            return [np.asarray(g, np.float64) for g in res.values["vjp"]]
-
-        return leaf_at(keyed(pair, check, directional(vec.v, grad_of)), path)
-    return None
+            ref.flat[e] = weighted(directional(unit(k, e)))
+    elif check == "hvp":
+        # (H v)_e of the cotangent-weighted output: a mixed second difference along e and v.
+        k = pair.grad_index(path)
+        if primals[k].size > FD_MAX_ELEMENTS:
+            return None, too_many
+        h = FD2_STEP
+        ref = np.zeros_like(primals[k])
+        for e in range(primals[k].size):
+            u = unit(k, e)
+            corners = [weighted(shifted([(a * h, u), (b * h, vec.v)])) for a, b in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
+            ref.flat[e] = (corners[0] - corners[1] - corners[2] + corners[3]) / (4 * h * h)
+    else:
+        return None, f"no finite-difference rule for {check}"
+    if ref is None:
+        return None, "the arbiter function returns another structure than the sides"
+    return ref, source

@@ -45,6 +45,7 @@ class _Stats:
     leaf: LeafDiff | None = None
     notes: set[str] = dataclasses.field(default_factory=set)
     accepted: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    not_applicable: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # why -> n
 
 
 def run_pair(
@@ -108,11 +109,18 @@ def run_pair(
                              "every primitive)")
         _fill_errors(rec, stats[check].leaf)
         hit = known(rec.id)
+        na = stats[check].not_applicable
         if check in failures:
             _fill_failure(rec, failures[check], pair, dtype)
             rec.outcome = "known-divergence" if hit else "failed"
+        elif na and sum(na.values()) == rec.examples:
+            # Nothing to differentiate in any example: say so, never "ok" over zeros.
+            rec.outcome, rec.kind = "skipped", "not-applicable"
+            rec.message = f"{check}: " + "; ".join(sorted(na))
         elif hit:
             rec.outcome = "xpass"
+        if na and rec.outcome != "skipped":
+            rec.notes += [f"{n} examples not applicable: {why}" for why, n in sorted(na.items())]
         if hit:
             rec.known_pattern, rec.known_reason = hit
         records.append(rec)
@@ -153,6 +161,9 @@ def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: 
             s = stats[check]
             s.examples += 1
             s.notes.update(verdict.notes)
+            if verdict.kind == "not-applicable":
+                s.not_applicable[verdict.message] += 1
+                continue
             if not verdict.ok:
                 why = _accepted(pair, check, args, ev, verdict, dtype, tols[check], vec_seed)
                 if why:
