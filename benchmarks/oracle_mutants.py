@@ -1,0 +1,115 @@
+"""The engine's own mutation test: how often it catches a planted bug, and blames the right side.
+
+For each built-in operation pair, `equivcheck.ops.mutants` makes one side wrong in a known way,
+sized in multiples of the bound the engine applies (value offsets x0.5 x2 x10 x1000, NaN and
++-inf at one element, sign flip, rolled output, one ulp, derivative-only offsets); each mutant
+runs through the engine (`run_pair`) and the table prints, per mutant class:
+
+  detection   mutants that must fail and did (at least one of their checks failed)
+  blame       of those detected, the ones whose every failed record names the mutated side
+  passed      mutants inside the bound (x0.5, one ulp) that passed: the engine is not stricter
+              than its own table
+
+and the false-alarm rate of the unmutated pairs (failed checks that are not known divergences).
+Pairs with a known divergence at the dtype are left out of the mutant runs (their checks fail
+unmutated) and listed.
+
+    python benchmarks/oracle_mutants.py                      # 12 pairs spread over the suite
+    python benchmarks/oracle_mutants.py --pairs all --clean-examples 100
+    python benchmarks/oracle_mutants.py --pairs tanh,matmul --json mutants.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = "targets: detection 100% at >= x10 and for nonfinite; blame >= 95%; inside-bound mutants pass; 0 false alarms"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", default="12", help="'all', a count spread over the suite, or comma-separated names")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--examples", type=int, default=10, help="examples per mutant run")
+    ap.add_argument("--clean-examples", type=int, default=100, help="examples per unmutated pair (false alarms)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write every mutant's result here")
+    args = ap.parse_args(argv)
+
+    from equivcheck.engine import KnownDivergences, RunSettings
+    from equivcheck.ops.mutants import mutants
+    from equivcheck.ops.runner import run_pair
+    from suites.test_autodiff import PAIRS
+
+    root = Path(__file__).resolve().parents[1]
+    known = KnownDivergences.load([str(root / "suites" / "known_divergences.txt")])
+    pairs = [p for p in PAIRS if args.dtype in p.dtypes]
+    if args.pairs == "all":
+        chosen = pairs
+    elif args.pairs.isdigit():
+        n = int(args.pairs)
+        chosen = [pairs[round(i * (len(pairs) - 1) / max(n - 1, 1))] for i in range(n)]
+    else:
+        names = args.pairs.split(",")
+        chosen = [PAIRS[name] for name in names]
+    known_hit = [p.name for p in chosen if any(known.match_check(f"{p.name}::{c}::{args.dtype}::cpu") for c in p.checks)]
+    chosen = [p for p in chosen if p.name not in known_hit]
+
+    rows, results = collections.defaultdict(lambda: collections.Counter()), []
+    clean = collections.Counter()
+    start = time.perf_counter()
+    for i, pair in enumerate(chosen):
+        run = RunSettings(examples=args.clean_examples, seed=args.seed)
+        recs = run_pair(pair, dtype=args.dtype, run=run, known=known.match_check)
+        false = [r.id for r in recs if r.outcome == "failed"]
+        clean.update(runs=1, checks=len(recs), false_alarms=len(false))
+        results += [{"pair": pair.name, "mutant": None, "false_alarm": f} for f in false]
+        run = RunSettings(examples=args.examples, seed=args.seed)
+        for m in mutants(pair, args.dtype):
+            recs = run_pair(m.pair, dtype=args.dtype, run=run)
+            failed = [r for r in recs if r.outcome == "failed"]
+            key = (m.family, m.name.split(":", 1)[1].replace(" one", " (one)").replace(" all", ""), m.expect)
+            row = rows[key]
+            row["n"] += 1
+            if m.expect == "pass":
+                row["ok"] += not failed
+            else:
+                row["ok"] += bool(failed)
+                row["blamed"] += bool(failed) and all(r.side == m.side for r in failed)
+            results.append({"pair": pair.name, "mutant": m.name, "side": m.side, "expect": m.expect,
+                            "outcomes": {r.check: r.outcome for r in recs},
+                            "blamed": sorted({str(r.side) for r in failed}),
+                            "diagnosis": [r.diagnosis for r in failed][:1]})
+        print(f"[{i + 1}/{len(chosen)}] {pair.name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+    print(f"equivcheck oracle mutants: {len(chosen)} pairs at {args.dtype}, {args.examples} examples per mutant, "
+          f"seed {args.seed}; left out (known divergence at {args.dtype}): {', '.join(known_hit) or 'none'}")
+    print(f"{'family':<10} {'mutant':<14} {'expect':<6} {'n':>5} {'detected/passed':>16} {'right side':>11}")
+    for (family, name, expect), row in sorted(rows.items(), key=lambda kv: (kv[0][0], _size(kv[0][1]), kv[0][1])):
+        rate = f"{row['ok']}/{row['n']} {100 * row['ok'] / row['n']:5.1f}%"
+        blame = f"{100 * row['blamed'] / row['ok']:5.1f}%" if expect == "fail" and row["ok"] else "-"
+        print(f"{family:<10} {name:<14} {expect:<6} {row['n']:>5} {rate:>16} {blame:>11}")
+    print(f"unmutated: {clean['false_alarms']} false alarms in {clean['checks']} checks of {clean['runs']} pairs "
+          f"({args.clean_examples} examples each)")
+    print(TARGETS)
+    print(f"{time.perf_counter() - start:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def _size(name: str) -> float:
+    try:
+        return float(name.split()[0].lstrip("x"))
+    except ValueError:
+        return 0.0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

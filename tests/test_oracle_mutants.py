@@ -1,0 +1,37 @@
+"""The engine's mutation test, a fast subset (the full table: benchmarks/oracle_mutants.py).
+
+Every mutant of tanh on either side, sized against the engine's own bound, must get the verdict
+a trustworthy engine gives: far past the bound (x10), NaN/inf, a negated or rolled output fail
+and blame the mutated side; inside the bound (x0.5, one ulp) passes.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from equivcheck import Pair, RunSettings, unary
+from equivcheck.ops.mutants import Mutant, mutants
+from equivcheck.ops.runner import run_pair
+
+TANH = Pair("tanh", torch.tanh, jnp.tanh, unary(), reference=np.tanh)
+RUN = RunSettings(examples=5, seed=4)
+MUTANTS = mutants(TANH, "float32", sizes=(0.5, 10.0))
+
+
+def test_the_set_covers_every_family_on_both_sides():
+    families = {(m.family, m.side) for m in MUTANTS}
+    for family in ("value", "nonfinite", "sign", "permuted", "ulp", "vjp", "jvp"):
+        assert {(family, "torch"), (family, "jax")} <= families, family
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: f"{m.side}-{m.name}")
+def test_the_engine_catches_and_blames_or_passes_each_mutant(mutant: Mutant):
+    records = run_pair(mutant.pair, dtype="float32", run=RUN)
+    failed = [r for r in records if r.outcome == "failed"]
+    if mutant.expect == "pass":
+        assert not failed, [r.failure_text() for r in failed]
+        return
+    assert failed, f"{mutant.name} on {mutant.side} passed: {[(r.check, r.outcome) for r in records]}"
+    assert {r.side for r in failed} == {mutant.side}, [r.failure_text() for r in failed]
