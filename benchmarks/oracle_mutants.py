@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         names = args.pairs.split(",")
         chosen = [PAIRS[name] for name in names]
-    known_hit = [p.name for p in chosen if any(known.match_check(f"{p.name}::{c}::{args.dtype}::cpu") for c in p.checks)]
+    known_hit = [p.name for p in chosen
+                 if any(known.match_check(f"{p.name}::{c}::{args.dtype}::cpu") for c in p.checks)]
     chosen = [p for p in chosen if p.name not in known_hit]
 
     rows, results = collections.defaultdict(lambda: collections.Counter()), []
