@@ -233,6 +233,21 @@ _INFLIGHT: dict[Any, Future[None]] = {}
 _INFLIGHT_LOCK = threading.Lock()
 
 
+def background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """Run `fn(*args)` on the one compile thread, shared by every kind of check.
+
+    `fn` must be a function of an already imported module, and must import nothing of
+    equivcheck's on that thread: under pytest the plugin's modules are imported through the
+    assertion rewriter (ast.parse), and CPython 3.11's AST constructor is not thread-safe
+    (gh-106905): a first import on the compile thread while Hypothesis parses a lambda's source
+    on the checking thread raised "AST constructor recursion depth mismatch" (the optimizer
+    suite, 1 run in 8). Calling this function imports this module on the calling thread.
+    """
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix=_BACKGROUND))
+    return _POOL[0].submit(fn, *args)
+
+
 def _key(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks: Sequence[str], wide: bool) -> Any:
     arrays = tuple((np.shape(a), np.asarray(a).dtype.str) for a in args if isinstance(a, np.ndarray))
     static = tuple((i, _hashable(a)) for i, a in enumerate(args) if not isinstance(a, np.ndarray))
@@ -256,13 +271,11 @@ def precompile(fn: Callable[..., Any], arg_sets: Sequence[Sequence[Any]], diff: 
     shape palette overlap with the checking of its first examples; the real calls then hit
     the jit cache. Failures are ignored here: the real call reports them.
     """
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix=_BACKGROUND))
     for args in arg_sets:
         key = _key(fn, args, diff, checks, wide)
         with _INFLIGHT_LOCK:
             if key not in _INFLIGHT:
-                _INFLIGHT[key] = _POOL[0].submit(_warm, key, fn, list(args), tuple(diff), tuple(checks), device, wide)
+                _INFLIGHT[key] = background(_warm, key, fn, list(args), tuple(diff), tuple(checks), device, wide)
 
 
 def _warm(key: Any, fn: Callable[..., Any], args: list[Any], diff: tuple[int, ...], checks: tuple[str, ...],

@@ -8,7 +8,7 @@ compare     pytrees in, a Verdict out: structure, shape, dtype, NaN/Inf position
 search      the Hypothesis loop every kind runs: profiles, seeding, bounded shrinking
 knowns      known divergences: id patterns with their reasons
 """
-from equivcheck.engine.compare import LeafDiff, Verdict, compare, flatten, format_args
+from equivcheck.engine.compare import LeafDiff, Verdict, compare, flatten, format_args, leaves
 from equivcheck.engine.dtypes import DTYPES, np_dtype
 from equivcheck.engine.kind import SIDES, CheckKind, Known, check_name
 from equivcheck.engine.knowns import KnownDivergences
@@ -19,5 +19,5 @@ from equivcheck.engine.tolerance import CHECK_SCALE, Tolerance, lookup, require_
 __all__ = [
     "CHECK_SCALE", "DTYPES", "FLAKY_NOTE", "PROFILES", "SIDES", "CheckKind", "CheckRecord", "KnownDivergences",
     "Known", "LeafDiff", "RunSettings", "Search", "Tolerance", "Verdict", "check_id", "check_name", "compare",
-    "flatten", "format_args", "lookup", "np_dtype", "require_reasons", "seeded_generation",
+    "flatten", "format_args", "leaves", "lookup", "np_dtype", "require_reasons", "seeded_generation",
 ]

@@ -26,6 +26,16 @@ def flatten(tree: Any, path: str = "out") -> list[tuple[str, Any]]:
     return [(path, tree)]
 
 
+def leaves(tree: Any) -> list[Any]:
+    """The leaves in `flatten`'s order, without building their paths (a 100-step trajectory has
+    thousands of leaf-steps; the paths are needed only for the failing one)."""
+    if isinstance(tree, Mapping):
+        return [x for k in sorted(tree, key=str) for x in leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in leaves(v)]
+    return [tree]
+
+
 def _describe(tree: Any) -> str:
     if isinstance(tree, Mapping):
         return f"dict with keys {sorted(map(str, tree))}"

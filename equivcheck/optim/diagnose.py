@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.engine.compare import flatten
+from equivcheck.engine.compare import flatten, leaves
 from equivcheck.engine.tolerance import Tolerance, lookup
 from equivcheck.optim.sides import MAX_STEPS, run_torch, treedef_of
 from equivcheck.optim.state import torch_to_neutral
@@ -243,7 +243,7 @@ def _cast_state(state: Any, pair: Any) -> Any:
 
 
 def _leaves(step: Any) -> list[np.ndarray]:
-    return [np.asarray(x, np.float64) for _, x in flatten(step)]
+    return [np.asarray(x, np.float64) for x in leaves(step)]
 
 
 def _map(tree: Any, fn: Any) -> Any:

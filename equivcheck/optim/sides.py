@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -183,7 +183,6 @@ def _to_torch(tree: Any, dev: Any) -> Any:
 
 # ---- jax --------------------------------------------------------------------------------
 
-_POOL: list[ThreadPoolExecutor] = []
 _PROGRAMS: dict[Any, tuple[Any, Future]] = {}
 _LOCK = threading.Lock()
 
@@ -265,15 +264,9 @@ def compiled(pair: Any, problem: Any, length: int, params0: Any, data: Any, dtyp
         fut = _PROGRAMS.get(key, (None, None))[1]
         if fut is None:
             if background:
-                # Imported here first: under pytest, equivcheck's modules are imported through the
-                # assertion rewriter (ast.parse), and CPython 3.11's AST constructor is not
-                # thread-safe: a first import on the compile thread while Hypothesis parses a
-                # lambda's source on this one raised "AST constructor recursion depth mismatch".
-                import equivcheck.backends.jax  # noqa: F401
+                from equivcheck.backends.jax import background as on_compile_thread
 
-                if not _POOL:
-                    _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="equivcheck-precompile-optim"))
-                fut = _POOL[0].submit(_compile, key, pair, problem, length, params0, data, dtype)
+                fut = on_compile_thread(_compile, key, pair, problem, length, params0, data, dtype)
             else:
                 fut = mine = Future()
             _PROGRAMS[key] = (pair, fut)

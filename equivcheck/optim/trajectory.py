@@ -11,14 +11,13 @@ as n**1.0-1.3 and uses 2-5% of the linear bound after 100 steps.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from equivcheck.backends import SideError
 from equivcheck.backends.jax import x64
-from equivcheck.engine.compare import Verdict, compare, flatten, format_args
+from equivcheck.engine.compare import Verdict, compare, flatten, format_args, leaves
 from equivcheck.engine.records import RunSettings
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.optim.problems import LINEAR, MLP, QUADRATIC
@@ -76,16 +75,6 @@ class Outcome:
         return max((r / n for n, r in self.ratios), default=0.0)
 
 
-def _leaves(tree: Any) -> list[Any]:
-    """The leaves in `flatten`'s order, without building paths (a 100-step trajectory has
-    thousands of leaf-steps; the paths are needed only for the failing step)."""
-    if isinstance(tree, Mapping):
-        return [x for k in sorted(tree, key=str) for x in _leaves(tree[k])]
-    if isinstance(tree, (list, tuple)):
-        return [x for v in tree for x in _leaves(v)]
-    return [tree]
-
-
 # Learning rates, and a plateau schedule's lr scale: compared relative to their largest value
 # in the trajectory. The dtype's absolute floor (1e-5 in float32) would pass a schedule off by
 # 10% at lr 1e-4, or an lr reduced to 1e-10 where the other side stopped at 1e-7.
@@ -122,8 +111,8 @@ def compare_steps(torch_steps: list[Any], jax_steps: list[Any], base: Tolerance,
             return dataclasses.replace(out, ok=False, verdict=first, step=1, torch_at=torch_steps[0],
                                        jax_at=jax_steps[0])
     n = min(len(torch_steps), len(jax_steps))
-    t_flat = [_leaves(s) for s in torch_steps[:n]]
-    j_flat = [_leaves(s) for s in jax_steps[:n]]
+    t_flat = [leaves(s) for s in torch_steps[:n]]
+    j_flat = [leaves(s) for s in jax_steps[:n]]
     ratios, nonfinite = np.zeros(n), np.zeros(n, bool)
     rates: dict[str, Tolerance] = {}
     for k, (path, _, _) in enumerate(signature):
