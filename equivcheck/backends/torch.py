@@ -200,8 +200,14 @@ def _jvp(fn: Callable[..., Any], targs: list[Any], diff: Sequence[int], vec: Vec
         return tuple(_float_leaves(fn(*a)))
 
     try:
-        _, tang = torch.func.jvp(f, primals, tangents)
-        res.values["jvp"] = [to_numpy(t) for t in tang]
+        outs, tang = torch.func.jvp(f, primals, tangents)
+        # torch 2.14's forward AD promotes a 0-d float32 tensor times a Python float to a float64
+        # tangent (the primal stays float32): the JVP's value is right, its dtype an artifact.
+        promoted = [o.dtype for o, t in zip(outs, tang) if t.dtype != o.dtype]
+        if promoted:
+            res.note("jvp", f"torch's forward AD returned tangents of another dtype than the output "
+                            f"({promoted[0]}); cast to the output's dtype")
+        res.values["jvp"] = [to_numpy(t.to(o.dtype)) for o, t in zip(outs, tang)]
         return
     except Exception as exc:
         text = str(exc)
