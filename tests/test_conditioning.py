@@ -8,11 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from flax import nnx
 
+from equivcheck import Floats, Inputs, Pair, RunSettings, Square, run_pair
 from equivcheck.engine import tolerance
 from equivcheck.engine.dtypes import np_dtype
 from equivcheck.ops.autodiff import evaluate, judge
 from equivcheck.ops.conditioning import explained_by_precision, explained_by_rounding
+from suites.test_layers import PAIRS as LAYERS
 from tests.helpers import SUITE
 
 
@@ -63,3 +67,45 @@ def test_precision_acceptance_is_for_low_precision_only(dtype):
     args = [np.array([0.3, 1.7], dtype)]
     ev, verdict, _ = failing(bad, "forward", args, dtype)
     assert not explained_by_precision(bad, "forward", args, ev, verdict, dtype)
+
+
+# Linear algebra rounds norm-wise: pinv's float32 derivatives err with cond^2 even on a diagonal
+# matrix, whose zeros an elementwise nudge never moves.
+PINV = Pair("pinv_square", torch.linalg.pinv, jnp.linalg.pinv, Inputs(Square(), (Floats(-1, 1),)),
+            reference=np.linalg.pinv, checks=("forward", "vjp", "jvp"))
+
+
+@pytest.mark.parametrize("matrix, check, seed", [
+    (np.diag([-0.75, 0.03125]), "jvp", 0),  # cond 24: 64 ulp
+    (np.diag([0.5, 0.5, 0.025]), "jvp", 1),  # cond 20: 128 ulp
+    ([[0, 1], [0.015625, 0]], "jvp", 0),
+    ([[0, 1], [0.001953125, 0]], "vjp", 0),
+])
+def test_pinv_derivatives_on_well_posed_matrices_are_rounding(matrix, check, seed):
+    args = [np.asarray(matrix, np.float32)]
+    ev, verdict, tol = failing(PINV, check, args, "float32", seed=seed)
+    assert explained_by_rounding(PINV, check, args, ev, verdict, "float32", tol, seed=0)
+
+
+def test_pinv_on_plain_floats_raises_no_false_alarm():
+    records = run_pair(PINV, dtype="float32", run=RunSettings(examples=30, seed=1))
+    assert [r.outcome for r in records] == ["passed"] * 3, [r.failure_text() for r in records]
+    assert sum(r.ill_conditioned for r in records) > 0
+
+
+# suites/test_layers.py nn.layer_norm_offset, seed 1738067960: a row with a small spread against a
+# large mean, where the float32 mean's rounding shifts every element of the row on both sides.
+LN_ROWS = [np.array([[11, 11, 11], [11, 11, 11], [10.375, 10.375, 10.4375]], np.float32)]
+
+
+def test_a_layer_norm_row_with_a_small_spread_is_rounding():
+    pair = LAYERS["nn.layer_norm_offset"]
+    ev, verdict, tol = failing(pair, "forward", LN_ROWS, "float32")
+    assert explained_by_rounding(pair, "forward", LN_ROWS, ev, verdict, "float32", tol, seed=0)
+
+
+def test_the_fast_variance_formula_on_that_row_is_not_rounding():
+    pair = LAYERS["nn.layer_norm_offset"].replace(
+        name="layer_norm_fast_variance", jax_fn=lambda x: nnx.LayerNorm(x.shape[-1], epsilon=1e-5, rngs=nnx.Rngs(0))(x))
+    ev, verdict, tol = failing(pair, "forward", LN_ROWS, "float32")
+    assert not explained_by_rounding(pair, "forward", LN_ROWS, ev, verdict, "float32", tol, seed=0)

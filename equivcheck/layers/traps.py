@@ -6,12 +6,56 @@ layer with each framework's defaults and fails (suites/known_divergences.txt lis
 xfails with the cause); the twin, with the reconciling setting, passes. `effect` is the size
 measured by benchmarks/trap_effects.py (seed 0, 5 draws; torch 2.13.0, jax 0.10.2, flax 0.12.8,
 optax 0.2.8, CPU).
+
+A row may state its `symptom`: a predicate on the evidence of a failing check (`Evidence`: the
+check, the failing leaf on both sides, which elements differ, the example's arguments), so that
+a user's own pair that fails the same way is told the cause (`matching`). A symptom names what
+the cause does to the numbers (the rows that differ, where a NaN sits), not a pair's name.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """A failing check's numbers: its leaf on both sides (float64 views of the tested dtype),
+    `close` (elementwise within the check's bound), the example's arguments, and `arg`, the
+    argument the leaf is the gradient of (None for a forward or JVP leaf)."""
+
+    check: str
+    path: str
+    torch: np.ndarray
+    jax: np.ndarray
+    close: np.ndarray
+    args: Sequence[Any]
+    arg: np.ndarray | None = None
+
+
+def _padding_row(ev: Evidence) -> bool:
+    """A lookup table's gradient differs in exactly one row, which one side leaves at zero
+    where the other does not, and which the example's indices look up (else both would be 0)."""
+    if ev.check != "vjp" or ev.torch.ndim != 2 or ev.torch.shape != ev.jax.shape:
+        return False
+    differing = np.flatnonzero(~ev.close.all(axis=1))
+    if len(differing) != 1:
+        return False
+    r = int(differing[0])
+    zero_t, zero_j = not ev.torch[r].any(), not ev.jax[r].any()
+    looked_up = any(isinstance(a, np.ndarray) and a.dtype.kind in "iu" and np.any(a == r) for a in ev.args)
+    return zero_t != zero_j and looked_up
+
+
+def _nan_at_saturated_probability(ev: Evidence) -> bool:
+    """A gradient is NaN on one side where the other is finite, exactly at probabilities of 0 or 1."""
+    if ev.check != "vjp" or ev.arg is None or ev.arg.shape != ev.torch.shape:
+        return False
+    one_sided = np.isnan(ev.torch) != np.isnan(ev.jax)
+    return bool(one_sided.any() and np.all(np.isin(ev.arg[one_sided], (0.0, 1.0))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +66,7 @@ class Divergence:
     reconcile: str  # the setting (or code) that makes the two agree
     twin: str = ""  # the reconciled pair that passes
     source: str = ""
+    symptom: Callable[[Evidence], bool] | None = None  # how a failing check shows this cause
 
 
 TABLE: tuple[Divergence, ...] = (
@@ -121,10 +166,28 @@ TABLE: tuple[Divergence, ...] = (
                "none in torch: centre the inputs, or run the backward in float64"),
     Divergence("loss.bce_saturated::vjp",
                "at p = 0 or 1 torch's BCE backward divides by max(p(1-p), 1e-12); the clamped jnp port gives 0*inf",
-               "NaN vs finite gradient", "jnp.clip(p, 1e-12, 1 - 1e-12) before the log when gradients must match"),
+               "NaN vs finite gradient", "jnp.clip(p, 1e-12, 1 - 1e-12) before the log when gradients must match",
+               symptom=_nan_at_saturated_probability),
+    Divergence("nn.embedding_padding_naive::vjp",
+               "Embedding padding_idx: torch gives the padding row no gradient; nnx.Embed has no such option",
+               "the padding row's whole gradient (the sum of its cotangents) on one side, 0 on the other",
+               "weight = jnp.where(rows == padding_idx, jax.lax.stop_gradient(weight), weight) before the lookup "
+               "(as equivcheck.layers.flax_bridge.embedding does)", "nn.embedding", symptom=_padding_row),
 )
 
 BY_ID = {d.id: d for d in TABLE}
+
+
+def matching(evidence: Evidence) -> list[Divergence]:
+    """The rows whose symptom the evidence shows."""
+    out = []
+    for d in TABLE:
+        try:
+            if d.symptom is not None and d.symptom(evidence):
+                out.append(d)
+        except Exception:  # a symptom that cannot read this evidence does not match it
+            continue
+    return out
 
 
 def markdown_section(records: Sequence[dict[str, Any]]) -> list[str]:

@@ -6,7 +6,8 @@ shapes        shape rules (Same, Broadcast, MatMul, Square, Fixed, Custom) and t
 strategies    value specs (Floats, Ints, Index, Mask, Matrices, Static) and Inputs
 autodiff      forward, VJP, JVP and HVP of one example on both sides, and their judgement
 conditioning  acceptance of ill-conditioned and low-precision disagreements
-diagnose      which side is off: the float64 re-run, the reference, finite differences
+finite        finite differences of the arbiter: relative steps, two-step agreement, kinks
+diagnose      which side is off: the float64 re-run, the reference, finite differences, known causes
 runner        a pair at one dtype and device under Hypothesis: CheckRecords
 """
 from equivcheck.ops.autodiff import CHECKS

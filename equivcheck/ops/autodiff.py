@@ -235,3 +235,18 @@ def _apply_convention(pair: Pair, conv: Convention, check: str, args: Sequence[A
             )
     masks[path] = masks.get(path, False) | where
     return None
+
+
+def leaf_at(tree: Any, path: str) -> np.ndarray | None:
+    """The leaf of `tree` at `path`, in float64; None where there is none."""
+    for p, leaf in flatten(tree):
+        if p == path:
+            return np.asarray(leaf, dtype=np.float64)
+    return None
+
+
+def widen(args: Sequence[Any], ev: Evaluation) -> tuple[list[Any], Vectors]:
+    """The example's inputs and vectors, exactly, in float64."""
+    up = lambda x: x.astype(np.float64) if _floating(x) else x  # noqa: E731
+    vec64 = Vectors(*[[v.astype(np.float64) for v in vs] for vs in (ev.vectors.ct, ev.vectors.t, ev.vectors.v)])
+    return [up(a) for a in args], vec64

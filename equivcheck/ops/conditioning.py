@@ -10,6 +10,17 @@ result alone. If both sides lie within SAFETY x that spread (plus the table's bo
 neither side is wrong: the input is ill-conditioned. A wrong formula (log for log1p, a
 missing factor) leaves the spread far behind and still fails.
 
+How the inputs are nudged follows how kernels round. An elementwise op rounds each element on
+its own, so each input moves relative to itself and each output element has its own bound.
+An op that mixes elements (a reduction, a normalisation, a matrix function: moving one input
+element moves another element's output) is exact, at best, for inputs moved by a few ulps of
+the argument's *largest* element (norm-wise backward stability, Higham, "Accuracy and
+Stability of Numerical Algorithms", 2nd ed., ch. 1.5 and 19-20), and its rounding spreads over
+the whole output: a zero off-diagonal moves too (pinv of a diagonal matrix), and a mean rounded
+in float32 shifts every element of a LayerNorm row. Such arguments are nudged norm-wise and the
+bound is the leaf's largest spread. This is the one rule for "rounding": the diagnosis calls a
+gap rounding exactly when this acceptance holds (`rounding`).
+
 In bfloat16/float16 the frameworks differ in *how* they compute, not only in rounding the
 inputs: torch's kernels compute in float32 and round once, XLA rounds each primitive of a
 composite op or derivative to the dtype. A low-precision disagreement beyond the table is
@@ -20,19 +31,22 @@ float32 answer. Overflow inside one side's intermediates (float16 tops out at 65
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from equivcheck.engine.compare import Verdict, flatten
+from equivcheck.engine.compare import Verdict, flatten, float_leaves
 from equivcheck.engine.dtypes import np_dtype
 from equivcheck.engine.tolerance import Tolerance
-from equivcheck.ops.autodiff import Evaluation, evaluate, keyed
-from equivcheck.ops.diagnose import leaf_at, widen
+from equivcheck.ops.autodiff import Evaluation, evaluate, keyed, leaf_at, widen
 
 ULPS = 2.0
-SAMPLES = 4
+SAMPLES = 6
+# Elements of an argument moved one at a time to see whether the op mixes them; a small
+# matrix has every element probed, a large argument a spread-out sample.
+MIX_PROBES = 16
 SAFETY = 2.0
 LOWP_ULPS = 64.0
 
@@ -41,10 +55,30 @@ def _eps(dtype: str) -> float:
     return 2.0**-8 if dtype == "bfloat16" else float(np.finfo(np_dtype(dtype)).eps)
 
 
+@dataclasses.dataclass
+class Rounding:
+    """The rounding rule's finding for one failing leaf: whether input rounding explains it,
+    the largest float64 spread, the largest distance of a side from the exact answer, and
+    whether the op mixes elements (norm-wise nudges, leaf-wise bound)."""
+
+    explained: bool
+    spread: float = float("nan")
+    off: float = float("nan")
+    mixing: bool = False
+    why: str = ""
+
+
 def explained_by_rounding(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict: Verdict,
                           dtype: str, tol: Tolerance, seed: int) -> bool:
     """True if input rounding, or an exact answer beyond the dtype's range, explains the whole
-    disagreement.
+    disagreement (see `rounding`)."""
+    return rounding(pair, check, args, ev, verdict, dtype, tol, seed).explained
+
+
+def rounding(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict: Verdict,
+             dtype: str, tol: Tolerance, seed: int = 0) -> Rounding:
+    """Whether input rounding, or an exact answer beyond the dtype's range, explains the whole
+    disagreement, with the measured spread.
 
     The exact answer is where the two float64 sides agree; neither side's result alone is the
     truth. An element is beyond the dtype's range only if both float64 sides put it there (an
@@ -52,35 +86,40 @@ def explained_by_rounding(pair: Any, check: str, args: Sequence[Any], ev: Evalua
     huge number from the other are equally (in)valid, so it is not compared. An element where
     the float64 sides disagree (one finite, one not; or far apart) is never explained. The
     rounding sensitivity is the smaller of the two sides' float64 spreads, so one side's
-    erratic function cannot excuse itself."""
+    erratic function cannot excuse itself; an argument is nudged norm-wise only if both sides
+    mix its elements."""
     if verdict.kind not in ("values", "nonfinite") or verdict.path is None:
-        return False
+        return Rounding(False, why="not a value disagreement")
     path = verdict.path
     args64, vec64 = widen(args, ev)
     ev64 = evaluate(pair, args64, 0, dtype="float64", device="cpu", checks=(check,), vectors=vec64)
     if check in ev64.torch.errors or check in ev64.jax.errors:
-        return False
+        return Rounding(False, why="the float64 re-run raised")
     exact_t, exact_j, t, j = (leaf_at(keyed(pair, check, r.values[check]), path)
                               for r in (ev64.torch, ev64.jax, ev.torch, ev.jax))
     if any(x is None for x in (exact_t, exact_j, t, j)) or not (exact_t.shape == t.shape == exact_j.shape == j.shape):
-        return False
+        return Rounding(False, why="the float64 results have another structure")
     top = _largest(dtype)
     with np.errstate(invalid="ignore"):
         beyond_t, beyond_j = (~np.isfinite(x) | (np.abs(x) > top) for x in (exact_t, exact_j))
         if np.any(beyond_t != beyond_j):
-            return False  # the float64 sides disagree on whether the answer is representable
+            return Rounding(False, why="the float64 sides disagree on whether the answer is representable")
         inside = ~beyond_t
         mismatch = (np.isnan(t) != np.isnan(j)) | ((np.isinf(t) | np.isinf(j)) & (t != j))
     if np.any(mismatch & inside):
-        return False
+        return Rounding(False, why="a NaN or inf on one side only")
     exact = np.where(inside, (exact_t + exact_j) / 2, 0.0)
-    spread = _spread(pair, check, args64, vec64, path, exact_t, exact_j, _eps(dtype), seed)
+    mixed = _mixed_args(pair, args64, vec64)
+    spread = _spread(pair, check, args64, vec64, path, exact_t, exact_j, _eps(dtype), seed, mixed)
     if spread is None:
-        return False
+        return Rounding(False, why="a nudged re-run failed")
+    if mixed and inside.any():
+        spread = np.full_like(spread, np.max(spread[inside]))
     bound = SAFETY * spread + tol.atol + tol.rtol * np.abs(exact)
     with np.errstate(invalid="ignore"):
         ok = [np.all(((np.abs(x - exact) <= bound) | (x == exact))[inside]) for x in (t, j, exact_t, exact_j)]
-    return bool(all(ok))
+        off = max((float(np.max(np.abs(x - exact)[inside], initial=0.0)) for x in (t, j)), default=0.0)
+    return Rounding(bool(all(ok)), float(np.max(spread[inside], initial=0.0)), off, bool(mixed))
 
 
 def explained_by_precision(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict: Verdict,
@@ -134,15 +173,15 @@ def _largest(dtype: str) -> float:
 
 
 def _spread(pair: Any, check: str, args64: list[Any], vec64: Any, path: str, exact_t: np.ndarray,
-            exact_j: np.ndarray, eps: float, seed: int) -> np.ndarray | None:
-    """Largest change of the float64 result when the float inputs move by ULPS * eps (relative),
+            exact_j: np.ndarray, eps: float, seed: int, mixed: frozenset[int]) -> np.ndarray | None:
+    """Largest change of the float64 result when the float inputs move by ULPS * eps (relative
+    to each element, or to the argument's largest element where the op mixes them),
     elementwise the smaller of the two sides' changes: a function both sides compute has one
     sensitivity, and the less sensitive side bounds it."""
     rng = np.random.default_rng(seed)
     spreads = [np.zeros_like(exact_t), np.zeros_like(exact_j)]
     for _ in range(SAMPLES):
-        nudged = [np.asarray(a * (1 + ULPS * eps * rng.uniform(-1, 1, np.shape(a)))) if _is_float(a) else a
-                  for a in args64]
+        nudged = [_nudge(a, ULPS * eps, rng, i in mixed) if _is_float(a) else a for i, a in enumerate(args64)]
         ev = evaluate(pair, nudged, 0, dtype="float64", device="cpu", checks=(check,), vectors=vec64)
         for k, (res, exact) in enumerate(((ev.torch, exact_t), (ev.jax, exact_j))):
             if check in res.errors:
@@ -154,6 +193,46 @@ def _spread(pair: Any, check: str, args64: list[Any], vec64: Any, path: str, exa
                 delta = np.where(np.isfinite(moved) & np.isfinite(exact), np.abs(moved - exact), np.inf)
             spreads[k] = np.maximum(spreads[k], np.where(moved == exact, 0.0, delta))
     return np.minimum(*spreads)
+
+
+def _nudge(a: np.ndarray, rel: float, rng: np.random.Generator, normwise: bool) -> np.ndarray:
+    scale = np.max(np.abs(a), initial=0.0) if normwise else np.abs(a)
+    return np.asarray(a + rel * scale * rng.uniform(-1, 1, np.shape(a)))
+
+
+def _mixed_args(pair: Any, args64: list[Any], vec64: Any) -> frozenset[int]:
+    """The float arguments whose elements the forward mixes, on both float64 sides: moving one
+    element moves an output element other than its own (or the output is not shaped like the
+    argument: a reduction, a broadcast)."""
+    def outputs(a: list[Any]) -> list[list[np.ndarray]] | None:
+        ev = evaluate(pair, a, 0, dtype="float64", device="cpu", checks=("forward",), vectors=vec64)
+        if "forward" in ev.torch.errors or "forward" in ev.jax.errors:
+            return None
+        return [[np.asarray(x, np.float64) for x in float_leaves(r.values["forward"])] for r in (ev.torch, ev.jax)]
+
+    base = outputs(args64)
+    if base is None:
+        return frozenset()
+    mixed = set()
+    for i, a in enumerate(args64):
+        if not _is_float(a) or a.size == 0:
+            continue
+        if any(o.shape != a.shape for side in base for o in side):
+            mixed.add(i)
+            continue
+        top = float(np.max(np.abs(a))) or 1.0
+        for e in np.unique(np.linspace(0, a.size - 1, min(a.size, MIX_PROBES)).astype(int)):
+            moved = a.copy()
+            moved.flat[e] += 1e-3 * (abs(moved.flat[e]) or top)
+            after = outputs([moved if k == i else x for k, x in enumerate(args64)])
+            if after is None:
+                break
+            elsewhere = [any(np.delete(((x != b) & ~(np.isnan(x) & np.isnan(b))).ravel(), e).any()
+                             for x, b in zip(side_after, side_base)) for side_after, side_base in zip(after, base)]
+            if all(elsewhere):
+                mixed.add(i)
+                break
+    return frozenset(mixed)
 
 
 def _is_float(a: Any) -> bool:

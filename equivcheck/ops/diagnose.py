@@ -1,58 +1,71 @@
 """Which side is off? Re-run a failing example in float64 on the CPU and decide.
 
-1. Both sides again in float64. If they now agree far better than they did, the failure was
-   rounding: the side further from the float64 value is the one off.
+1. Both sides again in float64. If they now agree far better than they did, the two compute
+   the same function and the gap is the tested dtype's. It is rounding only where the
+   conditioning rule (`equivcheck.ops.conditioning.rounding`, the one the acceptance uses)
+   says input rounding explains it; then the side further from the float64 value is the one
+   off. A larger gap is no rounding: a dtype-dependent threshold or default differs (a cutoff
+   relative to the dtype's eps), or one side's formula loses precision in that dtype; the
+   side further from float64 is still named.
 2. If they still disagree, the two sides compute different functions. For the forward, the
-   pair's own `reference` (a NumPy float64 implementation) decides. For derivatives, central
-   finite differences decide, never one side's forward alone and no framework's autodiff: of
-   the pair's `reference` if it has one, else of both sides' float64 forwards if those agree
-   at the example. If they do not, the derivatives cannot be arbitrated and no side is named.
+   pair's own `reference` (a NumPy float64 implementation) decides. For derivatives, finite
+   differences decide (`equivcheck.ops.finite`), never one side's forward alone and no
+   framework's autodiff: of the pair's `reference` if it has one, else of both sides' float64
+   forwards if those agree at the example. No side is named where they do not, where the
+   differences are unstable, or where the function has a kink at the failing element.
+3. Whatever decided, a failure whose symptom matches a row of the known-divergence tables
+   (`equivcheck.layers.traps`) gets that row's cause and reconciling setting.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from equivcheck.backends import Vectors, jax_side, torch_side
-from equivcheck.engine.compare import Verdict, compare, flatten, float_leaves, is_float
-from equivcheck.engine.tolerance import lookup
-from equivcheck.ops.autodiff import Evaluation, evaluate, keyed
+from equivcheck.engine.compare import Verdict
+from equivcheck.engine.tolerance import Tolerance, lookup
+from equivcheck.layers.traps import Evidence, matching
+from equivcheck.ops.autodiff import Evaluation, evaluate, keyed, leaf_at, widen
+from equivcheck.ops.conditioning import ULPS, rounding
+from equivcheck.ops.finite import DECISIVE, gap, as_tree, derivative
 
-# Central differences in float64 with this step are accurate to ~1e-9 relative for smooth
-# functions of O(1) inputs (truncation h^2 ~ 1e-12, rounding eps/h ~ 1e-10).
-FD_STEP = 1e-6
-# A mixed second difference (HVP) errs by ~h^2 in truncation and ~eps/h^2 in rounding: h = 1e-4
-# balances them near 1e-8 relative.
-FD2_STEP = 1e-4
-FD_MAX_ELEMENTS = 2048
-# One side must be this many times further from the reference to be named alone.
-DECISIVE = 4.0
+__all__ = ["DECISIVE", "diagnose", "leaf_at", "widen"]
 
 
-def _wide(x: Any) -> Any:
-    return x.astype(np.float64) if isinstance(x, np.ndarray) and is_float(x) else x
-
-
-def leaf_at(tree: Any, path: str) -> np.ndarray | None:
-    for p, leaf in flatten(tree):
-        if p == path:
-            return np.asarray(leaf, dtype=np.float64)
-    return None
-
-
-def widen(args: Sequence[Any], ev: Evaluation) -> tuple[list[Any], Vectors]:
-    """The example's inputs and vectors, exactly, in float64."""
-    vec64 = Vectors(*[[v.astype(np.float64) for v in vs] for vs in (ev.vectors.ct, ev.vectors.t, ev.vectors.v)])
-    return [_wide(a) for a in args], vec64
-
-
-def diagnose(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict: Verdict, *, dtype: str) -> None:
-    """Fill verdict.side and verdict.diagnosis for a value or NaN/Inf disagreement."""
+def diagnose(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict: Verdict, *, dtype: str,
+             tol: Tolerance | None = None) -> None:
+    """Fill verdict.side and verdict.diagnosis for a value or NaN/Inf disagreement, and add the
+    known divergence its symptom matches. `tol` is the check's bound (the table's by default)."""
     if verdict.kind not in ("values", "nonfinite") or verdict.path is None:
         return
+    tol = tol or lookup(dtype, check=check, tags=pair.tags, override=pair.tolerance_for(dtype, check))
+    _arbitrate(pair, check, args, ev, verdict, dtype, tol)
+    try:
+        evidence = _evidence(pair, check, args, ev, verdict.path, tol)
+    except (KeyError, IndexError, ValueError):  # no leaf to match: the verdict stands as decided
+        return
+    for d in matching(evidence):
+        verdict.diagnosis += f"; this matches a known divergence: {d.cause}; reconcile: {d.reconcile}"
+
+
+def _evidence(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, path: str, tol: Tolerance
+              ) -> Evidence:
+    t, j = (leaf_at(keyed(pair, check, r.values[check]), path) if check in r.values else np.zeros(0)
+            for r in (ev.torch, ev.jax))
+    if t is None or j is None or t.shape != j.shape:
+        t = j = np.zeros(0)
+    with np.errstate(invalid="ignore"):
+        close = (np.abs(t - j) <= tol.atol + tol.rtol * np.maximum(np.abs(t), np.abs(j))) | (t == j)
+    arg = None
+    if check in ("vjp", "hvp"):
+        arg = np.asarray(args[pair.diff_args[pair.grad_index(path)]], np.float64)
+    return Evidence(check, path, t, j, close, list(args), arg)
+
+
+def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict: Verdict, dtype: str,
+               tol: Tolerance) -> None:
     path = verdict.path
     args64, vec64 = widen(args, ev)
     try:
@@ -69,13 +82,26 @@ def diagnose(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict
     if t64 is None or j64 is None or t32 is None or t64.shape != j64.shape or t32.shape != t64.shape:
         verdict.diagnosis = "no float64 reference: the float64 results have another structure"
         return
-    observed = _gap(t32, j32)
-    gap64 = _gap(t64, j64)
+    observed = gap(t32, j32)
+    gap64 = gap(t64, j64)
     if dtype != "float64" and math.isfinite(gap64) and gap64 <= 0.1 * observed:
         ref = (t64 + j64) / 2
-        _decide(verdict, path, t32, j32, ref,
-                f"in float64 the two sides agree to {gap64:.2g} (against {observed:.2g} in {dtype}): "
-                f"the gap is rounding, so the float64 result is the reference")
+        agree = f"in float64 the two sides agree to {gap64:.2g} (against {observed:.2g} in {dtype})"
+        found = rounding(pair, check, args, ev, verdict, dtype, tol)
+        if found.explained:
+            _decide(verdict, path, t32, j32, ref, agree + ": the gap is rounding, so the float64 result is the "
+                    "reference")
+            return
+        if verdict.kind == "nonfinite":
+            lead = (agree + f": not rounding: in {dtype} one side is not finite where the other is (an overflow "
+                    f"or a lost value in that side's {dtype} arithmetic); the float64 result is the reference")
+        else:
+            times = found.off / found.spread if found.spread > 0 else math.inf
+            lead = (agree + f", but the {dtype} gap is not rounding: the sides are up to {found.off:.3g} from the "
+                    f"float64 answer, {times:.3g} times the most that input perturbations of {ULPS:g} {dtype} ulps "
+                    f"move it ({found.spread:.3g}): a dtype-dependent threshold or default differs (e.g. a cutoff "
+                    f"relative to the dtype's eps), or one side's formula loses precision in {dtype}")
+        _decide(verdict, path, t32, j32, ref, lead, both="both sides are that far from the float64 answer")
         return
     lead = (f"the two sides differ in float64 too ({gap64:.3g}): not rounding, they compute different "
             f"functions")
@@ -90,35 +116,23 @@ def diagnose(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict
         except Exception as exc:
             verdict.diagnosis = lead + f"; the pair's reference raised {type(exc).__name__}: {exc}"
             return
-        ref = leaf_at(_as_tree(ref_tree), path)
+        ref = leaf_at(as_tree(ref_tree), path)
         if ref is None or ref.shape != t64.shape:
             verdict.diagnosis = lead + "; the pair's reference returns another structure or shape"
             return
         _decide(verdict, path, t64, j64, ref, lead + "; the pair's NumPy reference decides")
         return
+    index = verdict.worst.worst_index if verdict.worst is not None else None
     try:
-        ref, source = _finite_difference(pair, check, args64, vec64, path)
+        found = derivative(pair, check, args64, vec64, path, t64, j64, index)
     except Exception as exc:
         verdict.diagnosis = lead + f"; finite differences failed ({type(exc).__name__}: {exc})"
         return
-    if ref is None:
+    if found.ref is None:
         verdict.side = None
-        verdict.diagnosis = lead + "; " + source
+        verdict.diagnosis = (found.why if found.kink else lead + "; " + found.why)
         return
-    _decide(verdict, path, t64, j64, ref, lead + "; " + source)
-
-
-def _as_tree(x: Any) -> Any:
-    return x if isinstance(x, (list, tuple, dict)) else np.asarray(x)
-
-
-def _gap(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest elementwise distance; a NaN or infinity the other side lacks is infinitely far."""
-    both = np.isfinite(a) & np.isfinite(b)
-    nonfinite_mismatch = (np.isnan(a) != np.isnan(b)) | ((np.isinf(a) | np.isinf(b)) & (a != b))
-    if nonfinite_mismatch.any():
-        return float("inf")
-    return float(np.max(np.abs(a[both] - b[both]), initial=0.0))
+    _decide(verdict, path, t64, j64, found.ref, lead + "; " + found.why)
 
 
 # Relative error at which a computation has quietly run in a lower precision.
@@ -136,8 +150,12 @@ def _precision_hint(x: np.ndarray, ref: np.ndarray) -> str:
     return ""
 
 
-def _decide(verdict: Verdict, path: str, t: np.ndarray, j: np.ndarray, ref: np.ndarray, lead: str) -> None:
-    et, ej = _gap(t, ref), _gap(j, ref)
+_BOTH = "both sides are off by similar amounts (an ill-conditioned input, or a tolerance too tight for this op)"
+
+
+def _decide(verdict: Verdict, path: str, t: np.ndarray, j: np.ndarray, ref: np.ndarray, lead: str,
+            both: str = _BOTH) -> None:
+    et, ej = gap(t, ref), gap(j, ref)
     worst = verdict.worst
     if worst is not None and worst.worst_index is not None and ref.shape:
         worst.reference_value = float(ref[worst.worst_index])
@@ -152,103 +170,5 @@ def _decide(verdict: Verdict, path: str, t: np.ndarray, j: np.ndarray, ref: np.n
     verdict.diagnosis = (
         f"{lead}; max error against it: torch {et:.3g}, jax {ej:.3g} at {path}: "
         + {"torch": "torch is off" + _precision_hint(t, ref), "jax": "jax is off" + _precision_hint(j, ref),
-           "both": "both sides are off by similar amounts (an ill-conditioned input, or a tolerance too tight "
-                   "for this op)"}[verdict.side]
+           "both": both}[verdict.side]
     )
-
-
-def _forward64(pair: Any, args64: Sequence[Any], side: str, vec: Vectors
-               ) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
-    """The float leaves of one side's float64 forward, or of the pair's reference, as a
-    function of the differentiable arguments."""
-    tb, jb = torch_side(), jax_side()
-    cpu = tb.device_of("cpu")
-
-    def f(diff_vals: Sequence[np.ndarray]) -> list[np.ndarray]:
-        a = list(args64)
-        for i, v in zip(pair.diff_args, diff_vals):
-            a[i] = v
-        if side == "reference":
-            out = _as_tree(pair.reference(*a))
-        elif side == "torch":
-            out = tb.to_numpy(pair.torch_fn(*[tb.to_torch(x, cpu) for x in a]))
-        else:
-            res = jb.run(pair.jax_fn, a, pair.diff_args, ("forward",), "cpu", vec, True)
-            if "forward" in res.errors:
-                raise RuntimeError(res.errors["forward"].describe())
-            out = res.values["forward"]
-        return [np.asarray(leaf, np.float64) for leaf in float_leaves(out)]
-
-    return f
-
-
-def _arbiter(pair: Any, args64: Sequence[Any], vec: Vectors
-             ) -> tuple[Callable[[Sequence[np.ndarray]], list[np.ndarray]] | None, str]:
-    """The float64 function whose derivatives decide, and how to name it. The pair's reference
-    when it has one; else the mean of both sides' float64 forwards, provided they agree at the
-    example (if they do not, no derivative of either can be trusted over the other)."""
-    if pair.reference is not None:
-        source = "central finite differences of the pair's float64 NumPy reference decide"
-        return _forward64(pair, args64, "reference", vec), source
-    ft, fj = _forward64(pair, args64, "torch", vec), _forward64(pair, args64, "jax", vec)
-    primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
-    tol = lookup("float64", check="forward", tags=pair.tags, override=pair.tolerance_for("float64", "forward"))
-    same = compare(ft(primals), fj(primals), tol)
-    if not same.ok:
-        return None, (f"the two forwards differ ({same.message}), so their derivatives cannot be arbitrated; "
-                      f"give the Pair a float64 `reference` to decide which side is right")
-    source = "central finite differences of both sides' float64 forwards (which agree) decide"
-    return (lambda d: [(a + b) / 2 for a, b in zip(ft(d), fj(d))]), source
-
-
-def _finite_difference(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path: str
-                       ) -> tuple[np.ndarray | None, str]:
-    """The derivative `check` at `path` by central differences of the arbiter function (see
-    `_arbiter`), and how it was taken; None with the reason where it cannot be."""
-    f, source = _arbiter(pair, args64, vec)
-    if f is None:
-        return None, source
-    primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
-    shifted = lambda steps: f([np.asarray(p + sum(h * x[k] for h, x in steps))  # noqa: E731
-                               for k, p in enumerate(primals)])
-
-    def directional(d: Sequence[np.ndarray]) -> list[np.ndarray]:
-        plus, minus = shifted([(FD_STEP, d)]), shifted([(-FD_STEP, d)])
-        return [(a - b) / (2 * FD_STEP) for a, b in zip(plus, minus)]
-
-    def unit(k: int, e: int) -> list[np.ndarray]:
-        d = [np.zeros_like(p) for p in primals]
-        d[k].flat[e] = 1.0
-        return d
-
-    def weighted(outs: list[np.ndarray]) -> float:
-        if len(outs) != len(vec.ct) or any(o.shape != np.shape(c) for o, c in zip(outs, vec.ct)):
-            raise ValueError("the arbiter's outputs do not match the cotangents' shapes")
-        return sum(float(np.sum(o * c)) for o, c in zip(outs, vec.ct))
-
-    too_many = f"too many elements for finite differences (> {FD_MAX_ELEMENTS})"
-    if check == "jvp":
-        ref = leaf_at(directional(vec.t), path)  # JVP leaves follow the outputs
-    elif check == "vjp":
-        k = pair.grad_index(path)
-        if primals[k].size > FD_MAX_ELEMENTS:
-            return None, too_many
-        ref = np.zeros_like(primals[k])
-        for e in range(primals[k].size):
-            ref.flat[e] = weighted(directional(unit(k, e)))
-    elif check == "hvp":
-        # (H v)_e of the cotangent-weighted output: a mixed second difference along e and v.
-        k = pair.grad_index(path)
-        if primals[k].size > FD_MAX_ELEMENTS:
-            return None, too_many
-        h = FD2_STEP
-        ref = np.zeros_like(primals[k])
-        for e in range(primals[k].size):
-            u = unit(k, e)
-            corners = [weighted(shifted([(a * h, u), (b * h, vec.v)])) for a, b in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
-            ref.flat[e] = (corners[0] - corners[1] - corners[2] + corners[3]) / (4 * h * h)
-    else:
-        return None, f"no finite-difference rule for {check}"
-    if ref is None:
-        return None, "the arbiter function returns another structure than the sides"
-    return ref, source

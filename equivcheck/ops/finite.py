@@ -1,0 +1,236 @@
+"""Derivatives by finite differences, to decide which side's derivative is right.
+
+The function differentiated is the arbiter (`arbiter`): the pair's float64 NumPy reference, or
+both sides' float64 forwards where they agree. Steps are relative to the input: element e moves
+by REL * scale_e, scale_e = |x_e| (the argument's largest magnitude where x_e = 0, 1 where all
+are 0), so an input of 1e-9 is differentiated on its own scale and never stepped across zero.
+Each derivative is taken at steps h and h/2 and Richardson-extrapolated; where the two steps
+disagree by more than 1/DECISIVE of the float64 gap between the sides, the finite differences
+cannot tell the sides apart and no side is named. At the failing element of a VJP or JVP,
+one-sided differences from the left and the right are compared first: where they differ by a
+jump that does not shrink with the step, the function has a kink there, and the derivative is
+a convention the pair has to declare.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from equivcheck.backends import Vectors, jax_side, torch_side
+from equivcheck.engine.compare import compare, flatten, float_leaves
+from equivcheck.engine.tolerance import lookup
+from equivcheck.ops.autodiff import leaf_at
+
+# Central first differences in float64 err by ~(h/x)^2 in truncation and ~eps*x/h in rounding:
+# a step of 1e-5 relative balances them near 1e-10 (Nocedal & Wright, "Numerical
+# Optimization", 2nd ed., sec. 8.1: h ~ eps^(1/3)); Richardson removes the h^2 term.
+REL = 1e-5
+# A mixed second difference (HVP) errs by ~h^2 in truncation and ~eps/h^2 in rounding:
+# h ~ eps^(1/4) ~ 1e-4 relative balances them near 1e-8 (same source).
+REL2 = 1e-4
+MAX_ELEMENTS = 2048
+# One side must be this many times further from the reference to be named alone; the finite
+# differences must be that many times more certain than the gap between the sides.
+DECISIVE = 4.0
+
+
+@dataclasses.dataclass
+class Arbitration:
+    """The finite-difference derivative at the failing leaf (None where there is none), and
+    how it was taken or why it could not be; `kink` where the function is not differentiable."""
+
+    ref: np.ndarray | None
+    why: str
+    kink: bool = False
+
+
+def as_tree(x: Any) -> Any:
+    return x if isinstance(x, (list, tuple, dict)) else np.asarray(x)
+
+
+def forward64(pair: Any, args64: Sequence[Any], side: str, vec: Vectors
+               ) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+    """The float leaves of one side's float64 forward, or of the pair's reference, as a
+    function of the differentiable arguments."""
+    tb, jb = torch_side(), jax_side()
+    cpu = tb.device_of("cpu")
+
+    def f(diff_vals: Sequence[np.ndarray]) -> list[np.ndarray]:
+        a = list(args64)
+        for i, v in zip(pair.diff_args, diff_vals):
+            a[i] = v
+        if side == "reference":
+            out = as_tree(pair.reference(*a))
+        elif side == "torch":
+            out = tb.to_numpy(pair.torch_fn(*[tb.to_torch(x, cpu) for x in a]))
+        else:
+            res = jb.run(pair.jax_fn, a, pair.diff_args, ("forward",), "cpu", vec, True)
+            if "forward" in res.errors:
+                raise RuntimeError(res.errors["forward"].describe())
+            out = res.values["forward"]
+        return [np.asarray(leaf, np.float64) for leaf in float_leaves(out)]
+
+    return f
+
+
+def arbiter(pair: Any, args64: Sequence[Any], vec: Vectors
+             ) -> tuple[Callable[[Sequence[np.ndarray]], list[np.ndarray]] | None, str]:
+    """The float64 function whose derivatives decide, and how to name it. The pair's reference
+    when it has one; else the mean of both sides' float64 forwards, provided they agree at the
+    example (if they do not, no derivative of either can be trusted over the other)."""
+    if pair.reference is not None:
+        source = "central finite differences of the pair's float64 NumPy reference decide"
+        return forward64(pair, args64, "reference", vec), source
+    ft, fj = forward64(pair, args64, "torch", vec), forward64(pair, args64, "jax", vec)
+    primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
+    tol = lookup("float64", check="forward", tags=pair.tags, override=pair.tolerance_for("float64", "forward"))
+    same = compare(ft(primals), fj(primals), tol)
+    if not same.ok:
+        return None, (f"the two forwards differ ({same.message}), so their derivatives cannot be arbitrated; "
+                      f"give the Pair a float64 `reference` to decide which side is right")
+    source = "central finite differences of both sides' float64 forwards (which agree) decide"
+    return (lambda d: [(a + b) / 2 for a, b in zip(ft(d), fj(d))]), source
+
+
+def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path: str, t64: np.ndarray,
+               j64: np.ndarray, index: tuple[int, ...] | None) -> Arbitration:
+    """The derivative `check` at `path` by finite differences of the arbiter, or why there is
+    none: the arbiter cannot be had, the function has a kink at the failing element `index`,
+    or the differences are unstable against the sides' float64 gap."""
+    f, source = arbiter(pair, args64, vec)
+    if f is None:
+        return Arbitration(None, source)
+    fd = _Differences(f, [np.asarray(args64[i], np.float64) for i in pair.diff_args], vec)
+    sides_gap = gap(t64, j64)
+    if check in ("vjp", "jvp") and index is not None:
+        kink = fd.kink(pair, check, path, index, t64, j64)
+        if kink:
+            return Arbitration(None, kink, kink=True)
+    if check not in ("vjp", "jvp", "hvp"):
+        return Arbitration(None, f"no finite-difference rule for {check}")
+    if check != "jvp" and fd.primals[pair.grad_index(path)].size > MAX_ELEMENTS:
+        return Arbitration(None, f"too many elements for finite differences (> {MAX_ELEMENTS})")
+    if check == "jvp" and sum(p.size for p in fd.primals) > MAX_ELEMENTS:
+        return Arbitration(None, f"too many elements for finite differences (> {MAX_ELEMENTS})")
+    d1, d2 = (fd.at(pair, check, path, s) for s in (1.0, 0.5))
+    if d1 is None or d2 is None or d1.shape != t64.shape:
+        return Arbitration(None, "the arbiter function returns another structure than the sides")
+    with np.errstate(invalid="ignore"):
+        if not (np.all(np.isfinite(d1)) and np.all(np.isfinite(d2))):
+            return Arbitration(None, "finite differences are unstable here: they are not finite at this example; "
+                                     "no side is named")
+        unstable = float(np.max(np.abs(d1 - d2), initial=0.0))
+    if DECISIVE * unstable > sides_gap:
+        return Arbitration(None, f"finite differences are unstable here: steps h and h/2 give derivatives "
+                                 f"{unstable:.3g} apart, against a gap of {sides_gap:.3g} between the sides' float64 "
+                                 f"results; no side is named")
+    ref = d2 + (d2 - d1) / 3  # Richardson: both rules err by O(h^2), so this cancels the leading term
+    return Arbitration(ref, source.replace("central finite differences", "central finite differences (steps "
+                                           "relative to the input, two steps agreeing)"))
+
+
+def gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest elementwise distance; a NaN or infinity the other side lacks is infinitely far."""
+    both = np.isfinite(a) & np.isfinite(b)
+    nonfinite_mismatch = (np.isnan(a) != np.isnan(b)) | ((np.isinf(a) | np.isinf(b)) & (a != b))
+    if nonfinite_mismatch.any():
+        return float("inf")
+    return float(np.max(np.abs(a[both] - b[both]), initial=0.0))
+
+
+class _Differences:
+    """Finite differences of f at the primals, with steps relative to each element."""
+
+    def __init__(self, f: Callable[[Sequence[np.ndarray]], list[np.ndarray]], primals: list[np.ndarray],
+                 vec: Vectors) -> None:
+        self.f, self.primals, self.vec = f, primals, vec
+        self.scale = []
+        for p in primals:
+            top = float(np.max(np.abs(p), initial=0.0)) or 1.0
+            self.scale.append(np.where(p != 0, np.abs(p), top))
+
+    def shifted(self, steps: Sequence[tuple[float, Sequence[np.ndarray]]]) -> list[np.ndarray]:
+        return self.f([np.asarray(p + sum(h * d[k] for h, d in steps)) for k, p in enumerate(self.primals)])
+
+    def unit(self, k: int, e: int) -> list[np.ndarray]:
+        d = [np.zeros_like(p) for p in self.primals]
+        d[k].flat[e] = 1.0
+        return d
+
+    def step(self, d: Sequence[np.ndarray], rel: float) -> float:
+        """REL times the smallest element scale along direction d (per unit of d)."""
+        ratios = [s[x != 0] / np.abs(x[x != 0]) for s, x in zip(self.scale, d)]
+        return rel * float(min((np.min(r) for r in ratios if r.size), default=1.0))
+
+    def weighted(self, outs: list[np.ndarray]) -> float:
+        ct = self.vec.ct
+        if len(outs) != len(ct) or any(o.shape != np.shape(c) for o, c in zip(outs, ct)):
+            raise ValueError("the arbiter's outputs do not match the cotangents' shapes")
+        return sum(float(np.sum(o * c)) for o, c in zip(outs, ct))
+
+    def central(self, d: Sequence[np.ndarray], h: float) -> list[np.ndarray]:
+        plus, minus = self.shifted([(h, d)]), self.shifted([(-h, d)])
+        return [(a - b) / (2 * h) for a, b in zip(plus, minus)]
+
+    def at(self, pair: Any, check: str, path: str, s: float) -> np.ndarray | None:
+        """The derivative at `path` with every step scaled by s."""
+        if check == "jvp":
+            # Element by element, each on its own scale: J t = sum_e t_e J[:, e].
+            total: list[np.ndarray] | None = None
+            for k, p in enumerate(self.primals):
+                for e in range(p.size):
+                    te = float(self.vec.t[k].flat[e])
+                    if te == 0:
+                        continue
+                    u = self.unit(k, e)
+                    col = self.central(u, s * self.step(u, REL))
+                    total = [te * c for c in col] if total is None else [a + te * c for a, c in zip(total, col)]
+            if total is None:
+                total = [np.zeros_like(o) for o in self.f(self.primals)]
+            return leaf_at(total, path)
+        k = pair.grad_index(path)
+        ref = np.zeros_like(self.primals[k])
+        for e in range(ref.size):
+            u = self.unit(k, e)
+            if check == "vjp":
+                ref.flat[e] = self.weighted(self.central(u, s * self.step(u, REL)))
+                continue
+            # (H v)_e of the cotangent-weighted output: a mixed second difference along e and v.
+            hu, hv = s * self.step(u, REL2), s * self.step(self.vec.v, REL2)
+            corners = [self.weighted(self.shifted([(a * hu, u), (b * hv, self.vec.v)]))
+                       for a, b in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
+            ref.flat[e] = (corners[0] - corners[1] - corners[2] + corners[3]) / (4 * hu * hv)
+        return ref
+
+    def kink(self, pair: Any, check: str, path: str, index: tuple[int, ...], t64: np.ndarray,
+             j64: np.ndarray) -> str:
+        """Why the derivative at the failing element is undefined, or "": one-sided differences
+        from the left and the right that each hold still as the step halves but differ from
+        each other by a jump that explains the sides' gap there."""
+        if check == "vjp":
+            k = pair.grad_index(path)
+            e = int(np.ravel_multi_index(index, self.primals[k].shape)) if index else 0
+            d = self.unit(k, e)
+            read = lambda outs: self.weighted(outs)  # noqa: E731
+            where = f"along element {list(index)} of the differentiated argument, cotangent-weighted"
+        else:
+            d = self.vec.t
+            read = lambda outs: float(np.asarray(leaf_at(outs, path))[index])  # noqa: E731
+            where = f"at output element {list(index)} along the tangent"
+        base = read(self.f(self.primals))
+        one_sided = []
+        for s in (1.0, 0.5):
+            h = s * self.step(d, REL)
+            one_sided.append(((base - read(self.shifted([(-h, d)]))) / h, (read(self.shifted([(h, d)])) - base) / h))
+        (l1, r1), (l2, r2) = one_sided
+        jump, drift = abs(r2 - l2), abs(r1 - r2) + abs(l1 - l2)
+        apart = abs(float(t64[index]) - float(j64[index]))
+        if not (np.isfinite(jump) and jump > 0 and drift < jump / DECISIVE and DECISIVE * jump >= apart):
+            return ""
+        return (f"the function has a kink here (left derivative {l2:.6g}, right derivative {r2:.6g}, {where}); "
+                f"the sides give torch {float(t64[index]):.6g}, jax {float(j64[index]):.6g}: each picks its own "
+                f"value where no derivative exists, so no side is named; declare a Convention: "
+                f"Convention(name, where=..., torch=..., jax=..., doc=...)")

@@ -1,0 +1,110 @@
+"""The diagnosis names the right cause, or none: finite differences on the input's own scale
+(and undecided where two steps disagree), a dtype-dependent threshold that is no rounding, a
+kink without a declared convention, and a user's failure that matches a known divergence."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from equivcheck import Fixed, Floats, Index, Inputs, Pair, Same, Square, unary
+from equivcheck.engine import tolerance
+from equivcheck.ops.autodiff import evaluate, keyed, leaf_at, widen
+from tests.verdicts import verdict_on
+
+
+def _float64_leaf(pair, check, args, side, path):
+    ev = evaluate(pair, args, 0, dtype="float32", device="cpu", checks=(check,))
+    args64, vec64 = widen(args, ev)
+    ev64 = evaluate(pair, args64, 0, dtype="float64", device="cpu", checks=(check,), vectors=vec64)
+    res = ev64.torch if side == "torch" else ev64.jax
+    return leaf_at(keyed(pair, check, res.values[check]), path)
+
+
+def _np_norm_eps(x):
+    return x / (np.linalg.norm(x) + 1e-8)
+
+
+def _np_cosine(x, y):
+    return np.sum(x * y, -1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+
+
+NORMALIZE = Pair("normalize_eps_forms", lambda x: x / (torch.linalg.norm(x) + 1e-8),
+                 lambda x: x / jnp.maximum(jnp.linalg.norm(x), 1e-8), unary(), reference=_np_norm_eps)
+COSINE = Pair("cosine_tiny", lambda x, y: F.cosine_similarity(x, y, dim=-1),
+              lambda x, y: jnp.sum(x * y, -1) / (jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1)),
+              Inputs(Same(n=2), (Floats(), Floats())), diff_args=(0, 1), reference=_np_cosine)
+
+
+@pytest.mark.parametrize("pair, args, right", [
+    (NORMALIZE, [np.array([7e-9, -5e-9, 6e-9], np.float32)], "torch"),
+    (COSINE, [np.array([1e-9, 2e-9, -1e-9], np.float32), np.array([2e-9, -1e-9, 3e-9], np.float32)], "jax"),
+])
+def test_finite_differences_step_on_the_input_s_own_scale(pair, args, right):
+    verdict = verdict_on(pair, "vjp", args, "float32")
+    wrong = "jax" if right == "torch" else "torch"
+    assert verdict.side == wrong, verdict.diagnosis
+    worst = verdict.worst
+    exact = _float64_leaf(pair, "vjp", args, right, verdict.path)
+    # Differences are accurate relative to the gradient's scale (1/|x| here), not to an element
+    # that cancels: compare norm-wise.
+    tol = tolerance.lookup("float64", check="vjp")
+    allowed = tol.atol + tol.rtol * np.max(np.abs(exact))
+    assert abs(worst.reference_value - exact[worst.worst_index]) <= allowed, (worst.reference_value, exact)
+
+
+def test_unstable_finite_differences_name_no_side():
+    # sin(1/x) near 0 oscillates faster than any step on x's scale can follow: the two steps
+    # disagree, so the differences cannot arbitrate the planted factor.
+    pair = Pair("sin_inverse_scaled", lambda x: torch.sin(1 / x) * 1.5, lambda x: jnp.sin(1 / x), unary(),
+                reference=lambda x: np.sin(1 / x), checks=("forward", "vjp"))
+    verdict = verdict_on(pair, "vjp", [np.array([3e-6], np.float32)], "float32")
+    assert verdict.side is None, verdict.diagnosis
+    assert "finite differences are unstable here" in verdict.diagnosis
+
+
+PINV = Pair("pinv_square", torch.linalg.pinv, jnp.linalg.pinv, Inputs(Square(), (Floats(-1, 1),)),
+            reference=np.linalg.pinv, checks=("forward", "vjp", "jvp"))
+
+
+def test_a_cutoff_relative_to_eps_is_a_threshold_not_rounding():
+    # JAX's default rcond is 10 * max(m, n) * eps, torch's max(m, n) * eps: in float32 JAX drops
+    # the singular value 1e-6, torch inverts it; in float64 both keep it.
+    verdict = verdict_on(PINV, "forward", [np.diag([1, 1, 1, 1e-6]).astype(np.float32)], "float32")
+    assert "a dtype-dependent threshold or default differs" in verdict.diagnosis, verdict.diagnosis
+    assert "the gap is rounding" not in verdict.diagnosis
+    assert verdict.side == "jax", verdict.diagnosis
+
+
+ABS = Pair("abs_no_convention", torch.abs, jnp.abs, unary())  # abs'(0): torch 0, JAX 1
+RELU = Pair("relu_as_maximum", torch.relu, lambda x: jnp.maximum(x, 0.0), unary())  # relu'(0): torch 0, JAX 0.5
+
+
+@pytest.mark.parametrize("pair", [ABS, RELU], ids=str)
+@pytest.mark.parametrize("check", ["vjp", "jvp"])
+def test_a_kink_without_a_convention_names_no_side(pair, check):
+    verdict = verdict_on(pair, check, [np.array([1.5, 0.0, -2.0], np.float32)], "float32")
+    assert verdict.side is None, verdict.diagnosis
+    assert "the function has a kink here (left derivative" in verdict.diagnosis, verdict.diagnosis
+    assert "declare a Convention: Convention(name, where=..., torch=..., jax=..., doc=...)" in verdict.diagnosis
+
+
+EMBED = Inputs(Fixed((((4,), (3, 2)),)), (Index(of=1, axis=0), Floats(-1, 1)))
+ARGS = [np.array([0, 2, 0, 1]), np.array([[0.5, -1.0], [0.25, 0.75], [-0.5, 1.0]], np.float32)]
+
+
+def test_a_user_embedding_without_padding_idx_is_told_the_known_cause():
+    pair = Pair("my_embedding", lambda i, w: F.embedding(i, w, padding_idx=0), lambda i, w: jnp.take(w, i, axis=0),
+                EMBED, diff_args=(1,), checks=("forward", "vjp"))
+    verdict = verdict_on(pair, "vjp", ARGS, "float32")
+    assert "this matches a known divergence" in verdict.diagnosis, verdict.diagnosis
+    assert "padding_idx" in verdict.diagnosis and "reconcile: " in verdict.diagnosis
+
+
+def test_a_different_embedding_bug_is_not_matched_to_padding_idx():
+    pair = Pair("my_embedding_doubled", lambda i, w: F.embedding(i, w), lambda i, w: jnp.take(2 * w, i, axis=0),
+                EMBED, diff_args=(1,), checks=("forward", "vjp"))
+    verdict = verdict_on(pair, "vjp", ARGS, "float32")
+    assert "known divergence" not in verdict.diagnosis, verdict.diagnosis
