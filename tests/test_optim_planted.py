@@ -203,3 +203,106 @@ def test_a_plateau_schedule_that_decides_differently_is_blamed_on_the_schedule(m
     assert rec.outcome == "failed", rec
     assert "the schedule's own state differs" in rec.diagnosis and "plateau decisions differ" in rec.diagnosis, \
         rec.failure_text()
+
+
+def one_step_late(inner):
+    """A correct transformation made to return the update it computed at the previous step
+    (zero at the first): the planted form of optax.rprop's lag."""
+
+    def init(params):
+        return (inner.init(params), jax.tree.map(jnp.zeros_like, params))
+
+    def update(g, state, params=None):
+        u, s = inner.update(g, state[0], params)
+        return state[1], (s, u)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _late_pair(check):
+    good = optimizer_pair("adam", "Adam", lr=1e-2, checks=(check,))
+    tx = one_step_late(good.optax_transform())
+    return OptimizerPair("adam_one_step_late_bug", good.torch_optimizer, lambda: tx, good.state_map, checks=(check,))
+
+
+def _optax_rprop(cls, hp, lr):
+    from equivcheck.optim.state import StateField, StateMap
+
+    (minus, plus), (lo, hi) = hp["etas"], hp["step_sizes"]
+    return Mapped(optax.rprop(hp["lr"], minus, plus, lo, hi), StateMap((StateField("step_size", "step_sizes"),)),
+                  ("optax.rprop",))
+
+
+LATE = [
+    (_late_pair("step"), "step"),
+    (_late_pair("quadratic"), "quadratic"),
+    (_late_pair("mlp"), "mlp"),
+    (optimizer_pair("optax_rprop", "Rprop", lr=1e-2, optax_map=_optax_rprop, checks=("quadratic",)), "quadratic"),
+]
+
+
+@pytest.mark.parametrize("bad, check", LATE, ids=[f"{bad.name}-{check}" for bad, check in LATE])
+def test_an_update_applied_one_step_late_is_named(bad, check):
+    """Before: "undecided: the two sides compute different steps". A lagging side's step n is
+    the other's step n-1, so the lagging side is named, and which one it is."""
+    rec = run(bad)[check]
+    assert rec.outcome == "failed", rec
+    assert rec.side == "jax", rec.failure_text()
+    assert "the jax side applies each update one step late (its step n equals torch's step n-1" in rec.diagnosis, \
+        rec.failure_text()
+    assert rec.message.startswith("step 1:"), rec.message  # the lagging side has not moved yet
+
+
+def test_torchs_rprop_is_matched_step_for_step():
+    """torch Rprop: every step size starts at lr, grows by 1.2 while the gradient keeps its
+    sign, halves where it changes it, and there the parameter stays (torch zeroes the grad).
+    On 0.5 * (p - 0.05)**2 from p = 0 with lr 0.02 (measured, torch 2.14.1): 0.02, 0.044,
+    0.0728, 0.0728 (sign change: no move), 0.0584, ... - optax.rprop is one step behind
+    (0, 0.02, 0.044, ...) and two after the first sign change; the mapping is exact."""
+    lr, centre, n = 0.02, 0.05, 12
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Rprop([p], lr=lr)
+    torch_path = []
+    for _ in range(n):
+        opt.zero_grad()
+        (0.5 * (p - centre) ** 2).sum().backward()
+        opt.step()
+        torch_path.append(p.item())
+    tx = optimizer_pair("rprop", "Rprop", lr=lr).optax_transform()
+    q = jnp.zeros(1)
+    state, ours = tx.init(q), []
+    for _ in range(n):
+        u, state = tx.update(q - centre, state, q)
+        q = optax.apply_updates(q, u)
+        ours.append(float(q[0]))
+    assert ours == torch_path  # the same float32 operations: bit for bit
+    assert torch_path[2] == torch_path[3]  # the sign change at step 4 moves nothing
+
+
+NO_DECAY_ON_VECTORS = [(lambda path, leaf: leaf.ndim < 2, {"weight_decay": 0.0})]  # biases and norms
+
+
+def _inverted_mask(cls, hp, lr):
+    """optax.adamw with the mask the wrong way round: decay on the vectors, not the matrices."""
+    b1, b2 = hp["betas"]
+    wd = max(hp["weight_decay"].values)
+    mask = lambda tree: jax.tree.map(lambda p: p.ndim < 2, tree)
+    return Mapped(optax.adamw(hp["lr"], b1=b1, b2=b2, eps=hp["eps"], weight_decay=wd, mask=mask), ADAM_STATE,
+                  ("planted: inverted mask",))
+
+
+@pytest.mark.parametrize("check", ["step", "mlp"])
+def test_weight_decay_on_the_other_param_group_is_named(check):
+    """torch decays the matrices only (the transformer recipe); the optax port's mask decays
+    the biases instead. The sides agree with weight decay off, and leaf by leaf the jax side
+    matches torch with the *other* group's weight_decay: the diagnosis says so."""
+    kw = dict(lr=1e-2, weight_decay=0.1, groups=NO_DECAY_ON_VECTORS, checks=(check,))
+    good = optimizer_pair("adamw_groups", "AdamW", **kw)
+    assert run(good)[check].outcome == "passed", run(good)[check].failure_text()
+    rec = run(optimizer_pair("adamw_inverted_mask_bug", "AdamW", optax_map=_inverted_mask, **kw))[check]
+    assert rec.outcome == "failed", rec
+    assert rec.side == "jax", rec.failure_text()
+    assert "weight decay is applied to other parameters on the two sides" in rec.diagnosis, rec.failure_text()
+    if check == "mlp":  # its leaves are named: w1, w2 matrices; b1, b2 vectors
+        assert "weight_decay=0.1 on ['w1', 'w2']" in rec.diagnosis, rec.diagnosis
+        assert "w1, w2 as if weight_decay=0; b1, b2 as if weight_decay=0.1" in rec.diagnosis, rec.diagnosis

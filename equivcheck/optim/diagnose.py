@@ -1,11 +1,12 @@
 """Why an optimizer check failed: re-run the failing example under controlled changes.
 
-In order: a learning-rate sequence shifted by one step; float64 (the gap was rounding, and
-the float32 side further from float64 torch is off); then one hyperparameter at a time,
-changed on both sides (weight_decay=0, eps=0, Nesterov off, momentum or beta1 = 0) and a
-start at step 10**6, where every bias correction 1 - beta**t is 1. The first change under
-which the two sides agree names the cause. A pair built by hand (no `rebuild`) gets the
-first two only.
+In order: a learning-rate sequence shifted by one step; updates applied one step late, and
+weight decay on other parameters than torch's param groups (equivcheck.optim.causes);
+float64 (the gap was rounding, and the float32 side further from float64 torch is off);
+then one hyperparameter at a time, changed on both sides (weight_decay=0, eps=0, Nesterov
+off, momentum or beta1 = 0) and a start at step 10**6, where every bias correction
+1 - beta**t is 1. The first change under which the two sides agree names the cause. A pair
+built by hand (no `rebuild`) gets all but the hyperparameter probes.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import numpy as np
 
 from equivcheck.engine.compare import flatten, leaves
 from equivcheck.engine.tolerance import Tolerance, lookup
-from equivcheck.optim.sides import MAX_STEPS, run_torch, treedef_of
+from equivcheck.optim.causes import decay_elsewhere, lagged
+from equivcheck.optim.sides import MAX_STEPS, run_torch, torch_optimizer_for, treedef_of
 from equivcheck.optim.state import torch_to_neutral
 from equivcheck.optim.trajectory import PROBLEM_OF, Example, Outcome, evaluate, lr_sequences, trajectory_tolerance
 
@@ -49,6 +51,12 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
     moved_lr = _schedule_state(out, base)
     if moved_lr:
         return None, moved_lr
+    late = lagged(pair, ex, dtype, run, base)
+    if late:
+        return late
+    elsewhere = decay_elsewhere(pair, ex, dtype, run, base)
+    if elsewhere:
+        return "jax", elsewhere
     if dtype == "float64" and worst is not None and 0 < worst.max_rel <= FLOAT32_LEVEL * out.step:
         return None, (f"the gap is at float32's level (max relative error {worst.max_rel:.2g} after {out.step} "
                       "steps): one side likely computes part of the step in float32 in this float64 run (an "
@@ -119,7 +127,8 @@ def _fresh_state(pair: Any, ex: Example, dtype: str) -> dict[str, Any] | None:
     try:
         treedef = treedef_of(ex.params)
         leaves = [torch.tensor(np.array(x)) for x in treedef.flatten_up_to(ex.params)]
-        state = torch_to_neutral(pair.torch_optimizer(leaves), pair.state_map, treedef, 0)
+        state = torch_to_neutral(torch_optimizer_for(pair, leaves, ex.params), pair.state_map, treedef, 0,
+                                 params=leaves)
     except Exception:
         return None
     state["step"] = np.asarray(float(LARGE_STEP))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from equivcheck.optim import transforms as ot
+from equivcheck.optim.groups import PerGroup
 from equivcheck.optim.state import StateField, StateMap
 
 # Implementation choices of torch.optim that do not change the formula (single-tensor,
@@ -67,9 +68,41 @@ def _lr(hp: Mapping[str, Any], lr: Any) -> Any:
     return hp["lr"] if lr is None else lr
 
 
-def _coupled(wd: float) -> list[tuple[str, optax.GradientTransformation]]:
+def _per_group(value: Any, piece: Callable[[Any], optax.GradientTransformation], what: str,
+               skip_zero: bool = True) -> list[tuple[str, optax.GradientTransformation]]:
+    """`piece(value)`, or with param groups (a PerGroup) one masked piece per distinct value."""
+    if not isinstance(value, PerGroup):
+        return [(what, piece(value))] if value or not skip_zero else []
+    return [(f"optax.masked({what.split(' ')[0]}({v!r}), param groups {{{', '.join(map(str, _groups(value, v)))}}})",
+             optax.masked(piece(v), mask)) for v, mask in value.masks() if v or not skip_zero]
+
+
+def _groups(value: PerGroup, v: Any) -> list[int]:
+    return [i for i, w in enumerate(value.values) if w == v]
+
+
+def _coupled(wd: Any) -> list[tuple[str, optax.GradientTransformation]]:
     """torch's weight_decay on Adam, SGD, RMSprop...: L2 added to the gradient first."""
-    return [("optax.add_decayed_weights (coupled L2, first)", optax.add_decayed_weights(wd))] if wd else []
+    return _per_group(wd, optax.add_decayed_weights, "optax.add_decayed_weights (coupled L2, first)")
+
+
+def _decoupled(wd: Any) -> list[tuple[str, optax.GradientTransformation]]:
+    # param *= 1 - lr*wd before the step == add wd*param to the update before the lr scaling
+    return _per_group(wd, optax.add_decayed_weights, "optax.add_decayed_weights (decoupled, after the moments)")
+
+
+def _scale_lr(lr: Any, what: str = "optax.scale_by_learning_rate") -> list[tuple[str, optax.GradientTransformation]]:
+    return _per_group(lr, optax.scale_by_learning_rate, what, skip_zero=False)
+
+
+# The hyperparameters each mapping can take per param group (equivcheck.optim.groups): those
+# it applies as a piece of its own (a weight decay, the lr scaling), masked per group.
+GROUP_HPARAMS = {
+    "SGD": ("weight_decay", "lr"), "Adam": ("weight_decay", "lr"), "AdamW": ("weight_decay", "lr"),
+    "NAdam": ("weight_decay", "lr"), "RAdam": ("weight_decay", "lr"), "Adamax": ("weight_decay", "lr"),
+    "Adagrad": ("weight_decay", "lr"), "Adadelta": ("weight_decay", "lr"), "RMSprop": ("weight_decay",),
+    "Rprop": ("lr",),
+}
 
 
 def _chain(pieces: list[tuple[str, optax.GradientTransformation]], smap: StateMap) -> Mapped:
@@ -92,7 +125,7 @@ def map_sgd(hp: Mapping[str, Any], lr: Any = None) -> Mapped:
         smap = StateMap((StateField("momentum_buffer", "trace"),), torch_step=False)
     else:
         smap = StateMap(torch_step=False)
-    pieces.append(("optax.scale_by_learning_rate", optax.scale_by_learning_rate(_lr(hp, lr))))
+    pieces += _scale_lr(_lr(hp, lr))
     return _chain(pieces, smap)
 
 
@@ -101,10 +134,9 @@ def _adam_like(name: str, hp: Mapping[str, Any], lr: Any, decoupled: bool, core:
     wd = hp["weight_decay"]
     pieces = [] if decoupled else _coupled(wd)
     pieces.append(core)
-    if decoupled and wd:
-        # param *= 1 - lr*wd before the step == add wd*param to the update before the lr scaling
-        pieces.append(("optax.add_decayed_weights (decoupled, after the moments)", optax.add_decayed_weights(wd)))
-    pieces.append(("optax.scale_by_learning_rate", optax.scale_by_learning_rate(_lr(hp, lr))))
+    if decoupled:
+        pieces += _decoupled(wd)
+    pieces += _scale_lr(_lr(hp, lr))
     return _chain(pieces, smap)
 
 
@@ -198,23 +230,49 @@ def map_adagrad(hp: Mapping[str, Any], lr: Any = None) -> Mapped:
                         "compose the two schedules into one before mapping")
     base = _lr(hp, lr)
     # a float count: JAX would divide an int32 count in float32 even in a float64 run
-    rate = base if not decay else (lambda count: base / (1 + jnp.asarray(count, jnp.result_type(float)) * decay))
+    decayed = lambda b: b if not decay else (lambda count: b / (1 + jnp.asarray(count, jnp.result_type(float)) * decay))
+    rate = PerGroup(tuple(map(decayed, base.values)), base.labels) if isinstance(base, PerGroup) else decayed(base)
     pieces = _coupled(hp["weight_decay"])
     if eps == 0:
         pieces.append(("optax.scale_by_rss(eps=0)", optax.scale_by_rss(initial_accumulator_value=init, eps=0.0)))
     else:
         pieces.append(("equivcheck scale_by_adagrad_torch (optax puts eps inside the sqrt)",
                        ot.scale_by_adagrad_torch(init, eps)))
-    pieces.append(("optax.scale_by_learning_rate" + (" (lr / (1 + count*lr_decay))" if decay else ""),
-                   optax.scale_by_learning_rate(rate)))
+    pieces += _scale_lr(rate, "optax.scale_by_learning_rate" + (" (lr / (1 + count*lr_decay))" if decay else ""))
     return _chain(pieces, StateMap((StateField("sum", "sum_of_squares"),)))
 
 
 def map_adadelta(hp: Mapping[str, Any], lr: Any = None) -> Mapped:
     _common("Adadelta", hp)
-    tx = optax.adadelta(_lr(hp, lr), rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"])
-    smap = StateMap((StateField("square_avg", "e_g"), StateField("acc_delta", "e_x")))
-    return Mapped(tx, smap, ("optax.adadelta (its weight decay is coupled, like torch's)",))
+    # optax.adadelta's own chain, written out so that weight decay and lr can differ per group
+    pieces = _coupled(hp["weight_decay"])
+    pieces.append(("optax.scale_by_adadelta", optax.scale_by_adadelta(rho=hp["rho"], eps=hp["eps"])))
+    pieces += _scale_lr(_lr(hp, lr))
+    return _chain(pieces, StateMap((StateField("square_avg", "e_g"), StateField("acc_delta", "e_x"))))
+
+
+def map_rprop(hp: Mapping[str, Any], lr: Any = None) -> Mapped:
+    _common("Rprop", hp)
+    if lr is not None and callable(lr):
+        raise Unmatched("Rprop with a schedule: torch reads the lr once, as every step size's initial value when its "
+                        "state is created, and a scheduler changes nothing after that; drop the schedule (or start "
+                        "from the lr it gives at step 0)")
+    (eta_minus, eta_plus), (lo, hi) = hp["etas"], hp["step_sizes"]
+    tx = ot.scale_by_rprop_torch(hp["lr"], eta_minus, eta_plus, lo, hi)
+    smap = StateMap((StateField("prev", "prev"), StateField("step_size", "step_size")))
+    each = "; step sizes start at each param group's lr" if isinstance(hp["lr"], PerGroup) else ""
+    return _chain([(f"equivcheck scale_by_rprop_torch (optax.rprop applies each update one step late{each})", tx),
+                   ("optax.scale(-1)", optax.scale(-1.0))], smap)
+
+
+def map_asgd(hp: Mapping[str, Any], lr: Any = None) -> Mapped:
+    _common("ASGD", hp)
+    if lr is not None and callable(lr):
+        raise Unmatched("ASGD with a schedule: torch recomputes eta from the group's current lr after each step "
+                        "(eta = lr / (1 + lambd*lr*t)**alpha); equivcheck's asgd_torch takes a constant lr")
+    tx = ot.asgd_torch(hp["lr"], hp["lambd"], hp["alpha"], hp["t0"], hp["weight_decay"])
+    smap = StateMap((StateField("eta", "eta", scalar=True), StateField("mu", "mu", scalar=True), StateField("ax", "ax")))
+    return Mapped(tx, smap, ("equivcheck asgd_torch (optax has no ASGD)",))
 
 
 def map_lion(hp: Mapping[str, Any], lr: Any = None) -> Mapped:
@@ -236,7 +294,7 @@ def map_lbfgs(hp: Mapping[str, Any], lr: Any = None) -> Mapped:
 MAPPINGS: dict[str, Callable[..., Mapped]] = {
     "SGD": map_sgd, "Adam": map_adam, "AdamW": map_adamw, "NAdam": map_nadam, "RAdam": map_radam,
     "Adamax": map_adamax, "RMSprop": map_rmsprop, "Adagrad": map_adagrad, "Adadelta": map_adadelta,
-    "Lion": map_lion, "LBFGS": map_lbfgs,
+    "Rprop": map_rprop, "ASGD": map_asgd, "Lion": map_lion, "LBFGS": map_lbfgs,
 }
 
 

@@ -49,6 +49,7 @@ def _pair(port: str, torch_cls: str, tx: Callable[[dict[str, Any]], Any], smap: 
 RMS = StateMap((StateField("square_avg", "nu"),))
 RSS = StateMap((StateField("sum", "sum_of_squares"),))
 SGD_M = StateMap((StateField("momentum_buffer", "trace"),), torch_step=False)
+RPROP = StateMap((StateField("step_size", "step_sizes"),))
 
 
 def _schedule_pair(port: str, spec: Schedule, naive: Callable[[], Any], checks: tuple[str, ...]) -> Callable[[], OptimizerPair]:
@@ -111,6 +112,11 @@ NAIVE_PORTS: list[NaivePort] = [
               "dampening=0, or equivcheck trace_dampened", "0.48 in the momentum buffer at step 2",
               _pair("naive_sgd_dampening", "SGD", lambda hp: optax.sgd(hp["lr"], momentum=hp["momentum"]), SGD_M,
                     checks=("quadratic",), lr=0.05, momentum=0.9, dampening=0.5)),
+    NaivePort("naive_rprop", "Rprop(lr=1e-2)", "optax.rprop(1e-2)",
+              "optax's scale_by_rprop returns the update it computed at the previous step: its first update is "
+              "zero, then it runs one step behind torch, two after the first sign change",
+              "equivcheck scale_by_rprop_torch", "1.0e-2 (= lr) at step 1, both dtypes; the diagnosis names the lag",
+              _pair("naive_rprop", "Rprop", lambda hp: optax.rprop(hp["lr"]), RPROP, checks=("quadratic",), lr=1e-2)),
     NaivePort("naive_clip_norm", "SGD(lr=1000) after clip_grad_norm_(params, 0.01)", "optax.clip_by_global_norm(0.01)",
               "torch scales by max_norm / (norm + 1e-6), optax by max_norm / norm: a step differs by "
               "lr * max_norm * 1e-6 / norm, beyond float64's tolerance once lr * max_norm is large",

@@ -26,7 +26,8 @@ from typing import Any
 from equivcheck.engine.kind import check_name
 from equivcheck.engine.tolerance import Tolerance, require_reasons
 from equivcheck.ops.pairs import Pair
-from equivcheck.optim.mapping import Mapped, Unmatched, map_optimizer, torch_hparams
+from equivcheck.optim.groups import Groups, group_index, leaf_paths, per_group
+from equivcheck.optim.mapping import GROUP_HPARAMS, Mapped, Unmatched, map_optimizer, torch_hparams
 from equivcheck.optim.schedules import Schedule, map_schedule
 from equivcheck.optim.state import StateMap, load_torch, neutral_to_optax, optax_to_neutral, torch_to_neutral
 
@@ -49,6 +50,12 @@ class OptimizerPair:
     torch_clip       list of tensors -> gradient norm or None, applied before the step
     clip_reports_norm    torch_clip returns the norm, compared as `grad_norm`
     accumulate       micro-batches per step (torch sums loss/k gradients; optax.MultiSteps)
+    param_groups     torch param groups, [(predicate(path, leaf) -> bool, overrides)]
+                     (equivcheck.optim.groups): torch_optimizer then receives torch's list of
+                     group dicts instead of the leaves; the optax side must apply the same
+                     per-group hyperparameters (optax.masked, multi_transform). A factory may
+                     also build groups from the leaves itself: any grouping that holds each
+                     leaf once runs
     hparams, rebuild torch's full hyperparameters and a way to rebuild the pair with some
                      changed: the diagnosis varies them to isolate a difference
     unavailable      why the pair cannot run here (torch without torch.optim.Lion); its
@@ -65,6 +72,7 @@ class OptimizerPair:
     torch_clip: Callable[[list[Any]], Any] | None = None
     clip_reports_norm: bool = False
     accumulate: int = 1
+    param_groups: tuple[tuple[Callable[[str, Any], bool], Mapping[str, Any]], ...] = ()
     checks: tuple[str, ...] = ("step", "quadratic", "mlp")
     dtypes: tuple[str, ...] = ("float32", "float64")
     tolerance: Tolerance | Mapping[str, Tolerance] | None = None
@@ -82,6 +90,7 @@ class OptimizerPair:
         set_("checks", tuple(self.checks))
         set_("dtypes", tuple(self.dtypes))
         set_("tags", frozenset(self.tags))
+        set_("param_groups", tuple((p, dict(o)) for p, o in self.param_groups))
         check_name("OptimizerPair", self.name)
         for label in ("torch_optimizer", "optax_transform"):
             if not callable(getattr(self, label)):
@@ -136,11 +145,17 @@ def optimizer_pair(name: str, torch_optimizer: str | type, *, schedule: Schedule
                    clip_norm: float | None = None, clip_value: float | None = None, accumulate: int = 1,
                    optax_map: Callable[..., Mapped] | None = None, checks: tuple[str, ...] | None = None,
                    dtypes: tuple[str, ...] = ("float32", "float64"), tolerance: Any = None, doc: str = "",
-                   **hparams: Any) -> OptimizerPair:
+                   groups: Groups = (), **hparams: Any) -> OptimizerPair:
     """A pair from torch's own terms: the optimizer class (or its name in torch.optim) and
     its hyperparameters, a torch lr scheduler, gradient clipping and accumulation. The optax
     side is built by `equivcheck.optim.mapping` (or `optax_map(cls, hparams, lr)`, for a port of
     your own), with every hyperparameter passed explicitly.
+
+    `groups=[(predicate(path, leaf) -> bool, overrides), ...]`: torch param groups
+    (equivcheck.optim.groups); leaves no predicate picks keep `hparams`. A hyperparameter that
+    differs between groups reaches the mapping as a `PerGroup` and becomes masked optax pieces;
+    one the mapping cannot apply per group (mapping.GROUP_HPARAMS: weight_decay and lr for
+    most) is refused here with a ValueError naming the group and the hyperparameter.
     """
     import optax
     import torch
@@ -156,8 +171,9 @@ def optimizer_pair(name: str, torch_optimizer: str | type, *, schedule: Schedule
         return OptimizerPair(name, lambda ps: None, lambda: optax.identity(), checks=base_checks, dtypes=dtypes,
                              unavailable=missing, doc=doc)
     hp = torch_hparams(cls, hparams)
+    mapped_hp = _grouped(name, cls, hp, groups, schedule, custom=optax_map is not None)
     sched = map_schedule(schedule, hp["lr"]) if schedule is not None else None
-    mapped = (optax_map or map_optimizer)(cls, hp, sched.schedule if sched else None)
+    mapped = (optax_map or map_optimizer)(cls, mapped_hp, sched.schedule if sched else None)
     pieces, parts = [mapped.transform], list(mapped.parts)
     if clip_norm is not None:
         pieces.insert(0, ot.clip_by_global_norm_torch(clip_norm))
@@ -184,61 +200,99 @@ def optimizer_pair(name: str, torch_optimizer: str | type, *, schedule: Schedule
         clip = lambda ps: torch.nn.utils.clip_grad_value_(ps, clip_value)
 
     def rebuild(**changes: Any) -> OptimizerPair:
+        # a probe's change holds for every group ("weight_decay=0 on both sides": no group decays)
+        regrouped = [(p, {**o, **{k: v for k, v in changes.items() if k in o}}) for p, o in groups]
         return optimizer_pair(name, cls, schedule=schedule, clip_norm=clip_norm, clip_value=clip_value,
                               accumulate=accumulate, optax_map=optax_map, checks=checks, dtypes=dtypes,
-                              tolerance=tolerance, doc=doc, **{**hparams, **changes})
+                              tolerance=tolerance, doc=doc, groups=regrouped, **{**hparams, **changes})
 
     return OptimizerPair(
         name, lambda ps: cls(ps, **hp), lambda: tx, smap,
         torch_scheduler=schedule.torch_factory() if schedule is not None else None,
         optax_schedule=sched.schedule if sched is not None else None,
         schedule_takes_loss=bool(schedule is not None and schedule.takes_loss),
-        torch_clip=clip, clip_reports_norm=clip_norm is not None, accumulate=accumulate, checks=base_checks,
+        torch_clip=clip, clip_reports_norm=clip_norm is not None, accumulate=accumulate, param_groups=tuple(groups),
+        checks=base_checks,
         dtypes=dtypes, tolerance=tolerance, hparams=hp, rebuild=rebuild, parts=tuple(parts),
         doc=doc or f"torch.optim.{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in hparams.items())})"
-        + (f" + {schedule!r}" if schedule is not None else ""),
+        + (f" + {schedule!r}" if schedule is not None else "")
+        + (f"; param groups {', '.join(repr(dict(o)) for _, o in groups)}" if groups else ""),
     )
+
+
+def _grouped(name: str, cls: Any, hp: dict[str, Any], groups: Groups, schedule: Schedule | None,
+             custom: bool) -> dict[str, Any]:
+    """hp with the hyperparameters that differ between groups as PerGroup values; a port of
+    one's own (optax_map) receives any of them that way."""
+    if not groups:
+        return hp
+    label = f"pair {name!r} (torch.optim.{cls.__name__})"
+    if schedule is not None:
+        for i, (_, o) in enumerate(groups, start=1):
+            if "lr" in o and repr(o["lr"]) != repr(hp["lr"]):
+                raise ValueError(f"{label}: param group {i} sets lr={o['lr']!r} under a schedule: torch schedules "
+                                 "each group's lr, the optax schedule is one; equivcheck maps a per-group lr "
+                                 "without a schedule only")
+    allowed = tuple(hp) if custom else GROUP_HPARAMS.get(cls.__name__, ())
+    return per_group(label, hp, groups, allowed)
 
 
 # ---- checkpoints: optimizer state from one framework to the other -----------------------
 
-def _leaves_match(pair: OptimizerPair, optimizer: Any, params: Any) -> Any:
+def _leaves_match(pair: OptimizerPair, optimizer: Any, params: Any, leaves: Any) -> tuple[Any, list[Any]]:
+    """The tree's structure and the optimizer's tensors in its leaf order. With several param
+    groups torch holds them group by group: `leaves` (the tensors in jax.tree.leaves order)
+    says the order, or else the pair's declared param_groups do."""
     import jax
     import numpy as np
 
-    from equivcheck.optim.sides import torch_param_groups_ok
-
-    torch_param_groups_ok(optimizer)
     treedef = jax.tree.structure(params)
     held = [p for g in optimizer.param_groups for p in g["params"]]
-    leaves = jax.tree.leaves(params)
-    t_shapes = [tuple(p.shape) for p in held]
-    j_shapes = [tuple(np.shape(x)) for x in leaves]
+    if leaves is not None:
+        ordered = list(leaves)
+    elif len(optimizer.param_groups) == 1:
+        ordered = held
+    elif pair.param_groups:
+        found = [group_index(pair.param_groups, path, x) for path, x in zip(leaf_paths(params), jax.tree.leaves(params))]
+        order = sorted(range(len(found)), key=lambda i: found[i])  # stable: tree order within a group
+        ordered = list(held)
+        if len(order) == len(held):  # else the shapes below say what differs
+            for k, i in enumerate(order):
+                ordered[i] = held[k]
+    else:
+        raise ValueError(f"pair {pair.name!r}: the torch optimizer has {len(optimizer.param_groups)} param groups; "
+                         "pass leaves=[its tensors in jax.tree.leaves order] (or declare the pair's param_groups)")
+    if {id(p) for p in ordered} != {id(p) for p in held} or len(ordered) != len(held):
+        raise ValueError(f"pair {pair.name!r}: `leaves` must be the optimizer's {len(held)} tensors, each once")
+    t_shapes = [tuple(p.shape) for p in ordered]
+    j_shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(params)]
     if t_shapes != j_shapes:
         paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         raise ValueError(f"pair {pair.name!r}: the torch optimizer holds {len(held)} parameters of shapes {t_shapes}, "
-                         f"the params tree {len(leaves)} leaves {dict(zip(paths, j_shapes))} (in tree order); "
+                         f"the params tree {len(j_shapes)} leaves {dict(zip(paths, j_shapes))} (in tree order); "
                          "build the optimizer from the tree's leaves in jax.tree.leaves order")
-    return treedef
+    return treedef, ordered
 
 
 def optax_state_from_torch(pair: OptimizerPair, optimizer: Any, params: Any, *, step: int | None = None,
-                           scheduler: Any = None) -> Any:
+                           scheduler: Any = None, leaves: Any = None) -> Any:
     """The optax state that continues `optimizer` (and `scheduler`) exactly: moments,
     step counts and schedule state, for `pair.optax_transform()` on the pytree `params`
     (its leaves in tree order are the optimizer's parameters). `step` is needed only for
-    optimizers that keep no count of their own (SGD without a scheduler)."""
-    treedef = _leaves_match(pair, optimizer, params)
+    optimizers that keep no count of their own (SGD without a scheduler). With param groups,
+    `leaves` gives the optimizer's tensors in tree order (else the pair's declared groups do)."""
+    treedef, ordered = _leaves_match(pair, optimizer, params, leaves)
     import jax
     import jax.numpy as jnp
 
-    neutral = torch_to_neutral(optimizer, pair.state_map, treedef, step or 0, scheduler)
+    neutral = torch_to_neutral(optimizer, pair.state_map, treedef, step or 0, scheduler, params=ordered)
     return jax.tree.map(jnp.asarray, neutral_to_optax(pair.optax_transform().init(params), pair.state_map, neutral))
 
 
 def load_torch_state(pair: OptimizerPair, opt_state: Any, optimizer: Any, params: Any, *, step: int | None = None,
-                     scheduler: Any = None) -> None:
+                     scheduler: Any = None, leaves: Any = None) -> None:
     """Load an optax state into a fresh torch `optimizer` (and `scheduler`) so that it
-    continues the optax run exactly."""
-    treedef = _leaves_match(pair, optimizer, params)
-    load_torch(optimizer, pair.state_map, treedef, optax_to_neutral(opt_state, pair.state_map, step or 0), scheduler)
+    continues the optax run exactly; `leaves` as in optax_state_from_torch."""
+    treedef, ordered = _leaves_match(pair, optimizer, params, leaves)
+    load_torch(optimizer, pair.state_map, treedef, optax_to_neutral(opt_state, pair.state_map, step or 0), scheduler,
+               params=ordered)

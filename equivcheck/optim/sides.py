@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.optim.groups import group_index, leaf_paths
 from equivcheck.optim.state import load_torch, neutral_to_optax, optax_to_neutral, torch_to_neutral
 
 MAX_STEPS = 100  # the longest trajectory a check draws; the scan always runs this many
@@ -29,19 +30,17 @@ def treedef_of(tree: Any) -> Any:
 
 # ---- torch ------------------------------------------------------------------------------
 
-def torch_param_groups_ok(optimizer: Any) -> None:
-    """One optax transformation applies one set of hyperparameters to the whole tree."""
-    groups = optimizer.param_groups
-    if len(groups) <= 1:
-        return
-    keys = sorted(k for k in groups[0] if k != "params")
-    differ = [k for k in keys if len({repr(g.get(k)) for g in groups}) > 1]
-    if differ:
-        values = "; ".join(f"{k}: {', '.join(repr(g.get(k)) for g in groups)}" for k in differ)
-        raise ValueError(
-            f"the torch optimizer has {len(groups)} param groups with different {', '.join(differ)} ({values}); "
-            "an optax transformation has no param groups: build one pair per group and combine them with "
-            "optax.multi_transform (labels per leaf), or use a single group")
+def torch_optimizer_for(pair: Any, leaves: list[Any], params: Any) -> Any:
+    """The pair's torch optimizer on `leaves` (the tree's, in jax.tree.leaves order). With
+    declared param groups (`pair.param_groups`) it receives torch's list of group dicts,
+    each holding its leaves in tree order with its overrides; empty groups are left out, as
+    torch refuses none but a user would not write them."""
+    if not pair.param_groups:
+        return pair.torch_optimizer(leaves)
+    found = [group_index(pair.param_groups, path, p) for path, p in zip(leaf_paths(params), leaves)]
+    groups = [{"params": [p for p, g in zip(leaves, found) if g == i],
+               **(dict(pair.param_groups[i - 1][1]) if i else {})} for i in range(len(pair.param_groups) + 1)]
+    return pair.torch_optimizer([g for g in groups if g["params"]])
 
 
 def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, dtype: str, device: str = "cpu",
@@ -61,11 +60,11 @@ def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, d
     dev = device_of(device)
     leaves = [torch.tensor(np.array(x), device=dev).requires_grad_() for x in treedef.flatten_up_to(params0)]
     tdata = _to_torch(data, dev)
-    optimizer = pair.torch_optimizer(leaves)
+    optimizer = torch_optimizer_for(pair, leaves, params0)
     _check_torch_optimizer(optimizer, leaves, pair.name)
     scheduler = pair.torch_scheduler(optimizer) if pair.torch_scheduler else None
     if start is not None:
-        load_torch(optimizer, pair.state_map, treedef, start, scheduler)
+        load_torch(optimizer, pair.state_map, treedef, start, scheduler, params=leaves)
     micro = pair.accumulate
     out = []
     for t in range(steps):
@@ -85,7 +84,8 @@ def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, d
         if jitter is not None:
             _jitter(leaves, optimizer, *jitter[:2])
         step = {"params": treedef.unflatten([p.detach().cpu().numpy().copy() for p in leaves]),
-                "state": torch_to_neutral(optimizer, pair.state_map, treedef, start_step + t + 1, scheduler)}
+                "state": torch_to_neutral(optimizer, pair.state_map, treedef, start_step + t + 1, scheduler,
+                                          params=leaves)}
         if pair.optax_schedule is not None:
             step["lr"] = np.asarray(lr)
         if norm is not None:
@@ -166,11 +166,16 @@ def _jitter(leaves: Sequence[Any], optimizer: Any, rng: np.random.Generator, rel
 
 
 def _check_torch_optimizer(optimizer: Any, leaves: Sequence[Any], name: str) -> None:
-    torch_param_groups_ok(optimizer)
+    """Any param groups, in any order, as long as each leaf is held exactly once: the state
+    is read and written leaf by leaf (equivcheck.optim.state)."""
     held = [p for g in optimizer.param_groups for p in g["params"]]
-    if len(held) != len(leaves) or any(a is not b for a, b in zip(held, leaves)):
-        raise ValueError(f"pair {name!r}: its torch optimizer holds {len(held)} parameters, not the {len(leaves)} "
-                         "leaves it was given, in tree order: build it from the list it receives")
+    mine = {id(p) for p in leaves}
+    if len(held) != len(leaves) or {id(p) for p in held} != mine:
+        foreign = sum(id(p) not in mine for p in held)
+        raise ValueError(f"pair {name!r}: its torch optimizer holds {len(held)} parameters in "
+                         f"{len(optimizer.param_groups)} param group(s) ({foreign} not among them), not the "
+                         f"{len(leaves)} leaves it was given, each once: build it (and its groups) from the list "
+                         "it receives")
 
 
 def _to_torch(tree: Any, dev: Any) -> Any:

@@ -57,14 +57,21 @@ class StateMap:
 
 # ---- the torch side -------------------------------------------------------------------
 
-def torch_to_neutral(optimizer: Any, smap: StateMap, treedef: Any, step: int, scheduler: Any = None) -> dict[str, Any]:
-    """The neutral state of a torch optimizer whose single param group holds the leaves of
-    `treedef` in order. The step is torch's own per-parameter count, else the scheduler's,
+def held(optimizer: Any) -> list[Any]:
+    """The optimizer's parameters in torch's own order: group by group."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def torch_to_neutral(optimizer: Any, smap: StateMap, treedef: Any, step: int, scheduler: Any = None, *,
+                     params: Sequence[Any] | None = None) -> dict[str, Any]:
+    """The neutral state of a torch optimizer holding the leaves of `treedef`: `params`, the
+    tensors in tree order (with param groups the optimizer holds them group by group), or by
+    default its own order. The step is torch's own per-parameter count, else the scheduler's,
     else the caller's `step`. A buffer torch has not created yet (SGD's momentum before the first
     step) reads as zeros, which is what optax starts from."""
     import torch
 
-    params = optimizer.param_groups[0]["params"]
+    params = held(optimizer) if params is None else params
     steps = [optimizer.state[p]["step"] for p in params if "step" in optimizer.state.get(p, {})]
     if smap.torch_step and steps:
         step = float(steps[0])
@@ -86,11 +93,15 @@ def torch_to_neutral(optimizer: Any, smap: StateMap, treedef: Any, step: int, sc
     return out
 
 
-def load_torch(optimizer: Any, smap: StateMap, treedef: Any, neutral: Mapping[str, Any], scheduler: Any = None) -> None:
-    """Put a neutral state into a fresh torch optimizer (and its scheduler)."""
+def load_torch(optimizer: Any, smap: StateMap, treedef: Any, neutral: Mapping[str, Any], scheduler: Any = None, *,
+               params: Sequence[Any] | None = None) -> None:
+    """Put a neutral state into a fresh torch optimizer (and its scheduler); `params` as in
+    torch_to_neutral."""
     import torch
 
-    params = optimizer.param_groups[0]["params"]
+    # load_state_dict numbers the parameters group by group
+    index = {id(p): k for k, p in enumerate(held(optimizer))}
+    params = held(optimizer) if params is None else params
     step = int(np.asarray(neutral["step"]))
     leaves = {f.torch: (None if f.scalar else treedef.flatten_up_to(neutral[f.torch])) for f in smap.fields}
     state: dict[int, dict[str, Any]] = {}
@@ -101,7 +112,7 @@ def load_torch(optimizer: Any, smap: StateMap, treedef: Any, neutral: Mapping[st
         for f in smap.fields:
             value = neutral[f.torch] if f.scalar else leaves[f.torch][i]
             entry[f.torch] = torch.tensor(np.array(value), dtype=torch.get_default_dtype() if f.scalar else p.dtype)
-        state[i] = entry
+        state[index[id(p)]] = entry
     sd = optimizer.state_dict()
     optimizer.load_state_dict({"state": state if step else {}, "param_groups": sd["param_groups"]})
     if scheduler is not None:

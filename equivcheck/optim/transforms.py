@@ -174,6 +174,94 @@ def scale_by_adagrad_torch(initial_accumulator_value: float, eps: float) -> opta
     return optax.GradientTransformation(init, update)
 
 
+class TorchRpropState(NamedTuple):
+    count: Any
+    prev: Any
+    step_size: Any
+
+
+def scale_by_rprop_torch(learning_rate: Any, eta_minus: float, eta_plus: float, min_step: float,
+                         max_step: float) -> optax.GradientTransformation:
+    """torch Rprop (torch/optim/rprop.py), the step of this update: step sizes start at lr,
+    are multiplied by eta_plus where the gradient kept its sign, by eta_minus where it
+    changed it (and by 1 where either is 0), then clamped; where the sign changed the
+    gradient is taken as 0: no move, and the next step sees no sign. The update is
+    step_size * sign(g) (negate it after), and `prev` is that masked gradient, as torch keeps it.
+
+    optax.scale_by_rprop returns the update computed at the previous step (its first update
+    is zero: one step late) and clamps only where the sign was kept or changed. `learning_rate`
+    may be a PerGroup (torch param groups with their own lr: their own initial step size).
+    """
+
+    def init(params: Any) -> TorchRpropState:
+        if hasattr(learning_rate, "labels"):
+            sizes = jax.tree.map(lambda p, i: jnp.full_like(p, learning_rate.values[i]), params,
+                                 learning_rate.labels(params))
+        else:
+            sizes = jax.tree.map(lambda p: jnp.full_like(p, learning_rate), params)
+        return TorchRpropState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params), sizes)
+
+    def update(updates: Any, state: TorchRpropState, params: Any = None) -> tuple[Any, TorchRpropState]:
+        def one(g: Any, prev: Any, size: Any) -> tuple[Any, Any]:
+            # sign(g) * sign(prev), not sign(g * prev): XLA flushes a subnormal product to 0 (no
+            # sign) where torch keeps it; the two differ only below torch's smallest subnormal
+            s = jnp.sign(g) * jnp.sign(prev)
+            factor = jnp.where(s > 0, jnp.asarray(eta_plus, g.dtype), jnp.where(s < 0, jnp.asarray(eta_minus, g.dtype),
+                                                                                 jnp.ones((), g.dtype)))
+            size = jnp.clip(size * factor, min_step, max_step)
+            g = jnp.where(s < 0, jnp.zeros_like(g), g)
+            return size * jnp.sign(g), g, size
+
+        out = jax.tree.map(one, updates, state.prev, state.step_size)
+        pick = lambda k: jax.tree.map(lambda _, o: o[k], updates, out)
+        return pick(0), TorchRpropState(_count_inc(state.count), pick(1), pick(2))
+
+    return optax.GradientTransformation(init, update)
+
+
+class TorchAsgdState(NamedTuple):
+    count: Any
+    eta: Any
+    mu: Any
+    ax: Any
+
+
+def asgd_torch(lr: float, lambd: float, alpha: float, t0: float, weight_decay: float) -> optax.GradientTransformation:
+    """torch ASGD (torch/optim/asgd.py), the whole step (no lr scaling after it): with
+    g += weight_decay * p, p <- p * (1 - lambd * eta) - eta * g; the average ax follows p
+    (ax = p while mu is 1, else ax += (p - ax) * mu); then eta = lr / (1 + lambd*lr*t)**alpha
+    and mu = 1 / max(1, t - t0). optax has no ASGD.
+
+    torch keeps eta and mu as float32 scalars (its default dtype) also for float64
+    parameters, computed in Python floats and rounded once: so are they here.
+    """
+
+    def init(params: Any) -> TorchAsgdState:
+        return TorchAsgdState(jnp.zeros([], jnp.int32), jnp.asarray(lr, jnp.float32), jnp.ones([], jnp.float32),
+                              jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates: Any, state: TorchAsgdState, params: Any = None) -> tuple[Any, TorchAsgdState]:
+        if params is None:
+            raise ValueError("asgd_torch needs the parameters (its decay term and its average)")
+
+        def new_param(g: Any, p: Any) -> Any:
+            eta = state.eta.astype(p.dtype)
+            g = g + weight_decay * p if weight_decay else g
+            return p * (1 - lambd * eta) - eta * g
+
+        moved = jax.tree.map(new_param, updates, params)
+        mu = state.mu
+        ax = jax.tree.map(lambda q, a: jnp.where(mu == 1, q, a + (q - a) * mu.astype(q.dtype)), moved, state.ax)
+        count = _count_inc(state.count)
+        t = jnp.asarray(count, jnp.result_type(float))  # float64 where x64 is on, as Python computes it
+        eta = (lr / (1 + lambd * lr * t) ** alpha).astype(jnp.float32)
+        mu = (1 / jnp.maximum(1.0, t - t0)).astype(jnp.float32)
+        return (jax.tree.map(lambda q, p: q - p, moved, params),
+                TorchAsgdState(count, eta, mu, ax))
+
+    return optax.GradientTransformation(init, update)
+
+
 # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6) (torch/nn/utils/clip_grad.py).
 TORCH_CLIP_EPS = 1e-6
 

@@ -1,0 +1,134 @@
+"""Causes an optimizer diagnosis recognises from the trajectories themselves, without
+changing a hyperparameter: an update applied one step late, and weight decay applied to
+other parameters (other param groups) on the two sides.
+
+Both re-run the failing example; both return "" when the pattern is not there, so the
+diagnosis goes on to its hyperparameter probes (equivcheck.optim.diagnose).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from equivcheck.engine.tolerance import Tolerance
+from equivcheck.optim.problems import LINEAR
+from equivcheck.optim.sides import MAX_STEPS, leaf_paths, run_jax, run_torch, torch_optimizer_for
+from equivcheck.optim.trajectory import PROBLEM_OF, Example, compare_steps
+
+# Steps over which a lag is looked for. A one-step check has nothing to shift, so its
+# example runs this many steps of its constant gradient (the linear problem: a lagging side
+# then equals the other delayed, at every step).
+LAG_STEPS = 8
+# A side that does not move at all matches the other "delayed" at step 1 (both at the start):
+# a lag needs at least two steps in agreement, and more than the unshifted comparison.
+MIN_LAG_STEPS = 2
+
+__all__ = ["LAG_STEPS", "decay_elsewhere", "lagged"]
+
+
+def lagged(pair: Any, ex: Example, dtype: str, run: Any, base: Tolerance) -> tuple[str | None, str] | None:
+    """One side's step n equals the other's step n-1 (its first update is zero, or it applies
+    the update computed from the previous gradient: optax's scale_by_rprop does). Compared on
+    the parameters only: a lagging side's state may run ahead (Rprop's step sizes).
+
+    In a closed loop the two runs part once the lagging side's stale update meets a gradient
+    the other never saw (for a stateful optimizer from step 3, for Rprop at the first sign
+    change), so the rule is a longer agreement shifted than unshifted, of at least
+    MIN_LAG_STEPS steps."""
+    if ex.check not in PROBLEM_OF:
+        return None
+    problem = PROBLEM_OF[ex.check]
+    n = max(ex.steps, LAG_STEPS)
+    length = LAG_STEPS if problem is LINEAR and ex.check == "step" else MAX_STEPS
+    try:
+        t = run_torch(pair, problem, ex.params, ex.data, n, dtype=dtype, device=run.device)
+        j = run_jax(pair, problem, length, ex.params, ex.data, n, dtype=dtype, device=run.device)
+    except Exception:  # a side that raises on the longer run says nothing about a lag
+        return None
+    start = [{"params": ex.params}]
+    tp = start + [{"params": s["params"]} for s in t]
+    jp = start + [{"params": s["params"]} for s in j]
+
+    def agree(a: list[Any], b: list[Any]) -> int:
+        out = compare_steps(a, b, base)
+        return len(a) if out.ok else out.step - 1
+
+    same = agree(tp[1:], jp[1:])
+    for late, a, b in (("jax", tp[:-1], jp[1:]), ("torch", jp[:-1], tp[1:])):
+        k = agree(a, b)
+        if k >= MIN_LAG_STEPS and k > same:
+            other = "torch" if late == "jax" else "jax"
+            span = "" if k == n else f", for its first {k} steps of {n}"
+            return late, (f"the {late} side applies each update one step late (its step n equals {other}'s step n-1"
+                          f"{span}): its first update is zero and each later one is the one {other} made a step "
+                          "earlier: it applies the update computed from the previous gradient (optax's "
+                          "scale_by_rprop does)")
+    return None
+
+
+def _decay_of(optimizer: Any, leaves: list[Any]) -> list[float]:
+    group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    return [float(group[id(p)].get("weight_decay", 0.0)) for p in leaves]
+
+
+def _with_decay(pair: Any, value: float) -> Any:
+    def build(params: Any) -> Any:
+        optimizer = pair.torch_optimizer(params)
+        for g in optimizer.param_groups:
+            g["weight_decay"] = value
+        return optimizer
+
+    return pair.replace(torch_optimizer=build)
+
+
+def decay_elsewhere(pair: Any, ex: Example, dtype: str, run: Any, base: Tolerance) -> str:
+    """torch's param groups decay some leaves and not others (or with other values); if every
+    leaf's first step on the jax side matches torch run with one of those weight_decay values
+    on all leaves, and some leaf matches only another group's value, the two sides decay
+    different parameters: an inverted or wrong mask (optax.masked, adamw(mask=...)) or
+    optax.multi_transform labels that do not follow torch's groups.
+
+    Step 1 only: the leaves are independent there (the same gradient, one elementwise step),
+    later the loss couples them and one wrong leaf moves the others."""
+    import torch
+
+    if ex.check not in PROBLEM_OF:
+        return ""
+    problem = PROBLEM_OF[ex.check]
+    length = 1 if ex.check == "step" else MAX_STEPS
+    try:
+        leaves = [torch.tensor(x) for x in _leaves(ex.params)]
+        own = _decay_of(torch_optimizer_for(pair, leaves, ex.params), leaves)
+    except Exception:
+        return ""
+    values = sorted(set(own))
+    if len(values) < 2:
+        return ""
+    try:
+        jax1 = _leaves(run_jax(pair, problem, length, ex.params, ex.data, 1, dtype=dtype, device=run.device)[0]["params"])
+        torch1 = {w: _leaves(run_torch(_with_decay(pair, w), problem, ex.params, ex.data, 1, dtype=dtype,
+                                       device=run.device)[0]["params"]) for w in values}
+    except Exception:
+        return ""
+    close = lambda a, b: bool(np.all(np.abs(a - b) <= base.atol + base.rtol * np.maximum(np.abs(a), np.abs(b))))
+    matches = [[w for w in values if close(torch1[w][i], x)] for i, x in enumerate(jax1)]
+    if any(not m for m in matches):
+        return ""
+    wrong = [i for i, m in enumerate(matches) if own[i] not in m]
+    if not wrong:
+        return ""
+    paths = leaf_paths(ex.params)
+    torch_side = ", ".join(f"weight_decay={w:g} on {[p for p, v in zip(paths, own) if v == w]}" for w in values)
+    seen = {w: [paths[i] for i in wrong if matches[i][0] == w] for w in values}
+    jax_side = "; ".join(f"{', '.join(ps)} as if weight_decay={w:g}" for w, ps in seen.items() if ps)
+    return (f"weight decay is applied to other parameters on the two sides: torch's param groups have {torch_side}; "
+            f"the jax side's first step moves {jax_side} (an inverted or wrong mask, or multi_transform labels "
+            "that do not follow torch's groups)")
+
+
+def _leaves(tree: Any) -> list[np.ndarray]:
+    """In jax.tree.leaves order: the order run_torch hands the leaves to the optimizer."""
+    import jax
+
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
