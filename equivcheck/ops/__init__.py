@@ -9,6 +9,7 @@ conditioning  acceptance of ill-conditioned and low-precision disagreements
 finite        finite differences of the arbiter: relative steps, two-step agreement, kinks
 diagnose      which side is off: the float64 re-run, the reference, finite differences, known causes
 runner        a pair at one dtype and device under Hypothesis: CheckRecords
+mutants       planted bugs sized against the engine's own bound: the engine's mutation test
 """
 from equivcheck.ops.autodiff import CHECKS
 from equivcheck.ops.conventions import Convention
