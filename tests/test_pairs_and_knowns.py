@@ -23,6 +23,8 @@ def pair(**kw):
     (dict(diff_args=(), checks=("vjp",)), "derivative checks need diff_args"),
     (dict(tolerance=Tolerance(1e-3, 1e-3)), "must state its reason"),
     (dict(tolerance={"float32": Tolerance(1e-3, 1e-3)}), "must state its reason"),
+    (dict(tolerance=Tolerance(1e-3, 1e-3, "   ")), "must state its reason"),
+    (dict(tolerance={"float32": Tolerance(1e-3, 1e-3, "\t\n")}), "must state its reason"),
     (dict(arg_names=("a", "b")), "arg_names needs 1 distinct names"),
     (dict(tolerance={"float32/grad": Tolerance(1e-3, 1e-3, "r")}), "use a dtype, a check or 'dtype/check'"),
     (dict(conventions=(Convention("c", lambda x: x == 0, 0, 1, "doc", arg=1),)), "not differentiable"),
