@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import threading
@@ -116,12 +117,10 @@ def _load_torch(path: Path, key: str | None) -> State:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "error:" in ln.lower()] or [type(exc).__name__]
-        first = lines[0].split(". ")[0]
         raise CheckpointError(
             "refused: not a plain state_dict. Files are loaded with torch.load(weights_only=True), which unpickles "
             "only tensors and plain containers, because unpickling anything else can run code from the file. "
-            f"Re-save the weights alone: torch.save(model.state_dict(), PATH). (torch: {first})", path=path) from None
+            f"Re-save the weights alone: torch.save(model.state_dict(), PATH). (torch: {_refusal(exc)})", path=path) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"truncated or not a torch checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})", path=path) from None
@@ -138,6 +137,21 @@ def _load_torch(path: Path, key: str | None) -> State:
         raise CheckpointError(f"a training checkpoint rather than a state_dict: entries {nested} are mappings; "
                               "choose the one holding the weights (--key NAME)", path=path)
     return {str(k): _to_numpy(str(k), v, path) for k, v in obj.items()}
+
+
+def _refusal(exc: Exception) -> str:
+    """What torch's weights-only unpickler refused, from its message: the global's name is
+    what tells a user which object got into the file. Its wording differs between an allowed
+    module ("Unsupported global: GLOBAL x.y was not ...") and a blocked one ("unsupported
+    GLOBAL x.y whose module x is blocked"), hence a search rather than a fixed line."""
+    text = str(exc)
+    found = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if found:
+        return f"Unsupported global {found.group(1)}"
+    lines = [re.split(r"(?i)error:", ln, 1)[1].strip() for ln in text.splitlines() if "error:" in ln.lower()]
+    lines += [ln.strip() for ln in text.splitlines() if ln.strip().lower().startswith("unsupported")]
+    detail = next((ln for ln in lines if ln), "")
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
 def _save_torch(state: State, path: Path) -> None:
