@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import re
 import shutil
 import tempfile
 import threading
@@ -22,20 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.checkpoints.errors import CheckpointError, orbax_cause, refusal, unwritable
 from equivcheck.engine.dtypes import np_dtype
 
 FORMATS = ("torch", "safetensors", "orbax", "msgpack")
 _SUFFIX = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors", ".msgpack": "msgpack", ".orbax": "orbax"}
 State = dict[str, np.ndarray]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, written or matched; names the file and the key."""
-
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, key: str | None = None) -> None:
-        where = " ".join(p for p in (str(path) if path is not None else "", f"[{key!r}]" if key else "") if p)
-        super().__init__(f"{where}: {message}" if where else message)
-        self.path, self.key = path, key
 
 
 def detect(path: str | os.PathLike[str], fmt: str | None = None) -> str:
@@ -120,7 +111,7 @@ def _load_torch(path: Path, key: str | None) -> State:
         raise CheckpointError(
             "refused: not a plain state_dict. Files are loaded with torch.load(weights_only=True), which unpickles "
             "only tensors and plain containers, because unpickling anything else can run code from the file. "
-            f"Re-save the weights alone: torch.save(model.state_dict(), PATH). (torch: {_refusal(exc)})", path=path) from None
+            f"Re-save the weights alone: torch.save(model.state_dict(), PATH). (torch: {refusal(exc)})", path=path) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"truncated or not a torch checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})", path=path) from None
@@ -137,21 +128,6 @@ def _load_torch(path: Path, key: str | None) -> State:
         raise CheckpointError(f"a training checkpoint rather than a state_dict: entries {nested} are mappings; "
                               "choose the one holding the weights (--key NAME)", path=path)
     return {str(k): _to_numpy(str(k), v, path) for k, v in obj.items()}
-
-
-def _refusal(exc: Exception) -> str:
-    """What torch's weights-only unpickler refused, from its message: the global's name is
-    what tells a user which object got into the file. Its wording differs between an allowed
-    module ("Unsupported global: GLOBAL x.y was not ...") and a blocked one ("unsupported
-    GLOBAL x.y whose module x is blocked"), hence a search rather than a fixed line."""
-    text = str(exc)
-    found = re.search(r"GLOBAL\s+([\w.]+)", text)
-    if found:
-        return f"Unsupported global {found.group(1)}"
-    lines = [re.split(r"(?i)error:", ln, 1)[1].strip() for ln in text.splitlines() if "error:" in ln.lower()]
-    lines += [ln.strip() for ln in text.splitlines() if ln.strip().lower().startswith("unsupported")]
-    detail = next((ln for ln in lines if ln), "")
-    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
 def _save_torch(state: State, path: Path) -> None:
@@ -201,8 +177,8 @@ def _load_orbax(path: Path) -> State:
         with _ORBAX_LOCK:
             tree = _orbax().restore(path.absolute())
     except Exception as exc:  # Orbax and tensorstore raise many kinds; all mean the same here
-        raise CheckpointError(f"truncated or not an Orbax checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})", path=path) from None
+        raise CheckpointError(f"truncated or not an Orbax checkpoint: {orbax_cause(exc, path)} ({type(exc).__name__})",
+                              path=path, detail=f"{type(exc).__name__}: {exc}") from None
     return unnest(tree)
 
 
@@ -258,16 +234,25 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     final = Path(path).absolute()
     if final.exists() and not overwrite:
         raise CheckpointError("already exists; pass overwrite=True (--overwrite) to replace it", path=final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except OSError as exc:
+        raise unwritable(final, exc) from None
     try:
         target = tmp / final.name
         yield target
         if not target.exists():
             raise CheckpointError("the writer produced nothing", path=final)
+        old = tmp / (final.name + ".old")
         if final.is_dir():  # os.replace cannot put a directory over a non-empty one
-            final.rename(tmp / (final.name + ".old"))
-        os.replace(target, final)
+            final.rename(old)
+        try:
+            os.replace(target, final)
+        except OSError as exc:
+            if old.exists():  # put the checkpoint being replaced back
+                old.rename(final)
+            raise unwritable(final, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -275,6 +260,13 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
 def save(state: Mapping[str, np.ndarray], path: str | os.PathLike[str], fmt: str | None = None, *,
          overwrite: bool = False) -> Path:
     fmt = detect(path, fmt)
+    p = Path(path)
+    # --overwrite replaces a checkpoint with another; a file where a directory goes (or the
+    # reverse) is more likely a wrong path than something to delete.
+    if overwrite and p.exists() and p.is_dir() != (fmt == "orbax"):
+        kinds = (("directory", "directories"), ("file", "files"))
+        raise CheckpointError(f"is a {kinds[p.is_file()][0]}, and {fmt} checkpoints are {kinds[fmt != 'orbax'][1]}: "
+                              "--overwrite replaces only a checkpoint of the same kind; remove it first", path=p)
     with atomic_path(path, overwrite=overwrite) as target:
         _SAVE[fmt]({k: np.asarray(v) for k, v in state.items()}, target)
     return Path(path)
