@@ -96,6 +96,7 @@ def _build_state(config: pytest.Config) -> Any:
         dtypes=dtypes, devices=devices, known=known,
         report_dir=None if opt("equiv_report") == "none" else opt("equiv_report"),
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
+        extra_args=_replay_args(config),
     )
     for device in devices:
         missing = [name for name, side in (("torch", tb), ("jax", jb)) if not side.available(device)]
@@ -104,6 +105,27 @@ def _build_state(config: pytest.Config) -> Any:
         else:
             state.device_names[device] = tb.device_name(device)
     return state
+
+
+def _replay_args(config: pytest.Config) -> tuple[str, ...]:
+    """The options besides equivcheck's run settings that change what runs or how it is
+    judged, for the replay line: a replay without them can show a different outcome (a known
+    divergence failing, a warning filter or ini override gone)."""
+    opt = config.option
+    args: list[str] = []
+    for path in config.getoption("equiv_known_divergences"):
+        args += ["--equiv-known-divergences", str(path)]
+    if getattr(opt, "inifilename", None):
+        args += ["-c", str(opt.inifilename)]
+    for value in getattr(opt, "override_ini", None) or ():
+        args += ["-o", value]
+    for value in getattr(opt, "pythonwarnings", None) or ():
+        args += ["-W", value]
+    for value in getattr(opt, "plugins", None) or ():
+        args += ["-p", value]
+    if getattr(opt, "runxfail", False):
+        args.append("--runxfail")
+    return tuple(args)
 
 
 @pytest.hookimpl(optionalhook=True)

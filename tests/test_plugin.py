@@ -84,6 +84,26 @@ def test_a_failure_prints_its_diagnosis_and_a_replay_that_reproduces_it(project)
     assert f"minimal inputs: {first_inputs}" in again
 
 
+def test_a_replay_repeats_every_option_that_changes_the_outcome(project):
+    # gelu_bug's forward is listed as known; its vjp still fails. A replay without the file
+    # would fail the forward check too: one failure more than the run it replays.
+    (project.path / "known.txt").write_text("gelu_bug::forward   tanh approximation by default\n")
+    project.makepyfile(test_pairs=PAIRS.replace('checks=("forward",)', 'checks=("forward", "vjp")'))
+    opts = ("--equiv-known-divergences", "known.txt", "--equiv-precision", "default", "--equiv-shapes", "2",
+            "-W", "ignore::DeprecationWarning")
+    result = project.runpytest("--equiv", *opts, *FAST, "-k", "gelu")
+    result.assert_outcomes(failed=1, deselected=2)
+    out = result.stdout.str()
+    replay = re.search(r"replay: (pytest .*)", out).group(1)
+    for opt in opts:
+        assert opt in shlex.split(replay), (opt, replay)
+    again = project.runpytest(*shlex.split(replay)[1:])
+    again.assert_outcomes(failed=1)
+    for text in (out, again.stdout.str()):
+        assert "gelu_bug::vjp::float32::cpu [precision default] failed" in text
+        assert "gelu_bug::forward::float32::cpu [precision default] failed" not in text
+
+
 def test_known_divergences_become_xfail_and_stale_entries_are_reported(project):
     known = project.path / "known.txt"
     known.write_text("gelu_bug::forward   tanh approximation by default\nnothing::*   stale entry\n"
