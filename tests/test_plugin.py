@@ -124,6 +124,26 @@ def test_known_divergences_become_xfail_and_stale_entries_are_reported(project):
                                                                  "tanh::hvp::float16"}
 
 
+def test_entries_for_checks_a_k_selection_left_out_are_summarised_not_warned(project):
+    known = project.path / "known.txt"
+    known.write_text("gelu_bug::forward   tanh approximation by default\ntanh::hvp   left out by -k\n"
+                     "tan?::vjp::float32   left out by -k\ntest_pairs.py::test_pair[tanh-*]   left out by -k\n"
+                     "nothing::*   stale entry\n")
+    result = project.runpytest("--equiv", "--equiv-known-divergences", str(known), *FAST, "-k", "gelu")
+    result.assert_outcomes(xfailed=1, deselected=2)
+    out = result.stdout.str()
+    assert "WARNING known divergence 'nothing::*'" in out  # matches nothing collected: stale or a typo
+    assert "WARNING known divergence 'tanh" not in out and "WARNING known divergence 'tan?" not in out
+    assert "WARNING known divergence 'test_pairs.py::test_pair[tanh" not in out
+    assert "3 known divergences are for checks this selection (-k, -m) left out" in out
+    # Only the file named ran: entries for other pairs are not judged; one in that file still is.
+    (project.path / "test_other.py").write_text(PAIRS.replace('"tanh"', '"tanh2"').replace('"gelu_bug"', '"gelu2"'))
+    known.write_text("gelu2::forward   in a file this run did not collect\ntanh::jvpp   a typo\n")
+    out = project.runpytest("--equiv", "--equiv-known-divergences", str(known), *FAST, "test_pairs.py").stdout.str()
+    assert "WARNING known divergence 'gelu2" not in out and "WARNING known divergence 'tanh::jvpp'" in out
+    assert "1 known divergences are for pairs or files this run did not collect" in out
+
+
 def test_a_known_divergence_that_agrees_is_reported_as_xpass(project):
     known = project.path / "known.txt"
     known.write_text("tanh::vjp   listed, but it agrees\n")
