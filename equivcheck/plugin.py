@@ -275,7 +275,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash[STATE]
     if not state.enabled or hasattr(session.config, "workerinput"):
         return
@@ -291,6 +291,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         "started": state.started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),
         "seconds": (finished - state.started).total_seconds(),
+        "interrupted": exitstatus == pytest.ExitCode.INTERRUPTED,  # Ctrl-C: the records are a partial run
         "seed": state.run.seed, "profile": state.run.profile, "examples": state.run.examples,
         "palette": state.run.palette, "precision": state.run.precision,
         "precision_settings": state.precision_settings, "dtypes": list(state.dtypes),
