@@ -1,23 +1,24 @@
 """Command line, for CI outside pytest:
 
-    python -m equivcheck compare OLD.json NEW.json   what changed between two runs; exit 1 on a regression
-    python -m equivcheck convert IN OUT [--check]    a checkpoint from one format to another (exit 1 if
-                                                     --check finds the two differ, 2 on bad input)
+    python -m equivcheck compare OLD.json NEW.json   what changed between two runs
+    python -m equivcheck convert IN OUT [--check]    a checkpoint from one format to another
+
+Exit codes, both commands: 0 all well; 1 the answer is "no" (compare: a regression; convert
+--check: the two checkpoints differ); 2 the question could not be asked (a file unreadable,
+unwritable, corrupt or of the wrong kind), with one line on stderr naming the path and why.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from equivcheck.report import compare_runs
+    from equivcheck.report import compare_runs, read_report
 
     try:
-        old, new = (json.loads(open(path, encoding="utf-8").read()) for path in (args.old, args.new))
-        lines, regressed = compare_runs(old, new, growth=args.growth)
-    except (OSError, ValueError, KeyError) as exc:
+        lines, regressed = compare_runs(read_report(args.old), read_report(args.new), growth=args.growth)
+    except ValueError as exc:
         print(f"equivcheck compare: {exc}", file=sys.stderr)
         return 2
     print("\n".join(lines) if lines else "no change in outcomes or margins")
@@ -39,6 +40,11 @@ def _convert(args: argparse.Namespace) -> int:
                                names=(str(args.src), str(args.dst)))
     except ck.CheckpointError as exc:
         print(f"equivcheck convert: {exc}", file=sys.stderr)
+        if args.verbose and exc.detail:
+            print(exc.detail, file=sys.stderr)
+        return 2
+    except OSError as exc:  # a writer's own failure (disk full, quota) after the path was accepted
+        print(f"equivcheck convert: {exc.filename or args.dst}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if diffs:
         print("check: the two checkpoints differ:\n  " + "\n  ".join(diffs), file=sys.stderr)
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--to", dest="dst_format", choices=("torch", "safetensors", "orbax", "msgpack"),
                       help="format of OUT (default: from its suffix)")
     conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    conv.add_argument("-v", "--verbose", action="store_true",
+                      help="on a read error, print the library's full message after the one-line summary")
     conv.set_defaults(run=_convert)
     args = ap.parse_args(argv)
     return args.run(args)

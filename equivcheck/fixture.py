@@ -38,6 +38,10 @@ class SessionState:
     device_names: dict[str, str] = dataclasses.field(default_factory=dict)
     report_paths: tuple[Any, ...] = ()
     extra_args: tuple[str, ...] = ()  # options a replay must repeat
+    # Node and check ids collected before -k/-m deselection; None where this process did not
+    # collect (an xdist controller), so entries matching nothing are warned about as before.
+    collected: set[str] | None = None
+    narrowed: bool = False  # node ids on the command line: the rest of their files went uncollected
 
     def replay(self, nodeid: str, dtype: str, device: str) -> str:
         args = ["pytest", "--equiv", nodeid, "--equiv-seed", str(self.run.seed), "--device", device,

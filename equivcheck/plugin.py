@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fnmatch
 import os
 import random
 from typing import Any
@@ -96,6 +97,7 @@ def _build_state(config: pytest.Config) -> Any:
         dtypes=dtypes, devices=devices, known=known,
         report_dir=None if opt("equiv_report") == "none" else opt("equiv_report"),
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
+        extra_args=_replay_args(config),
     )
     for device in devices:
         missing = [name for name, side in (("torch", tb), ("jax", jb)) if not side.available(device)]
@@ -104,6 +106,27 @@ def _build_state(config: pytest.Config) -> Any:
         else:
             state.device_names[device] = tb.device_name(device)
     return state
+
+
+def _replay_args(config: pytest.Config) -> tuple[str, ...]:
+    """The options besides equivcheck's run settings that change what runs or how it is
+    judged, for the replay line: a replay without them can show a different outcome (a known
+    divergence failing, a warning filter or ini override gone)."""
+    opt = config.option
+    args: list[str] = []
+    for path in config.getoption("equiv_known_divergences"):
+        args += ["--equiv-known-divergences", str(path)]
+    if getattr(opt, "inifilename", None):
+        args += ["-c", str(opt.inifilename)]
+    for value in getattr(opt, "override_ini", None) or ():
+        args += ["-o", value]
+    for value in getattr(opt, "pythonwarnings", None) or ():
+        args += ["-W", value]
+    for value in getattr(opt, "plugins", None) or ():
+        args += ["-p", value]
+    if getattr(opt, "runxfail", False):
+        args.append("--runxfail")
+    return tuple(args)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -127,6 +150,7 @@ def _is_equiv(item: pytest.Item) -> bool:
     return "equiv" in getattr(item, "fixturenames", ()) or item.get_closest_marker("equiv") is not None
 
 
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect: what was collected tells a stale entry from a left-out one
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     state = config.stash[STATE]
     keep, drop = [], []
@@ -139,12 +163,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     from equivcheck.fixture import KNOWN_KEY
 
+    state.collected = _collected_ids(items)
+    # Paths or node ids on the command line collect only part of the project: an entry for a
+    # pair or file outside it says nothing about whether the divergence still exists.
+    whole = {str(config.rootpath), "."}
+    state.narrowed = config.args_source == pytest.Config.ArgsSource.ARGS and not all(
+        str(a) in whole or str(config.invocation_params.dir / str(a)) == str(config.rootpath) for a in config.args)
     _refuse_duplicate_names(items)
     for item in items:
         hit = state.known.match_node(item.nodeid)
         if hit:
             item.user_properties.append((KNOWN_KEY, hit[0]))
             item.add_marker(pytest.mark.xfail(reason=f"known divergence: {hit[1]}", strict=False))
+
+
+def _collected_ids(items: list[pytest.Item]) -> set[str]:
+    """Node ids, and the check ids the items' pairs produce, of every check collected."""
+    from equivcheck.engine import CheckKind
+
+    ids = set()
+    for item in items:
+        ids.add(item.nodeid)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        dtype, device = params.get("equiv", ("*", "*"))
+        for value in params.values():
+            if isinstance(value, CheckKind):
+                ids.update(f"{value.name}::{check}::{dtype}::{device}" for check in value.checks)
+    return ids
 
 
 def _refuse_duplicate_names(items: list[pytest.Item]) -> None:
@@ -230,7 +275,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash[STATE]
     if not state.enabled or hasattr(session.config, "workerinput"):
         return
@@ -246,6 +291,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         "started": state.started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),
         "seconds": (finished - state.started).total_seconds(),
+        "interrupted": exitstatus == pytest.ExitCode.INTERRUPTED,  # Ctrl-C: the records are a partial run
         "seed": state.run.seed, "profile": state.run.profile, "examples": state.run.examples,
         "palette": state.run.palette, "precision": state.run.precision,
         "precision_settings": state.precision_settings, "dtypes": list(state.dtypes),
@@ -278,17 +324,38 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         tr.write_line(", ".join(f"{v} {k}" for k, v in counts.items() if v) + " checks")
     else:
         tr.write_line("no equivalence checks ran")
-    unselected = []
+    quiet: dict[str, list[str]] = {"dtypes or devices this run did not select": [],
+                                   "checks this selection (-k, -m) left out": [],
+                                   "pairs or files this run did not collect": []}
     for e in state.known.unmatched(state.matched_known):
-        if not _selected(e.pattern, state):
-            unselected.append(e.pattern)
-            continue
-        tr.write_line(f"WARNING known divergence {e.pattern!r} ({e.source}) matched no check or test", yellow=True)
-    if unselected:
-        tr.write_line(f"{len(unselected)} known divergences are for dtypes or devices this run did not select "
-                      f"(e.g. {unselected[0]!r}): not checked")
+        where = _why_unchecked(e, state)
+        if where:
+            quiet[where].append(e.pattern)
+        else:
+            tr.write_line(f"WARNING known divergence {e.pattern!r} ({e.source}) matched no check or test",
+                          yellow=True)
+    for where, patterns in quiet.items():
+        if patterns:
+            tr.write_line(f"{len(patterns)} known divergences are for {where} (e.g. {patterns[0]!r}): not checked")
     for path in state.report_paths:
         tr.write_line(f"report: {path}")
+
+
+def _why_unchecked(entry: Any, state: Any) -> str | None:
+    """Why an entry that matched nothing run was not checked, or None if it should have been:
+    then it is stale or a typo, worth a warning."""
+    if not _selected(entry.pattern, state):
+        return "dtypes or devices this run did not select"
+    if state.collected is None:  # an xdist controller collects nothing to tell by
+        return None
+    if any(map(entry.regex.match, state.collected)):
+        return "checks this selection (-k, -m) left out"
+    # The same pair, or the same file, was collected: the entry is within what ran, yet wrong.
+    scope = entry.pattern.split("::")[0]
+    owners = {i.split("::")[0] for i in state.collected}
+    if not state.narrowed or any(fnmatch.fnmatchcase(o, scope) for o in owners):
+        return None
+    return "pairs or files this run did not collect"
 
 
 def _selected(pattern: str, state: Any) -> bool:

@@ -48,6 +48,56 @@ def test_a_pickle_that_is_not_a_state_dict_is_refused_without_running_it(tmp_pat
     assert not marker.exists()
 
 
+class Shell:
+    """A payload through a module torch blocks outright (os): its refusal reads differently."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+def _evil_files(tmp_path, marker):
+    """The same payload as torch.save writes it and as a bare pickle (protocol 2, which the
+    weights-only unpickler reads far enough to meet the global)."""
+    torch.save({"w": torch.ones(2), "obj": Payload(marker)}, tmp_path / "zip.pt")
+    with open(tmp_path / "bare.pth", "wb") as f:
+        pickle.dump({"w": Payload(marker)}, f, protocol=2)
+    torch.save({"model": {"w": Shell(marker)}}, tmp_path / "train.bin")
+    return {"zip": (tmp_path / "zip.pt", {}), "bare": (tmp_path / "bare.pth", {}),
+            "key": (tmp_path / "train.bin", {"fmt": "torch", "key": "model"})}
+
+
+LOAD_PATHS = {
+    "load": lambda path, out, kw: ck.load(path, kw.get("fmt"), key=kw.get("key")),
+    "convert": lambda path, out, kw: ck.convert(path, out, src_fmt=kw.get("fmt"), key=kw.get("key")),
+    "cli": lambda path, out, kw: main(["convert", str(path), str(out), "--check"]
+                                      + (["--from", kw["fmt"], "--key", kw["key"]] if kw else [])),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("file", ["zip", "bare", "key"])
+@pytest.mark.parametrize("how", sorted(LOAD_PATHS))
+def test_a_malicious_pickle_is_refused_on_every_load_path_naming_the_global(tmp_path, capsys, how, file):
+    marker = tmp_path / "ran"
+    path, kw = _evil_files(tmp_path, marker)[file]
+    out = tmp_path / "out.safetensors"
+    try:
+        code = LOAD_PATHS[how](path, out, kw)
+        message = capsys.readouterr().err
+        assert code == 2, message
+    except ck.CheckpointError as exc:
+        message = str(exc)
+    assert not marker.exists() and not out.exists()
+    assert path.name in message and "weights_only=True" in message
+    # Which global torch refused, not only its error class.
+    assert ("Unsupported global posix.system" if file == "key" else "Unsupported global getattr") in message, message
+
+
 def test_a_training_checkpoint_needs_key(tmp_path):
     sd = {k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) if v.dtype == BF16 else torch.from_numpy(v)
           for k, v in state().items()}

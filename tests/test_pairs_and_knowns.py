@@ -23,6 +23,8 @@ def pair(**kw):
     (dict(diff_args=(), checks=("vjp",)), "derivative checks need diff_args"),
     (dict(tolerance=Tolerance(1e-3, 1e-3)), "must state its reason"),
     (dict(tolerance={"float32": Tolerance(1e-3, 1e-3)}), "must state its reason"),
+    (dict(tolerance=Tolerance(1e-3, 1e-3, "   ")), "must state its reason"),
+    (dict(tolerance={"float32": Tolerance(1e-3, 1e-3, "\t\n")}), "must state its reason"),
     (dict(arg_names=("a", "b")), "arg_names needs 1 distinct names"),
     (dict(tolerance={"float32/grad": Tolerance(1e-3, 1e-3, "r")}), "use a dtype, a check or 'dtype/check'"),
     (dict(conventions=(Convention("c", lambda x: x == 0, 0, 1, "doc", arg=1),)), "not differentiable"),
@@ -105,6 +107,19 @@ suites/test_x.py::test_a[b-*]   node pattern with brackets
 def test_known_divergence_file_errors_name_the_line(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         KnownDivergences.load([write(tmp_path, text)])
+
+
+def test_a_tab_or_any_white_space_separates_pattern_and_reason(tmp_path):
+    known = KnownDivergences.load([write(tmp_path, "abs::vjp\tabs'(0) differs\ntanh::hvp \t  near saturation\n")])
+    assert known.match_check("abs::vjp::float32::cpu") == ("abs::vjp", "abs'(0) differs")
+    assert known.match_check("tanh::hvp::float64::cpu") == ("tanh::hvp", "near saturation")
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "known.txt"
+    path.write_bytes(b"abs::vjp  fine\n# caf\xe9 in Latin-1\n")
+    with pytest.raises(ValueError, match=r"known.txt:2: not UTF-8 text \(byte 0xe9"):
+        KnownDivergences.load([str(path)])
 
 
 def test_missing_known_divergence_file_is_a_clear_error(tmp_path):

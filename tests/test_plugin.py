@@ -84,6 +84,26 @@ def test_a_failure_prints_its_diagnosis_and_a_replay_that_reproduces_it(project)
     assert f"minimal inputs: {first_inputs}" in again
 
 
+def test_a_replay_repeats_every_option_that_changes_the_outcome(project):
+    # gelu_bug's forward is listed as known; its vjp still fails. A replay without the file
+    # would fail the forward check too: one failure more than the run it replays.
+    (project.path / "known.txt").write_text("gelu_bug::forward   tanh approximation by default\n")
+    project.makepyfile(test_pairs=PAIRS.replace('checks=("forward",)', 'checks=("forward", "vjp")'))
+    opts = ("--equiv-known-divergences", "known.txt", "--equiv-precision", "default", "--equiv-shapes", "2",
+            "-W", "ignore::DeprecationWarning")
+    result = project.runpytest("--equiv", *opts, *FAST, "-k", "gelu")
+    result.assert_outcomes(failed=1, deselected=2)
+    out = result.stdout.str()
+    replay = re.search(r"replay: (pytest .*)", out).group(1)
+    for opt in opts:
+        assert opt in shlex.split(replay), (opt, replay)
+    again = project.runpytest(*shlex.split(replay)[1:])
+    again.assert_outcomes(failed=1)
+    for text in (out, again.stdout.str()):
+        assert "gelu_bug::vjp::float32::cpu [precision default] failed" in text
+        assert "gelu_bug::forward::float32::cpu [precision default] failed" not in text
+
+
 def test_known_divergences_become_xfail_and_stale_entries_are_reported(project):
     known = project.path / "known.txt"
     known.write_text("gelu_bug::forward   tanh approximation by default\nnothing::*   stale entry\n"
@@ -102,6 +122,26 @@ def test_known_divergences_become_xfail_and_stale_entries_are_reported(project):
     assert outcomes["gelu_bug::forward::float32::cpu"] == "known-divergence"
     assert {e["pattern"] for e in rep["run"]["unmatched_known"]} == {"nothing::*", "test_pairs.py::test_plain",
                                                                  "tanh::hvp::float16"}
+
+
+def test_entries_for_checks_a_k_selection_left_out_are_summarised_not_warned(project):
+    known = project.path / "known.txt"
+    known.write_text("gelu_bug::forward   tanh approximation by default\ntanh::hvp   left out by -k\n"
+                     "tan?::vjp::float32   left out by -k\ntest_pairs.py::test_pair[tanh-*]   left out by -k\n"
+                     "nothing::*   stale entry\n")
+    result = project.runpytest("--equiv", "--equiv-known-divergences", str(known), *FAST, "-k", "gelu")
+    result.assert_outcomes(xfailed=1, deselected=2)
+    out = result.stdout.str()
+    assert "WARNING known divergence 'nothing::*'" in out  # matches nothing collected: stale or a typo
+    assert "WARNING known divergence 'tanh" not in out and "WARNING known divergence 'tan?" not in out
+    assert "WARNING known divergence 'test_pairs.py::test_pair[tanh" not in out
+    assert "3 known divergences are for checks this selection (-k, -m) left out" in out
+    # Only the file named ran: entries for other pairs are not judged; one in that file still is.
+    (project.path / "test_other.py").write_text(PAIRS.replace('"tanh"', '"tanh2"').replace('"gelu_bug"', '"gelu2"'))
+    known.write_text("gelu2::forward   in a file this run did not collect\ntanh::jvpp   a typo\n")
+    out = project.runpytest("--equiv", "--equiv-known-divergences", str(known), *FAST, "test_pairs.py").stdout.str()
+    assert "WARNING known divergence 'gelu2" not in out and "WARNING known divergence 'tanh::jvpp'" in out
+    assert "1 known divergences are for pairs or files this run did not collect" in out
 
 
 def test_a_known_divergence_that_agrees_is_reported_as_xpass(project):

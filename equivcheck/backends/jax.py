@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 # JAX grabs 75% of GPU memory on first use unless told otherwise, which starves torch when
@@ -226,7 +227,33 @@ def _merge(dyn: Sequence[Any], static: Mapping[int, Any], n: int) -> list[Any]:
     return [static[i] if i in static else next(it) for i in range(n)]
 
 
-_POOL: list[ThreadPoolExecutor] = []
+class _DaemonWorker:
+    """One daemon thread running submitted calls in order, with ThreadPoolExecutor's futures
+    (a queued one can be cancelled). Not ThreadPoolExecutor itself: concurrent.futures joins
+    its threads at interpreter exit, so a compile stuck in user code (a jax_fn that hangs while
+    tracing) kept the process alive after Ctrl-C had ended the run; a daemon is abandoned."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def _loop(self) -> None:
+        while True:
+            fut, fn, args = self._queue.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits, as the executor does
+                fut.set_exception(exc)
+
+
+_POOL: list[_DaemonWorker] = []
 # Precompiles queued or running, by what the compiled program is keyed on. The checking
 # thread waits for a running one instead of compiling the same program a second time.
 _INFLIGHT: dict[Any, Future[None]] = {}
@@ -244,7 +271,7 @@ def background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
     suite, 1 run in 8). Calling this function imports this module on the calling thread.
     """
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix=_BACKGROUND))
+        _POOL.append(_DaemonWorker(_BACKGROUND))
     return _POOL[0].submit(fn, *args)
 
 

@@ -1,6 +1,7 @@
 """Checkpoints across frameworks: torch, safetensors, orbax and msgpack files as one flat
 {name: ndarray} view; conversion between them (`python -m equivcheck convert`) and comparison.
 
+errors   CheckpointError: one line naming path and cause, the library's detail kept for --verbose
 formats  detect, load, save (atomically), convert, differences, check_against; nest and unnest
 """
 from equivcheck.checkpoints.formats import (

@@ -21,20 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.checkpoints.errors import CheckpointError, orbax_cause, refusal, unwritable
 from equivcheck.engine.dtypes import np_dtype
 
 FORMATS = ("torch", "safetensors", "orbax", "msgpack")
 _SUFFIX = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors", ".msgpack": "msgpack", ".orbax": "orbax"}
 State = dict[str, np.ndarray]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, written or matched; names the file and the key."""
-
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, key: str | None = None) -> None:
-        where = " ".join(p for p in (str(path) if path is not None else "", f"[{key!r}]" if key else "") if p)
-        super().__init__(f"{where}: {message}" if where else message)
-        self.path, self.key = path, key
 
 
 def detect(path: str | os.PathLike[str], fmt: str | None = None) -> str:
@@ -116,12 +108,10 @@ def _load_torch(path: Path, key: str | None) -> State:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "error:" in ln.lower()] or [type(exc).__name__]
-        first = lines[0].split(". ")[0]
         raise CheckpointError(
             "refused: not a plain state_dict. Files are loaded with torch.load(weights_only=True), which unpickles "
             "only tensors and plain containers, because unpickling anything else can run code from the file. "
-            f"Re-save the weights alone: torch.save(model.state_dict(), PATH). (torch: {first})", path=path) from None
+            f"Re-save the weights alone: torch.save(model.state_dict(), PATH). (torch: {refusal(exc)})", path=path) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"truncated or not a torch checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})", path=path) from None
@@ -187,8 +177,8 @@ def _load_orbax(path: Path) -> State:
         with _ORBAX_LOCK:
             tree = _orbax().restore(path.absolute())
     except Exception as exc:  # Orbax and tensorstore raise many kinds; all mean the same here
-        raise CheckpointError(f"truncated or not an Orbax checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})", path=path) from None
+        raise CheckpointError(f"truncated or not an Orbax checkpoint: {orbax_cause(exc, path)} ({type(exc).__name__})",
+                              path=path, detail=f"{type(exc).__name__}: {exc}") from None
     return unnest(tree)
 
 
@@ -244,16 +234,25 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     final = Path(path).absolute()
     if final.exists() and not overwrite:
         raise CheckpointError("already exists; pass overwrite=True (--overwrite) to replace it", path=final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except OSError as exc:
+        raise unwritable(final, exc) from None
     try:
         target = tmp / final.name
         yield target
         if not target.exists():
             raise CheckpointError("the writer produced nothing", path=final)
+        old = tmp / (final.name + ".old")
         if final.is_dir():  # os.replace cannot put a directory over a non-empty one
-            final.rename(tmp / (final.name + ".old"))
-        os.replace(target, final)
+            final.rename(old)
+        try:
+            os.replace(target, final)
+        except OSError as exc:
+            if old.exists():  # put the checkpoint being replaced back
+                old.rename(final)
+            raise unwritable(final, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -261,6 +260,13 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
 def save(state: Mapping[str, np.ndarray], path: str | os.PathLike[str], fmt: str | None = None, *,
          overwrite: bool = False) -> Path:
     fmt = detect(path, fmt)
+    p = Path(path)
+    # --overwrite replaces a checkpoint with another; a file where a directory goes (or the
+    # reverse) is more likely a wrong path than something to delete.
+    if overwrite and p.exists() and p.is_dir() != (fmt == "orbax"):
+        kinds = (("directory", "directories"), ("file", "files"))
+        raise CheckpointError(f"is a {kinds[p.is_file()][0]}, and {fmt} checkpoints are {kinds[fmt != 'orbax'][1]}: "
+                              "--overwrite replaces only a checkpoint of the same kind; remove it first", path=p)
     with atomic_path(path, overwrite=overwrite) as target:
         _SAVE[fmt]({k: np.asarray(v) for k, v in state.items()}, target)
     return Path(path)

@@ -1,6 +1,6 @@
 """Known divergences: a file of id patterns, each with the reason the two sides differ.
 
-One entry per line, `PATTERN  REASON`; `#` at a line's start or after a space starts a comment:
+One entry per line, `PATTERN  REASON` (any white space between them, tabs included); `#` at a line's start or after a space starts a comment:
 
     abs::vjp                      abs'(0): torch 0, JAX 1 (jax-ml/jax#37820)
     gelu_default::forward::*::gpu jax.nn.gelu defaults to the tanh approximation
@@ -39,6 +39,17 @@ def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile(f"^{body}$")
 
 
+def _decode(data: bytes, path: str) -> str:
+    """The file as text; a byte that is not UTF-8 is named with its line, which the bare
+    UnicodeDecodeError does not (nor the file)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "save the file as UTF-8") from None
+
+
 class KnownDivergences:
     def __init__(self, entries: list[Entry] | None = None) -> None:
         self.entries = entries or []
@@ -48,15 +59,17 @@ class KnownDivergences:
         entries: list[Entry] = []
         for path in paths:
             try:
-                text = Path(path).read_text(encoding="utf-8")
+                data = Path(path).read_bytes()
             except OSError as exc:
                 raise ValueError(f"known-divergences file {path}: {exc.strerror or exc}") from None
+            text = _decode(data, path)
             for n, raw in enumerate(text.splitlines(), 1):
                 # A comment is a `#` at the start or after white space: `jax#123` stays.
                 line = "" if raw.lstrip().startswith("#") else re.sub(r"\s+#.*$", "", raw).strip()
                 if not line:
                     continue
-                pattern, _, reason = line.partition(" ")
+                # Split at any white space: an editor's tab would otherwise end up inside the pattern.
+                pattern, reason = (line.split(None, 1) + [""])[:2]
                 reason = reason.strip()
                 if not reason:
                     raise ValueError(f"{path}:{n}: {pattern!r} has no reason; write `PATTERN  REASON`")

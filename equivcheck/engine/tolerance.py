@@ -100,7 +100,8 @@ def table() -> list[dict[str, object]]:
 
 def require_reasons(owner: str, tolerance: Any) -> None:
     """Every tolerance override (one, or a mapping of them) states why: the rule of every
-    matched-pair record (Pair, OptimizerPair, ModelPair)."""
+    matched-pair record (Pair, OptimizerPair, ModelPair). Blank text states nothing, so it
+    counts as missing."""
     tols = tolerance.values() if isinstance(tolerance, Mapping) else [tolerance]
-    if any(t is not None and not t.reason for t in tols):
+    if any(t is not None and not str(t.reason).strip() for t in tols):
         raise ValueError(f"{owner}: a tolerance override must state its reason")

@@ -4,12 +4,12 @@ runs     the run's report: records, machine, versions, settings (schema equivche
 files    the JSON and Markdown files, written atomically
 tables   the terminal grid and the Markdown summary
 models   the model checks' part: per-layer tables and loss curves
-compare  two runs' reports: what changed, and whether anything regressed
+compare  two runs' reports: what changed, and whether anything regressed; reading one, checked
 """
-from equivcheck.report.compare import compare_runs
+from equivcheck.report.compare import compare_runs, read_report
 from equivcheck.report.files import write
 from equivcheck.report.runs import OUTCOMES, SCHEMA, build, machine, run_id, versions
 from equivcheck.report.tables import grid, markdown, text_table
 
-__all__ = ["OUTCOMES", "SCHEMA", "build", "compare_runs", "grid", "machine", "markdown", "run_id", "text_table",
+__all__ = ["OUTCOMES", "SCHEMA", "build", "compare_runs", "grid", "machine", "markdown", "read_report", "run_id", "text_table",
            "versions", "write"]

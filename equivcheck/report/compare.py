@@ -1,9 +1,41 @@
 """Two runs' reports compared: what changed, and whether anything regressed (for nightly CI)."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from equivcheck.report.runs import SCHEMA
+
+
+def read_report(path: str) -> dict[str, Any]:
+    """A report file, or a ValueError naming it and what is wrong: compare reads only `schema`,
+    `records` (each with `id` and `outcome`) and `run.versions`, so those are what is checked."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                         "not a report") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not a report (an object)")
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
+    records = data.get("records")
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("id"), str)
+                                                and isinstance(r.get("outcome"), str) for r in records):
+        raise ValueError(f"{path}: 'records' must be a list of objects with 'id' and 'outcome'")
+    run = data.get("run")
+    if not isinstance(run, dict) or not isinstance(run.get("versions"), dict):
+        raise ValueError(f"{path}: 'run' must be an object holding 'versions'")
+    return data
 
 
 def compare_runs(old: dict[str, Any], new: dict[str, Any], growth: float = 2.0) -> tuple[list[str], bool]:

@@ -1,0 +1,115 @@
+"""The command line on bad input: exit 2 and one line naming the path and the reason; exit 1
+stays reserved for "the two checkpoints differ" / "a run regressed"."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors", reason="pip install 'equivcheck[checkpoints]'")
+pytest.importorskip("orbax.checkpoint", reason="pip install 'equivcheck[checkpoints]'")
+
+from equivcheck.__main__ import main  # noqa: E402
+from equivcheck.checkpoints import formats as ck  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line(capsys, code, *names):
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert code == 2, (code, out.err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for name in names:
+        assert str(name) in err, err
+    return err
+
+
+@pytest.fixture
+def src(tmp_path):
+    return ck.save({"a.w": np.arange(3, dtype=np.float32)}, tmp_path / "a.safetensors")
+
+
+def test_convert_under_a_regular_file(tmp_path, capsys, src):
+    (tmp_path / "plain").write_text("x")
+    dst = tmp_path / "plain" / "x.safetensors"
+    err = one_line(capsys, main(["convert", str(src), str(dst)]), dst)
+    assert "plain is a file, not a directory" in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where nobody can create files")
+def test_convert_into_proc(capsys, src):
+    err = one_line(capsys, main(["convert", str(src), "/proc/x.safetensors"]), "/proc/x.safetensors")
+    assert "cannot write in /proc" in err
+
+
+def test_convert_to_orbax_over_a_regular_file(tmp_path, capsys, src):
+    (tmp_path / "plain").write_text("keep me")
+    err = one_line(capsys, main(["convert", str(src), str(tmp_path / "plain"), "--to", "orbax", "--overwrite"]),
+                   tmp_path / "plain")
+    assert "is a file" in err and "orbax checkpoints are directories" in err
+    assert (tmp_path / "plain").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "plain"]
+
+
+def report(**kw):
+    return {"schema": "equivcheck.report/1", "records": [], "run": {"versions": {}}, **kw}
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "Is a directory"),
+    ("missing", "No such file"),
+    (b"\xff\xfe{}", "not UTF-8"),
+    ("{not json", "not JSON"),
+    ("[1, 2]", "not a report"),
+    (json.dumps({"a": 1}), "schema"),
+    (json.dumps(report(records=5)), "records"),
+    (json.dumps(report(records=[{"id": "x"}])), "records"),
+    (json.dumps(report(run=[])), "run"),
+])
+def test_compare_refuses_a_bad_report_in_one_line(tmp_path, capsys, content, reason):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(report()))
+    bad = tmp_path / "bad.json"
+    if content is None:
+        bad.mkdir()
+    elif isinstance(content, bytes):
+        bad.write_bytes(content)
+    elif content != "missing":
+        bad.write_text(content)
+    for args in ([bad, good], [good, bad]):
+        err = one_line(capsys, main(["compare", *map(str, args)]), bad)
+        assert reason in err, err
+    assert main(["compare", str(good), str(good)]) == 0
+
+
+def corrupt_orbax(tmp_path):
+    path = ck.save({"a.w": np.arange(3, dtype=np.float32)}, tmp_path / "ckpt_orbax")
+    victim = path / "manifest.ocdbt"
+    victim.write_bytes(victim.read_bytes()[:20])
+    return path
+
+
+def test_a_corrupt_orbax_checkpoint_is_one_short_line(tmp_path, capsys):
+    path = corrupt_orbax(tmp_path)
+    err = one_line(capsys, main(["convert", str(path), str(tmp_path / "o.safetensors")]), path)
+    assert "manifest.ocdbt" in err and "(ValueError)" in err and "tensorstore_spec" not in err
+    assert len(err) < 300, err
+    assert main(["convert", str(path), str(tmp_path / "o.safetensors"), "-v"]) == 2
+    assert "tensorstore_spec" in capsys.readouterr().err  # the whole story, when asked for
+
+
+def test_a_corrupt_orbax_checkpoint_in_a_fresh_process(tmp_path):
+    """Nothing after the line either: Orbax's event loop must not print on the way out."""
+    path = corrupt_orbax(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "equivcheck", "convert", str(path), str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("equivcheck convert: ") and str(path) in lines[0]

@@ -1,0 +1,62 @@
+"""Ctrl-C while the JAX side hangs at trace time ends the run promptly, with the report
+written and marked interrupted."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HANGS = """
+import time
+from pathlib import Path
+import pytest, torch, jax.numpy as jnp
+import equivcheck as ec
+
+def slow_tanh(x):
+    Path("tracing").touch()  # Python runs only while JAX traces: once per shape
+    time.sleep(120)
+    return jnp.tanh(x)
+
+PAIRS = [
+    ec.Pair("quick", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",)),
+    ec.Pair("hangs", torch.tanh, slow_tanh, ec.unary(), checks=("forward",)),
+]
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+"""
+
+
+def test_one_ctrl_c_ends_a_run_hanging_in_jax_tracing(tmp_path):
+    (tmp_path / "test_hangs.py").write_text(HANGS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "test_hangs.py", "--equiv", "--equiv-examples", "3",
+                             "--equiv-dtypes", "float32", "--equiv-seed", "1", "-p", "no:cacheprovider",
+                             "--equiv-jax-cache", "none"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "tracing").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=10)[0]
+            time.sleep(0.2)
+        time.sleep(1.0)  # the checking thread now waits on the hanging trace, or traces itself
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, out  # pytest's "interrupted"
+    assert took < 10, (took, out)
+    assert "KeyboardInterrupt" in out
+    run = json.loads((tmp_path / "reports" / "latest.json").read_text())["run"]
+    assert run["interrupted"] is True
