@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-import equivcheck.backends.jax  # noqa: F401  (see test_plugin.py: load frameworks before pytester)
-import equivcheck.backends.torch  # noqa: F401
-import equivcheck.fixture  # noqa: F401
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 
 BAD = """
 import numpy as np, pytest, torch, jax.numpy as jnp

@@ -15,6 +15,7 @@ from equivcheck import RunSettings, run_pair
 from equivcheck import data as D
 from equivcheck.data import vision as V
 from equivcheck.engine.tolerance import lookup
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 from tests.helpers import by_check
 
 grain = pytest.importorskip("grain", reason="grain is not installed: pip install 'equivcheck[data]'")

@@ -8,14 +8,10 @@ from pathlib import Path
 
 import pytest
 
-# pytester's in-process runs forget modules first imported inside them, and torch cannot be
-# imported twice into one process: load the frameworks through our backends up front.
-import equivcheck.backends.jax  # noqa: F401,E402
-import equivcheck.backends.torch  # noqa: F401,E402
-import equivcheck.fixture  # noqa: F401,E402
 from equivcheck import CheckKind, DataCheck, Pair, Registry, unary
 from equivcheck.models import ModelPair
 from equivcheck.optim import OptimizerPair
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 
 FAST = ("--equiv", "--equiv-examples", "5", "--equiv-seed", "1", "--equiv-dtypes", "float32", "-p",
         "no:cacheprovider")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-import equivcheck.backends.jax
-import equivcheck.backends.torch
-import equivcheck.fixture
 import equivcheck.models  # noqa: F401
 from equivcheck.report import models as report_models
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 
 SUITE = """
 import pytest

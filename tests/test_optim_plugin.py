@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 
-import equivcheck.backends.jax
-import equivcheck.backends.torch
-import equivcheck.fixture
 import equivcheck.optim  # noqa: F401
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 
 SUITE = """
 import pytest, optax

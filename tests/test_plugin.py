@@ -8,11 +8,7 @@ import shlex
 
 import pytest
 
-# pytester's in-process runs forget modules first imported inside them, and torch cannot be
-# imported twice into one process: load the frameworks through our backends up front.
-import equivcheck.backends.jax  # noqa: F401,E402
-import equivcheck.backends.torch  # noqa: F401,E402
-import equivcheck.fixture  # noqa: F401,E402
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 
 PAIRS = """
 import pytest, torch, jax, jax.numpy as jnp, torch.nn.functional as F

@@ -10,13 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-# pytester's in-process runs forget modules first imported inside them (see test_plugin.py).
-import equivcheck.backends.jax  # noqa: F401
-import equivcheck.backends.torch  # noqa: F401
-import equivcheck.fixture  # noqa: F401
 from equivcheck import Fixed, Floats, Inputs, Ints, Pair, RunSettings, Same, run_pair, unary
 from equivcheck.engine import tolerance
 from equivcheck.ops.autodiff import evaluate, judge
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 from tests.helpers import by_check
 
 RUN = RunSettings(examples=10, seed=20261211)
