@@ -35,3 +35,15 @@ def test_the_engine_catches_and_blames_or_passes_each_mutant(mutant: Mutant):
         return
     assert failed, f"{mutant.name} on {mutant.side} passed: {[(r.check, r.outcome) for r in records]}"
     assert {r.side for r in failed} == {mutant.side}, [r.failure_text() for r in failed]
+
+
+def test_a_pair_with_a_convention_whose_forward_failed_still_judges_its_derivatives():
+    # Once the forward check fails, later passes run the derivative checks alone; the convention
+    # read the output's shape from the forward's values and raised ValueError there.
+    from tests.helpers import SUITE
+
+    norm2 = SUITE["norm2"]
+    (negated,) = [m for m in mutants(norm2, "float32", sides=("torch",), sizes=()) if m.family == "sign"]
+    records = run_pair(negated.pair, dtype="float32", run=RUN)
+    assert {r.check: r.outcome for r in records}["forward"] == "failed"
+    assert {r.side for r in records if r.outcome == "failed"} == {"torch"}, [r.failure_text() for r in records]

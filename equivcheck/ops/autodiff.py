@@ -175,11 +175,12 @@ def _apply_convention(pair: Pair, conv: Convention, check: str, args: Sequence[A
     if not mask.any():
         return None
     k = pair.diff_args.index(conv.arg)
-    out = ev.torch.values.get("forward")
-    out_leaves = [np.asarray(o) for o in (out if isinstance(out, list) else [out]) if is_float(o)]
-    if len(out_leaves) != 1:
+    # the shapes torch's forward gave, recorded whichever checks run: once the forward check has
+    # failed, later passes run the derivative checks alone
+    shapes = ev.torch.outputs
+    if shapes is None or len(shapes) != 1:
         raise ValueError(f"pair {pair.name!r}: convention {conv.name!r} needs exactly one floating output")
-    out_shape = out_leaves[0].shape
+    out_shape = tuple(shapes[0])
     elementwise = out_shape == x.shape
     if not elementwise and out_shape != ():
         raise ValueError(f"pair {pair.name!r}: convention {conv.name!r} needs an elementwise op or a full reduction")

@@ -29,7 +29,7 @@ from equivcheck.engine.tolerance import Tolerance, lookup
 from equivcheck.layers.traps import Evidence, matching
 from equivcheck.ops.autodiff import Evaluation, evaluate, keyed, leaf_at, widen
 from equivcheck.ops.conditioning import ULPS, rounding
-from equivcheck.ops.finite import DECISIVE, gap, as_tree, derivative
+from equivcheck.ops.finite import DECISIVE, as_tree, derivative, gap
 
 __all__ = ["DECISIVE", "diagnose", "leaf_at", "widen"]
 

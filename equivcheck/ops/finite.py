@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from equivcheck.backends import Vectors, jax_side, torch_side
-from equivcheck.engine.compare import compare, flatten, float_leaves
+from equivcheck.engine.compare import compare, float_leaves
 from equivcheck.engine.tolerance import lookup
 from equivcheck.ops.autodiff import leaf_at
 
