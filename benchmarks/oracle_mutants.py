@@ -73,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         results += [{"pair": pair.name, "mutant": None, "false_alarm": f} for f in false]
         run = RunSettings(examples=args.examples, seed=args.seed)
         for m in mutants(pair, args.dtype):
-            recs = run_pair(m.pair, dtype=args.dtype, run=run)
-            failed = [r for r in recs if r.outcome == "failed"]
             key = (m.family, m.name.split(":", 1)[1].replace(" one", " (one)").replace(" all", ""), m.expect)
             row = rows[key]
             row["n"] += 1
+            try:
+                recs = run_pair(m.pair, dtype=args.dtype, run=run)
+            except Exception as exc:  # an engine crash is a finding of this benchmark, not the end of it
+                row["crashed"] += 1
+                results.append({"pair": pair.name, "mutant": m.name, "side": m.side, "crash": repr(exc)})
+                continue
+            failed = [r for r in recs if r.outcome == "failed"]
             if m.expect == "pass":
                 row["ok"] += not failed
             else:
@@ -91,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"equivcheck oracle mutants: {len(chosen)} pairs at {args.dtype}, {args.examples} examples per mutant, "
           f"seed {args.seed}; left out (known divergence at {args.dtype}): {', '.join(known_hit) or 'none'}")
-    print(f"{'family':<10} {'mutant':<14} {'expect':<6} {'n':>5} {'detected/passed':>16} {'right side':>11}")
+    print(f"{'family':<10} {'mutant':<14} {'expect':<6} {'n':>5} {'detected/passed':>16} {'right side':>11} crashed")
     for (family, name, expect), row in sorted(rows.items(), key=lambda kv: (kv[0][0], _size(kv[0][1]), kv[0][1])):
         rate = f"{row['ok']}/{row['n']} {100 * row['ok'] / row['n']:5.1f}%"
         blame = f"{100 * row['blamed'] / row['ok']:5.1f}%" if expect == "fail" and row["ok"] else "-"
-        print(f"{family:<10} {name:<14} {expect:<6} {row['n']:>5} {rate:>16} {blame:>11}")
+        print(f"{family:<10} {name:<14} {expect:<6} {row['n']:>5} {rate:>16} {blame:>11} {row['crashed']:>7}")
     print(f"unmutated: {clean['false_alarms']} false alarms in {clean['checks']} checks of {clean['runs']} pairs "
           f"({args.clean_examples} examples each)")
     print(TARGETS)
