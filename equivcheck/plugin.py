@@ -302,7 +302,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "unmatched_known": [{"pattern": e.pattern, "reason": e.reason, "source": e.source}
                             for e in state.known.unmatched(state.matched_known)],
     }
-    if state.report_dir and state.records:
+    # an interrupted run leaves a report even before its first record: it says the run stopped
+    if state.report_dir and (state.records or run["interrupted"]):
         state.report_paths = report.write(report.build(state.records, run), state.report_dir)
 
 

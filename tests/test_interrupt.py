@@ -58,5 +58,7 @@ def test_one_ctrl_c_ends_a_run_hanging_in_jax_tracing(tmp_path):
     assert proc.returncode == 2, out  # pytest's "interrupted"
     assert took < 10, (took, out)
     assert "KeyboardInterrupt" in out
+    # the interrupt may come while "quick" still runs (under load "hangs" is traced ahead, on
+    # the compile thread): the report is written and marked whether or not a record was filed
     run = json.loads((tmp_path / "reports" / "latest.json").read_text())["run"]
     assert run["interrupted"] is True
