@@ -168,37 +168,49 @@ def _bump(g: Any, k: float, atol: float, rtol: float, xp: Any) -> Any:
     return g + xp.where(g >= 0, 1.0, -1.0) * k * (atol + rtol * xp.abs(g))
 
 
+def _torch_identity(backward: Callable[[Any], Any], jvp: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """torch's identity with the given VJP and JVP rules (functorch-style, so torch.func.jvp uses it)."""
+    import torch
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(x: Any) -> Any:
+            return x.view_as(x)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+            pass
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            return backward(g)
+
+        @staticmethod
+        def jvp(ctx: Any, t: Any) -> Any:
+            return jvp(t)
+
+    return Identity.apply
+
+
 def _vjp_mutant(pair: Pair, side: str, k: float, atol: float, rtol: float) -> Pair:
     """Every differentiable input passes an identity whose VJP moves the input gradient."""
     diff = set(pair.diff_args)
     if side == "torch":
         import torch
 
-        class Bumped(torch.autograd.Function):
-            @staticmethod
-            def forward(x: Any) -> Any:
-                return x.view_as(x)
-
-            @staticmethod
-            def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-                pass
-
-            @staticmethod
-            def backward(ctx: Any, g: Any) -> Any:
-                return _bump(g, k, atol, rtol, torch)
-
+        bumped = _torch_identity(lambda g: _bump(g, k, atol, rtol, torch), lambda t: t)
         fn = pair.torch_fn
-        return pair.replace(torch_fn=lambda *a: fn(*(Bumped.apply(x) if i in diff else x for i, x in enumerate(a))))
+        return pair.replace(torch_fn=lambda *a: fn(*(bumped(x) if i in diff else x for i, x in enumerate(a))))
     import jax
     import jax.numpy as jnp
 
     @jax.custom_vjp
-    def bumped(x: Any) -> Any:
+    def bumped_j(x: Any) -> Any:
         return x
 
-    bumped.defvjp(lambda x: (x, None), lambda _, g: (_bump(g, k, atol, rtol, jnp),))
+    bumped_j.defvjp(lambda x: (x, None), lambda _, g: (_bump(g, k, atol, rtol, jnp),))
     fn = pair.jax_fn
-    return pair.replace(jax_fn=lambda *a: fn(*(bumped(x) if i in diff else x for i, x in enumerate(a))))
+    return pair.replace(jax_fn=lambda *a: fn(*(bumped_j(x) if i in diff else x for i, x in enumerate(a))))
 
 
 def _jvp_mutant(pair: Pair, side: str, k: float, atol: float, rtol: float) -> Pair:
@@ -206,24 +218,8 @@ def _jvp_mutant(pair: Pair, side: str, k: float, atol: float, rtol: float) -> Pa
     if side == "torch":
         import torch
 
-        class Bumped(torch.autograd.Function):
-            @staticmethod
-            def forward(y: Any) -> Any:
-                return y.view_as(y)
-
-            @staticmethod
-            def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-                pass
-
-            @staticmethod
-            def backward(ctx: Any, g: Any) -> Any:
-                return g
-
-            @staticmethod
-            def jvp(ctx: Any, t: Any) -> Any:
-                return _bump(t, k, atol, rtol, torch)
-
-        return _edit_output(pair, side, Bumped.apply, lambda y: y)
+        return _edit_output(pair, side, _torch_identity(lambda g: g, lambda t: _bump(t, k, atol, rtol, torch)),
+                            lambda y: y)
     import jax
     import jax.numpy as jnp
 
