@@ -57,6 +57,24 @@ def test_convert_to_orbax_over_a_regular_file(tmp_path, capsys, src):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "plain"]
 
 
+@pytest.mark.parametrize("dst, fmt", [("notes", "orbax"), ("notes.safetensors", "safetensors")])
+def test_overwrite_replaces_only_a_checkpoint(tmp_path, capsys, src, dst, fmt):
+    # a directory of the user's notes (or a file that only shares the suffix) is never deleted
+    target = tmp_path / dst
+    if fmt == "orbax":
+        target.mkdir()
+        (target / "notes.txt").write_text("precious")
+    else:
+        target.write_text("precious")
+    err = one_line(capsys, main(["convert", str(src), str(target), "--to", fmt, "--overwrite"]), target)
+    assert f"is not a checkpoint in the {fmt} format" in err and "remove it first" in err
+    kept = target / "notes.txt" if fmt == "orbax" else target
+    assert kept.read_text() == "precious"
+    assert main(["convert", str(src), str(tmp_path / "again.safetensors")]) == 0  # a real one
+    assert main(["convert", str(src), str(tmp_path / "again.safetensors"), "--overwrite"]) == 0
+    capsys.readouterr()
+
+
 def report(**kw):
     return {"schema": "equivcheck.report/1", "records": [], "run": {"versions": {}}, **kw}
 

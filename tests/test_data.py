@@ -218,3 +218,9 @@ def test_conclude_files_records_and_fails_or_xfails_the_test(pytester):
     assert rec["id"] == "off_above_2::forward::float32::cpu" and rec["outcome"] == "failed"
     (pytester.path / "known.txt").write_text("off_above_2::forward   planted\n")
     pytester.runpytest(*fast, "--equiv-known-divergences", "known.txt").assert_outcomes(xfailed=1)
+
+
+def test_a_data_check_body_that_returns_no_verdict_is_named():
+    check = D.DataCheck("returns_bool", lambda example, dtype: True, st.integers(0, 3))
+    with pytest.raises(TypeError, match="'returns_bool': its body returned bool, not a DataVerdict"):
+        check.run_checks(dtype="float32", run=RunSettings(examples=3, seed=0))

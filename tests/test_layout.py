@@ -124,3 +124,14 @@ def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)"
     proc = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_import_the_readme_shows_works():
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    lines = sorted({ln.split("#")[0].strip() for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+                    for ln in block.splitlines() if ln.startswith(("from equivcheck", "import equivcheck"))})
+    assert lines, "the README shows no import"
+    proc = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -212,3 +212,11 @@ def test_every_naive_port_is_listed_as_a_known_divergence():
     for port in NAIVE_PORTS:
         assert f"\n{port.name}::" in text, port.name
         assert port.reconcile and port.differs and port.measured
+
+
+def test_a_misspelled_optimizer_is_refused_not_skipped():
+    # it used to become a skip ("torch has no torch.optim.Adamm"): a typo turned into a green run
+    from equivcheck.optim import optimizer_pair
+
+    with pytest.raises(ValueError, match=r"no optimizer named 'Adamm' \(did you mean 'Adam'\?\)"):
+        optimizer_pair("typo", "Adamm", lr=1e-2)

@@ -203,10 +203,10 @@ def _jvp(fn: Callable[..., Any], targs: list[Any], diff: Sequence[int], vec: Vec
         outs, tang = torch.func.jvp(f, primals, tangents)
         # torch 2.14's forward AD promotes a 0-d float32 tensor times a Python float to a float64
         # tangent (the primal stays float32): the JVP's value is right, its dtype an artifact.
-        promoted = [o.dtype for o, t in zip(outs, tang) if t.dtype != o.dtype]
+        promoted = [(t.dtype, o.dtype) for o, t in zip(outs, tang) if t.dtype != o.dtype]
         if promoted:
-            res.note("jvp", f"torch's forward AD returned tangents of another dtype than the output "
-                            f"({promoted[0]}); cast to the output's dtype")
+            res.note("jvp", f"torch's forward AD returned {promoted[0][0]} tangents for a {promoted[0][1]} "
+                            f"output (another dtype than the output's); cast to the output's dtype")
         res.values["jvp"] = [to_numpy(t.to(o.dtype)) for o, t in zip(outs, tang)]
         return
     except Exception as exc:

@@ -267,6 +267,15 @@ def save(state: Mapping[str, np.ndarray], path: str | os.PathLike[str], fmt: str
         kinds = (("directory", "directories"), ("file", "files"))
         raise CheckpointError(f"is a {kinds[p.is_file()][0]}, and {fmt} checkpoints are {kinds[fmt != 'orbax'][1]}: "
                               "--overwrite replaces only a checkpoint of the same kind; remove it first", path=p)
+    if overwrite and p.exists():
+        # what is there must read as a checkpoint of that format: --overwrite never deletes a
+        # directory of notes or a file that only shares the suffix
+        try:
+            load(p, fmt)
+        except CheckpointError as exc:
+            cause = str(exc).split(": ", 1)[-1]
+            raise CheckpointError(f"is not a checkpoint in the {fmt} format ({cause}): --overwrite replaces only a "
+                                  "checkpoint; remove it first", path=p) from None
     with atomic_path(path, overwrite=overwrite) as target:
         _SAVE[fmt]({k: np.asarray(v) for k, v in state.items()}, target)
     return Path(path)

@@ -92,6 +92,9 @@ def run_check(name: str, body: Callable[[Any], DataVerdict], examples: Any, *, d
 
     def test(example: Any) -> None:
         verdict = body(example)
+        if not isinstance(verdict, DataVerdict):
+            raise TypeError(f"data check {name!r}: its body returned {type(verdict).__name__}, not a DataVerdict "
+                            "(equivcheck.data.compare_epochs returns one)")
         stats["n"] += 1
         if not verdict.ok:
             raise _Mismatch(verdict, example)

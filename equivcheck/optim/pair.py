@@ -20,6 +20,7 @@ learning-rate sequence).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -137,6 +138,12 @@ def _torch_class(name: str | type) -> tuple[Any, str]:
         return name, ""
     cls = getattr(torch.optim, name, None)
     if cls is None:
+        from equivcheck.optim.mapping import MAPPINGS
+
+        if name not in MAPPINGS:  # a typo, not an optimizer this torch lacks: never a silent skip
+            close = difflib.get_close_matches(name, [*MAPPINGS, *dir(torch.optim)], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"torch.optim has no optimizer named {name!r}{hint}; mapped: {', '.join(MAPPINGS)}")
         return None, f"torch {torch.__version__} has no torch.optim.{name}"
     return cls, ""
 
