@@ -9,17 +9,22 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import shlex
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from equivcheck.engine.kind import CheckKind
-from equivcheck.engine.knowns import KnownDivergences
+from equivcheck.engine.knowns import KnownDivergences, settle
 from equivcheck.engine.records import CheckRecord, RunSettings
 
 RECORDS_KEY = "equivcheck"
 KNOWN_KEY = "equivcheck-known"  # a node-id pattern from the known-divergence files matched this test
+
+
+class KnownDivergenceFixed(UserWarning):
+    """A known divergence's witness now agrees (under --equiv-known-lenient; else a failure)."""
 
 
 @dataclasses.dataclass
@@ -42,6 +47,7 @@ class SessionState:
     # collect (an xdist controller), so entries matching nothing are warned about as before.
     collected: set[str] | None = None
     narrowed: bool = False  # node ids on the command line: the rest of their files went uncollected
+    known_lenient: bool = False  # a fixed known divergence is a warning, not a failure
 
     def replay(self, nodeid: str, dtype: str, device: str) -> str:
         args = ["pytest", "--equiv", nodeid, "--equiv-seed", str(self.run.seed), "--device", device,
@@ -105,6 +111,8 @@ class Equiv:
         """File records made outside `check` (e.g. by `equivcheck.data.run_check`) for the report,
         and fail, xfail or pass this test like `check`."""
         __tracebackhide__ = True
+        for message in settle(records, lenient=self._state.known_lenient):
+            warnings.warn(message, KnownDivergenceFixed, stacklevel=2)
         self._file(records)
         if records and all(r.outcome == "skipped" for r in records):
             pytest.skip(records[0].message)

@@ -44,6 +44,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--equiv-report", default="reports", metavar="DIR", help="where the JSON and Markdown reports go ('none': no report)")
     g.addoption("--equiv-known-divergences", action="append", default=[], metavar="FILE",
                 help="file of known divergences (PATTERN REASON per line): matches become xfail; repeatable")
+    g.addoption("--equiv-known-lenient", action="store_true",
+                help="a known divergence whose witness now agrees is a warning (default: a failure, 'fixed')")
     g.addoption("--equiv-jax-cache", default="auto", metavar="DIR",
                 help="JAX persistent compilation cache ('auto': in pytest's cache dir; 'none': off)")
     parser.addini("equiv_known_divergences", type="paths", default=[],
@@ -97,7 +99,7 @@ def _build_state(config: pytest.Config) -> Any:
         dtypes=dtypes, devices=devices, known=known,
         report_dir=None if opt("equiv_report") == "none" else opt("equiv_report"),
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
-        extra_args=_replay_args(config),
+        extra_args=_replay_args(config), known_lenient=opt("equiv_known_lenient"),
     )
     for device in devices:
         missing = [name for name, side in (("torch", tb), ("jax", jb)) if not side.available(device)]
@@ -126,6 +128,8 @@ def _replay_args(config: pytest.Config) -> tuple[str, ...]:
         args += ["-p", value]
     if getattr(opt, "runxfail", False):
         args.append("--runxfail")
+    if config.getoption("equiv_known_lenient"):
+        args.append("--equiv-known-lenient")
     return tuple(args)
 
 

@@ -10,8 +10,9 @@ import pytest
 
 from equivcheck import Registry
 from suites import layer_pairs, sequence_pairs, trap_pairs
+from suites.witnesses import witnessed
 
-PAIRS = Registry([*layer_pairs.PAIRS, *sequence_pairs.PAIRS, *trap_pairs.PAIRS])
+PAIRS = Registry(witnessed([*layer_pairs.PAIRS, *sequence_pairs.PAIRS, *trap_pairs.PAIRS]))
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=str)

@@ -9,8 +9,9 @@ import pytest
 
 from equivcheck import Registry
 from suites import loss_pairs, loss_traps
+from suites.witnesses import witnessed
 
-PAIRS = Registry([*loss_pairs.PAIRS, *loss_traps.PAIRS])
+PAIRS = Registry(witnessed([*loss_pairs.PAIRS, *loss_traps.PAIRS]))
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=str)

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import pytest
 
+from equivcheck.models.evaluate import Example
 from equivcheck.models.zoo import cnn_pair, encoder_pair, lstm_pair, mlp_naive_apply, mlp_pair
+
+# Any input shows the naive port's divergence (a transposed kernel, then a shape error): one
+# example of batch 1 with weights from torch.manual_seed(0) witnesses it.
+MLP_WITNESS = Example(args=([[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], [[0.0]]), seed=0)
 
 MODELS = [
     mlp_pair(),
-    mlp_pair("mlp_naive", mlp_naive_apply, checks=("forward",)),
+    mlp_pair("mlp_naive", mlp_naive_apply, checks=("forward",), witnesses={"forward": (MLP_WITNESS,)}),
     cnn_pair(),
     cnn_pair("cnn_digits", checks=("fit",)),
     encoder_pair(),

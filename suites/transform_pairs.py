@@ -85,9 +85,20 @@ def ref(fn, **kw):
     return functools.partial(fn, xp=np, **kw)
 
 
-def pair(name, torch_fn, jax_fn, inputs, reference=None, dtypes=FLOATS, tolerance=None, doc=""):
+def pair(name, torch_fn, jax_fn, inputs, reference=None, dtypes=FLOATS, tolerance=None, doc="", witnesses=()):
     return Pair(name, torch_fn, jax_fn, inputs, diff_args=(), checks=("forward",), dtypes=dtypes,
-                tolerance=tolerance, reference=reference, tags={"data"}, doc=doc)
+                tolerance=tolerance, reference=reference, tags={"data"}, doc=doc, witnesses=witnesses)
+
+
+def corner(c: int, h: int, w: int) -> np.ndarray:
+    """A CHW image, black but for its last pixel: downsampled to (6, 5), each resampling rule
+    spreads that one pixel differently (the resize divergences' witness)."""
+    img = np.zeros((c, h, w))
+    img[..., -1, -1] = 1.0
+    return img
+
+
+CORNER = ((corner(1, 12, 10),),)
 
 
 # ---------------------------------------------------------------- random transforms, replayed
@@ -163,7 +174,8 @@ PAIRS = [
          lambda x: V.to_dtype(V.to_image(x), np.float32, scale=True), RAW, EXACT),
     pair("to_tensor", from_array(ToTensorV1()), jx(V.to_tensor), raw(), ref(V.to_tensor), RAW),
     # ToTensor divides by 255; XLA:CPU's vectorised float32 division is not correctly rounded.
-    pair("to_tensor_bitexact", from_array(ToTensorV1()), jx(V.to_tensor), raw(), ref(V.to_tensor), RAW, EXACT),
+    pair("to_tensor_bitexact", from_array(ToTensorV1()), jx(V.to_tensor), raw(), ref(V.to_tensor), RAW, EXACT,
+         witnesses=(([[[3]]],),)),  # 3 / 255: 1 ulp apart under XLA:CPU
     pair("convert_image_dtype_uint8_to_float", lambda x: plain(v2.ConvertImageDtype(torch.float32)(
         v2.ToImage()(x.cpu().numpy()))), lambda x: V.to_dtype(V.to_image(x, jnp), np.float32, scale=True, xp=jnp),
          raw(), lambda x: V.to_dtype(V.to_image(x), np.float32, scale=True), RAW, EXACT),
@@ -178,7 +190,8 @@ PAIRS = [
          lambda x: V.resize(V.to_image(x), (6, 5), "bilinear", True), RAW, ONE_LEVEL),
     pair("resize_bicubic_uint8", lambda x: plain(F.resize(v2.ToImage()(x.cpu().numpy()), [6, 5], IM.BICUBIC)),
          lambda x: V.resize(V.to_image(x, jnp), (6, 5), "bicubic", True, xp=jnp), raw(),
-         lambda x: V.resize(V.to_image(x), (6, 5), "bicubic", True), RAW, ONE_LEVEL),
+         lambda x: V.resize(V.to_image(x), (6, 5), "bicubic", True), RAW, ONE_LEVEL,
+         witnesses=(([[[186, 101, 199], [65, 14, 63]], [[177, 255, 102], [46, 1, 72]], [[242, 35, 35], [171, 208, 157]]],),)),
     # float CHW images
     pair("normalize", tv(v2.Normalize(MEAN, STD)), jx(V.normalize, mean=MEAN, std=STD), img(channels=(3,)),
          ref(V.normalize, mean=MEAN, std=STD)),
@@ -196,13 +209,13 @@ PAIRS = [
     # the defaults, side by side: known divergences (suites/known_divergences.txt)
     pair("resize_interpolate_vs_jax_defaults", lambda x: TF.interpolate(x[None], size=(6, 5), mode="bilinear")[0],
          lambda x: jax.image.resize(x, x.shape[:-2] + (6, 5), "bilinear"), img(),
-         ref(V.resize, size=(6, 5), antialias=False)),
+         ref(V.resize, size=(6, 5), antialias=False), witnesses=CORNER),
     pair("resize_nearest_vs_jax_nearest", tv(v2.Resize((6, 5), interpolation=IM.NEAREST)),
          lambda x: jax.image.resize(x, x.shape[:-2] + (6, 5), "nearest"), img(),
-         ref(V.resize, size=(6, 5), interpolation="nearest")),
+         ref(V.resize, size=(6, 5), interpolation="nearest"), witnesses=CORNER),
     pair("resize_bicubic_vs_jax_cubic", tv(v2.Resize((6, 5), interpolation=IM.BICUBIC, antialias=False)),
          lambda x: jax.image.resize(x, x.shape[:-2] + (6, 5), "cubic", antialias=False), img(),
-         ref(V.resize, size=(6, 5), interpolation="bicubic", antialias=False)),
+         ref(V.resize, size=(6, 5), interpolation="bicubic", antialias=False), witnesses=CORNER),
     # geometry: bit-exact
     pair("center_crop", lambda x, s: plain(F.center_crop(x, list(s))), lambda x, s: V.center_crop(x, s, jnp),
          Inputs(CROP_MARGINS, (UNIT, Static(((4, 3), (9, 14))))), lambda x, s: V.center_crop(x, s), tolerance=EXACT),

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from equivcheck import report
-from equivcheck.engine.knowns import KnownDivergences
+from equivcheck.engine.knowns import KnownDivergences, versioned
 from equivcheck.layers import traps as divergences
 from suites import loss_pairs, loss_traps, trap_pairs
 from suites.test_layers import PAIRS as LAYERS
 from suites.test_losses import PAIRS as LOSSES
 
-KNOWN = KnownDivergences.load([str(Path(__file__).parents[1] / "suites" / "known_divergences.txt")])
+SUITES = Path(__file__).parents[1] / "suites"
+KNOWN = KnownDivergences.load([str(SUITES / "known_divergences.txt"),
+                               versioned(str(SUITES / "known_divergences-torch{torch}.txt"))])
 ALL = {p.name for p in [*LAYERS, *LOSSES]}
 
 

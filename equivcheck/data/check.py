@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from equivcheck.data.loaders import DataVerdict
@@ -34,6 +34,8 @@ class DataCheck:
     examples      a Hypothesis strategy drawing the examples
     dtypes        dtypes the body supports (default: every dtype, the body decides what it means)
     max_examples  cap on examples per run (a slow pipeline), else the run's profile
+    witnesses     examples (as `examples` would draw them) run first, in order, on every seed:
+                  the example where a known divergence shows
     """
 
     name: str
@@ -42,6 +44,7 @@ class DataCheck:
     dtypes: tuple[str, ...] = DTYPES
     max_examples: int | None = None
     checks: tuple[str, ...] = DATA_CHECKS
+    witnesses: tuple[Any, ...] = ()
 
     all_checks = DATA_CHECKS
 
@@ -53,6 +56,7 @@ class DataCheck:
             raise TypeError(f"DataCheck {self.name!r}: examples must be a Hypothesis strategy")
         object.__setattr__(self, "dtypes", tuple(self.dtypes))
         object.__setattr__(self, "checks", tuple(self.checks))
+        object.__setattr__(self, "witnesses", tuple(self.witnesses))
         bad = [c for c in self.checks if c not in DATA_CHECKS]
         if bad or not self.checks:
             raise ValueError(f"DataCheck {self.name!r}: checks {bad or '()'} not among {DATA_CHECKS}")
@@ -70,7 +74,8 @@ class DataCheck:
                    replay: str = "") -> list[CheckRecord]:
         body = self.body
         return [run_check(self.name, lambda example: body(example, dtype), self.examples, dtype=dtype, run=run,
-                          known=known, nodeid=nodeid, replay=replay, max_examples=self.max_examples)]
+                          known=known, nodeid=nodeid, replay=replay, max_examples=self.max_examples,
+                          witnesses=self.witnesses)]
 
 
 class _Mismatch(Exception):
@@ -81,10 +86,10 @@ class _Mismatch(Exception):
 
 def run_check(name: str, body: Callable[[Any], DataVerdict], examples: Any, *, dtype: str, run: Any,
               known: Callable[[str], tuple[str, str] | None] = lambda _id: None, nodeid: str = "",
-              replay: str = "", max_examples: int | None = None) -> Any:
+              replay: str = "", max_examples: int | None = None, witnesses: Sequence[Any] = ()) -> Any:
     """Run `body(example)` over the examples Hypothesis draws from `examples` (seeded by the
     run and `name`, `run.examples` of them or `max_examples` if fewer, shrunk to a minimal
-    failing one) and return one
+    failing one), after the `witnesses` (run first, in order), and return one
     CheckRecord (check "forward": the batches a pipeline yields are its forward output).
     In a suite: `equiv.conclude([run_check(..., dtype=equiv.dtype, run=equiv.run,
     known=equiv.known, nodeid=equiv.nodeid, replay=equiv.replay)])`."""
@@ -107,7 +112,8 @@ def run_check(name: str, body: Callable[[Any], DataVerdict], examples: Any, *, d
                       tags=["data"])
     search = Search(run, _Mismatch)
     m = search(test, examples, digest=f"data:{name}:{dtype}", seed=run.item_seed(name, dtype, run.device),
-               max_examples=max_examples)
+               max_examples=max_examples, explicit=witnesses)
+    rec.witnessed = len(witnesses)
     if m is not None:
         rec.outcome, rec.kind, rec.side, rec.message = "failed", m.verdict.kind, m.verdict.side, m.verdict.message
         rec.worst_ratio = float("inf")

@@ -6,18 +6,41 @@ records     RunSettings (how a check runs) and CheckRecord (one report row)
 tolerance   the one tolerance table (dtype x device x precision) and named overrides
 compare     pytrees in, a Verdict out: structure, shape, dtype, NaN/Inf positions, values
 search      the Hypothesis loop every kind runs: profiles, seeding, bounded shrinking
-knowns      known divergences: id patterns with their reasons
+knowns      known divergences: id patterns with their reasons, per-version files, strictness (settle)
 """
 from equivcheck.engine.compare import LeafDiff, Verdict, compare, flatten, format_args, leaves
 from equivcheck.engine.dtypes import DTYPES, np_dtype
 from equivcheck.engine.kind import SIDES, CheckKind, Known, check_name
-from equivcheck.engine.knowns import KnownDivergences
+from equivcheck.engine.knowns import KnownDivergences, settle, versioned
 from equivcheck.engine.records import CheckRecord, RunSettings, check_id
 from equivcheck.engine.search import FLAKY_NOTE, PROFILES, Search, seeded_generation
 from equivcheck.engine.tolerance import CHECK_SCALE, Tolerance, lookup, require_reasons
 
 __all__ = [
-    "CHECK_SCALE", "DTYPES", "FLAKY_NOTE", "PROFILES", "SIDES", "CheckKind", "CheckRecord", "KnownDivergences",
-    "Known", "LeafDiff", "RunSettings", "Search", "Tolerance", "Verdict", "check_id", "check_name", "compare",
-    "flatten", "format_args", "leaves", "lookup", "np_dtype", "require_reasons", "seeded_generation",
+    "CHECK_SCALE",
+    "DTYPES",
+    "FLAKY_NOTE",
+    "PROFILES",
+    "SIDES",
+    "CheckKind",
+    "CheckRecord",
+    "Known",
+    "KnownDivergences",
+    "LeafDiff",
+    "RunSettings",
+    "Search",
+    "Tolerance",
+    "Verdict",
+    "check_id",
+    "check_name",
+    "compare",
+    "flatten",
+    "format_args",
+    "leaves",
+    "lookup",
+    "np_dtype",
+    "require_reasons",
+    "seeded_generation",
+    "settle",
+    "versioned",
 ]

@@ -9,12 +9,22 @@ One entry per line, `PATTERN  REASON` (any white space between them, tabs includ
 A pattern is a check id `pair::check::dtype::device` (segments left off match anything)
 or a pytest node id (anything naming a `.py` file). Only `*` and `?` are wildcards, so
 the brackets of node ids match themselves.
+
+A file path may hold `{torch}` and `{jax}`, replaced by the installed versions' major.minor
+(`known_divergences/torch-{torch}.txt`): entries only some versions show. Such a path that
+does not exist is no error (that combination has none).
+
+Strictness: a check that matches an entry and passes although its kind ran a witness first
+(the input where the divergence shows) is *fixed*: `settle` fails it with a message saying
+the divergence is gone; lenient runs keep it as `xpass` with a warning.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import re
 from pathlib import Path
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +66,15 @@ class KnownDivergences:
 
     @classmethod
     def load(cls, paths: list[str]) -> KnownDivergences:
+        """Entries of every file in `paths`, in order (the first matching entry wins).
+
+        Raises ValueError naming the file (and line) for an unreadable file, text that is
+        not UTF-8, an entry without a reason or a pattern with more than four segments."""
         entries: list[Entry] = []
-        for path in paths:
+        for template in paths:
+            path = versioned(template)
+            if path != template and not Path(path).exists():
+                continue
             try:
                 data = Path(path).read_bytes()
             except OSError as exc:
@@ -97,3 +114,46 @@ class KnownDivergences:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def _major_minor(dist: str) -> str:
+    try:
+        return ".".join(importlib.metadata.version(dist).split("+")[0].split(".")[:2])
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def versioned(path: str) -> str:
+    """`path` with `{torch}` and `{jax}` replaced by the installed major.minor versions
+    ("2.14", "0.10"; "none" when not installed)."""
+    for key, dist in (("{torch}", "torch"), ("{jax}", "jax")):
+        if key in path:
+            path = path.replace(key, _major_minor(dist))
+    return path
+
+
+def settle(records: list[Any], *, lenient: bool = False) -> list[str]:
+    """Make known divergences strict, in place: a record that passed against an entry
+    (`xpass`) after running its kind's witnesses is failed as *fixed*, since the input where
+    the divergence showed now agrees. Lenient: it stays `xpass` and its message is returned
+    for a warning. An `xpass` without a witness stays one, with a note: the run may not have
+    drawn the inputs where the divergence shows."""
+    warnings = []
+    for rec in records:
+        if rec.outcome != "xpass":
+            continue
+        if not rec.witnessed:
+            rec.notes.append("no witness ran: the drawn examples may have missed the inputs where this divergence "
+                             "shows; give the check a witness to make the entry strict")
+            continue
+        message = (f"known divergence {rec.known_pattern!r} no longer shows: its witness"
+                   f"{'es' * (rec.witnessed > 1)} and {max(rec.examples - rec.witnessed, 0)} drawn examples agree "
+                   "within the table. The installed torch/jax no longer diverge here: remove the entry (or move it "
+                   "to a per-version file, known_divergences/torch-{torch}.txt); --equiv-known-lenient makes this "
+                   "a warning")
+        if lenient:
+            rec.notes.append(message)
+            warnings.append(f"{rec.id}: {message}")
+        else:
+            rec.outcome, rec.kind, rec.side, rec.message = "failed", "fixed", None, message
+    return warnings

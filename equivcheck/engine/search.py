@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+from hypothesis import example as explicit_example
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Flaky
 
@@ -82,8 +83,10 @@ class Search:
         return self.since is not None and time.monotonic() - self.since > self.run.shrink_seconds
 
     def __call__(self, body: Callable[[Any], None], strategy: Any, *, digest: str, seed: int,
-                 shrink: bool = True, max_examples: int | None = None) -> Any:
-        """Run `body` over the drawn examples; the failure to report, or None."""
+                 shrink: bool = True, max_examples: int | None = None, explicit: Sequence[Any] = ()) -> Any:
+        """Run `body` over the `explicit` examples (in order, every seed: a known divergence's
+        witnesses), then over the drawn ones; the failure to report, or None. An explicit
+        example that fails is reported as it is (Hypothesis does not shrink explicit examples)."""
         def test(example: Any) -> None:
             if self.best is not None and self.out_of_time:
                 raise self.best  # out of shrinking time: every call reports the smallest found
@@ -100,7 +103,11 @@ class Search:
         # A known divergence needs no minimal example: `shrink=False` stops at the first found.
         phases = [p for p in profile.phases if shrink or p != Phase.shrink]
         count = min(self.run.examples, max_examples or self.run.examples)
-        wrapped = settings(profile, max_examples=count, phases=phases)(hypothesis_seed(seed)(given(strategy)(test)))
+        inner: Any = test
+        # Decorators apply bottom-up and Hypothesis runs the topmost first: reversed keeps the order given.
+        for ex in reversed(explicit):
+            inner = explicit_example(ex)(inner)
+        wrapped = settings(profile, max_examples=count, phases=phases)(hypothesis_seed(seed)(given(strategy)(inner)))
         try:
             with seeded_generation():
                 wrapped()

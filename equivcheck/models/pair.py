@@ -91,6 +91,8 @@ class ModelPair:
                  it key for key and shape for shape
     optimizer    an equivcheck.optim.OptimizerPair (its torch optimizer and optax transformation)
     steps        K, the length of the `train` trajectory (drawn trajectories are 1..K steps)
+    witnesses    check -> `equivcheck.models.evaluate.Example`s run first on every seed (args as
+                 nested lists, cast to each dtype like `Inputs.cast`): where a known divergence shows
     """
 
     name: str
@@ -110,6 +112,7 @@ class ModelPair:
     tolerance: Tolerance | Mapping[str, Tolerance] | None = None
     doc: str = ""
     tags: frozenset[str] = frozenset()
+    witnesses: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
     all_checks = MODEL_CHECKS
 
@@ -119,6 +122,7 @@ class ModelPair:
         set_("dtypes", tuple(self.dtypes))
         set_("rules", tuple(self.rules))
         set_("tags", frozenset(self.tags))
+        set_("witnesses", {c: tuple(ws) for c, ws in dict(self.witnesses).items()})
         check_name("ModelPair", self.name)
         for label in ("torch_model", "jax_apply"):
             if not callable(getattr(self, label)):
@@ -128,6 +132,9 @@ class ModelPair:
         bad = [c for c in self.checks if c not in MODEL_CHECKS]
         if bad or not self.checks:
             raise ValueError(f"ModelPair {self.name!r}: checks {bad or '()'} not among {MODEL_CHECKS}")
+        bad = [c for c in self.witnesses if c not in MODEL_CHECKS or c in ("train", "fit")]
+        if bad:
+            raise ValueError(f"ModelPair {self.name!r}: witnesses for {bad}: only forward, grad and modes take them")
         needs = {"grad": "loss", "train": "loss", "fit": "loss"}
         for check, field in needs.items():
             if check in self.checks and getattr(self, field) is None:

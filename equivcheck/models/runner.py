@@ -14,6 +14,8 @@ it); the record states it, and notes the worst error over the one-step bound by 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,8 +69,9 @@ def _run_check(pair: Any, check: str, ents: list[mm.Entry], dtype: str, run: Run
             return
         raise _Failed(res, ex)
 
+    witnesses = [dataclasses.replace(w, args=pair.inputs.cast(w.args, dtype)) for w in pair.witnesses.get(check, ())]
     failed = search(test, _strategy(pair, check, dtype, run), digest=f"model:{pair.name}:{check}:{dtype}",
-                    seed=run.item_seed(pair.name, check, dtype, run.device), shrink=not expected)
+                    seed=run.item_seed(pair.name, check, dtype, run.device), shrink=not expected, explicit=witnesses)
     return seen, failed
 
 
@@ -91,7 +94,8 @@ def run_model_pair(pair: Any, *, dtype: str, run: RunSettings,
         rec = CheckRecord(pair.name, check, dtype, run.device, run.precision, "passed",
                           tolerance={"rtol": base.rtol, "atol": base.atol, "per": base.per,
                                      "reason": base.reason + growth},
-                          tags=sorted(pair.tags), nodeid=nodeid, replay=replay)
+                          tags=sorted(pair.tags), nodeid=nodeid, replay=replay,
+                          witnessed=len(pair.witnesses.get(check, ())))
         if broken:
             rec.outcome, rec.kind, rec.message, rec.worst_ratio = "failed", "error", broken, float("inf")
         elif check == "fit":

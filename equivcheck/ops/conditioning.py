@@ -6,8 +6,9 @@ beyond the table's bound, we ask the float64 computation itself: evaluate the ch
 exact inputs and at SAMPLES copies nudged by ULPS units of the tested dtype's epsilon. The
 spread of those float64 results is what the dtype's rounding of the inputs can do to the
 answer. The exact float64 value is where the two sides agree in float64, never one side's
-result alone. If both sides lie within SAFETY x that spread (plus the table's bound) of it,
-neither side is wrong: the input is ill-conditioned. A wrong formula (log for log1p, a
+result alone. If both sides lie within SAFETY x that spread (plus the table's bound) of it and
+of each other, and the two float64 sides agree to float64's own rounding (the spread scaled to
+float64's epsilon, plus float64's table), neither side is wrong: the input is ill-conditioned. A wrong formula (log for log1p, a
 missing factor) leaves the spread far behind and still fails.
 
 How the inputs are nudged follows how kernels round. An elementwise op rounds each element on
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.engine import tolerance
 from equivcheck.engine.compare import Verdict, flatten, float_leaves
 from equivcheck.engine.dtypes import np_dtype
 from equivcheck.engine.tolerance import Tolerance
@@ -116,10 +118,27 @@ def rounding(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict
     if mixed and inside.any():
         spread = np.full_like(spread, np.max(spread[inside]))
     bound = SAFETY * spread + tol.atol + tol.rtol * np.abs(exact)
+    # The float64 sides must agree to float64's own rounding: the spread scaled down to float64's
+    # epsilon, and float64's table. A mean of two sides that differ (a constant factor off, a
+    # default that differs) would otherwise sit within the bound of both, and a gap of up to
+    # twice the bound would pass as "rounding".
+    tol64 = tol if dtype == "float64" else tolerance.lookup(
+        "float64", check=check, tags=getattr(pair, "tags", ()), override=_override(pair, check))
+    bound64 = SAFETY * spread * (_eps("float64") / _eps(dtype)) + tol64.atol + tol64.rtol * np.abs(exact)
     with np.errstate(invalid="ignore"):
         ok = [np.all(((np.abs(x - exact) <= bound) | (x == exact))[inside]) for x in (t, j, exact_t, exact_j)]
+        ok.append(np.all(((np.abs(t - j) <= bound) | (t == j))[inside]))
+        agree64 = np.all(((np.abs(exact_t - exact_j) <= bound64) | (exact_t == exact_j))[inside])
         off = max((float(np.max(np.abs(x - exact)[inside], initial=0.0)) for x in (t, j)), default=0.0)
+    if not agree64:
+        return Rounding(False, float(np.max(spread[inside], initial=0.0)), off, bool(mixed),
+                        why="the float64 sides differ by more than float64's rounding explains")
     return Rounding(bool(all(ok)), float(np.max(spread[inside], initial=0.0)), off, bool(mixed))
+
+
+def _override(pair: Any, check: str) -> Tolerance | None:
+    lookup = getattr(pair, "tolerance_for", None)
+    return lookup("float64", check) if lookup is not None else None
 
 
 def explained_by_precision(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict: Verdict,
@@ -133,7 +152,7 @@ def explained_by_precision(pair: Any, check: str, args: Sequence[Any], ev: Evalu
     from equivcheck.engine.compare import compare
     from equivcheck.engine.tolerance import lookup
 
-    up = lambda xs: [x.astype(np.float32) if _is_low(x) else x for x in xs]  # noqa: E731
+    up = lambda xs: [x.astype(np.float32) if _is_low(x) else x for x in xs]
     vec32 = type(ev.vectors)(up(ev.vectors.ct), up(ev.vectors.t), up(ev.vectors.v))
     ev32 = evaluate(pair, up(list(args)), 0, dtype="float32", device="cpu", checks=(check,), vectors=vec32)
     if check in ev32.torch.errors or check in ev32.jax.errors:

@@ -40,6 +40,9 @@ class Pair:
     tags        e.g. "matmul" (TF32-affected), "nondeterministic-gpu", "needs-x64"
     arg_names   names of the arguments (a layer's "input", "weight", "bias"): gradients
                 are then reported by name, out['weight'] instead of out[1]
+    witnesses   argument tuples (nested lists or arrays, cast to each dtype as drawn) run first,
+                in order, on every seed before the drawn examples: the input where a known
+                divergence shows, or a past failure kept as a regression example
     """
 
     name: str
@@ -55,6 +58,7 @@ class Pair:
     tags: frozenset[str] = frozenset()
     doc: str = ""
     arg_names: tuple[str, ...] | None = None
+    witnesses: tuple[tuple[Any, ...], ...] = ()
 
     all_checks = CHECKS
 
@@ -97,6 +101,12 @@ class Pair:
         require_reasons(f"Pair {self.name!r}", self.tolerance)
         if self.arg_names is not None and (len(self.arg_names) != n_args or len(set(self.arg_names)) != n_args):
             raise ValueError(f"Pair {self.name!r}: arg_names needs {n_args} distinct names, got {self.arg_names}")
+        set_("witnesses", tuple(tuple(w) for w in self.witnesses))
+        for k, w in enumerate(self.witnesses):
+            try:
+                self.inputs.cast(w, self.dtypes[0])
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"Pair {self.name!r}: witness {k}: {exc}") from None
         for conv in self.conventions:
             if conv.arg not in self.diff_args:
                 raise ValueError(f"Pair {self.name!r}: convention {conv.name!r} names arg {conv.arg}, not differentiable")

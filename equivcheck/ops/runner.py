@@ -97,7 +97,7 @@ def run_pair(
             tolerance={"rtol": tol.rtol, "atol": tol.atol, "per": tol.per, "reason": tol.reason},
             seconds=seconds / len(checks), notes=sorted(stats[check].notes), tags=sorted(pair.tags),
             nodeid=nodeid, replay=replay, ill_conditioned=stats[check].accepted["ill-conditioned"],
-            low_precision=stats[check].accepted["low-precision"],
+            low_precision=stats[check].accepted["low-precision"], witnessed=len(pair.witnesses),
         )
         if rec.ill_conditioned:
             rec.notes.append(f"{rec.ill_conditioned} examples beyond the table bound were within the float64 "
@@ -177,7 +177,8 @@ def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: 
             # Steer generation towards the inputs where the two sides drift furthest apart.
             target(min(verdict.ratio, 1e6), label=check)
 
-    failed = search(test, examples, digest=f"{pair.name}:{dtype}:{run.device}", seed=item_seed)
+    witnesses = [(pair.inputs.cast(w, dtype), 0) for w in pair.witnesses]
+    failed = search(test, examples, digest=f"{pair.name}:{dtype}:{run.device}", seed=item_seed, explicit=witnesses)
     if failed is not None and search.flaky:
         failed.verdict.notes.append(FLAKY_NOTE)
     elif failed is not None and search.out_of_time:

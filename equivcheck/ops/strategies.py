@@ -286,6 +286,25 @@ class Inputs:
                 options.append([np.zeros(next(it), kind or np_dtype(dtype))])
         return [tuple(combo) for combo in itertools.product(*options)]
 
+    def cast(self, args: Sequence[Any], dtype: str) -> tuple[Any, ...]:
+        """A given argument tuple (a witness: nested lists or arrays) as the strategy would
+        have drawn it at `dtype`: floating arguments in `dtype`, integer, index and mask
+        arguments in their own dtypes, `Static` values as given.
+
+        Raises ValueError when the number of arguments or a static value does not fit."""
+        if len(args) != len(self.args):
+            raise ValueError(f"{len(args)} arguments given; the inputs draw {len(self.args)}")
+        out: list[Any] = []
+        for k, (spec, value) in enumerate(zip(self.args, args)):
+            if isinstance(spec, Static):
+                if value not in spec.values:
+                    raise ValueError(f"argument {k}: {value!r} is not one of the static values {spec.values}")
+                out.append(value)
+                continue
+            kind = np.dtype(spec.dtype) if isinstance(spec, Ints) else {Index: np.int64, Mask: np.bool_}.get(type(spec))
+            out.append(np.array(value, dtype=kind or np_dtype(dtype)))
+        return tuple(out)
+
     def _values(self, dtype: str, shapes: tuple[Shape, ...]) -> st.SearchStrategy[tuple]:
         parts, it = [], iter(shapes)
         for spec in self.args:

@@ -19,6 +19,7 @@ from equivcheck.optim import OptimizerPair, optimizer_pair
 from equivcheck.optim.mapping import ADAM_STATE, Mapped
 from equivcheck.optim.schedules import Schedule
 from equivcheck.optim.state import StateField, StateMap
+from equivcheck.optim.trajectory import Example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +32,21 @@ class NaivePort:
     measured: str
     build: Callable[[], OptimizerPair]
     dtypes: tuple[str, ...] = ("float32", "float64")
+    witness: Example | None = None  # where the default WITNESSES[check] does not show the divergence
 
     def pair(self) -> OptimizerPair:
-        return self.build().replace(dtypes=self.dtypes)
+        """The naive pair, with a witness per check: the defaults differ on any input, and these
+        trajectories show it on every seed (the known divergence is then strict)."""
+        pair = self.build().replace(dtypes=self.dtypes)
+        return pair.replace(witnesses=(self.witness,) if self.witness else tuple(WITNESSES[c] for c in pair.checks))
+
+
+# Two leaves, one gradient small enough for eps to matter (sqrt(v) ~ eps) and one of order one.
+WITNESSES = {
+    "step": Example("step", {"p0": [1.0, -2.0]}, {"g": {"p0": [[1e-4, 1.0]]}}, 1),
+    "quadratic": Example("quadratic", {"p0": [1.0, -2.0]}, {"a": {"p0": [1.0, 0.5]}, "c": {"p0": [[0.0, 0.5]]}}, 20),
+    "schedule": Example("schedule", steps=100),
+}
 
 
 def _naive(tx: Callable[[dict[str, Any]], Any], smap: StateMap = ADAM_STATE) -> Callable[..., Mapped]:
@@ -90,7 +103,10 @@ NAIVE_PORTS: list[NaivePort] = [
               "corrected sqrt(v_hat) (a step-dependent eps in torch's terms) and rectifies from rho_t >= 5",
               "no optax setting for eps != 0: equivcheck scale_by_radam_torch", "1.2e-4 at step 6, the first rectified step (eps=0.1)",
               _pair("naive_radam", "RAdam", lambda hp: optax.radam(hp["lr"], eps=hp["eps"]), checks=("quadratic",),
-                    lr=1e-2, eps=0.1)),
+                    lr=1e-2, eps=0.1),
+              # gradients of 0.1-0.5 (sqrt(v) ~ eps): apart at step 6, the first rectified one (Hypothesis's find)
+              witness=Example("quadratic", {"p0": [-1.0, 0.149, 0.1, 1.0]},
+                              {"a": {"p0": [1.6, 1.5, 1.0, 1.0]}, "c": {"p0": [[-1.0, -0.14, 0.0, 0.9]]}}, 6)),
     NaivePort("naive_rmsprop", "RMSprop(lr=1e-2)", "optax.rmsprop(1e-2)",
               "decay: torch alpha=0.99, optax decay=0.9; eps: torch outside the sqrt, optax inside "
               "(eps_in_sqrt=True)",
@@ -145,7 +161,9 @@ NAIVE_PORTS: list[NaivePort] = [
               "on the update that saw the loss",
               "patience + 1, and apply the scale decided before this step's loss "
               "(equivcheck lag_one_step)", "num_bad_epochs 2 apart at step 3; the lr then differs by the factor",
-              lambda: _plateau_naive()),
+              lambda: _plateau_naive(),
+              # a flat curvature: every step improves the loss by under the 10% threshold, so every step is bad
+              witness=Example("quadratic", {"p0": [2.0]}, {"a": {"p0": [0.1]}, "c": {"p0": [[0.0]]}}, 20)),
 ]
 
 

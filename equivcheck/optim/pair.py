@@ -61,6 +61,9 @@ class OptimizerPair:
                      changed: the diagnosis varies them to isolate a difference
     unavailable      why the pair cannot run here (torch without torch.optim.Lion); its
                      checks are skipped with this reason
+    witnesses        `equivcheck.optim.trajectory.Example`s run first, on every seed, by the check
+                     each names (params and data trees of arrays, cast to each dtype): the
+                     trajectory where a known divergence shows
     """
 
     name: str
@@ -83,6 +86,7 @@ class OptimizerPair:
     unavailable: str = ""
     doc: str = ""
     tags: frozenset[str] = frozenset()
+    witnesses: tuple[Any, ...] = ()
 
     all_checks = OPTIM_CHECKS  # what `equiv.check(pair, checks=...)` may select
 
@@ -92,6 +96,10 @@ class OptimizerPair:
         set_("dtypes", tuple(self.dtypes))
         set_("tags", frozenset(self.tags))
         set_("param_groups", tuple((p, dict(o)) for p, o in self.param_groups))
+        set_("witnesses", tuple(self.witnesses))
+        bad = [w for w in self.witnesses if getattr(w, "check", None) not in OPTIM_CHECKS]
+        if bad:
+            raise ValueError(f"OptimizerPair {self.name!r}: a witness must be an Example naming one of {OPTIM_CHECKS}")
         check_name("OptimizerPair", self.name)
         for label in ("torch_optimizer", "optax_transform"):
             if not callable(getattr(self, label)):

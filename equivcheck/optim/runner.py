@@ -9,13 +9,17 @@ allowance a trajectory actually uses.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
 from hypothesis import strategies as st
 
 from equivcheck.engine import tolerance
+from equivcheck.engine.dtypes import np_dtype
 from equivcheck.engine.records import CheckRecord, RunSettings
 from equivcheck.engine.search import Search
 from equivcheck.engine.tolerance import Tolerance
@@ -60,6 +64,18 @@ def _strategy(pair: Any, check: str, dtype: str, run: RunSettings) -> st.SearchS
     return st.tuples(drawn, steps).map(lambda x: Example(check, x[0][0], x[0][1], x[1]))
 
 
+def witnesses(pair: Any, check: str, dtype: str) -> list[Example]:
+    """The pair's witnesses for `check`, their floating leaves cast to `dtype`."""
+    def cast(tree: Any) -> Any:
+        # Nested lists are leaves (array values), not pytree nodes: trees are nested dicts.
+        return jax.tree_util.tree_map(
+            lambda a: np.asarray(a, np_dtype(dtype)) if np.asarray(a).dtype.kind == "f" else np.asarray(a), tree,
+            is_leaf=lambda x: isinstance(x, list))
+
+    return [dataclasses.replace(w, params=cast(w.params), data=cast(w.data)) for w in pair.witnesses
+            if w.check == check]
+
+
 def prepare(pair: Any, dtype: str, run: RunSettings) -> None:
     """Compile every program this pair's checks will call, on the background thread."""
     if pair.unavailable or dtype not in pair.dtypes:
@@ -91,7 +107,8 @@ def _run_check(pair: Any, check: str, dtype: str, run: RunSettings, base: Tolera
         raise _Failed(out, ex)
 
     failed = search(test, _strategy(pair, check, dtype, run), digest=f"optim:{pair.name}:{check}:{dtype}",
-                    seed=run.item_seed(pair.name, check, dtype, run.device), shrink=not expected)
+                    seed=run.item_seed(pair.name, check, dtype, run.device), shrink=not expected,
+                    explicit=witnesses(pair, check, dtype))
     return seen, failed
 
 
@@ -116,7 +133,8 @@ def run_optimizer_pair(pair: Any, *, dtype: str, run: RunSettings,
         rec = CheckRecord(pair.name, check, dtype, run.device, run.precision, "passed",
                           examples=len(seen) + len(ill) + bool(failed), ill_conditioned=len(ill),
                           tolerance={"rtol": base.rtol, "atol": base.atol, "reason": base.reason + growth},
-                          tags=sorted(pair.tags), nodeid=nodeid, replay=replay)
+                          tags=sorted(pair.tags), nodeid=nodeid, replay=replay,
+                          witnessed=len(witnesses(pair, check, dtype)))
         rec.worst_ratio = max((o.model_ratio for o in seen), default=0.0)
         rec.notes = _margins(seen) if check != "step" else []
         if ill:
