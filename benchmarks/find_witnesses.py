@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     def capture(self: Any, body: Any, strategy: Any, **kw: Any) -> Any:
         failed = real_call(self, body, strategy, **kw)
         if failed is not None:
-            found[kw["digest"]] = getattr(failed, "args", None) if hasattr(failed, "ev") else failed.example
+            found[kw["digest"]] = (failed.args if hasattr(failed, "ev")
+                                   else getattr(failed, "example", getattr(failed, "ex", None)))
         return failed
 
     search.Search.__call__ = capture  # type: ignore[method-assign]

@@ -191,7 +191,7 @@ PAIRS = Registry([
     # sqrt'' = -x^-1.5/4 overflows in JAX's intermediates below ~1e-200 (float64) while torch's stays
     # finite: magnitudes start at 1e-30; 0 itself (inf in both) is drawn often.
     ew("sqrt", torch.sqrt, jnp.sqrt, Floats(0, 100, special=(0.0,), min_magnitude=1e-30), np.sqrt,
-       witnesses=(([6.103515625e-05],),)),  # sqrt::hvp::float16
+       witnesses=(([1e-4],),)),  # sqrt::hvp::float16
     ew("rsqrt", torch.rsqrt, jax.lax.rsqrt, pos, lambda x: 1 / np.sqrt(x), witnesses=(([0.0078125],),)),
     Pair("pow", torch.pow, jnp.power, binary(Floats(0.1, 10), Floats(-3, 3, exclude=(0.0,))), diff_args=(0, 1),
          reference=np.power, dtypes=ALL_FLOATS),
@@ -249,8 +249,9 @@ PAIRS = Registry([
        lambda x: 0.5 * x * (1 + sp.erf(x / np.sqrt(2)))),
     ew("gelu_tanh", GELU_TANH_T, GELU_TANH_J, Floats(-3.5, 3.5), GELU_TANH_REF),
     ew("gelu_tanh_tail", GELU_TANH_T, GELU_TANH_J, Floats(-10, 10, min_magnitude=3.5), GELU_TANH_REF,
-       dtypes=("float32",), witnesses=(([4.9, -4.9],),),
-       doc="|x| > 3.5: float32 tanh saturates and JAX's second derivative loses its digits (0 for ~3e-5 at 4.9)"),
+       dtypes=("float32",),
+       doc="|x| > 3.5: float32 tanh saturates and JAX's second derivative loses its digits (0 for ~3e-5 at 4.9), "
+           "within the HVP's float32 bound (atol 4e-5): no divergence, a regression guard"),
     ew("silu", F.silu, jax.nn.silu, None, lambda x: x / (1 + np.exp(-x))),
     ew("mish", F.mish, jax.nn.mish, Floats(-20, 20), witnesses=(([12.0],),)),  # mish::hvp::float16
     ew("softplus", F.softplus, jax.nn.softplus, Floats(-30, 30), lambda x: np.logaddexp(0, x),
@@ -302,7 +303,7 @@ PAIRS = Registry([
     Pair("std_two_close", lambda x: torch.std(x, correction=1), lambda x: jnp.std(x, ddof=1),
          Inputs(Fixed((((2,),),)), (Floats(2.49, 2.51, unique=True, special=(), tiny=False),)),
          reference=lambda x: np.std(x, ddof=1),
-         witnesses=(([2.5, 2.502650022506714],), ([2.5, 2.505099058151245],), ([2.5, 2.490000009536743],))),
+         witnesses=(([2.5, 2.5001],), ([2.5, 2.505099058151245],), ([2.5, 2.490000009536743],))),
     Pair("std_at_zero", lambda x: torch.std(x, correction=1), lambda x: jnp.std(x, ddof=1),
          unary(Floats(0.0, 0.0, tiny=False), **last(min_side=2)), reference=lambda x: np.std(x, ddof=1),
          conventions=(Convention("std of an all-zero array", lambda x: np.ones(x.shape, bool), 0.0, np.nan,
