@@ -28,7 +28,8 @@ class ShapeRuleError(ValueError):
 
 
 def valid_shapes(value: object, n: int) -> tuple[Shape, ...]:
-    """`value` as a tuple of n shapes, each a tuple of non-negative ints, or ShapeRuleError.
+    """`value` as a tuple of n shapes, each a tuple of non-negative ints (or one such int), or
+    ShapeRuleError.
 
     Checked here, where the rule's answer comes back, rather than where a shape is used: a bad
     one surfaced as a StopIteration from a generator, or as numpy's "negative dimensions"
@@ -36,9 +37,12 @@ def valid_shapes(value: object, n: int) -> tuple[Shape, ...]:
     def dim(d: object) -> bool:
         return isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) >= 0
 
-    if (isinstance(value, (tuple, list)) and len(value) == n
-            and all(isinstance(s, (tuple, list)) and all(dim(d) for d in s) for s in value)):
-        return tuple(tuple(int(d) for d in s) for s in value)
+    def shape(s: object) -> bool:
+        return dim(s) or (isinstance(s, (tuple, list)) and all(dim(d) for d in s))
+
+    if isinstance(value, (tuple, list)) and len(value) == n and all(shape(s) for s in value):
+        # A bare int is NumPy's 1-D shape: Fixed(((3,),)) has always meant one argument of shape (3,).
+        return tuple((int(s),) if dim(s) else tuple(int(d) for d in s) for s in value)
     text = repr(value)
     text = text if len(text) <= 80 else text[:77] + "..."
     raise ShapeRuleError(f"returned {text}, which is not a tuple of {n} shape{'s' if n != 1 else ''} "
