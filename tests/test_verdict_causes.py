@@ -91,6 +91,23 @@ def test_a_kink_without_a_convention_names_no_side(pair, check):
     assert "declare a Convention: Convention(name, where=..., torch=..., jax=..., doc=...)" in verdict.diagnosis
 
 
+# relu(x)^2 has a first derivative 2 relu(x) with a kink at 0: the second derivative there is each
+# framework's relu'(0) (torch 0, JAX's maximum 0.5, a `where` 1), not a bug of either side.
+RELU_SQUARED = [
+    Pair("relu_squared_as_maximum", lambda x: torch.relu(x) ** 2, lambda x: jnp.maximum(x, 0.0) ** 2, unary()),
+    Pair("relu_squared_as_where", lambda x: torch.relu(x) ** 2, lambda x: jnp.where(x >= 0, x * x, 0.0), unary(),
+         reference=lambda x: np.maximum(x, 0.0) ** 2),
+]
+
+
+@pytest.mark.parametrize("pair", RELU_SQUARED, ids=str)
+def test_a_kink_of_the_first_derivative_names_no_side_in_the_hvp(pair):
+    verdict = verdict_on(pair, "hvp", [np.array([1.5, 0.0, -2.0], np.float32)], "float32")
+    assert verdict.side is None, verdict.diagnosis
+    assert "the function's first derivative has a kink here (left second derivative" in verdict.diagnosis
+    assert "Convention(name, where=..., torch=..., jax=..., doc=..., hvp=(torch, jax))" in verdict.diagnosis
+
+
 EMBED = Inputs(Fixed((((4,), (3, 2)),)), (Index(of=1, axis=0), Floats(-1, 1)))
 ARGS = [np.array([0, 2, 0, 1]), np.array([[0.5, -1.0], [0.25, 0.75], [-0.5, 1.0]], np.float32)]
 

@@ -11,8 +11,9 @@
    pair's own `reference` (a NumPy float64 implementation) decides. For derivatives, finite
    differences decide (`equivcheck.ops.finite`), never one side's forward alone and no
    framework's autodiff: of the pair's `reference` if it has one, else of both sides' float64
-   forwards if those agree at the example. No side is named where they do not, where the
-   differences are unstable, or where the function has a kink at the failing element.
+   forwards if those agree at the example and around it (each side differenced on its own).
+   No side is named where they do not, where the differences are unstable, or where the
+   function (for an HVP, its first derivative) has a kink at the failing element.
 3. Whatever decided, a failure whose symptom matches a row of the known-divergence tables
    (`equivcheck.layers.traps`) gets that row's cause and reconciling setting.
 """
