@@ -125,3 +125,40 @@ def test_a_different_embedding_bug_is_not_matched_to_padding_idx():
                 EMBED, diff_args=(1,), checks=("forward", "vjp"))
     verdict = verdict_on(pair, "vjp", ARGS, "float32")
     assert "known divergence" not in verdict.diagnosis, verdict.diagnosis
+
+
+# A constant factor of 1.001 has the relative error bfloat16 rounding gives, but persists in float64:
+# a real difference, never "does it compute in bfloat16?".
+EXP_SCALED = Pair("exp_torch_scaled_1001", lambda x: torch.exp(x) * 1.001, jnp.exp, unary())
+SPREAD = [np.array([0.5, -1.3, 2.2, 0.9], np.float32)]
+
+
+@pytest.mark.parametrize("reference", [None, np.exp], ids=["bare", "reference"])
+@pytest.mark.parametrize("check", ["forward", "vjp", "jvp"])
+def test_a_constant_factor_gets_no_low_precision_hint(check, reference):
+    verdict = verdict_on(EXP_SCALED.replace(reference=reference), check, SPREAD, "float32")
+    assert "rounding gives" not in verdict.diagnosis and "compute in" not in verdict.diagnosis, verdict.diagnosis
+    assert "they compute different functions" in verdict.diagnosis, verdict.diagnosis
+    if reference is None:
+        assert verdict.side is None, verdict.diagnosis
+    else:
+        assert verdict.side == "torch" and verdict.diagnosis.endswith("torch is off"), verdict.diagnosis
+
+
+def test_a_result_rounded_to_bfloat16_in_float64_too_gets_the_hint():
+    pair = Pair("exp_via_bfloat16", lambda x: torch.exp(x.double()).to(torch.bfloat16).to(x.dtype), jnp.exp, unary(),
+                reference=np.exp, checks=("forward",))
+    verdict = verdict_on(pair, "forward", SPREAD, "float32")
+    assert verdict.side == "torch", verdict.diagnosis
+    assert "its values lie on the bfloat16 grid" in verdict.diagnosis, verdict.diagnosis
+
+
+def test_a_float32_only_rounding_to_bfloat16_that_vanishes_in_float64_gets_the_hint():
+    def torch_fn(x):
+        y = torch.exp(x)
+        return y.to(torch.bfloat16).to(x.dtype) if x.dtype == torch.float32 else y
+
+    verdict = verdict_on(Pair("exp_bfloat16_in_float32", torch_fn, jnp.exp, unary(), checks=("forward",)),
+                         "forward", SPREAD, "float32")
+    assert verdict.side == "torch", verdict.diagnosis
+    assert "is what bfloat16 rounding gives, and the gap vanishes in float64" in verdict.diagnosis, verdict.diagnosis

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from equivcheck.engine.compare import Verdict, compare
+from equivcheck.engine.dtypes import np_dtype
 from equivcheck.engine.tolerance import Tolerance, lookup
 from equivcheck.layers.traps import Evidence, matching
 from equivcheck.ops.autodiff import Evaluation, evaluate, keyed, leaf_at, widen
@@ -98,8 +99,9 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
         agree = f"in float64 the two sides agree to {gap64:.2g} (against {observed:.2g} in {dtype})"
         found = rounding(pair, check, args, ev, verdict, dtype, tol)
         if found.explained:
+            # The tested dtype's own rounding explains the gap: no lower precision to suspect.
             _decide(verdict, path, t32, j32, ref, agree + ": the gap is rounding, so the float64 result is the "
-                    "reference")
+                    "reference", dtype=dtype, evidence="none")
             return
         if verdict.kind == "nonfinite":
             lead = (agree + f": not rounding: in {dtype} one side is not finite where the other is (an overflow "
@@ -110,7 +112,8 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
                     f"float64 answer, {times:.3g} times the most that input perturbations of {ULPS:g} {dtype} ulps "
                     f"move it ({found.spread:.3g}): a dtype-dependent threshold or default differs (e.g. a cutoff "
                     f"relative to the dtype's eps), or one side's formula loses precision in {dtype}")
-        _decide(verdict, path, t32, j32, ref, lead, both="both sides are that far from the float64 answer")
+        _decide(verdict, path, t32, j32, ref, lead, both="both sides are that far from the float64 answer",
+                dtype=dtype, evidence="vanishes")
         return
     lead = (f"the two sides differ in float64 too ({gap64:.3g}): not rounding, they compute different "
             f"functions")
@@ -130,7 +133,7 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
         if ref is None or ref.shape != t64.shape:
             verdict.diagnosis = lead + "; the pair's reference returns another structure or shape"
             return
-        _decide(verdict, path, t64, j64, ref, lead + "; the pair's NumPy reference decides")
+        _decide(verdict, path, t64, j64, ref, lead + "; the pair's NumPy reference decides", dtype=dtype)
         return
     # The failing element, for the one-sided probes; a NaN/Inf verdict has none (its leaves are
     # the leaves that compared, the failing one not among them).
@@ -153,7 +156,7 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
         verdict.side = None
         verdict.diagnosis = (found.why if found.kink else lead + "; " + found.why)
         return
-    _decide(verdict, path, t64, j64, found.ref, lead + "; " + found.why)
+    _decide(verdict, path, t64, j64, found.ref, lead + "; " + found.why, dtype=dtype)
 
 
 def _lone_nonfinite(verdict: Verdict, t: np.ndarray, j: np.ndarray, t64: np.ndarray, j64: np.ndarray,
@@ -191,18 +194,46 @@ def _lone_nonfinite(verdict: Verdict, t: np.ndarray, j: np.ndarray, t64: np.ndar
                   f"{side} is off")
 
 
-# Relative error at which a computation has quietly run in a lower precision.
-_LOW_PRECISION = (("bfloat16", 2.0**-8), ("float16 or TF32", 2.0**-11))
+# Formats a side may quietly compute in: the name, its unit roundoff, and whether a value lies on
+# its grid (TF32 keeps float32's range with a 10-bit mantissa: the low 13 bits are zero).
+def _on(dtype: Any, x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(dtype).astype(np.float64) == x
 
 
-def _precision_hint(x: np.ndarray, ref: np.ndarray) -> str:
-    finite = np.isfinite(x) & np.isfinite(ref) & (np.abs(ref) > 1e-30)
-    if not finite.any():
+def _tf32(x: np.ndarray) -> np.ndarray:
+    f = x.astype(np.float32)
+    return (f.astype(np.float64) == x) & ((f.view(np.uint32) & np.uint32(0x1FFF)) == 0)
+
+
+_LOW_PRECISION = (("bfloat16", 2.0**-8, lambda x: _on(np_dtype("bfloat16"), x)),
+                  ("float16 or TF32", 2.0**-11, lambda x: _on(np.float16, x) | _tf32(x)))
+_UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def _precision_hint(x: np.ndarray, ref: np.ndarray, dtype: str, evidence: str) -> str:
+    """" (does it compute in bfloat16?)" where the evidence says so, else "". A relative error
+    of a lower format's size is no evidence alone: a constant factor of 1.001 has it too. Where
+    the gap vanishes in float64 ("vanishes"), the difference is precision, and its size names
+    the format. Where the sides differ in float64 too ("grid"), the side's values themselves
+    must lie on the format's grid, within one of its roundings of the answer: a result rounded
+    to it."""
+    if evidence == "none":
         return ""
-    rel = float(np.max(np.abs(x[finite] - ref[finite]) / np.abs(ref[finite])))
-    for name, eps in _LOW_PRECISION:
-        if eps / 16 <= rel <= eps:
-            return f" (its relative error {rel:.2g} is what {name} rounding gives: does it compute in {name}?)"
+    vanishes = evidence == "vanishes"
+    differ = np.isfinite(x) & np.isfinite(ref) & (np.abs(ref) > 1e-30) & (x != ref)
+    if not differ.any():
+        return ""
+    rel = float(np.max(np.abs(x[differ] - ref[differ]) / np.abs(ref[differ])))
+    for name, eps, on_grid in _LOW_PRECISION:
+        if eps <= _UNIT_ROUNDOFF.get(dtype, 0.0):
+            continue  # not lower than the tested dtype: that is the dtype's own rounding
+        if vanishes and eps / 16 <= rel <= eps:
+            return (f" (its relative error {rel:.2g} is what {name} rounding gives, and the gap vanishes in float64: "
+                    f"does it compute in {name}?)")
+        if not vanishes and rel <= eps and np.all(on_grid(x[differ])):
+            return (f" (its values lie on the {name} grid, within one {name} rounding of the answer (relative "
+                    f"error {rel:.2g}): does it compute in {name}?)")
     return ""
 
 
@@ -210,7 +241,10 @@ _BOTH = "both sides are off by similar amounts (an ill-conditioned input, or a t
 
 
 def _decide(verdict: Verdict, path: str, t: np.ndarray, j: np.ndarray, ref: np.ndarray, lead: str,
-            both: str = _BOTH) -> None:
+            both: str = _BOTH, *, dtype: str, evidence: str = "grid") -> None:
+    """Name the side further from `ref` by DECISIVE, or both. `evidence` for the precision
+    hint (`_precision_hint`): "vanishes" where the gap vanishes in float64 and is no input
+    rounding, "grid" where the sides differ in float64 too, "none" where rounding explains it."""
     et, ej = gap(t, ref), gap(j, ref)
     worst = verdict.worst
     if worst is not None and worst.worst_index is not None and ref.shape:
@@ -225,6 +259,6 @@ def _decide(verdict: Verdict, path: str, t: np.ndarray, j: np.ndarray, ref: np.n
         verdict.side = "both"
     verdict.diagnosis = (
         f"{lead}; max error against it: torch {et:.3g}, jax {ej:.3g} at {path}: "
-        + {"torch": "torch is off" + _precision_hint(t, ref), "jax": "jax is off" + _precision_hint(j, ref),
-           "both": both}[verdict.side]
+        + {"torch": "torch is off" + _precision_hint(t, ref, dtype, evidence),
+           "jax": "jax is off" + _precision_hint(j, ref, dtype, evidence), "both": both}[verdict.side]
     )
