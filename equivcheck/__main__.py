@@ -15,9 +15,16 @@ import sys
 
 def _compare(args: argparse.Namespace) -> int:
     from equivcheck.report import compare_runs, read_report
+    from equivcheck.report.compare import check_growth
 
     try:
-        lines, regressed = compare_runs(read_report(args.old), read_report(args.new), growth=args.growth)
+        growth = check_growth(args.growth)
+    except ValueError as exc:
+        # Checked before the reports are read: a bad option is the first thing to say.
+        print(f"equivcheck compare: --growth: {exc}", file=sys.stderr)
+        return 2
+    try:
+        lines, regressed = compare_runs(read_report(args.old), read_report(args.new), growth=growth)
     except ValueError as exc:
         print(f"equivcheck compare: {exc}", file=sys.stderr)
         return 2
@@ -59,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="what changed between two report JSON files")
     cmp.add_argument("old")
     cmp.add_argument("new")
-    cmp.add_argument("--growth", type=float, default=2.0,
+    # Parsed by check_growth, not argparse's type=float: argparse takes nan and -1, and answers
+    # a non-number with its usage block rather than the one line every exit 2 gives.
+    cmp.add_argument("--growth", default="2",
                      help="report a check whose worst error/allowed grew by this factor (default 2)")
     cmp.set_defaults(run=_compare)
     conv = sub.add_parser("convert", help="convert a checkpoint: .pt/.pth (weights only), .safetensors, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 
 BAD = """
@@ -68,3 +70,53 @@ def test_a_failing_check_does_not_hide_the_others_of_its_pair(pytester):
     _, rec = run(pytester)
     # jax_raises fails every check; each is reported on its own.
     assert {rec[f"jax_raises::{c}::float32::cpu"]["outcome"] for c in ("forward", "vjp", "jvp", "hvp")} == {"failed"}
+
+
+USER_FUNCTIONS = """
+import pytest, torch, jax.numpy as jnp
+from hypothesis import strategies as st
+import equivcheck as ec
+
+def body(n, dtype):
+    raise ValueError(f"body broke at {n}")
+
+CHECKS = [
+    ec.Pair("good", torch.tanh, jnp.tanh, ec.unary()),
+    ec.DataCheck("raising_body", body, st.integers(0, 9)),
+    ec.DataCheck("no_verdict", lambda n, dtype: True, st.integers(0, 9)),
+    ec.Pair("rule_gives_int", torch.tanh, jnp.tanh, ec.Inputs(ec.Custom(lambda rng: 5, ((2,),)), (ec.Floats(),))),
+    ec.Pair("rule_gives_two", torch.tanh, jnp.tanh,
+            ec.Inputs(ec.Custom(lambda rng: ((2,), (3,)), ((2,),)), (ec.Floats(),))),
+    ec.Pair("rule_gives_negative", torch.tanh, jnp.tanh,
+            ec.Inputs(ec.Custom(lambda rng: ((-2,),), ((2,),)), (ec.Floats(),))),
+]
+
+@pytest.mark.parametrize("kind", CHECKS, ids=str)
+def test_kind(kind, equiv):
+    equiv.check(kind)
+"""
+
+
+@pytest.mark.parametrize("shapes", ["4", "0"])  # a palette drawn before the search, or shapes drawn in it
+def test_a_raising_data_body_or_a_garbage_shape_rule_is_a_failed_record_naming_it(pytester, shapes):
+    pytester.makepyfile(test_user=USER_FUNCTIONS)
+    result = pytester.runpytest("--equiv", "--equiv-examples", "5", "--equiv-seed", "2", "--equiv-dtypes",
+                                "float32", "--equiv-shapes", shapes, "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=5, errors=0)
+    assert "Traceback" not in result.stdout.str()
+    rec = {r["id"]: r for r in json.loads((pytester.path / "reports" / "latest.json").read_text())["records"]}
+    assert rec["good::hvp::float32::cpu"]["outcome"] == "passed"  # the run went on
+    body = rec["raising_body::forward::float32::cpu"]
+    assert body["outcome"] == "failed" and body["kind"] == "error" and body["side"] is None
+    assert "the DataCheck body 'raising_body' raised ValueError: body broke at 0 (" in body["message"]
+    assert "test_user.py" in body["message"] and body["inputs"] == "arg0: 0"  # where, and shrunk
+    assert ("the DataCheck body 'no_verdict' returned bool, not a DataVerdict"
+            in rec["no_verdict::forward::float32::cpu"]["message"])
+    garbage = {"rule_gives_int": "returned 5, which is not a tuple of 1 shape",
+               "rule_gives_two": "returned ((2,), (3,)), which is not a tuple of 1 shape",
+               "rule_gives_negative": "returned ((-2,),), which is not a tuple of 1 shape"}
+    for name, said in garbage.items():
+        for check in ("forward", "vjp", "jvp", "hvp"):
+            r = rec[f"{name}::{check}::float32::cpu"]
+            assert r["outcome"] == "failed" and r["kind"] == "error" and r["side"] is None, r
+            assert r["message"].startswith(f"the shape rule of pair '{name}' {said}"), r["message"]

@@ -106,6 +106,16 @@ def test_compare_refuses_a_bad_report_in_one_line(tmp_path, capsys, content, rea
     assert main(["compare", str(good), str(good)]) == 0
 
 
+@pytest.mark.parametrize("growth", ["-1", "nan", "0.5", "inf", "abc"])
+def test_compare_refuses_a_bad_growth_factor_in_one_line(tmp_path, capsys, growth):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(report()))
+    err = one_line(capsys, main(["compare", str(good), str(good), "--growth", growth]), "--growth", growth)
+    assert "growth factor >= 1" in err, err
+    for fine in ("1", "2.5"):
+        assert main(["compare", str(good), str(good), "--growth", fine]) == 0
+
+
 def corrupt_orbax(tmp_path):
     path = ck.save({"a.w": np.arange(3, dtype=np.float32)}, tmp_path / "ckpt_orbax")
     victim = path / "manifest.ocdbt"

@@ -222,5 +222,19 @@ def test_conclude_files_records_and_fails_or_xfails_the_test(pytester):
 
 def test_a_data_check_body_that_returns_no_verdict_is_named():
     check = D.DataCheck("returns_bool", lambda example, dtype: True, st.integers(0, 3))
-    with pytest.raises(TypeError, match="'returns_bool': its body returned bool, not a DataVerdict"):
-        check.run_checks(dtype="float32", run=RunSettings(examples=3, seed=0))
+    (rec,) = check.run_checks(dtype="float32", run=RunSettings(examples=3, seed=0))
+    assert rec.outcome == "failed" and rec.kind == "error" and rec.side is None
+    assert "the DataCheck body 'returns_bool' returned bool, not a DataVerdict" in rec.message
+
+
+def test_a_data_check_body_that_raises_is_a_failed_record_naming_it():
+    def body(n, dtype):
+        if n > 1:
+            raise ValueError(f"no batch {n}")
+        return D.compare_epochs([[np.arange(3)]], [[np.arange(3)]], index=None)
+
+    (rec,) = D.DataCheck("raises_above_1", body, st.integers(0, 9)).run_checks(
+        dtype="float32", run=RunSettings(examples=20, seed=0))
+    assert rec.outcome == "failed" and rec.kind == "error" and rec.side is None
+    assert "the DataCheck body 'raises_above_1' raised ValueError: no batch 2 (" in rec.message
+    assert "test_data.py" in rec.message and rec.inputs == "arg0: 2"

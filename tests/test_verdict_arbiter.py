@@ -32,6 +32,28 @@ def test_without_a_reference_differing_forwards_name_no_side(check):
     assert "the two forwards differ" in verdict.diagnosis and "cannot be arbitrated" in verdict.diagnosis
 
 
+# The trial's pair: the VJP failure shrinks to x = 0, where the two forwards agree exactly; around
+# it they do not, so the mean of the forwards (derivative 1.005) cannot tell the sides apart.
+TANH_SCALED_BARE = Pair("tanh_torch_scaled_bare", lambda x: torch.tanh(1.01 * x), jnp.tanh, unary())
+
+
+@pytest.mark.parametrize("check", ["vjp", "jvp"])
+def test_forwards_that_agree_only_at_the_example_name_no_side_and_are_called_the_cause(check):
+    verdict = verdict_on(TANH_SCALED_BARE, check, [np.array([0.0], np.float32)], "float32")  # still fails
+    assert verdict.side is None, verdict.diagnosis
+    assert "the two forwards differ near this point, so their derivatives cannot be arbitrated" in verdict.diagnosis
+    assert "A forward difference near this point is the likely cause" in verdict.diagnosis
+    assert "Each side's derivative matches its own forward" in verdict.diagnosis
+    assert "both sides are off" not in verdict.diagnosis and "tolerance too tight" not in verdict.diagnosis
+
+
+def test_forwards_that_agree_only_at_the_example_fail_undecided_in_a_run():
+    pair = TANH_SCALED_BARE.replace(checks=("vjp", "jvp"))
+    for rec in run_pair(pair, dtype="float32", run=RunSettings(examples=10, seed=SEED)):
+        assert rec.outcome == "failed" and rec.side is None, rec.failure_text()
+        assert "cannot be arbitrated" in rec.diagnosis and "both sides are off" not in rec.diagnosis
+
+
 class _DoubledSin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -91,6 +91,23 @@ def test_a_kink_without_a_convention_names_no_side(pair, check):
     assert "declare a Convention: Convention(name, where=..., torch=..., jax=..., doc=...)" in verdict.diagnosis
 
 
+# relu(x)^2 has a first derivative 2 relu(x) with a kink at 0: the second derivative there is each
+# framework's relu'(0) (torch 0, JAX's maximum 0.5, a `where` 1), not a bug of either side.
+RELU_SQUARED = [
+    Pair("relu_squared_as_maximum", lambda x: torch.relu(x) ** 2, lambda x: jnp.maximum(x, 0.0) ** 2, unary()),
+    Pair("relu_squared_as_where", lambda x: torch.relu(x) ** 2, lambda x: jnp.where(x >= 0, x * x, 0.0), unary(),
+         reference=lambda x: np.maximum(x, 0.0) ** 2),
+]
+
+
+@pytest.mark.parametrize("pair", RELU_SQUARED, ids=str)
+def test_a_kink_of_the_first_derivative_names_no_side_in_the_hvp(pair):
+    verdict = verdict_on(pair, "hvp", [np.array([1.5, 0.0, -2.0], np.float32)], "float32")
+    assert verdict.side is None, verdict.diagnosis
+    assert "the function's first derivative has a kink here (left second derivative" in verdict.diagnosis
+    assert "Convention(name, where=..., torch=..., jax=..., doc=..., hvp=(torch, jax))" in verdict.diagnosis
+
+
 EMBED = Inputs(Fixed((((4,), (3, 2)),)), (Index(of=1, axis=0), Floats(-1, 1)))
 ARGS = [np.array([0, 2, 0, 1]), np.array([[0.5, -1.0], [0.25, 0.75], [-0.5, 1.0]], np.float32)]
 
@@ -108,3 +125,40 @@ def test_a_different_embedding_bug_is_not_matched_to_padding_idx():
                 EMBED, diff_args=(1,), checks=("forward", "vjp"))
     verdict = verdict_on(pair, "vjp", ARGS, "float32")
     assert "known divergence" not in verdict.diagnosis, verdict.diagnosis
+
+
+# A constant factor of 1.001 has the relative error bfloat16 rounding gives, but persists in float64:
+# a real difference, never "does it compute in bfloat16?".
+EXP_SCALED = Pair("exp_torch_scaled_1001", lambda x: torch.exp(x) * 1.001, jnp.exp, unary())
+SPREAD = [np.array([0.5, -1.3, 2.2, 0.9], np.float32)]
+
+
+@pytest.mark.parametrize("reference", [None, np.exp], ids=["bare", "reference"])
+@pytest.mark.parametrize("check", ["forward", "vjp", "jvp"])
+def test_a_constant_factor_gets_no_low_precision_hint(check, reference):
+    verdict = verdict_on(EXP_SCALED.replace(reference=reference), check, SPREAD, "float32")
+    assert "rounding gives" not in verdict.diagnosis and "compute in" not in verdict.diagnosis, verdict.diagnosis
+    assert "they compute different functions" in verdict.diagnosis, verdict.diagnosis
+    if reference is None:
+        assert verdict.side is None, verdict.diagnosis
+    else:
+        assert verdict.side == "torch" and verdict.diagnosis.endswith("torch is off"), verdict.diagnosis
+
+
+def test_a_result_rounded_to_bfloat16_in_float64_too_gets_the_hint():
+    pair = Pair("exp_via_bfloat16", lambda x: torch.exp(x.double()).to(torch.bfloat16).to(x.dtype), jnp.exp, unary(),
+                reference=np.exp, checks=("forward",))
+    verdict = verdict_on(pair, "forward", SPREAD, "float32")
+    assert verdict.side == "torch", verdict.diagnosis
+    assert "its values lie on the bfloat16 grid" in verdict.diagnosis, verdict.diagnosis
+
+
+def test_a_float32_only_rounding_to_bfloat16_that_vanishes_in_float64_gets_the_hint():
+    def torch_fn(x):
+        y = torch.exp(x)
+        return y.to(torch.bfloat16).to(x.dtype) if x.dtype == torch.float32 else y
+
+    verdict = verdict_on(Pair("exp_bfloat16_in_float32", torch_fn, jnp.exp, unary(), checks=("forward",)),
+                         "forward", SPREAD, "float32")
+    assert verdict.side == "torch", verdict.diagnosis
+    assert "is what bfloat16 rounding gives, and the gap vanishes in float64" in verdict.diagnosis, verdict.diagnosis

@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hypothesis.errors import HypothesisException
+
+from equivcheck.backends.results import SideError
 from equivcheck.data.loaders import DataVerdict
 from equivcheck.engine import tolerance as tolerance_table
 from equivcheck.engine.compare import format_args
@@ -96,10 +99,20 @@ def run_check(name: str, body: Callable[[Any], DataVerdict], examples: Any, *, d
     start, stats = time.perf_counter(), {"n": 0, "worst": 0.0, "batches": 0}
 
     def test(example: Any) -> None:
-        verdict = body(example)
+        try:
+            verdict = body(example)
+        except HypothesisException:  # assume() and friends steer the search; they are no finding
+            raise
+        except Exception as exc:
+            # The body is the user's code: its exception is this check's failure, recorded
+            # like a side that raises, so the run and its report go on.
+            err = SideError.from_exc("body", "forward", exc)
+            raise _Mismatch(DataVerdict(False, "error", f"the DataCheck body {name!r} raised {err.type}: "
+                                        f"{err.message} ({err.where})"), example) from exc
         if not isinstance(verdict, DataVerdict):
-            raise TypeError(f"data check {name!r}: its body returned {type(verdict).__name__}, not a DataVerdict "
-                            "(equivcheck.data.compare_epochs returns one)")
+            raise _Mismatch(DataVerdict(False, "error", f"the DataCheck body {name!r} returned "
+                                        f"{type(verdict).__name__}, not a DataVerdict (equivcheck.data."
+                                        "compare_epochs returns one)"), example)
         stats["n"] += 1
         if not verdict.ok:
             raise _Mismatch(verdict, example)

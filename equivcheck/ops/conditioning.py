@@ -101,7 +101,7 @@ def rounding(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict
                               for r in (ev64.torch, ev64.jax, ev.torch, ev.jax))
     if any(x is None for x in (exact_t, exact_j, t, j)) or not (exact_t.shape == t.shape == exact_j.shape == j.shape):
         return Rounding(False, why="the float64 results have another structure")
-    top = _largest(dtype)
+    top = largest(dtype)
     with np.errstate(invalid="ignore"):
         beyond_t, beyond_j = (~np.isfinite(x) | (np.abs(x) > top) for x in (exact_t, exact_j))
         if np.any(beyond_t != beyond_j):
@@ -160,7 +160,7 @@ def explained_by_precision(pair: Any, check: str, args: Sequence[Any], ev: Evalu
     t32, j32 = (keyed(pair, check, r.values[check]) for r in (ev32.torch, ev32.jax))
     if not compare(t32, j32, lookup("float32", check=check, tags=pair.tags)).ok:
         return False
-    eps, top = _eps(dtype), _largest(dtype)
+    eps, top = _eps(dtype), largest(dtype)
     for side in (ev.torch, ev.jax):
         for path, low in flatten(keyed(pair, check, side.values[check])):
             ref_t, ref_j = leaf_at(t32, path), leaf_at(j32, path)
@@ -187,7 +187,8 @@ def _is_low(x: Any) -> bool:
     return isinstance(x, np.ndarray) and x.dtype.name in ("bfloat16", "float16")
 
 
-def _largest(dtype: str) -> float:
+def largest(dtype: str) -> float:
+    """The largest finite value of `dtype` (bfloat16 shares float32's exponent range)."""
     return float(np.finfo(np.float32 if dtype == "bfloat16" else np_dtype(dtype)).max)
 
 

@@ -1,18 +1,22 @@
 """Which side is off? Re-run a failing example in float64 on the CPU and decide.
 
-1. Both sides again in float64. If they now agree far better than they did, the two compute
-   the same function and the gap is the tested dtype's. It is rounding only where the
+1. Both sides again in float64. If they now agree far better than they did (against a NaN or
+   inf, under the float64 bound), the two compute the same function and the gap is the
+   tested dtype's. It is rounding only where the
    conditioning rule (`equivcheck.ops.conditioning.rounding`, the one the acceptance uses)
    says input rounding explains it; then the side further from the float64 value is the one
    off. A larger gap is no rounding: a dtype-dependent threshold or default differs (a cutoff
    relative to the dtype's eps), or one side's formula loses precision in that dtype; the
    side further from float64 is still named.
 2. If they still disagree, the two sides compute different functions. For the forward, the
-   pair's own `reference` (a NumPy float64 implementation) decides. For derivatives, finite
+   pair's own `reference` (a NumPy float64 implementation) decides; without one, a value not
+   finite on one side only names that side where the other side's is finite and in range,
+   in float64 too (`_lone_nonfinite`); so it does for a derivative the differences cannot decide. For derivatives, finite
    differences decide (`equivcheck.ops.finite`), never one side's forward alone and no
    framework's autodiff: of the pair's `reference` if it has one, else of both sides' float64
-   forwards if those agree at the example. No side is named where they do not, where the
-   differences are unstable, or where the function has a kink at the failing element.
+   forwards if those agree at the example and around it (each side differenced on its own).
+   No side is named where they do not, where the differences are unstable, or where the
+   function (for an HVP, its first derivative) has a kink at the failing element.
 3. Whatever decided, a failure whose symptom matches a row of the known-divergence tables
    (`equivcheck.layers.traps`) gets that row's cause and reconciling setting.
 """
@@ -24,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.engine.compare import Verdict
+from equivcheck.engine.compare import Verdict, compare
+from equivcheck.engine.dtypes import np_dtype
 from equivcheck.engine.tolerance import Tolerance, lookup
 from equivcheck.layers.traps import Evidence, matching
 from equivcheck.ops.autodiff import Evaluation, evaluate, keyed, leaf_at, widen
-from equivcheck.ops.conditioning import ULPS, rounding
+from equivcheck.ops.conditioning import ULPS, largest, rounding
 from equivcheck.ops.finite import DECISIVE, as_tree, derivative, gap
 
 __all__ = ["DECISIVE", "diagnose", "leaf_at", "widen"]
@@ -84,13 +89,19 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
         return
     observed = gap(t32, j32)
     gap64 = gap(t64, j64)
-    if dtype != "float64" and math.isfinite(gap64) and gap64 <= 0.1 * observed:
+    # Against a NaN or inf (an infinite gap) any finite float64 gap is "far better": exp(100)
+    # overflowing float32 on one side only looked like agreement at 2.7e43. There the float64
+    # sides must agree under the float64 bound.
+    tol64 = lookup("float64", check=check, tags=pair.tags, override=pair.tolerance_for("float64", check))
+    agrees = (gap64 <= 0.1 * observed if math.isfinite(observed) else compare(t64, j64, tol64).ok)
+    if dtype != "float64" and math.isfinite(gap64) and agrees:
         ref = (t64 + j64) / 2
         agree = f"in float64 the two sides agree to {gap64:.2g} (against {observed:.2g} in {dtype})"
         found = rounding(pair, check, args, ev, verdict, dtype, tol)
         if found.explained:
+            # The tested dtype's own rounding explains the gap: no lower precision to suspect.
             _decide(verdict, path, t32, j32, ref, agree + ": the gap is rounding, so the float64 result is the "
-                    "reference")
+                    "reference", dtype=dtype, evidence="none")
             return
         if verdict.kind == "nonfinite":
             lead = (agree + f": not rounding: in {dtype} one side is not finite where the other is (an overflow "
@@ -101,15 +112,17 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
                     f"float64 answer, {times:.3g} times the most that input perturbations of {ULPS:g} {dtype} ulps "
                     f"move it ({found.spread:.3g}): a dtype-dependent threshold or default differs (e.g. a cutoff "
                     f"relative to the dtype's eps), or one side's formula loses precision in {dtype}")
-        _decide(verdict, path, t32, j32, ref, lead, both="both sides are that far from the float64 answer")
+        _decide(verdict, path, t32, j32, ref, lead, both="both sides are that far from the float64 answer",
+                dtype=dtype, evidence="vanishes")
         return
     lead = (f"the two sides differ in float64 too ({gap64:.3g}): not rounding, they compute different "
             f"functions")
     if check == "forward":
         if pair.reference is None:
-            # Without a reference only a NaN on one side tells: it is rarely the right answer.
-            verdict.side = verdict.side if verdict.kind == "nonfinite" else None
-            verdict.diagnosis = lead + "; give the Pair a float64 `reference` to decide which side is right"
+            lone = _lone_nonfinite(verdict, t32, j32, t64, j64, dtype)
+            verdict.side = lone[0] if lone else None
+            verdict.diagnosis = lead + "; " + (lone[1] if lone else "give the Pair a float64 `reference` to decide "
+                                               "which side is right")
             return
         try:
             ref_tree = pair.reference(*args64)
@@ -120,33 +133,107 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
         if ref is None or ref.shape != t64.shape:
             verdict.diagnosis = lead + "; the pair's reference returns another structure or shape"
             return
-        _decide(verdict, path, t64, j64, ref, lead + "; the pair's NumPy reference decides")
+        _decide(verdict, path, t64, j64, ref, lead + "; the pair's NumPy reference decides", dtype=dtype)
         return
-    index = verdict.worst.worst_index if verdict.worst is not None else None
+    # The failing element, for the one-sided probes; a NaN/Inf verdict has none (its leaves are
+    # the leaves that compared, the failing one not among them).
+    worst = verdict.worst
+    index = worst.worst_index if verdict.kind == "values" and worst is not None and worst.path == path else None
+    lone = _lone_nonfinite(verdict, t32, j32, t64, j64, dtype)
     try:
         found = derivative(pair, check, args64, vec64, path, t64, j64, index)
     except Exception as exc:
-        verdict.diagnosis = lead + f"; finite differences failed ({type(exc).__name__}: {exc})"
+        verdict.side = lone[0] if lone else None
+        verdict.diagnosis = lead + "; " + (lone[1] if lone else f"finite differences failed ({type(exc).__name__}: "
+                                           f"{exc})")
         return
     if found.ref is None:
+        if lone:
+            # Nothing to difference (the non-finite side's forward is not finite either, most
+            # often), but the lone non-finite value is evidence enough, and said as such.
+            verdict.side, verdict.diagnosis = lone[0], lead + "; " + lone[1]
+            return
         verdict.side = None
         verdict.diagnosis = (found.why if found.kink else lead + "; " + found.why)
         return
-    _decide(verdict, path, t64, j64, found.ref, lead + "; " + found.why)
+    _decide(verdict, path, t64, j64, found.ref, lead + "; " + found.why, dtype=dtype)
 
 
-# Relative error at which a computation has quietly run in a lower precision.
-_LOW_PRECISION = (("bfloat16", 2.0**-8), ("float16 or TF32", 2.0**-11))
+def _lone_nonfinite(verdict: Verdict, t: np.ndarray, j: np.ndarray, t64: np.ndarray, j64: np.ndarray,
+                    dtype: str) -> tuple[str, str] | None:
+    """(side, why) where one side alone is not finite (NaN, +inf or -inf alike) and the other
+    side's value is finite both in the tested dtype and in float64, within the dtype's range:
+    a representable answer exists and the other side computes it, and a value that is not
+    finite on one side only is rarely the right answer. None where that does not hold at every
+    element whose finiteness differs (both sides not finite, each side at some, the other side
+    not finite or out of range in float64, or the non-finite side's own float64 answer out of
+    range: then its inf is that answer, rounded)."""
+    if verdict.kind != "nonfinite":
+        return None
+    with np.errstate(invalid="ignore"):
+        ft, fj = np.isfinite(t), np.isfinite(j)
+        if np.any(~ft & ~fj & ~((t == j) | (np.isnan(t) & np.isnan(j)))):
+            return None  # inf against -inf, NaN against inf: no side is the finite one
+        lone_t, lone_j = ~ft & fj, ft & ~fj
+        if lone_t.any() == lone_j.any():
+            return None
+        side, other, o, o64, s64, where = (("torch", "jax", j, j64, t64, lone_t) if lone_t.any()
+                                           else ("jax", "torch", t, t64, j64, lone_j))
+        top = largest(dtype)
+        if not np.all(np.isfinite(o64[where]) & (np.abs(o64[where]) <= top)):
+            return None
+        if np.any(np.isfinite(s64[where]) & (np.abs(s64[where]) > top)):
+            return None  # its own float64 answer is beyond the dtype: its inf is that answer, rounded
+    at = tuple(int(i) for i in np.argwhere(where)[0]) if where.ndim else ()
+    bad = (t if side == "torch" else j)[at]
+    n = int(np.count_nonzero(where))
+    return side, (f"{side} gives {float(bad)} at {verdict.path}{list(at) if at else ''}"
+                  f"{f' (and {n - 1} more)' if n > 1 else ''} where {other} gives {float(o[at]):.9g} "
+                  f"({float(o64[at]):.9g} in float64, within {dtype}'s range): a finite answer exists and {other} "
+                  f"computes it, and a value that is not finite on one side only is rarely the right one: "
+                  f"{side} is off")
 
 
-def _precision_hint(x: np.ndarray, ref: np.ndarray) -> str:
-    finite = np.isfinite(x) & np.isfinite(ref) & (np.abs(ref) > 1e-30)
-    if not finite.any():
+# Formats a side may quietly compute in: the name, its unit roundoff, and whether a value lies on
+# its grid (TF32 keeps float32's range with a 10-bit mantissa: the low 13 bits are zero).
+def _on(dtype: Any, x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(dtype).astype(np.float64) == x
+
+
+def _tf32(x: np.ndarray) -> np.ndarray:
+    f = x.astype(np.float32)
+    return (f.astype(np.float64) == x) & ((f.view(np.uint32) & np.uint32(0x1FFF)) == 0)
+
+
+_LOW_PRECISION = (("bfloat16", 2.0**-8, lambda x: _on(np_dtype("bfloat16"), x)),
+                  ("float16 or TF32", 2.0**-11, lambda x: _on(np.float16, x) | _tf32(x)))
+_UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def _precision_hint(x: np.ndarray, ref: np.ndarray, dtype: str, evidence: str) -> str:
+    """" (does it compute in bfloat16?)" where the evidence says so, else "". A relative error
+    of a lower format's size is no evidence alone: a constant factor of 1.001 has it too. Where
+    the gap vanishes in float64 ("vanishes"), the difference is precision, and its size names
+    the format. Where the sides differ in float64 too ("grid"), the side's values themselves
+    must lie on the format's grid, within one of its roundings of the answer: a result rounded
+    to it."""
+    if evidence == "none":
         return ""
-    rel = float(np.max(np.abs(x[finite] - ref[finite]) / np.abs(ref[finite])))
-    for name, eps in _LOW_PRECISION:
-        if eps / 16 <= rel <= eps:
-            return f" (its relative error {rel:.2g} is what {name} rounding gives: does it compute in {name}?)"
+    vanishes = evidence == "vanishes"
+    differ = np.isfinite(x) & np.isfinite(ref) & (np.abs(ref) > 1e-30) & (x != ref)
+    if not differ.any():
+        return ""
+    rel = float(np.max(np.abs(x[differ] - ref[differ]) / np.abs(ref[differ])))
+    for name, eps, on_grid in _LOW_PRECISION:
+        if eps <= _UNIT_ROUNDOFF.get(dtype, 0.0):
+            continue  # not lower than the tested dtype: that is the dtype's own rounding
+        if vanishes and eps / 16 <= rel <= eps:
+            return (f" (its relative error {rel:.2g} is what {name} rounding gives, and the gap vanishes in float64: "
+                    f"does it compute in {name}?)")
+        if not vanishes and rel <= eps and np.all(on_grid(x[differ])):
+            return (f" (its values lie on the {name} grid, within one {name} rounding of the answer (relative "
+                    f"error {rel:.2g}): does it compute in {name}?)")
     return ""
 
 
@@ -154,7 +241,10 @@ _BOTH = "both sides are off by similar amounts (an ill-conditioned input, or a t
 
 
 def _decide(verdict: Verdict, path: str, t: np.ndarray, j: np.ndarray, ref: np.ndarray, lead: str,
-            both: str = _BOTH) -> None:
+            both: str = _BOTH, *, dtype: str, evidence: str = "grid") -> None:
+    """Name the side further from `ref` by DECISIVE, or both. `evidence` for the precision
+    hint (`_precision_hint`): "vanishes" where the gap vanishes in float64 and is no input
+    rounding, "grid" where the sides differ in float64 too, "none" where rounding explains it."""
     et, ej = gap(t, ref), gap(j, ref)
     worst = verdict.worst
     if worst is not None and worst.worst_index is not None and ref.shape:
@@ -169,6 +259,6 @@ def _decide(verdict: Verdict, path: str, t: np.ndarray, j: np.ndarray, ref: np.n
         verdict.side = "both"
     verdict.diagnosis = (
         f"{lead}; max error against it: torch {et:.3g}, jax {ej:.3g} at {path}: "
-        + {"torch": "torch is off" + _precision_hint(t, ref), "jax": "jax is off" + _precision_hint(j, ref),
-           "both": both}[verdict.side]
+        + {"torch": "torch is off" + _precision_hint(t, ref, dtype, evidence),
+           "jax": "jax is off" + _precision_hint(j, ref, dtype, evidence), "both": both}[verdict.side]
     )

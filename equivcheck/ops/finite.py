@@ -9,7 +9,14 @@ disagree by more than 1/DECISIVE of the float64 gap between the sides, the finit
 cannot tell the sides apart and no side is named. At the failing element of a VJP or JVP,
 one-sided differences from the left and the right are compared first: where they differ by a
 jump that does not shrink with the step, the function has a kink there, and the derivative is
-a convention the pair has to declare.
+a convention the pair has to declare. An HVP is probed the same way, on the gradient: a jump in
+the first derivative along the HVP direction is a kink of the first derivative.
+
+Without a reference, agreeing at the example is not enough: tanh(1.01 x) and tanh(x) agree at
+x = 0, and their mean has the derivative 1.005, which blames both sides. So each side's forward
+is differenced on its own, at the very points the arbiter uses, and where the two differ by
+more than 1/DECISIVE of the sides' gap the forwards differ near the example: their derivatives
+cannot be arbitrated, and the forward difference is the likely cause.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ class Arbitration:
     ref: np.ndarray | None
     why: str
     kink: bool = False
+    forwards_differ: bool = False
 
 
 def as_tree(x: Any) -> Any:
@@ -76,14 +84,17 @@ def forward64(pair: Any, args64: Sequence[Any], side: str, vec: Vectors
     return f
 
 
-def arbiter(pair: Any, args64: Sequence[Any], vec: Vectors
-             ) -> tuple[Callable[[Sequence[np.ndarray]], list[np.ndarray]] | None, str]:
-    """The float64 function whose derivatives decide, and how to name it. The pair's reference
-    when it has one; else the mean of both sides' float64 forwards, provided they agree at the
-    example (if they do not, no derivative of either can be trusted over the other)."""
+Function = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+
+
+def arbiter(pair: Any, args64: Sequence[Any], vec: Vectors) -> tuple[dict[str, Function] | None, str]:
+    """The float64 functions whose derivatives decide, and how to name them: the pair's
+    reference when it has one; else both sides' float64 forwards, whose mean decides, provided
+    they agree at the example (if they do not, no derivative of either can be trusted over the
+    other). `derivative` also checks that they agree around it."""
     if pair.reference is not None:
         source = "central finite differences of the pair's float64 NumPy reference decide"
-        return forward64(pair, args64, "reference", vec), source
+        return {"reference": forward64(pair, args64, "reference", vec)}, source
     ft, fj = forward64(pair, args64, "torch", vec), forward64(pair, args64, "jax", vec)
     primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
     tol = lookup("float64", check="forward", tags=pair.tags, override=pair.tolerance_for("float64", "forward"))
@@ -91,33 +102,36 @@ def arbiter(pair: Any, args64: Sequence[Any], vec: Vectors
     if not same.ok:
         return None, (f"the two forwards differ ({same.message}), so their derivatives cannot be arbitrated; "
                       f"give the Pair a float64 `reference` to decide which side is right")
-    source = "central finite differences of both sides' float64 forwards (which agree) decide"
-    return (lambda d: [(a + b) / 2 for a, b in zip(ft(d), fj(d))]), source
+    source = "central finite differences of both sides' float64 forwards (which agree there and around) decide"
+    return {"torch": ft, "jax": fj}, source
 
 
 def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path: str, t64: np.ndarray,
                j64: np.ndarray, index: tuple[int, ...] | None) -> Arbitration:
     """The derivative `check` at `path` by finite differences of the arbiter, or why there is
-    none: the arbiter cannot be had, the function has a kink at the failing element `index`,
-    or the differences are unstable against the sides' float64 gap."""
-    f, source = arbiter(pair, args64, vec)
-    if f is None:
+    none: the arbiter cannot be had, the two forwards differ around the example, the function
+    (or, for an HVP, its first derivative) has a kink at the failing element `index`, or the
+    differences are unstable against the sides' float64 gap."""
+    fs, source = arbiter(pair, args64, vec)
+    if fs is None:
         return Arbitration(None, source)
-    fd = _Differences(f, [np.asarray(args64[i], np.float64) for i in pair.diff_args], vec)
-    sides_gap = gap(t64, j64)
-    if check in ("vjp", "jvp") and index is not None:
-        kink = fd.kink(pair, check, path, index, t64, j64)
-        if kink:
-            return Arbitration(None, kink, kink=True)
     if check not in ("vjp", "jvp", "hvp"):
         return Arbitration(None, f"no finite-difference rule for {check}")
-    if check != "jvp" and fd.primals[pair.grad_index(path)].size > MAX_ELEMENTS:
+    primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
+    fds = {name: _Differences(f, primals, vec) for name, f in fs.items()}
+    sides_gap = gap(t64, j64)
+    if index is not None:
+        found = _at_element(pair, check, path, index, fds, t64, j64)
+        if found is not None:
+            return found
+    if check != "jvp" and primals[pair.grad_index(path)].size > MAX_ELEMENTS:
         return Arbitration(None, f"too many elements for finite differences (> {MAX_ELEMENTS})")
-    if check == "jvp" and sum(p.size for p in fd.primals) > MAX_ELEMENTS:
+    if check == "jvp" and sum(p.size for p in primals) > MAX_ELEMENTS:
         return Arbitration(None, f"too many elements for finite differences (> {MAX_ELEMENTS})")
-    d1, d2 = (fd.at(pair, check, path, s) for s in (1.0, 0.5))
-    if d1 is None or d2 is None or d1.shape != t64.shape:
+    steps = {name: [fd.at(pair, check, path, s) for s in (1.0, 0.5)] for name, fd in fds.items()}
+    if any(d is None or d.shape != t64.shape for pair_ in steps.values() for d in pair_):
         return Arbitration(None, "the arbiter function returns another structure than the sides")
+    d1, d2 = (sum(ds[i] for ds in steps.values()) / len(steps) for i in (0, 1))  # the mean's differences
     with np.errstate(invalid="ignore"):
         if not (np.all(np.isfinite(d1)) and np.all(np.isfinite(d2))):
             return Arbitration(None, "finite differences are unstable here: they are not finite at this example; "
@@ -127,9 +141,71 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
         return Arbitration(None, f"finite differences are unstable here: steps h and h/2 give derivatives "
                                  f"{unstable:.3g} apart, against a gap of {sides_gap:.3g} between the sides' float64 "
                                  f"results; no side is named")
-    ref = d2 + (d2 - d1) / 3  # Richardson: both rules err by O(h^2), so this cancels the leading term
+    # Richardson: both rules err by O(h^2), so this cancels the leading term.
+    refs = {name: b + (b - a) / 3 for name, (a, b) in steps.items()}
+    if len(refs) == 2:
+        apart = np.abs(refs["torch"] - refs["jax"])
+        if DECISIVE * float(np.max(apart, initial=0.0)) > sides_gap:
+            at = np.unravel_index(int(np.argmax(apart)), apart.shape) if apart.shape else ()
+            where = f"at {path}{list(at)}" if at else f"at {path}"
+            return _forwards_differ(float(refs["torch"][at]), float(refs["jax"][at]), float(t64[at]),
+                                    float(j64[at]), where)
+    ref = sum(refs.values()) / len(refs)
     return Arbitration(ref, source.replace("central finite differences", "central finite differences (steps "
                                            "relative to the input, two steps agreeing)"))
+
+
+def _at_element(pair: Any, check: str, path: str, index: tuple[int, ...], fds: dict[str, _Differences],
+                t64: np.ndarray, j64: np.ndarray) -> Arbitration | None:
+    """What one-sided differences at the failing element say, before the costly full
+    differences: the two forwards' own differences disagree there (forwards differ near the
+    example), or the arbiter has a kink there; None where neither."""
+    ones = {name: fd.one_sided(pair, check, path, index) for name, fd in fds.items()}
+    t, j = float(t64[index]), float(j64[index])
+    apart = abs(t - j)
+    where = next(iter(ones.values()))[1]
+    if len(ones) == 2:
+        (lt, rt), (lj, rj) = ones["torch"][0][-1], ones["jax"][0][-1]
+        with np.errstate(invalid="ignore"):
+            differ = max(abs(lt - lj), abs(rt - rj))
+        if np.isfinite(differ) and DECISIVE * differ > apart:
+            # The side whose one-sided differences are further apart from the other's is shown.
+            worst = 0 if abs(lt - lj) >= abs(rt - rj) else 1
+            return _forwards_differ((lt, rt)[worst], (lj, rj)[worst], t, j,
+                                    where + (", from the left" if worst == 0 else ", from the right"))
+    mean = [tuple(sum(o[0][k][i] for o in ones.values()) / len(ones) for i in (0, 1)) for k in (0, 1)]
+    kink = _kink(check, mean, t, j, where)
+    return Arbitration(None, kink, kink=True) if kink else None
+
+
+def _forwards_differ(dt: float, dj: float, t: float, j: float, where: str) -> Arbitration:
+    own = max(abs(t - dt), abs(j - dj)) <= abs(dt - dj) / DECISIVE
+    mine = " Each side's derivative matches its own forward: the forwards are what differ." if own else ""
+    return Arbitration(None, (
+        f"the two forwards differ near this point, so their derivatives cannot be arbitrated: they agree at the "
+        f"example, but differencing each side's float64 forward on its own gives torch {dt:.6g}, jax {dj:.6g} "
+        f"{where} (the sides' derivatives: torch {t:.6g}, jax {j:.6g}); no side is named.{mine} A forward "
+        f"difference near this point is the likely cause: check the forward on inputs around this one, or give "
+        f"the Pair a float64 `reference` to decide"), forwards_differ=True)
+
+
+def _kink(check: str, one_sided: list[tuple[float, float]], t: float, j: float, where: str) -> str:
+    """Why the derivative at the failing element is undefined, or "": one-sided differences
+    from the left and the right that each hold still as the step halves but differ from each
+    other by a jump that explains the sides' gap there."""
+    (l1, r1), (l2, r2) = one_sided
+    jump, drift = abs(r2 - l2), abs(r1 - r2) + abs(l1 - l2)
+    if not (np.isfinite(jump) and jump > 0 and drift < jump / DECISIVE and DECISIVE * jump >= abs(t - j)):
+        return ""
+    if check == "hvp":
+        return (f"the function's first derivative has a kink here (left second derivative {l2:.6g}, right second "
+                f"derivative {r2:.6g}, {where}); the sides give torch {t:.6g}, jax {j:.6g}: each picks its own "
+                f"value where no second derivative exists, so no side is named; declare a Convention with the "
+                f"second derivatives: Convention(name, where=..., torch=..., jax=..., doc=..., hvp=(torch, jax))")
+    return (f"the function has a kink here (left derivative {l2:.6g}, right derivative {r2:.6g}, {where}); "
+            f"the sides give torch {t:.6g}, jax {j:.6g}: each picks its own "
+            f"value where no derivative exists, so no side is named; declare a Convention: "
+            f"Convention(name, where=..., torch=..., jax=..., doc=...)")
 
 
 def gap(a: np.ndarray, b: np.ndarray) -> float:
@@ -205,32 +281,39 @@ class _Differences:
             ref.flat[e] = (corners[0] - corners[1] - corners[2] + corners[3]) / (4 * hu * hv)
         return ref
 
-    def kink(self, pair: Any, check: str, path: str, index: tuple[int, ...], t64: np.ndarray,
-             j64: np.ndarray) -> str:
-        """Why the derivative at the failing element is undefined, or "": one-sided differences
-        from the left and the right that each hold still as the step halves but differ from
-        each other by a jump that explains the sides' gap there."""
+    def one_sided(self, pair: Any, check: str, path: str, index: tuple[int, ...]
+                  ) -> tuple[list[tuple[float, float]], str]:
+        """(left, right) differences at the failing element for steps h and h/2, and where
+        they were taken. VJP: along that input element, cotangent-weighted; JVP: that output
+        element along the tangent; HVP: that element of the gradient (a central difference on
+        a step 1/64 of the outer one, so that it reads the gradient on either side, not
+        across) along the HVP direction."""
         if check == "vjp":
             k = pair.grad_index(path)
             e = int(np.ravel_multi_index(index, self.primals[k].shape)) if index else 0
-            d = self.unit(k, e)
-            read = lambda outs: self.weighted(outs)  # noqa: E731
+            d, rel = self.unit(k, e), REL
+            read = lambda shift, s: self.weighted(self.shifted(shift))  # noqa: E731
             where = f"along element {list(index)} of the differentiated argument, cotangent-weighted"
-        else:
-            d = self.vec.t
-            read = lambda outs: float(np.asarray(leaf_at(outs, path))[index])  # noqa: E731
+        elif check == "jvp":
+            d, rel = self.vec.t, REL
+            read = lambda shift, s: float(np.asarray(leaf_at(self.shifted(shift), path))[index])  # noqa: E731
             where = f"at output element {list(index)} along the tangent"
-        base = read(self.f(self.primals))
+        else:
+            k = pair.grad_index(path)
+            e = int(np.ravel_multi_index(index, self.primals[k].shape)) if index else 0
+            u, d, rel = self.unit(k, e), self.vec.v, REL2
+
+            def read(shift: list[tuple[float, Sequence[np.ndarray]]], s: float) -> float:
+                # The inner step shrinks with the outer one: its error, a fixed share of the
+                # outer difference, then does not drift as the step halves.
+                hu = s * self.step(u, REL2) / 64
+                plus, minus = (self.weighted(self.shifted([*shift, (a * hu, u)])) for a in (1, -1))
+                return (plus - minus) / (2 * hu)
+
+            where = (f"along the HVP direction, at element {list(index)} of the cotangent-weighted gradient of the "
+                     f"differentiated argument")
         one_sided = []
         for s in (1.0, 0.5):
-            h = s * self.step(d, REL)
-            one_sided.append(((base - read(self.shifted([(-h, d)]))) / h, (read(self.shifted([(h, d)])) - base) / h))
-        (l1, r1), (l2, r2) = one_sided
-        jump, drift = abs(r2 - l2), abs(r1 - r2) + abs(l1 - l2)
-        apart = abs(float(t64[index]) - float(j64[index]))
-        if not (np.isfinite(jump) and jump > 0 and drift < jump / DECISIVE and DECISIVE * jump >= apart):
-            return ""
-        return (f"the function has a kink here (left derivative {l2:.6g}, right derivative {r2:.6g}, {where}); "
-                f"the sides give torch {float(t64[index]):.6g}, jax {float(j64[index]):.6g}: each picks its own "
-                f"value where no derivative exists, so no side is named; declare a Convention: "
-                f"Convention(name, where=..., torch=..., jax=..., doc=...)")
+            h, base = s * self.step(d, rel), read([], s)
+            one_sided.append(((base - read([(-h, d)], s)) / h, (read([(h, d)], s) - base) / h))
+        return one_sided, where

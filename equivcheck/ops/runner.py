@@ -25,6 +25,7 @@ from equivcheck.engine.search import FLAKY_NOTE, Search
 from equivcheck.ops.autodiff import CHECKS, Evaluation, evaluate, judge, wide
 from equivcheck.ops.conditioning import LOWP_ULPS, explained_by_precision, explained_by_rounding
 from equivcheck.ops.diagnose import diagnose
+from equivcheck.ops.shapes import ShapeRuleError
 
 if TYPE_CHECKING:
     from equivcheck.ops.pairs import Pair
@@ -66,14 +67,20 @@ def run_pair(
     tols = {c: tolerance.lookup(dtype, device=run.device, precision=run.precision, check=c, tags=pair.tags,
                                 override=pair.tolerance_for(dtype, c)) for c in checks}
     item_seed = run.item_seed(pair.name, dtype, run.device)
-    palette = _palette(pair, dtype, run)
-    prepare(pair, dtype, run)
-    examples = st.tuples(pair.inputs.strategy(dtype, palette), st.integers(0, 2**31 - 1))
     stats = {c: _Stats() for c in checks}
     failures: dict[str, CheckFailed] = {}
     active = list(checks)
+    try:
+        palette = _palette(pair, dtype, run)
+        prepare(pair, dtype, run)
+        examples = st.tuples(pair.inputs.strategy(dtype, palette), st.integers(0, 2**31 - 1))
+    except ShapeRuleError as exc:
+        return _broken_rule(pair, checks, exc, dtype, run, tols, nodeid, replay, time.perf_counter() - start)
     while active:
-        failure = _one_pass(pair, examples, active, tols, stats, dtype, run, item_seed)
+        try:
+            failure = _one_pass(pair, examples, active, tols, stats, dtype, run, item_seed)
+        except ShapeRuleError as exc:  # drawn afresh each example (no palette): found mid-search
+            return _broken_rule(pair, checks, exc, dtype, run, tols, nodeid, replay, time.perf_counter() - start)
         if failure is None:
             break
         failures[failure.check] = failure
@@ -132,8 +139,25 @@ def _palette(pair: Pair, dtype: str, run: RunSettings) -> list[Any] | None:
         return None
     try:
         return pair.inputs.palette(run.item_seed(pair.name, dtype, run.device), run.palette)
-    except Exception as exc:
-        raise ValueError(f"pair {pair.name!r}: its shape rule raised {type(exc).__name__}: {exc}") from exc
+    except ShapeRuleError:
+        raise
+    except Exception as exc:  # a rule's own palette(): its fault, reported like sample()'s
+        raise ShapeRuleError(f"raised {type(exc).__name__}: {exc}") from exc
+
+
+def _broken_rule(pair: Pair, checks: list[str], exc: ShapeRuleError, dtype: str, run: RunSettings,
+                 tols: dict[str, Any], nodeid: str, replay: str, seconds: float) -> list[CheckRecord]:
+    """Every check failed, no side named: without shapes there is no example to run. A record,
+    not an exception, so the other tests and the report go on."""
+    message = f"the shape rule of pair {pair.name!r} {exc}"
+    return [CheckRecord(pair=pair.name, check=c, dtype=dtype, device=run.device, precision=run.precision,
+                        outcome="failed", kind="error", message=message, worst_ratio=math.inf,
+                        tolerance={"rtol": tols[c].rtol, "atol": tols[c].atol, "per": tols[c].per,
+                                   "reason": tols[c].reason},
+                        seconds=seconds / len(checks), tags=sorted(pair.tags), nodeid=nodeid, replay=replay,
+                        diagnosis="neither side ran: the pair's shape rule (its Inputs' ShapeSpec, or a Custom's "
+                                  "sampler) must give a tuple of one shape per array argument")
+            for c in checks]
 
 
 def prepare(pair: Pair, dtype: str, run: RunSettings) -> None:

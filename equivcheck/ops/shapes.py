@@ -8,13 +8,57 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 
 import numpy as np
 
+from equivcheck.backends.results import SideError
+
 Shape = tuple[int, ...]
 
-__all__ = ["Broadcast", "Custom", "Fixed", "MatMul", "Same", "Shape", "ShapeSpec", "Square"]
+__all__ = ["Broadcast", "Custom", "Fixed", "MatMul", "Same", "Shape", "ShapeRuleError", "ShapeSpec", "Square",
+           "call_rule"]
+
+
+class ShapeRuleError(ValueError):
+    """A shape rule raised, or returned something that is not a tuple of its n shapes: the
+    pair's own fault, which the runner reports as the pair's failed checks (the message reads
+    on from "the shape rule of pair 'NAME' ")."""
+
+
+def valid_shapes(value: object, n: int) -> tuple[Shape, ...]:
+    """`value` as a tuple of n shapes, each a tuple of non-negative ints (or one such int), or
+    ShapeRuleError.
+
+    Checked here, where the rule's answer comes back, rather than where a shape is used: a bad
+    one surfaced as a StopIteration from a generator, or as numpy's "negative dimensions"
+    inside one side, blamed on the wrong code."""
+    def dim(d: object) -> bool:
+        return isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) >= 0
+
+    def shape(s: object) -> bool:
+        return dim(s) or (isinstance(s, (tuple, list)) and all(dim(d) for d in s))
+
+    if isinstance(value, (tuple, list)) and len(value) == n and all(shape(s) for s in value):
+        # A bare int is NumPy's 1-D shape: Fixed(((3,),)) has always meant one argument of shape (3,).
+        return tuple((int(s),) if dim(s) else tuple(int(d) for d in s) for s in value)
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    raise ShapeRuleError(f"returned {text}, which is not a tuple of {n} shape{'s' if n != 1 else ''} "
+                         "(each a tuple of non-negative ints)")
+
+
+def call_rule(rule: Callable[[], object], n: int) -> tuple[Shape, ...]:
+    """A shape rule's answer, checked; whatever it raises becomes a ShapeRuleError."""
+    try:
+        value = rule()
+    except ShapeRuleError:
+        raise
+    except Exception as exc:
+        err = SideError.from_exc("shape rule", "shapes", exc)
+        raise ShapeRuleError(f"raised {err.type}: {err.message} ({err.where})") from exc
+    return valid_shapes(value, n)
 
 
 class ShapeSpec:
@@ -44,11 +88,11 @@ class ShapeSpec:
         The rest spread over the sizes seen in many samples, the largest included, so each
         run meets small, middling and large shapes.
         """
-        found = [self.minimal()]
-        empty = self.empty()
+        found = [call_rule(self.minimal, self.n)]
+        empty = call_rule(self.empty, self.n) if self.zero_size else None
         if empty is not None and size > 2:
             found.append(empty)
-        pool = {self.sample(rng) for _ in range(8 * size)} - set(found)
+        pool = {call_rule(lambda: self.sample(rng), self.n) for _ in range(8 * size)} - set(found)
         pool = sorted(pool, key=lambda s: (sum(map(math.prod, s)), s))
         want = size - len(found)
         if want > 0 and pool:
@@ -177,7 +221,7 @@ class Custom(ShapeSpec):
         return len(self.smallest)
 
     def sample(self, rng):
-        return tuple(tuple(int(d) for d in s) for s in self.sampler(rng))
+        return valid_shapes(self.sampler(rng), self.n)
 
     def minimal(self):
-        return self.smallest
+        return valid_shapes(self.smallest, self.n)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from equivcheck.engine.dtypes import np_dtype
-from equivcheck.ops.shapes import Broadcast, Same, Shape, ShapeSpec
+from equivcheck.ops.shapes import Broadcast, Same, Shape, ShapeSpec, call_rule
 
 _WIDTH = {"float16": 16, "float32": 32, "float64": 64, "bfloat16": 32}
 _TINY = {"float16": 2.0**-14, "float32": 2.0**-126, "float64": 2.0**-1022, "bfloat16": 2.0**-126}
@@ -260,8 +260,9 @@ class Inputs:
             # The smallest shapes are cheap and quickly exhausted: give the others twice the weight.
             shapes = st.sampled_from(list(palette[:2]) + [s for s in palette[2:] for _ in (0, 1)])
         else:
-            fresh = st.integers(0, 2**32 - 1).map(lambda s: self.shapes.sample(np.random.default_rng(s)))
-            shapes = st.one_of(st.just(self.shapes.minimal()), fresh)
+            rule, n = self.shapes, self.shapes.n
+            fresh = st.integers(0, 2**32 - 1).map(lambda s: call_rule(lambda: rule.sample(np.random.default_rng(s)), n))
+            shapes = st.one_of(st.just(call_rule(rule.minimal, n)), fresh)
         # One strategy per shape set, built once: a fresh one per example is validated anew,
         # which cost more than drawing the values.
         built: dict[tuple[Shape, ...], st.SearchStrategy[tuple]] = {}

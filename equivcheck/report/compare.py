@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from equivcheck.report.runs import SCHEMA
@@ -38,8 +39,23 @@ def read_report(path: str) -> dict[str, Any]:
     return data
 
 
+def check_growth(growth: Any) -> float:
+    """`growth` as a float, or ValueError saying why it is no growth factor."""
+    try:
+        value = float(growth)
+    except (TypeError, ValueError):
+        raise ValueError(f"{growth!r} is not a number; give a growth factor >= 1, e.g. 2") from None
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"{growth!r} is not a finite growth factor >= 1, e.g. 2")
+    return value
+
+
 def compare_runs(old: dict[str, Any], new: dict[str, Any], growth: float = 2.0) -> tuple[list[str], bool]:
-    """Lines describing what changed between two runs; True if anything regressed."""
+    """Lines describing what changed between two runs; True if anything regressed. `growth` is
+    the factor by which a check's worst error/allowed must grow to be reported: a finite number
+    of at least 1 (below 1 a shrinking margin would read as drift; NaN compares false with
+    everything, so it would silently report nothing)."""
+    check_growth(growth)
     if old.get("schema") != SCHEMA or new.get("schema") != SCHEMA:
         raise ValueError(f"both reports must have schema {SCHEMA!r}")
     a = {r["id"]: r for r in old["records"]}
