@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import shlex
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
-from equivcheck.engine.kind import CheckKind
+from equivcheck.backends.deadline import SideTimeout, limit
+from equivcheck.engine.kind import SIDES, CheckKind
 from equivcheck.engine.knowns import KnownDivergences, settle
 from equivcheck.engine.records import CheckRecord, RunSettings
 
@@ -48,6 +50,9 @@ class SessionState:
     collected: set[str] | None = None
     narrowed: bool = False  # node ids on the command line: the rest of their files went uncollected
     known_lenient: bool = False  # a fixed known divergence is a warning, not a failure
+    # Called from the watchdog thread when a side is stuck in C code past its limit and grace
+    # (equivcheck.backends.deadline): files the check's records, writes the report, ends the run.
+    abort: Callable[[list[CheckRecord], SideTimeout], None] | None = None
 
     def replay(self, nodeid: str, dtype: str, device: str) -> str:
         args = ["pytest", "--equiv", nodeid, "--equiv-seed", str(self.run.seed), "--device", device,
@@ -90,9 +95,26 @@ class Equiv:
             self._file([CheckRecord(pair.name, c, self.dtype, self.device, self.run.precision, "skipped",
                                     message=why, nodeid=self._item.nodeid) for c in pair.checks])
             pytest.skip(why)
-        records = pair.run_checks(dtype=self.dtype, run=self.run, known=self.known, nodeid=self.nodeid,
-                                  replay=self.replay)
+        abort = self._state.abort
+        on_stuck = None if abort is None else lambda exc: abort(self.timed_out(pair, exc), exc)
+        try:
+            with limit(self.run.timeout, on_stuck):
+                records = pair.run_checks(dtype=self.dtype, run=self.run, known=self.known, nodeid=self.nodeid,
+                                          replay=self.replay)
+        except SideTimeout as exc:  # the one place every kind's timeout becomes failed records
+            records = self.timed_out(pair, exc)
         return self.conclude(records)
+
+    def timed_out(self, pair: CheckKind, exc: SideTimeout) -> list[CheckRecord]:
+        """A failed record per check of `pair`: one side's call did not return within the limit.
+        Every check is failed: the example that hung was checking them together (operations) or
+        the check stopped there, leaving the rest unrun."""
+        side = exc.side if exc.side in SIDES else None
+        return [CheckRecord(pair.name, c, self.dtype, self.device, self.run.precision, "failed", kind="timeout",
+                            side=side, message=exc.describe(), worst_ratio=math.inf, nodeid=self.nodeid,
+                            replay=self.replay, tags=sorted(getattr(pair, "tags", ())),
+                            notes=[f"the limit is --equiv-timeout {self.run.timeout:g} (seconds)"])
+                for c in pair.checks]
 
     @property
     def nodeid(self) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import fnmatch
+import math
 import os
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ import pytest
 STATE: pytest.StashKey[Any] = pytest.StashKey()
 DEVICE_CHOICES = ("cpu", "gpu", "all")
 PRECISIONS = ("highest", "default")
+DEFAULT_TIMEOUT = 60.0
 
 
 class _Off:
@@ -46,6 +49,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="file of known divergences (PATTERN REASON per line): matches become xfail; repeatable")
     g.addoption("--equiv-known-lenient", action="store_true",
                 help="a known divergence whose witness now agrees is a warning (default: a failure, 'fixed')")
+    g.addoption("--equiv-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                help=f"seconds one side's call may take before its check fails with its stack; 0: no limit "
+                     f"(default: {DEFAULT_TIMEOUT:g})")
     g.addoption("--equiv-jax-cache", default="auto", metavar="DIR",
                 help="JAX persistent compilation cache ('auto': in pytest's cache dir; 'none': off)")
     parser.addini("equiv_known_divergences", type="paths", default=[],
@@ -75,6 +81,9 @@ def _build_state(config: pytest.Config) -> Any:
     examples = PROFILES[profile] if opt("equiv_examples") is None else opt("equiv_examples")
     if examples < 1 or opt("equiv_shapes") < 0:
         raise pytest.UsageError("--equiv-examples must be >= 1 and --equiv-shapes >= 0")
+    timeout = opt("equiv_timeout")
+    if not math.isfinite(timeout) or timeout < 0:
+        raise pytest.UsageError(f"--equiv-timeout {timeout:g}: give seconds >= 0 (0: no limit)")
     worker = getattr(config, "workerinput", None)
     seed = opt("equiv_seed")
     if seed is None:
@@ -95,7 +104,8 @@ def _build_state(config: pytest.Config) -> Any:
         jb.enable_persistent_cache(cache)
     state = SessionState(
         enabled=True,
-        run=RunSettings(examples=examples, profile=profile, seed=seed, precision=precision, palette=opt("equiv_shapes")),
+        run=RunSettings(examples=examples, profile=profile, seed=seed, precision=precision, palette=opt("equiv_shapes"),
+                        timeout=timeout),
         dtypes=dtypes, devices=devices, known=known,
         report_dir=None if opt("equiv_report") == "none" else opt("equiv_report"),
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
@@ -107,6 +117,7 @@ def _build_state(config: pytest.Config) -> Any:
             state.unavailable[device] = f"no {device.upper()} here: {' and '.join(missing)} cannot see one"
         else:
             state.device_names[device] = tb.device_name(device)
+    state.abort = lambda records, exc: _abort(config, records, exc)
     return state
 
 
@@ -118,6 +129,8 @@ def _replay_args(config: pytest.Config) -> tuple[str, ...]:
     args: list[str] = []
     for path in config.getoption("equiv_known_divergences"):
         args += ["--equiv-known-divergences", str(path)]
+    if config.getoption("equiv_timeout") != DEFAULT_TIMEOUT:  # a check that timed out may pass with more
+        args += ["--equiv-timeout", f"{config.getoption('equiv_timeout'):g}"]
     if getattr(opt, "inifilename", None):
         args += ["-c", str(opt.inifilename)]
     for value in getattr(opt, "override_ini", None) or ():
@@ -281,11 +294,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash[STATE]
-    if not state.enabled or hasattr(session.config, "workerinput"):
-        return
+    if state.enabled and not hasattr(session.config, "workerinput"):
+        _write_report(session.config, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+
+
+def _write_report(config: pytest.Config, interrupted: bool, stuck: str = "") -> None:
+    """The JSON and Markdown reports of the records so far. `interrupted`: Ctrl-C or a stuck side
+    cut the run short, so the records are a partial run; `stuck`: what was stuck."""
     from equivcheck import report
     from equivcheck.backends import jax_side
 
+    state = config.stash[STATE]
     finished = dt.datetime.now(dt.timezone.utc)
     state.matched_known |= {r["known_pattern"] for r in state.records if r.get("known_pattern")}
     versions = report.versions()
@@ -295,24 +314,46 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "started": state.started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),
         "seconds": (finished - state.started).total_seconds(),
-        "interrupted": exitstatus == pytest.ExitCode.INTERRUPTED,  # Ctrl-C: the records are a partial run
+        "interrupted": interrupted,
         "seed": state.run.seed, "profile": state.run.profile, "examples": state.run.examples,
-        "palette": state.run.palette, "precision": state.run.precision,
+        "palette": state.run.palette, "precision": state.run.precision, "timeout": state.run.timeout,
         "precision_settings": state.precision_settings, "dtypes": list(state.dtypes),
         "devices": list(state.devices), "unavailable": state.unavailable, "device_names": state.device_names,
         "versions": versions, "machine": report.machine(), "matrix": os.environ.get("TOX_ENV_NAME"),
-        "jax_compilations": None if _uses_xdist(session) else {"count": count, "seconds": round(seconds, 3)},
+        "jax_compilations": None if _uses_xdist(config) else {"count": count, "seconds": round(seconds, 3)},
         "replay": state.replay("<node id>", ",".join(state.dtypes), ",".join(state.devices)),
         "unmatched_known": [{"pattern": e.pattern, "reason": e.reason, "source": e.source}
                             for e in state.known.unmatched(state.matched_known)],
     }
+    if stuck:
+        run["stuck"] = stuck
     # an interrupted run leaves a report even before its first record: it says the run stopped
-    if state.report_dir and (state.records or run["interrupted"]):
+    if state.report_dir and (state.records or interrupted):
         state.report_paths = report.write(report.build(state.records, run), state.report_dir)
 
 
-def _uses_xdist(session: pytest.Session) -> bool:
-    return bool(getattr(session.config.option, "numprocesses", None))
+def _abort(config: pytest.Config, records: list[Any], exc: Any) -> None:
+    """A side is stuck in C code that ignores signals (from the watchdog thread, while the
+    checking thread is still stuck): print the check's failure, write the report, end the run
+    with pytest's "interrupted" status. An xdist worker only prints and ends: its controller
+    reports the crashed worker and goes on with another."""
+    from equivcheck.backends.deadline import end_process
+
+    state = config.stash[STATE]
+    state.records.extend(r.to_json() for r in records)
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:  # the test's output is being captured: the message must reach the terminal
+        capman.suspend_global_capture(in_=True)
+    lines = ["", "equivcheck: the run ends: a side is stuck", *(r.failure_text() for r in records)]
+    if not hasattr(config, "workerinput"):
+        _write_report(config, interrupted=True, stuck=exc.describe())
+        lines += [f"report: {path}" for path in state.report_paths]
+    print("\n".join(lines), file=sys.__stderr__, flush=True)
+    end_process(pytest.ExitCode.INTERRUPTED)
+
+
+def _uses_xdist(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None))
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

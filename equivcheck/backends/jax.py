@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from equivcheck.backends import deadline  # noqa: E402
 from equivcheck.backends.results import CotangentMismatch, SideResult, Vectors  # noqa: E402
 
 NAME = "jax"
@@ -215,7 +216,7 @@ PROGRAMS = Programs()
 
 def output_leaves(fn: Callable[..., Any], args: Sequence[Any], device: str, wide: bool) -> list[np.ndarray]:
     """Zero arrays shaped like the float outputs, without running anything (for cotangents)."""
-    with x64(wide):
+    with deadline.side(NAME), x64(wide):  # abstract evaluation traces the user's function
         dyn = [a for a in args if isinstance(a, np.ndarray)]
         static = dict(static_values(args))
         shaped = jax.eval_shape(lambda d: _float_leaves(fn(*_merge(d, static, len(args)))), dyn)
@@ -227,6 +228,14 @@ def _merge(dyn: Sequence[Any], static: Mapping[int, Any], n: int) -> list[Any]:
     return [static[i] if i in static else next(it) for i in range(n)]
 
 
+class _Job(Future):  # type: ignore[type-arg]
+    """A future that knows the worker running it, so a wait that times out can abandon it."""
+
+    def __init__(self, worker: _DaemonWorker) -> None:
+        super().__init__()
+        self.worker = worker
+
+
 class _DaemonWorker:
     """One daemon thread running submitted calls in order, with ThreadPoolExecutor's futures
     (a queued one can be cancelled). Not ThreadPoolExecutor itself: concurrent.futures joins
@@ -235,15 +244,26 @@ class _DaemonWorker:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
+        self.abandoned = False
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        fut: Future[Any] = Future()
+        fut = _Job(self)
         self._queue.put((fut, fn, args))
         return fut
 
-    def _loop(self) -> None:
+    def abandon(self) -> None:
+        """Stop taking work: what is queued is cancelled; the stuck call is left to itself."""
+        self.abandoned = True
         while True:
+            try:
+                self._queue.get_nowait()[0].cancel()
+            except queue.Empty:
+                return
+
+    def _loop(self) -> None:
+        while not self.abandoned:
             fut, fn, args = self._queue.get()
             if not fut.set_running_or_notify_cancel():
                 continue
@@ -275,6 +295,29 @@ def background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
     return _POOL[0].submit(fn, *args)
 
 
+def wait(fut: Future[Any]) -> Any:
+    """`fut.result()` of a `background` call, within the side's time limit (--equiv-timeout).
+
+    Past it: SideTimeout naming the jax side, with the compile thread's stack; that thread is
+    abandoned (what is queued on it is cancelled) and later calls get a fresh one."""
+    worker = getattr(fut, "worker", None)
+    try:
+        return deadline.wait(fut, NAME, worker.thread if worker is not None else None)
+    except deadline.SideTimeout:
+        if worker is not None:
+            _abandon(worker)
+        raise
+
+
+def _abandon(worker: _DaemonWorker) -> None:
+    worker.abandon()
+    if _POOL and _POOL[0] is worker:
+        _POOL.clear()
+    with _INFLIGHT_LOCK:
+        for key in [k for k, f in _INFLIGHT.items() if getattr(f, "worker", None) is worker]:
+            del _INFLIGHT[key]
+
+
 def _key(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks: Sequence[str], wide: bool) -> Any:
     arrays = tuple((np.shape(a), np.asarray(a).dtype.str) for a in args if isinstance(a, np.ndarray))
     static = tuple((i, _hashable(a)) for i, a in enumerate(args) if not isinstance(a, np.ndarray))
@@ -286,7 +329,7 @@ def _await_precompile(key: Any) -> None:
         fut = _INFLIGHT.pop(key, None)
     if fut is not None and not fut.cancel():  # queued: cancelled, we compile; running: wait
         start = time.perf_counter()
-        fut.result()
+        wait(fut)  # _warm keeps its errors: the real call below reports them
         COMPILES.waited(time.perf_counter() - start)
 
 
@@ -328,7 +371,7 @@ def run(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks
         _await_precompile(_key(fn, args, diff, checks, wide))
     res = SideResult(NAME)
     dev = device_of(device)
-    with x64(wide):
+    with deadline.side(NAME), x64(wide):  # after the wait above, which has a limit of its own
         dyn = [jax.device_put(a, dev) for a in args if isinstance(a, np.ndarray)]
         put = lambda xs: [jax.device_put(x, dev) for x in xs]  # noqa: E731
         cts, ts, vs = put(vectors.ct), put(vectors.t), put(vectors.v)

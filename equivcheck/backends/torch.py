@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from equivcheck.backends import deadline
 from equivcheck.backends.results import SideResult, Vectors
 from equivcheck.engine.dtypes import np_dtype
 
@@ -142,9 +143,11 @@ def _grad(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], grad_
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
+@deadline.side(NAME)
 def run(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks: Sequence[str],
         device: str, vectors_for: Callable[[list[np.ndarray]], Vectors]) -> tuple[SideResult, Vectors | None]:
-    """Forward, VJP (reverse), JVP (forward mode) and HVP (reverse over reverse), eagerly."""
+    """Forward, VJP (reverse), JVP (forward mode) and HVP (reverse over reverse), eagerly.
+    Errors are per check in the result; SideTimeout past the time limit (equivcheck.backends.deadline)."""
     res = SideResult(NAME)
     dev = device_of(device)
     wants_grad = bool(set(checks) & {"vjp", "hvp"})

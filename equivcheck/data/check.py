@@ -13,6 +13,7 @@ from typing import Any
 
 from hypothesis.errors import HypothesisException
 
+from equivcheck.backends import deadline
 from equivcheck.backends.results import SideError
 from equivcheck.data.loaders import DataVerdict
 from equivcheck.engine import tolerance as tolerance_table
@@ -100,7 +101,8 @@ def run_check(name: str, body: Callable[[Any], DataVerdict], examples: Any, *, d
 
     def test(example: Any) -> None:
         try:
-            verdict = body(example)
+            with deadline.side("data check's body"):  # both pipelines run inside: no one side to name
+                verdict = body(example)
         except HypothesisException:  # assume() and friends steer the search; they are no finding
             raise
         except Exception as exc:

@@ -18,6 +18,8 @@ from hypothesis import example as explicit_example
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Flaky
 
+from equivcheck.backends import deadline
+
 PROFILES = {"dev": 30, "ci": 30, "nightly": 300}
 for _name, _count in PROFILES.items():
     settings.register_profile(
@@ -109,7 +111,9 @@ class Search:
             inner = explicit_example(ex)(inner)
         wrapped = settings(profile, max_examples=count, phases=phases)(hypothesis_seed(seed)(given(strategy)(inner)))
         try:
-            with seeded_generation():
+            # Each side's call within run.timeout seconds (a script's run too; under the fixture
+            # its own, outer limit holds): past it SideTimeout ends the search, never shrunk.
+            with seeded_generation(), deadline.limit(getattr(self.run, "timeout", None)):
                 wrapped()
         except self.failure as failed:
             return failed

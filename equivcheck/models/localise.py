@@ -187,7 +187,7 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
     """Run both sides once more with every layer recorded; the first divergence and its hint."""
     import torch
 
-    from equivcheck.backends import SideError
+    from equivcheck.backends import SideError, deadline
     from equivcheck.backends.torch import to_numpy
     from equivcheck.models.sides import _dropout_hooks, jax_capture, to_torch_args, torch_state
 
@@ -201,7 +201,7 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
             handles.append(module.register_forward_hook(
                 lambda m, a, k, o, name=name: seen.append((name, m, a, dict(k), o)), with_kwargs=True))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), deadline.side("torch"):
             model(*to_torch_args(inputs, device))
     finally:
         for h in handles:

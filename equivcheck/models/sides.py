@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.backends import deadline
 from equivcheck.engine.dtypes import np_dtype
 from equivcheck.models import mapping as mm
 from equivcheck.models.tap import capturing
@@ -27,6 +28,7 @@ def mask_seed(seed: int, name: str, step: int) -> int:
 
 # ---- torch ------------------------------------------------------------------------------
 
+@deadline.side("torch")
 def build_torch(pair: Any, seed: int, dtype: str, device: str) -> Any:
     import torch
 
@@ -69,6 +71,7 @@ def to_torch_args(args: Sequence[Any], device: str) -> list[Any]:
     return [to_torch(a, device_of(device)) for a in args]
 
 
+@deadline.side("torch")
 def torch_forward(model: Any, inputs: Sequence[Any], *, train: bool, seed: int, device: str, step: int = 0,
                   masks: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """(output, masks drawn) with the model in train or eval mode."""
@@ -94,6 +97,7 @@ def torch_state(model: Any) -> dict[str, np.ndarray]:
     return {k: to_numpy(v) for k, v in model.state_dict().items()}
 
 
+@deadline.side("torch")
 def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, train: bool, seed: int,
                device: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """({"loss", "out"}, gradients by torch parameter name)."""
@@ -115,6 +119,7 @@ def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, tra
     return {"loss": to_numpy(loss), "out": to_numpy(out)}, grads
 
 
+@deadline.side("torch")
 def torch_train(pair: Any, model: Any, ents: Sequence[mm.Entry], batches: Sequence[tuple[Any, ...]], *, seed: int,
                 device: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """K optimizer steps in torch's own loop: per step the loss before it, and the parameters
@@ -230,6 +235,7 @@ def _trajectory(pair: Any, params: Any, stats: Any, inputs: Any, targets: Any, m
     return jax.lax.scan(step, (params, stats, tx.init(params)), (inputs, targets, masks))[1]
 
 
+@deadline.side("jax")
 def run_jax(pair: Any, kind: str, dtype: str, device: str, *args: Any) -> Any:
     import jax
 
@@ -241,6 +247,7 @@ def run_jax(pair: Any, kind: str, dtype: str, device: str, *args: Any) -> Any:
         return to_numpy(program(pair, kind)(*placed))
 
 
+@deadline.side("jax")
 def jax_capture(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks: Mapping[str, Any], train: bool,
                 dtype: str, device: str) -> tuple[Any, dict[str, Any], BaseException | None, Any]:
     """The port run eagerly with its taps recorded: the layers before an exception survive."""

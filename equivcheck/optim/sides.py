@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.backends import deadline
 from equivcheck.optim.groups import group_index, leaf_paths
 from equivcheck.optim.state import load_torch, neutral_to_optax, optax_to_neutral, torch_to_neutral
 
@@ -43,6 +44,7 @@ def torch_optimizer_for(pair: Any, leaves: list[Any], params: Any) -> Any:
     return pair.torch_optimizer([g for g in groups if g["params"]])
 
 
+@deadline.side("torch")
 def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, dtype: str, device: str = "cpu",
               start: dict[str, Any] | None = None, start_step: int = 0,
               jitter: tuple[np.random.Generator, float, str | None] | None = None) -> list[dict[str, Any]]:
@@ -229,6 +231,7 @@ def _program(pair: Any, problem: Any, length: int) -> Callable[..., Any]:
     return trajectory
 
 
+@deadline.side("jax")  # a no-op on the background thread: whoever waits there has the limit
 def _compile(key: Any, pair: Any, problem: Any, length: int, params0: Any, data: Any, dtype: str) -> Any:
     import jax
 
@@ -267,7 +270,7 @@ def compiled(pair: Any, problem: Any, length: int, params0: Any, data: Any, dtyp
     mine = None
     with _LOCK:
         fut = _PROGRAMS.get(key, (None, None))[1]
-        if fut is None:
+        if fut is None or fut.cancelled():  # cancelled: queued on a compile thread that was abandoned
             if background:
                 from equivcheck.backends.jax import background as on_compile_thread
 
@@ -282,7 +285,25 @@ def compiled(pair: Any, problem: Any, length: int, params0: Any, data: Any, dtyp
             mine.set_result(_compile(key, pair, problem, length, params0, data, dtype))
         except Exception as exc:
             mine.set_exception(exc)
-    return fut if background else fut.result()
+        except BaseException as exc:  # a time limit or Ctrl-C: no program, so none to keep
+            mine.set_exception(exc)
+            _forget(key, mine)
+            raise
+    if background:
+        return fut
+    from equivcheck.backends.jax import wait
+
+    try:
+        return wait(fut)
+    except deadline.SideTimeout:
+        _forget(key, fut)  # stuck on an abandoned thread: the next wait would only time out again
+        raise
+
+
+def _forget(key: Any, fut: Future[Any]) -> None:
+    with _LOCK:
+        if _PROGRAMS.get(key, (None, None))[1] is fut:
+            del _PROGRAMS[key]
 
 
 def _shapes(tree: Any) -> Any:
@@ -305,8 +326,8 @@ def run_jax(pair: Any, problem: Any, length: int, params0: Any, data: Any, steps
 
     from equivcheck.backends.jax import device_of, x64
 
-    program = compiled(pair, problem, length, params0, data, dtype)
-    with x64(_wide(dtype)):
+    program = compiled(pair, problem, length, params0, data, dtype)  # waits within its own limit
+    with deadline.side("jax"), x64(_wide(dtype)):
         dev = device_of(device)
         given = state_template(pair, params0, dtype)
         if start is not None:

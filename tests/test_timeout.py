@@ -1,0 +1,149 @@
+"""--equiv-timeout: a side that does not return fails its check naming the side, with its stack,
+and the run goes on; a side stuck in C code that ignores signals ends the run with the report
+written; the option's bad values are usage errors."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ("--equiv-examples", "3", "--equiv-seed", "1", "--equiv-dtypes", "float32", "-p", "no:cacheprovider",
+        "--equiv-jax-cache", "none")
+
+HANGS = """
+import time
+import pytest, torch, jax.numpy as jnp
+import equivcheck as ec
+
+def {name}(x):
+    time.sleep(10**6)
+    return {framework}.tanh(x)
+
+PAIRS = [
+    ec.Pair("hangs", {torch_fn}, {jax_fn}, ec.unary(), checks=("forward",)),
+    ec.Pair("quick", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",)),
+]
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+"""
+
+
+def _project(pytester: pytest.Pytester, side: str) -> pytest.Pytester:
+    if side == "torch":
+        code = HANGS.format(name="sleepy_tanh", framework="torch", torch_fn="sleepy_tanh", jax_fn="jnp.tanh")
+    else:  # a Python-level sleep in the jax function runs while JAX traces it
+        code = HANGS.format(name="sleepy_tanh", framework="jnp", torch_fn="torch.tanh", jax_fn="sleepy_tanh")
+    pytester.makepyfile(test_hangs=code)
+    return pytester
+
+
+def _failure(out: str) -> str:
+    return out[out.index("hangs::forward::float32::cpu [precision highest] failed"):]
+
+
+@pytest.mark.parametrize("side, shapes", [("torch", "4"), ("jax", "4"), ("jax", "0")],
+                         ids=["torch", "jax-compile-thread", "jax-checking-thread"])
+def test_a_hanging_side_fails_its_check_with_its_stack_and_the_run_goes_on(pytester, side, shapes):
+    """With shapes drawn from a palette JAX traces on the background compile thread (the checking
+    thread waits for it); with --equiv-shapes 0 it traces on the checking thread."""
+    _project(pytester, side)
+    start = time.monotonic()
+    result = pytester.runpytest("--equiv", *FAST, "--equiv-timeout", "2", "--equiv-shapes", shapes)
+    took = time.monotonic() - start
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    failure = _failure(out)
+    assert f"the {side} side did not return within 2 s" in failure
+    assert "sleepy_tanh" in failure and "time.sleep(10**6)" in failure  # the stuck side's stack
+    assert "--equiv-timeout 2" in re.search(r"replay: (pytest .*)", failure).group(1)
+    rec = {r["id"]: r for r in json.loads((pytester.path / "reports" / "latest.json").read_text())["records"]}
+    assert rec["hangs::forward::float32::cpu"]["kind"] == "timeout"
+    assert rec["hangs::forward::float32::cpu"]["side"] == side
+    assert rec["quick::forward::float32::cpu"]["outcome"] == "passed"
+    assert took < 60, took  # one limit per hanging call, no shrinking over it
+
+
+def test_the_limit_is_off_with_zero_and_a_bad_value_is_a_usage_error(pytester):
+    pytester.makepyfile(test_quick="""
+import pytest, torch, jax.numpy as jnp
+import equivcheck as ec
+
+@pytest.mark.parametrize("pair", [ec.Pair("quick", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",))], ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+""")
+    pytester.runpytest("--equiv", *FAST, "--equiv-timeout", "0").assert_outcomes(passed=1)
+    for bad in ("-1", "abc", "nan"):
+        result = pytester.runpytest("--equiv", *FAST, "--equiv-timeout", bad)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR, (bad, result.stdout.str(), result.stderr.str())
+        assert "--equiv-timeout" in result.stdout.str() + result.stderr.str()
+
+
+STUCK_IN_C = """
+import signal, time
+import pytest, torch, jax.numpy as jnp
+import equivcheck as ec
+
+def deaf_tanh(x):
+    # a C call that ignores signals: with SIGALRM blocked, nothing reaches this sleep
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(10**6)
+    return torch.tanh(x)
+
+PAIRS = [
+    ec.Pair("quick", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",)),
+    ec.Pair("deaf", deaf_tanh, jnp.tanh, ec.unary(), checks=("forward",)),
+]
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+"""
+
+
+def test_a_side_stuck_in_c_ends_the_run_with_the_report_written(tmp_path):
+    (tmp_path / "test_deaf.py").write_text(STUCK_IN_C)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "test_deaf.py", "--equiv", *FAST, "--equiv-timeout", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "the torch side did not return within 2 s (--equiv-timeout), nor 5 s later" in out
+    assert "time.sleep(10**6)" in out
+    rep = json.loads((tmp_path / "reports" / "latest.json").read_text())
+    assert rep["run"]["interrupted"] is True and "deaf_tanh" in rep["run"]["stuck"]
+    outcomes = {r["id"]: r["outcome"] for r in rep["records"]}
+    assert outcomes == {"quick::forward::float32::cpu": "passed", "deaf::forward::float32::cpu": "failed"}
+
+
+def test_off_the_main_thread_a_python_loop_is_interrupted():
+    from equivcheck.backends import deadline
+
+    caught: list[BaseException] = []
+
+    def spin() -> None:
+        with deadline.limit(1):
+            try:
+                with deadline.side("jax"):
+                    while True:
+                        sum(range(10))
+            except deadline.SideTimeout as exc:
+                caught.append(exc)
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and caught
+    assert caught[0].side == "jax" and "sum(range(10))" in caught[0].describe()
