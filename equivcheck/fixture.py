@@ -45,8 +45,8 @@ class SessionState:
     device_names: dict[str, str] = dataclasses.field(default_factory=dict)
     report_paths: tuple[Any, ...] = ()
     extra_args: tuple[str, ...] = ()  # options a replay must repeat
-    # Node and check ids collected before -k/-m deselection; None where this process did not
-    # collect (an xdist controller), so entries matching nothing are warned about as before.
+    # Node and check ids collected before -k/-m deselection (an xdist controller's: its workers'
+    # collections); None while unknown, so entries matching nothing are warned about one by one.
     collected: set[str] | None = None
     narrowed: bool = False  # node ids on the command line: the rest of their files went uncollected
     known_lenient: bool = False  # a fixed known divergence is a warning, not a failure

@@ -7,12 +7,9 @@ Hypothesis load in pytest_configure, and only when --equiv is given.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import fnmatch
 import math
 import os
 import random
-import sys
 from typing import Any
 
 import pytest
@@ -117,7 +114,9 @@ def _build_state(config: pytest.Config) -> Any:
             state.unavailable[device] = f"no {device.upper()} here: {' and '.join(missing)} cannot see one"
         else:
             state.device_names[device] = tb.device_name(device)
-    state.abort = lambda records, exc: _abort(config, records, exc)
+    from equivcheck.session import abort
+
+    state.abort = lambda records, exc: abort(config, state, records, exc)
     return state
 
 
@@ -181,17 +180,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from equivcheck.fixture import KNOWN_KEY
 
     state.collected = _collected_ids(items)
-    # Paths or node ids on the command line collect only part of the project: an entry for a
-    # pair or file outside it says nothing about whether the divergence still exists.
-    whole = {str(config.rootpath), "."}
-    state.narrowed = config.args_source == pytest.Config.ArgsSource.ARGS and not all(
-        str(a) in whole or str(config.invocation_params.dir / str(a)) == str(config.rootpath) for a in config.args)
+    state.narrowed = _narrowed(config)
+    out = getattr(config, "workeroutput", None)
+    if out is not None:  # an xdist worker: its controller collects nothing and hears this at pytest_testnodedown
+        out["equivcheck_collected"] = sorted(state.collected)
     _refuse_duplicate_names(items)
     for item in items:
         hit = state.known.match_node(item.nodeid)
         if hit:
             item.user_properties.append((KNOWN_KEY, hit[0]))
             item.add_marker(pytest.mark.xfail(reason=f"known divergence: {hit[1]}", strict=False))
+
+
+def _narrowed(config: pytest.Config) -> bool:
+    """Paths or node ids on the command line collect only part of the project: an entry for a
+    pair or file outside it says nothing about whether the divergence still exists."""
+    whole = {str(config.rootpath), "."}
+    return config.args_source == pytest.Config.ArgsSource.ARGS and not all(
+        str(a) in whole or str(config.invocation_params.dir / str(a)) == str(config.rootpath) for a in config.args)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist's controller: what each worker collected before -k/-m deselection, so that the
+    end-of-run summary tells a stale known-divergence entry from one whose checks were left out
+    (a crashed worker sends nothing; its replacement does)."""
+    state = node.config.stash[STATE]
+    ids = (getattr(node, "workeroutput", None) or {}).get("equivcheck_collected")
+    if state.enabled and ids is not None:
+        state.collected = (state.collected or set()) | set(ids)
+        state.narrowed = _narrowed(node.config)
 
 
 def _collected_ids(items: list[pytest.Item]) -> set[str]:
@@ -295,65 +313,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash[STATE]
     if state.enabled and not hasattr(session.config, "workerinput"):
-        _write_report(session.config, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+        from equivcheck.session import write_report
 
-
-def _write_report(config: pytest.Config, interrupted: bool, stuck: str = "") -> None:
-    """The JSON and Markdown reports of the records so far. `interrupted`: Ctrl-C or a stuck side
-    cut the run short, so the records are a partial run; `stuck`: what was stuck."""
-    from equivcheck import report
-    from equivcheck.backends import jax_side
-
-    state = config.stash[STATE]
-    finished = dt.datetime.now(dt.timezone.utc)
-    state.matched_known |= {r["known_pattern"] for r in state.records if r.get("known_pattern")}
-    versions = report.versions()
-    count, seconds = jax_side().COMPILES.snapshot()
-    run = {
-        "id": report.run_id(state.started, versions, state.devices),
-        "started": state.started.isoformat(timespec="seconds"),
-        "finished": finished.isoformat(timespec="seconds"),
-        "seconds": (finished - state.started).total_seconds(),
-        "interrupted": interrupted,
-        "seed": state.run.seed, "profile": state.run.profile, "examples": state.run.examples,
-        "palette": state.run.palette, "precision": state.run.precision, "timeout": state.run.timeout,
-        "precision_settings": state.precision_settings, "dtypes": list(state.dtypes),
-        "devices": list(state.devices), "unavailable": state.unavailable, "device_names": state.device_names,
-        "versions": versions, "machine": report.machine(), "matrix": os.environ.get("TOX_ENV_NAME"),
-        "jax_compilations": None if _uses_xdist(config) else {"count": count, "seconds": round(seconds, 3)},
-        "replay": state.replay("<node id>", ",".join(state.dtypes), ",".join(state.devices)),
-        "unmatched_known": [{"pattern": e.pattern, "reason": e.reason, "source": e.source}
-                            for e in state.known.unmatched(state.matched_known)],
-    }
-    if stuck:
-        run["stuck"] = stuck
-    # an interrupted run leaves a report even before its first record: it says the run stopped
-    if state.report_dir and (state.records or interrupted):
-        state.report_paths = report.write(report.build(state.records, run), state.report_dir)
-
-
-def _abort(config: pytest.Config, records: list[Any], exc: Any) -> None:
-    """A side is stuck in C code that ignores signals (from the watchdog thread, while the
-    checking thread is still stuck): print the check's failure, write the report, end the run
-    with pytest's "interrupted" status. An xdist worker only prints and ends: its controller
-    reports the crashed worker and goes on with another."""
-    from equivcheck.backends.deadline import end_process
-
-    state = config.stash[STATE]
-    state.records.extend(r.to_json() for r in records)
-    capman = config.pluginmanager.getplugin("capturemanager")
-    if capman is not None:  # the test's output is being captured: the message must reach the terminal
-        capman.suspend_global_capture(in_=True)
-    lines = ["", "equivcheck: the run ends: a side is stuck", *(r.failure_text() for r in records)]
-    if not hasattr(config, "workerinput"):
-        _write_report(config, interrupted=True, stuck=exc.describe())
-        lines += [f"report: {path}" for path in state.report_paths]
-    print("\n".join(lines), file=sys.__stderr__, flush=True)
-    end_process(pytest.ExitCode.INTERRUPTED)
-
-
-def _uses_xdist(config: pytest.Config) -> bool:
-    return bool(getattr(config.option, "numprocesses", None))
+        write_report(session.config, state, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -361,6 +323,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if not state.enabled or hasattr(config, "workerinput") or config.option.collectonly:
         return
     from equivcheck import report
+    from equivcheck.engine.knowns import unchecked
 
     tr = terminalreporter
     tr.section("equivcheck")
@@ -370,47 +333,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         tr.write_line(", ".join(f"{v} {k}" for k, v in counts.items() if v) + " checks")
     else:
         tr.write_line("no equivalence checks ran")
-    quiet: dict[str, list[str]] = {"dtypes or devices this run did not select": [],
-                                   "checks this selection (-k, -m) left out": [],
-                                   "pairs or files this run did not collect": []}
-    for e in state.known.unmatched(state.matched_known):
-        where = _why_unchecked(e, state)
-        if where:
-            quiet[where].append(e.pattern)
-        else:
-            tr.write_line(f"WARNING known divergence {e.pattern!r} ({e.source}) matched no check or test",
-                          yellow=True)
-    for where, patterns in quiet.items():
-        if patterns:
-            tr.write_line(f"{len(patterns)} known divergences are for {where} (e.g. {patterns[0]!r}): not checked")
+    warnings, counts = unchecked(state.known.unmatched(state.matched_known), dtypes=state.dtypes,
+                                 devices=state.devices, collected=state.collected, narrowed=state.narrowed)
+    for line in warnings:
+        tr.write_line(f"WARNING {line}", yellow=True)
+    for line in counts:
+        tr.write_line(line)
     for path in state.report_paths:
         tr.write_line(f"report: {path}")
-
-
-def _why_unchecked(entry: Any, state: Any) -> str | None:
-    """Why an entry that matched nothing run was not checked, or None if it should have been:
-    then it is stale or a typo, worth a warning."""
-    if not _selected(entry.pattern, state):
-        return "dtypes or devices this run did not select"
-    if state.collected is None:  # an xdist controller collects nothing to tell by
-        return None
-    if any(map(entry.regex.match, state.collected)):
-        return "checks this selection (-k, -m) left out"
-    # The same pair, or the same file, was collected: the entry is within what ran, yet wrong.
-    scope = entry.pattern.split("::")[0]
-    owners = {i.split("::")[0] for i in state.collected}
-    if not state.narrowed or any(fnmatch.fnmatchcase(o, scope) for o in owners):
-        return None
-    return "pairs or files this run did not collect"
-
-
-def _selected(pattern: str, state: Any) -> bool:
-    """False for a check-id pattern naming a dtype or device the run left out: it cannot match,
-    which says nothing about whether the divergence still exists."""
-    if ".py" in pattern:
-        return True
-    parts = pattern.split("::")
-    dtype = parts[2] if len(parts) > 2 else "*"
-    device = parts[3] if len(parts) > 3 else "*"
-    plain = lambda v: not any(c in v for c in "*?")  # noqa: E731
-    return not ((plain(dtype) and dtype not in state.dtypes) or (plain(device) and device not in state.devices))

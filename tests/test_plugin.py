@@ -140,6 +140,20 @@ def test_entries_for_checks_a_k_selection_left_out_are_summarised_not_warned(pro
     assert "1 known divergences are for pairs or files this run did not collect" in out
 
 
+def test_under_xdist_entries_left_out_by_k_are_summarised_from_the_workers_collection(project):
+    """The xdist controller collects nothing: the workers send what they collected."""
+    known = project.path / "known.txt"
+    known.write_text("gelu_bug::forward   tanh approximation by default\ntanh::hvp   left out by -k\n"
+                     "test_pairs.py::test_pair[tanh-*]   left out by -k\nnothing::*   stale entry\n")
+    result = project.runpytest_subprocess("--equiv", "--equiv-known-divergences", str(known), *FAST, "-k", "gelu",
+                                          "-n", "2")
+    result.assert_outcomes(xfailed=1)
+    out = result.stdout.str()
+    assert "WARNING known divergence 'nothing::*'" in out
+    assert "WARNING known divergence 'tanh" not in out and "WARNING known divergence 'test_pairs.py" not in out
+    assert "2 known divergences are for checks this selection (-k, -m) left out" in out
+
+
 def test_a_known_divergence_that_agrees_is_reported_as_xpass(project):
     known = project.path / "known.txt"
     known.write_text("tanh::vjp   listed, but it agrees\n")

@@ -21,8 +21,10 @@ the divergence is gone; lenient runs keep it as `xpass` with a warning.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib.metadata
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +159,60 @@ def settle(records: list[Any], *, lenient: bool = False) -> list[str]:
         else:
             rec.outcome, rec.kind, rec.side, rec.message = "failed", "fixed", None, message
     return warnings
+
+
+_LEFT_OUT = ("dtypes or devices this run did not select", "checks this selection (-k, -m) left out",
+             "pairs or files this run did not collect")
+
+
+def unchecked(entries: Sequence[Entry], *, dtypes: Sequence[str], devices: Sequence[str],
+              collected: set[str] | None, narrowed: bool) -> tuple[list[str], list[str]]:
+    """Of entries that matched nothing this run: (a warning per entry that was within what ran,
+    so stale or a typo; one line per kind of what the run left out, counting the entries for it).
+
+    `collected`: the node and check ids collected before -k/-m deselection (None: unknown, then
+    every entry within the selected dtypes and devices is warned about); `narrowed`: paths or node
+    ids on the command line collected only part of the project."""
+    warnings: list[str] = []
+    quiet: dict[str, list[str]] = {why: [] for why in _LEFT_OUT}
+    for e in entries:
+        why = _why_unchecked(e, dtypes, devices, collected, narrowed)
+        if why:
+            quiet[why].append(e.pattern)
+        else:
+            warnings.append(f"known divergence {e.pattern!r} ({e.source}) matched no check or test")
+    counts = [f"{len(patterns)} known divergences are for {why} (e.g. {patterns[0]!r}): not checked"
+              for why, patterns in quiet.items() if patterns]
+    return warnings, counts
+
+
+def _why_unchecked(entry: Entry, dtypes: Sequence[str], devices: Sequence[str], collected: set[str] | None,
+                   narrowed: bool) -> str | None:
+    """Why an entry that matched nothing run was not checked, or None if it should have been."""
+    if not _selected(entry.pattern, dtypes, devices):
+        return _LEFT_OUT[0]
+    if collected is None:
+        return None
+    if any(map(entry.regex.match, collected)):
+        return _LEFT_OUT[1]
+    # The same pair, or the same file, was collected: the entry is within what ran, yet wrong.
+    scope = entry.pattern.split("::")[0]
+    owners = {i.split("::")[0] for i in collected}
+    if not narrowed or any(fnmatch.fnmatchcase(o, scope) for o in owners):
+        return None
+    return _LEFT_OUT[2]
+
+
+def _selected(pattern: str, dtypes: Sequence[str], devices: Sequence[str]) -> bool:
+    """False for a check-id pattern naming a dtype or device the run left out: it cannot match,
+    which says nothing about whether the divergence still exists."""
+    if ".py" in pattern:
+        return True
+    parts = pattern.split("::")
+    dtype = parts[2] if len(parts) > 2 else "*"
+    device = parts[3] if len(parts) > 3 else "*"
+
+    def plain(v: str) -> bool:
+        return not any(c in v for c in "*?")
+
+    return not ((plain(dtype) and dtype not in dtypes) or (plain(device) and device not in devices))

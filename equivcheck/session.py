@@ -1,0 +1,70 @@
+"""The end of an `--equiv` session: the run's report, and ending a run whose side is stuck.
+
+The plugin calls `write_report` from pytest_sessionfinish; the fixture's time limit calls `abort`
+(through `SessionState.abort`) from the watchdog thread when a side is stuck in C code that
+ignores signals (equivcheck.backends.deadline).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+from typing import Any
+
+import pytest
+
+
+def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck: str = "") -> None:
+    """The JSON and Markdown reports of `state.records` (a SessionState's), under
+    `state.report_dir`. `interrupted`: Ctrl-C or a stuck side cut the run short, so the records
+    are a partial run; `stuck`: what was stuck, with its stack."""
+    from equivcheck import report
+    from equivcheck.backends import jax_side
+
+    finished = dt.datetime.now(dt.timezone.utc)
+    state.matched_known |= {r["known_pattern"] for r in state.records if r.get("known_pattern")}
+    versions = report.versions()
+    count, seconds = jax_side().COMPILES.snapshot()
+    run = {
+        "id": report.run_id(state.started, versions, state.devices),
+        "started": state.started.isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "seconds": (finished - state.started).total_seconds(),
+        "interrupted": interrupted,
+        "seed": state.run.seed, "profile": state.run.profile, "examples": state.run.examples,
+        "palette": state.run.palette, "precision": state.run.precision, "timeout": state.run.timeout,
+        "precision_settings": state.precision_settings, "dtypes": list(state.dtypes),
+        "devices": list(state.devices), "unavailable": state.unavailable, "device_names": state.device_names,
+        "versions": versions, "machine": report.machine(), "matrix": os.environ.get("TOX_ENV_NAME"),
+        # an xdist controller compiles nothing: its count would read as none at all
+        "jax_compilations": None if getattr(config.option, "numprocesses", None)
+        else {"count": count, "seconds": round(seconds, 3)},
+        "replay": state.replay("<node id>", ",".join(state.dtypes), ",".join(state.devices)),
+        "unmatched_known": [{"pattern": e.pattern, "reason": e.reason, "source": e.source}
+                            for e in state.known.unmatched(state.matched_known)],
+    }
+    if stuck:
+        run["stuck"] = stuck
+    # an interrupted run leaves a report even before its first record: it says the run stopped
+    if state.report_dir and (state.records or interrupted):
+        state.report_paths = report.write(report.build(state.records, run), state.report_dir)
+
+
+def abort(config: pytest.Config, state: Any, records: list[Any], exc: Any) -> None:
+    """End the run: a side is stuck in C code that ignores signals (`exc`, a SideTimeout), and
+    `records` are its check's failures. Called on the watchdog thread while the checking thread
+    is still stuck: prints the failures, writes the report, and exits with pytest's "interrupted"
+    status (2) without the interpreter's shutdown, which would wait on the stuck thread. An
+    xdist worker only prints and exits: its controller reports the crashed worker and goes on."""
+    from equivcheck.backends.deadline import end_process
+
+    state.records.extend(r.to_json() for r in records)
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:  # the test's output is being captured: the message must reach the terminal
+        capman.suspend_global_capture(in_=True)
+    lines = ["", "equivcheck: the run ends: a side is stuck", *(r.failure_text() for r in records)]
+    if not hasattr(config, "workerinput"):
+        write_report(config, state, interrupted=True, stuck=exc.describe())
+        lines += [f"report: {path}" for path in state.report_paths]
+    print("\n".join(lines), file=sys.__stderr__, flush=True)
+    end_process(pytest.ExitCode.INTERRUPTED)
