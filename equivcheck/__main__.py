@@ -5,12 +5,18 @@
 
 Exit codes, both commands: 0 all well; 1 the answer is "no" (compare: a regression; convert
 --check: the two checkpoints differ); 2 the question could not be asked (a file unreadable,
-unwritable, corrupt or of the wrong kind), with one line on stderr naming the path and why.
+unwritable, corrupt or of the wrong kind), with one line on stderr naming the path and why;
+convert ended by SIGTERM: 143, its partial output removed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -32,12 +38,52 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if regressed else 0
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # the shell's code for "ended by signal N"
+
+
+@contextlib.contextmanager
+def _cleanup_on_sigterm() -> Iterator[None]:
+    """SIGTERM (kill, a CI job's timeout) ends the command through SystemExit, so the partial
+    output is removed on the way out as after any failure; by default SIGTERM ends the process
+    at once and left it behind. SIGKILL cannot be caught: the next convert to OUT removes what
+    it leaves (equivcheck.checkpoints.atomic)."""
+    if threading.current_thread() is not threading.main_thread():  # main() called from a thread
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _convert(args: argparse.Namespace) -> int:
+    from equivcheck import checkpoints as ck
+
+    def note(message: str) -> None:
+        print(f"equivcheck convert: {message}", file=sys.stderr)
+
+    try:
+        with _cleanup_on_sigterm():
+            return _convert_checked(args, note)
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            print("equivcheck convert: terminated (SIGTERM); no partial output left behind", file=sys.stderr)
+        raise
+    except ck.CheckpointError as exc:
+        print(f"equivcheck convert: {exc}", file=sys.stderr)
+        if args.verbose and exc.detail:
+            print(exc.detail, file=sys.stderr)
+        return 2
+
+
+def _convert_checked(args: argparse.Namespace, note: Callable[[str], None]) -> int:
     from equivcheck import checkpoints as ck
 
     try:
         state = ck.convert(args.src, args.dst, src_fmt=args.src_format, dst_fmt=args.dst_format, key=args.key,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, note=note)
         print(f"wrote {args.dst} ({ck.detect(args.dst, args.dst_format)}): {len(state)} arrays, "
               f"{sum(a.nbytes for a in state.values())} bytes, from {args.src} ({ck.detect(args.src, args.src_format)})")
         if not args.check:
@@ -45,11 +91,6 @@ def _convert(args: argparse.Namespace) -> int:
         # Both sides read back from disk: the check covers the writer and the reader.
         diffs = ck.differences(ck.load(args.src, args.src_format, key=args.key), ck.load(args.dst, args.dst_format),
                                names=(str(args.src), str(args.dst)))
-    except ck.CheckpointError as exc:
-        print(f"equivcheck convert: {exc}", file=sys.stderr)
-        if args.verbose and exc.detail:
-            print(exc.detail, file=sys.stderr)
-        return 2
     except OSError as exc:  # a writer's own failure (disk full, quota) after the path was accepted
         print(f"equivcheck convert: {exc.filename or args.dst}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +143,70 @@ def test_a_corrupt_orbax_checkpoint_in_a_fresh_process(tmp_path):
     lines = [ln for ln in done.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("equivcheck convert: ") and str(path) in lines[0]
+
+
+SLOW_CONVERT = """
+import sys, time
+from pathlib import Path
+from equivcheck.__main__ import main
+from equivcheck.checkpoints import formats
+
+write = formats._SAVE["safetensors"]
+
+def slow(state, path):  # the real writer, then a wait with the partial on disk
+    write(state, path)
+    Path(sys.argv[3]).touch()
+    time.sleep(120)
+
+formats._SAVE["safetensors"] = slow
+sys.exit(main(["convert", sys.argv[1], sys.argv[2]]))
+"""
+
+
+def _partials(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial"))
+
+
+def test_sigterm_during_convert_leaves_no_partial(tmp_path, src):
+    dst, writing = tmp_path / "out.safetensors", tmp_path / "writing"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(src), str(dst), str(writing)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if writing.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert writing.exists(), proc.communicate(timeout=30)
+        (partial,) = _partials(tmp_path)
+        assert partial.startswith(f".out.safetensors.{proc.pid}.")  # the writer's PID, for a later run
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated (SIGTERM); no partial output left behind" in err and "Traceback" not in err
+    assert _partials(tmp_path) == [] and not dst.exists()
+
+
+def test_a_stale_partial_of_a_dead_process_is_removed_by_the_next_convert(tmp_path, capsys, src):
+    dead_pid = _pid_of_ended_process()
+    stale = tmp_path / f".out.safetensors.{dead_pid}.abcd1234.partial"
+    (stale / "out.safetensors").mkdir(parents=True)
+    live = tmp_path / f".out.safetensors.{os.getpid()}.efgh5678.partial"  # this process: still at work
+    live.mkdir()
+    other = tmp_path / f".other.safetensors.{dead_pid}.ijkl9012.partial"  # another destination's
+    other.mkdir()
+    assert main(["convert", str(src), str(tmp_path / "out.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert f"removed a stale partial conversion {stale} left by process {dead_pid}, which is no longer running" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert _partials(tmp_path) == sorted([live.name, other.name])
+
+
+def _pid_of_ended_process() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -9,19 +9,17 @@ none of its own) and never through float16 or float32.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import shutil
-import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from equivcheck.checkpoints.errors import CheckpointError, orbax_cause, refusal, unwritable
+from equivcheck.checkpoints.atomic import Note, atomic_path
+from equivcheck.checkpoints.errors import CheckpointError, orbax_cause, refusal
 from equivcheck.engine.dtypes import np_dtype
 
 FORMATS = ("torch", "safetensors", "orbax", "msgpack")
@@ -227,38 +225,12 @@ def load(path: str | os.PathLike[str], fmt: str | None = None, *, key: str | Non
     return {"safetensors": _load_safetensors, "orbax": _load_orbax, "msgpack": _load_msgpack}[fmt](p)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; moved into place only if the block succeeds,
-    so a failed write leaves neither a half-written output nor the temporary behind."""
-    final = Path(path).absolute()
-    if final.exists() and not overwrite:
-        raise CheckpointError("already exists; pass overwrite=True (--overwrite) to replace it", path=final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    except OSError as exc:
-        raise unwritable(final, exc) from None
-    try:
-        target = tmp / final.name
-        yield target
-        if not target.exists():
-            raise CheckpointError("the writer produced nothing", path=final)
-        old = tmp / (final.name + ".old")
-        if final.is_dir():  # os.replace cannot put a directory over a non-empty one
-            final.rename(old)
-        try:
-            os.replace(target, final)
-        except OSError as exc:
-            if old.exists():  # put the checkpoint being replaced back
-                old.rename(final)
-            raise unwritable(final, exc) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save(state: Mapping[str, np.ndarray], path: str | os.PathLike[str], fmt: str | None = None, *,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, note: Note | None = None) -> Path:
+    """Write `state` to `path` atomically (equivcheck.checkpoints.atomic); `note(message)` hears of
+    stale partials of earlier writes removed on the way (default: a RuntimeWarning). Raises
+    CheckpointError for a path that exists (without `overwrite`), is of the other kind, or cannot
+    be written."""
     fmt = detect(path, fmt)
     p = Path(path)
     # --overwrite replaces a checkpoint with another; a file where a directory goes (or the
@@ -276,15 +248,16 @@ def save(state: Mapping[str, np.ndarray], path: str | os.PathLike[str], fmt: str
             cause = str(exc).split(": ", 1)[-1]
             raise CheckpointError(f"is not a checkpoint in the {fmt} format ({cause}): --overwrite replaces only a "
                                   "checkpoint; remove it first", path=p) from None
-    with atomic_path(path, overwrite=overwrite) as target:
+    with atomic_path(path, overwrite=overwrite, note=note) as target:
         _SAVE[fmt]({k: np.asarray(v) for k, v in state.items()}, target)
     return Path(path)
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_fmt: str | None = None,
-            dst_fmt: str | None = None, key: str | None = None, overwrite: bool = False) -> State:
+            dst_fmt: str | None = None, key: str | None = None, overwrite: bool = False,
+            note: Note | None = None) -> State:
     state = load(src, src_fmt, key=key)
-    save(state, dst, dst_fmt, overwrite=overwrite)
+    save(state, dst, dst_fmt, overwrite=overwrite, note=note)
     return state
 
 
