@@ -147,3 +147,37 @@ def test_off_the_main_thread_a_python_loop_is_interrupted():
     thread.join(30)
     assert not thread.is_alive() and caught
     assert caught[0].side == "jax" and "sum(range(10))" in caught[0].describe()
+
+
+def test_calls_ending_at_the_limit_leave_the_watchdog_working():
+    """Calls that end just before or just after the limit, on the main thread (signal) and on
+    another (an exception raised into it): each either returns or raises SideTimeout naming its
+    side, nothing is raised outside a call, and no call is taken for stuck afterwards."""
+    from equivcheck.backends import deadline
+
+    seconds = 0.01
+    stuck: list[BaseException] = []
+    counts = {}
+
+    def calls(side: str) -> None:
+        counts[side] = [0, 0]
+        with deadline.limit(seconds, stuck.append):
+            for i in range(200):
+                try:
+                    with deadline.side(side):
+                        end = time.perf_counter() + seconds * (1 + (i % 5 - 2) / 10)
+                        while time.perf_counter() < end:
+                            pass
+                    counts[side][0] += 1
+                except deadline.SideTimeout as exc:
+                    assert exc.side == side
+                    counts[side][1] += 1
+
+    calls("torch")
+    thread = threading.Thread(target=calls, args=("jax",))
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    time.sleep(deadline.grace(seconds) + 1)  # a guard left armed would be reported stuck by now
+    assert not stuck, stuck
+    assert sum(counts["torch"]) == sum(counts["jax"]) == 200

@@ -5,6 +5,7 @@ The framework modules are imported lazily (`equivcheck.backends.torch_side()`), 
 `pytest --help` and the report tools fast.
 
 results  SideResult, SideError, Vectors: what a side gives back for one example
+deadline the per-call time limit of a side (--equiv-timeout): SideTimeout, with the stuck side's stack
 torch    placement, precision mode, NumPy round trip, eager derivatives
 jax      placement, precision mode, one jitted program per pair and shape, background compilation
 """

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -50,7 +51,8 @@ class SideTimeout(BaseException):
 
     def describe(self) -> str:
         who = f"the {self.side} side" if self.side in ("torch", "jax") else f"the {self.side}" if self.side else "a side"
-        text = f"{who} did not return within {self.seconds:g} s (--equiv-timeout)"
+        limit = f"{self.seconds:g} s" if self.seconds else "the time limit"
+        text = f"{who} did not return within {limit} (--equiv-timeout)"
         if self.stuck:
             text += (f", nor {grace(self.seconds):g} s later: it runs C code that ignores signals, "
                      "so the run ends here")
@@ -69,7 +71,6 @@ def grace(seconds: float) -> float:
 class _Limit:
     seconds: float
     on_stuck: OnStuck | None
-    depth: int = 1
 
 
 @dataclasses.dataclass(eq=False)
@@ -81,8 +82,9 @@ class _Guard:
     on_stuck: OnStuck | None
     due: float
     by_signal: bool
-    fired: bool = False
-    delivered: bool = False
+    fired: bool = False  # the watchdog interrupted the call
+    delivered: bool = False  # the thread got SideTimeout
+    closing: bool = False  # the call is over (its guard is exiting)
     stack: str = ""
 
     def exception(self, stuck: bool = False) -> SideTimeout:
@@ -100,17 +102,13 @@ def _current() -> _Limit | None:
 def limit(seconds: float | None, on_stuck: OnStuck | None = None) -> Iterator[None]:
     """Limit each side's call on this thread to `seconds` (None or 0: no limit) while the block
     runs. Nested limits keep the outer one."""
-    outer = _current()
-    if outer is not None:
-        outer.depth += 1
-    elif seconds:
-        _local.limit = _Limit(float(seconds), on_stuck)
+    mine = _current() is None and bool(seconds)
+    if mine:
+        _local.limit = _Limit(float(seconds or 0), on_stuck)
     try:
         yield
     finally:
-        if outer is not None:
-            outer.depth -= 1
-        elif seconds:
+        if mine:
             _local.limit = None
 
 
@@ -123,22 +121,21 @@ class side:  # lower case: used as a context manager and a decorator, like conte
         self._guard: _Guard | None = None
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             with side(self.name):
                 return fn(*args, **kwargs)
 
-        guarded.__name__, guarded.__doc__, guarded.__wrapped__ = fn.__name__, fn.__doc__, fn  # type: ignore[attr-defined]
         return guarded
 
     def __enter__(self) -> Self:
         lim = _current()
-        if lim is None or getattr(_local, "armed", False):
+        if lim is None or _inside_guard():
             return self
         ident = threading.get_ident()
         g = _Guard(self.name, lim.seconds, ident, sys._getframe(1), lim.on_stuck, time.monotonic() + lim.seconds,
                    by_signal=_signal_ready())
-        self._guard = g
-        _local.armed = True
+        self._guard = _local.guard = g
         _WATCHDOG.arm(g)
         return self
 
@@ -147,12 +144,19 @@ class side:  # lower case: used as a context manager and a decorator, like conte
         g, self._guard = self._guard, None
         if g is None:
             return False
-        _local.armed = False
+        # The call is over: from here a late signal is ignored and the watchdog lets the guard be.
+        g.closing = True
+        _local.guard = None
         if kind is not None and issubclass(kind, SideTimeout):
             g.delivered = True
-        _WATCHDOG.disarm(g)
-        if g.delivered and isinstance(exc, SideTimeout) and not exc.side:  # raised into the thread as a bare class: give it the facts
-            raise g.exception() from None
+        for _ in range(2):  # an exception raised into the thread may land in the first try
+            try:
+                _WATCHDOG.disarm(g)
+                break
+            except SideTimeout:  # the call had returned: its result stands
+                continue
+        if g.delivered and isinstance(exc, SideTimeout) and not exc.side:
+            raise g.exception() from None  # raised into the thread as a bare class: give it the facts
         return False
 
 
@@ -161,13 +165,29 @@ def wait(fut: futures.Future[Any], name: str, thread: threading.Thread | None) -
     naming side `name` with the stack of `thread`, the one running `fut`; the caller abandons
     that thread. Any exception `fut` holds is raised."""
     lim = _current()
-    if lim is None or getattr(_local, "armed", False):
+    if lim is None or _inside_guard():
         return fut.result()
     done, _ = futures.wait([fut], timeout=lim.seconds)
     if not done:
         frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident else None
         raise SideTimeout(name, lim.seconds, stack_text(frame, None) if frame is not None else "")
     return fut.result()
+
+
+def _on_stack(frame: FrameType | None, target: FrameType | None) -> bool:
+    while frame is not None:
+        if frame is target:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _inside_guard() -> bool:
+    """Whether this thread runs inside an armed call (whose own limit covers what it calls).
+    Goes by the guard's frame being on the stack: a guard whose exit an exception cut short
+    must not disarm every later call."""
+    g = getattr(_local, "guard", None)
+    return g is not None and not g.closing and _on_stack(sys._getframe(1), g.entry)
 
 
 def stack_text(frame: FrameType | None, stop: FrameType | None) -> str:
@@ -212,8 +232,11 @@ def _packages(paths: list[str]) -> str:
 
 def _on_alarm(signum: int, frame: FrameType | None) -> None:
     g = _WATCHDOG.armed
-    if g is None or not g.fired or not g.by_signal or g.delivered or g.ident != threading.get_ident():
+    if (g is None or not g.fired or not g.by_signal or g.delivered or g.closing
+            or g.ident != threading.get_ident()):
         return  # late or foreign: nothing of ours is running over its limit
+    if frame is not None and frame.f_code.co_filename == __file__:
+        return  # in the guard's own entry or exit, outside the side's call: its result stands
     g.delivered = True
     g.stack = stack_text(frame, g.entry)
     raise g.exception()
@@ -256,17 +279,21 @@ class _Watchdog:
                 self._cond.notify()
 
     def disarm(self, g: _Guard) -> None:
-        with self._cond:
-            if self.armed is g:
-                self.armed = None
-            if g.fired and not g.delivered and not g.by_signal:
-                # raised into the thread but not yet seen: withdraw it before the thread moves on
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(g.ident), None)
+        """Called by the guarded thread with `g.closing` set. Takes no lock: an exception raised
+        into this thread inside a lock's block can land after the acquire and before the block,
+        and leave the lock held for ever (the watchdog then hangs, and every later call)."""
+        if self.armed is g:
+            self.armed = None
+        if not g.by_signal and g.fired:
+            # raised into the thread but not yet seen: withdraw it before the thread moves on
+            _SET_ASYNC_EXC(ctypes.c_ulong(g.ident), None)
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 g = self.armed
+                if g is not None and (g.closing or not _on_stack(sys._current_frames().get(g.ident), g.entry)):
+                    g = None  # the call is over (its guard exiting, or cut short by an exception)
                 now = time.monotonic()
                 due = None if g is None else g.due + (grace(g.seconds) if g.fired else 0.0)
                 if due is None or now < due:
@@ -275,6 +302,10 @@ class _Watchdog:
                     self._until = None
                     continue
                 if not g.fired:
+                    frame = sys._current_frames().get(g.ident)
+                    if not g.by_signal and frame is not None and frame.f_code.co_filename == __file__:
+                        g.due += 0.001  # in the guard's own code: raising there would cut its exit short
+                        continue
                     g.fired = True
                     self._interrupt(g)
                     continue
@@ -288,9 +319,13 @@ class _Watchdog:
         frame = sys._current_frames().get(g.ident)
         g.stack = stack_text(frame, g.entry) if frame is not None else ""
         if g.by_signal:
-            signal.pthread_kill(g.ident, signal.SIGALRM)
-        else:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(g.ident), ctypes.py_object(SideTimeout))
+            signal.pthread_kill(g.ident, signal.SIGALRM)  # the handler ignores it once the call is over
+            return
+        ident, exc = ctypes.c_ulong(g.ident), ctypes.py_object(SideTimeout)
+        # No call between the test and the raise, so no switch to the guarded thread there:
+        # once it has set `closing`, nothing is raised into it (what was, its exit withdraws).
+        if not g.closing:
+            _SET_ASYNC_EXC(ident, exc)
 
 
 def _stuck(g: _Guard) -> None:
@@ -304,6 +339,7 @@ def _stuck(g: _Guard) -> None:
     print(f"equivcheck: {exc.describe()}", file=sys.__stderr__, flush=True)
 
 
+_SET_ASYNC_EXC = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _WATCHDOG = _Watchdog()
 
 
