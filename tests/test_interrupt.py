@@ -20,7 +20,7 @@ import equivcheck as ec
 
 def slow_tanh(x):
     Path("tracing").touch()  # Python runs only while JAX traces: once per shape
-    time.sleep(120)
+    time.sleep(600)  # a hang: far longer than any prompt exit, even on a loaded machine
     return jnp.tanh(x)
 
 PAIRS = [
@@ -49,14 +49,16 @@ def test_one_ctrl_c_ends_a_run_hanging_in_jax_tracing(tmp_path):
         time.sleep(1.0)  # the checking thread now waits on the hanging trace, or traces itself
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=120)
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 2, out  # pytest's "interrupted"
-    assert took < 10, (took, out)
+    # "Promptly" against a hang of 600 s: a loaded 2-core CI box took 10-30 s to write the report
+    # and exit (the same with the code before the time limits); a second Ctrl-C was needed before.
+    assert took < 90, (took, out)
     assert "KeyboardInterrupt" in out
     # the interrupt may come while "quick" still runs (under load "hangs" is traced ahead, on
     # the compile thread): the report is written and marked whether or not a record was filed
