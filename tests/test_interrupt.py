@@ -34,21 +34,21 @@ def test_pair(pair, equiv):
 """
 
 
-def _sigint_default() -> None:
-    """The run as a terminal starts it. A background job of a non-interactive shell (`cmd &`, as a
-    CI script may start this suite) inherits SIGINT ignored, and Python then never raises
-    KeyboardInterrupt: the Ctrl-C below would be lost and the test would fail for its launcher."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# The run as a terminal starts it. A background job of a non-interactive shell (`cmd &`, as a CI
+# script may start this suite) inherits SIGINT ignored, and Python then never raises
+# KeyboardInterrupt: the Ctrl-C below would be lost. The child restores the default handler
+# itself (a preexec_fn would fork a multithreaded JAX process and run Python in the child).
+PYTEST_WITH_SIGINT = ("import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "sys.exit(pytest.main(sys.argv[1:]))")
 
 
 def test_one_ctrl_c_ends_a_run_hanging_in_jax_tracing(tmp_path):
     (tmp_path / "test_hangs.py").write_text(HANGS)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "test_hangs.py", "--equiv", "--equiv-examples", "3",
+    proc = subprocess.Popen([sys.executable, "-c", PYTEST_WITH_SIGINT, "test_hangs.py", "--equiv", "--equiv-examples", "3",
                              "--equiv-dtypes", "float32", "--equiv-seed", "1", "-p", "no:cacheprovider",
                              "--equiv-jax-cache", "none"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_sigint_default)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
         while not (tmp_path / "tracing").exists():
