@@ -46,8 +46,8 @@ def test_one_ctrl_c_ends_a_run_hanging_in_jax_tracing(tmp_path):
     (tmp_path / "test_hangs.py").write_text(HANGS)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", PYTEST_WITH_SIGINT, "test_hangs.py", "--equiv",
-                             "--equiv-examples", "3", "--equiv-dtypes", "float32", "--equiv-seed", "1", "-p", "no:cacheprovider",
-                             "--equiv-jax-cache", "none"],
+                             "--equiv-examples", "3", "--equiv-dtypes", "float32", "--equiv-seed", "1",
+                             "-p", "no:cacheprovider", "--equiv-jax-cache", "none"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
