@@ -11,7 +11,7 @@ or a pytest node id (anything naming a `.py` file). Only `*` and `?` are wildcar
 the brackets of node ids match themselves.
 
 A file path may hold `{torch}` and `{jax}`, replaced by the installed versions' major.minor
-(`known_divergences/torch-{torch}.txt`): entries only some versions show. Such a path that
+(`suites/known_divergences-torch{torch}.txt`): entries only some versions show. Such a path that
 does not exist is no error (that combination has none).
 
 Strictness: a check that matches an entry and passes although its kind ran a witness first
@@ -151,8 +151,8 @@ def settle(records: list[Any], *, lenient: bool = False) -> list[str]:
         message = (f"known divergence {rec.known_pattern!r} no longer shows: its witness"
                    f"{'es' * (rec.witnessed > 1)} and {max(rec.examples - rec.witnessed, 0)} drawn examples agree "
                    "within the table. The installed torch/jax no longer diverge here: remove the entry (or move it "
-                   "to a per-version file, known_divergences/torch-{torch}.txt); --equiv-known-lenient makes this "
-                   "a warning")
+                   "to a per-version file such as suites/known_divergences-torch{torch}.txt); "
+                   "--equiv-known-lenient makes this a warning")
         if lenient:
             rec.notes.append(message)
             warnings.append(f"{rec.id}: {message}")
