@@ -74,7 +74,8 @@ def _forward_tol(base: Tolerance, check: str) -> Tolerance:
 def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, dtype: str, run: Any,
                base: Tolerance, train: bool) -> str:
     model = ms.build_torch(pair, ex.seed, dtype, run.device)
-    params, stats = mm.to_jax(ents, ms.torch_state(model))
+    state = ms.torch_state(model)
+    params, stats = mm.to_jax(ents, state)
     _, t_grads = ms.torch_grad(pair, model, x, y, train=train, seed=ex.seed, device=run.device)
     masks: dict[str, Any] = {}
     if train:  # the masks torch's first step draws
@@ -82,7 +83,7 @@ def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, d
                          device=run.device, masks=masks)
     (_, _), j_g = ms.run_jax(pair, "grad_train" if train else "grad_eval", dtype, run.device, params, stats, x, y,
                              masks)
-    j_grads = mm.to_torch(ents, j_g, grads=True)
+    j_grads = mm.grads_to_torch(ents, j_g, state)
     for name in t_grads:
         v = compare(t_grads[name], j_grads.get(name), base)
         if not v.ok:
