@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from equivcheck import Custom, Inputs, Static
 from equivcheck.engine.records import RunSettings
 from equivcheck.models import ModelPair, mse
 from equivcheck.models.zoo import MLP, MLP_INPUTS, mlp_apply, mlp_naive_apply, mlp_pair
@@ -104,3 +105,18 @@ def test_port_dropout_without_a_torch_mask_names_it():
 
     with capturing({"drop": np.ones((2, 3), bool)}), pytest.raises(KeyError, match="'other'"):
         dropout("other", jnp.ones((2, 3)), 0.5, True)
+
+
+class ScaledMLP(MLP):
+    def forward(self, x, k):
+        return super().forward(x) * k
+
+
+def test_a_static_input_in_a_train_check_is_a_failed_record_naming_it():
+    inputs = Inputs(Custom(lambda rng: ((2, 10), (2, 1)), ((2, 10), (2, 1))), (MLP_INPUTS.args[0], Static((2.0,)),
+                                                                           MLP_INPUTS.args[1]))
+    pair = mlp_pair("static_train", lambda p, x, k, train=False: mlp_apply(p, x) * k, checks=("train",)).replace(
+        torch_model=ScaledMLP, inputs=inputs)
+    (rec,) = pair.run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and rec.kind == "error", rec.failure_text()
+    assert "train batches: input 1 is Static" in rec.message, rec.message

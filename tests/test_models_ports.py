@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from equivcheck import Custom, Floats, Inputs, Lengths, Mask
 from equivcheck.engine.records import RunSettings
+from equivcheck.layers import flax_bridge
+from equivcheck.models import ModelPair, mse
 from equivcheck.models import mapping as mm
-from equivcheck.models.zoo import GRUClassifier, gru_pair
+from equivcheck.models.zoo import (
+    MATMUL,
+    GRUClassifier,
+    _attention,
+    _dense,
+    gru_pair,
+)
+from equivcheck.optim import optimizer_pair
 from equivcheck.weights import convert
 
 RUN = RunSettings(examples=3, seed=20261126, shrink_seconds=5)
@@ -63,5 +73,67 @@ def test_a_gru_models_gradients_match_torch_by_name():
 @pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True)])
 def test_gru_models_pass_forward_grad_and_train(layers, bidirectional):
     pair = gru_pair(f"gru_{layers}_{bidirectional}", layers, bidirectional, checks=("forward", "grad", "train"))
+    records = pair.run_checks(dtype="float32", run=RUN)
+    assert outcomes(records) == dict.fromkeys(("forward", "grad", "train"), "passed"), failures(records)
+
+
+# --------------------------------------------------------------------------- 2. mask inputs
+
+
+class MaskedPool(torch.nn.Module):
+    """A Linear per position, summed over the positions a boolean mask keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x, keep):
+        return (self.fc(x) * keep[..., None]).sum(1)
+
+
+def masked_pool_apply(params, x, keep, train=False):
+    return ((x @ params["fc"]["kernel"] + params["fc"]["bias"]) * keep[..., None]).sum(1)
+
+
+def _seq_shapes(width):
+    return Custom(lambda rng: ((b := int(rng.integers(1, 4)), n := int(rng.integers(2, 6)), width), (b, n), (b, 2)),
+                  ((1, 2, width), (1, 2), (1, 2)))
+
+
+def test_a_mask_input_is_drawn_for_train_batches():
+    """Mask() inputs crashed the train check ("train batches are drawn for Floats and Ints
+    inputs, not Mask") and its records never reached the report."""
+    pair = ModelPair("masked_pool", MaskedPool, masked_pool_apply,
+                     Inputs(_seq_shapes(3), (Floats(-1, 1), Mask(), Floats(-1, 1))), loss=mse(),
+                     optimizer=optimizer_pair("masked_pool.sgd", "SGD", lr=0.1), steps=3, checks=("forward", "train"))
+    records = pair.run_checks(dtype="float32", run=RUN)
+    assert outcomes(records) == {"forward": "passed", "train": "passed"}, failures(records)
+
+
+class MaskedAttention(torch.nn.Module):
+    """Self-attention with a key padding mask (True = padding), mean-pooled, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(4, 2, bias=False, batch_first=True)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x, pad):
+        return self.head(self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0].mean(1))
+
+
+def masked_attention_apply(params, x, pad, train=False):
+    b, n, _ = x.shape
+    keep = flax_bridge.attention_mask(2, n, n, b, key_padding_mask=pad)
+    return _dense(params["head"], _attention(params["attn"], x, keep).mean(1))
+
+
+def test_a_masked_attention_port_is_checked_with_lengths_masks():
+    """Lengths(padding=True): torch's key_padding_mask with padding as a suffix and a key kept
+    in every row, so no row is NaN; forward, gradients and training agree."""
+    pair = ModelPair("masked_attention", MaskedAttention, masked_attention_apply,
+                     Inputs(_seq_shapes(4), (Floats(-1, 1), Lengths(padding=True), Floats(-1, 1))), loss=mse(),
+                     optimizer=optimizer_pair("masked_attention.adam", "Adam", lr=1e-2), steps=3,
+                     checks=("forward", "grad", "train"), tags=MATMUL)
     records = pair.run_checks(dtype="float32", run=RUN)
     assert outcomes(records) == dict.fromkeys(("forward", "grad", "train"), "passed"), failures(records)

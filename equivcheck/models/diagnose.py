@@ -24,9 +24,15 @@ from equivcheck.models.localise import localise
 OPTIMIZER_EXAMPLES = 20  # the optimizer pair's own checks, on a failure only
 
 
-def _inputs(pair: Any, check: str, ex: Any, dtype: str) -> tuple[list[Any], Any]:
+def _inputs(pair: Any, ex: Any, res: Any, dtype: str) -> tuple[list[Any], Any]:
     if not ex.args:
         batch = ms.numpy_batch(pair.inputs, ex.shapes, dtype, np.random.default_rng(ex.batch_seed))
+        return list(batch[:-1]), batch[-1]
+    if res.verdict.kind == "error":
+        # an error shrinks to flat (often all-zero) inputs, on which a wrong layer may still agree:
+        # localise on a batch of the same shapes drawn across the inputs' ranges
+        shapes = tuple(np.shape(a) for a in ex.args)
+        batch = ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(ex.seed))
         return list(batch[:-1]), batch[-1]
     return list(ex.args[:-1]), ex.args[-1]
 
@@ -35,15 +41,9 @@ def diagnose(pair: Any, check: str, ex: Any, res: Any, ents: list[mm.Entry], dty
              base: Tolerance) -> tuple[str | None, str, list[dict[str, Any]]]:
     """(side, diagnosis text, the per-layer table as JSON rows)."""
     fwd = _forward_tol(base, check)
-    x, y = _inputs(pair, check, ex, dtype)
-    if res.verdict.kind == "error" and ex.args:
-        # an error shrinks to flat (often all-zero) inputs, on which a wrong layer may still agree:
-        # localise on a batch of the same shapes drawn across the inputs' ranges
-        shapes = tuple(np.shape(a) for a in ex.args)
-        batch = ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(ex.seed))
-        x, y = list(batch[:-1]), batch[-1]
     train = check in ("modes", "train", "fit")
     try:
+        x, y = _inputs(pair, ex, res, dtype)
         model = ms.build_torch(pair, ex.seed, dtype, run.device)
         loc = localise(pair, model, ents, x, res.masks, train=train, seed=ex.seed, dtype=dtype, device=run.device,
                        tol=fwd)
@@ -117,9 +117,9 @@ def optimizer_cause(pair: Any, dtype: str, run: Any) -> tuple[str | None, str]:
 def layer_table(pair: Any, check: str, ents: list[mm.Entry], dtype: str, run: Any,
                 base: Tolerance) -> list[dict[str, Any]]:
     """The per-layer table of a passing check, on one batch of the pair's smallest shapes."""
-    shapes = pair.inputs.shapes.minimal()
-    x = list(ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(0))[:-1])
     try:
+        shapes = pair.inputs.shapes.minimal()
+        x = list(ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(0))[:-1])
         model = ms.build_torch(pair, 0, dtype, run.device)
         loc = localise(pair, model, ents, x, {}, train=check in ("modes", "train", "fit"), seed=0, dtype=dtype,
                        device=run.device, tol=_forward_tol(base, check))

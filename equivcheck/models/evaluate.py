@@ -127,7 +127,10 @@ def stack(trees: list[Any]) -> Any:
 def _train(pair: Any, model: Any, ents: list[mm.Entry], params: Any, stats: Any, ex: Example, dtype: str,
            run: RunSettings, tol: Tolerance) -> Result:
     rng = np.random.default_rng(ex.batch_seed)
-    batches = [ms.numpy_batch(pair.inputs, ex.shapes, dtype, rng) for _ in range(pair.steps)]
+    try:
+        batches = [ms.numpy_batch(pair.inputs, ex.shapes, dtype, rng) for _ in range(pair.steps)]
+    except Exception as exc:  # noqa: BLE001 - the pair's inputs, neither side: a failed record, not a crash
+        return Result(Verdict(False, "error", f"drawing the train batches failed: {type(exc).__name__}: {exc}"))
     try:
         t_steps, t_masks = ms.torch_train(pair, model, ents, batches[:ex.steps], seed=ex.seed, device=run.device)
     except Exception as exc:

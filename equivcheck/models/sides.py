@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.engine.dtypes import np_dtype
 from equivcheck.models import mapping as mm
 from equivcheck.models.tap import capturing
-from equivcheck.ops.strategies import Floats, Ints
+from equivcheck.ops.strategies import Static
 
 
 def mask_seed(seed: int, name: str, step: int) -> int:
@@ -271,15 +270,16 @@ def jax_index(tree: Any, k: int) -> Any:
 # ---- batches for trajectories -------------------------------------------------------------
 
 def numpy_batch(inputs: Any, shapes: tuple[Any, ...], dtype: str, rng: np.random.Generator) -> tuple[Any, ...]:
-    """One batch of the pair's inputs from a seeded generator, within each spec's range:
-    a trajectory needs K batches of one shape, too many values for Hypothesis to draw."""
+    """One batch of the pair's inputs from a seeded generator, each array drawn by its spec's
+    `sample` within the spec's range (Floats, Ints, Index, Mask, Lengths, Matrices): a
+    trajectory needs K batches of one shape, too many values for Hypothesis to draw.
+    Raises ValueError naming the argument for a Static one (a trajectory stacks its batches)
+    or a spec without `sample`."""
     out, it = [], iter(shapes)
-    for spec in inputs.args:
-        shape = next(it)
-        if isinstance(spec, Floats):
-            out.append(rng.uniform(spec.lo, spec.hi, shape).astype(np_dtype(dtype)))
-        elif isinstance(spec, Ints):
-            out.append(rng.integers(spec.lo, spec.hi + 1, shape).astype(spec.dtype))
-        else:
-            raise ValueError(f"train batches are drawn for Floats and Ints inputs, not {type(spec).__name__}")
+    for k, spec in enumerate(inputs.args):
+        if isinstance(spec, Static) or not hasattr(spec, "sample"):
+            what = "Static (a trajectory stacks its batches: every input is an array)" if isinstance(spec, Static) \
+                else "without a sample(dtype, shape, shapes, rng) method"
+            raise ValueError(f"train batches: input {k} is {type(spec).__name__} {what}")
+        out.append(spec.sample(dtype, next(it), shapes, rng))
     return tuple(out)
