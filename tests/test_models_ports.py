@@ -18,6 +18,8 @@ from equivcheck.models.zoo import (
     GRUClassifier,
     _attention,
     _dense,
+    cnn_apply,
+    cnn_pair,
     gru_pair,
 )
 from equivcheck.optim import optimizer_pair
@@ -137,3 +139,26 @@ def test_a_masked_attention_port_is_checked_with_lengths_masks():
                      checks=("forward", "grad", "train"), tags=MATMUL)
     records = pair.run_checks(dtype="float32", run=RUN)
     assert outcomes(records) == dict.fromkeys(("forward", "grad", "train"), "passed"), failures(records)
+
+
+# --------------------------------------------------------------------------- 4. stateful ports
+
+
+def test_a_port_returning_statistics_undeclared_is_told_to_set_stateful():
+    """The CNN's port returns (output, BatchNorm statistics): without stateful=True it compared
+    as "jax gives list of 2"."""
+    pair = cnn_pair("cnn_undeclared", checks=("forward",)).replace(stateful=False)
+    (rec,) = pair.run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert "the port returns statistics: set stateful=True" in rec.message, rec.message
+
+
+def test_a_stateful_port_returning_a_bare_output_in_eval_mode_is_named():
+    def port(params, x, train=False):
+        out, stats = cnn_apply(params, x, train)
+        return (out, stats) if train else out
+
+    (rec,) = cnn_pair("cnn_bare_eval", port, checks=("forward",)).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert "stateful=True, but the port returns a bare output" in rec.message, rec.message
+    assert "in eval mode too" in rec.message
