@@ -21,6 +21,7 @@ from equivcheck.models.zoo import (
     cnn_apply,
     cnn_pair,
     gru_pair,
+    planted,
 )
 from equivcheck.optim import optimizer_pair
 from equivcheck.weights import convert
@@ -162,3 +163,19 @@ def test_a_stateful_port_returning_a_bare_output_in_eval_mode_is_named():
     assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
     assert "stateful=True, but the port returns a bare output" in rec.message, rec.message
     assert "in eval mode too" in rec.message
+
+
+# --------------------------------------------------------------------------- 5. dropout masks
+
+
+def test_a_port_drawing_its_own_dropout_masks_is_told_so():
+    (rec,) = cnn_pair("cnn_own_masks", planted(cnn_apply, own_dropout=True), checks=("modes",)).run_checks(
+        dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert "dropout masks differ" in rec.diagnosis and "(drop)" in rec.diagnosis, rec.diagnosis
+    assert "equivcheck.models.dropout(name, x, rate, train)" in rec.diagnosis, rec.diagnosis
+
+
+def test_a_port_applying_torchs_masks_gets_no_dropout_hint():
+    (rec,) = cnn_pair("cnn_masks", checks=("modes",)).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "passed", rec.failure_text()

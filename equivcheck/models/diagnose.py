@@ -50,6 +50,10 @@ def diagnose(pair: Any, check: str, ex: Any, res: Any, ents: list[mm.Entry], dty
     except Exception as exc:
         return res.verdict.side, f"localisation failed: {type(exc).__name__}: {exc}", []
     rows = [r.to_json() for r in loc.rows]
+    if check in ("modes", "train") and res.verdict.kind != "error":
+        masks = _dropout_cause(pair, ents, ex, x, res.masks, dtype, run, fwd)
+        if masks:  # before any layer: a port's own masks move every layer after the first dropout
+            return "jax", f"{masks}; {loc.text}", rows
     if loc.first is not None or "raised" in loc.text:
         return "jax" if res.verdict.side != "torch" else "torch", loc.text, rows
     if res.verdict.kind == "error":
@@ -62,6 +66,36 @@ def diagnose(pair: Any, check: str, ex: Any, res: Any, ents: list[mm.Entry], dty
         side, why = optimizer_cause(pair, dtype, run)
         return side, f"{loc.text}; the gradients at step 1 agree too; {why}", rows
     return res.verdict.side, loc.text, rows
+
+
+def _dropout_cause(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], masks: Any, dtype: str, run: Any,
+                   tol: Tolerance) -> str:
+    """"dropout masks differ" when the torch model has nn.Dropout modules, the port's train-mode
+    output does not move when torch's masks are flipped (it draws its own, or applies none),
+    and eval mode agrees; else "". Any error here leaves the diagnosis to the localisation."""
+    import jax
+    import torch
+
+    try:
+        model = ms.build_torch(pair, ex.seed, dtype, run.device)
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        if not names or not masks:
+            return ""
+        params, stats = mm.to_jax(ents, ms.torch_state(model))
+        t_eval, _ = ms.torch_forward(model, x, train=False, seed=ex.seed, device=run.device)
+        j_eval, _ = ms.run_jax(pair, "forward_eval", dtype, run.device, params, stats, x, masks)
+        if not compare(t_eval, j_eval, tol).ok:
+            return ""
+        flipped = {k: ~np.asarray(v, bool) for k, v in masks.items()}
+        outs = [ms.run_jax(pair, "forward_train", dtype, run.device, params, stats, x, m)[0] for m in (masks, flipped)]
+    except Exception:  # noqa: BLE001 - a hint, never a new failure
+        return ""
+    same = all(np.array_equal(a, b, equal_nan=True) for a, b in zip(*(jax.tree.leaves(o) for o in outs)))
+    if not same:
+        return ""
+    return (f"dropout masks differ: eval mode agrees, but the port's train-mode output ignores the masks torch's "
+            f"Dropout modules ({', '.join(names)}) drew (flipping them changes nothing): the port draws its own "
+            "masks (or applies none); apply torch's with equivcheck.models.dropout(name, x, rate, train)")
 
 
 def _forward_tol(base: Tolerance, check: str) -> Tolerance:

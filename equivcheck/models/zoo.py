@@ -103,8 +103,9 @@ def _chw_to_hwc(m: Any) -> Any:
 
 
 def cnn_apply(params: Any, x: Any, train: bool = False, bn_momentum: float = 0.9,
-              padding: Any = ((1, 1), (1, 1)), eval_dropout: bool = False) -> Any:
-    """NHWC inside, as a Flax model is written; bn_momentum is Flax's (weight of the old statistic)."""
+              padding: Any = ((1, 1), (1, 1)), eval_dropout: bool = False, own_dropout: bool = False) -> Any:
+    """NHWC inside, as a Flax model is written; bn_momentum is Flax's (weight of the old statistic).
+    own_dropout: the port draws its own dropout mask (jax.random) instead of torch's."""
     cf = convert.channels_first
     h = convert.channels_last(x)
     conv = flax_bridge.nnx_layer(nnx.Conv, params["conv1"], in_features=1, out_features=8, kernel_size=(3, 3),
@@ -121,7 +122,11 @@ def cnn_apply(params: Any, x: Any, train: bool = False, bn_momentum: float = 0.9
     h = tap("act1", jax.nn.relu(h), cf)
     h = tap("pool", nnx.max_pool(h, (2, 2), strides=(2, 2)), cf)
     flat = h.reshape(h.shape[0], -1)  # H, W, C order: the fc kernel is converted for it (linear_after_flatten)
-    flat = dropout("drop", flat, 0.25, train or eval_dropout, from_torch=_chw_to_hwc)
+    if own_dropout and train:
+        keep = jax.random.bernoulli(jax.random.key(0), 0.75, flat.shape)
+        flat = jnp.where(keep, flat / 0.75, jnp.zeros_like(flat))
+    else:
+        flat = dropout("drop", flat, 0.25, train or eval_dropout, from_torch=_chw_to_hwc)
     tap("drop", flat, lambda v: v.reshape(v.shape[0], 4, 4, 8).transpose(0, 3, 1, 2).reshape(v.shape[0], -1))
     return tap("fc", _dense(params["fc"], flat)), stats
 
