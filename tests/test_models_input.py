@@ -107,6 +107,24 @@ def test_port_dropout_without_a_torch_mask_names_it():
         dropout("other", jnp.ones((2, 3)), 0.5, True)
 
 
+def _broken_rule_pair(sampler):
+    return mlp_pair("broken_rule", checks=("forward", "train")).replace(
+        inputs=Inputs(Custom(sampler, ((1, 10), (1, 1))), MLP_INPUTS.args))
+
+
+@pytest.mark.parametrize("sampler, words", [
+    (lambda rng: 1 / 0, "raised ZeroDivisionError"),
+    (lambda rng: ((2, 10),), "returned ((2, 10),), which is not a tuple of 2 shapes"),
+    (lambda rng: "shapes", "which is not a tuple of 2 shapes"),
+], ids=["raises", "one_shape", "garbage"])
+def test_a_shape_rule_that_raises_or_returns_garbage_fails_every_check_with_a_record(sampler, words):
+    records = _broken_rule_pair(sampler).run_checks(dtype="float32", run=RUN)
+    assert [(r.check, r.outcome, r.kind) for r in records] == [("forward", "failed", "error"), ("train", "failed", "error")]
+    for rec in records:
+        assert rec.message.startswith("the shape rule of model pair 'broken_rule' ") and words in rec.message, rec.message
+        assert "neither side ran" in rec.diagnosis
+
+
 class ScaledMLP(MLP):
     def forward(self, x, k):
         return super().forward(x) * k
