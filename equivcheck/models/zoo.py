@@ -304,10 +304,16 @@ def gru_pair(name: str = "gru", layers: int = 1, bidirectional: bool = False, ap
              optimizer: Any = None, **kw: Any) -> ModelPair:
     kw.setdefault("tags", MATMUL)
     kw.setdefault("steps", 5)
+    # SGD, not Adam: Adam turns a gradient element near its eps into a full step. Through two
+    # bidirectional GRU layers, a token first seen at a late step gets embedding gradients of
+    # ~1e-8, rounding noise in float32, and XLA's float32 sigmoid/tanh are a few ulps off where
+    # torch's are within one. Found at step 2: the port 4.7x torch's distance from float64, past
+    # evaluate.ROUNDING_FACTOR, with no port bug.
+    opt = optimizer or optimizer_pair(f"{name}.sgd", "SGD", lr=0.05, momentum=0.9)
     return ModelPair(name, functools.partial(GRUClassifier, layers, bidirectional), apply, SEQ_INPUTS,
-                     loss=cross_entropy(), optimizer=optimizer or optimizer_pair(f"{name}.adam", "Adam", lr=1e-2),
+                     loss=cross_entropy(), optimizer=opt,
                      doc=f"embedding -> {layers}-layer {'bidirectional ' if bidirectional else ''}GRU -> linear "
-                         "on the final hidden state; Adam", **kw)
+                         "on the final hidden state; SGD with momentum", **kw)
 
 
 def planted(port: Any, **slip: Any) -> Any:
