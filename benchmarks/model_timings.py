@@ -1,4 +1,4 @@
-"""Time the built-in model checks and show their margins: forward+grad, the 20-step train check,
+"""Time the built-in model checks and show their margins: forward+grad, the train check (20 steps, GRU 5),
 the digits fit; per model and dtype, with the worst error over the allowed error (1 = at tolerance).
 
     python benchmarks/model_timings.py [--examples 30] [--seed 0]
@@ -12,7 +12,7 @@ import argparse
 import time
 
 from equivcheck.engine.records import RunSettings
-from equivcheck.models.zoo import cnn_pair, encoder_pair, lstm_pair, mlp_pair
+from equivcheck.models.zoo import cnn_pair, encoder_pair, gru_pair, lstm_pair, mlp_pair
 
 
 def main() -> None:
@@ -25,7 +25,8 @@ def main() -> None:
 
     torch.set_num_threads(1)  # as the suites run (suites/conftest.py)
     rows = []
-    pairs = [mlp_pair(), cnn_pair(), encoder_pair(), lstm_pair(), cnn_pair("cnn_digits", checks=("fit",))]
+    pairs = [mlp_pair(), cnn_pair(), encoder_pair(), lstm_pair(), gru_pair(), gru_pair("gru_bi", 2, True),
+             cnn_pair("cnn_digits", checks=("fit",))]
     for pair in pairs:
         groups = [("fit",)] if pair.checks == ("fit",) else [("forward", "grad"), ("train",), ("modes",)]
         for dtype in ("float32", "float64"):

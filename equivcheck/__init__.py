@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "equivcheck.ops": ("CHECKS", "Convention", "Pair", "Registry", "run_pair", "Broadcast", "Custom", "Fixed", "Floats",
-                       "Index", "Inputs", "Ints", "Mask", "MatMul", "Matrices", "Same", "Square", "Static", "binary",
+                       "Index", "Inputs", "Ints", "Lengths", "Mask", "MatMul", "Matrices", "Same", "Square", "Static", "binary",
                        "unary"),
     "equivcheck.engine": ("DTYPES", "CheckKind", "CheckRecord", "KnownDivergences", "RunSettings", "Tolerance"),
     "equivcheck.data": ("DataCheck",),
@@ -64,6 +64,7 @@ if TYPE_CHECKING:  # static tools see the real names
         Index,
         Inputs,
         Ints,
+        Lengths,
         Mask,
         MatMul,
         Matrices,

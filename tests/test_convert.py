@@ -48,6 +48,7 @@ MODULES = {
     "mha_kdim": lambda: nn.MultiheadAttention(4, 2, kdim=3, vdim=3),
     "lstm": lambda: nn.LSTM(3, 4, num_layers=2),
     "gru": lambda: nn.GRU(2, 3, num_layers=2),
+    "gru_bidirectional": lambda: nn.GRU(2, 3, num_layers=2, bidirectional=True),
 }
 # Flax keeps one bias per LSTM gate and per GRU r/z gate where torch keeps two: these sums
 # are the one place a torch -> Flax -> torch round trip cannot return torch's split.

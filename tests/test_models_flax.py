@@ -4,13 +4,17 @@ than the torch model is named key by key."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import pytest
+import torch
 from flax import linen as lnn
 from flax import nnx
 
+from equivcheck import Custom, Floats, Inputs
 from equivcheck.engine.records import RunSettings
+from equivcheck.models import ModelPair, mse
 from equivcheck.models.flax_ports import linen_port, nnx_port
-from equivcheck.models.zoo import mlp_pair
+from equivcheck.models.zoo import MATMUL, mlp_pair
 
 RUN = RunSettings(examples=10, seed=20261126, shrink_seconds=5)
 
@@ -85,3 +89,69 @@ def test_an_nnx_module_named_otherwise_is_refused_naming_the_keys():
     (rec,) = _pair("flax_nnx_names", port).replace(checks=("forward",)).run_checks(dtype="float32", run=RUN)
     assert rec.outcome == "failed", rec
     assert "fc1" in rec.message and "dense1" in rec.message, rec.message
+
+
+# ---- a submodule returning a tuple, as Hugging Face Flax attention layers do
+
+
+class AttentionBlock(torch.nn.Module):
+    """Residual self-attention (nn.MultiheadAttention returns (output, weights)) -> GELU MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(4, 2, bias=False, batch_first=True)
+        self.ff1, self.act, self.ff2 = torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = x + self.attn(x, x, x)[0]
+        return self.ff2(self.act(self.ff1(h))).mean(1)
+
+
+class LinenSelfAttention(lnn.Module):
+    """Returns (output, attention weights), as FlaxBertSelfAttention and its kin do."""
+
+    heads: int = 2
+
+    @lnn.compact
+    def __call__(self, x):
+        d = x.shape[-1] // self.heads
+        q, k, v = (lnn.DenseGeneral((self.heads, d), use_bias=False, name=n)(x) for n in ("query", "key", "value"))
+        weights = lnn.dot_product_attention_weights(q, k)
+        mixed = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+        return lnn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, name="out")(mixed), weights
+
+
+class LinenBlock(lnn.Module):
+    gelu_approximate: bool = False
+
+    @lnn.compact
+    def __call__(self, x):
+        h = x + LinenSelfAttention(name="attn")(x)[0]
+        f = jax.nn.gelu(lnn.Dense(8, name="ff1")(h), approximate=self.gelu_approximate)
+        return lnn.Dense(2, name="ff2")(f).mean(1)
+
+
+BLOCK_INPUTS = Inputs(Custom(lambda rng: ((b := int(rng.integers(1, 4)), 3, 4), (b, 2)), ((1, 3, 4), (1, 2))),
+                      (Floats(-1, 1), Floats(-1, 1)))
+
+
+def _block(name, **kw):
+    return ModelPair(name, AttentionBlock, linen_port(LinenBlock(**kw)), BLOCK_INPUTS, loss=mse(),
+                     checks=("forward",), tags=MATMUL)
+
+
+def test_a_submodule_returning_a_tuple_compares_its_first_array_on_both_sides():
+    """torch's hook unwrapped (output, weights) to the output, the port's capture one level only:
+    the attention layer showed as diverging with infinite error on a passing check."""
+    (rec,) = _block("flax_tuple_attn").run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "passed", rec.failure_text()
+    rows = {row["layer"]: row for row in rec.extra["layers"]}
+    assert rows["attn"]["ok"] and rows["attn"]["ratio"] < 1, rows["attn"]
+    assert all(row["ok"] for row in rows.values()), rows
+
+
+def test_a_slip_after_a_tuple_returning_submodule_is_localised_past_it():
+    (rec,) = _block("flax_tuple_gelu", gelu_approximate=True).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed", rec.failure_text()
+    # the GELU is inline (no submodule): the first tapped layer after it is ff2
+    assert "first diverging layer: ff2 (Linear)" in rec.diagnosis, rec.diagnosis

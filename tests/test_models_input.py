@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from equivcheck import Custom, Inputs, Static
 from equivcheck.engine.records import RunSettings
 from equivcheck.models import ModelPair, mse
 from equivcheck.models.zoo import MLP, MLP_INPUTS, mlp_apply, mlp_naive_apply, mlp_pair
@@ -104,3 +105,36 @@ def test_port_dropout_without_a_torch_mask_names_it():
 
     with capturing({"drop": np.ones((2, 3), bool)}), pytest.raises(KeyError, match="'other'"):
         dropout("other", jnp.ones((2, 3)), 0.5, True)
+
+
+def _broken_rule_pair(sampler):
+    return mlp_pair("broken_rule", checks=("forward", "train")).replace(
+        inputs=Inputs(Custom(sampler, ((1, 10), (1, 1))), MLP_INPUTS.args))
+
+
+@pytest.mark.parametrize("sampler, words", [
+    (lambda rng: 1 / 0, "raised ZeroDivisionError"),
+    (lambda rng: ((2, 10),), "returned ((2, 10),), which is not a tuple of 2 shapes"),
+    (lambda rng: "shapes", "which is not a tuple of 2 shapes"),
+], ids=["raises", "one_shape", "garbage"])
+def test_a_shape_rule_that_raises_or_returns_garbage_fails_every_check_with_a_record(sampler, words):
+    records = _broken_rule_pair(sampler).run_checks(dtype="float32", run=RUN)
+    assert [(r.check, r.outcome, r.kind) for r in records] == [("forward", "failed", "error"), ("train", "failed", "error")]
+    for rec in records:
+        assert rec.message.startswith("the shape rule of model pair 'broken_rule' ") and words in rec.message, rec.message
+        assert "neither side ran" in rec.diagnosis
+
+
+class ScaledMLP(MLP):
+    def forward(self, x, k):
+        return super().forward(x) * k
+
+
+def test_a_static_input_in_a_train_check_is_a_failed_record_naming_it():
+    inputs = Inputs(Custom(lambda rng: ((2, 10), (2, 1)), ((2, 10), (2, 1))), (MLP_INPUTS.args[0], Static((2.0,)),
+                                                                           MLP_INPUTS.args[1]))
+    pair = mlp_pair("static_train", lambda p, x, k, train=False: mlp_apply(p, x) * k, checks=("train",)).replace(
+        torch_model=ScaledMLP, inputs=inputs)
+    (rec,) = pair.run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and rec.kind == "error", rec.failure_text()
+    assert "train batches: input 1 is Static" in rec.message, rec.message

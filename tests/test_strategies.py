@@ -5,7 +5,22 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from equivcheck import Broadcast, Floats, Index, Inputs, Mask, MatMul, Matrices, Same, Square, Static, unary
+from equivcheck import (
+    Broadcast,
+    Fixed,
+    Floats,
+    Index,
+    Inputs,
+    Ints,
+    Lengths,
+    Mask,
+    MatMul,
+    Matrices,
+    Same,
+    Square,
+    Static,
+    unary,
+)
 from equivcheck.engine.dtypes import np_dtype
 
 FAST = settings(max_examples=60, deadline=None, database=None)
@@ -123,3 +138,53 @@ def test_placeholders_match_the_drawn_dtypes_for_each_static_value():
 def test_inputs_refuse_a_shape_rule_that_does_not_fit_the_arguments():
     with pytest.raises(ValueError, match="2 array arguments but the shape rule makes 1"):
         Inputs(Same(n=1), (Floats(), Floats()))
+
+
+@pytest.mark.parametrize("spec", [Lengths(), Lengths(min_keep=2, padding=True), Lengths(left=True, dtype="int64")],
+                         ids=["keep", "padding_min2", "left_int"])
+def test_lengths_masks_keep_min_keep_and_pad_one_side(spec):
+    inputs = Inputs(Fixed((((3, 2, 5),),)), (spec,))
+
+    def check_mask(m):
+        assert m.dtype == np.dtype(spec.dtype) and m.shape == (3, 2, 5)
+        kept = (m == 0) if spec.padding else (m != 0)
+        assert np.all(kept.sum(-1) >= spec.min_keep)
+        rows = kept.reshape(-1, 5)
+        # padding a suffix: kept positions come first (left: last), no gap between them
+        ordered = rows[:, ::-1] if spec.left else rows
+        assert np.all(np.diff(ordered.astype(int), axis=-1) <= 0)
+
+    @FAST
+    @given(inputs.strategy("float32", [((3, 2, 5),)]))
+    def check(args):
+        check_mask(args[0])
+
+    check()
+    for seed in range(20):  # the train batches' NumPy draw keeps the same promise
+        check_mask(spec.sample("float32", (3, 2, 5), ((3, 2, 5),), np.random.default_rng(seed)))
+
+
+def test_lengths_refuse_what_they_cannot_draw():
+    with pytest.raises(ValueError, match="min_keep must be an int >= 0"):
+        Lengths(min_keep=-1)
+    with pytest.raises(ValueError, match="neither bool nor an integer"):
+        Lengths(dtype="float32")
+    with pytest.raises(ValueError, match=r"shape \(\)"):
+        Lengths().draw("float32", (), ((),))
+    with pytest.raises(ValueError, match=r"rows of shape \(2, 1\) have 1 positions, fewer than min_keep=2"):
+        Lengths(min_keep=2).sample("float32", (2, 1), ((2, 1),), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_array_spec_samples_within_its_domain(dtype):
+    rng = np.random.default_rng(0)
+    shapes = ((4, 3), (5,), (3, 3))
+    x = Floats(-2, 0.5).sample(dtype, shapes[0], shapes, rng)
+    assert x.dtype == np_dtype(dtype) and x.shape == (4, 3) and np.all((x >= -2) & (x <= 0.5))
+    n = Ints(3, 4, dtype="int32").sample(dtype, shapes[1], shapes, rng)
+    assert n.dtype == np.int32 and set(np.unique(n)) <= {3, 4}
+    i = Index(of=0, axis=0).sample(dtype, shapes[1], shapes, rng)
+    assert i.dtype == np.int64 and np.all((i >= 0) & (i < 4))
+    assert Mask().sample(dtype, shapes[1], shapes, rng).dtype == np.bool_
+    a = Matrices("spd").sample(dtype, shapes[2], shapes, rng)
+    assert a.dtype == np_dtype(dtype) and np.allclose(a, a.T) and np.all(np.linalg.eigvalsh(a) > 0.5)

@@ -348,15 +348,21 @@ def lstm(x: Any, state_dict: dict[str, Any], h0: Any = None, c0: Any = None,
 
 
 def gru(x: Any, state_dict: dict[str, Any], h0: Any = None, batch_first: bool = False) -> tuple[Any, Any]:
-    """torch nn.GRU through linen.RNN(linen.GRUCell): nnx.GRUCell has no hidden-side bias for
-    torch's b_hn, linen's has. Returns (output, h_n)."""
+    """torch nn.GRU (stacked; bidirectional through linen.Bidirectional) via linen.RNN(linen.GRUCell):
+    nnx.GRUCell has no hidden-side bias for torch's b_hn, linen's has. Returns (output, h_n), h_n
+    (layers * directions, N, H) in torch's order (layer 0 forward, layer 0 backward, ...)."""
     tree = convert.to_jax("gru", state_dict)
     x = x if batch_first else jnp.swapaxes(x, 0, 1)
-    hidden = tree[0]["hr"]["kernel"].shape[0]
-    h0 = jnp.zeros((len(tree), x.shape[0], hidden), x.dtype) if h0 is None else h0
-    layers = [lambda seq, carry, cell=cell: linen.RNN(linen.GRUCell(features=hidden), return_carry=True).apply(
-        {"params": {"cell": cell}}, seq, initial_carry=carry) for cell in tree]
-    out, finals = _layers_over_time(x, layers, [h0[k] for k in range(len(tree))])
+    dirs = 2 if "forward_rnn" in tree[0] else 1
+    hidden = (tree[0]["forward_rnn"]["cell"] if dirs == 2 else tree[0])["hr"]["kernel"].shape[0]
+    h0 = jnp.zeros((len(tree) * dirs, x.shape[0], hidden), x.dtype) if h0 is None else h0
+    rnn = [linen.RNN(linen.GRUCell(features=hidden), return_carry=True) for _ in range(dirs)]
+    layer = rnn[0] if dirs == 1 else linen.Bidirectional(*rnn, return_carry=True)
+    layers = [lambda seq, carry, p=p: layer.apply({"params": {"cell": p} if dirs == 1 else p}, seq,
+                                                  initial_carry=carry) for p in tree]
+    carries = [h0[k] if dirs == 1 else (h0[2 * k], h0[2 * k + 1]) for k in range(len(tree))]
+    out, finals = _layers_over_time(x, layers, carries)
+    finals = [h for final in finals for h in (final if dirs == 2 else (final,))]
     return (out if batch_first else jnp.swapaxes(out, 0, 1)), jnp.stack(finals)
 
 

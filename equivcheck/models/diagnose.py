@@ -24,9 +24,15 @@ from equivcheck.models.localise import localise
 OPTIMIZER_EXAMPLES = 20  # the optimizer pair's own checks, on a failure only
 
 
-def _inputs(pair: Any, check: str, ex: Any, dtype: str) -> tuple[list[Any], Any]:
+def _inputs(pair: Any, ex: Any, res: Any, dtype: str) -> tuple[list[Any], Any]:
     if not ex.args:
         batch = ms.numpy_batch(pair.inputs, ex.shapes, dtype, np.random.default_rng(ex.batch_seed))
+        return list(batch[:-1]), batch[-1]
+    if res.verdict.kind == "error":
+        # an error shrinks to flat (often all-zero) inputs, on which a wrong layer may still agree:
+        # localise on a batch of the same shapes drawn across the inputs' ranges
+        shapes = tuple(np.shape(a) for a in ex.args)
+        batch = ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(ex.seed))
         return list(batch[:-1]), batch[-1]
     return list(ex.args[:-1]), ex.args[-1]
 
@@ -35,21 +41,19 @@ def diagnose(pair: Any, check: str, ex: Any, res: Any, ents: list[mm.Entry], dty
              base: Tolerance) -> tuple[str | None, str, list[dict[str, Any]]]:
     """(side, diagnosis text, the per-layer table as JSON rows)."""
     fwd = _forward_tol(base, check)
-    x, y = _inputs(pair, check, ex, dtype)
-    if res.verdict.kind == "error" and ex.args:
-        # an error shrinks to flat (often all-zero) inputs, on which a wrong layer may still agree:
-        # localise on a batch of the same shapes drawn across the inputs' ranges
-        shapes = tuple(np.shape(a) for a in ex.args)
-        batch = ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(ex.seed))
-        x, y = list(batch[:-1]), batch[-1]
     train = check in ("modes", "train", "fit")
     try:
+        x, y = _inputs(pair, ex, res, dtype)
         model = ms.build_torch(pair, ex.seed, dtype, run.device)
         loc = localise(pair, model, ents, x, res.masks, train=train, seed=ex.seed, dtype=dtype, device=run.device,
                        tol=fwd)
     except Exception as exc:
         return res.verdict.side, f"localisation failed: {type(exc).__name__}: {exc}", []
     rows = [r.to_json() for r in loc.rows]
+    if check in ("modes", "train") and res.verdict.kind != "error":
+        masks = _dropout_cause(pair, ents, ex, x, res.masks, dtype, run, fwd)
+        if masks:  # before any layer: a port's own masks move every layer after the first dropout
+            return "jax", f"{masks}; {loc.text}", rows
     if loc.first is not None or "raised" in loc.text:
         return "jax" if res.verdict.side != "torch" else "torch", loc.text, rows
     if res.verdict.kind == "error":
@@ -64,6 +68,36 @@ def diagnose(pair: Any, check: str, ex: Any, res: Any, ents: list[mm.Entry], dty
     return res.verdict.side, loc.text, rows
 
 
+def _dropout_cause(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], masks: Any, dtype: str, run: Any,
+                   tol: Tolerance) -> str:
+    """"dropout masks differ" when the torch model has nn.Dropout modules, the port's train-mode
+    output does not move when torch's masks are flipped (it draws its own, or applies none),
+    and eval mode agrees; else "". Any error here leaves the diagnosis to the localisation."""
+    import jax
+    import torch
+
+    try:
+        model = ms.build_torch(pair, ex.seed, dtype, run.device)
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        if not names or not masks:
+            return ""
+        params, stats = mm.to_jax(ents, ms.torch_state(model))
+        t_eval, _ = ms.torch_forward(model, x, train=False, seed=ex.seed, device=run.device)
+        j_eval, _ = ms.run_jax(pair, "forward_eval", dtype, run.device, params, stats, x, masks)
+        if not compare(t_eval, j_eval, tol).ok:
+            return ""
+        flipped = {k: ~np.asarray(v, bool) for k, v in masks.items()}
+        outs = [ms.run_jax(pair, "forward_train", dtype, run.device, params, stats, x, m)[0] for m in (masks, flipped)]
+    except Exception:  # noqa: BLE001 - a hint, never a new failure
+        return ""
+    same = all(np.array_equal(a, b, equal_nan=True) for a, b in zip(*(jax.tree.leaves(o) for o in outs)))
+    if not same:
+        return ""
+    return (f"dropout masks differ: eval mode agrees, but the port's train-mode output ignores the masks torch's "
+            f"Dropout modules ({', '.join(names)}) drew (flipping them changes nothing): the port draws its own "
+            "masks (or applies none); apply torch's with equivcheck.models.dropout(name, x, rate, train)")
+
+
 def _forward_tol(base: Tolerance, check: str) -> Tolerance:
     from equivcheck.engine.tolerance import CHECK_SCALE
 
@@ -74,7 +108,8 @@ def _forward_tol(base: Tolerance, check: str) -> Tolerance:
 def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, dtype: str, run: Any,
                base: Tolerance, train: bool) -> str:
     model = ms.build_torch(pair, ex.seed, dtype, run.device)
-    params, stats = mm.to_jax(ents, ms.torch_state(model))
+    state = ms.torch_state(model)
+    params, stats = mm.to_jax(ents, state)
     _, t_grads = ms.torch_grad(pair, model, x, y, train=train, seed=ex.seed, device=run.device)
     masks: dict[str, Any] = {}
     if train:  # the masks torch's first step draws
@@ -82,7 +117,7 @@ def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, d
                          device=run.device, masks=masks)
     (_, _), j_g = ms.run_jax(pair, "grad_train" if train else "grad_eval", dtype, run.device, params, stats, x, y,
                              masks)
-    j_grads = mm.to_torch(ents, j_g, grads=True)
+    j_grads = mm.grads_to_torch(ents, j_g, state)
     for name in t_grads:
         v = compare(t_grads[name], j_grads.get(name), base)
         if not v.ok:
@@ -116,9 +151,9 @@ def optimizer_cause(pair: Any, dtype: str, run: Any) -> tuple[str | None, str]:
 def layer_table(pair: Any, check: str, ents: list[mm.Entry], dtype: str, run: Any,
                 base: Tolerance) -> list[dict[str, Any]]:
     """The per-layer table of a passing check, on one batch of the pair's smallest shapes."""
-    shapes = pair.inputs.shapes.minimal()
-    x = list(ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(0))[:-1])
     try:
+        shapes = pair.inputs.shapes.minimal()
+        x = list(ms.numpy_batch(pair.inputs, shapes, dtype, np.random.default_rng(0))[:-1])
         model = ms.build_torch(pair, 0, dtype, run.device)
         loc = localise(pair, model, ents, x, {}, train=check in ("modes", "train", "fit"), seed=0, dtype=dtype,
                        device=run.device, tol=_forward_tol(base, check))

@@ -77,7 +77,8 @@ def evaluate(pair: Any, check: str, ex: Example, ents: list[mm.Entry], dtype: st
     dev = run.device
     try:
         model = ms.build_torch(pair, ex.seed, dtype, dev)
-        params, stats = mm.to_jax(ents, ms.torch_state(model))
+        state = ms.torch_state(model)
+        params, stats = mm.to_jax(ents, state)
     except Exception as exc:
         return _error("torch", check, exc, " (building the model and converting its weights)")
     if check == "train":
@@ -101,7 +102,7 @@ def evaluate(pair: Any, check: str, ex: Example, ents: list[mm.Entry], dtype: st
             verdict = compare(t_out, j_out, tol)
         elif check == "grad":
             (j_loss, (j_out, _)), j_g = ms.run_jax(pair, "grad_eval", dtype, dev, params, stats, x, y, masks)
-            j_grads = mm.to_torch(ents, j_g, grads=True)
+            j_grads = mm.grads_to_torch(ents, j_g, state)
             verdict = compare({"loss": t_info["loss"], "grad": t_grads},
                               {"loss": j_loss, "grad": {k: j_grads[k] for k in t_grads if k in j_grads}}, tol)
             if verdict.ok and set(t_grads) - set(j_grads):
@@ -126,7 +127,10 @@ def stack(trees: list[Any]) -> Any:
 def _train(pair: Any, model: Any, ents: list[mm.Entry], params: Any, stats: Any, ex: Example, dtype: str,
            run: RunSettings, tol: Tolerance) -> Result:
     rng = np.random.default_rng(ex.batch_seed)
-    batches = [ms.numpy_batch(pair.inputs, ex.shapes, dtype, rng) for _ in range(pair.steps)]
+    try:
+        batches = [ms.numpy_batch(pair.inputs, ex.shapes, dtype, rng) for _ in range(pair.steps)]
+    except Exception as exc:  # noqa: BLE001 - the pair's inputs, neither side: a failed record, not a crash
+        return Result(Verdict(False, "error", f"drawing the train batches failed: {type(exc).__name__}: {exc}"))
     try:
         t_steps, t_masks = ms.torch_train(pair, model, ents, batches[:ex.steps], seed=ex.seed, device=run.device)
     except Exception as exc:

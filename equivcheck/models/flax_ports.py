@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from equivcheck.models.tap import tap
+from equivcheck.models.tap import first_array, tap
 
 ToTorch = Callable[[str, Any], Any]
 
@@ -28,7 +28,9 @@ def _tap_tree(tree: Mapping[str, Any], prefix: str, to_torch: ToTorch | None) ->
     for key, value in tree.items():
         if key == "__call__":
             if prefix:  # the top module's own output is the model's output, compared anyway
-                out = value[0] if isinstance(value, tuple) else value
+                # Flax keeps one entry per call (a tuple): the first call's output, then the
+                # same unwrapping as torch's side (a module returning (output, weights))
+                out = first_array(value[0] if isinstance(value, tuple) and value else value)
                 tap(prefix, to_torch(prefix, out) if to_torch else out)
         elif isinstance(value, Mapping):
             _tap_tree(value, f"{prefix}.{key}" if prefix else str(key), to_torch)

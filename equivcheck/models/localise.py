@@ -24,6 +24,7 @@ from equivcheck.engine.compare import compare
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.layers import traps as divergences
 from equivcheck.models import mapping as mm
+from equivcheck.models.tap import first_array
 
 
 @dataclasses.dataclass
@@ -53,11 +54,8 @@ class Localisation:
 def _first_tensor(x: Any) -> Any:
     import torch
 
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (tuple, list)) and x:
-        return _first_tensor(x[0])
-    return None
+    x = first_array(x)  # the port's taps are unwrapped by the same rule
+    return x if isinstance(x, torch.Tensor) else None
 
 
 def _known(div_id: str) -> str:
@@ -217,7 +215,7 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
         if key not in taps or t is None:
             untapped.append(name)
             continue
-        tn, jn = to_numpy(t), np.asarray(taps[key])
+        tn, jn = to_numpy(t), np.asarray(first_array(taps[key]))
         if tn.shape != jn.shape:
             row = Row(name, type(module).__name__, float("inf"), float("inf"), float("inf"), False,
                       note=f"shape: torch {list(tn.shape)}, port {list(jn.shape)}")

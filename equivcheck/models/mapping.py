@@ -9,7 +9,7 @@ BatchNorm's running statistics (Flax `mean`/`var`) are the tree's non-trainable 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,36 +19,72 @@ from equivcheck.weights import convert
 from equivcheck.weights.layouts import ConversionError
 
 STATS = {"batch_norm": ("mean", "var")}
-# nnx.LSTMCell's (input, hidden) Linear names, in torch's row order
-_GATE_CELLS = tuple(("i" + ("f_" if g == "f" else g), "h" + g) for g in "ifgo")
+# The (input, hidden) Linear names of each gate, in torch's row order: nnx.LSTMCell's, linen.GRUCell's
+_GATE_CELLS = {"lstm": tuple(("i" + ("f_" if g == "f" else g), "h" + g) for g in "ifgo"),
+               "gru": (("ir", "hr"), ("iz", "hz"), ("in", "hn"))}
+_DIRECTIONS = (("", "forward_rnn"), ("_reverse", "backward_rnn"))  # torch key suffix, linen.Bidirectional's
 
 
-def _lstm_biases(cells: list[Any], sub: Mapping[str, Any]) -> list[Any]:
-    """Both torch biases as leaves of their own (input side on the i* cells): Flax sums them
-    into one, which computes the same but trains otherwise: each torch bias gets the
-    gradient and its own optimizer step, so under SGD the sum moves twice as far."""
+def _map_cells(layers: list[Any], fn: Any) -> list[Any]:
+    """Each cell of an RNN tree (per layer: a cell, or linen.Bidirectional's two) replaced by
+    fn(torch key suffix "l0" / "l0_reverse", cell)."""
     out = []
-    for k, cell in enumerate(cells):
-        cell = {name: dict(v) for name, v in cell.items()}
-        hidden = cell["hi"]["kernel"].shape[-1]
-        for j, (i_name, h_name) in enumerate(_GATE_CELLS):
-            cell[i_name]["bias"] = sub[f"bias_ih_l{k}"][j * hidden:(j + 1) * hidden]
-            cell[h_name]["bias"] = sub[f"bias_hh_l{k}"][j * hidden:(j + 1) * hidden]
-        out.append(cell)
+    for k, layer in enumerate(layers):
+        if "forward_rnn" in layer:
+            out.append({name: {"cell": fn(f"l{k}{sfx}", layer[name]["cell"])} for sfx, name in _DIRECTIONS})
+        else:
+            out.append(fn(f"l{k}", layer))
     return out
 
 
-def fold_rnn_biases(cells: list[Any]) -> list[Any]:
-    """The nnx.LSTMCell trees of cells that keep torch's two biases apart (the model tree's
-    layout): the input-side bias added to the hidden-side one. Call it inside the port."""
-    out = []
-    for cell in cells:
+def _rnn_biases(kind: str, layers: list[Any], sub: Mapping[str, Any]) -> list[Any]:
+    """Both torch biases as leaves of their own (bias_ih on the input-side Linears, bias_hh on
+    the hidden-side ones): Flax sums them into one (LSTM: every gate; GRU: r and z), which
+    computes the same but trains otherwise: each torch bias gets the gradient and its own
+    optimizer step, so under SGD the sum moves twice as far."""
+    def split(key: str, cell: Mapping[str, Any]) -> dict[str, Any]:
         cell = {name: dict(v) for name, v in cell.items()}
-        for i_name, h_name in _GATE_CELLS:
-            if "bias" in cell[i_name]:
-                cell[h_name]["bias"] = cell[h_name]["bias"] + cell[i_name].pop("bias")
-        out.append(cell)
+        hidden = cell[_GATE_CELLS[kind][0][1]]["kernel"].shape[-1]
+        for j, (i_name, h_name) in enumerate(_GATE_CELLS[kind]):
+            cell[i_name]["bias"] = sub[f"bias_ih_{key}"][j * hidden:(j + 1) * hidden]
+            cell[h_name]["bias"] = sub[f"bias_hh_{key}"][j * hidden:(j + 1) * hidden]
+        return cell
+
+    return _map_cells(layers, split)
+
+
+def _torch_biases(kind: str, layers: list[Any]) -> dict[str, Any]:
+    """bias_ih_* and bias_hh_* from a tree that keeps them apart (the inverse of `_rnn_biases`)."""
+    out: dict[str, Any] = {}
+
+    def collect(key: str, cell: Mapping[str, Any]) -> Mapping[str, Any]:
+        out[f"bias_ih_{key}"] = _concat([cell[i]["bias"] for i, _ in _GATE_CELLS[kind]])
+        out[f"bias_hh_{key}"] = _concat([cell[h]["bias"] for _, h in _GATE_CELLS[kind]])
+        return cell
+
+    _map_cells(layers, collect)
     return out
+
+
+def fold_rnn_biases(layers: list[Any]) -> list[Any]:
+    """The Flax cells' own trees from the model tree's RNN layers, which keep torch's two biases
+    apart: nnx.LSTMCell's (each gate's input-side bias added to its hidden-side one) or
+    linen.GRUCell's (r and z: the hidden-side bias added to the input-side one; n keeps both,
+    b_hn sits inside r * (W_hn h + b_hn)); bidirectional GRU layers stay linen.Bidirectional's
+    {"forward_rnn": {"cell": ...}, "backward_rnn": ...}. Call it inside the port."""
+    def fold(_: str, cell: Mapping[str, Any]) -> dict[str, Any]:
+        cell = {name: dict(v) for name, v in cell.items()}
+        if "hi" in cell:
+            for i_name, h_name in _GATE_CELLS["lstm"]:
+                if "bias" in cell[i_name]:
+                    cell[h_name]["bias"] = cell[h_name]["bias"] + cell[i_name].pop("bias")
+        else:
+            for i_name, h_name in _GATE_CELLS["gru"][:2]:
+                if "bias" in cell[h_name]:
+                    cell[i_name]["bias"] = cell[i_name]["bias"] + cell[h_name].pop("bias")
+        return cell
+
+    return _map_cells(layers, fold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +177,8 @@ def to_jax(ents: Sequence[Entry], state: Mapping[str, Any]) -> tuple[dict[str, A
                 layer = convert.to_jax(e.kind, sub, **e.cfg)
             except ConversionError as exc:
                 raise ConversionError(f"module {e.module!r}: {exc}") from None
-            if e.kind == "lstm" and e.cfg.get("bias", True):
-                layer = _lstm_biases(layer, sub)
+            if e.kind in _GATE_CELLS and e.cfg.get("bias", True):
+                layer = _rnn_biases(e.kind, layer, sub)
         keep = STATS.get(e.kind, ())
         if keep:
             _put(stats, e.path, {k: v for k, v in layer.items() if k in keep})
@@ -151,9 +187,9 @@ def to_jax(ents: Sequence[Entry], state: Mapping[str, Any]) -> tuple[dict[str, A
     return params, stats
 
 
-def to_torch(ents: Sequence[Entry], params: Any, stats: Any = None, *, grads: bool = False) -> dict[str, Any]:
-    """torch-named arrays from the port's trees. With `grads`, `params` holds gradients:
-    each of torch's two RNN biases gets the gradient of the one summed Flax bias."""
+def to_torch(ents: Sequence[Entry], params: Any, stats: Any = None) -> dict[str, Any]:
+    """torch-named arrays from the port's trees: the inverse layouts (gradients go back by
+    `grads_to_torch` instead, where a summed bias is no inverse's business)."""
     out: dict[str, Any] = {}
     for e in ents:
         layer = dict(get(params, e.path)) if not isinstance(get(params, e.path), list) else get(params, e.path)
@@ -167,20 +203,75 @@ def to_torch(ents: Sequence[Entry], params: Any, stats: Any = None, *, grads: bo
             flat = weights.jax_to_torch(_nest(e.path, layer),
                                         [weights.Rule(e.module, "/".join(e.path), e.rule.layout, e.rule.meta)])
             sub = {k[len(e.module) + 1:]: v for k, v in flat.items()}
-        elif e.kind == "lstm" and e.cfg.get("bias", True):
-            sub = convert.to_torch(e.kind, [{n: {"kernel": v["kernel"]} if n.startswith("i") else v
-                                            for n, v in c.items()} for c in layer], **e.cfg)
-            for k, cell in enumerate(layer):
-                sub[f"bias_ih_l{k}"] = _concat([cell[i]["bias"] for i, _ in _GATE_CELLS])
-                sub[f"bias_hh_l{k}"] = _concat([cell[h]["bias"] for _, h in _GATE_CELLS])
+        elif e.kind in _GATE_CELLS and e.cfg.get("bias", True):
+            sub = convert.to_torch(e.kind, fold_rnn_biases(layer), **e.cfg) | _torch_biases(e.kind, layer)
         else:
             sub = convert.to_torch(e.kind, layer, **e.cfg)
-        if grads and e.kind == "gru":
-            for k in list(sub):
-                if k.startswith("bias_hh_l"):
-                    sub["bias_ih_l" + k[len("bias_hh_l"):]] = sub[k]
         for k, v in sub.items():
             out[f"{e.module}.{k}" if e.module else k] = v
+    return out
+
+
+def chain_rule(fn: Callable[[Mapping[str, Any]], Any], state: Mapping[str, Any], cotangent: Any) -> dict[str, Any]:
+    """The gradient of every floating tensor of `state` (torch name -> NumPy array) given the
+    gradient `cotangent` of `fn(state)` (a tree shaped like fn's output): the vjp of `fn`.
+
+    fn must be traceable by JAX (equivcheck.weights.convert's layouts are: they keep jax arrays
+    jax). Where two torch tensors feed one leaf (a summed bias) each gets that leaf's gradient;
+    where one tensor is split over several leaves (fused gate rows, q/k/v) its gradient is theirs
+    put back together; a tensor fn does not read gets zeros. Integer tensors are held constant
+    and left out. Jitted per `fn` (pass the same function object to reuse the compilation).
+    Returns NumPy arrays, float64 where the cotangent is."""
+    import jax
+
+    from equivcheck.backends.jax import to_numpy, x64
+
+    floats = {k: np.asarray(v) for k, v in state.items() if np.asarray(v).dtype.kind == "f"}
+    rest = {k: np.asarray(v) for k, v in state.items() if k not in floats}
+    wide = any(np.asarray(g).dtype == np.float64 for g in jax.tree.leaves(cotangent))
+    with x64(wide):
+        back = _pullback()(fn, floats, rest, jax.tree.map(np.asarray, cotangent))
+    return {k: to_numpy(v) for k, v in back.items()}
+
+
+_JIT: list[Any] = []
+_CONVERSIONS: dict[Any, Any] = {}  # one function per entries' layout: the jit cache keys on its identity
+
+
+def _pullback() -> Any:
+    if not _JIT:
+        import jax
+
+        def back(fn: Any, floats: Any, rest: Any, cotangent: Any) -> Any:
+            _, pullback = jax.vjp(lambda fs: fn({**rest, **fs}), floats)
+            return pullback(cotangent)[0]
+
+        # eagerly the slices and concatenations cost ~0.2 s a call: once per example of a grad check
+        _JIT.append(jax.jit(back, static_argnums=0))
+    return _JIT[0]
+
+
+def grads_to_torch(ents: Sequence[Entry], grads: Any, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The gradient of every torch tensor from the port's gradient tree `grads` (shaped like
+    the trainable tree of `to_jax`): `chain_rule` through `to_jax`, so no inverse layout is
+    written by hand (the inverse of a sum is not its adjoint: it gave GRU's bias_ih the
+    gradient of b_hn alone). A `weights.Rule` entry's layout is a permutation of elements
+    (transposes, reshapes), whose adjoint is its inverse: it goes back by it.
+
+    state  torch's state_dict as NumPy (names, shapes, dtypes; the conversion is linear).
+    Returns torch name -> NumPy array, buffers with zeros. Raises ConversionError where
+    `grads` lacks a converted layer's path."""
+    out = to_torch([e for e in ents if e.rule is not None], grads)
+    conv = tuple(e for e in ents if e.rule is None)
+    if not conv:
+        return out
+    key = tuple((e.module, e.path, e.kind, tuple(sorted(e.cfg.items()))) for e in conv)
+    fn = _CONVERSIONS.setdefault(key, lambda sd: to_jax(conv, sd)[0])
+    owned = {k: v for k, v in state.items() if any(not e.module or k.startswith(e.module + ".") for e in conv)}
+    cotangent: dict[str, Any] = {}
+    for e in conv:
+        _put(cotangent, e.path, get(grads, e.path, "gradient tree"))
+    out.update(chain_rule(fn, owned, cotangent))
     return out
 
 

@@ -30,6 +30,7 @@ from equivcheck.models import mapping as mm
 from equivcheck.models.diagnose import diagnose, layer_table
 from equivcheck.models.evaluate import ROUNDING_FACTOR, SCALE_OF, Example, Result, evaluate, mapping
 from equivcheck.models.fit import run_fit
+from equivcheck.ops.shapes import ShapeRuleError
 from equivcheck.optim.trajectory import BUCKETS
 
 PALETTE = 2  # input shapes per check: each costs a compilation of every program
@@ -43,13 +44,22 @@ class _Failed(Exception):
 
 # ---- the Hypothesis loop ----------------------------------------------------------------
 
+def _palette(pair: Any, seed: int, size: int) -> list[Any]:
+    try:
+        return pair.inputs.palette(seed, size)
+    except ShapeRuleError:
+        raise
+    except Exception as exc:  # a rule's own palette(): its fault, reported like sample()'s
+        raise ShapeRuleError(f"raised {type(exc).__name__}: {exc}") from exc
+
+
 def _strategy(pair: Any, check: str, dtype: str, run: RunSettings) -> st.SearchStrategy:
     seeds = st.integers(0, 2**16 - 1)
     if check == "train":
-        shapes = pair.inputs.palette(run.item_seed(pair.name, check, dtype, run.device), 1)
+        shapes = _palette(pair, run.item_seed(pair.name, check, dtype, run.device), 1)
         return st.tuples(st.sampled_from(shapes), seeds, seeds, st.integers(1, pair.steps)).map(
             lambda t: Example(shapes=t[0], seed=t[1], batch_seed=t[2], steps=t[3]))
-    palette = pair.inputs.palette(run.item_seed(pair.name, check, dtype, run.device), PALETTE)
+    palette = _palette(pair, run.item_seed(pair.name, check, dtype, run.device), PALETTE)
     return st.tuples(pair.inputs.strategy(dtype, palette), seeds).map(lambda t: Example(args=t[0], seed=t[1]))
 
 
@@ -96,8 +106,12 @@ def run_model_pair(pair: Any, *, dtype: str, run: RunSettings,
                                      "reason": base.reason + growth},
                           tags=sorted(pair.tags), nodeid=nodeid, replay=replay,
                           witnessed=len(pair.witnesses.get(check, ())))
-        if broken:
-            rec.outcome, rec.kind, rec.message, rec.worst_ratio = "failed", "error", broken, float("inf")
+        rule = _rule_error(pair, check, dtype, run)
+        if broken or rule:
+            rec.outcome, rec.kind, rec.message, rec.worst_ratio = "failed", "error", broken or rule, float("inf")
+            if rule and not broken:
+                rec.diagnosis = ("neither side ran: the pair's shape rule (its Inputs' ShapeSpec, or a Custom's "
+                                 "sampler) must give a tuple of one shape per array argument")
         elif check == "fit":
             run_fit(pair, rec, ents, dtype, run, base)
         else:
@@ -144,6 +158,18 @@ def run_model_pair(pair: Any, *, dtype: str, run: RunSettings,
         rec.seconds = time.perf_counter() - start
         records.append(rec)
     return records
+
+
+def _rule_error(pair: Any, check: str, dtype: str, run: RunSettings) -> str:
+    """Why the pair's shape rule gives no shapes for this check ("" when it does): a failed
+    record naming it, where an exception out of the runner would lose the test's records."""
+    if check == "fit":  # a Fit's data set brings its own shapes
+        return ""
+    try:
+        _strategy(pair, check, dtype, run)
+    except ShapeRuleError as exc:
+        return f"the shape rule of model pair {pair.name!r} {exc}"
+    return ""
 
 
 def _margins(seen: list[Result]) -> str:

@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 
 from equivcheck.backends import deadline
-from equivcheck.engine.dtypes import np_dtype
 from equivcheck.models import mapping as mm
 from equivcheck.models.tap import capturing
-from equivcheck.ops.strategies import Floats, Ints
+from equivcheck.ops.strategies import Static
 
 
 def mask_seed(seed: int, name: str, step: int) -> int:
@@ -182,13 +181,33 @@ def _forward(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks: M
              record: bool) -> tuple[Any, Any, dict[str, Any]]:
     with capturing(masks, record) as cap:
         res = pair.jax_apply(mm.merge(params, stats), *inputs, train=train)
-    if pair.stateful:
-        if not (isinstance(res, tuple) and len(res) == 2):
-            raise TypeError("a stateful port returns (output, statistics)")
-        out, new_stats = res
-    else:
-        out, new_stats = res, stats
+    out, new_stats = port_output(pair, res, stats)
     return out, (new_stats if train else stats), dict(cap.taps or {})
+
+
+def _paths(tree: Any) -> set[str]:
+    import jax
+
+    return {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def port_output(pair: Any, res: Any, stats: Any) -> tuple[Any, Any]:
+    """(output, statistics) of what the port returned, or TypeError saying which of
+    `stateful` and the port's return is off: a stateful port returns (output, statistics) in
+    eval mode too; a port returning a pair whose second part is shaped like the model's
+    BatchNorm statistics needs stateful=True (else it compares as "jax gives list of 2")."""
+    two = isinstance(res, (tuple, list)) and len(res) == 2
+    if pair.stateful:
+        if not two:
+            what = f"an array of shape {tuple(res.shape)}" if hasattr(res, "shape") else type(res).__name__
+            raise TypeError(f"ModelPair {pair.name!r} has stateful=True, but the port returns a bare output "
+                            f"({what}), not (output, statistics): a stateful port returns them in eval mode too "
+                            "(the statistics unchanged there)")
+        return res[0], res[1]
+    if two and isinstance(res[1], Mapping) and stats and _paths(res[1]) == _paths(stats):
+        raise TypeError(f"the port returns statistics: set stateful=True on ModelPair {pair.name!r} (it returns "
+                        f"(output, a tree of the model's BatchNorm statistics {sorted(stats)}))")
+    return res, stats
 
 
 def program(pair: Any, kind: str) -> Any:
@@ -260,11 +279,10 @@ def jax_capture(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks
         p, s, x, m = (_jnp_tree(a, dtype) for a in (params, stats, list(inputs), masks))
         with capturing(m, True) as cap:
             try:
-                res = pair.jax_apply(mm.merge(p, s), *x, train=train)
+                out, new_stats = port_output(pair, pair.jax_apply(mm.merge(p, s), *x, train=train), s)
             except Exception as exc:  # the layers tapped so far still localise
                 return None, {k: to_numpy(v) for k, v in (cap.taps or {}).items()}, exc, None
             taps = dict(cap.taps or {})
-    out, new_stats = (res if pair.stateful and isinstance(res, tuple) else (res, stats))
     return to_numpy(out), {k: to_numpy(v) for k, v in taps.items()}, None, to_numpy(new_stats if train else stats)
 
 
@@ -278,15 +296,16 @@ def jax_index(tree: Any, k: int) -> Any:
 # ---- batches for trajectories -------------------------------------------------------------
 
 def numpy_batch(inputs: Any, shapes: tuple[Any, ...], dtype: str, rng: np.random.Generator) -> tuple[Any, ...]:
-    """One batch of the pair's inputs from a seeded generator, within each spec's range:
-    a trajectory needs K batches of one shape, too many values for Hypothesis to draw."""
+    """One batch of the pair's inputs from a seeded generator, each array drawn by its spec's
+    `sample` within the spec's range (Floats, Ints, Index, Mask, Lengths, Matrices): a
+    trajectory needs K batches of one shape, too many values for Hypothesis to draw.
+    Raises ValueError naming the argument for a Static one (a trajectory stacks its batches)
+    or a spec without `sample`."""
     out, it = [], iter(shapes)
-    for spec in inputs.args:
-        shape = next(it)
-        if isinstance(spec, Floats):
-            out.append(rng.uniform(spec.lo, spec.hi, shape).astype(np_dtype(dtype)))
-        elif isinstance(spec, Ints):
-            out.append(rng.integers(spec.lo, spec.hi + 1, shape).astype(spec.dtype))
-        else:
-            raise ValueError(f"train batches are drawn for Floats and Ints inputs, not {type(spec).__name__}")
+    for k, spec in enumerate(inputs.args):
+        if isinstance(spec, Static) or not hasattr(spec, "sample"):
+            what = "Static (a trajectory stacks its batches: every input is an array)" if isinstance(spec, Static) \
+                else "without a sample(dtype, shape, shapes, rng) method"
+            raise ValueError(f"train batches: input {k} is {type(spec).__name__} {what}")
+        out.append(spec.sample(dtype, next(it), shapes, rng))
     return tuple(out)

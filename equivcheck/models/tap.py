@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["capturing", "dropout", "tap"]
+__all__ = ["capturing", "dropout", "first_array", "tap"]
 
 
 class _Context(threading.local):
@@ -34,6 +34,19 @@ def capturing(masks: Mapping[str, Any] | None = None, record: bool = False) -> I
         yield cap
     finally:
         _CTX.stack.pop()
+
+
+def first_array(value: Any) -> Any:
+    """A module's output as compared layer by layer: tuples and lists unwrapped from the front
+    until an array (nn.MultiheadAttention and Hugging Face attention layers give (output,
+    weights), nn.GRU (output, h_n)). The one rule for both sides: torch's hooked outputs and
+    the port's taps, so a layer returning a tuple compares its first array on each side.
+    Returns `value` itself when it is not a tuple or list (None for an empty one)."""
+    while isinstance(value, (tuple, list)):
+        if not value:
+            return None
+        value = value[0]
+    return value
 
 
 def tap(name: str, value: Any, to_torch: Callable[[Any], Any] | None = None) -> Any:

@@ -3,7 +3,7 @@
 pairs         Pair (the record), Registry (a suite's table)
 conventions   Convention: documented derivatives where a derivative is undefined
 shapes        shape rules (Same, Broadcast, MatMul, Square, Fixed, Custom) and their palettes
-strategies    value specs (Floats, Ints, Index, Mask, Matrices, Static) and Inputs
+strategies    value specs (Floats, Ints, Index, Mask, Lengths, Matrices, Static) and Inputs
 autodiff      forward, VJP, JVP and HVP of one example on both sides, and their judgement
 conditioning  acceptance of ill-conditioned and low-precision disagreements
 finite        finite differences of the arbiter: relative steps, two-step agreement, kinks
@@ -16,10 +16,10 @@ from equivcheck.ops.conventions import Convention
 from equivcheck.ops.pairs import DTYPES, SIDES, Pair, Registry
 from equivcheck.ops.runner import prepare, run_pair
 from equivcheck.ops.shapes import Broadcast, Custom, Fixed, MatMul, Same, ShapeSpec, Square
-from equivcheck.ops.strategies import Floats, Index, Inputs, Ints, Mask, Matrices, Static, binary, unary
+from equivcheck.ops.strategies import Floats, Index, Inputs, Ints, Lengths, Mask, Matrices, Static, binary, unary
 
 __all__ = [
     "CHECKS", "DTYPES", "SIDES", "Broadcast", "Convention", "Custom", "Fixed", "Floats", "Index", "Inputs", "Ints",
-    "Mask", "MatMul", "Matrices", "Pair", "Registry", "Same", "ShapeSpec", "Square", "Static", "binary", "prepare",
+    "Lengths", "Mask", "MatMul", "Matrices", "Pair", "Registry", "Same", "ShapeSpec", "Square", "Static", "binary", "prepare",
     "run_pair", "unary",
 ]

@@ -114,6 +114,11 @@ class Floats:
             )
         return hnp.arrays(np_dtype(dtype), shape, elements=elements, fill=fill, unique=self.unique)
 
+    def sample(self, dtype: str, shape: Shape, shapes: tuple[Shape, ...], rng: np.random.Generator) -> np.ndarray:
+        """Uniform in [lo, hi] from a NumPy generator (as every spec's `sample`: the batches of
+        a model's train trajectory, too many values for Hypothesis to draw)."""
+        return rng.uniform(self.lo, self.hi, shape).astype(np_dtype(dtype))
+
 
 def _clip_into(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Rounding to bfloat16 can step just outside [lo, hi]: step back inside."""
@@ -145,6 +150,9 @@ class Ints:
     def draw(self, dtype, shape, shapes):
         return hnp.arrays(np.dtype(self.dtype), shape, elements=st.integers(self.lo, self.hi), fill=st.nothing())
 
+    def sample(self, dtype, shape, shapes, rng):
+        return rng.integers(self.lo, self.hi, shape, endpoint=True).astype(self.dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class Index:
@@ -153,19 +161,80 @@ class Index:
     of: int = 0
     axis: int = 0
 
-    def draw(self, dtype, shape, shapes):
+    def _size(self, shape: Shape, shapes: tuple[Shape, ...]) -> int:
         size = shapes[self.of][self.axis]
         if size == 0 and math.prod(shape) > 0:
             raise ValueError(f"Index: axis {self.axis} of shape {shapes[self.of]} is empty but indices are needed")
+        return size
+
+    def draw(self, dtype, shape, shapes):
+        size = self._size(shape, shapes)
         return hnp.arrays(np.int64, shape, elements=st.integers(0, max(size - 1, 0)), fill=st.nothing())
+
+    def sample(self, dtype, shape, shapes, rng):
+        return rng.integers(0, max(self._size(shape, shapes), 1), shape).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
 class Mask:
-    """Boolean arrays."""
+    """Boolean arrays, every element drawn on its own (a row may be all False: for attention
+    masks that must keep a key per row, or padding that must be a suffix, use `Lengths`)."""
 
     def draw(self, dtype, shape, shapes):
         return hnp.arrays(np.bool_, shape, elements=st.booleans(), fill=st.nothing())
+
+    def sample(self, dtype, shape, shapes, rng):
+        return rng.random(shape) < 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Lengths:
+    """Padding masks made from drawn lengths: for an argument of shape (..., L), a length n in
+    [min_keep, L] is drawn per row (every index but the last axis) and the row keeps its first
+    n positions, the rest padding (a suffix; `left=True`: a prefix). With min_keep >= 1 no
+    row is fully masked, so masked attention has a key to attend to in every row (softmax over
+    none is NaN on both sides, and compares nothing).
+
+    padding   False: True (or 1) marks kept positions (JAX/Flax masks, Hugging Face's
+              attention_mask); True: True marks padding (torch's key_padding_mask)
+    dtype     "bool", or an integer dtype for 1/0 masks (Hugging Face's int64 attention_mask)
+    Raises ValueError: min_keep < 0, a dtype neither bool nor integer; when drawing, a 0-d
+    shape or rows shorter than min_keep (the message names the shape).
+    """
+
+    min_keep: int = 1
+    padding: bool = False
+    left: bool = False
+    dtype: str = "bool"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_keep, int) or self.min_keep < 0:
+            raise ValueError(f"Lengths: min_keep must be an int >= 0, got {self.min_keep!r}")
+        if np.dtype(self.dtype).kind not in "biu":
+            raise ValueError(f"Lengths: dtype {self.dtype!r} is neither bool nor an integer type")
+
+    def _rows(self, shape: Shape) -> tuple[Shape, int]:
+        if not shape:
+            raise ValueError("Lengths: a mask needs an axis to pad (the last), got shape ()")
+        if shape[-1] < self.min_keep and math.prod(shape[:-1]) > 0:
+            raise ValueError(f"Lengths: rows of shape {shape} have {shape[-1]} positions, fewer than min_keep="
+                             f"{self.min_keep}")
+        return tuple(shape[:-1]), shape[-1]
+
+    def mask(self, lengths: np.ndarray, length: int) -> np.ndarray:
+        """The masks of rows of these lengths, each `length` long."""
+        pos = np.arange(length)
+        keep = pos >= length - lengths[..., None] if self.left else pos < lengths[..., None]
+        return (~keep if self.padding else keep).astype(self.dtype)
+
+    def draw(self, dtype, shape, shapes):
+        rows, length = self._rows(shape)
+        return hnp.arrays(np.int64, rows, elements=st.integers(min(self.min_keep, length), length),
+                          fill=st.nothing()).map(lambda n: self.mask(n, length))
+
+    def sample(self, dtype, shape, shapes, rng):
+        rows, length = self._rows(shape)
+        return self.mask(rng.integers(min(self.min_keep, length), length, rows, endpoint=True), length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +260,12 @@ class Matrices:
                            elements=st.floats(-1, 1, allow_subnormal=False), fill=st.nothing())
         spectrum = hnp.arrays(np.float64, (count, k), elements=st.floats(0.0, 1.0), fill=st.nothing())
         return st.tuples(basis, spectrum).map(lambda bs: self._compose(bs[0], bs[1], shape, m, n, dtype))
+
+    def sample(self, dtype, shape, shapes, rng):
+        m, n = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, 1)
+        count = math.prod(shape[:-2]) if shape[:-2] else 1
+        basis = rng.uniform(-1, 1, (count, 2, max(m, n), max(m, n)))
+        return self._compose(basis, rng.random((count, min(m, n))), shape, m, n, dtype)
 
     def _compose(self, basis, spectrum, shape, m, n, dtype):
         k = min(m, n)
@@ -228,7 +303,7 @@ class Static:
     values: tuple[Any, ...]
 
 
-ArgSpec = Floats | Ints | Index | Mask | Matrices | Static
+ArgSpec = Floats | Ints | Index | Mask | Lengths | Matrices | Static
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,8 +358,7 @@ class Inputs:
             if isinstance(spec, Static):
                 options.append(list(spec.values))
             else:
-                kind = np.dtype(spec.dtype) if isinstance(spec, Ints) else {Index: np.int64, Mask: np.bool_}.get(type(spec))
-                options.append([np.zeros(next(it), kind or np_dtype(dtype))])
+                options.append([np.zeros(next(it), _array_dtype(spec, dtype))])
         return [tuple(combo) for combo in itertools.product(*options)]
 
     def cast(self, args: Sequence[Any], dtype: str) -> tuple[Any, ...]:
@@ -302,8 +376,7 @@ class Inputs:
                     raise ValueError(f"argument {k}: {value!r} is not one of the static values {spec.values}")
                 out.append(value)
                 continue
-            kind = np.dtype(spec.dtype) if isinstance(spec, Ints) else {Index: np.int64, Mask: np.bool_}.get(type(spec))
-            out.append(np.array(value, dtype=kind or np_dtype(dtype)))
+            out.append(np.array(value, dtype=_array_dtype(spec, dtype)))
         return tuple(out)
 
     def _values(self, dtype: str, shapes: tuple[Shape, ...]) -> st.SearchStrategy[tuple]:
@@ -314,6 +387,13 @@ class Inputs:
             else:
                 parts.append(spec.draw(dtype, next(it), shapes))
         return st.tuples(*parts)
+
+
+def _array_dtype(spec: ArgSpec, dtype: str) -> np.dtype:
+    """The dtype a spec draws at the check's float dtype: its own where it has one."""
+    if isinstance(spec, (Ints, Lengths)):
+        return np.dtype(spec.dtype)
+    return {Index: np.dtype(np.int64), Mask: np.dtype(np.bool_)}.get(type(spec), np_dtype(dtype))
 
 
 # --------------------------------------------------------------------------- shorthands

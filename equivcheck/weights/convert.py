@@ -19,6 +19,8 @@ One place knows every layout difference:
                                                         [per layer, linen.GRUCell: nnx.GRUCell has no hidden-side
                                                         bias, so b_hn has nowhere to go] ir/iz/in kernel + bias
                                                         (r, z: the two biases summed), hr/hz kernel, hn kernel + bias
+                    bidirectional: *_l{k}_reverse keys  [per layer] linen.Bidirectional's params:
+                                                        {forward_rnn: {cell: ...}, backward_rnn: {cell: ...}}
     mha             in_proj_weight (3E, E) packed q,k,v, or q/k/v_proj_weight; out_proj.*
                                                         query/key/value kernel (in, heads, head_dim), bias
                                                         (heads, head_dim); out kernel (heads, head_dim, E)
@@ -142,7 +144,7 @@ def describe(module: Any) -> tuple[str, dict[str, Any]]:
             if kind == "mha":
                 cfg["num_heads"] = module.num_heads
                 cfg["packed"] = module._qkv_same_embed_dim
-            if kind == "lstm":
+            if kind in ("lstm", "gru"):
                 cfg["bias"] = module.bias
             return kind, cfg
     raise ConversionError(f"no conversion for {type(module).__name__}; known kinds: {', '.join(KINDS)}")

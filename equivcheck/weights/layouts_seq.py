@@ -13,32 +13,42 @@ LSTM_GATES = ("i", "f", "g", "o")  # torch's row order; Flax names the gate Line
 GRU_GATES = ("r", "z", "n")
 
 
-def _rnn_layers(kind: str, sd: Mapping[str, Any]) -> int:
+# Bidirectional layers: torch suffixes the reverse direction's keys; Flax's linen.Bidirectional
+# holds the two RNNs under these names, so a layer's tree is what it takes as its params.
+DIRECTIONS = (("", "forward_rnn"), ("_reverse", "backward_rnn"))
+
+
+def _rnn_layers(kind: str, sd: Mapping[str, Any]) -> tuple[int, int]:
+    """(layers, directions) of a torch RNN state_dict."""
+    dirs = 2 if any(key.endswith("_reverse") for key in sd) else 1
     for key in sd:
-        if key.endswith("_reverse") or key.startswith("weight_hr"):
-            what = "bidirectional" if key.endswith("_reverse") else "proj_size"
+        if (key.endswith("_reverse") and kind == "lstm") or key.startswith("weight_hr"):
+            what = "proj_size" if key.startswith("weight_hr") else "bidirectional"
             raise ConversionError(f"{kind}: {SD} key {key!r}: {what} is not supported (no Flax counterpart here)")
-    layers = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(r"\w+_l(\d+)", k))})
+    layers = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(r"\w+_l(\d+)(_reverse)?", k))})
     if not layers:
         raise ConversionError(f"{kind}: the {SD} is missing 'weight_ih_l0' (expected keys: weight_ih_l0, "
                               "weight_hh_l0, bias_ih_l0, bias_hh_l0, ...)")
-    return layers[-1] + 1
+    return layers[-1] + 1, dirs
 
 
-def _rnn_want(kind: str, sd: Mapping[str, Any], n_gates: int) -> tuple[int, int, dict[str, Any]]:
-    n = _rnn_layers(kind, sd)
+def _rnn_want(kind: str, sd: Mapping[str, Any], n_gates: int) -> tuple[int, int, int]:
+    """(layers, hidden size, directions), the state_dict checked key for key."""
+    n, dirs = _rnn_layers(kind, sd)
     _ndim(kind, SD, "weight_hh_l0", sd.get("weight_hh_l0", np.zeros((0, 0))), (2,))
     hidden = np.shape(sd["weight_hh_l0"])[1]
     _ndim(kind, SD, "weight_ih_l0", sd.get("weight_ih_l0", np.zeros((0, 0))), (2,))
     want: dict[str, Any] = {}
     bias = "bias_ih_l0" in sd or "bias_hh_l0" in sd
     for k in range(n):
-        in_k = np.shape(sd["weight_ih_l0"])[1] if k == 0 else hidden
-        want |= {f"weight_ih_l{k}": (n_gates * hidden, in_k), f"weight_hh_l{k}": (n_gates * hidden, hidden)}
-        if bias:
-            want |= {f"bias_ih_l{k}": (n_gates * hidden,), f"bias_hh_l{k}": (n_gates * hidden,)}
+        in_k = np.shape(sd["weight_ih_l0"])[1] if k == 0 else dirs * hidden
+        for sfx, _ in DIRECTIONS[:dirs]:
+            want |= {f"weight_ih_l{k}{sfx}": (n_gates * hidden, in_k),
+                     f"weight_hh_l{k}{sfx}": (n_gates * hidden, hidden)}
+            if bias:
+                want |= {f"bias_ih_l{k}{sfx}": (n_gates * hidden,), f"bias_hh_l{k}{sfx}": (n_gates * hidden,)}
     _check(kind, SD, sd, want)
-    return n, hidden, want
+    return n, hidden, dirs
 
 
 def _rows(w: Any, n: int) -> list[Any]:
@@ -67,31 +77,60 @@ def _cat(parts: list[Any]) -> Any:
     return _xp(parts[0]).concatenate(parts, axis=0)
 
 
-def _rnn_tree_want(kind: str, tree: Any, names: dict[str, bool]) -> tuple[int, int]:
+def _directions(kind: str, layer: Any, k: int) -> list[tuple[str, str, Any]]:
+    """(torch key suffix, tree path, cell) of each direction of layer k's tree: a cell, or a
+    linen.Bidirectional's params {"forward_rnn": {"cell": ...}, "backward_rnn": {"cell": ...}}."""
+    if not isinstance(layer, Mapping):
+        raise ConversionError(f"{kind}: {TREE} item {k} is a {type(layer).__name__}, not a cell's parameters")
+    if "forward_rnn" not in layer and "backward_rnn" not in layer:
+        return [("", f"{k}/", layer)]
+    if kind == "lstm":
+        raise ConversionError(f"lstm: {TREE} item {k} is bidirectional: bidirectional is not supported")
+    out = []
+    for sfx, name in DIRECTIONS:
+        cell = layer.get(name, {}).get("cell") if isinstance(layer.get(name), Mapping) else None
+        if not isinstance(cell, Mapping):
+            raise ConversionError(f"{kind}: the {TREE} is missing '{k}/{name}/cell' (a bidirectional layer holds "
+                                  f"{DIRECTIONS[0][1]!r} and {DIRECTIONS[1][1]!r}, each with a 'cell')")
+        out.append((sfx, f"{k}/{name}/cell/", cell))
+    extra = sorted(set(layer) - {name for _, name in DIRECTIONS})
+    if extra:
+        raise ConversionError(f"{kind}: the {TREE} has an unexpected key '{k}/{extra[0]}'")
+    return out
+
+
+def _rnn_tree_want(kind: str, tree: Any, names: dict[str, bool]) -> tuple[int, int, list[list[Any]]]:
+    """(layers, hidden size, each layer's directions as in `_directions`), the tree checked."""
     if not isinstance(tree, (list, tuple)) or not tree:
         raise ConversionError(f"{kind}: the {TREE} must be a non-empty list of per-layer cell parameters, "
                               f"got {type(tree).__name__}")
-    first = tree[0].get("hi" if kind == "lstm" else "hr", {}).get("kernel")
+    layers = [_directions(kind, layer, k) for k, layer in enumerate(tree)]
+    dirs = len(layers[0])
+    _, where, cell0 = layers[0][0]
+    h_name, i_name = ("hi", "ii") if kind == "lstm" else ("hr", "ir")
+    first = cell0.get(h_name, {}).get("kernel")
     if first is None:
-        raise ConversionError(f"{kind}: the {TREE} is missing '0/{'hi' if kind == 'lstm' else 'hr'}/kernel'")
+        raise ConversionError(f"{kind}: the {TREE} is missing '{where}{h_name}/kernel'")
     hidden = np.shape(first)[0]
-    in0 = np.shape(tree[0].get("ii" if kind == "lstm" else "ir", {}).get("kernel", np.zeros((0, 0))))[0]
-    want = {}
-    for k in range(len(tree)):
-        in_k = in0 if k == 0 else hidden
-        for name, has_bias in names.items():
-            side_in = name[0] == "i"
-            want[f"{k}/{name}/kernel"] = (in_k if side_in else hidden, hidden)
-            if has_bias:
-                want[f"{k}/{name}/bias"] = (hidden,)
-    flat = {f"{k}/{p}": v for k, cell in enumerate(tree) for p, v in _flat(cell).items()}
+    in0 = np.shape(cell0.get(i_name, {}).get("kernel", np.zeros((0, 0))))[0]
+    want, flat = {}, {}
+    for k, directions in enumerate(layers):
+        if len(directions) != dirs:
+            raise ConversionError(f"{kind}: {TREE} item {k} has {len(directions)} direction(s), item 0 has {dirs}")
+        in_k = in0 if k == 0 else dirs * hidden
+        for _, where, cell in directions:
+            flat |= {f"{where}{p}": v for p, v in _flat(cell).items()}
+            for name, has_bias in names.items():
+                want[f"{where}{name}/kernel"] = (in_k if name[0] == "i" else hidden, hidden)
+                if has_bias:
+                    want[f"{where}{name}/bias"] = (hidden,)
     _check(kind, TREE, flat, want)
-    return len(tree), hidden
+    return len(tree), hidden, layers
 
 
 def _lstm_to_torch(tree: Any, bias: bool = True, **_: Any) -> dict[str, Any]:
     names = {"ii": False, "if_": False, "ig": False, "io": False, "hi": True, "hf": True, "hg": True, "ho": True}
-    n, hidden = _rnn_tree_want("lstm", tree, names)
+    _rnn_tree_want("lstm", tree, names)
     sd: dict[str, Any] = {}
     for k, cell in enumerate(tree):
         sd[f"weight_ih_l{k}"] = _cat([cell["i" + ("f_" if g == "f" else g)]["kernel"].T for g in LSTM_GATES])
@@ -105,32 +144,38 @@ def _lstm_to_torch(tree: Any, bias: bool = True, **_: Any) -> dict[str, Any]:
     return sd
 
 
+def _gru_cell(sd: Mapping[str, Any], key: str, hidden: int) -> dict[str, Any]:
+    """One direction of one layer (`key`: "l0", "l1_reverse", ...) as linen.GRUCell's params."""
+    (wr, wz, wn), (ur, uz, un) = _rows(sd[f"weight_ih_{key}"], 3), _rows(sd[f"weight_hh_{key}"], 3)
+    if f"bias_ih_{key}" in sd:
+        (br, bz, bn), (cr, cz, cn) = _rows(sd[f"bias_ih_{key}"], 3), _rows(sd[f"bias_hh_{key}"], 3)
+        br, bz = br + cr, bz + cz
+    else:
+        br = bz = bn = cn = _xp(wr).zeros(hidden, wr.dtype)
+    return {"ir": {"kernel": wr.T, "bias": br}, "iz": {"kernel": wz.T, "bias": bz},
+            "in": {"kernel": wn.T, "bias": bn}, "hr": {"kernel": ur.T}, "hz": {"kernel": uz.T},
+            "hn": {"kernel": un.T, "bias": cn}}
+
+
 def _gru_to_jax(sd: Mapping[str, Any], **_: Any) -> list[dict[str, Any]]:
-    n, hidden, _ = _rnn_want("gru", sd, 3)
-    layers = []
-    for k in range(n):
-        (wr, wz, wn), (ur, uz, un) = _rows(sd[f"weight_ih_l{k}"], 3), _rows(sd[f"weight_hh_l{k}"], 3)
-        if f"bias_ih_l{k}" in sd:
-            (br, bz, bn), (cr, cz, cn) = _rows(sd[f"bias_ih_l{k}"], 3), _rows(sd[f"bias_hh_l{k}"], 3)
-            br, bz = br + cr, bz + cz
-        else:
-            br = bz = bn = cn = _xp(wr).zeros(hidden, wr.dtype)
-        layers.append({"ir": {"kernel": wr.T, "bias": br}, "iz": {"kernel": wz.T, "bias": bz},
-                       "in": {"kernel": wn.T, "bias": bn}, "hr": {"kernel": ur.T}, "hz": {"kernel": uz.T},
-                       "hn": {"kernel": un.T, "bias": cn}})
-    return layers
+    n, hidden, dirs = _rnn_want("gru", sd, 3)
+    if dirs == 1:
+        return [_gru_cell(sd, f"l{k}", hidden) for k in range(n)]
+    return [{name: {"cell": _gru_cell(sd, f"l{k}{sfx}", hidden)} for sfx, name in DIRECTIONS} for k in range(n)]
 
 
 def _gru_to_torch(tree: Any, **_: Any) -> dict[str, Any]:
     names = {"ir": True, "iz": True, "in": True, "hr": False, "hz": False, "hn": True}
-    _rnn_tree_want("gru", tree, names)
+    _, _, layers = _rnn_tree_want("gru", tree, names)
     sd: dict[str, Any] = {}
-    for k, cell in enumerate(tree):
-        sd[f"weight_ih_l{k}"] = _cat([cell["i" + g]["kernel"].T for g in GRU_GATES])
-        sd[f"weight_hh_l{k}"] = _cat([cell["h" + g]["kernel"].T for g in GRU_GATES])
-        zero = _xp(cell["hn"]["bias"]).zeros_like(cell["hn"]["bias"])
-        sd[f"bias_ih_l{k}"] = _cat([cell["i" + g]["bias"] for g in GRU_GATES])
-        sd[f"bias_hh_l{k}"] = _cat([zero, zero, cell["hn"]["bias"]])
+    for k, directions in enumerate(layers):
+        for sfx, _, cell in directions:
+            key = f"l{k}{sfx}"
+            sd[f"weight_ih_{key}"] = _cat([cell["i" + g]["kernel"].T for g in GRU_GATES])
+            sd[f"weight_hh_{key}"] = _cat([cell["h" + g]["kernel"].T for g in GRU_GATES])
+            zero = _xp(cell["hn"]["bias"]).zeros_like(cell["hn"]["bias"])
+            sd[f"bias_ih_{key}"] = _cat([cell["i" + g]["bias"] for g in GRU_GATES])
+            sd[f"bias_hh_{key}"] = _cat([zero, zero, cell["hn"]["bias"]])
     return sd
 
 
