@@ -22,6 +22,7 @@ class RunSettings:
     palette: int = 4  # distinct shapes per check; 0 draws a fresh shape every example
     shrink_seconds: float = 20.0  # then report the smallest failing example found so far
     timeout: float = 60.0  # seconds one side's call may take (0: no limit); equivcheck.backends.deadline
+    target: bool | None = None  # Hypothesis's target phase; None: the profile's choice (equivcheck.engine.search)
 
     def item_seed(self, *parts: str) -> int:
         return zlib.crc32(":".join([str(self.seed), *parts]).encode())

@@ -104,6 +104,9 @@ class Search:
         profile = settings.get_profile(f"equivcheck-{self.run.profile}")
         # A known divergence needs no minimal example: `shrink=False` stops at the first found.
         phases = [p for p in profile.phases if shrink or p != Phase.shrink]
+        target = getattr(self.run, "target", None)
+        if target is not None:
+            phases = [p for p in phases if p != Phase.target] + ([Phase.target] if target else [])
         count = min(self.run.examples, max_examples or self.run.examples)
         inner: Any = test
         # Decorators apply bottom-up and Hypothesis runs the topmost first: reversed keeps the order given.

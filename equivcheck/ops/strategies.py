@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from equivcheck.engine.dtypes import np_dtype
+from equivcheck.ops.bulk import bulk_array, float_fill, step_off
+from equivcheck.ops.matrices import Matrices
 from equivcheck.ops.shapes import Broadcast, Same, Shape, ShapeSpec, call_rule
 
 _WIDTH = {"float16": 16, "float32": 32, "float64": 64, "bfloat16": 32}
@@ -65,10 +66,13 @@ class Floats:
     exclude: tuple[float, ...] = ()
     min_magnitude: float = 0.0
 
-    def elements(self, dtype: str) -> st.SearchStrategy[float]:
+    def _range(self, dtype: str) -> tuple[float, float]:
         finfo = np.finfo(np.float32 if dtype == "bfloat16" else np_dtype(dtype))
         lo = _representable(max(self.lo, float(finfo.min)), dtype, math.inf)
-        hi = _representable(min(self.hi, float(finfo.max)), dtype, -math.inf)
+        return lo, _representable(min(self.hi, float(finfo.max)), dtype, -math.inf)
+
+    def elements(self, dtype: str) -> st.SearchStrategy[float]:
+        lo, hi = self._range(dtype)
         width = _WIDTH[dtype]
         parts = [st.floats(a, b, width=width, allow_nan=False, allow_infinity=False, allow_subnormal=False)
                  for a, b in self._bands(lo, hi, dtype)]
@@ -105,14 +109,18 @@ class Floats:
         return kept + ([(0.0, 0.0)] if lo <= 0 <= hi else [])
 
     def draw(self, dtype: str, shape: Shape, shapes: tuple[Shape, ...]) -> st.SearchStrategy[np.ndarray]:
-        elements = self.elements(dtype)
-        fill = elements if self.fill else st.nothing()
+        """Arrays drawn in bulk (equivcheck.ops.bulk): Hypothesis places the special values,
+        NumPy fills the rest of the range."""
+        lo, hi = self._range(dtype)
+        store = np.dtype(np.float32) if dtype == "bfloat16" else np_dtype(dtype)
+        fill = float_fill(lo, hi, self._bands(lo, hi, dtype), store, _TINY[dtype], self.exclude)
+        arrays = bulk_array(store, shape, self.elements(dtype), fill, unique=self.unique, repeated=self.fill)
         if dtype == "bfloat16":
             # Unique float32 values can round to equal bfloat16 ones: unique stays best effort here.
-            return hnp.arrays(np.float32, shape, elements=elements, fill=fill, unique=self.unique).map(
-                lambda a: _clip_into(a.astype(np_dtype("bfloat16")), self.lo, self.hi)
-            )
-        return hnp.arrays(np_dtype(dtype), shape, elements=elements, fill=fill, unique=self.unique)
+            # Rounding can also land on an excluded value (0.50001 to 0.5): step off it in bfloat16.
+            return arrays.map(lambda a: step_off(_clip_into(a.astype(np_dtype("bfloat16")), self.lo, self.hi),
+                                                 self.exclude, hi, _TINY[dtype]))
+        return arrays
 
     def sample(self, dtype: str, shape: Shape, shapes: tuple[Shape, ...], rng: np.random.Generator) -> np.ndarray:
         """Uniform in [lo, hi] from a NumPy generator (as every spec's `sample`: the batches of
@@ -148,7 +156,8 @@ class Ints:
             raise ValueError(f"Ints: [{self.lo}, {self.hi}] is not a range inside {self.dtype}")
 
     def draw(self, dtype, shape, shapes):
-        return hnp.arrays(np.dtype(self.dtype), shape, elements=st.integers(self.lo, self.hi), fill=st.nothing())
+        return bulk_array(np.dtype(self.dtype), shape, st.integers(self.lo, self.hi),
+                          lambda rng, n: rng.integers(self.lo, self.hi, n, endpoint=True))
 
     def sample(self, dtype, shape, shapes, rng):
         return rng.integers(self.lo, self.hi, shape, endpoint=True).astype(self.dtype)
@@ -168,8 +177,8 @@ class Index:
         return size
 
     def draw(self, dtype, shape, shapes):
-        size = self._size(shape, shapes)
-        return hnp.arrays(np.int64, shape, elements=st.integers(0, max(size - 1, 0)), fill=st.nothing())
+        top = max(self._size(shape, shapes) - 1, 0)
+        return bulk_array(np.dtype(np.int64), shape, st.integers(0, top), lambda rng, n: rng.integers(0, top, n, endpoint=True))
 
     def sample(self, dtype, shape, shapes, rng):
         return rng.integers(0, max(self._size(shape, shapes), 1), shape).astype(np.int64)
@@ -181,7 +190,7 @@ class Mask:
     masks that must keep a key per row, or padding that must be a suffix, use `Lengths`)."""
 
     def draw(self, dtype, shape, shapes):
-        return hnp.arrays(np.bool_, shape, elements=st.booleans(), fill=st.nothing())
+        return bulk_array(np.dtype(np.bool_), shape, st.booleans(), lambda rng, n: rng.random(n) < 0.5)
 
     def sample(self, dtype, shape, shapes, rng):
         return rng.random(shape) < 0.5
@@ -229,68 +238,13 @@ class Lengths:
 
     def draw(self, dtype, shape, shapes):
         rows, length = self._rows(shape)
-        return hnp.arrays(np.int64, rows, elements=st.integers(min(self.min_keep, length), length),
-                          fill=st.nothing()).map(lambda n: self.mask(n, length))
+        least = min(self.min_keep, length)
+        return bulk_array(np.dtype(np.int64), rows, st.integers(least, length),
+                          lambda rng, n: rng.integers(least, length, n, endpoint=True)).map(lambda n: self.mask(n, length))
 
     def sample(self, dtype, shape, shapes, rng):
         rows, length = self._rows(shape)
         return self.mask(rng.integers(min(self.min_keep, length), length, rows, endpoint=True), length)
-
-
-@dataclasses.dataclass(frozen=True)
-class Matrices:
-    """Square matrices of a structure that keeps the op well-posed at float32.
-
-    kind  "spd"       symmetric positive definite (cholesky, solve): eigenvalues in [1, 10]
-          "general"   any (.., m, n), full rank, singular values in [1, 10] (inv, solve, det, qr)
-          "symmetric" symmetric, eigenvalues at least 1 apart (eigh: gradients need gaps)
-          "distinct"  any (.., m, n), singular values at least 1 apart (svd)
-    Drawn as a random orthogonal basis and a spectrum (both from Hypothesis), composed in
-    float64 and rounded once, so both sides get the same bits.
-    """
-
-    kind: str = "spd"
-
-    def draw(self, dtype, shape, shapes):
-        m, n = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, 1)
-        batch = shape[:-2]
-        k = min(m, n)
-        count = math.prod(batch) if batch else 1
-        basis = hnp.arrays(np.float64, (count, 2, max(m, n), max(m, n)),
-                           elements=st.floats(-1, 1, allow_subnormal=False), fill=st.nothing())
-        spectrum = hnp.arrays(np.float64, (count, k), elements=st.floats(0.0, 1.0), fill=st.nothing())
-        return st.tuples(basis, spectrum).map(lambda bs: self._compose(bs[0], bs[1], shape, m, n, dtype))
-
-    def sample(self, dtype, shape, shapes, rng):
-        m, n = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, 1)
-        count = math.prod(shape[:-2]) if shape[:-2] else 1
-        basis = rng.uniform(-1, 1, (count, 2, max(m, n), max(m, n)))
-        return self._compose(basis, rng.random((count, min(m, n))), shape, m, n, dtype)
-
-    def _compose(self, basis, spectrum, shape, m, n, dtype):
-        k = min(m, n)
-        out = np.empty((len(basis), m, n))
-        for i, (b, s) in enumerate(zip(basis, spectrum)):
-            q1 = _orthogonal(b[0][:m, :m] + 2 * np.eye(m))
-            q2 = _orthogonal(b[1][:n, :n] + 2 * np.eye(n))
-            if self.kind in ("symmetric", "distinct"):
-                sig = 1.0 + 2.0 * np.arange(len(s)) + s  # gaps >= 1 keep eigen/svd grads finite
-                if self.kind == "symmetric":
-                    sig = sig * np.where(np.arange(len(s)) % 2, -1, 1)
-            else:
-                sig = 1.0 + 9.0 * s
-            if self.kind in ("spd", "symmetric"):
-                a = (q1 * sig) @ q1.T
-                a = (a + a.T) / 2
-            else:
-                a = (q1[:, :k] * sig) @ q2[:, :k].T
-            out[i] = a
-        return out.reshape(shape).astype(np_dtype(dtype))
-
-
-def _orthogonal(b: np.ndarray) -> np.ndarray:
-    q, r = np.linalg.qr(b)
-    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
