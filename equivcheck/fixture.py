@@ -2,7 +2,8 @@
 
 `equiv.check(pair)` runs one pair at the item's dtype and device, files its records for the
 report, and turns the outcome into pytest's: fail with the diagnosis and a replay command,
-xfail for a known divergence, skip for a dtype the pair does not declare.
+xfail for a known divergence, xpass for one that did not show, skip for a dtype the pair does
+not declare.
 """
 from __future__ import annotations
 
@@ -18,11 +19,16 @@ import pytest
 
 from equivcheck.backends.deadline import SideTimeout, limit
 from equivcheck.engine.kind import SIDES, CheckKind
-from equivcheck.engine.knowns import KnownDivergences, settle
+from equivcheck.engine.knowns import KnownDivergences, settle, xpass_reason
 from equivcheck.engine.records import CheckRecord, RunSettings
 
 RECORDS_KEY = "equivcheck"
 KNOWN_KEY = "equivcheck-known"  # a node-id pattern from the known-divergence files matched this test
+
+
+class _NeverRaised(Exception):
+    """The only exception the xfail mark of an xpass check expects: the mark turns the test's pass
+    into pytest's XPASS, while any failure after the check still fails the test."""
 
 
 class KnownDivergenceFixed(UserWarning):
@@ -126,8 +132,10 @@ class Equiv:
         return self._state.replay(self._item.nodeid, self.dtype, self.device)
 
     def known(self, check_id: str) -> tuple[str, str] | None:
-        """(pattern, reason) of the known divergence matching `check_id`, if any."""
-        return self._state.known.match_check(check_id)
+        """(pattern, reason) of the known divergence matching `check_id`, or this test's node id:
+        a node-id entry covers the test's checks as a check-id pattern would, so its records are
+        known divergences, xpasses or fixed like any other."""
+        return self._state.known.match(check_id, self.nodeid)
 
     def conclude(self, records: list[CheckRecord]) -> list[CheckRecord]:
         """File records made outside `check` (e.g. by `equivcheck.data.run_check`) for the report,
@@ -144,6 +152,13 @@ class Equiv:
         known = [r for r in records if r.outcome == "known-divergence"]
         if known:
             pytest.xfail("; ".join(sorted({f"{r.check}: {r.known_reason}" for r in known})))
+        xpass = [r for r in records if r.outcome == "xpass"]
+        if xpass:  # pytest says XPASS, as the equivcheck table does, with the reason it is no failure
+            why: dict[str, list[str]] = {}
+            for r in xpass:
+                why.setdefault(xpass_reason(r.known_pattern, r.notes), []).append(r.check)
+            reason = "; ".join(f"{', '.join(checks)}: {text}" for text, checks in why.items())
+            self._item.add_marker(pytest.mark.xfail(reason=reason, strict=False, raises=_NeverRaised))
         return records
 
     def _file(self, records: list[CheckRecord]) -> None:

@@ -20,6 +20,7 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
     are a partial run; `stuck`: what was stuck, with its stack."""
     from equivcheck import report
     from equivcheck.backends import jax_side
+    from equivcheck.engine.knowns import sort_unmatched
 
     finished = dt.datetime.now(dt.timezone.utc)
     state.matched_known |= {r["known_pattern"] for r in state.records if r.get("known_pattern")}
@@ -40,9 +41,13 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
         "jax_compilations": None if getattr(config.option, "numprocesses", None)
         else {"count": count, "seconds": round(seconds, 3)},
         "replay": state.replay("<node id>", ",".join(state.dtypes), ",".join(state.devices)),
-        "unmatched_known": [{"pattern": e.pattern, "reason": e.reason, "source": e.source}
-                            for e in state.known.unmatched(state.matched_known)],
     }
+    # Sorted as the terminal summary sorts them: an entry the selection left out is not stale.
+    stale, left_out = sort_unmatched(state.known.unmatched(state.matched_known), dtypes=state.dtypes,
+                                     devices=state.devices, collected=state.collected, narrowed=state.narrowed)
+    run["unmatched_known"] = [{"pattern": e.pattern, "reason": e.reason, "source": e.source} for e in stale]
+    run["unchecked_known"] = [{"pattern": e.pattern, "reason": e.reason, "source": e.source, "why": why}
+                              for why, es in left_out.items() for e in es]
     if stuck:
         run["stuck"] = stuck
     # an interrupted run leaves a report even before its first record: it says the run stopped

@@ -98,6 +98,10 @@ suites/test_x.py::test_a[b-*]   node pattern with brackets
     assert known.match_node("suites/test_x.py::test_a[b-float32]")[1] == "node pattern with brackets"
     assert known.match_node("suites/test_x.py::test_ab") is None
     assert [e.pattern for e in known.unmatched({"abs::vjp"})] == ["gelu::*::*::gpu", "suites/test_x.py::test_a[b-*]"]
+    # A check of a test sees both forms, the file's first matching entry winning.
+    assert known.match("b::forward::float32::cpu", "suites/test_x.py::test_a[b-float32]")[0] == "suites/test_x.py::test_a[b-*]"
+    assert known.match("abs::vjp::float32::cpu", "suites/test_x.py::test_a[b-float32]")[0] == "abs::vjp"
+    assert known.match("b::forward::float32::cpu", "suites/test_x.py::test_c") is None
 
 
 @pytest.mark.parametrize("text, message", [

@@ -116,8 +116,9 @@ def test_known_divergences_become_xfail_and_stale_entries_are_reported(project):
     rep = report(project)
     outcomes = {r["id"]: r["outcome"] for r in rep["records"]}
     assert outcomes["gelu_bug::forward::float32::cpu"] == "known-divergence"
-    assert {e["pattern"] for e in rep["run"]["unmatched_known"]} == {"nothing::*", "test_pairs.py::test_plain",
-                                                                 "tanh::hvp::float16"}
+    assert {e["pattern"] for e in rep["run"]["unmatched_known"]} == {"nothing::*", "test_pairs.py::test_plain"}
+    assert [(e["pattern"], e["why"]) for e in rep["run"]["unchecked_known"]] == [
+        ("tanh::hvp::float16", "dtypes or devices this run did not select")]
 
 
 def test_entries_for_checks_a_k_selection_left_out_are_summarised_not_warned(project):

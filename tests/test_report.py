@@ -19,7 +19,9 @@ def rec(pair, check, outcome="passed", ratio=0.1, **kw):
 RUN = {"id": "r1", "started": "2026-11-26T00:00:00+00:00", "finished": "2026-11-26T00:01:00+00:00", "seconds": 60,
        "seed": 1, "profile": "dev", "examples": 30, "palette": 4, "precision": "highest", "devices": ["cpu"],
        "versions": {"torch": "2.13.0", "jax": "0.10.2"}, "machine": report.machine(), "replay": "pytest --equiv ...",
-       "unmatched_known": [{"pattern": "old::*", "reason": "r", "source": "k.txt:1"}]}
+       "unmatched_known": [{"pattern": "old::*", "reason": "r", "source": "k.txt:1"}],
+       "unchecked_known": [{"pattern": "tanh::hvp", "reason": "r", "source": "k.txt:2",
+                            "why": "checks this selection (-k, -m) left out"}]}
 
 
 def build(*records):
@@ -45,7 +47,18 @@ def test_markdown_has_failures_known_divergences_grid_and_stale_entries():
     assert "### `exp::forward::float32::cpu`" in md and "jax is off" in md
     assert "| `abs::vjp::float32::cpu` | known-divergence | abs'(0) |" in md
     assert "| tanh | float32 | cpu | - | - | - | ok 0.1 |" in md
-    assert "`old::*` (k.txt:1)" in md
+    assert "matched nothing in this run:\n\n- `old::*` (k.txt:1)\n" in md
+    assert "left out (not checked):\n\n- `tanh::hvp` (k.txt:2): for checks this selection (-k, -m) left out" in md
+
+
+def test_an_xpass_says_why_in_the_terminal_and_the_markdown():
+    from equivcheck.engine.knowns import NO_WITNESS
+
+    xpass = [rec("abs", c, "xpass", known_pattern="abs", known_reason="abs'(0)", notes=[NO_WITNESS])
+             for c in ("vjp", "jvp")]
+    assert report.xpass_lines(xpass) == [
+        f"XPASS abs::vjp::float32::cpu, abs::jvp::float32::cpu: known divergence 'abs' did not show: {NO_WITNESS}"]
+    assert "| xpass | abs'(0) | known divergence 'abs' did not show: no witness ran" in report.markdown(build(*xpass))
 
 
 def test_grid_marks_each_check():

@@ -47,11 +47,11 @@ def test_witnesses_are_cast_to_each_dtype_and_validated():
         Pair("exp", torch.exp, jnp.exp, unary(), witnesses=(([1.0], [2.0]),))
 
 
-def _record(outcome="xpass", witnessed=1):
+def _record(outcome="xpass", witnessed=1, **kw):
     from equivcheck.engine import CheckRecord
 
     return CheckRecord("abs", "vjp", "float32", "cpu", "highest", outcome, examples=6, witnessed=witnessed,
-                       known_pattern="abs::vjp", known_reason="abs'(0) differs")
+                       **{"known_pattern": "abs::vjp", "known_reason": "abs'(0) differs"} | kw)
 
 
 def test_settle_fails_a_known_divergence_whose_witness_now_agrees():
@@ -59,6 +59,7 @@ def test_settle_fails_a_known_divergence_whose_witness_now_agrees():
     assert settle([rec]) == []
     assert rec.outcome == "failed" and rec.kind == "fixed" and rec.side is None
     assert "'abs::vjp' no longer shows" in rec.message and "remove the entry" in rec.message
+    assert "Either the port was fixed or the installed torch/jax changed" in rec.message
     assert "witness and 5 drawn examples agree" in rec.message
 
 
@@ -76,6 +77,34 @@ def test_settle_without_a_witness_keeps_xpass_with_a_note():
         other = _record(outcome)
         settle([other])
         assert other.outcome == outcome
+
+
+def test_settle_fails_a_known_divergence_whose_side_raised_or_timed_out():
+    """An entry is about values that differ: a crash behind it would read as the known difference."""
+    raised = _record("known-divergence", kind="error", side="jax",
+                     message="the jax side raised TypeError in forward: unsupported operand (f.py:3)")
+    hung = _record("known-divergence", kind="timeout", side="torch", message="the torch side did not return",
+                   known_reason="torch raises nothing; it hangs")
+    assert settle([raised, hung]) == []
+    assert raised.outcome == "failed" and raised.kind == "error" and raised.known_pattern == "abs::vjp"
+    assert raised.message.startswith("known divergence 'abs::vjp' matched, but the jax side raised instead of "
+                                     "giving other values: the jax side raised TypeError")
+    assert hung.outcome == "failed" and "the torch side did not return instead" in hung.message  # never covered
+    # An entry whose reason says the side raises expects it; values that differ stay known too.
+    expected = _record("known-divergence", kind="error", side="jax", known_reason="the naive port raises TypeError")
+    values = _record("known-divergence", kind="values", side="jax")
+    settle([expected, values])
+    assert expected.outcome == values.outcome == "known-divergence"
+
+
+def test_the_built_in_entry_of_a_port_that_raises_says_so_and_still_covers_it():
+    from suites.test_models import MODELS
+
+    known = KnownDivergences.load(["suites/known_divergences.txt"])
+    naive = next(m for m in MODELS if m.name == "mlp_naive")
+    records = naive.run_checks(dtype="float32", run=RunSettings(examples=2, seed=1), known=known.match_check)
+    settle(records)
+    assert [(r.outcome, r.kind, r.side) for r in records] == [("known-divergence", "error", "jax")]
 
 
 def test_versioned_paths_name_the_installed_versions(tmp_path):
@@ -127,8 +156,9 @@ def test_a_fixed_known_divergence_fails_and_a_live_one_xfails(pytester):
 
 def test_lenient_turns_a_fixed_divergence_into_a_warning(pytester):
     result = _run(pytester, "--equiv-known-lenient")
-    result.assert_outcomes(passed=1, xfailed=1, warnings=1)
-    result.stdout.fnmatch_lines(["*KnownDivergenceFixed*relu_fixed*no longer shows*"])
+    result.assert_outcomes(xpassed=1, xfailed=1, warnings=1)  # XPASS, as equivcheck's table says
+    xpass = "XPASS relu_fixed::vjp::float32::cpu: known divergence 'relu_fixed::vjp' no longer shows*"
+    result.stdout.fnmatch_lines(["*KnownDivergenceFixed*relu_fixed*no longer shows*", xpass])
 
 
 def test_every_built_in_known_divergence_has_a_witness():

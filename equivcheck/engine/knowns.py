@@ -14,9 +14,19 @@ A file path may hold `{torch}` and `{jax}`, replaced by the installed versions' 
 (`suites/known_divergences-torch{torch}.txt`): entries only some versions show. Such a path that
 does not exist is no error (that combination has none).
 
+A node-id entry covers every check its test runs through the `equiv` fixture, exactly as a
+check-id pattern would (known-divergence, xpass, fixed); a test without the fixture matched by
+one is marked xfail as it stands. Across the files the first matching entry wins, of either form.
+
 Strictness: a check that matches an entry and passes although its kind ran a witness first
 (the input where the divergence shows) is *fixed*: `settle` fails it with a message saying
 the divergence is gone; lenient runs keep it as `xpass` with a warning.
+
+An entry is about values that differ: a check whose side raised (record kind "error") or did
+not return (kind "timeout") stays a failure although an entry matches, since a crash in a port is
+no known divergence and would hide behind one. The exception: an entry whose reason says the
+word "raises" (`mlp_naive::forward ... the JAX side raises TypeError`) expects a side to raise, and
+still covers errors (never timeouts).
 """
 from __future__ import annotations
 
@@ -99,6 +109,14 @@ class KnownDivergences:
                 entries.append(Entry(pattern, reason, f"{path}:{n}", regex))
         return cls(entries)
 
+    def match(self, check_id: str, nodeid: str = "") -> tuple[str, str] | None:
+        """(pattern, reason) of the first entry matching the check id or, for a node-id entry,
+        the test's node id: both forms cover the check alike."""
+        for e in self.entries:
+            if e.regex.match(nodeid if e.is_node else check_id):
+                return e.pattern, e.reason
+        return None
+
     def match_check(self, check_id: str) -> tuple[str, str] | None:
         for e in self.entries:
             if not e.is_node and e.regex.match(check_id):
@@ -134,25 +152,45 @@ def versioned(path: str) -> str:
     return path
 
 
+NO_WITNESS = ("no witness ran: the drawn examples may have missed the inputs where this divergence shows; give "
+              "the check a witness to make the entry strict")
+RAISED = ("error", "timeout")  # record kinds where a side raised or did not return, rather than differed
+_SAYS_RAISES = re.compile(r"\braises\b", re.IGNORECASE)
+
+
 def settle(records: list[Any], *, lenient: bool = False) -> list[str]:
-    """Make known divergences strict, in place: a record that passed against an entry
-    (`xpass`) after running its kind's witnesses is failed as *fixed*, since the input where
-    the divergence showed now agrees. Lenient: it stays `xpass` and its message is returned
-    for a warning. An `xpass` without a witness stays one, with a note: the run may not have
-    drawn the inputs where the divergence shows."""
+    """Make known divergences strict, in place.
+
+    A record that matched an entry because a side raised or timed out is failed: the entry
+    names values that differ, and a crash behind it would read as the known difference (unless
+    the entry's reason says the side "raises"). A record that passed against an entry (`xpass`)
+    after running its kind's witnesses is failed as *fixed*, since the input where the
+    divergence showed now agrees. Lenient: it stays `xpass` and its message is returned for a
+    warning. An `xpass` without a witness stays one, with a note: the run may not have drawn the
+    inputs where the divergence shows."""
     warnings = []
     for rec in records:
+        if rec.outcome == "known-divergence" and rec.kind in RAISED and not (
+                rec.kind == "error" and _SAYS_RAISES.search(rec.known_reason)):
+            who = f"the {rec.side} side" if rec.side else "a side"
+            did = "raised" if rec.kind == "error" else "did not return"
+            rec.outcome = "failed"
+            rec.message = (f"known divergence {rec.known_pattern!r} matched, but {who} {did} instead of giving "
+                           f"other values: {rec.message}\n  an entry covers values that differ, not a side that "
+                           "raises: fix that side, or, if raising is the known behaviour, say \"raises\" in the "
+                           "entry's reason")
+            continue
         if rec.outcome != "xpass":
             continue
         if not rec.witnessed:
-            rec.notes.append("no witness ran: the drawn examples may have missed the inputs where this divergence "
-                             "shows; give the check a witness to make the entry strict")
+            rec.notes.append(NO_WITNESS)
             continue
         message = (f"known divergence {rec.known_pattern!r} no longer shows: its witness"
                    f"{'es' * (rec.witnessed > 1)} and {max(rec.examples - rec.witnessed, 0)} drawn examples agree "
-                   "within the table. The installed torch/jax no longer diverge here: remove the entry (or move it "
-                   "to a per-version file such as suites/known_divergences-torch{torch}.txt); "
-                   "--equiv-known-lenient makes this a warning")
+                   "within the table. Either the port was fixed or the installed torch/jax changed: remove the "
+                   "entry, or, if other versions still show it, move it to a per-version file (`{torch}` or "
+                   "`{jax}` in its path stands for the installed major.minor version); --equiv-known-lenient "
+                   "makes this a warning")
         if lenient:
             rec.notes.append(message)
             warnings.append(f"{rec.id}: {message}")
@@ -161,28 +199,49 @@ def settle(records: list[Any], *, lenient: bool = False) -> list[str]:
     return warnings
 
 
+def xpass_reason(pattern: str, notes: Sequence[str]) -> str:
+    """Why a check that matched entry `pattern` passed, from the note `settle` left on its record:
+    one text for pytest's XPASS reason, the terminal summary and the report."""
+    for note in notes:
+        if note == NO_WITNESS:
+            return f"known divergence {pattern!r} did not show: {note}"
+        if note.startswith(f"known divergence {pattern!r} no longer shows"):
+            return note
+    return f"known divergence {pattern!r} did not show"
+
+
 _LEFT_OUT = ("dtypes or devices this run did not select", "checks this selection (-k, -m) left out",
              "pairs or files this run did not collect")
 
 
-def unchecked(entries: Sequence[Entry], *, dtypes: Sequence[str], devices: Sequence[str],
-              collected: set[str] | None, narrowed: bool) -> tuple[list[str], list[str]]:
-    """Of entries that matched nothing this run: (a warning per entry that was within what ran,
-    so stale or a typo; one line per kind of what the run left out, counting the entries for it).
+def sort_unmatched(entries: Sequence[Entry], *, dtypes: Sequence[str], devices: Sequence[str],
+                   collected: set[str] | None, narrowed: bool) -> tuple[list[Entry], dict[str, list[Entry]]]:
+    """Entries that matched nothing this run, in two: (those within what ran, so stale or a typo;
+    those the run left out, by what it left out). The terminal summary and the report both
+    sort them here, so that the two agree.
 
     `collected`: the node and check ids collected before -k/-m deselection (None: unknown, then
-    every entry within the selected dtypes and devices is warned about); `narrowed`: paths or node
-    ids on the command line collected only part of the project."""
-    warnings: list[str] = []
-    quiet: dict[str, list[str]] = {why: [] for why in _LEFT_OUT}
+    every entry within the selected dtypes and devices is stale); `narrowed`: paths or node ids
+    on the command line collected only part of the project."""
+    stale: list[Entry] = []
+    quiet: dict[str, list[Entry]] = {why: [] for why in _LEFT_OUT}
     for e in entries:
         why = _why_unchecked(e, dtypes, devices, collected, narrowed)
         if why:
-            quiet[why].append(e.pattern)
+            quiet[why].append(e)
         else:
-            warnings.append(f"known divergence {e.pattern!r} ({e.source}) matched no check or test")
-    counts = [f"{len(patterns)} known divergences are for {why} (e.g. {patterns[0]!r}): not checked"
-              for why, patterns in quiet.items() if patterns]
+            stale.append(e)
+    return stale, {why: es for why, es in quiet.items() if es}
+
+
+def unchecked(entries: Sequence[Entry], *, dtypes: Sequence[str], devices: Sequence[str],
+              collected: set[str] | None, narrowed: bool) -> tuple[list[str], list[str]]:
+    """Of entries that matched nothing this run (`sort_unmatched`): (a warning per entry that was
+    within what ran; one line per kind of what the run left out, counting the entries for it)."""
+    stale, quiet = sort_unmatched(entries, dtypes=dtypes, devices=devices, collected=collected, narrowed=narrowed)
+    warnings = [f"known divergence {e.pattern!r} ({e.source}) matched no check or test" for e in stale]
+    counts = [f"{len(es)} known divergences are for {why} (e.g. {es[0].pattern!r}): not checked"
+              for why, es in quiet.items()]
     return warnings, counts
 
 

@@ -9,7 +9,7 @@ compare  two runs' reports: what changed, and whether anything regressed; readin
 from equivcheck.report.compare import compare_runs, read_report
 from equivcheck.report.files import write
 from equivcheck.report.runs import OUTCOMES, SCHEMA, build, machine, run_id, versions
-from equivcheck.report.tables import grid, markdown, text_table
+from equivcheck.report.tables import grid, markdown, text_table, xpass_lines
 
 __all__ = ["OUTCOMES", "SCHEMA", "build", "compare_runs", "grid", "machine", "markdown", "read_report", "run_id", "text_table",
-           "versions", "write"]
+           "versions", "write", "xpass_lines"]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from equivcheck.engine import tolerance
+from equivcheck.engine.knowns import xpass_reason
 from equivcheck.engine.records import CheckRecord
 from equivcheck.layers import traps as divergences
 from equivcheck.ops.autodiff import CHECKS
@@ -47,6 +48,16 @@ def grid(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
                 cells.append(_CELL[r["outcome"]])
         body.append([*key, *cells])
     return header, body
+
+
+def xpass_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """A line per reason known divergences did not show (xpass), naming the checks: the terminal
+    shows why, as pytest's XPASS reason does."""
+    why: dict[str, list[str]] = defaultdict(list)
+    for r in records:
+        if r["outcome"] == "xpass":
+            why[xpass_reason(r["known_pattern"], r["notes"])].append(r["id"])
+    return [f"XPASS {', '.join(dict.fromkeys(ids))}: {text}" for text, ids in why.items()]
 
 
 def text_table(header: list[str], body: list[list[str]]) -> str:
@@ -90,14 +101,17 @@ def markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> st
     if known:
         out += ["", "## Known divergences", "",
                 _md_table(["check", "outcome", "reason", "observed"],
-                          [[f"`{r['id']}`", r["outcome"], r["known_reason"], r["message"].split("\n")[0][:160]]
-                           for r in known])]
+                          [[f"`{r['id']}`", r["outcome"], r["known_reason"], _observed(r)] for r in known])]
     out += divergences.markdown_section(records)
     out += report_models.markdown_section(records, images)
     stale = run.get("unmatched_known", [])
     if stale:
         out += ["", "Known-divergence entries that matched nothing in this run:", ""]
         out += [f"- `{e['pattern']}` ({e['source']})" for e in stale]
+    left_out = run.get("unchecked_known", [])
+    if left_out:
+        out += ["", "Known-divergence entries for what this run left out (not checked):", ""]
+        out += [f"- `{e['pattern']}` ({e['source']}): for {e['why']}" for e in left_out]
     header, body = grid(records)
     out += ["", "## All checks", "", "Cells: outcome and worst error / allowed error over all examples (1 = at tolerance).",
             "", _md_table(header, body), "", "## Tolerance table", "",
@@ -106,6 +120,13 @@ def markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> st
     scale = ", ".join(f"{k} x{v:g}" for k, v in tolerance.CHECK_SCALE.items())
     out += ["", f"Derivative checks scale the row: {scale}. Per-pair overrides are in each record's `tolerance`.", ""]
     return "\n".join(out)
+
+
+def _observed(r: dict[str, Any]) -> str:
+    """What a known divergence's row shows: the failure's first line, or why it did not show."""
+    if r["outcome"] == "xpass":
+        return xpass_reason(r["known_pattern"], r["notes"])[:160]
+    return r["message"].split("\n")[0][:160]
 
 
 def _failure_text(r: dict[str, Any]) -> str:
