@@ -1,8 +1,12 @@
 """Why a model check failed: the first diverging layer, else the gradient, else the optimizer.
 
-The torch model is what is being migrated, so it is the reference: a divergence is blamed
-on the port (side "jax") at the first layer out of tolerance. For `grad` with every layer's
-output in tolerance, the first parameter whose gradient differs is named. For `train`, the
+The torch model is what is being migrated, so it is the specification: a divergence is blamed
+on the port (side "jax") by construction, with no float64 arbitration (a slip in the torch
+model shows as the port differing from it), and the text says so rather than claiming the
+port is wrong. The place is the first layer out of tolerance, or, when every tapped layer
+agrees but the model's output does not, the untapped code after the last tap. For `grad` with
+every tapped layer's output and the model's output in tolerance, the first parameter whose
+gradient differs is named. For `train`, the
 first step is localised in train mode (with the step's dropout masks and BatchNorm
 statistics); if every layer and every gradient agree there, the optimizer pair runs its own
 checks (equivcheck.optim.runner) and its diagnosis (eps placement, weight decay, a schedule
@@ -22,6 +26,7 @@ from equivcheck.models import sides as ms
 from equivcheck.models.localise import localise
 
 OPTIMIZER_EXAMPLES = 20  # the optimizer pair's own checks, on a failure only
+SPEC = "torch is the specification of a model check: not arbitrated in float64"
 
 
 def _inputs(pair: Any, ex: Any, res: Any, dtype: str) -> tuple[list[Any], Any]:
@@ -54,8 +59,10 @@ def diagnose(pair: Any, check: str, ex: Any, res: Any, ents: list[mm.Entry], dty
         masks = _dropout_cause(pair, ents, ex, x, res.masks, dtype, run, fwd)
         if masks:  # before any layer: a port's own masks move every layer after the first dropout
             return "jax", f"{masks}; {loc.text}", rows
-    if loc.first is not None or "raised" in loc.text:
-        return "jax" if res.verdict.side != "torch" else "torch", loc.text, rows
+    if loc.first is not None or loc.output_off or "raised" in loc.text:
+        side = "jax" if res.verdict.side != "torch" else "torch"
+        lead = f"the port differs from torch {loc.where} ({SPEC}): " if side == "jax" and loc.where else ""
+        return side, lead + loc.text, rows
     if res.verdict.kind == "error":
         return res.verdict.side, loc.text, rows
     if check in ("grad", "train", "fit"):
@@ -122,7 +129,8 @@ def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, d
         v = compare(t_grads[name], j_grads.get(name), base)
         if not v.ok:
             w = v.worst
-            return (f"every layer's output agrees, but the gradient of {name!r} differs first (in module order)"
+            return (f"every tapped layer's output and the model's output agree, but the gradient of {name!r} "
+                    "differs first (in module order)"
                     + (f": max abs err {w.max_abs:.3g}" if w else f": {v.message}"))
     return ""
 

@@ -10,6 +10,12 @@ were. The hint re-runs that torch module with each known migration slip (the div
 table's traps: gelu approximation, LayerNorm eps, BatchNorm momentum, one-border conv
 padding, mask polarity; and an untransposed Linear weight, dropout in eval, LSTM gate order)
 and names the one that reproduces the port's output.
+
+A tap bounds a divergence on both sides only where the port has one: untapped code before the
+first tap (an input scaling) shows at the first tapped layer, and untapped code after the last
+(a final scale, activation or head) shows at no layer at all. So "every tapped layer is within
+tolerance" is said only with the model's output compared too: when the output differs, the
+divergence lies after the last tapped layer, and the text names it.
 """
 from __future__ import annotations
 
@@ -49,6 +55,8 @@ class Localisation:
     first: Row | None
     hint: str
     text: str
+    where: str = ""  # "at layer ln", "at or before layer fc1", "after layer fc2": where the port leaves torch
+    output_off: bool = False  # every tapped layer agrees, the model's output does not
 
 
 def _first_tensor(x: Any) -> Any:
@@ -98,9 +106,10 @@ def _slip(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], t: np.n
     with torch.no_grad():
         if isinstance(module, nn.GELU) and module.approximate == "none" and same(F.gelu(x, approximate="tanh")):
             return _known("nn.trap.gelu_approximate")
-        if isinstance(module, nn.LayerNorm) and same(F.layer_norm(x, module.normalized_shape, module.weight,
-                                                                  module.bias, eps=1e-6)):
-            return _known("nn.trap.layer_norm_eps")
+        if isinstance(module, nn.LayerNorm):
+            found = _layer_norm_eps(module, x, same)
+            if found:
+                return found
         if isinstance(module, nn.Linear) and module.in_features == module.out_features:
             if same(x @ module.weight + (module.bias if module.bias is not None else 0)):
                 return ("layout: the port multiplies by torch's (out, in) weight untransposed (x @ W where torch "
@@ -127,6 +136,20 @@ def _slip(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], t: np.n
             found = _lstm_gates(module, args, same)
             if found:
                 return found
+    return ""
+
+
+def _layer_norm_eps(module: Any, x: Any, same: Any) -> str:
+    """The port's LayerNorm eps, among the common defaults (torch 1e-5, Flax 1e-6, BERT 1e-12),
+    whichever way round: a torch model built with Flax's eps is as common as the reverse."""
+    import torch.nn.functional as F
+
+    for eps in (1e-6, 1e-5, 1e-12):
+        if eps != module.eps and same(F.layer_norm(x, module.normalized_shape, module.weight, module.bias, eps=eps)):
+            if (module.eps, eps) == (1e-5, 1e-6):
+                return _known("nn.trap.layer_norm_eps")
+            return (f"LayerNorm eps: the port normalises with eps={eps:g} where torch's module has eps="
+                    f"{module.eps:g}: give the port the torch module's eps (nnx.LayerNorm(epsilon={module.eps:g}))")
     return ""
 
 
@@ -200,12 +223,12 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
                 lambda m, a, k, o, name=name: seen.append((name, m, a, dict(k), o)), with_kwargs=True))
     try:
         with torch.no_grad(), deadline.side("torch"):
-            model(*to_torch_args(inputs, device))
+            t_model = to_numpy(model(*to_torch_args(inputs, device)))
     finally:
         for h in handles:
             h.remove()
     t_stats = mm.to_jax(ents, torch_state(model))[1]
-    _, taps, exc, j_stats = jax_capture(pair, params, stats, inputs, masks, train, dtype, device)
+    j_model, taps, exc, j_stats = jax_capture(pair, params, stats, inputs, masks, train, dtype, device)
     rows: list[Row] = []
     first_hint, untapped = "", []
     bn_of = {e.module: e for e in ents if e.kind == "batch_norm"}
@@ -240,14 +263,17 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
     first = next((r for r in rows if not r.ok), None)
     if first is not None:
         first.first = True
-    parts = []
+    parts, where, output_off = [], "", False
     if first is not None:
         before = [r.layer for r in rows[:rows.index(first)]]
+        where = f"at layer {first.layer}" if before else f"at or before layer {first.layer}"
         parts.append(f"first diverging layer: {first.layer} ({first.module}): max abs err {first.max_abs:.3g}, "
                      f"max rel err {first.max_rel:.3g}, {first.ratio:.3g} x the tolerance"
                      + (f" [{first.note}]" if first.note else "")
-                     + (f"; every layer before it ({', '.join(before[-4:])}) was within tolerance, so were its inputs"
-                        if before else "; its input is the model's input"))
+                     + (f"; every tapped layer before it ({', '.join(before[-4:])}) was within tolerance: the "
+                        f"divergence is in it or in untapped code between {before[-1]} and it" if before else
+                        "; it is the first tapped layer: the divergence is in it or before it, in untapped code "
+                        "between the model's input and its tap (an input scaling or preprocessing)"))
         if first_hint and first_hint != "-":
             parts.append(f"hint: {first_hint}")
     if exc is not None:
@@ -255,10 +281,33 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
         after = rows[-1].layer if rows else "the start"
         parts.append(f"the port raised after {after}: {err.type}: {err.message} ({err.where})")
     if first is None and exc is None:
-        parts.append("every tapped layer is within tolerance" + (f" ({len(rows)} rows)" if rows else
-                                                                   ": the port taps no layer (models.tap)"))
+        out = compare(t_model, j_model, tol)
+        output_off = not out.ok
+        if output_off:
+            where, text = _after_last(rows, out)
+            parts.append(text)
+        else:
+            parts.append("every tapped layer is within tolerance" + (f" ({len(rows)} rows)" if rows else
+                                                                       ": the port taps no layer (models.tap)")
+                         + ", and so is the model's output")
     missing = [n for n in untapped if not any(r.layer == n for r in rows)]
     hint_text = first_hint if first_hint not in ("", "-") else ""
     if missing and first is None:
         parts.append(f"layers without a tap: {', '.join(missing[:8])}")
-    return Localisation(rows, first, hint_text, "; ".join(parts))
+    return Localisation(rows, first, hint_text, "; ".join(parts), where, output_off)
+
+
+def _after_last(rows: Sequence[Row], out: Any) -> tuple[str, str]:
+    """(where, text) for a model output that differs while every tapped layer agrees."""
+    w = out.worst
+    by = (f"max abs err {w.max_abs:.3g}, {out.ratio:.3g} x the tolerance" if out.kind == "values" and w
+          else out.message.split("\n")[0])
+    layers = [r.layer for r in rows if not r.layer.endswith("(running stats)")]
+    if not layers:
+        return "", (f"the port taps no layer (models.tap) and the model's output differs ({by}): tap its layers "
+                    "to localise the divergence")
+    last = layers[-1]
+    return f"after layer {last}", (
+        f"every tapped layer is within tolerance ({len(rows)} rows), but the model's output is not ({by}): the "
+        f"divergence lies after the last tapped layer {last!r}, in untapped code between it and the output (a final "
+        "scale, activation or head the port computes without a tap)")
