@@ -27,14 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _kinds() -> list[Any]:
-    from suites import test_autodiff, test_data, test_layers, test_losses, test_models, test_optimizers
-    from suites.transform_pairs import PAIRS as TRANSFORMS
-
-    return [*test_autodiff.PAIRS, *test_layers.PAIRS, *test_losses.PAIRS, *TRANSFORMS,
-            *test_data.LOADER_CHECKS.values(), *test_optimizers.PAIRS, *test_models.MODELS]
-
-
 def literal(x: Any) -> str:
     """A Python literal of one argument or example (arrays as nested lists)."""
     if isinstance(x, np.ndarray):
@@ -75,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         return failed
 
     search.Search.__call__ = capture  # type: ignore[method-assign]
-    kinds = {k.name: k for k in _kinds()}
+    from suites import built_in_kinds
+
+    kinds = {k.name: k for k in built_in_kinds()}
     run = RunSettings(examples=args.examples, seed=args.seed, shrink_seconds=20.0)
     missing = 0
     for entry in known.entries:

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from equivcheck.engine import tolerance
 from equivcheck.engine.records import RunSettings
-from equivcheck.optim.runner import _run_check, run_optimizer_pair
+from equivcheck.optim.runner import _run_check, run_optimizer_pair, witnesses
 from equivcheck.optim.trajectory import BUCKETS
 
 
@@ -36,7 +36,7 @@ def margins(pair, dtype, run):
         base = tolerance.lookup(dtype, check=check, override=pair.tolerance_for(dtype, check))
         ill: list[int] = []
         t0 = time.perf_counter()
-        seen, failed = _run_check(pair, check, dtype, run, base, False, ill)
+        seen, failed = _run_check(pair, check, dtype, run, base, False, ill, witnesses(pair, check, dtype))
         cells, points = [], []
         for lo, hi in BUCKETS:
             rs = [(n, r) for o in seen for n, r in o.ratios if lo <= n <= hi]

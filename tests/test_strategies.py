@@ -188,3 +188,10 @@ def test_every_array_spec_samples_within_its_domain(dtype):
     assert Mask().sample(dtype, shapes[1], shapes, rng).dtype == np.bool_
     a = Matrices("spd").sample(dtype, shapes[2], shapes, rng)
     assert a.dtype == np_dtype(dtype) and np.allclose(a, a.T) and np.all(np.linalg.eigvalsh(a) > 0.5)
+
+
+@pytest.mark.parametrize("bad", [(4, 4), (), 5, ((3,), ((3,), (2,))), (((3, -1),),)], ids=repr)
+def test_fixed_refuses_what_is_not_a_tuple_of_choices_and_shows_the_form(bad):
+    with pytest.raises(ValueError, match=r"Fixed\(\(\(\(4, 4\),\),\)\) for one argument of shape \(4, 4\)"):
+        Fixed(bad)
+    assert Fixed((((4, 4),),)).choices == (((4, 4),),) and Fixed(((3,),)).choices == (((3,),),)

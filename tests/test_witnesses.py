@@ -164,11 +164,9 @@ def test_lenient_turns_a_fixed_divergence_into_a_warning(pytester):
 def test_every_built_in_known_divergence_has_a_witness():
     """Each entry of the suites' files matches at least one built-in check, and every check it
     matches runs a witness first: the entry is hit on every seed, so it is strict."""
-    from suites import test_autodiff, test_data, test_layers, test_losses, test_models, test_optimizers
-    from suites.transform_pairs import PAIRS as TRANSFORMS
+    from suites import built_in_kinds
 
-    kinds = [*test_autodiff.PAIRS, *test_layers.PAIRS, *test_losses.PAIRS, *TRANSFORMS,
-             *test_data.LOADER_CHECKS.values(), *test_optimizers.PAIRS, *test_models.MODELS]
+    kinds = built_in_kinds()
     known = KnownDivergences.load(["suites/known_divergences.txt", versioned("suites/known_divergences-torch{torch}.txt")])
     without = []
     for entry in known.entries:

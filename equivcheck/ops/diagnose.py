@@ -154,7 +154,11 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
             verdict.side, verdict.diagnosis = lone[0], lead + "; " + lone[1]
             return
         verdict.side = None
-        verdict.diagnosis = (found.why if found.kink else lead + "; " + found.why)
+        # Unstable differences and no agreement in float64: a derivative exactly zero by cancelling
+        # terms of size 1/eps-ish (std of two close values) looks the same as two different formulas.
+        verdict.diagnosis = (found.why if found.kink else
+                             lead + ", or one formula whose terms cancel, leaving each side's float64 result "
+                             "rounding noise; " + found.why)
         return
     _decide(verdict, path, t64, j64, found.ref, lead + "; " + found.why, dtype=dtype)
 

@@ -194,9 +194,32 @@ class Square(ShapeSpec):
 
 @dataclasses.dataclass(frozen=True)
 class Fixed(ShapeSpec):
-    """Exactly these shapes (a palette of one, or several to choose from)."""
+    """Exactly these shapes (a palette of one, or several to choose from).
+
+    `choices` is a tuple of choices, each a tuple of one shape per array argument: one
+    argument of shape (4, 4) is `Fixed((((4, 4),),))`; two arguments, (3,) and (3, 2), as
+    one choice are `Fixed((((3,), (3, 2)),))`.
+
+    Raises ValueError: no choice, a choice that is not a tuple of shapes, or choices with
+    different numbers of shapes (the message shows the form to write)."""
 
     choices: tuple[tuple[Shape, ...], ...] = ((),)
+
+    def __post_init__(self) -> None:
+        hint = "e.g. Fixed((((4, 4),),)) for one argument of shape (4, 4)"
+        choices = self.choices
+        if not isinstance(choices, (tuple, list)) or not choices or not all(isinstance(c, (tuple, list)) for c in choices):
+            raise ValueError(f"Fixed({choices!r}): give a tuple of choices, each a tuple of one shape per array "
+                             f"argument ({hint})")
+        n = len(choices[0])
+        out = []
+        for c in choices:
+            try:
+                out.append(valid_shapes(c, n))
+            except ShapeRuleError:
+                raise ValueError(f"Fixed({choices!r}): the choice {c!r} is not a tuple of {n} shape(s) like the "
+                                 f"first; each choice is a tuple of one shape per array argument ({hint})") from None
+        object.__setattr__(self, "choices", tuple(out))
 
     @property
     def n(self) -> int:  # type: ignore[override]

@@ -90,7 +90,7 @@ def prepare(pair: Any, dtype: str, run: RunSettings) -> None:
 
 
 def _run_check(pair: Any, check: str, dtype: str, run: RunSettings, base: Tolerance, expected: bool,
-               ill: list[int]) -> tuple[list[Outcome], _Failed | None]:
+               ill: list[int], explicit: list[Example]) -> tuple[list[Outcome], _Failed | None]:
 
     seen: list[Outcome] = []
     search = Search(run, _Failed, smaller=lambda new, best: new.example.steps < best.example.steps)
@@ -108,7 +108,7 @@ def _run_check(pair: Any, check: str, dtype: str, run: RunSettings, base: Tolera
 
     failed = search(test, _strategy(pair, check, dtype, run), digest=f"optim:{pair.name}:{check}:{dtype}",
                     seed=run.item_seed(pair.name, check, dtype, run.device), shrink=not expected,
-                    explicit=witnesses(pair, check, dtype))
+                    explicit=explicit)
     return seen, failed
 
 
@@ -128,13 +128,14 @@ def run_optimizer_pair(pair: Any, *, dtype: str, run: RunSettings,
         cid = f"{pair.name}::{check}::{dtype}::{run.device}"
         hit = known(cid)
         ill: list[int] = []
-        seen, failed = _run_check(pair, check, dtype, run, base, hit is not None, ill)
+        given = witnesses(pair, check, dtype)
+        seen, failed = _run_check(pair, check, dtype, run, base, hit is not None, ill, given)
         growth = "" if check == "step" else f"; x n after n steps ({GROWTH} accumulation, equivcheck.optim.runner)"
         rec = CheckRecord(pair.name, check, dtype, run.device, run.precision, "passed",
                           examples=len(seen) + len(ill) + bool(failed), ill_conditioned=len(ill),
                           tolerance={"rtol": base.rtol, "atol": base.atol, "reason": base.reason + growth},
                           tags=sorted(pair.tags), nodeid=nodeid, replay=replay,
-                          witnessed=len(witnesses(pair, check, dtype)))
+                          witnessed=len(given))
         rec.worst_ratio = max((o.model_ratio for o in seen), default=0.0)
         rec.notes = _margins(seen) if check != "step" else []
         if ill:
