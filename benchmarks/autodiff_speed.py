@@ -16,7 +16,7 @@ programs, and the number of distinct XLA compilations; then where an example's t
 
 Figures, not assertions: these machines are shared and noisy.
 
-    python benchmarks/autodiff_speed.py --no-target           # without Hypothesis's target phase
+    python benchmarks/autodiff_speed.py --target on           # with Hypothesis's target phase
 """
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ class Clock:
         return timed
 
 
+TARGET = {None: None, "on": True, "off": False}
+
+
 def main(argv: list[str] | None = None) -> int:
     from equivcheck.backends import jax_side, torch_side
     from equivcheck.engine.records import RunSettings
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="float32,float64")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-k", default="", help="only pairs whose name contains this")
-    ap.add_argument("--no-target", action="store_true", help="leave out Hypothesis's target phase")
+    ap.add_argument("--target", choices=("on", "off"), default=None,
+                    help="Hypothesis's target phase (default: the profile's choice, off but for nightly)")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--jax-cache", help="JAX persistent compilation cache directory (as the plugin keeps one): "
                                         "run twice to see a warm cache")
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from suites.test_autodiff import PAIRS
 
     pairs = [p for p in PAIRS if args.k in p.name]
-    run = RunSettings(examples=args.examples, seed=args.seed, palette=args.shapes, target=not args.no_target)
+    run = RunSettings(examples=args.examples, seed=args.seed, palette=args.shapes, target=TARGET[args.target])
     rows, failures = [], []
     clock = Clock()
     watched = [(torch_side(), "run", "torch"), (jb, "run", "jax"), (runner, "judge", "judge"),

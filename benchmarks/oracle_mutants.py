@@ -32,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TARGETS = "targets: detection 100% at >= x10 and for nonfinite; blame >= 95%; inside-bound mutants pass; 0 false alarms"
 
 
+TARGET = {None: None, "on": True, "off": False}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default="12", help="'all', a count spread over the suite, or comma-separated names")
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", type=int, default=10, help="examples per mutant run")
     ap.add_argument("--clean-examples", type=int, default=100, help="examples per unmutated pair (false alarms)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-target", action="store_true", help="leave out Hypothesis's target phase (issue 19: what it buys)")
+    ap.add_argument("--target", choices=("on", "off"), default=None,
+                    help="Hypothesis's target phase (default: the profile's choice, off but for nightly)")
     ap.add_argument("--json", default=None, help="also write every mutant's result here")
     args = ap.parse_args(argv)
 
@@ -67,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     clean = collections.Counter()
     start = time.perf_counter()
     for i, pair in enumerate(chosen):
-        run = RunSettings(examples=args.clean_examples, seed=args.seed, target=not args.no_target)
+        run = RunSettings(examples=args.clean_examples, seed=args.seed, target=TARGET[args.target])
         recs = run_pair(pair, dtype=args.dtype, run=run, known=known.match_check)
         false = [r.id for r in recs if r.outcome == "failed"]
         clean.update(runs=1, checks=len(recs), false_alarms=len(false))
         results += [{"pair": pair.name, "mutant": None, "false_alarm": f} for f in false]
-        run = RunSettings(examples=args.examples, seed=args.seed, target=not args.no_target)
+        run = RunSettings(examples=args.examples, seed=args.seed, target=TARGET[args.target])
         for m in mutants(pair, args.dtype):
             if m.family == "permuted" and _scalar_output(pair, args.dtype):
                 continue  # rolling one element changes nothing: no mutant at all
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i + 1}/{len(chosen)}] {pair.name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
     print(f"equivcheck oracle mutants: {len(chosen)} pairs at {args.dtype}, {args.examples} examples per mutant, "
-          f"seed {args.seed}, target phase {'off' if args.no_target else 'on'}; "
+          f"seed {args.seed}, target phase {args.target or 'as the profile'}; "
           f"left out (known divergence at {args.dtype}): {', '.join(known_hit) or 'none'}")
     print(f"{'family':<10} {'mutant':<14} {'expect':<6} {'n':>5} {'detected/passed':>16} {'right side':>11} crashed")
     for (family, name, expect), row in sorted(rows.items(), key=lambda kv: (kv[0][0], _size(kv[0][1]), kv[0][1])):
