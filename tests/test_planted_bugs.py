@@ -68,10 +68,12 @@ def test_planted_bug_is_caught_and_blamed_on_jax(good, bad, check, leaf):
 @pytest.mark.parametrize("good, bad, check, leaf", PLANTED, ids=[good.name for good, *_ in PLANTED])
 def test_correct_counterpart_passes_200_examples(good, bad, check, leaf):
     """The correct pair passes; a check the suites list as a known divergence (std_ddof1's HVP at
-    two close values) may show it, but never the check the planted bug is about."""
+    two close values) may show it or not (this pair has no witness: xpass), but never the check
+    the planted bug is about."""
     known = KnownDivergences.load(["suites/known_divergences.txt"])
     records = run_pair(good, dtype="float32", run=RunSettings(examples=200, seed=SEED), known=known.match_check)
-    ok = [r.outcome == "passed" or (r.outcome == "known-divergence" and r.check != check) for r in records]
+    ok = [r.outcome == "passed" or (r.outcome in ("known-divergence", "xpass") and r.check != check)
+          for r in records]
     assert all(ok), [r.failure_text() for r in records]
     assert all(r.examples >= 200 for r in records if r.outcome == "passed")
 
