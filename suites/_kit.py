@@ -18,13 +18,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from equivcheck import Custom, Floats, Inputs, Pair, Static
+from equivcheck import Custom, Floats, Inputs, Pair, Static, Tolerance
+from equivcheck.engine.tolerance import BASE
 
 LAYER_CHECKS = ("forward", "vjp")
 # Weights and inputs of moderate size: outputs stay well-conditioned, gradients O(1).
 X = Floats(-3, 3)
 W = Floats(-1, 1)
 POSITIVE = Floats(0.5, 2.0, tiny=False)
+
+# jax.nn.dot_product_attention (used by nnx.MultiHeadAttention) computes the softmax in float32
+# even for float64 inputs ("Softmax is always computed in float32", jax/_src/nn/functions.py).
+# Measured without this override (30 examples, seeds 1-2): float64 errors up to 1.1e-7 in the
+# forward and 2.3e-7 in gradients, 1.1x the float64 bound, finite differences blaming jax; under
+# the float32-level bound the worst is 0.005x.
+ATTENTION_F64 = {"float64": Tolerance(BASE["float32"].rtol, BASE["float32"].atol,
+                                      "jax.nn.dot_product_attention runs its softmax in float32 for float64 inputs; "
+                                      "measured up to 2.3e-7 (1.1x the float64 bound)")}
 
 
 def cfg(**kw: Any) -> tuple[tuple[str, Any], ...]:

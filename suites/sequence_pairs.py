@@ -8,20 +8,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from equivcheck import Mask, Tolerance
-from equivcheck.engine.tolerance import BASE
+from equivcheck import Mask
 from equivcheck.layers import flax_bridge as fb
 from equivcheck.references import layers as R
-from suites._kit import W, X, call, ints, layer, module, pick
-
-# jax.nn.dot_product_attention (used by nnx.MultiHeadAttention) computes the softmax in float32
-# even for float64 inputs ("Softmax is always computed in float32", jax/_src/nn/functions.py).
-# Measured without this override (30 examples, seeds 1-2): float64 errors up to 1.1e-7 in the
-# forward and 2.3e-7 in gradients, 1.1x the float64 bound, finite differences blaming jax; under
-# the float32-level bound the worst is 0.005x.
-ATTENTION_F64 = {"float64": Tolerance(BASE["float32"].rtol, BASE["float32"].atol,
-                                      "jax.nn.dot_product_attention runs its softmax in float32 for float64 inputs; "
-                                      "measured up to 2.3e-7 (1.1x the float64 bound)")}
+from suites._kit import ATTENTION_F64, W, X, call, ints, layer, module, pick
 
 
 def _kpm(mask):

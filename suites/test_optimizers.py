@@ -16,9 +16,25 @@ import pytest
 
 from equivcheck.optim import Schedule, optimizer_pair
 from equivcheck.optim.naive import NAIVE_PORTS
+from equivcheck.optim.trajectory import Example
 
 S = Schedule
 TRAJECTORY = ("quadratic", "schedule")  # a schedule row: its lr sequence and an SGD trajectory under it
+
+# nadam_optax::mlp::float64's witness (seed 1's shrunk example, issue 19's draws): a trajectory that
+# amplifies torch's float32 mu_product roundings (~3e-9 per step) to 1.9e-5 by step 80.
+NADAM_F64 = Example("mlp", {
+    "b1": [-0.420768645, 0.609293203, 0.011177118, 0.0], "b2": [0.0],
+    "w1": [[-7.471457590e-06, 7.410253870e-04, -3.184215501e-01, -4.199047016e-01],
+           [-2.033726276e-01, -4.115901853e-06, -6.843405088e-04, -4.456725703e-02],
+           [4.932941804e-04, 8.119694034e-01, 3.781868006e-01, -6.657831925e-01]],
+    "w2": [[5.638087375e-01], [3.240281345e-01], [-6.103515625e-05], [0.0]]}, {
+    "x": [[[2.381592146e-04, 2.526807486e-01, 1.0e-06], [-1.792987738e-05, 5.505376993e-01, 0.0],
+           [-9.819723233e-03, 3.300376343e-04, -1.877006792e-05], [2.421066157e-05, -1.716801783e+00, 4.110236816e-03],
+           [6.833304304e-06, 4.263320481e-04, 5.698737089e-01], [6.377558839e-02, -7.651290245e-01, 8.838652038e-01],
+           [-8.421066133e-01, -2.801694649e-02, -1.623305137e-02], [5.371496279e-05, -2.359920521e-01, 1.899571351e+00]]],
+    "y": [[[0.0], [0.614059948], [-0.99999], [0.424952108], [0.0], [-0.333333333], [0.0], [0.244351524]]]},
+    steps=89, split=3)
 
 OPTIMIZERS = [
     optimizer_pair("sgd", "SGD", lr=0.05),
@@ -29,7 +45,8 @@ OPTIMIZERS = [
     optimizer_pair("adam_amsgrad", "Adam", lr=1e-2, betas=(0.8, 0.99), amsgrad=True),
     optimizer_pair("adamw", "AdamW", lr=1e-2),  # torch's default weight_decay 1e-2, passed to optax explicitly
     optimizer_pair("nadam", "NAdam", lr=1e-2),
-    optimizer_pair("nadam_optax", "NAdam", lr=1e-2, momentum_decay=float("inf")),  # exactly optax.nadam
+    optimizer_pair("nadam_optax", "NAdam", lr=1e-2,  # exactly optax.nadam
+                   momentum_decay=float("inf")).replace(witnesses=(NADAM_F64,)),
     optimizer_pair("nadamw", "NAdam", lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
     optimizer_pair("radam", "RAdam", lr=1e-2),
     optimizer_pair("rmsprop", "RMSprop", lr=1e-2),

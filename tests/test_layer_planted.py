@@ -160,3 +160,18 @@ def test_every_layer_and_loss_pair_blames_a_perturbed_jax_side(pair):
     rec = run_pair(bad, dtype="float64", run=RunSettings(examples=5, seed=SEED, palette=1, shrink_seconds=2))[0]
     assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
     assert "jax is off" in rec.diagnosis, rec.diagnosis
+
+
+def test_attention_in_float64_is_judged_at_the_float32_softmax_it_runs():
+    """jax.nn.dot_product_attention runs its softmax in float32 for float64 inputs; every pair
+    built on it carries that bound (suites._kit.ATTENTION_F64). Seed 1's shrunk input: query 0,
+    key = value = 1, nothing masked; the exact query gradient is 0, JAX gives -2.03e-7."""
+    from suites import trap_pairs
+
+    guarded, = [p for p in trap_pairs.PAIRS if p.name == "nn.sdpa_masked_rows_guarded"]
+    shape = (2, 1, 3, 3)
+    given = (jnp.zeros(shape).tolist(), jnp.ones(shape).tolist(), jnp.ones(shape).tolist(), [[[[True] * 3] * 3]] * 2)
+    records = run_pair(guarded.replace(witnesses=(given,)), dtype="float64", run=RunSettings(examples=1, seed=1))
+    assert {r.check: r.outcome for r in records} == {"forward": "passed", "vjp": "passed"}, \
+        [r.failure_text() for r in records]
+    assert all(r.witnessed == 1 for r in records)

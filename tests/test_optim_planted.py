@@ -306,3 +306,16 @@ def test_weight_decay_on_the_other_param_group_is_named(check):
     if check == "mlp":  # its leaves are named: w1, w2 matrices; b1, b2 vectors
         assert "weight_decay=0.1 on ['w1', 'w2']" in rec.diagnosis, rec.diagnosis
         assert "w1, w2 as if weight_decay=0; b1, b2 as if weight_decay=0.1" in rec.diagnosis, rec.diagnosis
+
+
+def test_torchs_float32_scalar_state_in_a_float64_run_is_blamed_on_torch():
+    """torch NAdam keeps mu_product in float32 for float64 parameters; optax.nadam does not. On
+    seed 1's shrunk trajectory the roundings grow to 1.9e-5 by step 80: the diagnosis reruns
+    torch with float64 scalars and names torch."""
+    from suites.test_optimizers import NADAM_F64
+
+    once = RunSettings(examples=1, seed=SEED, shrink_seconds=5)
+    pair = optimizer_pair("nadam_optax", "NAdam", lr=1e-2, momentum_decay=float("inf"), checks=("mlp",))
+    rec = run(pair.replace(witnesses=(NADAM_F64,)), "float64", once)["mlp"]
+    assert rec.outcome == "failed" and rec.side == "torch", rec.failure_text()
+    assert "torch.set_default_dtype(torch.float64) the sides agree" in rec.diagnosis, rec.diagnosis

@@ -58,6 +58,11 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
     if elsewhere:
         return "jax", elsewhere
     if dtype == "float64" and worst is not None and 0 < worst.max_rel <= FLOAT32_LEVEL * out.step:
+        if _agrees_with_float64_scalars(pair, ex, dtype, run, base):
+            return "torch", ("the gap is at float32's level, and with torch.set_default_dtype(torch.float64) the sides "
+                             "agree: torch keeps part of the optimizer's scalar state in its default dtype (float32) "
+                             "for float64 parameters (e.g. NAdam's mu_product, a capturable step), so its float64 "
+                             "step carries float32 roundings that the trajectory amplified")
         return None, (f"the gap is at float32's level (max relative error {worst.max_rel:.2g} after {out.step} "
                       "steps): one side likely computes part of the step in float32 in this float64 run (an "
                       "accumulator, a schedule at an int32 count, a constant)")
@@ -81,6 +86,22 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
             return None, MEANING["bias"]
     return None, ("the formulas differ; no single change (weight_decay, eps, nesterov, momentum, beta1 set to 0, "
                   "or a start at step 10**6) makes the sides agree")
+
+
+def _agrees_with_float64_scalars(pair: Any, ex: Example, dtype: str, run: Any, base: Tolerance) -> bool:
+    """torch creates an optimizer's scalar state (step, NAdam's mu_product) in its default dtype,
+    not the parameters' (torch.optim.optimizer._get_scalar_dtype): rerun with that default at
+    float64."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return evaluate(pair, ex, dtype, run, base).ok
+    except Exception:  # noqa: BLE001 (a rerun that raises says nothing about the scalar dtype)
+        return False
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _schedule_state(out: Outcome, base: Tolerance) -> str:
