@@ -1,0 +1,137 @@
+"""Localisation of model-migration slips in ports written without a single `tap(...)` call.
+
+Users port a torch model as a plain JAX function over the parameter dict equivcheck converts
+(`apply(params, *inputs, train=False)`), and they do not tap its layers. This benchmark asks how
+far equivcheck's model checks get on such ports. Four tiny torch models (an MLP, a CNN with
+BatchNorm, a transformer encoder block with a key padding mask, a GRU classifier;
+benchmarks/_untapped_models.py) each have a correct port and copies of it with one planted
+migration slip (an untransposed square kernel, a LayerNorm/BatchNorm eps, gelu's tanh
+approximation, attention scale/softmax axis/mask polarity, SAME padding on a stride-2 conv,
+an NHWC flatten, GRU gate order and reset-gate placement, ...), each recorded with the torch
+module it lives in (a name from `model.named_modules()`). Every case runs its checks
+(`forward`, and `grad` for some) through `ModelPair.run_checks` and the table prints:
+
+  outcome       passed / failed (or error: the benchmark could not run the case)
+  localised-as  the row of the record's layer table marked first (else the layer the diagnosis
+                names as "first diverging layer: NAME"), "-" when none is named
+  correct?      planted: failed and localised to the expected module; correct port: passed
+
+Totals: planted checks detected (failed) and localised to the expected module, and correct
+ports' checks flagged (a failure there is a false alarm). Exit status 0 whatever the numbers:
+this is a measurement. A case that raises prints its error and the run goes on.
+
+    python benchmarks/untapped_localisation.py                      # every case (minutes)
+    python benchmarks/untapped_localisation.py --cases 'mlp/*'      # fnmatch on model/case
+    python benchmarks/untapped_localisation.py --cases '*/correct' --checks forward,grad
+    python benchmarks/untapped_localisation.py --examples 10 --seed 1 --json untapped.json
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FIRST = re.compile(r"first diverging layer: ([^\s(]+)")
+
+
+def localised_as(rec: Any) -> str:
+    """The module the record localises the failure to ("" for none)."""
+    rows = (rec.extra or {}).get("layers", []) or []
+    first = [r for r in rows if isinstance(r, dict) and r.get("first")]
+    if first:
+        return str(first[0].get("layer", ""))
+    m = FIRST.search(rec.diagnosis or "")
+    return m.group(1) if m else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="*", help="fnmatch pattern(s) on 'model/case', comma-separated "
+                                                  "(e.g. 'mlp/*', '*/correct', 'gru/gru_*')")
+    ap.add_argument("--examples", type=int, default=3, help="examples per check")
+    ap.add_argument("--seed", type=int, default=20261126)
+    ap.add_argument("--shrink-seconds", type=float, default=5.0)
+    ap.add_argument("--checks", default=None,
+                    help="comma-separated checks for every case (default: forward, plus grad for the correct "
+                         "ports and a few slips)")
+    ap.add_argument("--json", default=None, help="also write every case's result here")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = ap.parse_args(argv)
+
+    from _untapped_models import cases
+
+    from equivcheck.engine import RunSettings
+
+    patterns = [p.strip() for p in args.cases.split(",") if p.strip()]
+    chosen = [c for c in cases() if any(fnmatch.fnmatchcase(c.id, p) for p in patterns)]
+    if args.list:
+        for c in cases():
+            print(f"{c.model:<8} {c.name:<22} {c.expected or '-':<8} {c.dtype:<8} {','.join(c.checks):<13} {c.what}")
+        return 0
+    if not chosen:
+        print(f"no case matches {args.cases!r} (--list shows them)")
+        return 0
+    run = RunSettings(examples=args.examples, seed=args.seed, shrink_seconds=args.shrink_seconds)
+    only = tuple(c.strip() for c in args.checks.split(",")) if args.checks else None
+
+    rows, results = [], []
+    start = time.perf_counter()
+    for i, case in enumerate(chosen):
+        for check in only or case.checks:
+            t0 = time.perf_counter()
+            row = {"model": case.model, "case": case.name, "check": check, "dtype": case.dtype,
+                   "expected": case.expected, "planted": bool(case.expected)}
+            try:
+                (rec,) = case.pair.replace(checks=(check,)).run_checks(dtype=case.dtype, run=run)
+                row.update(outcome=rec.outcome, side=rec.side, localised=localised_as(rec),
+                           diagnosis=rec.diagnosis or "", message=(rec.message or "").split("\n")[0],
+                           layers=len((rec.extra or {}).get("layers", []) or []))
+            except Exception as exc:  # noqa: BLE001 - a crash is a finding of this benchmark, not the end of it
+                row.update(outcome="error", side=None, localised="", diagnosis="",
+                           message=f"{type(exc).__name__}: {exc}")
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            if row["planted"]:
+                row["right"] = row["outcome"] == "failed" and row["localised"] == case.expected
+            else:
+                row["right"] = row["outcome"] == "passed"
+            rows.append(row)
+            results.append(row)
+        print(f"[{i + 1}/{len(chosen)}] {case.id} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+    print(f"equivcheck untapped localisation: {len(chosen)} cases, {len(rows)} checks, {args.examples} examples each, "
+          f"seed {args.seed}")
+    head = f"{'model':<8} {'case':<22} {'check':<7} {'dtype':<7} {'expected':<8} {'outcome':<7} {'localised-as':<12} correct?"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<8} {r['case']:<22} {r['check']:<7} {r['dtype']:<7} {r['expected'] or '-':<8} "
+              f"{r['outcome']:<7} {r['localised'] or '-':<12} {'yes' if r['right'] else 'NO'}")
+    for r in rows:
+        if r["outcome"] == "error" or (not r["planted"] and r["outcome"] != "passed"):
+            print(f"  {r['model']}/{r['case']} {r['check']}: {r['message'][:300]}"
+                  + (f"\n    diagnosis: {r['diagnosis'][:300]}" if r["diagnosis"] else ""))
+    planted = [r for r in rows if r["planted"]]
+    correct = [r for r in rows if not r["planted"]]
+    n = len(planted)
+    detected = sum(r["outcome"] == "failed" for r in planted)
+    localised = sum(r["right"] for r in planted)
+    print(f"detected        {detected}/{n} planted checks" + (f" ({100 * detected / n:.0f}%)" if n else ""))
+    print(f"localised       {localised}/{n} planted checks" + (f" ({100 * localised / n:.0f}%)" if n else ""))
+    print(f"correct flagged {sum(r['outcome'] != 'passed' for r in correct)}/{len(correct)} checks of correct ports")
+    print(f"errors          {sum(r['outcome'] == 'error' for r in rows)}/{len(rows)} checks")
+    print(f"{time.perf_counter() - start:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
