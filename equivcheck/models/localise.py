@@ -79,12 +79,13 @@ def _close(a: Any, b: Any, tol: Tolerance) -> bool:
 
 
 def hint(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], t_out: Any, j_out: np.ndarray,
-         tol: Tolerance) -> str:
-    """Which known slip reproduces the port's output of this torch module, if any."""
+         tol: Tolerance, same: Any = None) -> str:
+    """Which known slip reproduces the port's output of this torch module, if any; `same(y)`
+    says whether the port computes y (default: y is `j_out` within `tol`)."""
     from equivcheck.backends.torch import to_numpy
 
     t = to_numpy(t_out)
-    found = _slip(module, args, kwargs, t, j_out, tol)
+    found = _slip(module, args, kwargs, t, j_out, tol, same)
     if found or np.shape(t) == np.shape(j_out):
         return found
     turned = np.shape(j_out) == np.shape(t)[::-1]
@@ -94,14 +95,14 @@ def hint(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], t_out: A
 
 
 def _slip(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], t: np.ndarray, j_out: np.ndarray,
-          tol: Tolerance) -> str:
+          tol: Tolerance, same: Any = None) -> str:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
 
     from equivcheck.backends.torch import to_numpy
 
-    same = lambda y: _close(to_numpy(y), j_out, tol)  # noqa: E731
+    same = same or (lambda y: _close(to_numpy(y), j_out, tol))
     x = args[0] if args else None
     with torch.no_grad():
         if isinstance(module, nn.GELU) and module.approximate == "none" and same(F.gelu(x, approximate="tanh")):
@@ -229,9 +230,25 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
             h.remove()
     t_stats = mm.to_jax(ents, torch_state(model))[1]
     j_model, taps, exc, j_stats = jax_capture(pair, params, stats, inputs, masks, train, dtype, device)
+    bn_of = {e.module: e for e in ents if e.kind == "batch_norm"}
+
+    def stats_row(name: str, module: Any) -> tuple[Row | None, str]:
+        if not (train and name in bn_of and j_stats is not None):
+            return None, ""
+        path = bn_of[name].path
+        tsub, jsub = mm.get(t_stats, path), mm.get(j_stats, path, "port's statistics")
+        v = compare(dict(tsub), dict(jsub), tol)
+        w = v.worst
+        row = Row(f"{name} (running stats)", type(module).__name__, w.max_abs if w else 0.0, w.max_rel if w else 0.0,
+                  v.ratio, v.ok)
+        return row, "" if v.ok else _stats_hint(mm.get(stats, path), tsub, jsub, module.momentum or 0.1, tol)
+
+    if not taps and exc is None:
+        traced = _untapped(pair, params, stats, inputs, masks, train, dtype, device, seen, tol, stats_row)
+        if traced is not None:
+            return _untapped_result(traced, t_model, j_model, tol)
     rows: list[Row] = []
     first_hint, untapped = "", []
-    bn_of = {e.module: e for e in ents if e.kind == "batch_norm"}
     for name, module, args, kwargs, out in seen:
         key = pair.layer_names.get(name, name)
         t = _first_tensor(out)
@@ -250,16 +267,11 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
         rows.append(row)
         if not row.ok and not first_hint:
             first_hint = hint(module, args, kwargs, t, jn, tol) or "-"
-        if train and name in bn_of and j_stats is not None:
-            path = bn_of[name].path
-            tsub, jsub = mm.get(t_stats, path), mm.get(j_stats, path, "port's statistics")
-            v = compare(dict(tsub), dict(jsub), tol)
-            w = v.worst
-            srow = Row(f"{name} (running stats)", type(module).__name__, w.max_abs if w else 0.0,
-                       w.max_rel if w else 0.0, v.ratio, v.ok)
+        srow, shint = stats_row(name, module)
+        if srow is not None:
             rows.append(srow)
-            if not v.ok and not first_hint:
-                first_hint = _stats_hint(mm.get(stats, path), tsub, jsub, module.momentum or 0.1, tol) or "-"
+            if not srow.ok and not first_hint:
+                first_hint = shint or "-"
     first = next((r for r in rows if not r.ok), None)
     if first is not None:
         first.first = True
@@ -295,6 +307,41 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
     if missing and first is None:
         parts.append(f"layers without a tap: {', '.join(missing[:8])}")
     return Localisation(rows, first, hint_text, "; ".join(parts), where, output_off)
+
+
+def _untapped(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks: Mapping[str, Any], train: bool,
+              dtype: str, device: str, seen: Any, tol: Tolerance, stats_row: Any) -> Any:
+    """equivcheck.models.untapped's rows for a port without taps; None when the port cannot be
+    traced (a Python side effect, a value-dependent branch): the taps' text then says so."""
+    from equivcheck.models import untapped
+    from equivcheck.models.trace import port_values
+
+    try:
+        values = port_values(pair, params, stats, inputs, masks, train, dtype, device)
+    except Exception:  # noqa: BLE001 (an untraceable port keeps the taps' localisation)
+        return None
+    return untapped.locate(seen, values, tol, stats_row)
+
+
+def _untapped_result(traced: Any, t_model: Any, j_model: Any, tol: Tolerance) -> Localisation:
+    rows, first, hint_text, where, text = traced
+    output_off = False
+    if first is None:
+        out = compare(t_model, j_model, tol)
+        output_off = not out.ok
+        w = out.worst
+        by = (f"max abs err {w.max_abs:.3g}, {out.ratio:.3g} x the tolerance" if out.kind == "values" and w
+              else out.message.split("\n")[0])
+        last = rows[-1].layer if rows else ""
+        if output_off:
+            where = f"after layer {last}" if last else ""
+            text = (f"every torch module's output is among the values the port computes ({len(rows)} rows), but the "
+                    f"model's output is not ({by}): the divergence lies after the last module {last!r}, in the "
+                    "forward method's code after it or the port's head")
+        else:
+            text = (f"every torch module's output is among the values the port computes ({len(rows)} rows), and "
+                    "the model's output is within tolerance")
+    return Localisation(rows, first, hint_text, text, where, output_off)
 
 
 def _after_last(rows: Sequence[Row], out: Any) -> tuple[str, str]:
