@@ -16,6 +16,9 @@ first tap (an input scaling) shows at the first tapped layer, and untapped code 
 (a final scale, activation or head) shows at no layer at all. So "every tapped layer is within
 tolerance" is said only with the model's output compared too: when the output differs, the
 divergence lies after the last tapped layer, and the text names it.
+
+A port with no taps at all is traced instead (equivcheck.models.trace, .untapped): every torch
+module's output is looked up among all the values the port computes.
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,11 +76,17 @@ def evaluate(fn: Callable[..., Any], *args: Any) -> list[tuple[str, Any]]:
                 outs = list(outs) if eqn.primitive.multiple_results else [outs]
             for v, val in zip(eqn.outvars, outs):
                 env[v] = val
-                values.append((f"{eqn.primitive.name} at {summarize(eqn.source_info)}", val))
+                values.append((f"{eqn.primitive.name} at {_where(summarize(eqn.source_info))}", val))
         return [read(v) for v in jaxpr.outvars]
 
     run(closed.jaxpr, closed.consts, jax.tree.leaves(args))
     return values
+
+
+def _where(summary: str) -> str:
+    """"port.py:12 (apply)" from jax's "/path/to/port.py:12:4 (outer.<locals>.apply)"."""
+    m = re.fullmatch(r"(.*):(\d+):\d+ \((.*)\)", summary)
+    return f"{os.path.basename(m[1])}:{m[2]} ({m[3].rsplit('.', 1)[-1]})" if m else summary
 
 
 @dataclasses.dataclass

@@ -1,0 +1,158 @@
+"""Localisation of ports that have no taps (issue 12 section 1): the port's jaxpr evaluated
+value by value (equivcheck.models.trace), each torch module's output looked up among those
+values (equivcheck.models.untapped)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from equivcheck import Custom, Floats, Inputs
+from equivcheck.engine.records import RunSettings
+from equivcheck.engine.tolerance import Tolerance
+from equivcheck.models import ModelPair, mse, zoo
+from equivcheck.models.trace import Matcher, evaluate
+from equivcheck.models.zoo import _dense, cnn_apply, cnn_pair, mlp_pair
+from equivcheck.optim import optimizer_pair
+
+RUN = RunSettings(examples=3, seed=20261126, shrink_seconds=5)
+TOL = Tolerance(1e-5, 1e-5, "test")
+
+
+def _first(rec):
+    return [r["layer"] for r in rec.extra.get("layers", []) if r["first"]]
+
+
+def test_the_trace_sees_inside_jit_and_custom_vjp_and_labels_each_value():
+    @jax.jit
+    def doubled_tanh(x):
+        return jnp.tanh(x) * 2
+
+    @jax.custom_vjp
+    def relu(x):
+        return jnp.maximum(x, 0)
+
+    relu.defvjp(lambda x: (relu(x), x), lambda x, g: (g * (x > 0),))
+
+    def port(p, x):
+        h = doubled_tanh(relu(x @ p["w"] + p["b"]))
+        return jax.lax.scan(lambda c, a: (c + a, c * a), jnp.zeros(3), h)[1].T
+
+    w, b, x = np.eye(3) * 0.5, np.arange(3.0), np.linspace(-1, 1, 6).reshape(2, 3)
+    values = evaluate(port, {"w": w, "b": b}, x)
+    match = Matcher(values, TOL)
+    h = np.maximum(x @ w + b, 0)
+    assert match.find(h).ok and match.find(np.tanh(h)).ok  # inside custom_vjp and jit
+    assert match.find(np.tanh(h) * 2).layout == ""
+    assert match.find((np.tanh(h) * 2).T).layout == "axes (1, 0)"
+    assert match.find(x).ok and values[0][0].startswith("the port's argument [0]")
+    assert "tanh at test_models_traced.py:31 (doubled_tanh)" in [label for label, _ in values], values
+
+
+def test_the_matcher_undoes_layouts_and_names_the_closest_computed_value():
+    nchw = np.arange(24.0).reshape(1, 2, 3, 4)
+    computed = [("the port's argument [0]", np.zeros(24)), ("conv at port.py:3", nchw.transpose(0, 2, 3, 1) + 1.0),
+                ("reshape at port.py:4", nchw.reshape(1, 2, 12))]
+    match = Matcher(computed, TOL)
+    assert match.find(nchw).ok and match.find(nchw).layout == "reshaped"
+    off = match.find(nchw + 0.5)
+    assert not off.ok and off.ratio > 1
+    missing = Matcher(computed[:2], TOL).find(nchw)
+    assert not missing.ok and missing.layout == "conv at port.py:3, axes (0, 3, 1, 2)"
+    assert missing.max_abs == pytest.approx(1.0)
+
+
+def _relu_mlp(params, x, train=False, transposed=False, scale=1.0):
+    kernel = params["fc1"]["kernel"].T if transposed else params["fc1"]["kernel"]
+    h = jax.nn.relu(x @ kernel + params["fc1"]["bias"])
+    return _dense(params["fc2"], h) * scale
+
+
+@pytest.mark.parametrize("check", ["forward", "grad"])
+def test_an_untransposed_kernel_is_localised_and_explained_without_taps(check):
+    port = lambda p, x, train=False: _relu_mlp(p, x, train, transposed=True)  # noqa: E731
+    (rec,) = mlp_pair("traced_fc1", port, checks=(check,)).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert _first(rec) == ["fc1"], rec.extra["layers"]
+    assert "the port differs from torch at layer fc1" in rec.diagnosis, rec.diagnosis
+    assert "its inputs are among the port's values, its output is not" in rec.diagnosis, rec.diagnosis
+    assert "located without taps" in rec.diagnosis and "untransposed" in rec.diagnosis, rec.diagnosis
+
+
+def test_untapped_code_after_the_last_module_is_named_there():
+    port = lambda p, x, train=False: _relu_mlp(p, x, train, scale=1.001)  # noqa: E731
+    (rec,) = mlp_pair("traced_head", port, checks=("forward",)).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and _first(rec) == [], rec.extra["layers"]
+    assert "every torch module's output is among the values the port computes" in rec.diagnosis, rec.diagnosis
+    assert "the divergence lies after the last module 'fc2'" in rec.diagnosis, rec.diagnosis
+
+
+def test_a_correct_untapped_port_passes_with_every_row_matched():
+    (rec,) = mlp_pair("traced_ok", _relu_mlp, checks=("forward",)).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "passed", rec.failure_text()
+    assert rec.extra["layers"] and all(r["ok"] for r in rec.extra["layers"]), rec.extra["layers"]
+
+
+class _Residual(torch.nn.Module):
+    """The residual sum lives in forward(), in no module: a port that drops it diverges between
+    fc and norm, and norm's input is nowhere in the port."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm, self.head = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.norm(x + self.fc(x)))
+
+
+def _no_residual(params, x, train=False):
+    h = _dense(params["fc"], x)
+    mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    h = (h - mu) / jnp.sqrt(var + 1e-5) * params["norm"]["scale"] + params["norm"]["bias"]
+    return _dense(params["head"], h)
+
+
+def test_a_slip_in_forward_code_outside_any_module_is_at_or_before_the_next_module():
+    inputs = Inputs(Custom(lambda rng: ((4, 4), (4, 1)), ((4, 4), (4, 1))), (Floats(-1, 1), Floats(-1, 1)))
+    pair = ModelPair("traced_residual", _Residual, _no_residual, inputs, loss=mse(),
+                     optimizer=optimizer_pair("traced_residual.sgd", "SGD", lr=0.1), checks=("forward",))
+    (rec,) = pair.run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and _first(rec) == ["norm"], rec.extra["layers"]
+    assert "at or before norm (LayerNorm): neither its output nor its input is among" in rec.diagnosis
+    assert "after fc" in rec.diagnosis, rec.diagnosis
+
+
+@pytest.fixture
+def no_taps(monkeypatch):
+    """The zoo's ports with their taps removed: ports as users write them."""
+    monkeypatch.setattr(zoo, "tap", lambda name, value, to_torch=None: value)
+
+
+def test_batch_norm_statistics_are_compared_without_taps(no_taps):
+    """Flax's momentum convention (weight of the old statistic) given torch's value: every
+    module's output agrees in train mode, the running statistics do not."""
+    port = lambda p, x, train=False: cnn_apply(p, x, train, bn_momentum=0.1)  # noqa: E731
+    (rec,) = cnn_pair("traced_bn", port, checks=("modes",)).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and _first(rec) == ["bn1 (running stats)"], rec.extra["layers"]
+    assert "momentum" in rec.diagnosis, rec.diagnosis
+
+
+def test_an_nhwc_conv_padding_slip_is_localised_without_taps(no_taps):
+    """The port pads W by (0, 2) where torch pads (1, 1): same shapes, shifted windows."""
+    port = lambda p, x, train=False: cnn_apply(p, x, train, padding=((1, 1), (0, 2)))  # noqa: E731
+    (rec,) = cnn_pair("traced_pad", port, checks=("forward",)).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and _first(rec) == ["conv1"], rec.extra["layers"]
+    assert "first diverging layer: conv1 (Conv2d): its inputs are among the port's values" in rec.diagnosis
+
+
+def test_a_port_that_cannot_be_traced_keeps_the_taps_text():
+    def concrete(params, x, train=False):
+        if float(jnp.sum(x)) > 1e9:  # a Python branch on a value: make_jaxpr cannot trace it
+            return x
+        return _relu_mlp(params, x, train, scale=1.001)
+
+    (rec,) = mlp_pair("traced_concrete", concrete, checks=("forward",)).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed", rec.failure_text()
+    assert "the port taps no layer (models.tap) and the model's output differs" in rec.diagnosis, rec.diagnosis
