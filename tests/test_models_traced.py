@@ -156,3 +156,18 @@ def test_a_port_that_cannot_be_traced_keeps_the_taps_text():
     (rec,) = mlp_pair("traced_concrete", concrete, checks=("forward",)).run_checks(dtype="float32", run=RUN)
     assert rec.outcome == "failed", rec.failure_text()
     assert "the port taps no layer (models.tap) and the model's output differs" in rec.diagnosis, rec.diagnosis
+
+
+def test_a_loss_that_differs_on_the_same_output_is_named():
+    """torch's mean squared error against a port that sums: every layer and the output agree,
+    the loss and so every gradient do not; the loss is the cause, not the first parameter."""
+    import torch.nn.functional as F
+
+    from equivcheck.models import Loss
+
+    summed = Loss("mse", F.mse_loss, lambda out, y: ((out - y) ** 2).sum())
+    (rec,) = mlp_pair("traced_loss", _relu_mlp, checks=("grad",)).replace(loss=summed).run_checks(
+        dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert "the model's output agrees but the loss does not" in rec.diagnosis, rec.diagnosis
+    assert "the gradient of" not in rec.diagnosis, rec.diagnosis

@@ -5,8 +5,8 @@ on the port (side "jax") by construction, with no float64 arbitration (a slip in
 model shows as the port differing from it), and the text says so rather than claiming the
 port is wrong. The place is the first layer out of tolerance, or, when every tapped layer
 agrees but the model's output does not, the untapped code after the last tap. For `grad` with
-every tapped layer's output and the model's output in tolerance, the first parameter whose
-gradient differs is named. For `train`, the
+every compared layer's output and the model's output in tolerance, the first parameter whose
+gradient differs is named, or the loss when it alone differs on agreeing outputs. For `train`, the
 first step is localised in train mode (with the step's dropout masks and BatchNorm
 statistics); if every layer and every gradient agree there, the optimizer pair runs its own
 checks (equivcheck.optim.runner) and its diagnosis (eps placement, weight decay, a schedule
@@ -117,19 +117,23 @@ def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, d
     model = ms.build_torch(pair, ex.seed, dtype, run.device)
     state = ms.torch_state(model)
     params, stats = mm.to_jax(ents, state)
-    _, t_grads = ms.torch_grad(pair, model, x, y, train=train, seed=ex.seed, device=run.device)
+    t_vals, t_grads = ms.torch_grad(pair, model, x, y, train=train, seed=ex.seed, device=run.device)
     masks: dict[str, Any] = {}
     if train:  # the masks torch's first step draws
         ms.torch_forward(ms.build_torch(pair, ex.seed, dtype, run.device), x, train=True, seed=ex.seed,
                          device=run.device, masks=masks)
-    (_, _), j_g = ms.run_jax(pair, "grad_train" if train else "grad_eval", dtype, run.device, params, stats, x, y,
-                             masks)
+    (j_loss, (j_out, _)), j_g = ms.run_jax(pair, "grad_train" if train else "grad_eval", dtype, run.device, params,
+                                           stats, x, y, masks)
+    if compare(t_vals["out"], j_out, _forward_tol(base, "grad")).ok and not compare(t_vals["loss"], j_loss, base).ok:
+        return (f"the model's output agrees but the loss does not (torch {float(t_vals['loss']):.8g}, port "
+                f"{float(np.asarray(j_loss)):.8g}): the two loss functions ({pair.loss.name}) differ on the same "
+                "output (label_smoothing, class weights, ignore_index, the reduction: mean or sum)")
     j_grads = mm.grads_to_torch(ents, j_g, state)
     for name in t_grads:
         v = compare(t_grads[name], j_grads.get(name), base)
         if not v.ok:
             w = v.worst
-            return (f"every tapped layer's output and the model's output agree, but the gradient of {name!r} "
+            return (f"every compared layer's output and the model's output agree, but the gradient of {name!r} "
                     "differs first (in module order)"
                     + (f": max abs err {w.max_abs:.3g}" if w else f": {v.message}"))
     return ""

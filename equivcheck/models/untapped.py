@@ -68,8 +68,7 @@ def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
             healed.update(producer[id(a)] for a in ins if id(a) in producer and not found[producer[id(a)]].ok)
         producer.setdefault(id(t), name)
         note = ("" if f.ok and not f.layout else f.layout) if f.value is not None else "no port value of this size"
-        rows.append(Row(name, type(module).__name__, 0.0 if f.ok and f.ratio == 0 else f.max_abs,
-                        f.max_rel, f.ratio, f.ok, note=note))
+        rows.append(Row(name, type(module).__name__, f.max_abs, f.max_rel, f.ratio, f.ok, note=note))
         srow, shint = stats_row(name, module)
         if srow is not None:
             rows.append(srow)
