@@ -113,11 +113,11 @@ def float_fill(lo: float, hi: float, bands: list[tuple[float, float]], dtype: np
     moved to its neighbour in the dtype."""
     widths = np.array([b - a for a, b in bands], dtype=np.float64)
     weights = widths / widths.sum() if widths.sum() > 0 else np.full(len(bands), 1 / len(bands))
+    starts, ends = np.array([a for a, _ in bands]), np.array([b for _, b in bands])
 
     def fill(rng: np.random.Generator, n: int) -> np.ndarray:
         which = rng.choice(len(bands), size=n, p=weights)
-        lo_b = np.array([bands[i][0] for i in range(len(bands))])[which]
-        hi_b = np.array([bands[i][1] for i in range(len(bands))])[which]
+        lo_b, hi_b = starts[which], ends[which]
         x = rng.uniform(lo_b, hi_b)
         spread = rng.random(n) < 0.5
         x = np.where(spread, _log_spread(rng, lo_b, hi_b, x), x)
