@@ -171,3 +171,37 @@ def test_a_loss_that_differs_on_the_same_output_is_named():
     assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
     assert "the model's output agrees but the loss does not" in rec.diagnosis, rec.diagnosis
     assert "the gradient of" not in rec.diagnosis, rec.diagnosis
+
+
+class _TwoBranches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.a(x) + self.b(x))
+
+
+def _folded(params, x, train=False):
+    """Correct, but a and b folded into one matmul: their outputs exist nowhere in the port."""
+    w = params["a"]["kernel"] + params["b"]["kernel"]
+    return _dense(params["head"], x @ w + (params["a"]["bias"] + params["b"]["bias"]))
+
+
+def test_outputs_the_port_computes_in_another_form_are_not_blamed():
+    """With the model's output agreeing, a and b (never materialised) are no divergence: the
+    grad failure is the loss's (summed where torch averages), and no layer is named."""
+    import torch.nn.functional as F
+
+    from equivcheck.models import Loss
+
+    inputs = Inputs(Custom(lambda rng: ((4, 4), (4, 1)), ((4, 4), (4, 1))), (Floats(-1, 1), Floats(-1, 1)))
+    summed = Loss("mse", F.mse_loss, lambda out, y: ((out - y) ** 2).sum())
+    pair = ModelPair("traced_folded", _TwoBranches, _folded, inputs, loss=summed,
+                     optimizer=optimizer_pair("traced_folded.sgd", "SGD", lr=0.1), checks=("forward", "grad"))
+    fwd, grad = pair.run_checks(dtype="float64", run=RUN)
+    assert fwd.outcome == "passed", fwd.failure_text()
+    assert grad.outcome == "failed" and _first(grad) == [], grad.extra["layers"]
+    assert "1 of 3 torch modules' outputs are among the values the port computes (the rest it computes in " \
+           "another form), and the model's output is within tolerance" in grad.diagnosis, grad.diagnosis
+    assert "the loss does not" in grad.diagnosis, grad.diagnosis

@@ -247,9 +247,10 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
         return row, "" if v.ok else _stats_hint(mm.get(stats, path), tsub, jsub, module.momentum or 0.1, tol)
 
     if not taps and exc is None:
-        traced = _untapped(pair, params, stats, inputs, masks, train, dtype, device, seen, tol, stats_row)
+        traced = _untapped(pair, params, stats, inputs, masks, train, dtype, device, seen, tol, stats_row, t_model,
+                           j_model)
         if traced is not None:
-            return _untapped_result(traced, t_model, j_model, tol)
+            return _untapped_result(traced)
     rows: list[Row] = []
     first_hint, untapped = "", []
     for name, module, args, kwargs, out in seen:
@@ -313,7 +314,7 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
 
 
 def _untapped(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks: Mapping[str, Any], train: bool,
-              dtype: str, device: str, seen: Any, tol: Tolerance, stats_row: Any) -> Any:
+              dtype: str, device: str, seen: Any, tol: Tolerance, stats_row: Any, t_model: Any, j_model: Any) -> Any:
     """equivcheck.models.untapped's rows for a port without taps; None when the port cannot be
     traced (a Python side effect, a value-dependent branch): the taps' text then says so."""
     from equivcheck.models import untapped
@@ -323,27 +324,31 @@ def _untapped(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks: 
         values = port_values(pair, params, stats, inputs, masks, train, dtype, device)
     except Exception:  # noqa: BLE001 (an untraceable port keeps the taps' localisation)
         return None
-    return untapped.locate(seen, values, tol, stats_row)
+    out = compare(t_model, j_model, tol)
+    return untapped.locate(seen, values, tol, stats_row, out.ok), out
 
 
-def _untapped_result(traced: Any, t_model: Any, j_model: Any, tol: Tolerance) -> Localisation:
-    rows, first, hint_text, where, text = traced
+def _untapped_result(traced: Any) -> Localisation:
+    (rows, first, hint_text, where, text), out = traced
     output_off = False
     if first is None:
-        out = compare(t_model, j_model, tol)
         output_off = not out.ok
         w = out.worst
         by = (f"max abs err {w.max_abs:.3g}, {out.ratio:.3g} x the tolerance" if out.kind == "values" and w
               else out.message.split("\n")[0])
         last = rows[-1].layer if rows else ""
+        found = sum(r.ok for r in rows)
         if output_off:
             where = f"after layer {last}" if last else ""
-            text = (f"every torch module's output is among the values the port computes ({len(rows)} rows), but the "
-                    f"model's output is not ({by}): the divergence lies after the last module {last!r}, in the "
-                    "forward method's code after it or the port's head")
+            among = (f"every torch module's output is among the values the port computes ({len(rows)} rows)"
+                     if found == len(rows) else f"{found} of {len(rows)} torch modules' outputs are among the values "
+                     "the port computes (each of the rest feeds a module that agrees)")
+            text = (f"{among}, but the model's output is not ({by}): the divergence lies after the last module "
+                    f"{last!r}, in the forward method's code after it or the port's head")
         else:
-            text = (f"every torch module's output is among the values the port computes ({len(rows)} rows), and "
-                    "the model's output is within tolerance")
+            text = (f"{found} of {len(rows)} torch modules' outputs are among the values the port computes"
+                    + (" (the rest it computes in another form)" if found < len(rows) else "")
+                    + ", and the model's output is within tolerance")
     return Localisation(rows, first, hint_text, text, where, output_off)
 
 

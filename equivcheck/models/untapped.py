@@ -37,9 +37,13 @@ def _tensors(args: Any, kwargs: Any) -> Iterator[Any]:
 
 
 def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]], values: Sequence[Any],
-           tol: Tolerance, stats_row: Callable[[str, Any], tuple[Any, str]]) -> tuple[list[Any], Any, str, str, str]:
+           tol: Tolerance, stats_row: Callable[[str, Any], tuple[Any, str]],
+           output_ok: bool) -> tuple[list[Any], Any, str, str, str]:
     """(rows, first row or None, hint, where, text) for `localise`; `seen` as its hooks record
-    it, `stats_row(name, module)` the running-statistics row of a BatchNorm module (or None)."""
+    it, `stats_row(name, module)` the running-statistics row of a BatchNorm module (or None).
+    With the model's output within tolerance (`output_ok`) an output the port never computes
+    is one it computes in another form, not a divergence: no module is named then (only
+    running statistics can be)."""
     from equivcheck.backends.torch import to_numpy
     from equivcheck.models.localise import Row, _first_tensor, hint
 
@@ -75,6 +79,10 @@ def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
             extra[srow.layer] = (srow, shint)
     modules = {name: (module, args, kwargs, out) for name, module, args, kwargs, out in seen}
     off = [r for r in rows if not r.ok and r.layer not in healed and r.layer not in extra]
+    if output_ok:
+        for r in off:
+            r.note = f"{r.note}; not among the port's values in torch's form, but the model's output agrees".lstrip("; ")
+        off = []
     first = off[0] if off else None
     at_or_before = first is not None and not inputs_ok[first.layer]
     stats_first = next((r for r in rows if r.layer in extra and not r.ok), None)
