@@ -20,10 +20,25 @@ Totals: planted checks detected (failed) and localised to the expected module, a
 ports' checks flagged (a failure there is a false alarm). Exit status 0 whatever the numbers:
 this is a measurement. A case that raises prints its error and the run goes on.
 
+Two independent sets of cases (`--set 1|2|all`, default all): set 1 above; set 2
+(benchmarks/_untapped_models2.py) four more models written the way users write ports (a ResNet
+block in NHWC with a non-square stem kernel and a dilated conv, a pre-norm causal decoder block
+whose attention is a torch module of its own with q/k/v/o Linears, a 2-layer LSTM run as
+`lax.scan`s, an Embedding(padding_idx) + Conv1d text model ported under `jax.vmap` with a
+`@jax.jit` helper), 30 slips, and correct ports written in unusual but valid ways (im2col convs
+with folded BatchNorm, a fused qkv matmul, precomputed LSTM input projections, one-hot lookups,
+jax.lax.map for jax.vmap) that probe false alarms. With both sets the totals are printed per set
+and over all. A correct port's check that passes but whose layer table leaves modules unmatched
+is listed after the table (no false alarm: the modules a later divergence would be blamed on).
+
+A slip that only the gradient shows (set 2's padding_idx row) is localised by the diagnosis's
+"the gradient of 'embed.weight' differs first": its module ("embed") counts as localised-as.
+
     python benchmarks/untapped_localisation.py                      # every case (minutes)
     python benchmarks/untapped_localisation.py --cases 'mlp/*'      # fnmatch on model/case
     python benchmarks/untapped_localisation.py --cases '*/correct' --checks forward,grad
     python benchmarks/untapped_localisation.py --examples 10 --seed 1 --json untapped.json
+    python benchmarks/untapped_localisation.py --set 2 --cases 'lstm/*'
 """
 from __future__ import annotations
 
@@ -39,7 +54,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-FIRST = re.compile(r"first diverging layer: ([^\s(]+)")
+FIRST = re.compile(r"first diverging layer: (?:at or before )?([^\s(]+)")
+GRADIENT = re.compile(r"the gradient of '([^']+)' differs first")
 
 
 def localised_as(rec: Any) -> str:
@@ -49,7 +65,38 @@ def localised_as(rec: Any) -> str:
     if first:
         return str(first[0].get("layer", ""))
     m = FIRST.search(rec.diagnosis or "")
-    return m.group(1) if m else ""
+    if m:
+        return m.group(1)
+    m = GRADIENT.search(rec.diagnosis or "")  # every module's output agrees; a parameter's gradient does not
+    return m.group(1).rsplit(".", 1)[0] if m else ""
+
+
+def all_cases(which: str) -> list[tuple[str, Any]]:
+    """(set, case) of the chosen set(s): "1", "2" or "all"."""
+    out: list[tuple[str, Any]] = []
+    if which in ("1", "all"):
+        from _untapped_models import cases as cases1
+
+        out += [("1", c) for c in cases1()]
+    if which in ("2", "all"):
+        from _untapped_models2 import cases as cases2
+
+        out += [("2", c) for c in cases2()]
+    return out
+
+
+def totals(rows: list[dict[str, Any]], label: str = "") -> None:
+    planted = [r for r in rows if r["planted"]]
+    correct = [r for r in rows if not r["planted"]]
+    n = len(planted)
+    detected = sum(r["outcome"] == "failed" for r in planted)
+    localised = sum(r["right"] for r in planted)
+    pre = f"{label}: " if label else ""
+    print(f"{pre}detected        {detected}/{n} planted checks" + (f" ({100 * detected / n:.0f}%)" if n else ""))
+    print(f"{pre}localised       {localised}/{n} planted checks" + (f" ({100 * localised / n:.0f}%)" if n else ""))
+    print(f"{pre}correct flagged {sum(r['outcome'] != 'passed' for r in correct)}/{len(correct)} checks of correct "
+          "ports")
+    print(f"{pre}errors          {sum(r['outcome'] == 'error' for r in rows)}/{len(rows)} checks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,18 +110,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated checks for every case (default: forward, plus grad for the correct "
                          "ports and a few slips)")
     ap.add_argument("--json", default=None, help="also write every case's result here")
+    ap.add_argument("--set", default="all", choices=("1", "2", "all"),
+                    help="which set of cases: 1 (_untapped_models), 2 (_untapped_models2) or all (default)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args(argv)
-
-    from _untapped_models import cases
 
     from equivcheck.engine import RunSettings
 
     patterns = [p.strip() for p in args.cases.split(",") if p.strip()]
-    chosen = [c for c in cases() if any(fnmatch.fnmatchcase(c.id, p) for p in patterns)]
+    every = all_cases(args.set)
+    chosen = [(s, c) for s, c in every if any(fnmatch.fnmatchcase(c.id, p) for p in patterns)]
+    set_of = {id(c): s for s, c in chosen}
+    chosen_cases = [c for _, c in chosen]
     if args.list:
-        for c in cases():
-            print(f"{c.model:<8} {c.name:<22} {c.expected or '-':<8} {c.dtype:<8} {','.join(c.checks):<13} {c.what}")
+        for s, c in every:
+            print(f"{s} {c.model:<8} {c.name:<26} {c.expected or '-':<8} {c.dtype:<8} {','.join(c.checks):<13} "
+                  f"{c.what}")
         return 0
     if not chosen:
         print(f"no case matches {args.cases!r} (--list shows them)")
@@ -84,18 +135,23 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, results = [], []
     start = time.perf_counter()
+    chosen = chosen_cases
     for i, case in enumerate(chosen):
         for check in only or case.checks:
             t0 = time.perf_counter()
-            row = {"model": case.model, "case": case.name, "check": check, "dtype": case.dtype,
+            row = {"set": set_of[id(case)], "model": case.model, "case": case.name, "check": check,
+                   "dtype": case.dtype,
                    "expected": case.expected, "planted": bool(case.expected)}
             try:
                 (rec,) = case.pair.replace(checks=(check,)).run_checks(dtype=case.dtype, run=run)
                 row.update(outcome=rec.outcome, side=rec.side, localised=localised_as(rec),
                            diagnosis=rec.diagnosis or "", message=(rec.message or "").split("\n")[0],
-                           layers=len((rec.extra or {}).get("layers", []) or []))
+                           layers=len((rec.extra or {}).get("layers", []) or []),
+                           layer_rows=[r for r in (rec.extra or {}).get("layers", []) or [] if isinstance(r, dict)],
+                           unmatched=[str(r.get("layer")) for r in (rec.extra or {}).get("layers", []) or []
+                                      if isinstance(r, dict) and r.get("ok") is False])
             except Exception as exc:  # noqa: BLE001 - a crash is a finding of this benchmark, not the end of it
-                row.update(outcome="error", side=None, localised="", diagnosis="",
+                row.update(outcome="error", side=None, localised="", diagnosis="", unmatched=[],
                            message=f"{type(exc).__name__}: {exc}")
             row["seconds"] = round(time.perf_counter() - t0, 1)
             if row["planted"]:
@@ -108,25 +164,34 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"equivcheck untapped localisation: {len(chosen)} cases, {len(rows)} checks, {args.examples} examples each, "
           f"seed {args.seed}")
-    head = f"{'model':<8} {'case':<22} {'check':<7} {'dtype':<7} {'expected':<8} {'outcome':<7} {'localised-as':<12} correct?"
+    head = (f"{'set':<3} {'model':<8} {'case':<26} {'check':<7} {'dtype':<7} {'expected':<8} {'outcome':<7} "
+            f"{'localised-as':<12} correct?")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['model']:<8} {r['case']:<22} {r['check']:<7} {r['dtype']:<7} {r['expected'] or '-':<8} "
+        print(f"{r['set']:<3} {r['model']:<8} {r['case']:<26} {r['check']:<7} {r['dtype']:<7} "
+              f"{r['expected'] or '-':<8} "
               f"{r['outcome']:<7} {r['localised'] or '-':<12} {'yes' if r['right'] else 'NO'}")
     for r in rows:
         if r["outcome"] == "error" or (not r["planted"] and r["outcome"] != "passed"):
             print(f"  {r['model']}/{r['case']} {r['check']}: {r['message'][:300]}"
                   + (f"\n    diagnosis: {r['diagnosis'][:300]}" if r["diagnosis"] else ""))
-    planted = [r for r in rows if r["planted"]]
-    correct = [r for r in rows if not r["planted"]]
-    n = len(planted)
-    detected = sum(r["outcome"] == "failed" for r in planted)
-    localised = sum(r["right"] for r in planted)
-    print(f"detected        {detected}/{n} planted checks" + (f" ({100 * detected / n:.0f}%)" if n else ""))
-    print(f"localised       {localised}/{n} planted checks" + (f" ({100 * localised / n:.0f}%)" if n else ""))
-    print(f"correct flagged {sum(r['outcome'] != 'passed' for r in correct)}/{len(correct)} checks of correct ports")
-    print(f"errors          {sum(r['outcome'] == 'error' for r in rows)}/{len(rows)} checks")
+    for r in rows:
+        if r["planted"] and not r["right"] and r["outcome"] != "error":
+            print(f"  {r['model']}/{r['case']} {r['check']} (expected {r['expected']}, localised-as "
+                  f"{r['localised'] or '-'}): {r['message'][:200]}"
+                  + (f"\n    diagnosis: {r['diagnosis'][:600]}" if r["diagnosis"] else ""))
+    quiet = [r for r in rows if not r["planted"] and r["outcome"] == "passed" and r.get("unmatched")]
+    if quiet:  # not a false alarm (the check passed): the modules a later divergence could be blamed on
+        print("correct ports whose layer table leaves modules unmatched (their outputs not found among the port's "
+              "values; no verdict, the check passed):")
+        for r in quiet:
+            print(f"  {r['model']}/{r['case']} {r['check']}: {', '.join(r['unmatched'])}")
+    sets = sorted({r["set"] for r in rows})
+    if len(sets) > 1:
+        for s in sets:
+            totals([r for r in rows if r["set"] == s], f"set {s}")
+    totals(rows, "all" if len(sets) > 1 else "")
     print(f"{time.perf_counter() - start:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
