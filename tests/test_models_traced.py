@@ -13,7 +13,7 @@ from equivcheck import Custom, Floats, Inputs
 from equivcheck.engine.records import RunSettings
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.models import ModelPair, mse, zoo
-from equivcheck.models.trace import Matcher, evaluate
+from equivcheck.models.trace import Matcher, Value, evaluate
 from equivcheck.models.zoo import _dense, cnn_apply, cnn_pair, mlp_pair
 from equivcheck.optim import optimizer_pair
 
@@ -47,14 +47,16 @@ def test_the_trace_sees_inside_jit_and_custom_vjp_and_labels_each_value():
     assert match.find(h).ok and match.find(np.tanh(h)).ok  # inside custom_vjp and jit
     assert match.find(np.tanh(h) * 2).layout == ""
     assert match.find((np.tanh(h) * 2).T).layout == "axes (1, 0)"
-    assert match.find(x).ok and values[0][0].startswith("the port's argument [0]")
-    assert "tanh at test_models_traced.py:31 (doubled_tanh)" in [label for label, _ in values], values
+    assert match.find(x).ok and values[0].label.startswith("the port's argument [0]")
+    assert "tanh at test_models_traced.py:31 (doubled_tanh)" in [v.label for v in values], values
+    body = [v.label for v in values if "stacked over the 2 steps of the scan" in v.label]
+    assert body and match.find(np.cumsum(np.tanh(h) * 2, axis=0)).ok, body  # the carry, stacked over the steps
 
 
 def test_the_matcher_undoes_layouts_and_names_the_closest_computed_value():
     nchw = np.arange(24.0).reshape(1, 2, 3, 4)
-    computed = [("the port's argument [0]", np.zeros(24)), ("conv at port.py:3", nchw.transpose(0, 2, 3, 1) + 1.0),
-                ("reshape at port.py:4", nchw.reshape(1, 2, 12))]
+    computed = [Value("the port's argument [0]", np.zeros(24)), Value("conv at port.py:3", nchw.transpose(0, 2, 3, 1) + 1),
+                Value("reshape at port.py:4", nchw.reshape(1, 2, 12))]
     match = Matcher(computed, TOL)
     assert match.find(nchw).ok and match.find(nchw).layout == "reshaped"
     off = match.find(nchw + 0.5)

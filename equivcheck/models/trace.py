@@ -30,7 +30,12 @@ from equivcheck.engine.tolerance import Tolerance
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
                     "custom_vjp_call_jaxpr", "checkpoint", "remat"})
 MAX_PERMUTED_RANK = 5  # 120 axis orders at most
+MAX_UNROLLED = 256  # scan steps run one by one (each an eager dispatch per body equation)
 ARGUMENT = "the port's argument"
+# What a port does to a module's output before passing it on: a change (ELEMENTWISE) or a move (LAYOUT).
+ELEMENTWISE = frozenset({"mul", "add", "sub", "div", "neg", "select_n", "max", "min", "pow", "integer_pow", "exp",
+                         "log", "tanh", "logistic", "abs", "sign", "sqrt", "rsqrt", "clamp", "erf", "square"})
+LAYOUT = frozenset({"transpose", "reshape", "copy", "copy_p", "convert_element_type"})
 
 
 def _body(eqn: Any, operands: int) -> tuple[Any, Sequence[Any]] | None:
@@ -47,46 +52,92 @@ def _body(eqn: Any, operands: int) -> tuple[Any, Sequence[Any]] | None:
     return None
 
 
-def evaluate(fn: Callable[..., Any], *args: Any) -> list[tuple[str, Any]]:
-    """Every array `fn(*args)` computes, in program order, after the flattened arguments, each
-    with a label for people ("tanh at port.py:12 (apply)", "the port's argument [0]['fc1']").
+@dataclasses.dataclass
+class Value:
+    """One array the port computes: a label for people ("tanh at port.py:12 (apply)"), the array,
+    and the indices (in the same list) of the values it was computed from."""
+
+    label: str
+    array: Any
+    parents: tuple[int, ...] = ()
+    primitive: str = ""
+
+
+def evaluate(fn: Callable[..., Any], *args: Any) -> list[Value]:
+    """Every array `fn(*args)` computes, in program order, after the flattened arguments
+    ("the port's argument [0]['fc1']['kernel']"). A `scan` of at most MAX_UNROLLED steps runs
+    step by step, and each value of its body is kept stacked over the steps (as the scan's own
+    outputs are), so a `lax.map` over the batch or an RNN's gates show as batched arrays.
     Raises what tracing or running `fn` raises."""
     import jax
     from jax.extend.core import Literal
-
     from jax.extend.source_info_util import summarize
 
     closed = jax.make_jaxpr(fn)(*args)
     leaves = jax.tree_util.tree_flatten_with_path(args)[0]
-    values: list[tuple[str, Any]] = [(f"{ARGUMENT} {jax.tree_util.keystr(path)}", a) for path, a in leaves]
+    values = [Value(f"{ARGUMENT} {jax.tree_util.keystr(path)}", a) for path, a in leaves]
 
-    def run(jaxpr: Any, consts: Sequence[Any], operands: Sequence[Any]) -> list[Any]:
-        env: dict[Any, Any] = {}
-        read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
-        env.update(zip(jaxpr.constvars, consts))
-        env.update(zip(jaxpr.invars, operands))
+    def run(jaxpr: Any, consts: Sequence[Any], operands: Sequence[Any], ids: Sequence[int | None],
+            sink: list[Value]) -> tuple[list[Any], list[int | None]]:
+        env: dict[Any, tuple[Any, int | None]] = {}
+        read = lambda v: (v.val, None) if isinstance(v, Literal) else env[v]
+        env.update((v, (c, None)) for v, c in zip(jaxpr.constvars, consts))
+        env.update((v, (a, i)) for v, a, i in zip(jaxpr.invars, operands, ids))
         for eqn in jaxpr.eqns:
-            ins = [read(v) for v in eqn.invars]
+            ins, in_ids = zip(*(read(v) for v in eqn.invars)) if eqn.invars else ((), ())
+            where = _where(summarize(eqn.source_info))
+            label = eqn.primitive.name + (f" at {where}" if where else "")
+            parents = tuple(i for i in in_ids if i is not None)
             body = _body(eqn, len(ins))
-            if body is not None:
-                outs = run(body[0], body[1], ins)
+            if body is not None:  # the call's outputs are its body's: kept once
+                outs, out_ids = run(body[0], body[1], ins, in_ids, sink)
             else:
-                with eqn.ctx.manager:
-                    outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-                outs = list(outs) if eqn.primitive.multiple_results else [outs]
-            for v, val in zip(eqn.outvars, outs):
-                env[v] = val
-                values.append((f"{eqn.primitive.name} at {_where(summarize(eqn.source_info))}", val))
-        return [read(v) for v in jaxpr.outvars]
+                if eqn.primitive.name == "scan" and 0 < eqn.params["length"] <= MAX_UNROLLED:
+                    outs = _scan(eqn, list(ins), label, parents, sink, run)
+                else:
+                    with eqn.ctx.manager:
+                        outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+                    outs = list(outs) if eqn.primitive.multiple_results else [outs]
+                out_ids = []
+                for val in outs:
+                    sink.append(Value(label, val, parents, eqn.primitive.name))
+                    out_ids.append(len(sink) - 1)
+            env.update((v, (val, i)) for v, val, i in zip(eqn.outvars, outs, out_ids))
+        return [read(v)[0] for v in jaxpr.outvars], [read(v)[1] for v in jaxpr.outvars]
 
-    run(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+    run(closed.jaxpr, closed.consts, jax.tree.leaves(args), range(len(values)), values)
     return values
+
+
+def _scan(eqn: Any, ins: list[Any], label: str, parents: tuple[int, ...], sink: list[Value], run: Any) -> list[Any]:
+    """A scan run step by step: its outputs, and each body value stacked over the steps into `sink`."""
+    import jax.numpy as jnp
+
+    p = eqn.params
+    body, n_consts, n_carry, n = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
+    consts, carry, xs = ins[:n_consts], ins[n_consts:n_consts + n_carry], ins[n_consts + n_carry:]
+    steps = range(n - 1, -1, -1) if p["reverse"] else range(n)
+    ys, inner = [], []
+    for k in steps:
+        seen: list[Value] = []
+        outs, _ = run(body.jaxpr, body.consts, [*consts, *carry, *(x[k] for x in xs)], [None] * len(body.jaxpr.invars),
+                      seen)
+        carry, y = outs[:n_carry], outs[n_carry:]
+        ys.append(y)
+        inner.append(seen)
+    if p["reverse"]:
+        ys.reverse()
+        inner.reverse()
+    for column in zip(*inner):
+        sink.append(Value(f"{column[0].label}, stacked over the {n} steps of the {label}",
+                          np.stack([np.asarray(v.array) for v in column]), parents, "scan"))
+    return [*carry, *(jnp.stack(col) for col in zip(*ys))] if ys and ys[0] else list(carry)
 
 
 def _where(summary: str) -> str:
     """"port.py:12 (apply)" from jax's "/path/to/port.py:12:4 (outer.<locals>.apply)"."""
     m = re.fullmatch(r"(.*):(\d+):\d+ \((.*)\)", summary)
-    return f"{os.path.basename(m[1])}:{m[2]} ({m[3].rsplit('.', 1)[-1]})" if m else summary
+    return f"{os.path.basename(m[1])}:{m[2]} ({m[3].rsplit('.', 1)[-1]})" if m else summary.strip(" ,")
 
 
 @dataclasses.dataclass
@@ -107,22 +158,25 @@ class Found:
 
 
 class Matcher:
-    """The port's floating values, indexed by size, for looking torch outputs up."""
+    """The port's floating values (from `evaluate`), indexed by size, for looking torch outputs
+    up; `Found.index` is a position in `values`."""
 
-    def __init__(self, values: Sequence[tuple[str, Any]], tol: Tolerance) -> None:
+    def __init__(self, values: Sequence[Value], tol: Tolerance) -> None:
         self.tol = tol
-        self.values: list[np.ndarray] = []
-        self.labels: list[str] = []
+        self.values = list(values)
+        self.arrays: dict[int, np.ndarray] = {}
         self.by_size: dict[int, list[int]] = {}
-        for label, v in values:
-            a = np.asarray(v)
+        self.children: dict[int, list[int]] = {}
+        for i, v in enumerate(self.values):
+            for p in v.parents:
+                self.children.setdefault(p, []).append(i)
+            a = np.asarray(v.array)
             if a.dtype.kind == "f" and a.size:
-                self.by_size.setdefault(a.size, []).append(len(self.values))
-                self.values.append(a)
-                self.labels.append(label)
+                self.by_size.setdefault(a.size, []).append(i)
+                self.arrays[i] = a
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.arrays)
 
     def find(self, t: np.ndarray) -> Found:
         """The value equal to `t` within tolerance; else the closest one the port computed (one of
@@ -130,15 +184,36 @@ class Matcher:
         t = np.asarray(t, np.float64)
         best = {True: Found(None), False: Found(None)}  # keyed by "is one of the port's arguments"
         for i in self.by_size.get(t.size, ()):
-            for layout, v in _layouts(self.values[i], t.shape):
+            for layout, v in _layouts(self.arrays[i], t.shape):
                 ratio, max_abs, max_rel = _errors(t, v, self.tol)
                 if ratio <= 1.0 and compare(t, v, self.tol).ok:
                     return Found(i, v, layout, max_abs, max_rel, ratio)
-                arg = self.labels[i].startswith(ARGUMENT)
+                arg = self.values[i].label.startswith(ARGUMENT)
                 if ratio < best[arg].ratio:
-                    best[arg] = Found(None, v, self.labels[i] + (f", {layout}" if layout else ""), max_abs, max_rel,
-                                      ratio)
+                    best[arg] = Found(None, v, self.values[i].label + (f", {layout}" if layout else ""), max_abs,
+                                      max_rel, ratio)
         return best[False] if best[False].value is not None else best[True]
+
+    def changed_after(self, i: int, t: np.ndarray, depth: int = 3) -> tuple[int, Found] | None:
+        """A value computed from value i, of its shape, within `depth` steps, that is no longer
+        torch's `t` (value i is): the port changing a module's output before passing it on (a
+        scale, a mask). None when every such value still equals `t`."""
+        size, frontier, seen = self.arrays[i].size, [i], {i}
+        for _ in range(depth):
+            nxt = []
+            for j in frontier:
+                for c in self.children.get(j, ()):
+                    kind = self.values[c].primitive
+                    if c in seen or c not in self.arrays or self.arrays[c].size != size or \
+                            kind not in ELEMENTWISE | LAYOUT:
+                        continue
+                    seen.add(c)
+                    nxt.append(c)
+                    f = Matcher([self.values[c]], self.tol).find(t)
+                    if kind in ELEMENTWISE and not f.ok and f.value is not None:
+                        return c, dataclasses.replace(f, index=None, layout=self.values[c].label)
+            frontier = nxt
+        return None
 
 
 def _layouts(v: np.ndarray, shape: tuple[int, ...]) -> list[tuple[str, np.ndarray]]:
@@ -165,8 +240,8 @@ def _errors(t: np.ndarray, v: np.ndarray, tol: Tolerance) -> tuple[float, float,
 
 
 def port_values(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks: Mapping[str, Any], train: bool,
-                dtype: str, device: str) -> list[tuple[str, np.ndarray]]:
-    """Every value the port computes on `inputs`, labelled (see `evaluate`), as NumPy arrays."""
+                dtype: str, device: str) -> list[Value]:
+    """Every value the port computes on `inputs` (see `evaluate`)."""
     import jax
 
     from equivcheck.backends.jax import device_of, x64
@@ -178,4 +253,4 @@ def port_values(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks
         p, s, x, m = (_jnp_tree(a, dtype) for a in (params, stats, list(inputs), masks))
         with capturing(m, False):
             values = evaluate(lambda tree, *xs: pair.jax_apply(tree, *xs, train=train), mm.merge(p, s), *x)
-    return [(label, np.asarray(v)) for label, v in values]
+    return values

@@ -15,6 +15,7 @@ Two refinements keep a correct computation from being named:
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,6 +37,19 @@ def _tensors(args: Any, kwargs: Any) -> Iterator[Any]:
             stack[:0] = list(a)
 
 
+@dataclasses.dataclass
+class _Module:
+    name: str
+    module: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    out: Any
+    found: Found
+    inputs: list[Any]
+    inputs_ok: bool
+    row: Any
+
+
 def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]], values: Sequence[Any],
            tol: Tolerance, stats_row: Callable[[str, Any], tuple[Any, str]],
            output_ok: bool) -> tuple[list[Any], Any, str, str, str]:
@@ -45,7 +59,7 @@ def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
     is one it computes in another form, not a divergence: no module is named then (only
     running statistics can be)."""
     from equivcheck.backends.torch import to_numpy
-    from equivcheck.models.localise import Row, _first_tensor, hint
+    from equivcheck.models.localise import Row, _first_tensor
 
     match = Matcher(values, tol)
     cache: dict[int, Found] = {}
@@ -55,65 +69,143 @@ def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
             cache[id(t)] = match.find(to_numpy(t))
         return cache[id(t)]
 
-    producer: dict[int, str] = {}
-    found: dict[str, Found] = {}
-    inputs_ok: dict[str, bool] = {}
+    producer: dict[int, _Module] = {}
+    mods: dict[str, _Module] = {}
     healed: set[str] = set()
     rows: list[Any] = []
-    extra: dict[str, tuple[Any, str]] = {}
+    extra: dict[str, str] = {}
     for name, module, args, kwargs, out in seen:
         t = _first_tensor(out)
         if t is None or not t.is_floating_point():
             continue
         ins = [a for a in _tensors(args, kwargs) if a.is_floating_point()]
-        f = found[name] = look(t)
-        inputs_ok[name] = all(look(a).ok for a in ins)
-        if f.ok:
-            healed.update(producer[id(a)] for a in ins if id(a) in producer and not found[producer[id(a)]].ok)
-        producer.setdefault(id(t), name)
+        f = look(t)
         note = ("" if f.ok and not f.layout else f.layout) if f.value is not None else "no port value of this size"
-        rows.append(Row(name, type(module).__name__, f.max_abs, f.max_rel, f.ratio, f.ok, note=note))
+        if not f.ok and _final_state_found(module, out, look):
+            f, note = dataclasses.replace(f, index=-1), "its final state is among the port's values (a carry-only scan)"
+        row = Row(name, type(module).__name__, f.max_abs, f.max_rel, f.ratio, f.ok, note=note)
+        m = mods[name] = _Module(name, module, args, kwargs, out, f, ins, all(look(a).ok for a in ins), row)
+        if f.ok:
+            healed.update(producer[id(a)].name for a in ins if id(a) in producer and not producer[id(a)].found.ok)
+        producer.setdefault(id(t), m)
+        rows.append(row)
         srow, shint = stats_row(name, module)
         if srow is not None:
             rows.append(srow)
-            extra[srow.layer] = (srow, shint)
-    modules = {name: (module, args, kwargs, out) for name, module, args, kwargs, out in seen}
-    off = [r for r in rows if not r.ok and r.layer not in healed and r.layer not in extra]
+            extra[srow.layer] = shint
+    off = [mods[r.layer] for r in rows if not r.ok and r.layer in mods and r.layer not in healed]
     if output_ok:
-        for r in off:
-            r.note = f"{r.note}; not among the port's values in torch's form, but the model's output agrees".lstrip("; ")
+        for m in off:
+            m.row.note = f"{m.row.note}; not among the port's values in torch's form, but the model's output agrees"
         off = []
-    first = off[0] if off else None
-    at_or_before = first is not None and not inputs_ok[first.layer]
-    stats_first = next((r for r in rows if r.layer in extra and not r.ok), None)
-    if first is None and stats_first is not None:
-        first = stats_first
     how = HOW.format(n=len(match))
-    if first is None:
-        return rows, None, "", "", ""
-    first.first = True
-    if first.layer in extra:
-        h = extra[first.layer][1]
-        text = (f"first diverging layer: {first.layer} ({first.module}): every module's output agrees, its "
-                f"running statistics do not (max abs err {first.max_abs:.3g}); {how}")
-        return rows, first, h, f"at layer {first.layer.split(' ')[0]}", text + (f"; hint: {h}" if h else "")
-    module, args, kwargs, out = modules[first.layer]
-    f = found[first.layer]
+    if not off:
+        stats_first = next((r for r in rows if r.layer in extra and not r.ok), None)
+        if stats_first is None:
+            return rows, None, "", "", ""
+        stats_first.first = True
+        h = extra[stats_first.layer]
+        text = (f"first diverging layer: {stats_first.layer} ({stats_first.module}): every module's output agrees, "
+                f"its running statistics do not (max abs err {stats_first.max_abs:.3g}); {how}")
+        return rows, stats_first, h, f"at layer {stats_first.layer.split(' ')[0]}", text + (f"; hint: {h}" if h else "")
+    where, text, first = _explain(off[0], mods, rows, healed, match, look, tol)
+    first.row.first = True
+    h = _hint(first, match, tol)
+    return rows, first.row, h, where, text + f"; {how}" + (f"; hint: {h}" if h else "")
+
+
+def _explain(m: Any, mods: dict[str, Any], rows: list[Any], healed: set[str], match: Matcher, look: Any,
+             tol: Tolerance) -> tuple[str, str, Any]:
+    """(where, text, the module named) for the first unmatched module `m`."""
+    f = m.found
     closest = (f"closest: {f.layout}, max abs err {f.max_abs:.3g}, {f.ratio:.3g} x the tolerance"
                if f.value is not None else "the port computes no value of its size")
-    before = [r.layer for r in rows[:rows.index(first)] if r.ok]
-    if at_or_before:
-        where = f"at or before layer {first.layer}"
-        text = (f"first diverging layer: at or before {first.layer} ({first.module}): neither its output nor its "
-                f"input is among the port's values ({closest}); the divergence is in code outside the torch modules "
-                f"that feeds it (the forward method's own arithmetic: a residual sum, a reshape, a scaling)"
+    before = [r.layer for r in rows[:rows.index(m.row)] if r.ok and r.layer in mods]
+    if not m.inputs_ok:
+        owner = _owner(m, mods)
+        if owner is not None:
+            inside = [n for n in before if n.startswith(owner.name + ".")]
+            within = (f"; inside it {', '.join(inside[-3:])} agree and the input of {m.name} is nowhere" if inside
+                      else f"; the input of its submodule {m.name} is nowhere")
+            span = f", between {inside[-1]} and {m.name}" if inside else f", before {m.name}"
+            text = (f"first diverging layer: {owner.name} ({owner.row.module}): its inputs are among the port's "
+                    f"values, its output is not{within}: the divergence is in {owner.name}'s own forward code{span}")
+            return f"at layer {owner.name}", text, owner
+        text = (f"first diverging layer: at or before {m.name} ({m.row.module}): neither its output nor its input is "
+                f"among the port's values ({closest}); the divergence is in code outside the torch modules that feeds "
+                "it (the forward method's own arithmetic: a residual sum, a reshape, a scaling)"
                 + (f", after {before[-1]}" if before else ""))
-    else:
-        where = f"at layer {first.layer}"
-        text = (f"first diverging layer: {first.layer} ({first.module}): its inputs are among the port's values, "
-                f"its output is not ({closest})")
-    t = _first_tensor(out)
-    h = hint(module, args, kwargs, t, f.value if f.value is not None else to_numpy(t), tol,
-             same=lambda y: match.find(to_numpy(y)).ok)
-    text += f"; {how}" + (f"; hint: {h}" if h else "")
-    return rows, first, h, where, text
+        return f"at or before layer {m.name}", text, m
+    for a in m.inputs:
+        i = look(a).index
+        changed = match.changed_after(i, look(a).value) if i is not None and i >= 0 else None
+        src = next((p for p in mods.values() if _first_of(p) is a), None)
+        if changed is not None:
+            c, cf = changed
+            what = f"{src.name}'s output" if src is not None else "its input"
+            target = src or m
+            target.row.ok, target.row.max_abs, target.row.ratio = False, cf.max_abs, cf.ratio
+            target.row.note = f"the port changes it ({match.values[c].label}) before {m.name}"
+            text = (f"first diverging layer: {target.name} ({target.row.module}): the port computes {what} "
+                    f"({match.values[i].label}) and then changes it ({match.values[c].label}: max abs change "
+                    f"{cf.max_abs:.3g}, {cf.ratio:.3g} x the tolerance) before {m.name}, whose output it never "
+                    f"computes: the divergence is in that change or in {m.name}")
+            where = f"after layer {src.name}, before layer {m.name}" if src else f"at or before layer {m.name}"
+            return where, text, target
+    fused = _fused_into(m, mods, healed)
+    if fused is not None:
+        alike = sorted(n for n in healed if type(mods[n].module) is type(m.module))[:3]
+        text = (f"first diverging layer: {fused.name} ({fused.row.module}), or {m.name} ({m.row.module}) before it: "
+                f"the port never computes {m.name}'s output on its own (nor that of {', '.join(alike)}: it fuses them "
+                f"into the module after), and {fused.name}'s output is not among its values either")
+        return f"at layer {fused.name}", text, fused
+    text = (f"first diverging layer: {m.name} ({m.row.module}): its inputs are among the port's values, its output "
+            f"is not ({closest})")
+    return f"at layer {m.name}", text, m
+
+
+def _first_of(m: Any) -> Any:
+    from equivcheck.models.localise import _first_tensor
+
+    return _first_tensor(m.out)
+
+
+def _owner(m: Any, mods: dict[str, Any]) -> Any:
+    """The innermost module holding `m` whose inputs the port computes and whose output it does
+    not: code in its own forward, between its submodules, is where the port leaves torch."""
+    parts = m.name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        owner = mods.get(".".join(parts[:k]))
+        if owner is not None and not owner.found.ok and owner.inputs_ok:
+            return owner
+    return None
+
+
+def _fused_into(m: Any, mods: dict[str, Any], healed: set[str]) -> Any:
+    """The module consuming `m`'s output when the port computes no module of m's type on its
+    own (others of its type were passed over as fused) and that consumer is off too."""
+    if not any(type(mods[n].module) is type(m.module) for n in healed):
+        return None
+    out = _first_of(m)
+    return next((c for c in mods.values() if not c.found.ok and any(a is out for a in c.inputs)), None)
+
+
+def _final_state_found(module: Any, out: Any, look: Any) -> bool:
+    """A recurrent module whose final state (h_n, and c_n) the port computes: a port that scans
+    with a carry only never forms the output sequence, which the final state ends."""
+    import torch
+
+    if not isinstance(module, torch.nn.RNNBase) or not isinstance(out, tuple) or len(out) < 2:
+        return False
+    state = [a for a in _tensors(out[1:], {}) if a.is_floating_point()]
+    return bool(state) and all(look(a).ok for a in state)
+
+
+def _hint(m: Any, match: Matcher, tol: Tolerance) -> str:
+    from equivcheck.backends.torch import to_numpy
+    from equivcheck.models.localise import hint
+
+    t = _first_of(m)
+    f = m.found
+    return hint(m.module, m.args, m.kwargs, t, f.value if f.value is not None else to_numpy(t), tol,
+                same=lambda y: match.find(to_numpy(y)).ok)
