@@ -207,3 +207,74 @@ def test_outputs_the_port_computes_in_another_form_are_not_blamed():
     assert "1 of 3 torch modules' outputs are among the values the port computes (the rest it computes in " \
            "another form), and the model's output is within tolerance" in grad.diagnosis, grad.diagnosis
     assert "the loss does not" in grad.diagnosis, grad.diagnosis
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.q(x)))  # tanh: the block's own code, in no module
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.block, self.head = torch.nn.Linear(4, 4), _Block(), torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.inp(x)))
+
+
+def _stack_port(params, x, train=False, inside=jnp.tanh, scaled=1.0):
+    h = _dense(params["inp"], x) * scaled
+    h = _dense(params["block"]["o"], inside(_dense(params["block"]["q"], h)))
+    return _dense(params["head"], h)
+
+
+def _stack_pair(name, port):
+    inputs = Inputs(Custom(lambda rng: ((4, 4), (4, 1)), ((4, 4), (4, 1))), (Floats(-1, 1), Floats(-1, 1)))
+    return ModelPair(name, _Stack, port, inputs, loss=mse(), optimizer=optimizer_pair(f"{name}.sgd", "SGD", lr=0.1),
+                     checks=("forward",))
+
+
+def test_a_slip_in_a_modules_own_forward_code_is_named_at_that_module():
+    port = lambda p, x, train=False: _stack_port(p, x, inside=jax.nn.sigmoid)  # noqa: E731
+    (rec,) = _stack_pair("traced_block", port).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and _first(rec) == ["block"], rec.extra["layers"]
+    assert "inside it block.q agree and the input of block.o is nowhere: the divergence is in block's own " \
+           "forward code, between block.q and block.o" in rec.diagnosis, rec.diagnosis
+
+
+def test_a_module_output_changed_before_the_next_module_is_named_with_the_change():
+    port = lambda p, x, train=False: _stack_port(p, x, scaled=2.0)  # noqa: E731
+    (rec,) = _stack_pair("traced_scaled", port).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and _first(rec) == ["inp"], rec.extra["layers"]
+    assert "the port differs from torch after layer inp, before layer block.q" in rec.diagnosis, rec.diagnosis
+    assert "and then changes it (mul at test_models_traced.py" in rec.diagnosis, rec.diagnosis
+
+
+class _Bag(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(5, 3, padding_idx=0), torch.nn.Linear(3, 1)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens).mean(1))
+
+
+def _bag_port(params, tokens, train=False):
+    return _dense(params["head"], params["embed"]["embedding"][tokens].mean(1))
+
+
+def test_a_padding_row_that_gets_a_gradient_names_padding_idx():
+    from equivcheck import Ints
+
+    inputs = Inputs(Custom(lambda rng: ((4, 3), (4, 1)), ((4, 3), (4, 1))), (Ints(0, 4), Floats(-1, 1)))
+    pair = ModelPair("traced_pad", _Bag, _bag_port, inputs, loss=mse(),
+                     optimizer=optimizer_pair("traced_pad.sgd", "SGD", lr=0.1), checks=("grad",))
+    (rec,) = pair.run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed", rec.failure_text()
+    assert "the gradient of 'embed.weight' differs first" in rec.diagnosis, rec.diagnosis
+    assert "only row 0, the padding_idx: torch gives the padding row no gradient" in rec.diagnosis, rec.diagnosis

@@ -135,8 +135,29 @@ def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, d
             w = v.worst
             return (f"every compared layer's output and the model's output agree, but the gradient of {name!r} "
                     "differs first (in module order)"
-                    + (f": max abs err {w.max_abs:.3g}" if w else f": {v.message}"))
+                    + (f": max abs err {w.max_abs:.3g}" if w else f": {v.message}")
+                    + _padding_row(model, name, t_grads[name], j_grads.get(name), base))
     return ""
+
+
+def _padding_row(model: Any, name: str, t: Any, j: Any, tol: Tolerance) -> str:
+    """The known cause when an nn.Embedding(padding_idx=p)'s gradient differs in row p only."""
+    import torch
+
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+        off = np.abs(np.asarray(t, np.float64) - np.asarray(j, np.float64)) > tol.atol + tol.rtol * np.abs(t)
+    except Exception:  # noqa: BLE001 (a hint, never a new failure)
+        return ""
+    if not (isinstance(module, torch.nn.Embedding) and module.padding_idx is not None and leaf == "weight"):
+        return ""
+    rows = sorted(set(np.nonzero(off)[0].tolist()))
+    if rows != [module.padding_idx % module.num_embeddings]:
+        return ""
+    return (f"; only row {rows[0]}, the padding_idx: torch gives the padding row no gradient, the port does; "
+            "reconcile: weight = jnp.where(rows == padding_idx, jax.lax.stop_gradient(weight), weight) before the "
+            "lookup (as equivcheck.layers.flax_bridge.embedding does; known divergence nn.embedding_padding_naive)")
 
 
 def optimizer_cause(pair: Any, dtype: str, run: Any) -> tuple[str | None, str]:

@@ -195,24 +195,23 @@ class Matcher:
         return best[False] if best[False].value is not None else best[True]
 
     def changed_after(self, i: int, t: np.ndarray, depth: int = 3) -> tuple[int, Found] | None:
-        """A value computed from value i, of its shape, within `depth` steps, that is no longer
-        torch's `t` (value i is): the port changing a module's output before passing it on (a
-        scale, a mask). None when every such value still equals `t`."""
-        size, frontier, seen = self.arrays[i].size, [i], {i}
+        """The value that replaces value i (torch's `t`) on its way on: i's only use, through at
+        most `depth` elementwise or layout steps each the only use of the last, once it is no
+        longer `t` (a scale, a mask applied to a module's output). None when i is used more than
+        once (its next module's own computation, a residual) or stays `t`."""
+        j = i
         for _ in range(depth):
-            nxt = []
-            for j in frontier:
-                for c in self.children.get(j, ()):
-                    kind = self.values[c].primitive
-                    if c in seen or c not in self.arrays or self.arrays[c].size != size or \
-                            kind not in ELEMENTWISE | LAYOUT:
-                        continue
-                    seen.add(c)
-                    nxt.append(c)
-                    f = Matcher([self.values[c]], self.tol).find(t)
-                    if kind in ELEMENTWISE and not f.ok and f.value is not None:
-                        return c, dataclasses.replace(f, index=None, layout=self.values[c].label)
-            frontier = nxt
+            kids = sorted(set(self.children.get(j, ())))
+            if len(kids) != 1:
+                return None
+            c = kids[0]
+            kind = self.values[c].primitive
+            if c not in self.arrays or self.arrays[c].size != self.arrays[i].size or kind not in ELEMENTWISE | LAYOUT:
+                return None
+            f = Matcher([self.values[c]], self.tol).find(t)
+            if kind in ELEMENTWISE and not f.ok and f.value is not None:
+                return c, dataclasses.replace(f, index=None, layout=self.values[c].label)
+            j = c
         return None
 
 

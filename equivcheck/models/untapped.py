@@ -136,10 +136,10 @@ def _explain(m: Any, mods: dict[str, Any], rows: list[Any], healed: set[str], ma
                 "it (the forward method's own arithmetic: a residual sum, a reshape, a scaling)"
                 + (f", after {before[-1]}" if before else ""))
         return f"at or before layer {m.name}", text, m
-    for a in m.inputs:
+    for a in m.inputs if _opens_with_a_contraction(m.module) else ():
         i = look(a).index
         changed = match.changed_after(i, look(a).value) if i is not None and i >= 0 else None
-        src = next((p for p in mods.values() if _first_of(p) is a), None)
+        src = next((p for p in mods.values() if p.found.index == i and p is not m), None)
         if changed is not None:
             c, cf = changed
             what = f"{src.name}'s output" if src is not None else "its input"
@@ -162,6 +162,14 @@ def _explain(m: Any, mods: dict[str, Any], rows: list[Any], healed: set[str], ma
     text = (f"first diverging layer: {m.name} ({m.row.module}): its inputs are among the port's values, its output "
             f"is not ({closest})")
     return f"at layer {m.name}", text, m
+
+
+def _opens_with_a_contraction(module: Any) -> bool:
+    """A module whose port starts with a matmul or conv of its input: an elementwise change of the
+    input before it is outside the module (an activation or a norm starts with elementwise ops)."""
+    from torch import nn
+
+    return isinstance(module, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase))
 
 
 def _first_of(m: Any) -> Any:
