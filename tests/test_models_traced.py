@@ -278,3 +278,50 @@ def test_a_padding_row_that_gets_a_gradient_names_padding_idx():
     assert rec.outcome == "failed", rec.failure_text()
     assert "the gradient of 'embed.weight' differs first" in rec.diagnosis, rec.diagnosis
     assert "only row 0, the padding_idx: torch gives the padding row no gradient" in rec.diagnosis, rec.diagnosis
+
+
+def test_patch_tokens_match_through_a_permutation_and_a_merge_and_keys_are_skipped():
+    """torch's (B, C, H, W) patch embedding against a port's (B, H*W, C) tokens; a port that makes
+    a typed PRNG key (jax.random.key) still traces (the key has no NumPy form: skipped)."""
+    nchw = np.random.default_rng(0).normal(size=(2, 8, 2, 3))
+    tokens = nchw.transpose(0, 2, 3, 1).reshape(2, 6, 8)
+    found = Matcher([Value("dot_general at port.py:9", tokens)], TOL).find(nchw)
+    assert found.ok and found.layout.startswith("reshaped to (2, 2, 3, 8)"), found
+    heads = Matcher([Value("einsum", tokens.reshape(2, 6, 2, 4).transpose(0, 2, 1, 3))], TOL).find(tokens)
+    assert heads.ok, heads  # (B, heads, L, D) against torch's merged (B, L, heads*D)
+    values = evaluate(lambda x: x + jax.random.normal(jax.random.key(0), x.shape), np.zeros(3))
+    assert Matcher(values, TOL).find(np.zeros(3)).ok
+
+
+class _Unrolled(torch.nn.Module):
+    """One Linear applied three times in a loop (a decoder cell): hooks record three calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = torch.tanh(self.cell(x))
+        return self.head(x)
+
+
+def _scanned(params, x, train=False, slip=1.0):
+    def step(h, _):
+        h = jnp.tanh(_dense(params["cell"], h) * slip)
+        return h, None
+
+    return _dense(params["head"], jax.lax.scan(step, x, None, length=3)[0])
+
+
+def test_a_module_called_in_a_loop_matches_the_ports_scan_step_by_step():
+    inputs = Inputs(Custom(lambda rng: ((4, 4), (4, 1)), ((4, 4), (4, 1))), (Floats(-1, 1), Floats(-1, 1)))
+    ok = ModelPair("traced_loop", _Unrolled, _scanned, inputs, loss=mse(),
+                   optimizer=optimizer_pair("traced_loop.sgd", "SGD", lr=0.1), checks=("forward",))
+    (rec,) = ok.run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "passed" and all(r["ok"] for r in rec.extra["layers"]), rec.extra["layers"]
+    slipped = ok.replace(name="traced_loop_slip", jax_apply=lambda p, x, train=False: _scanned(p, x, slip=1.01))
+    (rec,) = slipped.run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed", rec.failure_text()
+    assert "the port computes cell's output" in rec.diagnosis or "first diverging layer: cell" in rec.diagnosis, \
+        rec.diagnosis

@@ -129,9 +129,19 @@ def _scan(eqn: Any, ins: list[Any], label: str, parents: tuple[int, ...], sink: 
         ys.reverse()
         inner.reverse()
     for column in zip(*inner):
-        sink.append(Value(f"{column[0].label}, stacked over the {n} steps of the {label}",
-                          np.stack([np.asarray(v.array) for v in column]), parents, "scan"))
+        arrays = [_numeric(v.array) for v in column]
+        if all(a is not None for a in arrays):
+            sink.append(Value(f"{column[0].label}, stacked over the {n} steps of the {label}", np.stack(arrays),
+                              parents, "scan"))
     return [*carry, *(jnp.stack(col) for col in zip(*ys))] if ys and ys[0] else list(carry)
+
+
+def _numeric(a: Any) -> np.ndarray | None:
+    """a as a NumPy array; None for what has no NumPy form (a typed PRNG key, a token)."""
+    try:
+        return np.asarray(a)
+    except (TypeError, ValueError):
+        return None
 
 
 def _where(summary: str) -> str:
@@ -170,8 +180,8 @@ class Matcher:
         for i, v in enumerate(self.values):
             for p in v.parents:
                 self.children.setdefault(p, []).append(i)
-            a = np.asarray(v.array)
-            if a.dtype.kind == "f" and a.size:
+            a = _numeric(v.array)
+            if a is not None and a.dtype.kind == "f" and a.size:
                 self.by_size.setdefault(a.size, []).append(i)
                 self.arrays[i] = a
 
@@ -216,15 +226,42 @@ class Matcher:
 
 
 def _layouts(v: np.ndarray, shape: tuple[int, ...]) -> list[tuple[str, np.ndarray]]:
+    """v in torch's `shape`: as it is, axes permuted, reshaped in row-major order, and a
+    permutation together with merging or splitting adjacent axes (torch's (B, C, H, W) against a
+    port's (B, H*W, C) patch tokens; (B, L, H*D) against (B, H, L, D) heads)."""
     v = np.asarray(v, np.float64)
     out = [("", v)] if v.shape == shape else []
-    if v.ndim == len(shape) and v.ndim <= MAX_PERMUTED_RANK and sorted(v.shape) == sorted(shape):
-        for perm in itertools.permutations(range(v.ndim)):
-            if perm != tuple(range(v.ndim)) and tuple(v.shape[k] for k in perm) == shape:
-                out.append((f"axes {perm}", v.transpose(perm)))
     if v.shape != shape:
         out.append(("reshaped", v.reshape(shape)))
+    seen = {v.shape}
+    if v.ndim <= MAX_PERMUTED_RANK:  # the port's axes permuted, then merged into torch's
+        for q in itertools.permutations(range(v.ndim)):
+            moved = tuple(v.shape[k] for k in q)
+            if q != tuple(range(v.ndim)) and moved not in seen and _merges(moved, shape):
+                seen.add(moved)
+                out.append((f"axes {q}" + (", reshaped" if moved != shape else ""), v.transpose(q).reshape(shape)))
+    if len(shape) <= MAX_PERMUTED_RANK and v.ndim < len(shape):  # torch's axes permuted merge into the port's
+        for p in itertools.permutations(range(len(shape))):
+            moved = tuple(shape[k] for k in p)
+            if p != tuple(range(len(shape))) and moved not in seen and _merges(moved, v.shape):
+                seen.add(moved)
+                back = tuple(int(k) for k in np.argsort(p))
+                out.append((f"reshaped to {moved}, axes {back}", v.reshape(moved).transpose(back)))
     return out
+
+
+def _merges(fine: tuple[int, ...], coarse: tuple[int, ...]) -> bool:
+    """Whether `coarse` is `fine` with runs of adjacent axes merged (sizes-1 axes ignored)."""
+    fine, coarse = [d for d in fine if d != 1], [d for d in coarse if d != 1]
+    k = 0
+    for d in coarse:
+        prod = 1
+        while prod < d and k < len(fine):
+            prod *= fine[k]
+            k += 1
+        if prod != d:
+            return False
+    return k == len(fine)
 
 
 def _errors(t: np.ndarray, v: np.ndarray, tol: Tolerance) -> tuple[float, float, float]:

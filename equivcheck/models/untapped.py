@@ -19,6 +19,8 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.models.trace import Found, Matcher
 
@@ -69,8 +71,10 @@ def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
             cache[id(t)] = match.find(to_numpy(t))
         return cache[id(t)]
 
+    _loops(seen, match, cache)
     producer: dict[int, _Module] = {}
     mods: dict[str, _Module] = {}
+    calls: list[_Module] = []
     healed: set[str] = set()
     rows: list[Any] = []
     extra: dict[str, str] = {}
@@ -84,7 +88,9 @@ def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
         if not f.ok and _final_state_found(module, out, look):
             f, note = dataclasses.replace(f, index=-1), "its final state is among the port's values (a carry-only scan)"
         row = Row(name, type(module).__name__, f.max_abs, f.max_rel, f.ratio, f.ok, note=note)
-        m = mods[name] = _Module(name, module, args, kwargs, out, f, ins, all(look(a).ok for a in ins), row)
+        m = _Module(name, module, args, kwargs, out, f, ins, all(look(a).ok for a in ins), row)
+        calls.append(m)
+        mods.setdefault(name, m)  # a module called in a loop: its first call
         if f.ok:
             healed.update(producer[id(a)].name for a in ins if id(a) in producer and not producer[id(a)].found.ok)
         producer.setdefault(id(t), m)
@@ -93,7 +99,7 @@ def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
         if srow is not None:
             rows.append(srow)
             extra[srow.layer] = shint
-    off = [mods[r.layer] for r in rows if not r.ok and r.layer in mods and r.layer not in healed]
+    off = [m for m in calls if not m.row.ok and m.name not in healed]
     if output_ok:
         for m in off:
             m.row.note = f"{m.row.note}; not among the port's values in torch's form, but the model's output agrees"
@@ -139,13 +145,16 @@ def _explain(m: Any, mods: dict[str, Any], rows: list[Any], healed: set[str], ma
     for a in m.inputs if _opens_with_a_contraction(m.module) else ():
         i = look(a).index
         changed = match.changed_after(i, look(a).value) if i is not None and i >= 0 else None
-        src = next((p for p in mods.values() if p.found.index == i and p is not m), None)
+        # the last module giving that value: a Dropout (identity in eval) after a pool, say
+        src = next((p for p in reversed(list(mods.values())) if p.found.index == i and p is not m
+                    and rows.index(p.row) < rows.index(m.row)), None)
         if changed is not None:
             c, cf = changed
             what = f"{src.name}'s output" if src is not None else "its input"
             target = src or m
             target.row.ok, target.row.max_abs, target.row.ratio = False, cf.max_abs, cf.ratio
             target.row.note = f"the port changes it ({match.values[c].label}) before {m.name}"
+            target.found = cf  # the value the port passes on, for the slip hint
             text = (f"first diverging layer: {target.name} ({target.row.module}): the port computes {what} "
                     f"({match.values[i].label}) and then changes it ({match.values[c].label}: max abs change "
                     f"{cf.max_abs:.3g}, {cf.ratio:.3g} x the tolerance) before {m.name}, whose output it never "
@@ -162,6 +171,33 @@ def _explain(m: Any, mods: dict[str, Any], rows: list[Any], healed: set[str], ma
     text = (f"first diverging layer: {m.name} ({m.row.module}): its inputs are among the port's values, its output "
             f"is not ({closest})")
     return f"at layer {m.name}", text, m
+
+
+def _loops(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]], match: Matcher,
+           cache: dict[int, Found]) -> None:
+    """A module torch calls once per step of a loop (a decoder's cell) has its outputs, and each
+    of its inputs, looked up stacked over its calls too: a port running the loop as a scan keeps
+    the step's values stacked (equivcheck.models.trace). Found ones enter `cache` per call."""
+    from equivcheck.backends.torch import to_numpy
+    from equivcheck.models.localise import _first_tensor
+
+    calls: dict[str, list[tuple[Any, list[Any]]]] = {}
+    for name, _module, args, kwargs, out in seen:
+        t = _first_tensor(out)
+        if t is not None and t.is_floating_point():
+            calls.setdefault(name, []).append((t, [a for a in _tensors(args, kwargs) if a.is_floating_point()]))
+    for name, each in calls.items():
+        if len(each) < 2:
+            continue
+        columns = [[t for t, _ in each]] + ([list(c) for c in zip(*(ins for _, ins in each))]
+                                            if len({len(ins) for _, ins in each}) == 1 else [])
+        for column in columns:
+            if len({tuple(x.shape) for x in column}) != 1 or all(id(x) in cache and cache[id(x)].ok for x in column):
+                continue
+            f = match.find(np.stack([to_numpy(x) for x in column]))
+            if f.ok:
+                for x in column:
+                    cache[id(x)] = dataclasses.replace(f, index=-1, layout=f"stacked over its {len(column)} calls")
 
 
 def _opens_with_a_contraction(module: Any) -> bool:
