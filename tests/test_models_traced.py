@@ -74,7 +74,7 @@ def _relu_mlp(params, x, train=False, transposed=False, scale=1.0):
 
 @pytest.mark.parametrize("check", ["forward", "grad"])
 def test_an_untransposed_kernel_is_localised_and_explained_without_taps(check):
-    port = lambda p, x, train=False: _relu_mlp(p, x, train, transposed=True)  # noqa: E731
+    port = lambda p, x, train=False: _relu_mlp(p, x, train, transposed=True)
     (rec,) = mlp_pair("traced_fc1", port, checks=(check,)).run_checks(dtype="float32", run=RUN)
     assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
     assert _first(rec) == ["fc1"], rec.extra["layers"]
@@ -84,7 +84,7 @@ def test_an_untransposed_kernel_is_localised_and_explained_without_taps(check):
 
 
 def test_untapped_code_after_the_last_module_is_named_there():
-    port = lambda p, x, train=False: _relu_mlp(p, x, train, scale=1.001)  # noqa: E731
+    port = lambda p, x, train=False: _relu_mlp(p, x, train, scale=1.001)
     (rec,) = mlp_pair("traced_head", port, checks=("forward",)).run_checks(dtype="float32", run=RUN)
     assert rec.outcome == "failed" and _first(rec) == [], rec.extra["layers"]
     assert "every torch module's output is among the values the port computes" in rec.diagnosis, rec.diagnosis
@@ -135,7 +135,7 @@ def no_taps(monkeypatch):
 def test_batch_norm_statistics_are_compared_without_taps(no_taps):
     """Flax's momentum convention (weight of the old statistic) given torch's value: every
     module's output agrees in train mode, the running statistics do not."""
-    port = lambda p, x, train=False: cnn_apply(p, x, train, bn_momentum=0.1)  # noqa: E731
+    port = lambda p, x, train=False: cnn_apply(p, x, train, bn_momentum=0.1)
     (rec,) = cnn_pair("traced_bn", port, checks=("modes",)).run_checks(dtype="float32", run=RUN)
     assert rec.outcome == "failed" and _first(rec) == ["bn1 (running stats)"], rec.extra["layers"]
     assert "momentum" in rec.diagnosis, rec.diagnosis
@@ -143,7 +143,7 @@ def test_batch_norm_statistics_are_compared_without_taps(no_taps):
 
 def test_an_nhwc_conv_padding_slip_is_localised_without_taps(no_taps):
     """The port pads W by (0, 2) where torch pads (1, 1): same shapes, shifted windows."""
-    port = lambda p, x, train=False: cnn_apply(p, x, train, padding=((1, 1), (0, 2)))  # noqa: E731
+    port = lambda p, x, train=False: cnn_apply(p, x, train, padding=((1, 1), (0, 2)))
     (rec,) = cnn_pair("traced_pad", port, checks=("forward",)).run_checks(dtype="float32", run=RUN)
     assert rec.outcome == "failed" and _first(rec) == ["conv1"], rec.extra["layers"]
     assert "first diverging layer: conv1 (Conv2d): its inputs are among the port's values" in rec.diagnosis
@@ -240,7 +240,7 @@ def _stack_pair(name, port):
 
 
 def test_a_slip_in_a_modules_own_forward_code_is_named_at_that_module():
-    port = lambda p, x, train=False: _stack_port(p, x, inside=jax.nn.sigmoid)  # noqa: E731
+    port = lambda p, x, train=False: _stack_port(p, x, inside=jax.nn.sigmoid)
     (rec,) = _stack_pair("traced_block", port).run_checks(dtype="float32", run=RUN)
     assert rec.outcome == "failed" and _first(rec) == ["block"], rec.extra["layers"]
     assert "inside it block.q agree and the input of block.o is nowhere: the divergence is in block's own " \
@@ -248,7 +248,7 @@ def test_a_slip_in_a_modules_own_forward_code_is_named_at_that_module():
 
 
 def test_a_module_output_changed_before_the_next_module_is_named_with_the_change():
-    port = lambda p, x, train=False: _stack_port(p, x, scaled=2.0)  # noqa: E731
+    port = lambda p, x, train=False: _stack_port(p, x, scaled=2.0)
     (rec,) = _stack_pair("traced_scaled", port).run_checks(dtype="float32", run=RUN)
     assert rec.outcome == "failed" and _first(rec) == ["inp"], rec.extra["layers"]
     assert "the port differs from torch after layer inp, before layer block.q" in rec.diagnosis, rec.diagnosis
