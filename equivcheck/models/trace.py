@@ -233,18 +233,16 @@ def _layouts(v: np.ndarray, shape: tuple[int, ...]) -> list[tuple[str, np.ndarra
     out = [("", v)] if v.shape == shape else []
     if v.shape != shape:
         out.append(("reshaped", v.reshape(shape)))
-    seen = {v.shape}
+    # equal sizes along different permutations are different layouts: none is skipped by shape
     if v.ndim <= MAX_PERMUTED_RANK:  # the port's axes permuted, then merged into torch's
         for q in itertools.permutations(range(v.ndim)):
             moved = tuple(v.shape[k] for k in q)
-            if q != tuple(range(v.ndim)) and moved not in seen and _merges(moved, shape):
-                seen.add(moved)
+            if q != tuple(range(v.ndim)) and _merges(moved, shape):
                 out.append((f"axes {q}" + (", reshaped" if moved != shape else ""), v.transpose(q).reshape(shape)))
     if len(shape) <= MAX_PERMUTED_RANK and v.ndim < len(shape):  # torch's axes permuted merge into the port's
         for p in itertools.permutations(range(len(shape))):
             moved = tuple(shape[k] for k in p)
-            if p != tuple(range(len(shape))) and moved not in seen and _merges(moved, v.shape):
-                seen.add(moved)
+            if p != tuple(range(len(shape))) and _merges(moved, v.shape):
                 back = tuple(int(k) for k in np.argsort(p))
                 out.append((f"reshaped to {moved}, axes {back}", v.reshape(moved).transpose(back)))
     return out

@@ -198,6 +198,23 @@ def _loops(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
             if f.ok:
                 for x in column:
                     cache[id(x)] = dataclasses.replace(f, index=-1, layout=f"stacked over its {len(column)} calls")
+                continue
+            for k, x in enumerate(column):  # the loop parts from torch at some step: the steps before agree
+                step = _step_values(match, k, x.numel())
+                g = Matcher(step, match.tol).find(to_numpy(x)) if step else None
+                if g is not None and g.ok:
+                    cache[id(x)] = dataclasses.replace(g, index=-1, layout=step[g.index].label)
+
+
+def _step_values(match: Matcher, k: int, size: int) -> list[Any]:
+    """Step k of every value a scan stacked over its steps, of `size` elements per step."""
+    from equivcheck.models.trace import Value
+
+    out = []
+    for i, a in match.arrays.items():
+        if match.values[i].primitive == "scan" and a.ndim >= 1 and a.shape[0] > k and a[0].size == size:
+            out.append(Value(f"step {k} of {match.values[i].label}", a[k]))
+    return out
 
 
 def _opens_with_a_contraction(module: Any) -> bool:
