@@ -61,7 +61,7 @@ def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
     is one it computes in another form, not a divergence: no module is named then (only
     running statistics can be)."""
     from equivcheck.backends.torch import to_numpy
-    from equivcheck.models.localise import Row, _first_tensor
+    from equivcheck.models.slips import Row, _first_tensor
 
     match = Matcher(values, tol)
     cache: dict[int, Found] = {}
@@ -179,7 +179,7 @@ def _loops(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
     of its inputs, looked up stacked over its calls too: a port running the loop as a scan keeps
     the step's values stacked (equivcheck.models.trace). Found ones enter `cache` per call."""
     from equivcheck.backends.torch import to_numpy
-    from equivcheck.models.localise import _first_tensor
+    from equivcheck.models.slips import _first_tensor
 
     calls: dict[str, list[tuple[Any, list[Any]]]] = {}
     for name, _module, args, kwargs, out in seen:
@@ -226,7 +226,7 @@ def _opens_with_a_contraction(module: Any) -> bool:
 
 
 def _first_of(m: Any) -> Any:
-    from equivcheck.models.localise import _first_tensor
+    from equivcheck.models.slips import _first_tensor
 
     return _first_tensor(m.out)
 
@@ -264,7 +264,7 @@ def _final_state_found(module: Any, out: Any, look: Any) -> bool:
 
 def _hint(m: Any, match: Matcher, tol: Tolerance) -> str:
     from equivcheck.backends.torch import to_numpy
-    from equivcheck.models.localise import hint
+    from equivcheck.models.slips import hint
 
     t = _first_of(m)
     f = m.found
