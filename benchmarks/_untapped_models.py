@@ -24,6 +24,7 @@ from torch import nn
 
 from equivcheck import Custom, Floats, Inputs, Ints
 from equivcheck.models import ModelPair, cross_entropy, mse
+from equivcheck.models.zoo import TinyEncoder
 
 
 def _dense(p: Any, x: Any, bias: bool = True) -> Any:
@@ -149,26 +150,13 @@ CNN_INPUTS = Inputs(Custom(lambda rng: ((n := _pick((2, 3, 4))(rng), 1, 8, 8), (
 # --------------------------------------------------------------------------- transformer encoder block
 
 
-class Encoder(nn.Module):
-    """Embedding(20, 8) -> MultiheadAttention(8, 2 heads, key padding mask; token 0 pads, the first
-    position never) -> residual + LayerNorm -> Linear(8, 16) -> GELU -> Linear(16, 8) -> residual +
-    LayerNorm -> masked mean -> Linear(8, 3)."""
+class Encoder(TinyEncoder):
+    """The zoo's TinyEncoder at width 8: Embedding(20, 8) -> MultiheadAttention(8, 2 heads, key
+    padding mask; token 0 pads, the first position never) -> residual + LayerNorm -> Linear(8, 16)
+    -> GELU -> Linear(16, 8) -> residual + LayerNorm -> masked mean -> Linear(8, 3)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(20, 8)
-        self.attn = nn.MultiheadAttention(8, 2, bias=False, batch_first=True)  # no zero-gradient key bias
-        self.norm1, self.ff1, self.act, self.ff2 = nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
-        self.norm2, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pad = tokens == 0
-        pad[:, 0] = False
-        h = self.embed(tokens)
-        h = self.norm1(h + self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
-        h = self.norm2(h + self.ff2(self.act(self.ff1(h))))
-        keep = (~pad).to(h.dtype)[..., None]
-        return self.head((h * keep).sum(1) / keep.sum(1))
+        super().__init__(vocab=20, d=8, heads=2, ff=16, classes=3)
 
 
 ENCODER_SLIPS = {

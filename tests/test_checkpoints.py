@@ -220,10 +220,10 @@ def test_bfloat16_through_float16_is_found_by_the_round_trip_check(monkeypatch):
 
 def transposed_rules():
     """The planted bug: the square first layer converted without its transpose."""
-    W.LAYOUTS["linear_untransposed_bug"] = W.Layout({"weight": "kernel", "bias": "bias"},
-                                                    {"weight": lambda a, m: a, "bias": lambda a, m: a},
-                                                    {"weight": lambda a, m: a, "bias": lambda a, m: a},
-                                                    W.LAYOUTS["linear"].probe)
+    W.register_layout("linear_untransposed_bug",
+                      W.Layout({"weight": "kernel", "bias": "bias"}, {"weight": lambda a, m: a, "bias": lambda a, m: a},
+                               {"weight": lambda a, m: a, "bias": lambda a, m: a}, W.LAYOUTS["linear"].probe),
+                      replace=True)
     return [W.Rule("0", "params/Dense_0", "linear_untransposed_bug"), M.MLP_RULES[1]]
 
 

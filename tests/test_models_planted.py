@@ -126,3 +126,45 @@ def test_fit_reports_both_accuracies_and_catches_a_slip():
     assert "test accuracy torch" in good.notes[0]
     bad = check(cnn_pair("fit_bn", planted(cnn_apply, bn_momentum=0.1), fit=fit, checks=("fit",)), "fit")
     assert bad.outcome == "failed" and "first diverging layer: bn1 (running stats)" in bad.diagnosis, bad.diagnosis
+
+
+def _clipped(optax_max_norm, optax_lr=0.5):
+    """torch: SGD(lr=0.5) after clip_grad_norm_(0.05); optax: a chain of the user's own, its
+    clipping at `optax_max_norm` and its lr at `optax_lr`; `unclipped` is the same pair with
+    the clipping taken out of both sides (the lr kept as each side has it)."""
+    import torch
+
+    from equivcheck.optim import OptimizerPair
+    from equivcheck.optim import transforms as ot
+
+    def pair(clip):
+        return OptimizerPair(
+            f"p_clip_{optax_max_norm}_{optax_lr}" + ("" if clip else "_unclipped"),
+            lambda ps: torch.optim.SGD(ps, lr=0.5),
+            lambda: optax.chain(ot.clip_by_global_norm_torch(optax_max_norm), optax.sgd(optax_lr)) if clip
+            else optax.sgd(optax_lr),
+            torch_clip=(lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.05)) if clip else None,
+            clip_reports_norm=clip, unclipped=(lambda: pair(False)) if clip else None)
+
+    return pair(True)
+
+
+def test_a_clipping_slip_is_named_as_clipping_not_the_optimizer():
+    rec = check(mlp_pair("p_clip", optimizer=_clipped(0.1)), "train", "float64")
+    assert rec.outcome == "failed", rec.message
+    assert "clipping differs: 'p_clip_0.1_0.5' fails its" in rec.diagnosis, rec.diagnosis
+    assert "the optimizer differs" not in rec.diagnosis
+
+
+def test_an_optimizer_slip_under_clipping_is_still_the_optimizer():
+    rec = check(mlp_pair("p_clip_lr", optimizer=_clipped(0.05, optax_lr=0.4)), "train", "float64")
+    assert rec.outcome == "failed", rec.message
+    assert "the optimizer differs" in rec.diagnosis and "clipping differs" not in rec.diagnosis, rec.diagnosis
+
+
+def test_replacing_a_side_drops_the_unclipped_and_rebuilt_pairs():
+    good = optimizer_pair("p_keep", "SGD", lr=0.1, clip_norm=1.0)
+    assert good.unclipped is not None and good.unclipped().torch_clip is None
+    swapped = good.replace(optax_transform=lambda: optax.sgd(0.2))
+    assert swapped.unclipped is None and swapped.rebuild is None
+    assert good.replace(doc="same sides").unclipped is good.unclipped

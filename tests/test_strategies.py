@@ -195,3 +195,11 @@ def test_fixed_refuses_what_is_not_a_tuple_of_choices_and_shows_the_form(bad):
     with pytest.raises(ValueError, match=r"Fixed\(\(\(\(4, 4\),\),\)\) for one argument of shape \(4, 4\)"):
         Fixed(bad)
     assert Fixed((((4, 4),),)).choices == (((4, 4),),) and Fixed(((3,),)).choices == (((3,),),)
+
+
+def test_inputs_given_a_list_of_shapes_says_what_to_write():
+    """A list of shapes where a shape rule belongs raised AttributeError: 'list' object has no attribute 'n'."""
+    from equivcheck import Floats, Inputs
+
+    with pytest.raises(TypeError, match=r"not a shape rule: give Fixed\(\(\(shape"):
+        Inputs([(4, 3), (4, 2)], (Floats(), Floats()))

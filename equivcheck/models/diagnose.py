@@ -172,13 +172,31 @@ def optimizer_cause(pair: Any, dtype: str, run: Any) -> tuple[str | None, str]:
         records = run_optimizer_pair(opt.replace(checks=checks), dtype=dtype, run=small)
     except Exception as exc:
         return None, f"the optimizer pair's own checks raised {type(exc).__name__}: {exc}"
-    for rec in records:
-        if rec.outcome == "failed":
-            cause = rec.diagnosis or rec.message.split("\n")[0]
-            return rec.side or "jax", (f"the optimizer differs: {opt.name!r} alone fails its {rec.check} check: "
-                                       f"{rec.message.splitlines()[0]}; cause: {cause}")
+    failed = [rec for rec in records if rec.outcome == "failed"]
+    if failed and _clipping_alone(opt, tuple(r.check for r in failed), dtype, small):
+        return "jax", (f"clipping differs: {opt.name!r} fails its {failed[0].check} check and passes it with the "
+                       "clipping taken out of both sides; compare the two clippings (max norm or value; torch's "
+                       "clip_grad_norm_ divides by norm + 1e-6, optax.clip_by_global_norm by the norm and only above "
+                       "it: equivcheck.optim.transforms.clip_by_global_norm_torch is torch's)")
+    for rec in failed:
+        cause = rec.diagnosis or rec.message.split("\n")[0]
+        return rec.side or "jax", (f"the optimizer differs: {opt.name!r} alone fails its {rec.check} check: "
+                                   f"{rec.message.splitlines()[0]}; cause: {cause}")
     return None, (f"the optimizer pair {opt.name!r} passes its own checks ({', '.join(checks)}): the trajectories "
                   "part by accumulated rounding or by how the model and optimizer combine")
+
+
+def _clipping_alone(opt: Any, checks: tuple[str, ...], dtype: str, run: Any) -> bool:
+    """Whether the pair without clipping on either side passes the checks it failed."""
+    from equivcheck.optim.runner import run_optimizer_pair
+
+    if opt.torch_clip is None or opt.unclipped is None:
+        return False
+    try:
+        records = run_optimizer_pair(opt.unclipped().replace(checks=checks), dtype=dtype, run=run)
+    except Exception:  # noqa: BLE001 (a hint, never a new failure)
+        return False
+    return bool(records) and all(r.outcome == "passed" for r in records)
 
 
 def layer_table(pair: Any, check: str, ents: list[mm.Entry], dtype: str, run: Any,

@@ -64,7 +64,12 @@ def _error(side: str, check: str, exc: BaseException, context: str = "") -> Resu
 def mapping(pair: Any, dtype: str, device: str) -> list[mm.Entry]:
     """The weight mapping, checked against the port's own tree when it declares one."""
     model = ms.build_torch(pair, 0, dtype, device)
-    ents = mm.entries(model, pair.rules)
+    if pair.to_jax is not None:
+        from equivcheck.models.converter import UserMapping
+
+        ents = UserMapping(pair.to_jax, model)
+    else:
+        ents = mm.entries(model, pair.rules)
     params, stats = mm.to_jax(ents, ms.torch_state(model))
     if pair.jax_params is not None:
         mm.check_against(mm.merge(params, stats), pair.jax_params(), "the tree converted from torch's state_dict")

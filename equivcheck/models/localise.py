@@ -77,12 +77,15 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
         if not (train and name in bn_of and j_stats is not None):
             return None, ""
         path = bn_of[name].path
-        tsub, jsub = mm.get(t_stats, path), mm.get(j_stats, path, "port's statistics")
-        v = compare(dict(tsub), dict(jsub), tol)
+        roles = getattr(bn_of[name], "names", None) or {"mean": "mean", "var": "var"}
+        tsub, jsub, old = ({roles.get(k, k): v for k, v in dict(mm.get(tree, path, what)).items()}
+                           for tree, what in ((t_stats, "statistics tree"), (j_stats, "port's statistics"),
+                                              (stats, "statistics tree")))
+        v = compare(tsub, jsub, tol)
         w = v.worst
         row = Row(f"{name} (running stats)", type(module).__name__, w.max_abs if w else 0.0, w.max_rel if w else 0.0,
                   v.ratio, v.ok)
-        return row, "" if v.ok else _stats_hint(mm.get(stats, path), tsub, jsub, module.momentum or 0.1, tol)
+        return row, "" if v.ok else _stats_hint(old, tsub, jsub, module.momentum or 0.1, tol)
 
     if not taps and exc is None:
         traced = _untapped(pair, params, stats, inputs, masks, train, dtype, device, seen, tol, stats_row, t_model,

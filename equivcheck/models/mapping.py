@@ -101,8 +101,13 @@ def _split(name: str) -> tuple[str, ...]:
 
 
 def _own(module: Any) -> list[str]:
+    """What of the module's own the port needs: parameters and persistent buffers. A
+    non-persistent buffer (a causal mask, an index table) is rebuilt by the port, not converted;
+    BatchNorm's step counter has no Flax counterpart."""
     names = [n for n, _ in module.named_parameters(recurse=False)]
-    return names + [n for n, _ in module.named_buffers(recurse=False) if n != "num_batches_tracked"]
+    transient = set(getattr(module, "_non_persistent_buffers_set", ()))
+    return names + [n for n, _ in module.named_buffers(recurse=False)
+                    if n != "num_batches_tracked" and n not in transient]
 
 
 def entries(model: Any, rules: Sequence[Any] = ()) -> list[Entry]:
@@ -128,7 +133,8 @@ def entries(model: Any, rules: Sequence[Any] = ()) -> list[Entry]:
         except ConversionError:
             raise ConversionError(
                 f"module {name or '<root>'!r} ({type(module).__name__}) holds {', '.join(own)}, which no converter "
-                f"knows: give a weights.Rule for {name!r} (or tap a supported layer instead)") from None
+                f"knows: register its type (equivcheck.weights.register_module), give a weights.Rule for {name!r}, "
+                f"or convert the whole model with ModelPair(to_jax=your_converter)") from None
         out.append(Entry(name, _split(name), kind, cfg))
         covered.append(name)
     unknown = sorted(set(by_prefix) - {e.module for e in out})
@@ -163,7 +169,10 @@ def get(tree: Any, path: tuple[str, ...], what: str = "params tree") -> Any:
 
 
 def to_jax(ents: Sequence[Entry], state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainable tree, statistics tree) from a torch state_dict (NumPy values)."""
+    """(trainable tree, statistics tree) from a torch state_dict (NumPy values). `ents` is
+    `entries(...)`, or a converter.UserMapping (the pair's own `to_jax`), which converts itself."""
+    if hasattr(ents, "to_jax"):
+        return ents.to_jax(state)
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     for e in ents:
@@ -261,6 +270,8 @@ def grads_to_torch(ents: Sequence[Entry], grads: Any, state: Mapping[str, Any]) 
     state  torch's state_dict as NumPy (names, shapes, dtypes; the conversion is linear).
     Returns torch name -> NumPy array, buffers with zeros. Raises ConversionError where
     `grads` lacks a converted layer's path."""
+    if hasattr(ents, "grads_to_torch"):
+        return ents.grads_to_torch(grads, state)
     out = to_torch([e for e in ents if e.rule is not None], grads)
     conv = tuple(e for e in ents if e.rule is None)
     if not conv:
@@ -271,7 +282,15 @@ def grads_to_torch(ents: Sequence[Entry], grads: Any, state: Mapping[str, Any]) 
     cotangent: dict[str, Any] = {}
     for e in conv:
         _put(cotangent, e.path, get(grads, e.path, "gradient tree"))
-    out.update(chain_rule(fn, owned, cotangent))
+    import jax
+
+    try:
+        out.update(chain_rule(fn, owned, cotangent))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as exc:
+        kinds = sorted({e.kind for e in conv} - set(convert.KINDS))
+        raise ConversionError(f"the conversion of {kinds or 'a layer'} is not traceable by JAX ({type(exc).__name__}):"
+                              f" gradients go back by jax.vjp of register_module's to_jax, so it must keep jax arrays "
+                              f"jax (.T, .reshape, slicing, jnp; not np.* functions)") from None
     return out
 
 

@@ -86,6 +86,10 @@ class ModelPair:
     rules        weights.Rule(torch_prefix, jax_path, layout) for modules that equivcheck.weights.convert
                  does not describe or that the port lays out otherwise (linear_after_flatten);
                  the other modules convert automatically, nested by their torch names
+    to_jax       your own converter instead of rules and the automatic conversion: torch module -> the
+                 port's parameter tree (NumPy, jax or torch leaves). Its statistics part (leaves made
+                 of persistent buffers) is told apart by itself; gradients go back to torch names by
+                 the chain rule through it (equivcheck.models.converter: it must be linear in the weights)
     layer_names  torch module name -> the port's tap name, where the two differ
     jax_params   () -> the port's own parameter tree (its init): the converted tree must match
                  it key for key and shape for shape
@@ -105,6 +109,7 @@ class ModelPair:
     checks: tuple[str, ...] = ("forward", "grad", "modes", "train")
     dtypes: tuple[str, ...] = ("float32", "float64")
     rules: tuple[Any, ...] = ()
+    to_jax: Callable[[Any], Any] | None = None
     layer_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     stateful: bool = False
     jax_params: Callable[[], Any] | None = None
@@ -127,6 +132,10 @@ class ModelPair:
         for label in ("torch_model", "jax_apply"):
             if not callable(getattr(self, label)):
                 raise TypeError(f"ModelPair {self.name!r}: {label} must be callable")
+        if self.to_jax is not None and not callable(self.to_jax):
+            raise TypeError(f"ModelPair {self.name!r}: to_jax must be callable (torch module -> the port's params)")
+        if self.to_jax is not None and self.rules:
+            raise ValueError(f"ModelPair {self.name!r}: give rules or to_jax, not both (to_jax converts everything)")
         if not isinstance(self.inputs, Inputs):
             raise TypeError(f"ModelPair {self.name!r}: inputs must be an equivcheck Inputs (the target last)")
         bad = [c for c in self.checks if c not in MODEL_CHECKS]

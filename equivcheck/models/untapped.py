@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from equivcheck.engine.tolerance import Tolerance
+from equivcheck.models.slips import Row, _first_tensor, hint
 from equivcheck.models.trace import Found, Matcher
 
 HOW = "located without taps: each torch module's output looked up among the {n} values the port computes"
@@ -61,7 +62,6 @@ def locate(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
     is one it computes in another form, not a divergence: no module is named then (only
     running statistics can be)."""
     from equivcheck.backends.torch import to_numpy
-    from equivcheck.models.slips import Row, _first_tensor
 
     match = Matcher(values, tol)
     cache: dict[int, Found] = {}
@@ -179,7 +179,6 @@ def _loops(seen: Sequence[tuple[str, Any, tuple[Any, ...], dict[str, Any], Any]]
     of its inputs, looked up stacked over its calls too: a port running the loop as a scan keeps
     the step's values stacked (equivcheck.models.trace). Found ones enter `cache` per call."""
     from equivcheck.backends.torch import to_numpy
-    from equivcheck.models.slips import _first_tensor
 
     calls: dict[str, list[tuple[Any, list[Any]]]] = {}
     for name, _module, args, kwargs, out in seen:
@@ -225,12 +224,6 @@ def _opens_with_a_contraction(module: Any) -> bool:
     return isinstance(module, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase))
 
 
-def _first_of(m: Any) -> Any:
-    from equivcheck.models.slips import _first_tensor
-
-    return _first_tensor(m.out)
-
-
 def _owner(m: Any, mods: dict[str, Any]) -> Any:
     """The innermost module holding `m` whose inputs the port computes and whose output it does
     not: code in its own forward, between its submodules, is where the port leaves torch."""
@@ -247,7 +240,7 @@ def _fused_into(m: Any, mods: dict[str, Any], healed: set[str]) -> Any:
     own (others of its type were passed over as fused) and that consumer is off too."""
     if not any(type(mods[n].module) is type(m.module) for n in healed):
         return None
-    out = _first_of(m)
+    out = _first_tensor(m.out)
     return next((c for c in mods.values() if not c.found.ok and any(a is out for a in c.inputs)), None)
 
 
@@ -264,9 +257,8 @@ def _final_state_found(module: Any, out: Any, look: Any) -> bool:
 
 def _hint(m: Any, match: Matcher, tol: Tolerance) -> str:
     from equivcheck.backends.torch import to_numpy
-    from equivcheck.models.slips import hint
 
-    t = _first_of(m)
+    t = _first_tensor(m.out)
     f = m.found
     return hint(m.module, m.args, m.kwargs, t, f.value if f.value is not None else to_numpy(t), tol,
                 same=lambda y: match.find(to_numpy(y)).ok)

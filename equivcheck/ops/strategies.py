@@ -272,6 +272,10 @@ class Inputs:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "args", tuple(self.args))
+        if not isinstance(self.shapes, ShapeSpec):
+            raise TypeError(f"Inputs: the shape rule is a {type(self.shapes).__name__} ({self.shapes!r:.60}), not a "
+                            f"shape rule: give Fixed(((shape, ...),)) for fixed shapes, or Same, Broadcast, MatMul, "
+                            f"Custom")
         arrays = sum(not isinstance(a, Static) for a in self.args)
         if arrays != self.shapes.n:
             raise ValueError(f"Inputs: {arrays} array arguments but the shape rule makes {self.shapes.n} shapes")

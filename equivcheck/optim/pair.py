@@ -50,6 +50,9 @@ class OptimizerPair:
     schedule_takes_loss  the scheduler steps on the loss (ReduceLROnPlateau)
     torch_clip       list of tensors -> gradient norm or None, applied before the step
     clip_reports_norm    torch_clip returns the norm, compared as `grad_norm`
+    unclipped        () -> this pair with clipping taken out of both sides: a model's train check
+                     that fails reruns it, and names clipping (not the optimizer) when it then
+                     passes. optimizer_pair sets it; a pair of your own with torch_clip may too
     accumulate       micro-batches per step (torch sums loss/k gradients; optax.MultiSteps)
     param_groups     torch param groups, [(predicate(path, leaf) -> bool, overrides)]
                      (equivcheck.optim.groups): torch_optimizer then receives torch's list of
@@ -75,6 +78,7 @@ class OptimizerPair:
     schedule_takes_loss: bool = False
     torch_clip: Callable[[list[Any]], Any] | None = None
     clip_reports_norm: bool = False
+    unclipped: Callable[[], OptimizerPair] | None = None
     accumulate: int = 1
     param_groups: tuple[tuple[Callable[[str, Any], bool], Mapping[str, Any]], ...] = ()
     checks: tuple[str, ...] = ("step", "quadratic", "mlp")
@@ -109,6 +113,8 @@ class OptimizerPair:
             raise ValueError(f"OptimizerPair {self.name!r}: checks {bad or '()'} not among {OPTIM_CHECKS}")
         if "schedule" in self.checks and (self.optax_schedule is None or self.torch_scheduler is None):
             raise ValueError(f"OptimizerPair {self.name!r}: the schedule check needs torch_scheduler and optax_schedule")
+        if self.unclipped is not None and not callable(self.unclipped):
+            raise TypeError(f"OptimizerPair {self.name!r}: unclipped must be callable (() -> the pair without clipping)")
         if not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise ValueError(f"OptimizerPair {self.name!r}: accumulate must be a positive int")
         require_reasons(f"OptimizerPair {self.name!r}", self.tolerance)
@@ -120,6 +126,11 @@ class OptimizerPair:
         return f"OptimizerPair({self.name!r})"
 
     def replace(self, **changes: Any) -> OptimizerPair:
+        """A copy with `changes`; a change to either side drops `unclipped` and `rebuild` unless
+        given anew (they rebuild the sides as they were, which would hide the change)."""
+        if {"torch_optimizer", "optax_transform", "torch_clip", "state_map"} & set(changes):
+            changes.setdefault("unclipped", None)
+            changes.setdefault("rebuild", None)
         return dataclasses.replace(self, **changes)
 
     # the override for a dtype and check, most specific key first: the same lookup as Pair's
@@ -221,8 +232,12 @@ def optimizer_pair(name: str, torch_optimizer: str | type, *, schedule: Schedule
                               accumulate=accumulate, optax_map=optax_map, checks=checks, dtypes=dtypes,
                               tolerance=tolerance, doc=doc, groups=regrouped, **{**hparams, **changes})
 
+    def unclipped() -> OptimizerPair:
+        return optimizer_pair(name, cls, schedule=schedule, accumulate=accumulate, optax_map=optax_map, checks=checks,
+                              dtypes=dtypes, tolerance=tolerance, doc=doc, groups=groups, **hparams)
+
     return OptimizerPair(
-        name, lambda ps: cls(ps, **hp), lambda: tx, smap,
+        name, lambda ps: cls(ps, **hp), lambda: tx, smap, unclipped=unclipped if clip is not None else None,
         torch_scheduler=schedule.torch_factory() if schedule is not None else None,
         optax_schedule=sched.schedule if sched is not None else None,
         schedule_takes_loss=bool(schedule is not None and schedule.takes_loss),

@@ -96,9 +96,40 @@ _LAYOUTS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
 }
 
 
+_MODULES: list[tuple[type, str, Callable[[Any], dict[str, Any]]]] = []  # register_module's, newest first
+
+
+def register_module(module_type: type, kind: str, to_jax: Callable[..., Any], to_torch: Callable[..., Any], *,
+                    config: Callable[[Any], Mapping[str, Any]] | None = None) -> None:
+    """Teach the automatic model conversion (ModelPair without rules) a module type of your own.
+
+    module_type  a torch.nn.Module subclass; its instances (subclasses too) convert by `kind`.
+                 A type registered later wins over an earlier one and over the built-in table.
+    kind         a new name (not one of the built-in KINDS): it names the module in messages.
+    to_jax       (state_dict, **cfg) -> the port's parameter tree for one module: the module's own
+                 parameters and persistent buffers by their local names ("weight", "scale", ...).
+                 It must keep jax arrays jax (use `.T`, `.reshape`, `.transpose`, slicing, jnp):
+                 gradients go back to torch names by `jax.vjp` of this function.
+    to_torch     (tree, **cfg) -> the module's state_dict: the inverse.
+    config       module -> cfg keyword arguments both functions take (settings read off the module).
+
+    Raises ConversionError for a kind already registered or built in, TypeError for a
+    module_type that is not a class or functions that are not callable.
+    """
+    if not isinstance(module_type, type):
+        raise TypeError(f"register_module: module_type must be a class, got {type(module_type).__name__}")
+    if not (callable(to_jax) and callable(to_torch)) or (config is not None and not callable(config)):
+        raise TypeError(f"register_module({module_type.__name__}): to_jax, to_torch and config must be callable")
+    if not isinstance(kind, str) or not kind or kind in _LAYOUTS:
+        raise ConversionError(f"register_module({module_type.__name__}): kind {kind!r} is empty or taken "
+                              f"(taken: {', '.join(_LAYOUTS)})")
+    _LAYOUTS[kind] = (to_jax, to_torch)
+    _MODULES.insert(0, (module_type, kind, config or (lambda module: {})))
+
+
 def _kind(kind: str) -> None:
     if kind not in _LAYOUTS:
-        raise ConversionError(f"unknown layer kind {kind!r}; known: {', '.join(KINDS)}")
+        raise ConversionError(f"unknown layer kind {kind!r}; known: {', '.join(_LAYOUTS)}")
 
 
 def to_jax(kind: str, state_dict: Mapping[str, Any], **cfg: Any) -> Any:
@@ -125,8 +156,12 @@ def to_torch(kind: str, tree: Any, **cfg: Any) -> dict[str, Any]:
 
 
 def describe(module: Any) -> tuple[str, dict[str, Any]]:
-    """The layer kind and conversion settings of a torch.nn module."""
-    import torch.nn as nn
+    """The layer kind and conversion settings of a torch.nn module (`register_module`'s first)."""
+    from torch import nn
+
+    for cls, kind, config in _MODULES:
+        if isinstance(module, cls):
+            return kind, dict(config(module))
 
     table: list[tuple[Any, str]] = [
         (nn.Linear, "linear"), ((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
@@ -147,7 +182,8 @@ def describe(module: Any) -> tuple[str, dict[str, Any]]:
             if kind in ("lstm", "gru"):
                 cfg["bias"] = module.bias
             return kind, cfg
-    raise ConversionError(f"no conversion for {type(module).__name__}; known kinds: {', '.join(KINDS)}")
+    raise ConversionError(f"no conversion for {type(module).__name__}; known kinds: {', '.join(_LAYOUTS)} "
+                          "(equivcheck.weights.register_module adds one)")
 
 
 def module_to_jax(module: Any) -> Any:

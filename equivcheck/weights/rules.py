@@ -2,9 +2,8 @@
 
 Each `Rule` maps one torch layer (a state_dict prefix) to one Flax layer (a path in the
 parameter tree) through a `Layout`: how each parameter is renamed and re-laid out both ways,
-and a probe that runs the layer on both sides. Layouts are plain records in `LAYOUTS`, so the
-converters of equivcheck.weights.convert (layers issue) can replace these as they land:
-`LAYOUTS["linear"] = Layout(...)`. Every conversion is a transpose or reshape: bit-exact in
+and a probe that runs the layer on both sides. Layouts are plain records in `LAYOUTS`; a layout
+of your own goes in by `register_layout(name, Layout(...))`. Every conversion is a transpose or reshape: bit-exact in
 any dtype, bfloat16 included.
 """
 from __future__ import annotations
@@ -96,6 +95,27 @@ LAYOUTS: dict[str, Layout] = {
     "conv2d": Layout({"weight": "kernel", "bias": "bias"}, {"weight": _conv_to_jax, "bias": _same},
                      {"weight": _conv_to_torch, "bias": _same}, _probe_conv),
 }
+
+
+def register_layout(name: str, layout: Layout, *, replace: bool = False) -> None:
+    """Make `layout` usable as `Rule(torch_prefix, jax_path, name)`.
+
+    Every torch name of `layout.names` needs a function both ways in `to_jax` and `to_torch`
+    (array, meta) -> array; `probe` is optional. Raises CheckpointError for a name already
+    taken (unless replace=True) or a layout missing a direction for one of its names, TypeError
+    for something that is not a Layout.
+    """
+    if not isinstance(layout, Layout):
+        raise TypeError(f"register_layout({name!r}): expected an equivcheck.weights.Layout, got {type(layout).__name__}")
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"register_layout: the name must be a non-empty string, got {name!r}")
+    if name in LAYOUTS and not replace:
+        raise CheckpointError(f"register_layout: {name!r} is taken (pass replace=True to replace it)")
+    for direction in ("to_jax", "to_torch"):
+        lacking = sorted(set(layout.names) - set(getattr(layout, direction)))
+        if lacking:
+            raise CheckpointError(f"register_layout({name!r}): {direction} has no function for {lacking}")
+    LAYOUTS[name] = layout
 
 
 def _layout(rule: Rule) -> Layout:
