@@ -40,6 +40,16 @@ GRU seq2seq forecaster whose decoder runs an nn.GRU one step at a time with atte
 and four correct ports written otherwise (folded BatchNorm with shifted-slice depthwise convs,
 jax.nn.dot_product_attention, flax.linen layers applied functionally, linen.GRUCell unrolled).
 
+Set 4 (benchmarks/_untapped_models4.py, `--set 4`) is held out like set 3, written later and
+without reading how the tool localises: four more families (a WaveNet-style stack of causal
+dilated Conv1d subclasses with gated activations and residual + skip sums, a decoder layer with
+causal self-attention and key-padded cross-attention through nn.MultiheadAttention, nn.RMSNorm
+and a SwiGLU MLP, an MLP-Mixer whose token and channel counts are equal so that a mixing-axis
+slip keeps every shape, a bidirectional GRU tagger ported with forward and reverse `lax.scan`s),
+29 slips and four correct ports written otherwise (per-tap shifted einsums in NCW, a fused qkv
+projection with heads under jax.vmap, a channels-first Mixer with jax.nn.standardize, both GRU
+directions in one vmapped scan).
+
 A slip that only the gradient shows (set 2's padding_idx row) is localised by the diagnosis's
 "the gradient of 'embed.weight' differs first": its module ("embed") counts as localised-as.
 
@@ -49,6 +59,7 @@ A slip that only the gradient shows (set 2's padding_idx row) is localised by th
     python benchmarks/untapped_localisation.py --examples 10 --seed 1 --json untapped.json
     python benchmarks/untapped_localisation.py --set 2 --cases 'lstm/*'
     python benchmarks/untapped_localisation.py --set 3 --cases 'vit/*'
+    python benchmarks/untapped_localisation.py --set 4 --cases 'mixer/*'
 """
 from __future__ import annotations
 
@@ -82,7 +93,7 @@ def localised_as(rec: Any) -> str:
 
 
 def all_cases(which: str) -> list[tuple[str, Any]]:
-    """(set, case) of the chosen set(s): "1", "2", "3" or "all"."""
+    """(set, case) of the chosen set(s): "1", "2", "3", "4" or "all"."""
     out: list[tuple[str, Any]] = []
     if which in ("1", "all"):
         from _untapped_models import cases as cases1
@@ -96,6 +107,10 @@ def all_cases(which: str) -> list[tuple[str, Any]]:
         from _untapped_models3 import cases as cases3
 
         out += [("3", c) for c in cases3()]
+    if which in ("4", "all"):
+        from _untapped_models4 import cases as cases4
+
+        out += [("4", c) for c in cases4()]
     return out
 
 
@@ -124,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated checks for every case (default: forward, plus grad for the correct "
                          "ports and a few slips)")
     ap.add_argument("--json", default=None, help="also write every case's result here")
-    ap.add_argument("--set", default="all", choices=("1", "2", "3", "all"),
+    ap.add_argument("--set", default="all", choices=("1", "2", "3", "4", "all"),
                     help="which set of cases: 1 (_untapped_models), 2 (_untapped_models2), 3 (_untapped_models3, "
-                         "held out) or all (default)")
+                         "held out), 4 (_untapped_models4, held out) or all (default)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args(argv)
 
