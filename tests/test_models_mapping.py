@@ -240,3 +240,84 @@ def test_a_registered_conversion_jax_cannot_trace_is_named_in_the_grad_check():
     fwd, grad = pair.run_checks(dtype="float64", run=RUN)
     assert fwd.outcome == "passed", fwd.failure_text()
     assert grad.outcome == "failed" and "['test_np_bias'] is not traceable by JAX" in grad.failure_text()
+
+
+# --------------------------------------------------------------------------- models as people call them
+
+
+class KeywordClassifier(torch.nn.Module):
+    """Called as Hugging Face models are: model(input_ids, attention_mask=...) -> a dict-like
+    output whose "logits" the loss takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        keep = attention_mask.to(h.dtype)[..., None]
+        return {"logits": self.fc((h * keep).sum(1) / keep.sum(1)), "hidden_states": h}
+
+
+def keyword_port(params, input_ids, *, attention_mask, train=False, slip=False):
+    h = params["embed"]["embedding"][input_ids]
+    keep = attention_mask.astype(h.dtype)[..., None]
+    pooled = (h * keep).sum(1) / (keep.sum(1) + (1.0 if slip else 0.0))
+    return {"logits": pooled @ params["fc"]["kernel"] + params["fc"]["bias"], "hidden_states": h}
+
+
+def _keyword_pair(name, port=keyword_port, **kw):
+    from equivcheck import Custom, Ints, Lengths
+    from equivcheck.models import cross_entropy
+    from equivcheck.optim import optimizer_pair
+
+    shapes = Custom(lambda rng: ((b := int(rng.integers(2, 4)), n := int(rng.integers(3, 6))), (b, n), (b,)),
+                    ((2, 3), (2, 3), (2,)))
+    return ModelPair(name, KeywordClassifier, port, Inputs(shapes, (Ints(0, 9), Lengths(dtype="int64"), Ints(0, 2))),
+                     loss=cross_entropy(), optimizer=optimizer_pair(f"{name}.sgd", "SGD", lr=0.1),
+                     **{"checks": ("forward", "grad", "train"), "keywords": ("attention_mask",), **kw})
+
+
+def test_keyword_inputs_and_a_picked_output_run_every_check():
+    records = _keyword_pair("kw_logits", output="logits").run_checks(dtype="float32", run=RUN)
+    assert [r.outcome for r in records] == ["passed"] * 3, [r.failure_text() for r in records]
+
+
+def test_a_slip_behind_keyword_inputs_is_found_and_localised():
+    pair = _keyword_pair("kw_slip", port=lambda *a, **k: keyword_port(*a, **k, slip=True), output="logits",
+                         checks=("forward",))
+    (rec,) = pair.run_checks(dtype="float64", run=RUN)
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert "first diverging layer: fc " in rec.failure_text(), rec.failure_text()
+
+
+def test_an_output_name_neither_side_has_is_named_with_the_keys_there():
+    (rec,) = _keyword_pair("kw_missing", output="logit", checks=("forward",)).run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and "has no 'logit' (it has ['logits', 'hidden_states'])" in rec.failure_text()
+
+
+def test_keywords_are_checked_against_the_inputs():
+    with pytest.raises(ValueError, match="at most one per model input"):
+        _keyword_pair("kw_bad", keywords=("a", "b", "c"))
+    with pytest.raises(ValueError, match="distinct argument names"):
+        _keyword_pair("kw_bad", keywords=("attention mask",))
+
+
+def test_a_plain_torch_factory_and_optax_transformation_are_enough_for_train():
+    """No state mapping, no hyperparameter table: parameters and losses compared every step;
+    a wrong optax eps fails and the pair's own step check names the optimizer."""
+    import optax
+
+    from equivcheck.models.zoo import mlp_pair
+    from equivcheck.optim import OptimizerPair
+
+    def adam(eps):
+        return OptimizerPair(f"plain_adam_{eps}", lambda ps: torch.optim.Adam(ps, lr=1e-2),
+                             lambda: optax.adam(1e-2, eps=eps))
+
+    (ok,) = mlp_pair("mlp_plain", optimizer=adam(1e-8), checks=("train",)).run_checks(dtype="float32", run=RUN)
+    assert ok.outcome == "passed", ok.failure_text()
+    (bad,) = mlp_pair("mlp_plain_eps", optimizer=adam(1e-3), checks=("train",)).run_checks(dtype="float64", run=RUN)
+    assert bad.outcome == "failed" and bad.side == "jax"
+    assert "the optimizer differs: 'plain_adam_0.001' alone fails its step check" in bad.diagnosis, bad.diagnosis

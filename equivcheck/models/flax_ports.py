@@ -44,8 +44,8 @@ def linen_port(module: Any, *, train_arg: str | None = None, to_torch: ToTorch |
     to_torch   (layer name, output) -> the output in torch's layout (NHWC -> NCHW), if they differ
     """
 
-    def apply(params: Any, *inputs: Any, train: bool = False) -> Any:
-        kw = {train_arg: train} if train_arg else {}
+    def apply(params: Any, *inputs: Any, train: bool = False, **keywords: Any) -> Any:
+        kw = {train_arg: train, **keywords} if train_arg else dict(keywords)
         if method:
             kw["method"] = method
         out, state = module.apply({"params": params}, *inputs, capture_intermediates=True,
@@ -72,12 +72,12 @@ def nnx_port(module: Any, *, to_torch: ToTorch | None = None) -> Callable[..., A
     graphdef, template, rest = nnx.split(module, nnx.Param, ...)
     pure = getattr(nnx, "to_pure_dict", None) or (lambda state: state.to_pure_dict())
 
-    def apply(params: Any, *inputs: Any, train: bool = False) -> Any:
+    def apply(params: Any, *inputs: Any, train: bool = False, **keywords: Any) -> Any:
         state = jax.tree_util.tree_map(lambda v: v, template)  # a fresh copy: the template stays untraced
         nnx.replace_by_pure_dict(state, params)
         model = nnx.merge(graphdef, state, rest)
         model.train() if train else model.eval()
-        out, inter = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(*inputs)
+        out, inter = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(*inputs, **keywords)
         _tap_tree(pure(inter), "", to_torch)
         return out
 

@@ -90,6 +90,11 @@ class ModelPair:
                  port's parameter tree (NumPy, jax or torch leaves). Its statistics part (leaves made
                  of persistent buffers) is told apart by itself; gradients go back to torch names by
                  the chain rule through it (equivcheck.models.converter: it must be linear in the weights)
+    keywords     names of the last model inputs, passed by keyword on both sides:
+                 ("attention_mask",) calls model(input_ids, attention_mask=...) and
+                 jax_apply(params, input_ids, attention_mask=..., train=...)
+    output       the output compared and given to the loss, from a dict, dataclass or Hugging Face
+                 ModelOutput: a key or attribute name ("logits") or a function of each side's output
     layer_names  torch module name -> the port's tap name, where the two differ
     jax_params   () -> the port's own parameter tree (its init): the converted tree must match
                  it key for key and shape for shape
@@ -110,6 +115,8 @@ class ModelPair:
     dtypes: tuple[str, ...] = ("float32", "float64")
     rules: tuple[Any, ...] = ()
     to_jax: Callable[[Any], Any] | None = None
+    keywords: tuple[str, ...] = ()
+    output: str | Callable[[Any], Any] | None = None
     layer_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     stateful: bool = False
     jax_params: Callable[[], Any] | None = None
@@ -126,6 +133,7 @@ class ModelPair:
         set_("checks", tuple(self.checks))
         set_("dtypes", tuple(self.dtypes))
         set_("rules", tuple(self.rules))
+        set_("keywords", (self.keywords,) if isinstance(self.keywords, str) else tuple(self.keywords))
         set_("tags", frozenset(self.tags))
         set_("witnesses", {c: tuple(ws) for c, ws in dict(self.witnesses).items()})
         check_name("ModelPair", self.name)
@@ -138,6 +146,13 @@ class ModelPair:
             raise ValueError(f"ModelPair {self.name!r}: give rules or to_jax, not both (to_jax converts everything)")
         if not isinstance(self.inputs, Inputs):
             raise TypeError(f"ModelPair {self.name!r}: inputs must be an equivcheck Inputs (the target last)")
+        if not all(isinstance(k, str) and k.isidentifier() for k in self.keywords) or \
+                len(set(self.keywords)) != len(self.keywords) or len(self.keywords) > self.inputs.n_args - 1:
+            raise ValueError(f"ModelPair {self.name!r}: keywords {self.keywords} must be distinct argument names, at "
+                             f"most one per model input ({self.inputs.n_args - 1}; the last input is the loss target)")
+        if self.output is not None and not (callable(self.output) or isinstance(self.output, str)):
+            raise TypeError(f"ModelPair {self.name!r}: output must be a key or attribute name or a function of the "
+                            f"model's output, got {type(self.output).__name__}")
         bad = [c for c in self.checks if c not in MODEL_CHECKS]
         if bad or not self.checks:
             raise ValueError(f"ModelPair {self.name!r}: checks {bad or '()'} not among {MODEL_CHECKS}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from equivcheck.backends import deadline
 from equivcheck.models import mapping as mm
+from equivcheck.models.calls import apply_port, bind_torch
 from equivcheck.models.tap import capturing
 from equivcheck.ops.strategies import Static
 
@@ -37,7 +38,7 @@ def build_torch(pair: Any, seed: int, dtype: str, device: str) -> Any:
     model = pair.torch_model()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"torch_model() returned {type(model).__name__}, not an nn.Module")
-    return model.to(device=device_of(device), dtype=_TORCH_DTYPES[dtype])
+    return bind_torch(pair, model.to(device=device_of(device), dtype=_TORCH_DTYPES[dtype]))
 
 
 def _dropout_hooks(model: Any, masks: dict[str, Any], seed: int, step: int) -> list[Any]:
@@ -180,7 +181,7 @@ def _jnp_tree(tree: Any, dtype: str) -> Any:
 def _forward(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks: Mapping[str, Any], train: bool,
              record: bool) -> tuple[Any, Any, dict[str, Any]]:
     with capturing(masks, record) as cap:
-        res = pair.jax_apply(mm.merge(params, stats), *inputs, train=train)
+        res = apply_port(pair, mm.merge(params, stats), inputs, train)
     out, new_stats = port_output(pair, res, stats)
     return out, (new_stats if train else stats), dict(cap.taps or {})
 
@@ -279,7 +280,7 @@ def jax_capture(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks
         p, s, x, m = (_jnp_tree(a, dtype) for a in (params, stats, list(inputs), masks))
         with capturing(m, True) as cap:
             try:
-                out, new_stats = port_output(pair, pair.jax_apply(mm.merge(p, s), *x, train=train), s)
+                out, new_stats = port_output(pair, apply_port(pair, mm.merge(p, s), x, train), s)
             except Exception as exc:  # the layers tapped so far still localise
                 return None, {k: to_numpy(v) for k, v in (cap.taps or {}).items()}, exc, None
             taps = dict(cap.taps or {})

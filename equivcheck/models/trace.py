@@ -280,11 +280,12 @@ def port_values(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks
 
     from equivcheck.backends.jax import device_of, x64
     from equivcheck.models import mapping as mm
+    from equivcheck.models.calls import apply_port
     from equivcheck.models.sides import _jnp_tree
     from equivcheck.models.tap import capturing
 
     with x64(dtype == "float64"), jax.default_device(device_of(device)):
         p, s, x, m = (_jnp_tree(a, dtype) for a in (params, stats, list(inputs), masks))
         with capturing(m, False):
-            values = evaluate(lambda tree, *xs: pair.jax_apply(tree, *xs, train=train), mm.merge(p, s), *x)
+            values = evaluate(lambda tree, *xs: apply_port(pair, tree, xs, train), mm.merge(p, s), *x)
     return values
