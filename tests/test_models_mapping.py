@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from equivcheck import Fixed, Floats, Inputs, weights
+from equivcheck import Fixed, Floats, Inputs, Ints, Lengths, weights
 from equivcheck.engine.records import RunSettings
 from equivcheck.models import ModelPair, mse
 from equivcheck.models import mapping as mm
@@ -321,3 +321,45 @@ def test_a_plain_torch_factory_and_optax_transformation_are_enough_for_train():
     (bad,) = mlp_pair("mlp_plain_eps", optimizer=adam(1e-3), checks=("train",)).run_checks(dtype="float64", run=RUN)
     assert bad.outcome == "failed" and bad.side == "jax"
     assert "the optimizer differs: 'plain_adam_0.001' alone fails its step check" in bad.diagnosis, bad.diagnosis
+
+
+class PaddedBag(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(40, 4, padding_idx=7)
+        self.fc = torch.nn.Linear(4, 1)
+
+    def forward(self, tokens):
+        return self.fc(self.embed(tokens).mean(1))
+
+
+def padded_bag_port(params, tokens, train=False):
+    """Ported without padding_idx: row 7 gets a gradient that torch's does not."""
+    return params["embed"]["embedding"][tokens].mean(1) @ params["fc"]["kernel"] + params["fc"]["bias"]
+
+
+def test_an_embeddings_padding_idx_is_drawn_often_enough_to_show():
+    """Token 7 of 40 is in a 2x3 batch with probability 0.14; drawn as a special value it is in
+    most examples, so 3 examples find the port that gives its row a gradient (seed 6: without
+    the special value these 3 examples pass)."""
+    from equivcheck.models.edges import model_inputs
+
+    inputs = Inputs(Fixed((((2, 3), (2, 1)),)), (Ints(0, 39), Floats(-1, 1)))
+    assert model_inputs(inputs, PaddedBag()).args[0] == Ints(0, 39, special=(7,))
+    pair = ModelPair("padded_bag", PaddedBag, padded_bag_port, inputs, loss=mse(), checks=("grad",))
+    (rec,) = pair.run_checks(dtype="float64", run=RunSettings(examples=3, seed=6, shrink_seconds=5))
+    assert rec.outcome == "failed" and "only row 7, the padding_idx" in rec.failure_text(), rec.failure_text()
+
+
+def test_padding_masks_get_nearly_fully_masked_rows():
+    from equivcheck.models.edges import EDGE_ROWS, model_inputs
+
+    inputs = Inputs(Fixed((((64, 9), (64,)),)), (Lengths(min_keep=1), Ints(0, 2)))
+    spec = model_inputs(inputs, PaddedBag()).args[0]
+    assert spec.edge == EDGE_ROWS
+    rows = spec.sample("float32", (64, 9), None, np.random.default_rng(0)).sum(1)
+    assert rows.min() == 1 and (rows == 1).mean() > 0.15 and rows.max() > 1
+    with pytest.raises(ValueError, match="edge is a share of rows"):
+        Lengths(edge=2.0)
+    with pytest.raises(ValueError, match=r"special values \[12\] lie outside \[0, 9\]"):
+        Ints(0, 9, special=(12,))

@@ -220,3 +220,17 @@ def test_a_misspelled_optimizer_is_refused_not_skipped():
 
     with pytest.raises(ValueError, match=r"no optimizer named 'Adamm' \(did you mean 'Adam'\?\)"):
         optimizer_pair("typo", "Adamm", lr=1e-2)
+
+
+def test_a_wrong_state_map_is_named_as_the_map_not_a_side():
+    """Adam's two moments read from each other's optax field: the parameters agree, the state
+    does not; the diagnosis names the map and the state fields, and blames neither side."""
+    from equivcheck.optim.state import StateField, StateMap
+
+    swapped = StateMap((StateField("exp_avg", "nu"), StateField("exp_avg_sq", "mu")))
+    pair = OptimizerPair("adam_swapped_map", lambda ps: torch.optim.Adam(ps, lr=1e-2), lambda: optax.adam(1e-2),
+                         swapped, checks=("step",))
+    (rec,) = run_optimizer_pair(pair, dtype="float64", run=RUN)
+    assert rec.outcome == "failed" and rec.side is None, rec.failure_text()
+    assert "only the optimizer state read through the pair's state_map differs ('exp_avg', 'exp_avg_sq'" \
+        in rec.diagnosis, rec.diagnosis

@@ -27,6 +27,8 @@ from equivcheck.engine.records import CheckRecord, RunSettings
 from equivcheck.engine.search import Search
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.models import mapping as mm
+from equivcheck.models import sides as ms
+from equivcheck.models.edges import model_inputs
 from equivcheck.models.diagnose import diagnose, layer_table
 from equivcheck.models.evaluate import ROUNDING_FACTOR, SCALE_OF, Example, Result, evaluate, mapping
 from equivcheck.models.fit import run_fit
@@ -90,6 +92,12 @@ def run_model_pair(pair: Any, *, dtype: str, run: RunSettings,
                    replay: str = "") -> list[CheckRecord]:
 
     records = []
+    try:
+        model = ms.build_torch(pair, 0, dtype, run.device)
+    except Exception:  # noqa: BLE001 - the mapping below builds it again and reports why it cannot
+        model = None
+    if model is not None:
+        pair = pair.replace(inputs=model_inputs(pair.inputs, model))
     try:
         ents = mapping(pair, dtype, run.device)
         broken = ""

@@ -144,23 +144,39 @@ class Ints:
     """Integer values in [lo, hi] (int64 on the torch side; JAX keeps int32 without x64).
 
     `dtype` another integer type: `Ints(0, 255, dtype="uint8")` draws raw 8-bit images.
+    `special` values a model treats apart (an Embedding's padding_idx): a quarter of the
+    elements drawn in bulk take one of them, and element-by-element draws pick them often.
+    Raises ValueError: a range outside the dtype, a special value outside [lo, hi].
     """
 
     lo: int = 0
     hi: int = 10
     dtype: str = "int64"
+    special: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         info = np.iinfo(np.dtype(self.dtype))  # refuses a non-integer dtype
         if not info.min <= self.lo <= self.hi <= info.max:
             raise ValueError(f"Ints: [{self.lo}, {self.hi}] is not a range inside {self.dtype}")
+        object.__setattr__(self, "special", tuple(int(v) for v in self.special))
+        bad = [v for v in self.special if not self.lo <= v <= self.hi]
+        if bad:
+            raise ValueError(f"Ints: special values {bad} lie outside [{self.lo}, {self.hi}]")
+
+    def _fill(self, rng: np.random.Generator, n: Any) -> np.ndarray:
+        values = rng.integers(self.lo, self.hi, n, endpoint=True)
+        if self.special:
+            values = np.where(rng.random(n) < 0.25, rng.choice(np.array(self.special), n), values)
+        return values
 
     def draw(self, dtype, shape, shapes):
-        return bulk_array(np.dtype(self.dtype), shape, st.integers(self.lo, self.hi),
-                          lambda rng, n: rng.integers(self.lo, self.hi, n, endpoint=True))
+        one = st.integers(self.lo, self.hi)
+        if self.special:
+            one = st.one_of(one, st.sampled_from(self.special))
+        return bulk_array(np.dtype(self.dtype), shape, one, self._fill)
 
     def sample(self, dtype, shape, shapes, rng):
-        return rng.integers(self.lo, self.hi, shape, endpoint=True).astype(self.dtype)
+        return self._fill(rng, shape).astype(self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +223,10 @@ class Lengths:
     padding   False: True (or 1) marks kept positions (JAX/Flax masks, Hugging Face's
               attention_mask); True: True marks padding (torch's key_padding_mask)
     dtype     "bool", or an integer dtype for 1/0 masks (Hugging Face's int64 attention_mask)
-    Raises ValueError: min_keep < 0, a dtype neither bool nor integer; when drawing, a 0-d
+    edge      the share of rows drawn in bulk that keep min_keep positions exactly (nearly
+              fully masked rows, where masked softmax goes wrong first); element-by-element
+              draws pick min_keep often when edge > 0
+    Raises ValueError: min_keep < 0, edge outside [0, 1], a dtype neither bool nor integer; when drawing, a 0-d
     shape or rows shorter than min_keep (the message names the shape).
     """
 
@@ -215,10 +234,13 @@ class Lengths:
     padding: bool = False
     left: bool = False
     dtype: str = "bool"
+    edge: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_keep, int) or self.min_keep < 0:
             raise ValueError(f"Lengths: min_keep must be an int >= 0, got {self.min_keep!r}")
+        if not 0.0 <= self.edge <= 1.0:
+            raise ValueError(f"Lengths: edge is a share of rows, in [0, 1], got {self.edge!r}")
         if np.dtype(self.dtype).kind not in "biu":
             raise ValueError(f"Lengths: dtype {self.dtype!r} is neither bool nor an integer type")
 
@@ -236,15 +258,22 @@ class Lengths:
         keep = pos >= length - lengths[..., None] if self.left else pos < lengths[..., None]
         return (~keep if self.padding else keep).astype(self.dtype)
 
+    def _lengths(self, rng: np.random.Generator, n: Any, least: int, length: int) -> np.ndarray:
+        drawn = rng.integers(least, length, n, endpoint=True)
+        return np.where(rng.random(n) < self.edge, least, drawn) if self.edge else drawn
+
     def draw(self, dtype, shape, shapes):
         rows, length = self._rows(shape)
         least = min(self.min_keep, length)
-        return bulk_array(np.dtype(np.int64), rows, st.integers(least, length),
-                          lambda rng, n: rng.integers(least, length, n, endpoint=True)).map(lambda n: self.mask(n, length))
+        one = st.integers(least, length)
+        if self.edge:
+            one = st.one_of(one, st.just(least))
+        return bulk_array(np.dtype(np.int64), rows, one,
+                          lambda rng, n: self._lengths(rng, n, least, length)).map(lambda n: self.mask(n, length))
 
     def sample(self, dtype, shape, shapes, rng):
         rows, length = self._rows(shape)
-        return self.mask(rng.integers(min(self.min_keep, length), length, rows, endpoint=True), length)
+        return self.mask(self._lengths(rng, rows, min(self.min_keep, length), length), length)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,11 +39,30 @@ MEANING = {
 }
 
 
+def _state_only(out: Outcome) -> str:
+    """Where the parameters agree and only the optimizer state read through the state map does
+    not: the map (a StateField's optax field or scale) is the first suspect, not either side."""
+    v = out.verdict
+    if v is None or v.kind != "values":
+        return ""
+    off = [leaf for leaf in v.leaves if leaf.ratio > 1]
+    params = [leaf for leaf in v.leaves if leaf.path.startswith("out['params']")]
+    if not off or not params or not all(leaf.path.startswith("out['state']") for leaf in off):
+        return ""
+    fields = sorted({leaf.path.split("][")[1].strip("'[]") for leaf in off if "][" in leaf.path})
+    return (f"the parameters agree at step {out.step}; only the optimizer state read through the pair's state_map "
+            f"differs ({', '.join(repr(f) for f in fields)}, first {max(off, key=lambda x: x.ratio).path}): check "
+            "the StateField for it (which optax field holds torch's value, and its scale) before either side")
+
+
 def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: Tolerance) -> tuple[str | None, str]:
     if out.side_error:
         return out.side_error, "a side raised: see the message"
     worst = out.verdict.worst if out.verdict is not None else None
     path = worst.path if worst is not None else ""
+    mapped = _state_only(out)
+    if mapped:
+        return None, mapped
     if ex.check == "schedule" or path.startswith("out['lr']"):
         shifted = _shift(pair, dtype, base)
         if shifted or ex.check == "schedule":
