@@ -363,3 +363,31 @@ def test_padding_masks_get_nearly_fully_masked_rows():
         Lengths(edge=2.0)
     with pytest.raises(ValueError, match=r"special values \[12\] lie outside \[0, 9\]"):
         Ints(0, 9, special=(12,))
+
+
+class CeilPool(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2, ceil_mode=True)
+        self.fc = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(x)).amax((2, 3)))
+
+
+def test_a_ceil_mode_pool_gets_sizes_where_its_last_window_is_partial():
+    """Square images of side 4..9: a 2x2 ceil_mode pool has a partial last window on odd sides
+    only; the palette takes at least half of its shapes from those."""
+    from equivcheck import Custom
+    from equivcheck.models.edges import Steered, model_inputs, partial_window
+
+    assert partial_window(CeilPool().pool, (5, 4)) and not partial_window(CeilPool().pool, (4, 6))
+    rule = Custom(lambda rng: ((2, 1, n := int(rng.integers(4, 10)), n), (2, 1)), ((2, 1, 4, 4), (2, 1)))
+    inputs = model_inputs(Inputs(rule, (Floats(-1, 1), Floats(-1, 1))), CeilPool())
+    assert isinstance(inputs.shapes, Steered)
+    palette = inputs.palette(0, 6)
+    assert palette[0] == ((2, 1, 4, 4), (2, 1))
+    assert sum(s[0][2] % 2 == 1 for s in palette[1:]) >= 3, palette
+    assert inputs.palette(0, 1)[0][0][2] % 2 == 1  # the train check's one shape
+    assert model_inputs(Inputs(rule, (Floats(-1, 1), Floats(-1, 1))), PaddedBag()).shapes is rule
