@@ -234,3 +234,12 @@ def test_a_wrong_state_map_is_named_as_the_map_not_a_side():
     assert rec.outcome == "failed" and rec.side is None, rec.failure_text()
     assert "only the optimizer state read through the pair's state_map differs ('exp_avg', 'exp_avg_sq'" \
         in rec.diagnosis, rec.diagnosis
+
+
+def test_a_pair_of_your_own_without_a_state_map_passes_and_says_the_state_did_not_move():
+    """The mlp check moved optax's state into a torch Adam that had no map for it and blamed
+    torch (KeyError 'exp_avg'): without a StateMap nothing moves, and the record says so."""
+    pair = OptimizerPair("plain_adam", lambda ps: torch.optim.Adam(ps, lr=1e-2), lambda: optax.adam(1e-2))
+    records = run_optimizer_pair(pair, dtype="float64", run=RUN)
+    assert [r.outcome for r in records] == ["passed"] * 3, [r.failure_text() for r in records]
+    assert any("was not moved between frameworks" in n for n in records[-1].notes), records[-1].notes

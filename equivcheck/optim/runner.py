@@ -33,6 +33,7 @@ from equivcheck.optim.trajectory import (
     Example,
     Outcome,
     evaluate,
+    movable,
 )
 
 
@@ -138,6 +139,9 @@ def run_optimizer_pair(pair: Any, *, dtype: str, run: RunSettings,
                           witnessed=len(given))
         rec.worst_ratio = max((o.model_ratio for o in seen), default=0.0)
         rec.notes = _margins(seen) if check != "step" else []
+        if check == "mlp" and not movable(pair):
+            rec.notes.append("the optimizer state was not moved between frameworks mid-run: the pair has no StateMap "
+                             "(equivcheck.optim.state) saying how torch's state reads in optax's")
         if ill:
             rec.notes.append(f"{len(ill)} examples beyond the bound were within the float64 trajectory's sensitivity "
                              "to input rounding (ill-conditioned): accepted")

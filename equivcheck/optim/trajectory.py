@@ -161,7 +161,7 @@ def evaluate(pair: Any, ex: Example, dtype: str, run: RunSettings, base: Toleran
     except Exception as exc:
         return _side_error("jax", exc)
     whole = compare_steps(t_full, j_full, base)
-    if ex.check != "mlp" or not whole.ok or not ex.split:
+    if ex.check != "mlp" or not whole.ok or not ex.split or not movable(pair):
         return whole
     # The same trajectory again, with the optimizer state moved to the other framework
     # after step k (a checkpoint converted mid-run): training must continue identically.
@@ -185,6 +185,14 @@ def evaluate(pair: Any, ex: Example, dtype: str, run: RunSettings, base: Toleran
             return o
     whole.ratios += [r for o in moved for r in o.ratios]
     return whole
+
+
+def movable(pair: Any) -> bool:
+    """Whether the pair says how its state reads on both sides: a StateMap with fields or a
+    schedule state, or a pair optimizer_pair built (its map is the whole state, none for plain
+    SGD). A pair of your own without one: the mlp check trains on and compares, moving nothing."""
+    smap = pair.state_map
+    return bool(smap.fields) or smap.sched is not None or pair.hparams is not None
 
 
 def _side_error(side: str, exc: BaseException, context: str = "") -> Outcome:
