@@ -34,9 +34,18 @@ def pick(output: str | Callable[[Any], Any] | None, out: Any, side: str) -> Any:
         return out[output]
     if hasattr(out, output):
         return getattr(out, output)
-    keys = list(out) if isinstance(out, Mapping) else [k for k in dir(out) if not k.startswith("_")][:12]
-    raise KeyError(f"the {side} output ({type(out).__name__}) has no {output!r} (it has {keys}): ModelPair(output=...) "
+    if isinstance(out, Mapping):
+        has = f"it has {list(out)}"
+    elif isinstance(out, (tuple, list)):
+        has = f"it has fields {list(out._fields)}" if hasattr(out, "_fields") else f"it is a {type(out).__name__} of {len(out)}"
+    else:
+        has = f"its attributes: {[k for k in dir(out) if not k.startswith('_')][:12]}"
+    raise KeyError(f"the {side} output ({type(out).__name__}) has no {output!r} ({has}): ModelPair(output=...) "
                    "names the output to compare and take the loss of")
+
+
+def _holds(output: Any, out: Any) -> bool:
+    return callable(output) or (isinstance(out, Mapping) and output in out) or hasattr(out, output)
 
 
 def _called(self: Any, *inputs: Any) -> Any:
@@ -60,6 +69,9 @@ def apply_port(pair: Any, tree: Any, inputs: Sequence[Any], train: bool) -> Any:
     res = pair.jax_apply(tree, *args, **kwargs, train=train)
     if pair.output is None:
         return res
-    if pair.stateful and isinstance(res, (tuple, list)) and len(res) == 2:
+    two = isinstance(res, (tuple, list)) and len(res) == 2
+    if pair.stateful and two:
         return pick(pair.output, res[0], "jax"), res[1]
+    if two and not _holds(pair.output, res) and _holds(pair.output, res[0]):
+        return pick(pair.output, res[0], "jax"), res[1]  # (output, statistics): port_output says set stateful
     return pick(pair.output, res, "jax")

@@ -33,6 +33,7 @@ Path = tuple[Any, ...]
 # The converter runs in the output's own precision (float32 for most): a tag t <= 2**24 is exact,
 # and the t**2 / t ratio is read to one part in ~1e7, enough to round to the index below ~5e6.
 _DECODE_RTOL = 1e-6
+_EXACT = 2**23  # tags read at once: exact in float32 with a bit to spare
 # The proof on random weights: a float32 output of a sum carries ~1e-7 of rounding per term.
 _PROOF_RTOL = 1e-5
 
@@ -123,12 +124,27 @@ class UserMapping:
         state = model.state_dict()
         self.keys = list(state)
         self.params = {n for n, _ in model.named_parameters()}
-        self.floats = {k: tuple(v.shape) for k, v in state.items() if torch.is_floating_point(v)}
+        # a tied tensor (an embedding shared with the output head) is one tensor under several
+        # keys: read and loaded as the first, which is the name named_parameters() gives it
+        first: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+        self.alias = {k: first.setdefault((v.data_ptr(), tuple(v.shape), tuple(v.stride())), k)
+                      for k, v in state.items() if v.numel()}
+        self.floats = {k: tuple(v.shape) for k, v in state.items()
+                       if torch.is_floating_point(v) and self.alias.get(k, k) == k}
         self.dtype = next((v.dtype for k, v in state.items() if k in self.floats), torch.float32)
-        self.ints = {k: v.detach().clone() for k, v in state.items() if k not in self.floats}
+        self.ints = {k: v.detach().clone() for k, v in state.items() if not torch.is_floating_point(v)}
         self.leaves = self._probe(copy.deepcopy(model).to(device="cpu", dtype=torch.float64))
+        stats_inside_lists = [p for p, leaf in self.leaves.items()
+                              if leaf.parts and all(n not in self.params for n, *_ in leaf.parts)
+                              and any(isinstance(key, int) for key in p)]
+        if stats_inside_lists:
+            raise ConversionError(f"to_jax's leaf {_where(stats_inside_lists[0])} holds statistics (made of torch "
+                                  f"buffers, not parameters) inside a list: the statistics part is split by mapping "
+                                  f"keys, so give per-layer trees as a dict ({{'0': ..., '1': ...}}), not a list")
+        # not trained: statistics (made of buffers), and leaves made of no torch parameter at all
+        # (integer buffers, constants the converter computes): the port's optimizer must not move them
         self.stat_paths = {p for p, leaf in self.leaves.items()
-                           if leaf.parts and all(name not in self.params for name, *_ in leaf.parts)}
+                           if all(name not in self.params for name, *_ in leaf.parts)}
         self.bn = self._stats_entries(model)
 
     # -------------------------------------------------------------------- the converter, run
@@ -141,6 +157,8 @@ class UserMapping:
                 tree = self.fn(module)
         except Exception as exc:
             raise ConversionError(f"to_jax raised on {what}: {type(exc).__name__}: {exc}") from exc
+        if tree is None:
+            raise ConversionError("to_jax returned None: it must return the port's parameter tree")
         leaves = {p: _numpy(v) for p, v in flatten(tree).items()}
         if not leaves:
             raise ConversionError(f"to_jax returned {type(tree).__name__} with no arrays in it")
@@ -152,7 +170,8 @@ class UserMapping:
     def _load(self, module: Any, values: Mapping[str, Any]) -> None:
         import torch
 
-        sd = {k: torch.as_tensor(np.asarray(values[k])) if k in values else self.ints[k] for k in self.keys}
+        sd = {k: torch.as_tensor(np.asarray(values[self.alias.get(k, k)])) if self.alias.get(k, k) in values
+              else self.ints[k] for k in self.keys}
         module.load_state_dict(sd)
 
     def _eval(self, module: Any, values: Mapping[str, np.ndarray], what: str) -> dict[Path, np.ndarray]:
@@ -177,17 +196,25 @@ class UserMapping:
             offsets[k], total = total, total + int(np.prod(s))
         tags = {k: (offsets[k] + np.arange(1.0, np.prod(s) + 1)).reshape(s) for k, s in self.floats.items()}
         leaves = {p: _Leaf(p, (), c, []) for p, c in const.items()}
-        pending = self._decode(module, tags, const, leaves, offsets, total, final=False)
+        if total <= _EXACT:
+            pending = self._decode(module, tags, const, leaves, offsets, total, final=False)
+        else:  # tags past 2**24 are not exact in a float32 converter: read tensor by tensor, in chunks
+            pending = {p: np.arange(len(c)) for p, c in const.items()}
         rng = np.random.default_rng(0)
         rand = {k: rng.standard_normal(s) for k, s in self.floats.items()}
         got = self._eval(module, rand, "random weights")
         for p in self._disproved(leaves, rand, got):
             # a sum over tensors can pass for one scaled element: (t1**2 + t2**2) / (t1 + t2) may be whole
             leaves[p].parts, pending[p] = [], np.arange(len(const[p]))
-        if pending:  # read each tensor alone
+        if pending:  # read each tensor alone, _EXACT elements at a time
             for k, s in self.floats.items():
-                local = {**zero, k: np.arange(1.0, np.prod(s) + 1).reshape(s)}
-                self._decode(module, local, const, leaves, {k: 0}, int(np.prod(s)), final=True, only=pending)
+                n = int(np.prod(s))
+                for a in range(0, n, _EXACT):
+                    b = min(n, a + _EXACT)
+                    flat = np.zeros(n)
+                    flat[a:b] = np.arange(1.0, b - a + 1)
+                    local = {**zero, k: flat.reshape(s)}
+                    self._decode(module, local, const, leaves, {k: -a}, b - a, final=True, only=pending)
         for p, gap in self._disproved(leaves, rand, got).items():
             raise ConversionError(
                 f"to_jax's leaf {_where(p)} is not a rearrangement of torch's weights (each element one element "

@@ -122,7 +122,7 @@ def model_inputs(inputs: Inputs, model: Any) -> Inputs:
             extra = tuple(p for p in pads if spec.lo <= p <= spec.hi and p not in spec.special)
             if extra:
                 args[i] = dataclasses.replace(spec, special=spec.special + extra)
-        elif isinstance(spec, Lengths) and spec.edge == 0:
+        elif isinstance(spec, Lengths) and spec.edge is None:
             args[i] = dataclasses.replace(spec, edge=EDGE_ROWS)
     pools = _ceil_pools(model)
     shapes = Steered(inputs.shapes, _partial_windows(inputs, model, pools)) if pools else inputs.shapes

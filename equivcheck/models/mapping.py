@@ -122,6 +122,7 @@ def entries(model: Any, rules: Sequence[Any] = ()) -> list[Entry]:
             continue
         if name in by_prefix:
             rule = by_prefix[name]
+            _rearranges(rule, module)
             out.append(Entry(name, tuple(rule.jax.split("/")), f"rule:{rule.layout}", {}, rule))
             covered.append(name)
             continue
@@ -136,11 +137,37 @@ def entries(model: Any, rules: Sequence[Any] = ()) -> list[Entry]:
                 f"knows: register its type (equivcheck.weights.register_module), give a weights.Rule for {name!r}, "
                 f"or convert the whole model with ModelPair(to_jax=your_converter)") from None
         out.append(Entry(name, _split(name), kind, cfg))
-        covered.append(name)
+        if not _registered(kind):  # a registered type converts its own tensors; its children convert as usual
+            covered.append(name)
     unknown = sorted(set(by_prefix) - {e.module for e in out})
     if unknown:
         raise ConversionError(f"rule for {unknown[0]!r}: the torch model has no module of that name")
     return out
+
+
+def _registered(kind: str) -> bool:
+    return any(kind == k for _, k, _ in convert._MODULES)
+
+
+def _rearranges(rule: Any, module: Any) -> None:
+    """Refuse a rule whose layout is not a rearrangement of elements on this module's tensors:
+    its gradient goes back by the inverse layout, the adjoint only of a rearrangement (a layout
+    folding in a constant gave 4x the gradient)."""
+    layout = weights.LAYOUTS.get(rule.layout)
+    if layout is None:
+        return  # torch_to_jax names the unknown layout
+    sd = module.state_dict()
+    for tname, fn in layout.to_jax.items():
+        if tname not in sd:
+            continue
+        tags = np.arange(1.0, sd[tname].numel() + 1).reshape(tuple(sd[tname].shape))
+        out = np.asarray(fn(tags, rule.meta), np.float64)
+        if out.size != tags.size or not np.array_equal(np.sort(out.ravel()), tags.ravel()):
+            raise ConversionError(
+                f"rule {rule.torch!r}: layout {rule.layout!r} does not only rearrange {tname!r} (it scales, sums, "
+                f"drops or repeats elements): gradients go back by its inverse, the adjoint of a rearrangement only; "
+                f"put the constant in the port, or convert with ModelPair(to_jax=...), whose map is read, scales "
+                f"included")
 
 
 def _sub(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -177,6 +204,8 @@ def to_jax(ents: Sequence[Entry], state: Mapping[str, Any]) -> tuple[dict[str, A
     stats: dict[str, Any] = {}
     for e in ents:
         sub = _sub(state, e.module)
+        if _registered(e.kind):
+            sub = {k: v for k, v in sub.items() if "." not in k}
         if e.rule is not None:
             layer = weights.torch_to_jax({f"{e.module}.{k}": v for k, v in sub.items()},
                                          [weights.Rule(e.module, "/".join(e.path), e.rule.layout, e.rule.meta)])

@@ -115,7 +115,7 @@ def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, tra
         for h in handles:
             h.remove()
     grads = {n: to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape), to_numpy(p.detach()).dtype)
-             for n, p in model.named_parameters()}
+             for n, p in model.named_parameters() if p.requires_grad}  # a frozen parameter has no gradient
     return {"loss": to_numpy(loss), "out": to_numpy(out)}, grads
 
 
@@ -204,7 +204,8 @@ def port_output(pair: Any, res: Any, stats: Any) -> tuple[Any, Any]:
             raise TypeError(f"ModelPair {pair.name!r} has stateful=True, but the port returns a bare output "
                             f"({what}), not (output, statistics): a stateful port returns them in eval mode too "
                             "(the statistics unchanged there)")
-        return res[0], res[1]
+        # statistics the port leaves out keep their values (constants the converter placed there)
+        return res[0], mm.merge(stats, res[1]) if isinstance(stats, Mapping) and isinstance(res[1], Mapping) else res[1]
     if two and isinstance(res[1], Mapping) and stats and _paths(res[1]) == _paths(stats):
         raise TypeError(f"the port returns statistics: set stateful=True on ModelPair {pair.name!r} (it returns "
                         f"(output, a tree of the model's BatchNorm statistics {sorted(stats)}))")

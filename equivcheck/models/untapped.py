@@ -260,5 +260,7 @@ def _hint(m: Any, match: Matcher, tol: Tolerance) -> str:
 
     t = _first_tensor(m.out)
     f = m.found
+    if f.value is not None and np.shape(f.value) != tuple(t.shape):
+        return ""  # the closest value has another shape (the module's input): it says nothing of the slip
     return hint(m.module, m.args, m.kwargs, t, f.value if f.value is not None else to_numpy(t), tol,
                 same=lambda y: match.find(to_numpy(y)).ok)

@@ -225,7 +225,8 @@ class Lengths:
     dtype     "bool", or an integer dtype for 1/0 masks (Hugging Face's int64 attention_mask)
     edge      the share of rows drawn in bulk that keep min_keep positions exactly (nearly
               fully masked rows, where masked softmax goes wrong first); element-by-element
-              draws pick min_keep often when edge > 0
+              draws pick min_keep often when edge > 0; None (unset): 0, and a model check
+              sets it (equivcheck.models.edges), which edge=0.0 keeps from doing
     Raises ValueError: min_keep < 0, edge outside [0, 1], a dtype neither bool nor integer; when drawing, a 0-d
     shape or rows shorter than min_keep (the message names the shape).
     """
@@ -234,12 +235,12 @@ class Lengths:
     padding: bool = False
     left: bool = False
     dtype: str = "bool"
-    edge: float = 0.0
+    edge: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_keep, int) or self.min_keep < 0:
             raise ValueError(f"Lengths: min_keep must be an int >= 0, got {self.min_keep!r}")
-        if not 0.0 <= self.edge <= 1.0:
+        if self.edge is not None and not 0.0 <= self.edge <= 1.0:
             raise ValueError(f"Lengths: edge is a share of rows, in [0, 1], got {self.edge!r}")
         if np.dtype(self.dtype).kind not in "biu":
             raise ValueError(f"Lengths: dtype {self.dtype!r} is neither bool nor an integer type")

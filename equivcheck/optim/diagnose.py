@@ -47,8 +47,10 @@ def _state_only(out: Outcome) -> str:
         return ""
     off = [leaf for leaf in v.leaves if leaf.ratio > 1]
     params = [leaf for leaf in v.leaves if leaf.path.startswith("out['params']")]
-    if not off or not params or not all(leaf.path.startswith("out['state']") for leaf in off):
-        return ""
+    mapped = "out['state']"
+    if not off or not params or not all(leaf.path.startswith(mapped) and not leaf.path.startswith(mapped + "['sched']")
+                                        for leaf in off):
+        return ""  # a schedule's own state (ReduceLROnPlateau's) is the schedule's business
     fields = sorted({leaf.path.split("][")[1].strip("'[]") for leaf in off if "][" in leaf.path})
     return (f"the parameters agree at step {out.step}; only the optimizer state read through the pair's state_map "
             f"differs ({', '.join(repr(f) for f in fields)}, first {max(off, key=lambda x: x.ratio).path}): check "
@@ -60,9 +62,6 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
         return out.side_error, "a side raised: see the message"
     worst = out.verdict.worst if out.verdict is not None else None
     path = worst.path if worst is not None else ""
-    mapped = _state_only(out)
-    if mapped:
-        return None, mapped
     if ex.check == "schedule" or path.startswith("out['lr']"):
         shifted = _shift(pair, dtype, base)
         if shifted or ex.check == "schedule":
@@ -70,6 +69,9 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
     moved_lr = _schedule_state(out, base)
     if moved_lr:
         return None, moved_lr
+    mapped = _state_only(out)
+    if mapped:
+        return None, mapped
     late = lagged(pair, ex, dtype, run, base)
     if late:
         return late

@@ -107,7 +107,8 @@ def register_module(module_type: type, kind: str, to_jax: Callable[..., Any], to
                  A type registered later wins over an earlier one and over the built-in table.
     kind         a new name (not one of the built-in KINDS): it names the module in messages.
     to_jax       (state_dict, **cfg) -> the port's parameter tree for one module: the module's own
-                 parameters and persistent buffers by their local names ("weight", "scale", ...).
+                 parameters and persistent buffers by their local names ("weight", "scale", ...);
+                 its child modules convert on their own, nested under it by their names.
                  It must keep jax arrays jax (use `.T`, `.reshape`, `.transpose`, slicing, jnp):
                  gradients go back to torch names by `jax.vjp` of this function.
     to_torch     (tree, **cfg) -> the module's state_dict: the inverse.

@@ -111,10 +111,21 @@ def register_layout(name: str, layout: Layout, *, replace: bool = False) -> None
         raise CheckpointError(f"register_layout: the name must be a non-empty string, got {name!r}")
     if name in LAYOUTS and not replace:
         raise CheckpointError(f"register_layout: {name!r} is taken (pass replace=True to replace it)")
+    if not isinstance(layout.names, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                         for k, v in layout.names.items()):
+        raise TypeError(f"register_layout({name!r}): names must map each torch parameter name to a Flax one "
+                        f"({{'weight': 'kernel'}}), got {layout.names!r:.80}")
     for direction in ("to_jax", "to_torch"):
-        lacking = sorted(set(layout.names) - set(getattr(layout, direction)))
+        fns = getattr(layout, direction)
+        if not isinstance(fns, Mapping):
+            raise TypeError(f"register_layout({name!r}): {direction} must map each torch name to a function")
+        lacking = sorted(set(layout.names) - set(fns))
         if lacking:
             raise CheckpointError(f"register_layout({name!r}): {direction} has no function for {lacking}")
+        for key, fn in fns.items():
+            if not callable(fn):
+                raise TypeError(f"register_layout({name!r}): {direction}[{key!r}] must be callable "
+                                f"(array, meta) -> array, got {type(fn).__name__}")
     LAYOUTS[name] = layout
 
 

@@ -1,0 +1,197 @@
+"""The user's own mapping on the edges a new user's trial found: tied weights, integer and
+constant leaves, statistics in lists, frozen parameters, layouts that are not rearrangements,
+registered modules with children, and the messages for ports that return the wrong thing."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from equivcheck import Fixed, Floats, Inputs, Ints, Lengths, weights
+from equivcheck.engine.records import RunSettings
+from equivcheck.models import ModelPair, mse
+from equivcheck.models.converter import UserMapping
+from equivcheck.models.edges import model_inputs
+from equivcheck.optim import optimizer_pair
+from equivcheck.weights import ConversionError
+
+RUN = RunSettings(examples=3, seed=1, shrink_seconds=5)
+IN2 = Inputs(Fixed((((4, 3), (4, 2)),)), (Floats(-1, 1), Floats(-1, 1)))
+
+
+def _np(t):
+    return t.detach().numpy()
+
+
+def outcomes(pair, dtype="float64"):
+    records = pair.run_checks(dtype=dtype, run=RUN)
+    return {r.check: r.outcome for r in records}, [r.failure_text() for r in records if r.outcome != "passed"]
+
+
+class TwoLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.out = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)))
+
+
+def two_apply(p, x, train=False):
+    return jnp.tanh(x @ p["fc"]["kernel"] + p["fc"]["bias"]) @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+def two_converter(m):
+    return {"fc": {"kernel": _np(m.fc.weight).T, "bias": _np(m.fc.bias)},
+            "out": {"kernel": _np(m.out.weight).T, "bias": _np(m.out.bias)}}
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(6, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 6, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, t):
+        return self.head(torch.tanh(self.mid(self.embed(t)))).mean(1)
+
+
+def tied_port(p, t, train=False):
+    e = p["embed"]["embedding"]
+    return (jnp.tanh(e[t] @ p["mid"]["kernel"] + p["mid"]["bias"]) @ e.T).mean(1)
+
+
+def test_a_tied_weight_is_one_trainable_tensor_to_the_converter():
+    """state_dict lists the shared tensor twice; it was read as head.weight, which
+    named_parameters() does not list, and the embedding became a statistic."""
+    conv = lambda m: {"embed": {"embedding": _np(m.embed.weight)},
+                      "mid": {"kernel": _np(m.mid.weight).T, "bias": _np(m.mid.bias)}}
+    pair = ModelPair("tied", Tied, tied_port, Inputs(Fixed((((3, 5), (3, 6)),)), (Ints(0, 5), Floats(-1, 1))),
+                     loss=mse(), optimizer=optimizer_pair("tied.sgd", "SGD", lr=0.1), steps=3,
+                     checks=("forward", "grad", "train"), to_jax=conv)
+    got, why = outcomes(pair)
+    assert got == dict.fromkeys(("forward", "grad", "train"), "passed"), why
+
+
+class IntBuf(TwoLinear):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("perm", torch.tensor([2, 0, 1]))
+        self.register_buffer("table", torch.linspace(0.5, 1.5, 3), persistent=False)
+
+    def forward(self, x):
+        return super().forward(x[:, self.perm] * self.table)
+
+
+def test_integer_and_constant_leaves_of_a_converter_are_not_trained():
+    conv = lambda m: {**two_converter(m), "perm": m.perm.numpy(), "table": np.linspace(0.5, 1.5, 3)}
+    pair = ModelPair("intbuf", IntBuf, lambda p, x, train=False: two_apply(p, x[:, p["perm"]] * p["table"]), IN2,
+                     loss=mse(), optimizer=optimizer_pair("intbuf.sgd", "SGD", lr=0.1), steps=3,
+                     checks=("forward", "grad", "train"), to_jax=conv)
+    got, why = outcomes(pair)
+    assert got == dict.fromkeys(("forward", "grad", "train"), "passed"), why
+
+
+class Blocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+def test_statistics_inside_a_list_are_refused_saying_to_use_dict_keys():
+    def conv(m):
+        lin, bn = m.layers[0]
+        return {"layers": [{"kernel": _np(lin.weight).T, "bias": _np(lin.bias), "scale": _np(bn.weight),
+                            "shift": _np(bn.bias), "mean": _np(bn.running_mean), "var": _np(bn.running_var)}]}
+
+    with pytest.raises(ConversionError, match=r"leaf layers/0/mean holds statistics .* inside a list"):
+        UserMapping(conv, Blocks())
+    with pytest.raises(ConversionError, match="to_jax returned None"):
+        UserMapping(lambda m: None, Blocks())
+
+
+def test_a_frozen_parameter_has_no_gradient_to_compare():
+    def frozen():
+        m = TwoLinear()
+        m.fc.weight.requires_grad_(False)
+        return m
+
+    pair = ModelPair("frozen", frozen, two_apply, IN2, loss=mse(), checks=("grad",), to_jax=two_converter)
+    got, why = outcomes(pair)
+    assert got == {"grad": "passed"}, why
+
+
+def test_a_layout_that_scales_is_refused_naming_the_rule():
+    weights.register_layout("test_half_linear", weights.Layout(
+        {"weight": "kernel", "bias": "bias"}, {"weight": lambda a, m: a.T * 0.5, "bias": lambda a, m: a},
+        {"weight": lambda a, m: a.T * 2, "bias": lambda a, m: a}), replace=True)
+    pair = ModelPair("half", TwoLinear, two_apply, IN2, loss=mse(), checks=("forward", "grad"),
+                     rules=(weights.Rule("fc", "fc", "test_half_linear"),))
+    records = pair.run_checks(dtype="float64", run=RUN)
+    assert all("layout 'test_half_linear' does not only rearrange 'weight'" in r.failure_text() for r in records)
+    with pytest.raises(TypeError, match=r"to_jax\['weight'\] must be callable"):
+        weights.register_layout("test_bad", weights.Layout({"weight": "kernel"}, {"weight": 1}, {"weight": 2}))
+    with pytest.raises(TypeError, match="names must map each torch parameter name"):
+        weights.register_layout("test_bad", weights.Layout(["weight"], {}, {}))
+
+
+class GainLin(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, 3)[None])
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x * self.gain)
+
+
+def test_a_registered_module_converts_its_own_tensors_and_its_children_convert_as_usual():
+    weights.register_module(GainLin, "test_gain_lin", lambda sd: {"scale": sd["gain"].reshape(-1)},
+                            lambda tree: {"gain": tree["scale"].reshape(1, -1)})
+    model = lambda: torch.nn.Sequential(GainLin())
+    port = lambda p, x, train=False: (x * p["0"]["scale"]) @ p["0"]["fc"]["kernel"] + p["0"]["fc"]["bias"]
+    got, why = outcomes(ModelPair("gain_lin", model, port, IN2, loss=mse(), checks=("forward", "grad")))
+    assert got == {"forward": "passed", "grad": "passed"}, why
+
+
+class Normed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+        self.bn = torch.nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        return {"logits": self.bn(self.fc(x))}
+
+
+def normed_port(p, x, train=False):
+    h = x @ p["fc"]["kernel"] + p["fc"]["bias"]
+    out = (h - p["bn"]["mean"]) / jnp.sqrt(p["bn"]["var"] + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+    return {"logits": out}, {"bn": {"mean": p["bn"]["mean"], "var": p["bn"]["var"]}}
+
+
+def test_a_port_returning_statistics_with_a_picked_output_is_told_to_set_stateful():
+    (rec,) = ModelPair("normed", Normed, normed_port, IN2, checks=("forward",), output="logits").run_checks(
+        dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and "the port returns statistics: set stateful=True" in rec.failure_text(), \
+        rec.failure_text()
+
+
+def test_no_shape_hint_when_the_closest_value_is_the_modules_input():
+    (rec,) = ModelPair("scaled_input", lambda: torch.nn.Sequential(torch.nn.Linear(3, 2)),
+                       lambda p, x, train=False: (x * 1.001) @ p["0"]["kernel"] + p["0"]["bias"], IN2,
+                       checks=("forward",)).run_checks(dtype="float64", run=RUN)
+    assert rec.outcome == "failed" and "first diverging layer: 0 " in rec.failure_text()
+    assert "hint: shape" not in rec.failure_text(), rec.failure_text()
+
+
+def test_a_mask_spec_with_edge_zero_keeps_its_choice():
+    inputs = Inputs(Fixed((((4, 5), (4,)),)), (Lengths(edge=0.0), Ints(0, 1)))
+    assert model_inputs(inputs, TwoLinear()).args[0].edge == 0.0
