@@ -195,3 +195,21 @@ def test_no_shape_hint_when_the_closest_value_is_the_modules_input():
 def test_a_mask_spec_with_edge_zero_keeps_its_choice():
     inputs = Inputs(Fixed((((4, 5), (4,)),)), (Lengths(edge=0.0), Ints(0, 1)))
     assert model_inputs(inputs, TwoLinear()).args[0].edge == 0.0
+
+
+def test_a_float32_converter_past_exact_tags_is_read_in_chunks(monkeypatch):
+    """Tags past 2**24 are not exact in float32: a 20M-element model with a `.float()` converter
+    was refused as "not a rearrangement". The read goes tensor by tensor, _EXACT tags at a time;
+    here _EXACT is 4, so every tensor of TwoLinear is read in chunks."""
+    from equivcheck.models import converter
+
+    monkeypatch.setattr(converter, "_EXACT", 4)
+    model = TwoLinear()
+    um = UserMapping(lambda m: {k: {n: v.astype(np.float32) for n, v in d.items()} for k, d in two_converter(m).items()},
+                     model)
+    sd = {k: _np(v) for k, v in model.state_dict().items()}
+    g = {"fc": {"kernel": np.arange(9.0).reshape(3, 3), "bias": np.ones(3)}, "out": {"kernel": np.ones((3, 2)),
+                                                                                 "bias": np.ones(2)}}
+    back = um.grads_to_torch(g, sd)
+    np.testing.assert_array_equal(back["fc.weight"], np.arange(9.0).reshape(3, 3).T)
+    np.testing.assert_array_equal(back["out.weight"], np.ones((2, 3)))

@@ -192,6 +192,13 @@ def _paths(tree: Any) -> set[str]:
     return {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _overlay(old: Any, new: Any) -> Any:
+    """`new` over `old`, mapping by mapping: what `new` leaves out keeps its old value."""
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+        return new
+    return {**old, **{k: _overlay(old[k], v) if k in old else v for k, v in new.items()}}
+
+
 def port_output(pair: Any, res: Any, stats: Any) -> tuple[Any, Any]:
     """(output, statistics) of what the port returned, or TypeError saying which of
     `stateful` and the port's return is off: a stateful port returns (output, statistics) in
@@ -205,7 +212,7 @@ def port_output(pair: Any, res: Any, stats: Any) -> tuple[Any, Any]:
                             f"({what}), not (output, statistics): a stateful port returns them in eval mode too "
                             "(the statistics unchanged there)")
         # statistics the port leaves out keep their values (constants the converter placed there)
-        return res[0], mm.merge(stats, res[1]) if isinstance(stats, Mapping) and isinstance(res[1], Mapping) else res[1]
+        return res[0], _overlay(stats, res[1])
     if two and isinstance(res[1], Mapping) and stats and _paths(res[1]) == _paths(stats):
         raise TypeError(f"the port returns statistics: set stateful=True on ModelPair {pair.name!r} (it returns "
                         f"(output, a tree of the model's BatchNorm statistics {sorted(stats)}))")
