@@ -213,3 +213,17 @@ def test_a_float32_converter_past_exact_tags_is_read_in_chunks(monkeypatch):
     back = um.grads_to_torch(g, sd)
     np.testing.assert_array_equal(back["fc.weight"], np.arange(9.0).reshape(3, 3).T)
     np.testing.assert_array_equal(back["out.weight"], np.ones((2, 3)))
+
+
+def test_a_tied_weight_converts_once_in_the_automatic_mapping():
+    """The head sharing the embedding's weight was converted as a Linear of its own: a correct
+    port reading the embedding for both uses passed forward and grad and failed train (the
+    head leaf never moved on the JAX side), called "rounding"."""
+    from equivcheck.models import mapping as mm
+
+    assert [e.module for e in mm.entries(Tied())] == ["embed", "mid"]
+    pair = ModelPair("tied_auto", Tied, tied_port, Inputs(Fixed((((3, 5), (3, 6)),)), (Ints(0, 5), Floats(-1, 1))),
+                     loss=mse(), optimizer=optimizer_pair("tied_auto.sgd", "SGD", lr=0.1), steps=3,
+                     checks=("forward", "grad", "train"))
+    got, why = outcomes(pair)
+    assert got == dict.fromkeys(("forward", "grad", "train"), "passed"), why

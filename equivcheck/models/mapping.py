@@ -112,9 +112,13 @@ def _own(module: Any) -> list[str]:
 
 def entries(model: Any, rules: Sequence[Any] = ()) -> list[Entry]:
     """The model's layers, in module order. A module holding parameters that neither a rule
-    nor equivcheck.weights.convert covers is refused, naming it."""
+    nor equivcheck.weights.convert covers is refused, naming it. A module whose every tensor is
+    tied to one converted before (an output head sharing the embedding's weight) has no entry:
+    the tied tensor is one leaf, where it first appears, and the port reads it there for both
+    uses (Flax's `Embed.attend`), so training moves it once, as torch does."""
     out: list[Entry] = []
     covered: list[str] = []
+    converted: set[int] = set()  # id() of every tensor converted so far
     by_prefix = {r.torch: r for r in rules}
     inside = lambda name: any(name == c or name.startswith(c + ".") for c in covered)  # noqa: E731
     for name, module in model.named_modules():
@@ -125,10 +129,15 @@ def entries(model: Any, rules: Sequence[Any] = ()) -> list[Entry]:
             _rearranges(rule, module)
             out.append(Entry(name, tuple(rule.jax.split("/")), f"rule:{rule.layout}", {}, rule))
             covered.append(name)
+            converted.update(id(t) for t in module.state_dict(keep_vars=True).values())
             continue
         own = _own(module)
         if not own:
             continue
+        ids = {id(getattr(module, n)) for n in own}
+        if ids <= converted:
+            continue
+        converted.update(ids)
         try:
             kind, cfg = convert.describe(module)
         except ConversionError:
