@@ -51,7 +51,6 @@ class StatsEntry:
 @dataclasses.dataclass
 class _Leaf:
     path: Path
-    shape: tuple[int, ...]
     const: np.ndarray  # flat
     parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]  # (torch name, source idx, leaf idx, scale)
 
@@ -195,7 +194,7 @@ class UserMapping:
         for k, s in self.floats.items():
             offsets[k], total = total, total + int(np.prod(s))
         tags = {k: (offsets[k] + np.arange(1.0, np.prod(s) + 1)).reshape(s) for k, s in self.floats.items()}
-        leaves = {p: _Leaf(p, (), c, []) for p, c in const.items()}
+        leaves = {p: _Leaf(p, c, []) for p, c in const.items()}
         if total <= _EXACT:
             pending = self._decode(module, tags, const, leaves, offsets, total, final=False)
         else:  # tags past 2**24 are not exact in a float32 converter: read tensor by tensor, in chunks
@@ -323,7 +322,7 @@ def _copy_tree(tree: Any, wide: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _copy_tree(v, wide) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_copy_tree(v, wide) for v in tree) if isinstance(tree, list) else \
-            tuple(_copy_tree(v, wide) for v in tree)
+        items = [_copy_tree(v, wide) for v in tree]
+        return items if isinstance(tree, list) else tuple(items)
     a = _numpy(tree)
     return a.astype(wide) if a.dtype.kind == "f" else a
