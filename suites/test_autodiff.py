@@ -63,7 +63,7 @@ NEAR_ZERO = {f"{d}/forward": Tolerance(BASE[d].rtol, 0.0, "relative only: log1p/
              for d in ALL_FLOATS}
 GELU_TANH_T = functools.partial(F.gelu, approximate="tanh")
 GELU_TANH_J = functools.partial(jax.nn.gelu, approximate=True)
-GELU_TANH_REF = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))  # noqa: E731
+GELU_TANH_REF = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 CUMPROD_T = functools.partial(torch.cumprod, dim=-1)
 CUMPROD_J = functools.partial(jnp.cumprod, axis=-1)
 F32_MIN_NORMAL = float(np.finfo(np.float32).tiny)
@@ -86,26 +86,13 @@ def _t_sign(u):
     return torch.sign(torch.gather(u, -2, u.abs().argmax(-2, keepdim=True)))
 
 
-def _j_sign(u):
-    return jnp.sign(jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=-2, keepdims=True), axis=-2))
-
-
 def _t_sym(a):
     return (a + a.transpose(-1, -2)) / 2
-
-
-def _j_sym(a):
-    return (a + jnp.swapaxes(a, -1, -2)) / 2
 
 
 def t_eigh(a):
     w, v = torch.linalg.eigh(_t_sym(a))
     return w, v * _t_sign(v)
-
-
-def j_eigh(a):
-    w, v = jnp.linalg.eigh(_j_sym(a))
-    return w, v * _j_sign(v)
 
 
 def t_svd(a):
@@ -114,22 +101,51 @@ def t_svd(a):
     return u * sign, s, vh * sign.transpose(-1, -2)
 
 
-def j_svd(a):
-    u, s, vh = jnp.linalg.svd(a, full_matrices=False)
-    sign = _j_sign(u)
-    return u * sign, s, vh * jnp.swapaxes(sign, -1, -2)
-
-
 def t_qr(a):
     q, r = torch.linalg.qr(a)
     d = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     return q * d.unsqueeze(-2), r * d.unsqueeze(-1)
 
 
-def j_qr(a):
-    q, r = jnp.linalg.qr(a)
-    d = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
+# The JAX side and the float64 NumPy reference are one function each: jnp and np share the API.
+def _sign(xp, u):
+    return xp.sign(xp.take_along_axis(u, xp.argmax(xp.abs(u), axis=-2, keepdims=True), axis=-2))
+
+
+def _sym(xp, a):
+    return (a + xp.swapaxes(a, -1, -2)) / 2
+
+
+def _eigh(xp, a):
+    w, v = xp.linalg.eigh(_sym(xp, a))
+    return w, v * _sign(xp, v)
+
+
+def _svd(xp, a):
+    u, s, vh = xp.linalg.svd(a, full_matrices=False)
+    sign = _sign(xp, u)
+    return u * sign, s, vh * xp.swapaxes(sign, -1, -2)
+
+
+def _qr(xp, a):
+    q, r = xp.linalg.qr(a)
+    d = xp.sign(xp.diagonal(r, axis1=-2, axis2=-1))
     return q * d[..., None, :], r * d[..., :, None]
+
+
+j_eigh, j_svd, j_qr = (functools.partial(f, jnp) for f in (_eigh, _svd, _qr))
+np_eigh, np_svd, np_qr = (functools.partial(f, np) for f in (_eigh, _svd, _qr))
+
+
+def np_scatter_add(x, i, s):
+    out = np.array(x, np.float64)
+    np.add.at(out, i, s)
+    return out
+
+
+def np_glu(x):
+    a, b = np.split(x, 2, axis=-1)
+    return a / (1 + np.exp(-b))
 
 
 def _tall(rng):
@@ -240,10 +256,13 @@ PAIRS = Registry([
        conventions=(Convention("leaky_relu'(0)", at(0.0), 0.01, 1.0, "torch: the negative slope; JAX: 1"),)),
     ew("elu", F.elu, jax.nn.elu, Floats(special=(0.0,)), lambda x: np.where(x > 0, x, np.expm1(x)),
        conventions=(second_at_zero("elu''(0)", 1.0, "torch: the x > 0 branch (0); JAX: the x <= 0 branch (1)"),)),
-    ew("selu", F.selu, jax.nn.selu, Floats(special=(0.0,)), witnesses=(([-6.0],),),  # selu::hvp::bfloat16
+    ew("selu", F.selu, jax.nn.selu, Floats(special=(0.0,)),
+       lambda x: SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(x)),
+       witnesses=(([-6.0],),),  # selu::hvp::bfloat16
        conventions=(second_at_zero("selu''(0)", SELU_SCALE * SELU_ALPHA,
                                    "torch: the x > 0 branch (0); JAX: the x <= 0 branch (scale * alpha)"),)),
-    ew("celu", F.celu, jax.nn.celu, Floats(special=(0.0,)), witnesses=(([-6.0],),),  # celu::*::bfloat16
+    ew("celu", F.celu, jax.nn.celu, Floats(special=(0.0,)), lambda x: np.where(x > 0, x, np.expm1(x)),
+       witnesses=(([-6.0],),),  # celu::*::bfloat16
        conventions=(second_at_zero("celu''(0)", 0.25, "torch: 0; JAX: 0.25, from max/min ties halving twice"),)),
     ew("gelu_exact", F.gelu, functools.partial(jax.nn.gelu, approximate=False), None,
        lambda x: 0.5 * x * (1 + sp.erf(x / np.sqrt(2)))),
@@ -253,7 +272,8 @@ PAIRS = Registry([
        doc="|x| > 3.5: float32 tanh saturates and JAX's second derivative loses its digits (0 for -2.2e-5 at "
            "-4.868), beyond the HVP's float32 bound (atol 4e-5) where the direction exceeds ~1.8"),
     ew("silu", F.silu, jax.nn.silu, None, lambda x: x / (1 + np.exp(-x))),
-    ew("mish", F.mish, jax.nn.mish, Floats(-20, 20), witnesses=(([12.0],),)),  # mish::hvp::float16
+    ew("mish", F.mish, jax.nn.mish, Floats(-20, 20), lambda x: x * np.tanh(np.logaddexp(0, x)),
+       witnesses=(([12.0],),)),  # mish::hvp::float16
     ew("softplus", F.softplus, jax.nn.softplus, Floats(-30, 30), lambda x: np.logaddexp(0, x),
        doc="JAX computes log1p(exp(x)) everywhere; torch switches to x above 20: equal within tolerance"),
     ew("softplus_threshold", F.softplus, lambda x: jnp.where(x > 20, x, jax.nn.softplus(x)),
@@ -263,7 +283,8 @@ PAIRS = Registry([
     ew("log_sigmoid", F.logsigmoid, jax.nn.log_sigmoid, Floats(-30, 30), lambda x: -np.logaddexp(0, -x)),
     ew("hardtanh", F.hardtanh, jax.nn.hard_tanh, Floats(special=(-1.0, 1.0)), lambda x: np.clip(x, -1, 1),
        conventions=(Convention("hardtanh at its bounds", at(-1.0, 1.0), 0.0, 1.0, "torch: 0; jax.nn.hard_tanh: 1"),)),
-    ew("hardswish", F.hardswish, jax.nn.hard_swish, Floats(special=(-3.0, 3.0))),
+    ew("hardswish", F.hardswish, jax.nn.hard_swish, Floats(special=(-3.0, 3.0)),
+       lambda x: x * np.clip(x + 3, 0, 6) / 6),
     ew("hardsigmoid", F.hardsigmoid, jax.nn.hard_sigmoid, Floats(special=(-3.0, 3.0)),
        lambda x: np.clip(x / 6 + 0.5, 0, 1), checks=NO_HVP,
        doc="no HVP: torch has no derivative for aten::hardsigmoid_backward"),
@@ -275,7 +296,7 @@ PAIRS = Registry([
     Pair("log_softmax", functools.partial(torch.log_softmax, dim=-1), functools.partial(jax.nn.log_softmax, axis=-1),
          unary(Floats(-30, 30), **last()), reference=lambda x: np.log(_softmax(x)), dtypes=ALL_FLOATS),
     Pair("glu", functools.partial(F.glu, dim=-1), functools.partial(jax.nn.glu, axis=-1),
-         Inputs(Custom(_even_last, ((2,),)), (Floats(),)), dtypes=ALL_FLOATS,
+         Inputs(Custom(_even_last, ((2,),)), (Floats(),)), reference=np_glu, dtypes=ALL_FLOATS,
          doc="torch has no glu_jvp_cpu kernel for bfloat16/float16: its JVP there is the transpose of its VJP"),
     # ---------------------------------------------------------------- reductions
     Pair("sum", torch.sum, jnp.sum, unary(), reference=np.sum, dtypes=ALL_FLOATS),
@@ -358,16 +379,16 @@ PAIRS = Registry([
     Pair("det", torch.linalg.det, jnp.linalg.det, Inputs(Square(), (Matrices("general"),)), reference=np.linalg.det),
     Pair("slogdet", torch.linalg.slogdet, jnp.linalg.slogdet, Inputs(Square(), (Matrices("general"),)),
          reference=lambda a: tuple(np.linalg.slogdet(a))),
-    Pair("cholesky", lambda a: torch.linalg.cholesky(_t_sym(a)), lambda a: jnp.linalg.cholesky(_j_sym(a)),
+    Pair("cholesky", lambda a: torch.linalg.cholesky(_t_sym(a)), lambda a: jnp.linalg.cholesky(_sym(jnp, a)),
          Inputs(Square(), (Matrices("spd"),)), reference=np.linalg.cholesky,
          doc="symmetrised input: off the symmetric matrices the two functions differ (cholesky_raw)"),
     Pair("cholesky_raw", torch.linalg.cholesky, jnp.linalg.cholesky, Inputs(Square(), (Matrices("spd"),)),
          reference=np.linalg.cholesky, witnesses=(([[1.0, 0.0], [0.0, 1.0]],),),
          doc="torch reads the lower triangle only; jnp.linalg.cholesky symmetrises (symmetrize_input=True)"),
-    Pair("qr", t_qr, j_qr, Inputs(Custom(_tall, ((1, 1),)), (Matrices("general"),))),
-    Pair("eigh", t_eigh, j_eigh, Inputs(Square(), (Matrices("symmetric"),)),
+    Pair("qr", t_qr, j_qr, Inputs(Custom(_tall, ((1, 1),)), (Matrices("general"),)), reference=np_qr),
+    Pair("eigh", t_eigh, j_eigh, Inputs(Square(), (Matrices("symmetric"),)), reference=np_eigh,
          doc="symmetrised input and sign-fixed eigenvectors: the function is then well defined"),
-    Pair("svd", t_svd, j_svd, Inputs(Custom(_any_matrix, ((1, 1),)), (Matrices("distinct"),)),
+    Pair("svd", t_svd, j_svd, Inputs(Custom(_any_matrix, ((1, 1),)), (Matrices("distinct"),)), reference=np_svd,
          doc="reduced SVD with sign-fixed singular vectors"),
     Pair("svdvals", torch.linalg.svdvals, functools.partial(jnp.linalg.svd, compute_uv=False),
          Inputs(Custom(_any_matrix, ((1, 1),)), (Matrices("distinct"),)),
@@ -382,7 +403,7 @@ PAIRS = Registry([
                 (Floats(), Index(of=0, axis=0))), reference=lambda x, i: np.take_along_axis(x, i, 0), dtypes=ALL_FLOATS),
     Pair("scatter_add", lambda x, i, s: x.index_add(0, i, s), lambda x, i, s: x.at[i].add(s),
          Inputs(Custom(_scatter, ((1, 1), (1,), (1, 1))), (Floats(), Index(of=0, axis=0), Floats())),
-         diff_args=(0, 2), tags={"nondeterministic-gpu"}, dtypes=ALL_FLOATS,
+         diff_args=(0, 2), reference=np_scatter_add, tags={"nondeterministic-gpu"}, dtypes=ALL_FLOATS,
          doc="repeated indices accumulate; on GPU the summation order is not fixed in either framework"),
     Pair("index_select", lambda x, i: torch.index_select(x, 0, i), lambda x, i: jnp.take(x, i, axis=0),
          Inputs(Custom(_select, ((1, 1), (1,))), (Floats(), Index(of=0, axis=0))),

@@ -3,13 +3,14 @@
 kink without a declared convention, and a user's failure that matches a known divergence."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from equivcheck import Fixed, Floats, Index, Inputs, Pair, Same, Square, unary
+from equivcheck import Fixed, Floats, Index, Inputs, Pair, RunSettings, Same, Square, unary
 from equivcheck.engine import tolerance
 from equivcheck.ops.autodiff import evaluate, keyed, leaf_at, widen
 from tests.verdicts import verdict_on
@@ -162,3 +163,25 @@ def test_a_float32_only_rounding_to_bfloat16_that_vanishes_in_float64_gets_the_h
                          "forward", SPREAD, "float32")
     assert verdict.side == "torch", verdict.diagnosis
     assert "is what bfloat16 rounding gives, and the gap vanishes in float64" in verdict.diagnosis, verdict.diagnosis
+
+
+def _relu_grad_off(x):
+    """relu with its forward exact and its derivative 0.5 too large where x <= 0."""
+    return torch.relu(x) + 0.5 * (x - x.detach()) * (x <= 0)
+
+
+def test_a_minimal_example_at_a_kink_is_decided_by_another_failing_example():
+    # Shrinking heads for 0, relu's kink, where torch's 0.5 lies between the one-sided 0 and 1
+    # and no side can be named; a failure below 0 shows torch 0.5 against 0. Never JAX, never
+    # "both" (differences across a kink at another element of a larger example).
+    pair = Pair("relu_grad_off", _relu_grad_off, jax.nn.relu,
+                unary(Floats(-1.0, 1.0, special=(0.0,))), reference=lambda x: np.maximum(x, 0), checks=("vjp",))
+    recs = [pair.run_checks(dtype="float32", run=RunSettings(examples=10, seed=seed))[0] for seed in range(6)]
+    assert all(r.outcome == "failed" and r.side in ("torch", None) for r in recs)
+    decided = [r for r in recs if r.side == "torch"]
+    assert len(decided) >= 4
+    for rec in decided:
+        there, minimal = rec.diagnosis.split("At the minimal example shown: ")
+        assert there.startswith("decided at another failing example") and "torch is off" in there
+        assert "kink" in minimal and "no side is named" in minimal
+        assert rec.inputs.endswith(" 0.")  # the minimal example is still the one shown

@@ -115,6 +115,9 @@ class Verdict:
     side: str | None = None  # which side is off, once diagnosed: torch | jax | both | None
     diagnosis: str = ""
     path: str | None = None  # the leaf that failed
+    # No side could be named at this example only (a kink, unstable finite differences):
+    # another failing example of the same check may still decide.
+    local: bool = False
 
     @property
     def worst(self) -> LeafDiff | None:

@@ -2,7 +2,7 @@
 
 Operations (equivcheck.ops.runner), optimizers, models and data pipelines each raise their own
 failure type from a test body; `Search` runs that body under the run's profile and seed,
-keeps the smallest failure found, stops shrinking after `run.shrink_seconds` (then every
+keeps the smallest failure found (and the first few, `seen`), stops shrinking after `run.shrink_seconds` (then every
 call reports that failure), and turns a failure that did not replay (Hypothesis's Flaky)
 into that failure, marked `flaky`.
 """
@@ -21,6 +21,7 @@ from hypothesis.errors import Flaky
 from equivcheck.backends import deadline
 
 PROFILES = {"dev": 30, "ci": 30, "nightly": 300}
+SEEN = 4  # failures kept besides the smallest (Search.seen)
 for _name, _count in PROFILES.items():
     settings.register_profile(
         f"equivcheck-{_name}",
@@ -79,6 +80,10 @@ class Search:
         self.best: Any = None
         self.since: float | None = None
         self.flaky = False
+        # The first failures found, in order: the drawn one before shrinking began, then the
+        # shrinker's first steps. A minimal example sits where shrinking leads (zeros, ties,
+        # kinks), where a diagnosis may be unable to decide what a generic failure decides.
+        self.seen: list[Any] = []
 
     @property
     def shrinking(self) -> bool:
@@ -100,6 +105,8 @@ class Search:
             try:
                 body(example)
             except self.failure as failed:
+                if len(self.seen) < SEEN:
+                    self.seen.append(failed)
                 if self.best is None or (self.smaller is not None and self.smaller(failed, self.best)):
                     self.best, self.since = failed, self.since or time.monotonic()
                 raise

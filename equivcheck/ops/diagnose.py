@@ -153,7 +153,7 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
             # often), but the lone non-finite value is evidence enough, and said as such.
             verdict.side, verdict.diagnosis = lone[0], lead + "; " + lone[1]
             return
-        verdict.side = None
+        verdict.side, verdict.local = None, found.local
         # Unstable differences and no agreement in float64: a derivative exactly zero by cancelling
         # terms of size 1/eps-ish (std of two close values) looks the same as two different formulas.
         verdict.diagnosis = (found.why if found.kink else

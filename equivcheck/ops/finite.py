@@ -53,6 +53,12 @@ class Arbitration:
     why: str
     kink: bool = False
     forwards_differ: bool = False
+    unstable: bool = False  # the differences, not the sides, are what cannot decide at this example
+
+    @property
+    def local(self) -> bool:
+        """Undecided because of where the example lies, not of the pair: elsewhere it may decide."""
+        return self.kink or self.unstable
 
 
 def as_tree(x: Any) -> Any:
@@ -135,12 +141,12 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
     with np.errstate(invalid="ignore"):
         if not (np.all(np.isfinite(d1)) and np.all(np.isfinite(d2))):
             return Arbitration(None, "finite differences are unstable here: they are not finite at this example; "
-                                     "no side is named")
+                                     "no side is named", unstable=True)
         unstable = float(np.max(np.abs(d1 - d2), initial=0.0))
     if DECISIVE * unstable > sides_gap:
         return Arbitration(None, f"finite differences are unstable here: steps h and h/2 give derivatives "
                                  f"{unstable:.3g} apart, against a gap of {sides_gap:.3g} between the sides' float64 "
-                                 f"results; no side is named")
+                                 f"results; no side is named", unstable=True)
     # Richardson: both rules err by O(h^2), so this cancels the leading term.
     refs = {name: b + (b - a) / 3 for name, (a, b) in steps.items()}
     if len(refs) == 2:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from hypothesis import strategies as st
 from hypothesis import target
 
@@ -30,6 +32,10 @@ from equivcheck.ops.shapes import ShapeRuleError
 if TYPE_CHECKING:
     from equivcheck.ops.pairs import Pair
 
+# Earlier failing examples diagnosed when the minimal one cannot name a side: each costs a
+# float64 re-run and finite differences, so a few (the drawn one is first).
+MAX_ELSEWHERE = 3
+
 
 class CheckFailed(Exception):
     """Raised inside the Hypothesis test so that it shrinks; carries the evidence out."""
@@ -37,6 +43,7 @@ class CheckFailed(Exception):
     def __init__(self, check: str, verdict: Verdict, args: Sequence[Any], ev: Evaluation) -> None:
         super().__init__(f"{check}: {verdict.kind}: {verdict.message}")
         self.check, self.verdict, self.args, self.ev = check, verdict, args, ev
+        self.others: list[CheckFailed] = []  # other failing examples of the same check, first found first
 
 
 @dataclasses.dataclass
@@ -93,6 +100,7 @@ def run_pair(
                                                 tols[check], 0):
                 verdict.notes.append(f"found on the minimal example of the {failure.check} failure")
                 failures[check] = CheckFailed(check, verdict, failure.args, failure.ev)
+                failures[check].others = _also_failing(pair, check, failure.others, tols[check], dtype)
                 active.remove(check)
     seconds = time.perf_counter() - start
     records = []
@@ -118,7 +126,8 @@ def run_pair(
         hit = known(rec.id)
         na = stats[check].not_applicable
         if check in failures:
-            _fill_failure(rec, failures[check], pair, dtype, tol)
+            more = functools.partial(_more_failures, pair, examples, check, tol, dtype, run, item_seed + 1)
+            _fill_failure(rec, failures[check], pair, dtype, tol, more)
             rec.outcome = "known-divergence" if hit else "failed"
         elif na and sum(na.values()) == rec.examples:
             # Nothing to differentiate in any example: say so, never "ok" over zeros.
@@ -203,6 +212,8 @@ def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: 
 
     witnesses = [(pair.inputs.cast(w, dtype), 0) for w in pair.witnesses]
     failed = search(test, examples, digest=f"{pair.name}:{dtype}:{run.device}", seed=item_seed, explicit=witnesses)
+    if failed is not None:
+        failed.others = [f for f in search.seen if f is not failed and f.check == failed.check]
     if failed is not None and search.flaky:
         failed.verdict.notes.append(FLAKY_NOTE)
     elif failed is not None and search.out_of_time:
@@ -224,17 +235,86 @@ def _accepted(pair: Pair, check: str, args: Any, ev: Evaluation, verdict: Verdic
     return None
 
 
+def _also_failing(pair: Pair, check: str, others: list[CheckFailed], tol: Any, dtype: str) -> list[CheckFailed]:
+    """`check`'s failures among other failing examples of another check (each evaluated every
+    check): the alternatives `_decide_elsewhere` may need for a failure found on its minimal example."""
+    found = []
+    for other in others:
+        verdict = judge(pair, other.ev, check, tol, other.args)
+        if not verdict.ok and not _accepted(pair, check, other.args, other.ev, verdict, dtype, tol, 0):
+            found.append(CheckFailed(check, verdict, other.args, other.ev))
+    return found
+
+
+def _more_failures(pair: Pair, examples: st.SearchStrategy, check: str, tol: Any, dtype: str, run: RunSettings,
+                   seed: int) -> list[CheckFailed]:
+    """Up to MAX_ELSEWHERE failing examples of `check` from a fresh search (another seed, no
+    shrinking): when the search stopped at its first, simplest example, the only ones there are."""
+    found: list[CheckFailed] = []
+
+    def body(example: tuple[tuple[Any, ...], int]) -> None:
+        args, vec_seed = example
+        ev = evaluate(pair, args, vec_seed, dtype=dtype, device=run.device, checks=[check])
+        verdict = judge(pair, ev, check, tol, args)
+        if not verdict.ok and not _accepted(pair, check, args, ev, verdict, dtype, tol, 0):
+            found.append(CheckFailed(check, verdict, args, ev))
+            if len(found) >= 2 * MAX_ELSEWHERE:
+                raise found[-1]
+
+    Search(run, CheckFailed)(body, examples, digest=f"{pair.name}:{dtype}:{run.device}:elsewhere", seed=seed,
+                             shrink=False)
+    return found
+
+
+def _decide_elsewhere(failure: CheckFailed, pair: Pair, dtype: str, tol: Any,
+                      more: Callable[[], list[CheckFailed]]) -> None:
+    """The minimal example lies where no side can be named (a kink, unstable differences):
+    shrinking heads for zeros and ties, which is where max, sort or relu have kinks. Failing
+    examples found before it (the drawn one first), else from a fresh search, get the same
+    diagnosis; the first that names a side decides, and the record says it was decided
+    there, with its inputs."""
+    for others in (lambda: failure.others, more):
+        try:
+            candidates = others()
+        except Exception:  # noqa: BLE001 - advice only: the minimal example's verdict stands
+            return
+        shown = format_args(failure.args)
+        # Generation starts from the simplest inputs (zeros, one value repeated): the examples
+        # with the most distinct values are the least likely to sit on a kink, so they go first.
+        candidates = sorted((c for c in candidates if format_args(c.args) != shown), key=_distinct, reverse=True)
+        for other in candidates[:MAX_ELSEWHERE]:
+            try:
+                diagnose(pair, other.check, other.args, other.ev, other.verdict, dtype=dtype, tol=tol)
+            except Exception:  # noqa: BLE001, S112 - advice only, as for the minimal example
+                continue
+            # "both" at a larger example is most often the arbiter's differences crossing a kink
+            # at another element than the failing one: only one side named decides.
+            if other.verdict.side in ("torch", "jax"):
+                failure.verdict.side = other.verdict.side
+                failure.verdict.diagnosis = (f"decided at another failing example ({format_args(other.args)}): "
+                                             f"{other.verdict.diagnosis}. At the minimal example shown: "
+                                             f"{failure.verdict.diagnosis}")
+                return
+
+
+def _distinct(failure: CheckFailed) -> int:
+    return sum(len(np.unique(a)) for a in failure.args if isinstance(a, np.ndarray) and a.dtype.kind == "f")
+
+
 def _fill_errors(rec: CheckRecord, leaf: LeafDiff | None) -> None:
     if leaf is not None:
         rec.max_abs_err, rec.max_rel_err, rec.max_ulp = leaf.max_abs, leaf.max_rel, leaf.max_ulp
 
 
-def _fill_failure(rec: CheckRecord, failure: CheckFailed, pair: Pair, dtype: str, tol: Any) -> None:
+def _fill_failure(rec: CheckRecord, failure: CheckFailed, pair: Pair, dtype: str, tol: Any,
+                  more: Callable[[], list[CheckFailed]] = list) -> None:
     verdict = failure.verdict
     try:
         diagnose(pair, failure.check, failure.args, failure.ev, verdict, dtype=dtype, tol=tol)
     except Exception as exc:  # advice only: the failure stands without it
         verdict.diagnosis = f"diagnosis failed: {type(exc).__name__}: {exc}"
+    if verdict.side is None and verdict.local:
+        _decide_elsewhere(failure, pair, dtype, tol, more)
     rec.kind, rec.side, rec.diagnosis = verdict.kind, verdict.side, verdict.diagnosis
     worst = verdict.worst if verdict.kind == "values" else None
     rec.message = verdict.message + (f"\n  worst: {worst.summary()}" if worst else "")
