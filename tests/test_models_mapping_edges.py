@@ -1,8 +1,10 @@
 """The user's own mapping on the edges a new user's trial found: tied weights, integer and
-constant leaves, statistics in lists, frozen parameters, layouts that are not rearrangements,
-registered modules with children, and the messages for ports that return the wrong thing."""
+constant leaves, statistics in lists, frozen parameters (and ones frozen on one side only),
+layouts that are not rearrangements, registered modules with children, and the messages for
+ports that return the wrong thing."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -126,6 +128,54 @@ def test_a_frozen_parameter_has_no_gradient_to_compare():
     pair = ModelPair("frozen", frozen, two_apply, IN2, loss=mse(), checks=("grad",), to_jax=two_converter)
     got, why = outcomes(pair)
     assert got == {"grad": "passed"}, why
+
+
+def _frozen_fc():
+    m = TwoLinear()
+    m.fc.weight.requires_grad_(False)
+    return m
+
+
+@pytest.mark.parametrize("to_jax", [None, two_converter], ids=["automatic", "to_jax"])
+def test_a_parameter_frozen_in_torch_that_the_port_trains_is_named(to_jax):
+    """torch's optimizer never moves fc.weight; the port's SGD does. Losses and gradients agree
+    at step 1, so the verdict was "the optimizer pair passes its own checks"."""
+    pair = ModelPair("frozen_moved", _frozen_fc, two_apply, IN2, loss=mse(), to_jax=to_jax, steps=3,
+                     optimizer=optimizer_pair("frozen_moved.sgd", "SGD", lr=0.1), checks=("train",))
+    (rec,) = pair.run_checks(dtype="float64", run=RUN)
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert "parameter 'fc.weight' is frozen on the torch side (requires_grad=False" in rec.diagnosis, rec.diagnosis
+    assert "but the port updates it" in rec.diagnosis and "optimizer pair" not in rec.diagnosis, rec.diagnosis
+
+
+def _stop_fc(p, x, train=False):
+    return two_apply({**p, "fc": {**p["fc"], "kernel": jax.lax.stop_gradient(p["fc"]["kernel"])}}, x, train)
+
+
+def _masked_sgd():
+    import optax
+
+    from equivcheck.optim import OptimizerPair
+
+    def labels(p):  # any tree (the optimizer pair's own checks use theirs): fc's kernel is frozen
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if jax.tree_util.keystr(path) == "['fc']['kernel']" else "sgd", p)
+
+    return OptimizerPair("masked_sgd", lambda ps: torch.optim.SGD(ps, lr=0.1),
+                         lambda: optax.multi_transform({"sgd": optax.sgd(0.1), "frozen": optax.set_to_zero()}, labels))
+
+
+@pytest.mark.parametrize("how", ["stop_gradient", "optax_mask"])
+def test_a_parameter_trained_in_torch_that_the_port_freezes_is_named(how):
+    apply, opt = (_stop_fc, optimizer_pair("stopped.sgd", "SGD", lr=0.1)) if how == "stop_gradient" else \
+        (two_apply, _masked_sgd())
+    checks = ("grad", "train") if how == "stop_gradient" else ("train",)
+    pair = ModelPair(f"frozen_{how}", TwoLinear, apply, IN2, loss=mse(), optimizer=opt, steps=3, checks=checks)
+    for rec in pair.run_checks(dtype="float64", run=RUN):
+        assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+        assert "parameter 'fc.weight' is trainable on the torch side (requires_grad=True" in rec.diagnosis, \
+            rec.diagnosis
+        assert "the port does not update it" in rec.diagnosis and "(frozen there" in rec.diagnosis, rec.diagnosis
 
 
 def test_a_layout_that_scales_is_refused_naming_the_rule():

@@ -6,11 +6,14 @@ model shows as the port differing from it), and the text says so rather than cla
 port is wrong. The place is the first layer out of tolerance, or, when every tapped layer
 agrees but the model's output does not, the untapped code after the last tap. For `grad` with
 every compared layer's output and the model's output in tolerance, the first parameter whose
-gradient differs is named, or the loss when it alone differs on agreeing outputs. For `train`, the
-first step is localised in train mode (with the step's dropout masks and BatchNorm
-statistics); if every layer and every gradient agree there, the optimizer pair runs its own
-checks (equivcheck.optim.runner) and its diagnosis (eps placement, weight decay, a schedule
-shifted by one step, ...) is the cause.
+gradient differs is named, or the loss when it alone differs on agreeing outputs, or a parameter
+trained on one side only (frozen in torch, moved by the port's first update; or the reverse).
+Two causes come before the port: outputs of different shapes (or ones the loss refuses), named
+on the side whose output the loss does not take (equivcheck.models.calls.shape_cause), and a
+torch run that raised. For `train`, the first step is localised in train mode (with the
+step's dropout masks and BatchNorm statistics); if every layer and every gradient agree there,
+the optimizer pair runs its own checks (equivcheck.optim.runner) and its diagnosis (eps
+placement, weight decay, a schedule shifted by one step, ...) is the cause.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from equivcheck.engine.compare import compare
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.models import mapping as mm
 from equivcheck.models import sides as ms
+from equivcheck.models.calls import shape_cause
 from equivcheck.models.localise import localise
 
 OPTIMIZER_EXAMPLES = 20  # the optimizer pair's own checks, on a failure only
@@ -55,14 +59,20 @@ def diagnose(pair: Any, check: str, ex: Any, res: Any, ents: list[mm.Entry], dty
     except Exception as exc:
         return res.verdict.side, f"localisation failed: {type(exc).__name__}: {exc}", []
     rows = [r.to_json() for r in loc.rows]
+    if loc.first is None:  # every layer agrees: outputs of another shape, or one the loss refuses, are the cause
+        shaped = shape_cause(pair, *loc.outputs, y, dtype)
+        if shaped is not None:
+            return (*shaped, rows)
     if check in ("modes", "train") and res.verdict.kind != "error":
         masks = _dropout_cause(pair, ents, ex, x, res.masks, dtype, run, fwd)
         if masks:  # before any layer: a port's own masks move every layer after the first dropout
             return "jax", f"{masks}; {loc.text}", rows
+    if res.verdict.side == "torch" and res.verdict.kind == "error":  # torch's own run failed: that is the cause
+        return "torch", (f"torch's own run failed, so nothing was compared: {res.verdict.message.splitlines()[0]}; "
+                         f"apart from that, the port against torch on the same inputs (without the loss): {loc.text}"), rows
     if loc.first is not None or loc.output_off or "raised" in loc.text:
-        side = "jax" if res.verdict.side != "torch" else "torch"
-        lead = f"the port differs from torch {loc.where} ({SPEC}): " if side == "jax" and loc.where else ""
-        return side, lead + loc.text, rows
+        lead = f"the port differs from torch {loc.where} ({SPEC}): " if loc.where else ""
+        return "jax", lead + loc.text, rows
     if res.verdict.kind == "error":
         return res.verdict.side, loc.text, rows
     if check in ("grad", "train", "fit"):
@@ -129,6 +139,9 @@ def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, d
                 f"{float(np.asarray(j_loss)):.8g}): the two loss functions ({pair.loss.name}) differ on the same "
                 "output (label_smoothing, class weights, ignore_index, the reduction: mean or sum)")
     j_grads = mm.grads_to_torch(ents, j_g, state)
+    frozen = _frozen(pair, model, ents, state, params, t_grads, j_g, j_grads, dtype, train)
+    if frozen:
+        return frozen
     for name in t_grads:
         v = compare(t_grads[name], j_grads.get(name), base)
         if not v.ok:
@@ -137,6 +150,43 @@ def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, d
                     "differs first (in module order)"
                     + (f": max abs err {w.max_abs:.3g}" if w else f": {v.message}")
                     + _padding_row(model, name, t_grads[name], j_grads.get(name), base))
+    return ""
+
+
+def _frozen(pair: Any, model: Any, ents: list[mm.Entry], state: Any, params: Any, t_grads: dict[str, Any],
+            j_g: Any, j_grads: dict[str, Any], dtype: str, train: bool) -> str:
+    """A parameter trained on one side only: frozen in torch (requires_grad=False, so torch's
+    optimizer never moves it) while the port's first update moves it, or trainable in torch
+    (a nonzero gradient) while the port's update of it is zero everywhere (a stop_gradient, an
+    optax mask). The port's update is its optax transformation's first step on its gradients,
+    taken back to torch's names by the mapping's adjoint, which keeps zero and nonzero apart.
+    The grad check has no update: there, a port gradient zero where torch's is not. "" else."""
+    moved = j_grads
+    if train:
+        try:
+            import jax
+
+            from equivcheck.backends.jax import x64
+
+            with x64(dtype == "float64"):
+                tx = pair.optimizer.optax_transform()
+                updates, _ = tx.update(j_g, tx.init(params), params)
+                moved = mm.grads_to_torch(ents, jax.tree.map(np.asarray, updates), state)
+        except Exception:  # noqa: BLE001 - a hint, never a new failure
+            return ""
+    size = {n: float(np.max(np.abs(moved[n]), initial=0.0)) for n in moved}
+    how = "update" if train else "gradient"
+    moves = any(v > 0 for v in size.values())  # a step of zero everywhere (a warmup from lr 0) says nothing
+    for name, p in model.named_parameters():
+        if not p.requires_grad and train and size.get(name, 0.0) > 0:
+            return (f"parameter {name!r} is frozen on the torch side (requires_grad=False: torch's optimizer never "
+                    f"moves it) but the port updates it (by up to {size[name]:.3g} at step 1): freeze it in the port "
+                    "too (optax.masked / optax.multi_transform with optax.set_to_zero(), or jax.lax.stop_gradient)")
+        if moves and p.requires_grad and name in t_grads and np.any(t_grads[name] != 0) and size.get(name, 1.0) == 0:
+            return (f"parameter {name!r} is trainable on the torch side (requires_grad=True, gradient up to "
+                    f"{float(np.max(np.abs(t_grads[name]))):.3g}) but the port does not update it: its {how} in the "
+                    "port is zero everywhere (frozen there: a jax.lax.stop_gradient or an optax mask); freeze it in "
+                    "torch (requires_grad_(False)) or train it in the port")
     return ""
 
 

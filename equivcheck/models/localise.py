@@ -7,9 +7,9 @@ the order the modules finish. JAX: the port's `tap(name, value)`s, recorded on a
 a train-mode forward are rows of their own. The first row out of tolerance is the first
 diverging layer: every layer that finished before it was within tolerance, so its inputs
 were. The hint re-runs that torch module with each known migration slip (the divergences
-table's traps: gelu approximation, LayerNorm eps, BatchNorm momentum, one-border conv
-padding, mask polarity; and an untransposed Linear weight, dropout in eval, LSTM gate order)
-and names the one that reproduces the port's output.
+table's traps: gelu approximation, LayerNorm eps, BatchNorm momentum and running variance,
+one-border conv padding, mask polarity; and an untransposed Linear weight, dropout in eval,
+LSTM gate order) and names the one that reproduces the port's output.
 
 A tap bounds a divergence on both sides only where the port has one: untapped code before the
 first tap (an input scaling) shows at the first tapped layer, and untapped code after the last
@@ -43,6 +43,7 @@ class Localisation:
     text: str
     where: str = ""  # "at layer ln", "at or before layer fc1", "after layer fc2": where the port leaves torch
     output_off: bool = False  # every tapped layer agrees, the model's output does not
+    outputs: tuple[Any, Any] = (None, None)  # the model's output on each side (the port's None if it raised)
 
 
 def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[Any], masks: Mapping[str, Any],
@@ -72,6 +73,8 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
     t_stats = mm.to_jax(ents, torch_state(model))[1]
     j_model, taps, exc, j_stats = jax_capture(pair, params, stats, inputs, masks, train, dtype, device)
     bn_of = {e.module: e for e in ents if e.kind == "batch_norm"}
+    per_channel = {n: a[0].numel() // a[0].shape[1] for n, _, a, _, _ in reversed(seen)  # the first call's
+                   if n in bn_of and a and getattr(a[0], "ndim", 0) > 1}  # values per channel of each BatchNorm
 
     def stats_row(name: str, module: Any) -> tuple[Row | None, str]:
         if not (train and name in bn_of and j_stats is not None):
@@ -85,13 +88,13 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
         w = v.worst
         row = Row(f"{name} (running stats)", type(module).__name__, w.max_abs if w else 0.0, w.max_rel if w else 0.0,
                   v.ratio, v.ok)
-        return row, "" if v.ok else _stats_hint(old, tsub, jsub, module.momentum or 0.1, tol)
+        return row, "" if v.ok else _stats_hint(old, tsub, jsub, module.momentum or 0.1, tol, per_channel.get(name))
 
     if not taps and exc is None:
         traced = _untapped(pair, params, stats, inputs, masks, train, dtype, device, seen, tol, stats_row, t_model,
                            j_model)
         if traced is not None:
-            return _untapped_result(traced)
+            return dataclasses.replace(_untapped_result(traced), outputs=(t_model, j_model))
     rows: list[Row] = []
     first_hint, untapped = "", []
     for name, module, args, kwargs, out in seen:
@@ -151,7 +154,7 @@ def localise(pair: Any, model: Any, ents: Sequence[mm.Entry], inputs: Sequence[A
     hint_text = first_hint if first_hint not in ("", "-") else ""
     if missing and first is None:
         parts.append(f"layers without a tap: {', '.join(missing[:8])}")
-    return Localisation(rows, first, hint_text, "; ".join(parts), where, output_off)
+    return Localisation(rows, first, hint_text, "; ".join(parts), where, output_off, (t_model, j_model))
 
 
 def _untapped(pair: Any, params: Any, stats: Any, inputs: Sequence[Any], masks: Mapping[str, Any], train: bool,

@@ -1,9 +1,9 @@
 """What localisation compares and the known slips it tries: a table row, the first array of a
 module's output, and the hint that re-runs a torch module with each known migration slip
 (gelu approximation, LayerNorm eps, untransposed square Linear, one-border conv padding,
-dropout in eval, mask polarity, LSTM gate order, BatchNorm momentum) to name the one that
-reproduces the port. Used by equivcheck.models.localise (ports with taps) and
-equivcheck.models.untapped (ports without)."""
+dropout in eval, mask polarity, LSTM gate order, BatchNorm momentum and running variance)
+to name the one that reproduces the port. Used by equivcheck.models.localise (ports with
+taps) and equivcheck.models.untapped (ports without)."""
 from __future__ import annotations
 
 import dataclasses
@@ -173,8 +173,19 @@ def _lstm_gates(module: Any, args: tuple[Any, ...], same: Any) -> str:
 
 
 def _stats_hint(old: Mapping[str, np.ndarray], t_new: Mapping[str, np.ndarray], j_new: Mapping[str, np.ndarray],
-                momentum: float, tol: Tolerance) -> str:
+                momentum: float, tol: Tolerance, count: int | None = None) -> str:
+    """The known slip behind a BatchNorm's running statistics that differ after one update:
+    Flax's momentum convention (the weight of the old value, torch's of the new), else the
+    variance torch averages in (unbiased, Flax's biased; `count` values per channel in the
+    batch); "" when neither reproduces the port's."""
     batch = (t_new["mean"] - (1 - momentum) * old["mean"]) / momentum  # torch's batch mean, recovered
     if _close(momentum * old["mean"] + (1 - momentum) * batch, j_new["mean"], tol):
         return _known("nn.trap.batch_norm_momentum")
+    if count and count > 1 and "var" in t_new and "var" in j_new and _close(t_new["mean"], j_new["mean"], tol):
+        # torch's update is momentum x the unbiased batch variance, the port's (n-1)/n of it
+        t_var, j_var, o_var = (np.asarray(a, np.float64) for a in (t_new["var"], j_new["var"], old["var"]))
+        biased = (1 - momentum) * o_var + (t_var - (1 - momentum) * o_var) * (count - 1) / count
+        if _close(biased, j_var, tol):
+            return (f"the port's running_var update is torch's x (n-1)/n, n = {count} values per channel: "
+                    f"{_known('nn.trap.batch_norm_running_var')}")
     return ""
