@@ -6,6 +6,7 @@
 Exit codes, both commands: 0 all well; 1 the answer is "no" (compare: a regression; convert
 --check: the two checkpoints differ); 2 the question could not be asked (a file unreadable,
 unwritable, corrupt or of the wrong kind), with one line on stderr naming the path and why;
+compare: 3 a report is of a partial run (interrupted, -x) and --allow-partial was not given;
 convert ended by SIGTERM: 143, its partial output removed.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 def _compare(args: argparse.Namespace) -> int:
     from equivcheck.report import compare_runs, read_report
     from equivcheck.report.compare import check_growth
+    from equivcheck.report.runs import partial_text
 
     try:
         growth = check_growth(args.growth)
@@ -30,10 +32,18 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"equivcheck compare: --growth: {exc}", file=sys.stderr)
         return 2
     try:
-        lines, regressed = compare_runs(read_report(args.old), read_report(args.new), growth=growth)
+        old, new = read_report(args.old), read_report(args.new)
+        lines, regressed = compare_runs(old, new, growth=growth)
     except ValueError as exc:
         print(f"equivcheck compare: {exc}", file=sys.stderr)
         return 2
+    partial = [(path, text) for path, rep in ((args.old, old), (args.new, new)) if (text := partial_text(rep["run"]))]
+    if partial and not args.allow_partial:
+        # Its unrun checks would read as "gone", and a nightly job would pass on half a run.
+        for path, text in partial:
+            print(f"equivcheck compare: {path}: a partial run ({text}); compare complete runs, "
+                  "or pass --allow-partial", file=sys.stderr)
+        return 3
     print("\n".join(lines) if lines else "no change in outcomes or margins")
     return 1 if regressed else 0
 
@@ -111,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     # a non-number with its usage block rather than the one line every exit 2 gives.
     cmp.add_argument("--growth", default="2",
                      help="report a check whose worst error/allowed grew by this factor (default 2)")
+    cmp.add_argument("--allow-partial", action="store_true",
+                     help="compare a partial run (interrupted, -x) too, flagged first, instead of exiting 3")
     cmp.set_defaults(run=_compare)
     conv = sub.add_parser("convert", help="convert a checkpoint: .pt/.pth (weights only), .safetensors, "
                                           ".msgpack (Flax), a directory (Orbax)")

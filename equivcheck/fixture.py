@@ -50,6 +50,11 @@ class SessionState:
     unavailable: dict[str, str] = dataclasses.field(default_factory=dict)  # device -> why
     device_names: dict[str, str] = dataclasses.field(default_factory=dict)
     report_paths: tuple[Any, ...] = ()
+    report_error: str = ""  # why the report could not be written, for the terminal summary
+    # Tests selected to run (None until collection finishes) and those that reached an outcome:
+    # fewer ran than were selected when Ctrl-C, a stuck side or -x cut the run short.
+    selected: int | None = None
+    finished: set[str] = dataclasses.field(default_factory=set)
     extra_args: tuple[str, ...] = ()  # options a replay must repeat
     # Node and check ids collected before -k/-m deselection (an xdist controller's: its workers'
     # collections); None while unknown, so entries matching nothing are warned about one by one.

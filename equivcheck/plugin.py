@@ -82,6 +82,13 @@ def _build_state(config: pytest.Config) -> Any:
     if not math.isfinite(timeout) or timeout < 0:
         raise pytest.UsageError(f"--equiv-timeout {timeout:g}: give seconds >= 0 (0: no limit)")
     worker = getattr(config, "workerinput", None)
+    report_dir = None if opt("equiv_report") == "none" else opt("equiv_report")
+    if report_dir and not worker:  # only the controller writes; found now, not after every check ran
+        from equivcheck.report.files import check_writable
+
+        problem = check_writable(report_dir)
+        if problem:
+            raise pytest.UsageError(f"--equiv-report {report_dir}: {problem}")
     seed = opt("equiv_seed")
     if seed is None:
         seed = worker["equivcheck_seed"] if worker else random.SystemRandom().randrange(2**31)
@@ -104,7 +111,7 @@ def _build_state(config: pytest.Config) -> Any:
         run=RunSettings(examples=examples, profile=profile, seed=seed, precision=precision, palette=opt("equiv_shapes"),
                         timeout=timeout),
         dtypes=dtypes, devices=devices, known=known,
-        report_dir=None if opt("equiv_report") == "none" else opt("equiv_report"),
+        report_dir=report_dir,
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
         extra_args=_replay_args(config), known_lenient=opt("equiv_known_lenient"),
     )
@@ -203,6 +210,22 @@ def _narrowed(config: pytest.Config) -> bool:
         str(a) in whole or str(config.invocation_params.dir / str(a)) == str(config.rootpath) for a in config.args)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """How many tests are selected to run (after -k/-m): the report tells a run cut short by
+    Ctrl-C, a stuck side or -x by fewer of them reaching an outcome."""
+    state = session.config.stash[STATE]
+    if state.enabled:
+        state.selected = len(session.items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """xdist's controller collects nothing itself: each worker's selection is the whole run's."""
+    state = node.config.stash[STATE]
+    if state.enabled:
+        state.selected = len(ids)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
     """xdist's controller: what each worker collected before -k/-m deselection, so that the
@@ -292,6 +315,8 @@ class _Collector:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         from equivcheck.fixture import KNOWN_KEY, RECORDS_KEY
 
+        if report.when in ("teardown", "???"):  # "???": xdist's report of a test whose worker crashed
+            self.state.finished.add(report.nodeid)
         for name, value in report.user_properties:
             if name == RECORDS_KEY and report.when == "call":
                 self.state.records.extend(value)
@@ -321,12 +346,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         write_report(session.config, state, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
 
 
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     state = config.stash[STATE]
     if not state.enabled or hasattr(config, "workerinput") or config.option.collectonly:
         return
     from equivcheck import report
     from equivcheck.engine.knowns import unchecked
+    from equivcheck.session import report_lines
 
     tr = terminalreporter
     tr.section("equivcheck")
@@ -344,5 +370,5 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         tr.write_line(f"WARNING {line}", yellow=True)
     for line in counts:
         tr.write_line(line)
-    for path in state.report_paths:
-        tr.write_line(f"report: {path}")
+    for colour, line in report_lines(state, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED):
+        tr.write_line(line, **({colour: True} if colour else {}))

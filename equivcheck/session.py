@@ -31,7 +31,7 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
         "started": state.started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),
         "seconds": (finished - state.started).total_seconds(),
-        "interrupted": interrupted,
+        "interrupted": interrupted, "partial": partial(state, interrupted=interrupted),
         "seed": state.run.seed, "profile": state.run.profile, "examples": state.run.examples,
         "palette": state.run.palette, "precision": state.run.precision, "timeout": state.run.timeout,
         "precision_settings": state.precision_settings, "dtypes": list(state.dtypes),
@@ -52,7 +52,37 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
         run["stuck"] = stuck
     # an interrupted run leaves a report even before its first record: it says the run stopped
     if state.report_dir and (state.records or interrupted):
-        state.report_paths = report.write(report.build(state.records, run), state.report_dir)
+        try:
+            state.report_paths = report.write(report.build(state.records, run), state.report_dir)
+        except OSError as exc:  # checked at the start, yet gone since (removed, full, read-only)
+            from equivcheck.report.files import unwritable
+
+            state.report_error = f"no report written to {state.report_dir}: {unwritable(state.report_dir, exc)}"
+
+
+def partial(state: Any, *, interrupted: bool) -> dict[str, int | None] | None:
+    """`{"ran": N, "collected": M}` when the records are not the whole run, else None: Ctrl-C or a
+    stuck side (`interrupted`), or fewer tests reaching an outcome than were selected (-x,
+    --maxfail). Without it a cut-short run's report reads as complete and compare as "gone"."""
+    ran = len(state.finished)
+    if interrupted or (state.selected is not None and ran < state.selected):
+        return {"ran": ran, "collected": state.selected}
+    return None
+
+
+def report_lines(state: Any, *, interrupted: bool) -> list[tuple[str, str]]:
+    """The end of the terminal's equivcheck section, as (colour, text): a partial run said first,
+    where the report went or why it could not go there."""
+    from equivcheck.report.runs import partial_text
+
+    lines = []
+    text = partial_text({"partial": partial(state, interrupted=interrupted), "interrupted": interrupted})
+    if text:
+        lines.append(("red", f"PARTIAL RUN: {text}; the checks above are not the whole run"))
+    if state.report_error:
+        lines.append(("red", state.report_error))
+    lines += [("", f"report: {path}") for path in state.report_paths]
+    return lines
 
 
 def abort(config: pytest.Config, state: Any, records: list[Any], exc: Any) -> None:
@@ -70,6 +100,6 @@ def abort(config: pytest.Config, state: Any, records: list[Any], exc: Any) -> No
     lines = ["", "equivcheck: the run ends: a side is stuck", *(r.failure_text() for r in records)]
     if not hasattr(config, "workerinput"):
         write_report(config, state, interrupted=True, stuck=exc.describe())
-        lines += [f"report: {path}" for path in state.report_paths]
+        lines += [text for _, text in report_lines(state, interrupted=True)]
     print("\n".join(lines), file=sys.__stderr__, flush=True)
     end_process(pytest.ExitCode.INTERRUPTED)

@@ -72,3 +72,4 @@ def test_one_ctrl_c_ends_a_run_hanging_in_jax_tracing(tmp_path):
     # the compile thread): the report is written and marked whether or not a record was filed
     run = json.loads((tmp_path / "reports" / "latest.json").read_text())["run"]
     assert run["interrupted"] is True
+    assert run["partial"]["collected"] == 2 and run["partial"]["ran"] < 2  # "hangs" never finished

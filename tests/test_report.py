@@ -102,3 +102,107 @@ def test_compare_cli_exit_codes(tmp_path, capsys):
     assert main(["compare", str(a), str(b)]) == 2 and "schema" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare"])
+
+
+def test_runs_started_in_the_same_second_get_different_ids():
+    import datetime as dt
+
+    now = dt.datetime(2026, 11, 30, 12, 0, 0, tzinfo=dt.timezone.utc)
+    vers = {"torch": "2.14.1+cpu", "jax": "0.10.2"}
+    a, b = (report.run_id(now, vers, ["cpu"]) for _ in range(2))
+    assert a != b
+    assert a.startswith("20261130-120000-torch2.14.1-jax0.10.2-cpu-") and len(a.rsplit("-", 1)[1]) == 6
+    assert report.run_id(now, vers, ["cpu", "gpu"], token="abc123") == "20261130-120000-torch2.14.1-jax0.10.2-cpu-gpu-abc123"
+
+
+def test_runs_writing_into_one_directory_at_once_lose_no_report(tmp_path):
+    """A temporary name shared by all writers (latest.json.tmp) let one run rename another's file
+    away, and the other then died on its own vanished one (FileNotFoundError)."""
+    import threading
+
+    errors, ids = [], [f"r{k}" for k in range(4)]
+
+    def run(run_id):
+        rep = build(rec("exp", "forward"))
+        rep["run"] = {**RUN, "id": run_id}  # a copy: build() shares RUN itself
+        try:
+            for _ in range(30):
+                report.write(rep, tmp_path)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert json.loads((tmp_path / "latest.json").read_text())["run"]["id"] in ids
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{i}.{ext}" for i in ids for ext in ("json", "md")] + ["latest.json", "latest.md"])  # no temporaries left
+
+
+@pytest.mark.parametrize("where, cause", [
+    ("afile/reports", "afile is a file, not a directory"),
+    ("/dev/null", "/dev/null is not a directory"),
+    ("/proc/equivcheck-reports", "cannot create /proc/equivcheck-reports (No such file or directory)"),
+])
+def test_an_unwritable_report_directory_is_named_with_its_cause(tmp_path, monkeypatch, where, cause):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    assert report.files.check_writable(where) == cause
+    with pytest.raises(OSError) as exc:
+        report.write(build(rec("exp", "forward")), where)
+    assert report.files.unwritable(where, exc.value) == cause
+
+
+def test_checking_a_report_directory_creates_it_and_leaves_no_file_in_it(tmp_path):
+    assert report.files.check_writable(tmp_path / "a" / "b") == ""
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == ["a", "a/b"]
+
+
+PARTIAL = {"interrupted": True, "partial": {"ran": 1, "collected": 3}}
+
+
+def test_a_partial_run_says_so_in_the_markdown():
+    whole = build(rec("exp", "forward"))
+    assert "Partial run" not in report.markdown(whole)
+    whole["run"] = {**RUN, **PARTIAL}
+    assert ("> **Partial run** (interrupted; partial: 1 of 3 collected tests ran): checks that did not run are absent"
+            in report.markdown(whole))
+
+
+@pytest.mark.parametrize("run, text", [
+    ({}, ""),
+    ({"interrupted": False, "partial": None}, ""),
+    (PARTIAL, "interrupted; partial: 1 of 3 collected tests ran"),
+    ({"interrupted": False, "partial": {"ran": 2, "collected": 3}}, "stopped early; partial: 2 of 3 collected tests ran"),
+    ({**PARTIAL, "stuck": "the torch side ..."}, "interrupted (a side was stuck); partial: 1 of 3 collected tests ran"),
+    ({"interrupted": True, "partial": {"ran": 0, "collected": None}},
+     "interrupted; partial: 0 tests ran, collection did not finish"),
+    ({"interrupted": True}, "interrupted"),  # a report of an older version
+])
+def test_partial_text(run, text):
+    assert report.runs.partial_text(run) == text
+
+
+def test_compare_refuses_a_partial_run_unless_allowed(tmp_path, capsys):
+    full, part = tmp_path / "full.json", tmp_path / "partial.json"
+    full.write_text(json.dumps(build(rec("exp", "forward"), rec("tanh", "forward"))))
+    cut = build(rec("exp", "forward"))
+    cut["run"] = {**RUN, **PARTIAL}
+    part.write_text(json.dumps(cut))
+    for args in ([str(full), str(part)], [str(part), str(full)]):
+        assert main(["compare", *args]) == 3
+        err = capsys.readouterr().err
+        assert err == (f"equivcheck compare: {part}: a partial run (interrupted; partial: 1 of 3 collected tests ran); "
+                       "compare complete runs, or pass --allow-partial\n")
+    assert main(["compare", str(full), str(part), "--allow-partial"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("PARTIAL  new run r1: interrupted; partial: 1 of 3 collected tests ran; "
+                      "checks it did not run show as gone or new")
+    assert "gone     tanh::forward::float32::cpu (was passed)" in out
+    cut["run"]["partial"] = "1 of 3"
+    part.write_text(json.dumps(cut))
+    assert main(["compare", str(full), str(part)]) == 2
+    assert "'run.partial' must be null or an object with 'ran'" in capsys.readouterr().err

@@ -124,6 +124,8 @@ def test_a_side_stuck_in_c_ends_the_run_with_the_report_written(tmp_path):
     assert "time.sleep(10**6)" in out
     rep = json.loads((tmp_path / "reports" / "latest.json").read_text())
     assert rep["run"]["interrupted"] is True and "deaf_tanh" in rep["run"]["stuck"]
+    assert rep["run"]["partial"] == {"ran": 1, "collected": 2}  # the stuck test never reached an outcome
+    assert "PARTIAL RUN: interrupted; partial: 1 of 2 collected tests ran" in out
     outcomes = {r["id"]: r["outcome"] for r in rep["records"]}
     assert outcomes == {"quick::forward::float32::cpu": "passed", "deaf::forward::float32::cpu": "failed"}
 

@@ -5,12 +5,13 @@ import json
 import math
 from typing import Any
 
-from equivcheck.report.runs import SCHEMA
+from equivcheck.report.runs import SCHEMA, partial_text
 
 
 def read_report(path: str) -> dict[str, Any]:
     """A report file, or a ValueError naming it and what is wrong: compare reads only `schema`,
-    `records` (each with `id` and `outcome`) and `run.versions`, so those are what is checked."""
+    `records` (each with `id` and `outcome`), `run.versions` and `run.partial`, so those are what
+    is checked."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -36,6 +37,9 @@ def read_report(path: str) -> dict[str, Any]:
     run = data.get("run")
     if not isinstance(run, dict) or not isinstance(run.get("versions"), dict):
         raise ValueError(f"{path}: 'run' must be an object holding 'versions'")
+    partial = run.get("partial")
+    if partial is not None and not (isinstance(partial, dict) and isinstance(partial.get("ran"), int)):
+        raise ValueError(f"{path}: 'run.partial' must be null or an object with 'ran' (and 'collected')")
     return data
 
 
@@ -81,4 +85,7 @@ def compare_runs(old: dict[str, Any], new: dict[str, Any], growth: float = 2.0) 
     changed = [f"{k} {va.get(k)} -> {vb.get(k)}" for k in sorted(va.keys() | vb.keys()) if va.get(k) != vb.get(k)]
     if changed:
         lines.insert(0, "versions: " + ", ".join(changed))
+    # First of all: a cut-short run's unrun checks read as "gone" (or its counterpart's as "new").
+    lines[:0] = [f"PARTIAL  {side} run {run.get('id')}: {text}; checks it did not run show as gone or new"
+                 for side, run in (("old", old["run"]), ("new", new["run"])) if (text := partial_text(run))]
     return lines, regressed

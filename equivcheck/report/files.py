@@ -1,9 +1,12 @@
 """The report's files: reports/<run id>.json and .md, and latest.json / latest.md beside them,
-each written to a temporary file first and renamed, so a reader never sees half a report."""
+each written to a temporary file of its own first and renamed, so a reader never sees half a
+report and two runs writing into one directory at once never take each other's temporary file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,8 @@ from equivcheck.report.tables import markdown
 
 
 def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """reports/<run id>.json and .md, and latest.json / latest.md beside them."""
+    """reports/<run id>.json and .md, and latest.json / latest.md beside them. Raises OSError when
+    the directory or a file cannot be written (`unwritable` says why in words)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     stem = report["run"]["id"]
@@ -20,7 +24,54 @@ def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> tuple[Pa
     text_md = markdown(report, report_models.plots(report["records"], out, stem))
     paths = (out / f"{stem}.json", out / f"{stem}.md")
     for path, text in zip(paths + (out / "latest.json", out / "latest.md"), (text_json, text_md) * 2):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        _replace(path, text)
     return paths
+
+
+def _replace(path: Path, text: str) -> None:
+    """`path` holds `text` in full or is left as it was. The temporary name is this writer's own
+    (PID and random digits, created exclusively): a fixed `latest.json.tmp` shared by two runs let
+    one rename the other's half-written file into place and then fail on its own vanished one.
+    Created with os.open rather than mkstemp so that the umask, not mkstemp's 0600, sets its mode."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def unwritable(directory: str | os.PathLike[str], exc: OSError) -> str:
+    """Why reports cannot go to `directory`, in words: errno alone says "File exists" for a path
+    under a regular file and "No such file or directory" for one under /proc."""
+    out = Path(directory)
+    for place in (out, *out.parents):
+        if place.exists():
+            if not place.is_dir():
+                return f"{place} is {'a file, ' if place.is_file() else ''}not a directory"
+            break
+    cause = exc.strerror or type(exc).__name__
+    failed = Path(exc.filename) if exc.filename else None
+    if failed is not None and not failed.exists() and failed in (out, *out.parents):  # mkdir refused
+        return f"cannot create {failed} ({cause})"
+    return f"cannot write in {out} ({cause})"
+
+
+def check_writable(directory: str | os.PathLike[str]) -> str:
+    """'' if reports can be written to `directory`, else why not, found by doing it: the directory
+    is created and a file written in it and removed, so a bad path is a usage error before any
+    check runs rather than a failure after all of them. (Permission bits alone would not tell:
+    root passes them and still cannot create in /proc.) The directory stays: removing it again
+    could pull it from under a second run checking the same new directory at the same moment."""
+    out = Path(directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _replace(out / f".equivcheck-probe.{os.getpid()}", "")
+        (out / f".equivcheck-probe.{os.getpid()}").unlink()
+    except OSError as exc:
+        return unwritable(out, exc)
+    return ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import secrets
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from importlib import metadata
@@ -51,8 +52,28 @@ def build(records: Sequence[dict[str, Any]], run: dict[str, Any]) -> dict[str, A
     }
 
 
-def run_id(now: dt.datetime, versions_: dict[str, str | None], devices: Iterable[str]) -> str:
+def run_id(now: dt.datetime, versions_: dict[str, str | None], devices: Iterable[str], token: str | None = None) -> str:
+    """`<UTC time>-torch<v>-jax<v>-<devices>-<token>`: the time first, so names sort by start; the
+    token (6 random hex digits unless given) because two runs started in the same second, by a
+    matrix on one machine or shards sharing a directory, would otherwise write one file."""
     stamp = now.strftime("%Y%m%d-%H%M%S")
     tv = (versions_.get("torch") or "none").split("+")[0]
     jv = versions_.get("jax") or "none"
-    return f"{stamp}-torch{tv}-jax{jv}-{'-'.join(devices)}"
+    return f"{stamp}-torch{tv}-jax{jv}-{'-'.join(devices)}-{token or secrets.token_hex(3)}"
+
+
+def partial_text(run: dict[str, Any]) -> str:
+    """Why a run's records are not the whole run ('' when they are), for every rendering: a run
+    cut short (Ctrl-C, a stuck side, -x) leaves a valid report whose missing checks look absent,
+    not unrun. `run["partial"]` is `{"ran": N, "collected": M}`; a report of an older version may
+    say only `interrupted`."""
+    partial = run.get("partial")
+    if not partial and not run.get("interrupted"):
+        return ""
+    why = "interrupted (a side was stuck)" if run.get("stuck") else "interrupted" if run.get("interrupted") else "stopped early"
+    if not partial:
+        return why
+    collected = partial.get("collected")
+    if collected is None:
+        return f"{why}; partial: {partial.get('ran')} tests ran, collection did not finish"
+    return f"{why}; partial: {partial.get('ran')} of {collected} collected tests ran"

@@ -12,7 +12,7 @@ from equivcheck.engine.records import CheckRecord
 from equivcheck.layers import traps as divergences
 from equivcheck.ops.autodiff import CHECKS
 from equivcheck.report import models as report_models
-from equivcheck.report.runs import OUTCOMES
+from equivcheck.report.runs import OUTCOMES, partial_text
 
 _CELL = {"passed": "ok", "failed": "FAIL", "known-divergence": "known", "xpass": "XPASS", "skipped": "skip"}
 
@@ -87,6 +87,7 @@ def markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> st
         f"- {mach['platform']}, {mach['cpus']} CPUs, Python {mach['python']}"
         + (f" · GPU {run['device_names'].get('gpu')}" if run.get("device_names", {}).get("gpu") else ""),
         f"- replay any run: `{run['replay']}`",
+        *_partial_warning(run),
         "",
         "## Summary",
         "",
@@ -120,6 +121,12 @@ def markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> st
     scale = ", ".join(f"{k} x{v:g}" for k, v in tolerance.CHECK_SCALE.items())
     out += ["", f"Derivative checks scale the row: {scale}. Per-pair overrides are in each record's `tolerance`.", ""]
     return "\n".join(out)
+
+
+def _partial_warning(run: dict[str, Any]) -> list[str]:
+    """A cut-short run says so before its counts, which otherwise read as a whole run's."""
+    text = partial_text(run)
+    return ["", f"> **Partial run** ({text}): checks that did not run are absent from every table below."] if text else []
 
 
 def _observed(r: dict[str, Any]) -> str:
