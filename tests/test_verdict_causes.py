@@ -185,3 +185,16 @@ def test_a_minimal_example_at_a_kink_is_decided_by_another_failing_example():
         assert there.startswith("decided at another failing example") and "torch is off" in there
         assert "kink" in minimal and "no side is named" in minimal
         assert rec.inputs.endswith(" 0.")  # the minimal example is still the one shown
+
+
+def test_differences_across_a_kink_at_another_element_do_not_blame_the_right_side():
+    # relu at the drawn 0s: central differences read 0.5 * cotangent there, which JAX's 0 is
+    # not; the failing element (-0.5, where torch says 0.5 * cotangent and the truth is 0, the
+    # largest cotangent of vector seed 0 at 6 elements) is smooth.
+    pair = Pair("relu_grad_off", _relu_grad_off, jax.nn.relu,
+                unary(Floats(-1.0, 1.0, special=(0.0,))), reference=lambda x: np.maximum(x, 0), checks=("vjp",))
+    x = np.array([0.0, 0.3, -0.5, 0.25, 0.0, 0.1], np.float32)
+    verdict = verdict_on(pair, "vjp", [x], "float32")
+    assert verdict.side == "torch", verdict.diagnosis
+    assert "at the failing element [2]" in verdict.diagnosis and "torch is off" in verdict.diagnosis
+    assert "similar amounts" not in verdict.diagnosis
