@@ -47,3 +47,17 @@ def test_a_pair_with_a_convention_whose_forward_failed_still_judges_its_derivati
     records = run_pair(negated.pair, dtype="float32", run=RUN)
     assert {r.check: r.outcome for r in records}["forward"] == "failed"
     assert {r.side for r in records if r.outcome == "failed"} == {"torch"}, [r.failure_text() for r in records]
+
+
+def test_a_rolled_softsign_hvp_is_blamed_on_the_rolled_side_not_on_the_kinks_elsewhere():
+    # Found by the 20-pair benchmark run (seed 1): softsign'' jumps at 0, so the differences at the
+    # 0s read a value JAX does not give, and the leaf-wide errors named JAX; the failing element
+    # (the 1, smooth) shows the rolled torch side off.
+    from suites.test_autodiff import PAIRS
+    from tests.verdicts import verdict_on
+
+    rolled, = (m for m in mutants(PAIRS["softsign"], "float32") if m.family == "permuted" and m.side == "torch")
+    x = np.array([[[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], np.float32)
+    verdict = verdict_on(rolled.pair, "hvp", [x], "float32")
+    assert verdict.side == "torch", verdict.diagnosis
+    assert "at the failing element" in verdict.diagnosis

@@ -161,24 +161,27 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
                              "rounding noise; " + found.why)
         return
     _decide(verdict, path, t64, j64, found.ref, lead + "; " + found.why, dtype=dtype)
-    if verdict.side == "both" and index is not None:
-        _at_failing_element(verdict, index, t64, j64, found.ref)
+    if index is not None:
+        _at_failing_element(verdict, index, t64, j64, found.ref, lead + "; " + found.why)
 
 
-def _at_failing_element(verdict: Verdict, index: tuple[int, ...], t: np.ndarray, j: np.ndarray, ref: np.ndarray
-                        ) -> None:
-    """"Both" over the whole leaf, where the failing element names one side: central differences
-    across a kink at another element (relu at a drawn 0) read a slope neither side owes, while the
-    failing element was probed for a kink and found smooth. The side off there is named."""
+def _at_failing_element(verdict: Verdict, index: tuple[int, ...], t: np.ndarray, j: np.ndarray, ref: np.ndarray,
+                        lead: str) -> None:
+    """The failing element, probed for a kink and found smooth, outweighs the leaf's largest
+    errors: central differences across a kink at another element (relu or softsign'' at a drawn
+    0) read a slope neither side owes, and would name the side that is right, or both. Where the
+    failing element names another side than the leaf did, it is the one named."""
     et, ej = (abs(float(x[index]) - float(ref[index])) for x in (t, j))
     side = "torch" if et > DECISIVE * ej else "jax" if ej > DECISIVE * et else None
-    if side is None:
+    if side is None or side == verdict.side:
         return
+    leaf = "both sides" if verdict.side == "both" else verdict.side
     verdict.side = side
-    verdict.diagnosis = verdict.diagnosis.removesuffix(_BOTH) + (
-        f"both sides differ from the differences somewhere in the leaf, where they may cross a kink; at the failing "
-        f"element {list(index)}, where one-sided differences show none, {side} is off (torch {float(t[index]):.6g}, "
-        f"jax {float(j[index]):.6g}, differences {float(ref[index]):.6g})")
+    verdict.diagnosis = (
+        f"{lead}; at the failing element {list(index)}, where one-sided differences show no kink, {side} is off "
+        f"(torch {float(t[index]):.6g}, jax {float(j[index]):.6g}, differences {float(ref[index]):.6g}); elsewhere "
+        f"in the leaf the differences are further from {leaf} (torch {gap(t, ref):.3g}, jax {gap(j, ref):.3g}), "
+        f"at elements not probed for a kink, where differences across one read a slope neither side owes")
 
 
 def _lone_nonfinite(verdict: Verdict, t: np.ndarray, j: np.ndarray, t64: np.ndarray, j64: np.ndarray,
