@@ -16,7 +16,9 @@
    framework's autodiff: of the pair's `reference` if it has one, else of both sides' float64
    forwards if those agree at the example and around it (each side differenced on its own).
    No side is named where they do not, where the differences are unstable, or where the
-   function (for an HVP, its first derivative) has a kink at the failing element.
+   function (for an HVP, its first derivative) has a kink at the failing element. The failing element,
+   probed for that kink, outweighs the leaf's largest errors (differences across a kink at
+   another element read a slope neither side owes).
 3. Whatever decided, a failure whose symptom matches a row of the known-divergence tables
    (`equivcheck.layers.traps`) gets that row's cause and reconciling setting.
 """
