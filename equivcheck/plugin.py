@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -339,6 +340,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    jax_side = sys.modules.get("equivcheck.backends.jax")
+    if jax_side is not None:  # JAX may compile on a thread here: its work for tests that will not run ends
+        jax_side.session_ended(exitstatus)
     state = session.config.stash[STATE]
     if state.enabled and not hasattr(session.config, "workerinput"):
         from equivcheck.session import write_report

@@ -8,6 +8,7 @@ results  SideResult, SideError, Vectors: what a side gives back for one example
 deadline the per-call time limit of a side (--equiv-timeout): SideTimeout, with the stuck side's stack
 torch    placement, precision mode, NumPy round trip, eager derivatives
 jax      placement, precision mode, one jitted program per pair and shape, background compilation
+worker   the background compile thread, and the process's exit while it still compiles
 """
 from __future__ import annotations
 

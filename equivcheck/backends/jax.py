@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,8 @@ import numpy as np  # noqa: E402
 
 from equivcheck.backends import deadline  # noqa: E402
 from equivcheck.backends.results import CotangentMismatch, SideResult, Vectors  # noqa: E402
+from equivcheck.backends.worker import DaemonWorker
+from equivcheck.backends.worker import session_ended as _workers_session_ended
 
 NAME = "jax"
 
@@ -228,52 +229,7 @@ def _merge(dyn: Sequence[Any], static: Mapping[int, Any], n: int) -> list[Any]:
     return [static[i] if i in static else next(it) for i in range(n)]
 
 
-class _Job(Future):  # type: ignore[type-arg]
-    """A future that knows the worker running it, so a wait that times out can abandon it."""
-
-    def __init__(self, worker: _DaemonWorker) -> None:
-        super().__init__()
-        self.worker = worker
-
-
-class _DaemonWorker:
-    """One daemon thread running submitted calls in order, with ThreadPoolExecutor's futures
-    (a queued one can be cancelled). Not ThreadPoolExecutor itself: concurrent.futures joins
-    its threads at interpreter exit, so a compile stuck in user code (a jax_fn that hangs while
-    tracing) kept the process alive after Ctrl-C had ended the run; a daemon is abandoned."""
-
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
-        self.abandoned = False
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        fut = _Job(self)
-        self._queue.put((fut, fn, args))
-        return fut
-
-    def abandon(self) -> None:
-        """Stop taking work: what is queued is cancelled; the stuck call is left to itself."""
-        self.abandoned = True
-        while True:
-            try:
-                self._queue.get_nowait()[0].cancel()
-            except queue.Empty:
-                return
-
-    def _loop(self) -> None:
-        while not self.abandoned:
-            fut, fn, args = self._queue.get()
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as exc:  # handed to whoever waits, as the executor does
-                fut.set_exception(exc)
-
-
-_POOL: list[_DaemonWorker] = []
+_POOL: list[DaemonWorker] = []
 # Precompiles queued or running, by what the compiled program is keyed on. The checking
 # thread waits for a running one instead of compiling the same program a second time.
 _INFLIGHT: dict[Any, Future[None]] = {}
@@ -291,7 +247,7 @@ def background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
     suite, 1 run in 8). Calling this function imports this module on the calling thread.
     """
     if not _POOL:
-        _POOL.append(_DaemonWorker(_BACKGROUND))
+        _POOL.append(DaemonWorker(_BACKGROUND))
     return _POOL[0].submit(fn, *args)
 
 
@@ -309,12 +265,25 @@ def wait(fut: Future[Any]) -> Any:
         raise
 
 
-def _abandon(worker: _DaemonWorker) -> None:
+def _abandon(worker: DaemonWorker) -> None:
     worker.abandon()
     if _POOL and _POOL[0] is worker:
         _POOL.clear()
     with _INFLIGHT_LOCK:
         for key in [k for k, f in _INFLIGHT.items() if getattr(f, "worker", None) is worker]:
+            del _INFLIGHT[key]
+
+
+def session_ended(status: int) -> None:
+    """A pytest session ended with `status` (the plugin calls this): equivcheck.backends.worker's
+    `session_ended` drops the queued calls and keeps `status` for the process's exit. A
+    call still running is abandoned with its thread, so that a later session in this process
+    (pytester's) gets a fresh one rather than queueing behind a compile that may never return."""
+    if _POOL and _POOL[0].busy():
+        _abandon(_POOL[0])
+    _workers_session_ended(status)
+    with _INFLIGHT_LOCK:  # a cancelled entry would keep a later session from compiling its key ahead
+        for key in [k for k, f in _INFLIGHT.items() if f.cancelled()]:
             del _INFLIGHT[key]
 
 

@@ -270,7 +270,7 @@ def compiled(pair: Any, problem: Any, length: int, params0: Any, data: Any, dtyp
     mine = None
     with _LOCK:
         fut = _PROGRAMS.get(key, (None, None))[1]
-        if fut is None or fut.cancelled():  # cancelled: queued on a compile thread that was abandoned
+        if fut is None or fut.cancelled():  # cancelled: queued on an abandoned compile thread, or at a session's end
             if background:
                 from equivcheck.backends.jax import background as on_compile_thread
 
