@@ -147,8 +147,7 @@ def _has_effect(pair: Any, m: Any, dtype: str) -> bool:
     """Whether the mutant changes its side's results on some drawn input: a derivative offset on
     an op whose derivative JAX knows to be zero (floor: a symbolic zero skips the custom VJP)
     changes nothing, and is no mutant to catch."""
-    from hypothesis import HealthCheck, find, settings
-    from hypothesis.errors import NoSuchExample
+    from hypothesis import HealthCheck, Phase, given, settings
 
     from equivcheck.engine.compare import compare
     from equivcheck.engine.tolerance import Tolerance
@@ -156,19 +155,25 @@ def _has_effect(pair: Any, m: Any, dtype: str) -> bool:
 
     exact = Tolerance(0.0, 0.0, "a mutant must change something")
 
-    def differs(example: Any) -> bool:
+    class Changed(Exception):
+        pass
+
+    # No shrinking (hypothesis.find would shrink, recompiling JAX for every shape it tries).
+    @settings(max_examples=20, phases=[Phase.generate], database=None, derandomize=True, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.tuples(pair.inputs.strategy(dtype, pair.inputs.palette(0, 4)), st.integers(0, 2**31 - 1)))
+    def probe(example: Any) -> None:
         args, seed = example
         old, new = (evaluate(p, args, seed, dtype=dtype, device="cpu", checks=m.checks) for p in (pair, m.pair))
         a, b = (getattr(ev, m.side).values for ev in (old, new))
-        return any(c in a and c in b and not compare(a[c], b[c], exact).ok for c in m.checks)
+        if any(c in a and c in b and not compare(a[c], b[c], exact).ok for c in m.checks):
+            raise Changed
 
-    strategy = st.tuples(pair.inputs.strategy(dtype, pair.inputs.palette(0, 4)), st.integers(0, 2**31 - 1))
     try:
-        find(strategy, differs, settings=settings(max_examples=20, database=None, derandomize=True, deadline=None,
-                                                  suppress_health_check=list(HealthCheck)))
-    except NoSuchExample:
-        return False
-    return True
+        probe()
+    except Changed:
+        return True
+    return False
 
 
 def _size(name: str) -> float:
