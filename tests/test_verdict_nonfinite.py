@@ -111,3 +111,19 @@ def test_without_a_reference_a_lone_nonfinite_side_fails_every_check_of_a_run(si
     for rec in records:
         assert rec.outcome == "failed" and rec.side == side, rec.failure_text()
         assert "reference" not in rec.diagnosis, rec.failure_text()
+
+
+def test_an_infinity_at_a_pole_against_a_clamp_names_no_side():
+    # 1/x at 0: torch's inf is IEEE's answer, the port clamps the divisor to 1e-30. Without a
+    # reference neither is wrong by itself: the record says it is a pole and asks for a reference.
+    pair = Pair("reciprocal_clamped", lambda x: 1 / x, lambda x: 1 / jnp.where(x == 0, 1e-30, x), unary(),
+                checks=("forward",))
+    verdict = verdict_on(pair, "forward", [np.array([0.0, 1.0], np.float32)], "float32")
+    assert verdict.side is None and "a pole" in verdict.diagnosis, verdict.diagnosis
+
+
+def test_an_infinity_where_the_function_settles_nearby_is_still_named():
+    # exp(x) / (x != 0) is inf at 0 where exp's limit is 1, which the other side gives.
+    pair = Pair("exp_div_mask", lambda x: torch.exp(x) / (x != 0), jnp.exp, unary(), checks=("forward",))
+    verdict = verdict_on(pair, "forward", [np.array([0.0, 1.0], np.float32)], "float32")
+    assert verdict.side == "torch" and "pole" not in verdict.diagnosis, verdict.diagnosis

@@ -36,7 +36,7 @@ from equivcheck.engine.tolerance import Tolerance, lookup
 from equivcheck.layers.traps import Evidence, matching
 from equivcheck.ops.autodiff import Evaluation, evaluate, keyed, leaf_at, widen
 from equivcheck.ops.conditioning import ULPS, largest, rounding
-from equivcheck.ops.finite import DECISIVE, as_tree, derivative, gap
+from equivcheck.ops.finite import DECISIVE, as_tree, derivative, forward64, gap
 
 __all__ = ["DECISIVE", "diagnose", "leaf_at", "widen"]
 
@@ -122,9 +122,10 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
     if check == "forward":
         if pair.reference is None:
             lone = _lone_nonfinite(verdict, t32, j32, t64, j64, dtype)
-            verdict.side = lone[0] if lone else None
-            verdict.diagnosis = lead + "; " + (lone[1] if lone else "give the Pair a float64 `reference` to decide "
-                                               "which side is right")
+            pole = _pole(pair, args64, vec64, lone[0], path, t64 if lone[0] == "torch" else j64) if lone else ""
+            verdict.side = lone[0] if lone and not pole else None
+            verdict.diagnosis = lead + "; " + (pole or (lone[1] if lone else "give the Pair a float64 `reference` "
+                                                        "to decide which side is right"))
             return
         try:
             ref_tree = pair.reference(*args64)
@@ -219,6 +220,39 @@ def _lone_nonfinite(verdict: Verdict, t: np.ndarray, j: np.ndarray, t64: np.ndar
                   f"({float(o64[at]):.9g} in float64, within {dtype}'s range): a finite answer exists and {other} "
                   f"computes it, and a value that is not finite on one side only is rarely the right one: "
                   f"{side} is off")
+
+
+POLE_STEPS = (1e-4, 1e-6, 1e-8)  # relative nudges of the input, approaching the failing point
+
+
+def _pole(pair: Any, args64: Sequence[Any], vec64: Any, side: str, path: str, s64: np.ndarray) -> str:
+    """Why an infinity on one side alone may be the answer, or "": approaching the input, that
+    side's own float64 forward grows without bound at the element (1/x at 0, log at 0: each step
+    closer adds at least half of what the last one did), so the point is a pole and what a side
+    gives there is a convention, not an error of one side. A side whose values settle to a finite
+    limit nearby has no such excuse."""
+    bad = ~np.isfinite(s64)
+    if not bad.any() or np.isnan(s64[bad]).any():
+        return ""
+    at = tuple(int(i) for i in np.argwhere(bad)[0]) if s64.ndim else ()
+    f = forward64(pair, args64, side, vec64)
+    primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
+    def element(h: float) -> float:
+        leaves = f([p * (1 + h) + h * (p == 0) for p in primals])
+        return float(np.asarray(leaves[0] if len(leaves) == 1 else leaf_at(leaves, path))[at])
+
+    try:
+        near = [element(h) for h in POLE_STEPS]
+    except Exception:  # noqa: BLE001 - no evidence of a pole: the lone-value rule stands
+        return ""
+    size = np.abs(near)
+    if not (np.all(np.isfinite(size)) and size[0] < size[1] < size[2] and size[2] - size[1] >= (size[1] - size[0]) / 2):
+        return ""
+    return (f"{side} gives {float(s64[at])} at {path}{list(at) if at else ''}, and its own float64 values approaching "
+            f"the input grow without bound ({', '.join(f'{v:.3g}' for v in near)} at relative steps "
+            f"{', '.join(f'{h:g}' for h in POLE_STEPS)}): a pole, where the infinity may be the answer and a finite "
+            f"value a clamp; no side is named: give the Pair a float64 `reference` (or a Convention) that says "
+            f"which value the pole takes")
 
 
 # Formats a side may quietly compute in: the name, its unit roundoff, and whether a value lies on
