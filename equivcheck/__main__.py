@@ -1,9 +1,10 @@
 """Command line, for CI outside pytest:
 
     python -m equivcheck compare OLD.json NEW.json   what changed between two runs
+    python -m equivcheck merge SHARD.json... -o ALL.json   the shards' reports as one run's
     python -m equivcheck convert IN OUT [--check]    a checkpoint from one format to another
 
-Exit codes, both commands: 0 all well; 1 the answer is "no" (compare: a regression; convert
+Exit codes, every command: 0 all well; 1 the answer is "no" (compare: a regression; convert
 --check: the two checkpoints differ); 2 the question could not be asked (a file unreadable,
 unwritable, corrupt or of the wrong kind), with one line on stderr naming the path and why;
 compare: 3 a report is of a partial run (interrupted, -x) and --allow-partial was not given;
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -46,6 +48,28 @@ def _compare(args: argparse.Namespace) -> int:
         return 3
     print("\n".join(lines) if lines else "no change in outcomes or margins")
     return 1 if regressed else 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from equivcheck.report import read_report
+    from equivcheck.report.files import unwritable, write_json
+    from equivcheck.report.shards import merge
+
+    try:
+        merged = merge([(path, read_report(path)) for path in args.reports])
+    except ValueError as exc:
+        print(f"equivcheck merge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        write_json(merged, args.output)
+    except OSError as exc:
+        print(f"equivcheck merge: -o {args.output}: {unwritable(os.path.dirname(args.output) or '.', exc)}",
+              file=sys.stderr)
+        return 2
+    s = merged["summary"]
+    print(f"wrote {args.output}: {len(args.reports)} shards, {s['total']} records "
+          + ", ".join(f"{v} {k}" for k, v in s.items() if k != "total" and v))
+    return 0
 
 
 def _terminated(signum: int, frame: Any) -> None:
@@ -124,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--allow-partial", action="store_true",
                      help="compare a partial run (interrupted, -x) too, flagged first, instead of exiting 3")
     cmp.set_defaults(run=_compare)
+    mrg = sub.add_parser("merge", help="one report of the whole run from the reports of its shards (--equiv-shard)")
+    mrg.add_argument("reports", nargs="+", metavar="SHARD.json")
+    mrg.add_argument("-o", "--output", required=True, metavar="ALL.json")
+    mrg.set_defaults(run=_merge)
     conv = sub.add_parser("convert", help="convert a checkpoint: .pt/.pth (weights only), .safetensors, "
                                           ".msgpack (Flax), a directory (Orbax)")
     conv.add_argument("src", metavar="IN")

@@ -61,6 +61,12 @@ class SessionState:
     collected: set[str] | None = None
     narrowed: bool = False  # node ids on the command line: the rest of their files went uncollected
     known_lenient: bool = False  # a fixed known divergence is a warning, not a failure
+    # --equiv-shard i/n, and durations of a previous run to balance by ({} : by count); the
+    # report's run.shard (equivcheck.report.shards.describe) once this shard's tests are known.
+    shard: tuple[int, int] | None = None
+    shard_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    shard_source: str = ""
+    shard_info: dict[str, Any] | None = None
     # Called from the watchdog thread when a side is stuck in C code past its limit and grace
     # (equivcheck.backends.deadline): files the check's records, writes the report, ends the run.
     abort: Callable[[list[CheckRecord], SideTimeout], None] | None = None

@@ -52,6 +52,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      f"(default: {DEFAULT_TIMEOUT:g})")
     g.addoption("--equiv-jax-cache", default="auto", metavar="DIR",
                 help="JAX persistent compilation cache ('auto': in pytest's cache dir; 'none': off)")
+    g.addoption("--equiv-shard", default=None, metavar="I/N",
+                help="run share I of N of the selected checks (deterministic, balanced); merge the N reports "
+                     "with python -m equivcheck merge")
+    g.addoption("--equiv-shard-durations", default=None, metavar="REPORT",
+                help="a previous run's report JSON: balance the shards by its tests' durations (default: by count)")
     parser.addini("equiv_known_divergences", type="paths", default=[],
                   help="known-divergence files always loaded with --equiv")
 
@@ -90,6 +95,12 @@ def _build_state(config: pytest.Config) -> Any:
         problem = check_writable(report_dir)
         if problem:
             raise pytest.UsageError(f"--equiv-report {report_dir}: {problem}")
+    from equivcheck.report.shards import shard_options
+
+    try:
+        shard, seconds, source = shard_options(opt("equiv_shard"), opt("equiv_shard_durations"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     seed = opt("equiv_seed")
     if seed is None:
         seed = worker["equivcheck_seed"] if worker else random.SystemRandom().randrange(2**31)
@@ -115,6 +126,7 @@ def _build_state(config: pytest.Config) -> Any:
         report_dir=report_dir,
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
         extra_args=_replay_args(config), known_lenient=opt("equiv_known_lenient"),
+        shard=shard, shard_seconds=seconds, shard_source=source,
     )
     for device in devices:
         missing = [name for name, side in (("torch", tb), ("jax", jb)) if not side.available(device)]
@@ -237,6 +249,9 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     if state.enabled and ids is not None:
         state.collected = (state.collected or set()) | set(ids)
         state.narrowed = _narrowed(node.config)
+    shard = (getattr(node, "workeroutput", None) or {}).get("equivcheck_shard")
+    if state.enabled and shard is not None:
+        state.shard_info = shard
 
 
 def _collected_ids(items: list[pytest.Item]) -> set[str]:
@@ -312,6 +327,24 @@ class _Collector:
 
     def __init__(self, state: Any) -> None:
         self.state = state
+
+    @pytest.hookimpl(trylast=True)  # after -k/-m: the shards split what was selected
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if self.state.shard is None:
+            return
+        from equivcheck.report.shards import assign, describe
+
+        index, count = self.state.shard
+        share = assign((i.nodeid for i in items), count, self.state.shard_seconds)
+        keep = [i for i in items if share[i.nodeid] == index]
+        drop = [i for i in items if share[i.nodeid] != index]
+        self.state.shard_info = describe(index, count, [i.nodeid for i in keep], share, self.state.shard_source)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
+        out = getattr(config, "workeroutput", None)
+        if out is not None:  # an xdist worker: its controller collects nothing and hears this at testnodedown
+            out["equivcheck_shard"] = self.state.shard_info
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         from equivcheck.fixture import KNOWN_KEY, RECORDS_KEY

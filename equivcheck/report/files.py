@@ -28,6 +28,14 @@ def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> tuple[Pa
     return paths
 
 
+def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """`report` as JSON at `path`, atomically (a merged report: `python -m equivcheck merge`).
+    Raises OSError when it cannot be written."""
+    out = Path(path)
+    _replace(out, json.dumps(report, indent=1, sort_keys=False, default=str) + "\n")
+    return out
+
+
 def _replace(path: Path, text: str) -> None:
     """`path` holds `text` in full or is left as it was. The temporary name is this writer's own
     (PID and random digits, created exclusively): a fixed `latest.json.tmp` shared by two runs let
