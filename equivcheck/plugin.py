@@ -52,6 +52,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      f"(default: {DEFAULT_TIMEOUT:g})")
     g.addoption("--equiv-jax-cache", default="auto", metavar="DIR",
                 help="JAX persistent compilation cache ('auto': in pytest's cache dir; 'none': off)")
+    g.addoption("--equiv-failures-db", default="auto", metavar="DIR",
+                help="Hypothesis example database of failing examples, tried first by the next run ('auto': in "
+                     "pytest's cache dir; 'none': off, so a seed replays exactly anywhere)")
     g.addoption("--equiv-shard", default=None, metavar="I/N",
                 help="run share I of N of the selected checks (deterministic, balanced); merge the N reports "
                      "with python -m equivcheck merge")
@@ -90,11 +93,7 @@ def _build_state(config: pytest.Config) -> Any:
     worker = getattr(config, "workerinput", None)
     report_dir = None if opt("equiv_report") == "none" else opt("equiv_report")
     if report_dir and not worker:  # only the controller writes; found now, not after every check ran
-        from equivcheck.report.files import check_writable
-
-        problem = check_writable(report_dir)
-        if problem:
-            raise pytest.UsageError(f"--equiv-report {report_dir}: {problem}")
+        _usable_dir("--equiv-report", report_dir)
     from equivcheck.report.shards import shard_options
 
     try:
@@ -118,10 +117,15 @@ def _build_state(config: pytest.Config) -> Any:
         cache = str(config.cache.mkdir("equivcheck-jax"))
     if cache not in ("auto", "none"):
         jb.enable_persistent_cache(cache)
+    failures_db = opt("equiv_failures_db")
+    if failures_db == "auto":
+        failures_db = str(config.cache.mkdir("equivcheck-failures")) if getattr(config, "cache", None) else "none"
+    elif failures_db != "none" and not worker:
+        _usable_dir("--equiv-failures-db", failures_db)
     state = SessionState(
         enabled=True,
         run=RunSettings(examples=examples, profile=profile, seed=seed, precision=precision, palette=opt("equiv_shapes"),
-                        timeout=timeout),
+                        timeout=timeout, failures_db=None if failures_db == "none" else failures_db),
         dtypes=dtypes, devices=devices, known=known,
         report_dir=report_dir,
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
@@ -138,6 +142,13 @@ def _build_state(config: pytest.Config) -> Any:
 
     state.abort = lambda records, exc: abort(config, state, records, exc)
     return state
+
+
+def _usable_dir(option: str, path: str) -> None:
+    from equivcheck.report.files import check_writable
+
+    if problem := check_writable(path):
+        raise pytest.UsageError(f"{option} {path}: {problem}")
 
 
 def _replay_args(config: pytest.Config) -> tuple[str, ...]:
@@ -197,14 +208,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
     if not state.enabled:
         return
+    from equivcheck import collection
     from equivcheck.fixture import KNOWN_KEY
 
-    state.collected = _collected_ids(items)
-    state.narrowed = _narrowed(config)
+    state.collected = collection.collected_ids(items)
+    state.narrowed = collection.narrowed(config)
     out = getattr(config, "workeroutput", None)
     if out is not None:  # an xdist worker: its controller collects nothing and hears this at pytest_testnodedown
         out["equivcheck_collected"] = sorted(state.collected)
-    _refuse_duplicate_names(items)
+    collection.refuse_duplicate_names(items)
     for item in items:
         hit = state.known.match_node(item.nodeid)
         if hit:
@@ -213,14 +225,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # (fixed, a side raised), xfailed or xpassed from them; a blanket mark would hide a failure.
             if "equiv" not in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xfail(reason=f"known divergence: {hit[1]}", strict=False))
-
-
-def _narrowed(config: pytest.Config) -> bool:
-    """Paths or node ids on the command line collect only part of the project: an entry for a
-    pair or file outside it says nothing about whether the divergence still exists."""
-    whole = {str(config.rootpath), "."}
-    return config.args_source == pytest.Config.ArgsSource.ARGS and not all(
-        str(a) in whole or str(config.invocation_params.dir / str(a)) == str(config.rootpath) for a in config.args)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -248,46 +252,12 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     ids = (getattr(node, "workeroutput", None) or {}).get("equivcheck_collected")
     if state.enabled and ids is not None:
         state.collected = (state.collected or set()) | set(ids)
-        state.narrowed = _narrowed(node.config)
+        from equivcheck import collection
+
+        state.narrowed = collection.narrowed(node.config)
     shard = (getattr(node, "workeroutput", None) or {}).get("equivcheck_shard")
     if state.enabled and shard is not None:
         state.shard_info = shard
-
-
-def _collected_ids(items: list[pytest.Item]) -> set[str]:
-    """Node ids, and the check ids the items' pairs produce, of every check collected."""
-    from equivcheck.engine import CheckKind
-
-    ids = set()
-    for item in items:
-        ids.add(item.nodeid)
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        dtype, device = params.get("equiv", ("*", "*"))
-        for value in params.values():
-            if isinstance(value, CheckKind):
-                ids.update(f"{value.name}::{check}::{dtype}::{device}" for check in value.checks)
-    return ids
-
-
-def _refuse_duplicate_names(items: list[pytest.Item]) -> None:
-    from equivcheck.engine import CheckKind
-
-    seen: dict[str, tuple[Any, str]] = {}
-    for item in items:
-        for value in getattr(getattr(item, "callspec", None), "params", {}).values():
-            if isinstance(value, CheckKind):
-                first = seen.setdefault(value.name, (value, item.nodeid))
-                if first[0] is not value and not _same_record(first[0], value):
-                    raise pytest.UsageError(
-                        f"two different pairs are named {value.name!r} ({first[1]} and {item.nodeid}); "
-                        "names key the report, so give each its own")
-
-
-def _same_record(a: Any, b: Any) -> bool:
-    """The same record, or a copy of it with other checks (`pair.replace(checks=...)`)."""
-    if type(a) is not type(b) or not dataclasses.is_dataclass(a):
-        return False
-    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a) if f.name != "checks")
 
 
 @pytest.fixture

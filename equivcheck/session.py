@@ -40,6 +40,7 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
         # an xdist controller compiles nothing: its count would read as none at all
         "jax_compilations": None if getattr(config.option, "numprocesses", None)
         else {"count": count, "seconds": round(seconds, 3)},
+        "failures_db": state.run.failures_db,
         "replay": state.replay("<node id>", ",".join(state.dtypes), ",".join(state.devices)),
     }
     # Sorted as the terminal summary sorts them: an entry the selection left out is not stale.
