@@ -1,5 +1,6 @@
 """Collection-time helpers of the plugin (equivcheck.plugin holds the hooks): what a run
-collected, whether the command line narrowed it, and the refusal of two pairs under one name."""
+collected, whether the command line narrowed it, and the refusal of two pairs under one name
+(at collection) or of two records under one id (as tests report)."""
 from __future__ import annotations
 
 import dataclasses
@@ -50,3 +51,25 @@ def _same_record(a: Any, b: Any) -> bool:
     if type(a) is not type(b) or not dataclasses.is_dataclass(a):
         return False
     return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a) if f.name != "checks")
+
+
+def record_collisions(records: list[dict[str, Any]], nodeid: str,
+                      owner: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the records whose id no earlier record has, a message per one that collides). `owner`
+    maps each record id filed so far to its test and is updated. Record ids key the report,
+    the terminal grid and `compare`: two checks under one id showed as one row, a failure hidden
+    behind an `ok`. Collection refuses two different pairs of one name, but not the same name
+    checked in two tests, a pair built inside a test, or one test checking a pair twice."""
+    fresh: list[dict[str, Any]] = []
+    clashes: list[str] = []
+    here: set[str] = set()
+    for r in records:
+        first = owner.setdefault(r["id"], nodeid)
+        if first == nodeid and r["id"] not in here:  # new, or this test's rerun (pytest-rerunfailures)
+            here.add(r["id"])
+            fresh.append(r)
+            continue
+        where = "this test too" if first == nodeid else first
+        clashes.append(f"record {r['id']} was already made by {where}: every check's id (pair::check::dtype::device) "
+                       "must be unique in a run, since it keys the report and compare; give each pair its own name")
+    return fresh, clashes

@@ -61,6 +61,7 @@ class SessionState:
     collected: set[str] | None = None
     narrowed: bool = False  # node ids on the command line: the rest of their files went uncollected
     known_lenient: bool = False  # a fixed known divergence is a warning, not a failure
+    record_owner: dict[str, str] = dataclasses.field(default_factory=dict)  # record id -> the test that made it
     # --equiv-shard i/n, and durations of a previous run to balance by ({} : by count); the
     # report's run.shard (equivcheck.report.shards.describe) once this shard's tests are known.
     shard: tuple[int, int] | None = None

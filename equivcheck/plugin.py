@@ -70,7 +70,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[STATE] = _Off()
         return
     config.stash[STATE] = _build_state(config)
-    config.pluginmanager.register(_Collector(config.stash[STATE]), "equivcheck-collector")
+    config.pluginmanager.register(_Collector(config.stash[STATE], hasattr(config, "workerinput")),
+                                  "equivcheck-collector")
 
 
 def _build_state(config: pytest.Config) -> Any:
@@ -216,7 +217,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     out = getattr(config, "workeroutput", None)
     if out is not None:  # an xdist worker: its controller collects nothing and hears this at pytest_testnodedown
         out["equivcheck_collected"] = sorted(state.collected)
-    collection.refuse_duplicate_names(items)
+    if out is None:  # a worker's UsageError would be xdist's INTERNALERROR: the controller refuses the records
+        collection.refuse_duplicate_names(items)
     for item in items:
         hit = state.known.match_node(item.nodeid)
         if hit:
@@ -295,8 +297,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 class _Collector:
     """Gathers check records from test reports: the same path with or without xdist."""
 
-    def __init__(self, state: Any) -> None:
-        self.state = state
+    def __init__(self, state: Any, worker: bool) -> None:
+        self.state, self.worker = state, worker  # an xdist worker's records are its controller's to gather
 
     @pytest.hookimpl(trylast=True)  # after -k/-m: the shards split what was selected
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -316,16 +318,22 @@ class _Collector:
         if out is not None:  # an xdist worker: its controller collects nothing and hears this at testnodedown
             out["equivcheck_shard"] = self.state.shard_info
 
+    @pytest.hookimpl(tryfirst=True)  # a collision fails the report before the terminal and exit status count it
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        from equivcheck.collection import record_collisions
         from equivcheck.fixture import KNOWN_KEY, RECORDS_KEY
 
         if report.when in ("teardown", "???"):  # "???": xdist's report of a test whose worker crashed
             self.state.finished.add(report.nodeid)
-        for name, value in report.user_properties:
-            if name == RECORDS_KEY and report.when == "call":
-                self.state.records.extend(value)
-            elif name == KNOWN_KEY:
-                self.state.matched_known.add(value)
+        records = [r for name, value in report.user_properties if name == RECORDS_KEY for r in value]
+        if records and report.when == "call" and not self.worker:
+            fresh, clashes = record_collisions(records, report.nodeid, self.state.record_owner)
+            self.state.records.extend(fresh)
+            if clashes:  # the report keys records by id: a second one would hide or replace the first
+                report.outcome, report.longrepr = "failed", "\n".join(clashes)
+                if hasattr(report, "wasxfail"):
+                    del report.wasxfail
+        self.state.matched_known.update(value for name, value in report.user_properties if name == KNOWN_KEY)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -347,7 +355,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if jax_side is not None:  # JAX may compile on a thread here: its work for tests that will not run ends
         jax_side.session_ended(exitstatus)
     state = session.config.stash[STATE]
-    if state.enabled and not hasattr(session.config, "workerinput"):
+    # A usage error (a bad option, two pairs of one name) ran nothing: no report says otherwise.
+    if state.enabled and not hasattr(session.config, "workerinput") and exitstatus != pytest.ExitCode.USAGE_ERROR:
         from equivcheck.session import write_report
 
         write_report(session.config, state, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
@@ -355,7 +364,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     state = config.stash[STATE]
-    if not state.enabled or hasattr(config, "workerinput") or config.option.collectonly:
+    if (not state.enabled or hasattr(config, "workerinput") or config.option.collectonly
+            or exitstatus == pytest.ExitCode.USAGE_ERROR):
         return
     from equivcheck import report
     from equivcheck.engine.knowns import unchecked
