@@ -79,7 +79,8 @@ def _build_state(config: pytest.Config) -> Any:
     from equivcheck.fixture import SessionState
 
     opt = config.getoption
-    dtypes = tuple(d.strip() for d in opt("equiv_dtypes").split(",") if d.strip())
+    # Once each, in the order given: "float32,float32" would parametrize every test twice under one id.
+    dtypes = tuple(dict.fromkeys(d.strip() for d in opt("equiv_dtypes").split(",") if d.strip()))
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         raise pytest.UsageError(f"--equiv-dtypes: unknown {bad or 'empty list'}; choose from {', '.join(DTYPES)}")
@@ -364,7 +365,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr = terminalreporter
     tr.section("equivcheck")
     if state.records:
-        tr.write_line(report.text_table(*report.grid(state.records)))
+        for text in report.summary_tables(state.records):
+            tr.write_line(text)
         counts = {k: sum(r["outcome"] == k for r in state.records) for k in report.OUTCOMES}
         tr.write_line(", ".join(f"{v} {k}" for k, v in counts.items() if v) + " checks")
         for line in report.xpass_lines(state.records):
