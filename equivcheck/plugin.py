@@ -11,6 +11,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -370,14 +371,22 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         counts = {k: sum(r["outcome"] == k for r in state.records) for k in report.OUTCOMES}
         tr.write_line(", ".join(f"{v} {k}" for k, v in counts.items() if v) + " checks")
         for line in report.xpass_lines(state.records):
-            tr.write_line(line, yellow=True)
+            tr.write_line(_wrap(line), yellow=True)
     else:
         tr.write_line("no equivalence checks ran")
     warnings, counts = unchecked(state.known.unmatched(state.matched_known), dtypes=state.dtypes,
                                  devices=state.devices, collected=state.collected, narrowed=state.narrowed)
     for line in warnings:
-        tr.write_line(f"WARNING {line}", yellow=True)
+        tr.write_line(_wrap(f"WARNING {line}"), yellow=True)
     for line in counts:
-        tr.write_line(line)
+        tr.write_line(_wrap(line))
     for colour, line in report_lines(state, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED):
         tr.write_line(line, **({colour: True} if colour else {}))
+
+
+def _wrap(line: str) -> str:
+    """A summary line within the tables' width (report.tables.WIDTH), continued indented; words
+    (patterns, node ids) are not split, so one longer than the width stays whole on its line."""
+    from equivcheck.report.tables import WIDTH  # here: the plugin imports no report code until the summary
+
+    return textwrap.fill(line, WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)

@@ -16,6 +16,7 @@ from equivcheck import report
 from equivcheck.engine.kind import FAMILIES
 from equivcheck.engine.records import CheckRecord
 from equivcheck.report import html as report_html
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 
 RUN = {"id": "r-html", "started": "2026-11-30T00:00:00+00:00", "finished": "2026-11-30T00:02:00+00:00",
        "seconds": 120, "seed": 7, "profile": "dev", "examples": 10, "palette": 4, "precision": "highest",
@@ -228,3 +229,29 @@ def test_the_page_renders_in_headless_chromium_with_every_table_and_image(tmp_pa
     done = browse(tmp_path / "probe.html", f"--screenshot={shot}", "--window-size=1280,1600")
     assert done.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", done.stderr[-2000:]
     assert int.from_bytes(shot.read_bytes()[16:20], "big") == 1280  # the PNG's width, from its IHDR
+
+
+def test_a_run_prints_a_table_per_kind_within_120_columns_and_writes_the_page(pytester):
+    pytester.makepyfile(test_kinds="""
+import pytest, torch, jax.numpy as jnp
+import equivcheck as ec
+
+LONG = "a_pair_whose_name_is_much_longer_than_the_table_has_room_for_" * 3
+PAIRS = [ec.Pair("tanh", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",)),
+         ec.Pair(LONG[:-1], torch.tanh, jnp.tanh, ec.unary(), checks=("forward",)),
+         ec.Pair("exp_as_layer", torch.exp, jnp.exp, ec.unary(), checks=("forward", "vjp"), family="layers")]
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+""")
+    result = pytester.runpytest("--equiv", "--equiv-examples", "3", "--equiv-seed", "1", "--equiv-dtypes", "float32",
+                                "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    out = result.stdout.str()
+    section = out[out.index("equivcheck ="):out.index("report: ")]
+    assert max(len(line) for line in section.splitlines()) <= 120, section
+    assert "operations (2 checks)" in section and "layers (2 checks)" in section
+    assert section.index("operations (") < section.index("layers (")
+    page = parsed((pytester.path / "reports" / "latest.html").read_text())
+    assert page.kinds == ["operations", "layers"]
