@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from equivcheck.backends.deadline import SideTimeout, limit
-from equivcheck.engine.kind import SIDES, CheckKind
+from equivcheck.engine.kind import SIDES, CheckKind, family_of
 from equivcheck.engine.knowns import KnownDivergences, settle, xpass_reason
 from equivcheck.engine.records import CheckRecord, RunSettings
 
@@ -111,7 +111,8 @@ class Equiv:
         if self.dtype not in pair.dtypes:
             why = f"{pair.name} declares dtypes {', '.join(pair.dtypes)}; not {self.dtype}"
             self._file([CheckRecord(pair.name, c, self.dtype, self.device, self.run.precision, "skipped",
-                                    message=why, nodeid=self._item.nodeid) for c in pair.checks])
+                                    message=why, nodeid=self._item.nodeid, family=family_of(pair))
+                        for c in pair.checks])
             pytest.skip(why)
         abort = self._state.abort
         on_stuck = None if abort is None else lambda exc: abort(self.timed_out(pair, exc), exc)
@@ -121,6 +122,8 @@ class Equiv:
                                           replay=self.replay)
         except SideTimeout as exc:  # the one place every kind's timeout becomes failed records
             records = self.timed_out(pair, exc)
+        for r in records:  # the kind's report section, whatever made the record
+            r.family = r.family or family_of(pair)
         return self.conclude(records)
 
     def timed_out(self, pair: CheckKind, exc: SideTimeout) -> list[CheckRecord]:

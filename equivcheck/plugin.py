@@ -11,6 +11,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -80,7 +81,8 @@ def _build_state(config: pytest.Config) -> Any:
     from equivcheck.fixture import SessionState
 
     opt = config.getoption
-    dtypes = tuple(d.strip() for d in opt("equiv_dtypes").split(",") if d.strip())
+    # Once each, in the order given: "float32,float32" would parametrize every test twice under one id.
+    dtypes = tuple(dict.fromkeys(d.strip() for d in opt("equiv_dtypes").split(",") if d.strip()))
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         raise pytest.UsageError(f"--equiv-dtypes: unknown {bad or 'empty list'}; choose from {', '.join(DTYPES)}")
@@ -374,18 +376,27 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr = terminalreporter
     tr.section("equivcheck")
     if state.records:
-        tr.write_line(report.text_table(*report.grid(state.records)))
+        for text in report.summary_tables(state.records):
+            tr.write_line(text)
         counts = {k: sum(r["outcome"] == k for r in state.records) for k in report.OUTCOMES}
         tr.write_line(", ".join(f"{v} {k}" for k, v in counts.items() if v) + " checks")
         for line in report.xpass_lines(state.records):
-            tr.write_line(line, yellow=True)
+            tr.write_line(_wrap(line), yellow=True)
     else:
         tr.write_line("no equivalence checks ran")
     warnings, counts = unchecked(state.known.unmatched(state.matched_known), dtypes=state.dtypes,
                                  devices=state.devices, collected=state.collected, narrowed=state.narrowed)
     for line in warnings:
-        tr.write_line(f"WARNING {line}", yellow=True)
+        tr.write_line(_wrap(f"WARNING {line}"), yellow=True)
     for line in counts:
-        tr.write_line(line)
+        tr.write_line(_wrap(line))
     for colour, line in report_lines(state, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED):
         tr.write_line(line, **({colour: True} if colour else {}))
+
+
+def _wrap(line: str) -> str:
+    """A summary line within the tables' width (report.tables.WIDTH), continued indented; words
+    (patterns, node ids) are not split, so one longer than the width stays whole on its line."""
+    from equivcheck.report.tables import WIDTH  # here: the plugin imports no report code until the summary
+
+    return textwrap.fill(line, WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)

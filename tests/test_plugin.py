@@ -197,6 +197,13 @@ def test_a_malformed_known_divergence_file_names_the_line(project):
     assert result.ret != 0 and "bad.txt:1: 'tanh::vjp' has no reason" in result.stderr.str()
 
 
+def test_a_dtype_given_twice_runs_once(project):
+    result = project.runpytest("--equiv", "--equiv-dtypes", "float32,float32, float64,float32", "--equiv-examples", "3",
+                               "-p", "no:cacheprovider", "-k", "tanh", "--collect-only", "-q")
+    ids = [line for line in result.stdout.lines if "test_pair[" in line]
+    assert ids == ["test_pairs.py::test_pair[tanh-float32-cpu]", "test_pairs.py::test_pair[tanh-float64-cpu]"]
+
+
 def test_undeclared_dtypes_skip_with_the_pair_s_declaration(project):
     result = project.runpytest("--equiv", "--equiv-dtypes", "float32,bfloat16", "-rs", "--equiv-examples", "3",
                                "-p", "no:cacheprovider", "-k", "tanh")

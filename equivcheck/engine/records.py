@@ -62,6 +62,7 @@ class CheckRecord:
     ill_conditioned: int = 0  # examples past the table bound that input rounding explains
     low_precision: int = 0  # bfloat16/float16 examples past the table bound that agree in float32
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-kind detail (models: layers, curves)
+    family: str = ""  # the report section (engine.kind.FAMILIES): operations, layers, optimizers, ...
     witnessed: int = 0  # witnesses run first (a passing known divergence with one is strict: it is fixed)
 
     @property
