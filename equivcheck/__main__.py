@@ -2,8 +2,9 @@
 
     python -m equivcheck compare OLD.json NEW.json   what changed between two runs
     python -m equivcheck convert IN OUT [--check]    a checkpoint from one format to another
+    python -m equivcheck claims BENCH.json [...]     torch/JAX speed and memory ratios, and the claims they bear on
 
-Exit codes, both commands: 0 all well; 1 the answer is "no" (compare: a regression; convert
+Exit codes, all commands: 0 all well; 1 the answer is "no" (compare: a regression; convert
 --check: the two checkpoints differ); 2 the question could not be asked (a file unreadable,
 unwritable, corrupt or of the wrong kind), with one line on stderr naming the path and why;
 compare: 3 a report is of a partial run (interrupted, -x) and --allow-partial was not given;
@@ -46,6 +47,18 @@ def _compare(args: argparse.Namespace) -> int:
         return 3
     print("\n".join(lines) if lines else "no change in outcomes or margins")
     return 1 if regressed else 0
+
+
+def _claims(args: argparse.Namespace) -> int:
+    from equivcheck.bench.claims import ClaimsError, load, render
+
+    try:
+        records = load(args.files)
+    except ClaimsError as exc:
+        print(f"equivcheck claims: {exc}", file=sys.stderr)
+        return 2
+    print(render(records), end="")
+    return 0
 
 
 def _terminated(signum: int, frame: Any) -> None:
@@ -138,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("-v", "--verbose", action="store_true",
                       help="on a read error, print the library's full message after the one-line summary")
     conv.set_defaults(run=_convert)
+    claims = sub.add_parser("claims", help="torch/JAX speed and memory ratios per check, and the claims they bear "
+                                           "on, from pytest-benchmark JSON of `pytest --equiv --equiv-bench`")
+    claims.add_argument("files", nargs="+", metavar="BENCH.json",
+                        help="--benchmark-json output, or a --benchmark-save file (.benchmarks/...)")
+    claims.set_defaults(run=_claims)
     args = ap.parse_args(argv)
     return args.run(args)
 

@@ -52,12 +52,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      f"(default: {DEFAULT_TIMEOUT:g})")
     g.addoption("--equiv-jax-cache", default="auto", metavar="DIR",
                 help="JAX persistent compilation cache ('auto': in pytest's cache dir; 'none': off)")
+    g.addoption("--equiv-bench", action="store_true",
+                help="also time both sides of every pair and layer whose checks pass, with pytest-benchmark "
+                     "(its --benchmark-* options apply); not under xdist")
+    g.addoption("--equiv-bench-compile", action="store_true",
+                help="with --equiv-bench: time torch.compile too (compiles each pair: seconds each)")
     parser.addini("equiv_known_divergences", type="paths", default=[],
                   help="known-divergence files always loaded with --equiv")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "equiv: an equivalence check; runs only under --equiv")
+    if config.getoption("equiv_bench"):
+        from equivcheck.benchmarking import refuse_unfit
+
+        refuse_unfit(config)
     if not config.getoption("equiv"):
         config.stash[STATE] = _Off()
         return
@@ -193,6 +202,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if out is not None:  # an xdist worker: its controller collects nothing and hears this at pytest_testnodedown
         out["equivcheck_collected"] = sorted(state.collected)
     _refuse_duplicate_names(items)
+    if config.getoption("equiv_bench"):  # appended: timed after every check, when no compile thread competes
+        from equivcheck.benchmarking import bench_items
+
+        items.extend(bench_items(items, state, config.getoption("equiv_bench_compile")))
     for item in items:
         hit = state.known.match_node(item.nodeid)
         if hit:
@@ -336,6 +349,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines += [f"equivcheck: {device} skipped: {why}" for device, why in state.unavailable.items()]
     if len(state.known):
         lines.append(f"equivcheck: {len(state.known)} known divergences loaded")
+    if config.getoption("equiv_bench"):
+        from equivcheck.benchmarking import header_lines
+
+        lines += header_lines(state, config.getoption("equiv_bench_compile"))
     return lines
 
 
