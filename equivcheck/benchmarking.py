@@ -1,7 +1,8 @@
 """The benchmark items of `pytest --equiv --equiv-bench`, which the plugin adds and nothing else does.
 
 Per collected equivalence test over an operation pair or layer (a test parametrized with a `Pair`), one
-item per timed check (forward, forward+VJP) and side, run after every check of the session: pytest-benchmark
+item per timed check (forward, forward+VJP) and side; over an `OptimizerPair`, one per side for its `step`
+check (one optimizer step); run after every check of the session: pytest-benchmark
 allows one benchmark per test. Each item looks up its check's outcome first and skips, saying why, unless
 the check passed in this session, so only agreeing sides are timed. Times and records are
 pytest-benchmark's own: its tables, --benchmark-json, --benchmark-save, --benchmark-compare and
@@ -14,9 +15,11 @@ from typing import Any
 import pytest
 
 from equivcheck.bench import BENCH_CHECKS, WORK, build, draw_inputs, extra_info, group, matched_threads, shapes_of
+from equivcheck.bench.optim import SHAPES, build_step, unfit
 from equivcheck.bench.record import precision_banner
 from equivcheck.fixture import RECORDS_KEY, SessionState
 from equivcheck.ops.pairs import Pair
+from equivcheck.optim import OptimizerPair
 
 _INPUTS: dict[tuple[int, str], tuple[Any, ...]] = {}  # (id(pair), dtype) -> args: both sides time one draw
 
@@ -43,16 +46,20 @@ def bench_items(items: list[pytest.Item], state: SessionState, compiled: bool) -
     out = []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        pairs = [v for v in params.values() if isinstance(v, Pair)]
+        pairs = [v for v in params.values() if isinstance(v, (Pair, OptimizerPair))]
         if "equiv" not in params or len(pairs) != 1:
             continue  # a test not parametrized over one pair: which pair it checks is known only as it runs
         dtype, device = params["equiv"]
+        if isinstance(pairs[0], OptimizerPair):
+            if "step" in pairs[0].checks:
+                out += [_item(item, state, pairs[0], "step", side, dtype, device) for side in ("torch", "jax")]
+            continue
         for check in (c for c in BENCH_CHECKS if c in pairs[0].checks):
             out += [_item(item, state, pairs[0], check, side, dtype, device) for side in sides]
     return out
 
 
-def _item(source: pytest.Item, state: SessionState, pair: Pair, check: str, side: str, dtype: str,
+def _item(source: pytest.Item, state: SessionState, pair: Any, check: str, side: str, dtype: str,
           device: str) -> pytest.Item:
     def bench(benchmark: Any) -> None:
         _run(benchmark, source, state, pair, check, side, dtype, device)
@@ -72,7 +79,7 @@ def _outcome(source: pytest.Item, pair: str, check: str) -> str | None:
     return None
 
 
-def _run(benchmark: Any, source: pytest.Item, state: SessionState, pair: Pair, check: str, side: str, dtype: str,
+def _run(benchmark: Any, source: pytest.Item, state: SessionState, pair: Any, check: str, side: str, dtype: str,
          device: str) -> None:
     gid = group(pair.name, check, dtype, device)
     outcome = _outcome(source, pair.name, check)
@@ -80,22 +87,28 @@ def _run(benchmark: Any, source: pytest.Item, state: SessionState, pair: Pair, c
         pytest.skip(f"{gid}: its equivalence check did not run in this session ({source.nodeid})")
     if outcome != "passed":
         pytest.skip(f"{gid}: not timed: its equivalence check is {outcome}; only sides that agree are benchmarked")
-    key = (id(pair), dtype)
-    if key not in _INPUTS:
-        _INPUTS[key] = draw_inputs(pair, dtype)
-    args = _INPUTS[key]
     with matched_threads():
-        try:
-            wl = build(pair, check, side, args, dtype, device)
-        except Exception as exc:
-            if side != "torch.compile":
-                raise
-            pytest.skip(f"{gid}: torch.compile does not compile it here: {type(exc).__name__}: {str(exc)[:300]}")
+        if isinstance(pair, OptimizerPair):
+            if unfit(pair):
+                pytest.skip(f"{gid}: not timed: {unfit(pair)}")
+            wl = build_step(pair, side, dtype, device)
+            shapes, work = [[list(s), dtype] for s in SHAPES.values()], "one optimizer step"
+        else:
+            key = (id(pair), dtype)
+            if key not in _INPUTS:
+                _INPUTS[key] = draw_inputs(pair, dtype)
+            try:
+                wl = build(pair, check, side, _INPUTS[key], dtype, device)
+            except Exception as exc:
+                if side != "torch.compile":
+                    raise
+                pytest.skip(f"{gid}: torch.compile does not compile it here: {type(exc).__name__}: {str(exc)[:300]}")
+            shapes, work = shapes_of(_INPUTS[key]), WORK[check]
         benchmark.group, benchmark.name = gid, side
         benchmark.extra_info.update(extra_info(
             pair=pair.name, check=check, dtype=dtype, device=device,
             device_name=state.device_names.get(device, device), precision=state.run.precision,
-            settings=state.precision_settings, shapes=shapes_of(args), tags=pair.tags, wl=wl, work=WORK[check]))
+            settings=state.precision_settings, shapes=shapes, tags=pair.tags, wl=wl, work=work))
         benchmark(wl.call)
 
 

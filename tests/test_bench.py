@@ -111,7 +111,7 @@ def test_claims_weigh_each_claim_with_the_groups_for_and_against(tmp_path):
     rows = {claim: (verdict, pro, con) for claim, verdict, pro, con in claim_rows(groups)}
     verdict, pro, con = rows["JAX is faster"]
     assert verdict == "mixed" and pro.startswith("2/4 groups JAX faster") and con.startswith("1/4 torch faster")
-    assert "conv::forward::float32::cpu 0.33x" in con and "compile time included" in con
+    assert "conv::forward::float32::cpu 0.333x" in con and "compile time included" in con
     assert rows["PyTorch is faster on image models"][0] == "supported"
     assert rows["JAX's advantage is larger for autodiff-heavy work"][0] == "supported"
     assert rows["JAX uses less memory"][1].startswith("1/4 groups JAX allocates less")
@@ -201,3 +201,21 @@ def test_benchmarks_under_xdist_are_refused_with_the_reason(pytester):
     result = pytester.runpytest(*FAST, "--equiv-bench", "-n", "2")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "pytest-benchmark turns itself off under xdist" in result.stderr.str()
+
+
+def test_an_optimizer_step_is_timed_in_place_on_torch_and_carried_on_in_jax():
+    import jax
+
+    from equivcheck.bench.optim import build_step, unfit
+    from equivcheck.optim import optimizer_pair
+
+    pair = optimizer_pair("sgd_momentum", "SGD", lr=0.1, momentum=0.9)
+    assert unfit(pair) == ""
+    torch_wl, jax_wl = (build_step(pair, side, "float32", "cpu") for side in ("torch", "jax"))
+    before = [np.asarray(x).copy() for x in jax.tree_util.tree_leaves(jax_wl.call()[0])]
+    after = jax_wl.call()[0]  # the next call starts from the last one's parameters and state
+    assert all(_leaves_ready(after)) and not all(
+        np.array_equal(a, b) for a, b in zip(before, jax.tree_util.tree_leaves(after)))
+    assert torch_wl.compile_seconds is None and jax_wl.compile_seconds > 0
+    assert any("updated in place" in r for r in torch_wl.rules) and any("donated" in r for r in jax_wl.rules)
+    assert unfit(pair.replace(accumulate=2)).startswith("accumulates 2 micro-batches")

@@ -94,6 +94,11 @@ def _geo(values: list[float]) -> float:
     return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else math.nan
 
 
+def _x(v: float) -> str:
+    """A ratio for the text: '-' where there was nothing to take it over."""
+    return "-" if math.isnan(v) else f"{v:.3g}x"
+
+
 def _side(r: dict[str, Any]) -> int:
     """+1: JAX faster over every round's spread; -1: torch faster; 0: the spread straddles 1."""
     return 1 if r["low"] > 1 else -1 if r["high"] < 1 else 0
@@ -101,7 +106,7 @@ def _side(r: dict[str, Any]) -> int:
 
 def _named(rows: list[tuple[str, float]]) -> str:
     rows = sorted(rows, key=lambda gr: -abs(math.log(gr[1])) if gr[1] > 0 and math.isfinite(gr[1]) else 0)
-    shown = ", ".join(f"{g} {v:.2f}x" for g, v in rows[:SHOWN])
+    shown = ", ".join(f"{g} {_x(v)}" for g, v in rows[:SHOWN])
     return shown + (f" (+{len(rows) - SHOWN} more)" if len(rows) > SHOWN else "") if rows else "none"
 
 
@@ -124,22 +129,22 @@ def claim_rows(groups: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, s
         _geo([r["speed"] for r in sel.values()]), _geo([r["first"] for r in sel.values()]))
     fast, slow, geo, first = speed(rs)
     rows.append((CLAIMS[0], _verdict(len(fast), len(slow), geo, geo > 1),
-                 f"{len(fast)}/{len(rs)} groups JAX faster, steady state (geomean torch/JAX {geo:.2f}x): {_named(fast)}",
+                 f"{len(fast)}/{len(rs)} groups JAX faster, steady state (geomean torch/JAX {_x(geo)}): {_named(fast)}",
                  (f"{len(slow)}/{len(rs)} torch faster: {_named(slow)}; first call with compile time included: "
-                  f"geomean torch/JAX {first:.3g}x")))
+                  f"geomean torch/JAX {_x(first)}")))
     mem = {g: r["memory"] for g, r in rs.items() if r["memory"] is not None}
     less = [(g, m) for g, m in mem.items() if m > 1]
     more = [(g, m) for g, m in mem.items() if m < 1]
     mgeo = _geo(list(mem.values()))
     rows.append((CLAIMS[1], _verdict(len(less), len(more), mgeo, mgeo > 1),
-                 f"{len(less)}/{len(mem)} groups JAX allocates less (geomean torch/JAX {mgeo:.2f}x): {_named(less)}",
+                 f"{len(less)}/{len(mem)} groups JAX allocates less (geomean torch/JAX {_x(mgeo)}): {_named(less)}",
                  (f"{len(more)}/{len(mem)} torch allocates less: {_named(more)} (measures differ per side: see "
                   "memory_measure)")))
     image = {g: r for g, r in rs.items() if r["family"] == "image"}
     ifast, islow, igeo, ifirst = speed(image)
     rows.append((CLAIMS[2], _verdict(len(islow), len(ifast), igeo, igeo < 1),
-                 f"{len(islow)}/{len(image)} image groups torch faster (geomean torch/JAX {igeo:.2f}x): {_named(islow)}",
-                 f"{len(ifast)}/{len(image)} JAX faster: {_named(ifast)}; with compile time: geomean {ifirst:.3g}x"))
+                 f"{len(islow)}/{len(image)} image groups torch faster (geomean torch/JAX {_x(igeo)}): {_named(islow)}",
+                 f"{len(ifast)}/{len(image)} JAX faster: {_named(ifast)}; with compile time: geomean {_x(ifirst)}"))
     pairs: dict[tuple[str, str], dict[str, float]] = {}
     for r in rs.values():
         pairs.setdefault((r["pair"], r["dtype"]), {})[r["check"]] = r["speed"]
@@ -150,7 +155,7 @@ def claim_rows(groups: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, s
     adv = vgeo / fgeo if fgeo > 0 else math.nan
     rows.append((CLAIMS[3], _verdict(len(grow), len(shrink), adv, adv > 1),
                  (f"{len(grow)}/{len(both)} pairs' torch/JAX ratio grows from forward to forward+VJP "
-                  f"(geomean forward {fgeo:.2f}x, forward+VJP {vgeo:.2f}x): {_named(grow)} (vjp/forward ratio)"),
+                  f"(geomean forward {_x(fgeo)}, forward+VJP {_x(vgeo)}): {_named(grow)} (vjp/forward ratio)"),
                  f"{len(shrink)}/{len(both)} shrink: {_named(shrink)}"))
     return rows
 

@@ -143,7 +143,7 @@ def torch_workload(pair: Pair, check: str, args: tuple[Any, ...], dtype: str, de
         "compile time apart: first call minus the second" if compiled else "no compile step (eager)",
     ]
     return Workload("torch.compile" if compiled else "torch", call, compile_seconds, first, memory, measure,
-                    rules + _shared_rules(), torch.get_num_threads())
+                    rules + shared_rules(), torch.get_num_threads())
 
 
 def jax_workload(pair: Pair, check: str, args: tuple[Any, ...], dtype: str, device: str) -> Workload:
@@ -156,7 +156,7 @@ def jax_workload(pair: Pair, check: str, args: tuple[Any, ...], dtype: str, devi
     dev = jb.device_of(device)
     program = jb.check_program(pair.jax_fn, args, pair.diff_args, (check,))
     cts = cotangents(pair, args, dtype, device) if check == "vjp" else []
-    with jb.x64(wide(pair, dtype)), _no_persistent_cache():
+    with jb.x64(wide(pair, dtype)), no_persistent_cache():
         dyn = [jax.device_put(a, dev) for a in args if isinstance(a, np.ndarray)]
         cts_dev = [jax.device_put(c, dev) for c in cts]
         jax.block_until_ready((dyn, cts_dev))
@@ -171,17 +171,17 @@ def jax_workload(pair: Pair, check: str, args: tuple[Any, ...], dtype: str, devi
     rules = [f"jax jit: {WORK[check]}, the program the check runs",
              "synchronised: jax.block_until_ready on every output leaf",
              "compile time apart: trace+lower+compile timed before the first call, persistent cache off"]
-    return Workload("jax", call, lower_s + compile_s, first, memory, measure, rules + _shared_rules(),
-                    _xla_threads())
+    return Workload("jax", call, lower_s + compile_s, first, memory, measure, rules + shared_rules(),
+                    xla_threads())
 
 
-def _shared_rules() -> list[str]:
+def shared_rules() -> list[str]:
     return ["inputs on the device before timing; the same arrays on both sides",
             "same precision mode on both sides (--equiv-precision)"]
 
 
 @contextlib.contextmanager
-def _no_persistent_cache() -> Iterator[None]:
+def no_persistent_cache() -> Iterator[None]:
     import jax
 
     before = jax.config.jax_enable_compilation_cache
@@ -192,7 +192,7 @@ def _no_persistent_cache() -> Iterator[None]:
         jax.config.update("jax_enable_compilation_cache", before)
 
 
-def _xla_threads() -> int:
+def xla_threads() -> int:
     # XLA's CPU client sizes its thread pool to the cores this process may run on.
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -204,7 +204,7 @@ def matched_threads() -> Iterator[int]:
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(_xla_threads())
+    torch.set_num_threads(xla_threads())
     try:
         yield torch.get_num_threads()
     finally:
