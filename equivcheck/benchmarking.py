@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from equivcheck.bench import BENCH_CHECKS, WORK, build, draw_inputs, extra_info, group, matched_threads, shapes_of
+from equivcheck.bench.workload import single_threaded_xla
 from equivcheck.bench.optim import SHAPES, build_step, unfit
 from equivcheck.bench.record import precision_banner
 from equivcheck.fixture import RECORDS_KEY, SessionState
@@ -38,6 +39,14 @@ def refuse_unfit(config: pytest.Config) -> None:
                                 "without -n (the checks alone can still use -n)")
     if config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"):
         raise pytest.UsageError("--equiv-bench with --benchmark-disable: nothing would be timed; drop one of them")
+    threads = config.getoption("equiv_bench_threads")
+    if threads not in (0, 1):
+        raise pytest.UsageError(f"--equiv-bench-threads {threads}: give 0 (torch as many threads as XLA's pool) "
+                                "or 1 (both single-threaded)")
+    if threads == 1 and not single_threaded_xla():
+        raise pytest.UsageError("--equiv-bench-threads 1: JAX's CPU client started before equivcheck could make it "
+                                "single-threaded (a conftest ran JAX code at import?); set XLA_FLAGS="
+                                "'--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' yourself")
 
 
 def bench_items(items: list[pytest.Item], state: SessionState, compiled: bool) -> list[pytest.Item]:
@@ -87,7 +96,7 @@ def _run(benchmark: Any, source: pytest.Item, state: SessionState, pair: Any, ch
         pytest.skip(f"{gid}: its equivalence check did not run in this session ({source.nodeid})")
     if outcome != "passed":
         pytest.skip(f"{gid}: not timed: its equivalence check is {outcome}; only sides that agree are benchmarked")
-    with matched_threads():
+    with matched_threads(single=source.config.getoption("equiv_bench_threads") == 1):
         if isinstance(pair, OptimizerPair):
             if unfit(pair):
                 pytest.skip(f"{gid}: not timed: {unfit(pair)}")

@@ -55,6 +55,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--equiv-bench", action="store_true",
                 help="also time both sides of every pair and layer whose checks pass, with pytest-benchmark "
                      "(its --benchmark-* options apply); not under xdist")
+    g.addoption("--equiv-bench-threads", type=int, default=0, metavar="N",
+                help="with --equiv-bench: torch threads and XLA's CPU pool while timing; 0 (default): torch gets as "
+                     "many as XLA's pool has cores; 1: both single-threaded (a shared, loaded machine)")
     g.addoption("--equiv-bench-compile", action="store_true",
                 help="with --equiv-bench: time torch.compile too (compiles each pair: seconds each)")
     parser.addini("equiv_known_divergences", type="paths", default=[],

@@ -192,19 +192,41 @@ def no_persistent_cache() -> Iterator[None]:
         jax.config.update("jax_enable_compilation_cache", before)
 
 
+_SINGLE = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
 def xla_threads() -> int:
+    if _SINGLE in os.environ.get("XLA_FLAGS", ""):
+        return 1
     # XLA's CPU client sizes its thread pool to the cores this process may run on.
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def single_threaded_xla() -> bool:
+    """XLA's CPU computations on one thread. XLA reads the flag when JAX creates its CPU client, so
+    this must come before any JAX computation; False (nothing changed) when the client is already up."""
+    import sys
+
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _SINGLE in flags:
+        return True
+    if bridge is not None and getattr(bridge, "backends_are_initialized", lambda: True)():
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {_SINGLE}".strip()
+    return True
+
+
 @contextlib.contextmanager
-def matched_threads() -> Iterator[int]:
-    """Torch's intra-op threads set to the cores XLA's CPU pool uses, for as long as a benchmark runs:
-    the suites pin torch to one thread (tiny tensors), which would race one core against all of them."""
+def matched_threads(single: bool = False) -> Iterator[int]:
+    """Torch's intra-op threads set to the cores XLA's CPU pool uses (one each with `single`), for as
+    long as a benchmark runs: the suites pin torch to one thread (tiny tensors), which would race one
+    core against all of them. On a loaded machine, torch's spinning threads on a busy core cost far
+    more than the work (a 0.2 ms SGD step took 37 ms with 2 threads here, 2 cores, load 7): `single`."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(xla_threads())
+    torch.set_num_threads(1 if single else xla_threads())
     try:
         yield torch.get_num_threads()
     finally:
