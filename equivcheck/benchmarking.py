@@ -18,6 +18,7 @@ from equivcheck.bench import BENCH_CHECKS, WORK, build, draw_inputs, extra_info,
 from equivcheck.bench.workload import single_threaded_xla
 from equivcheck.bench.optim import SHAPES, build_step, unfit
 from equivcheck.bench.record import precision_banner
+from equivcheck.bench.sweep import FACTORS, SWEEP, scaled, scaled_name
 from equivcheck.fixture import RECORDS_KEY, SessionState
 from equivcheck.ops.pairs import Pair
 from equivcheck.optim import OptimizerPair
@@ -63,17 +64,18 @@ def bench_items(items: list[pytest.Item], state: SessionState, compiled: bool) -
             if "step" in pairs[0].checks:
                 out += [_item(item, state, pairs[0], "step", side, dtype, device) for side in ("torch", "jax")]
             continue
+        factors = (1, *FACTORS) if pairs[0].name in SWEEP else (1,)
         for check in (c for c in BENCH_CHECKS if c in pairs[0].checks):
-            out += [_item(item, state, pairs[0], check, side, dtype, device) for side in sides]
+            out += [_item(item, state, pairs[0], check, side, dtype, device, k) for k in factors for side in sides]
     return out
 
 
 def _item(source: pytest.Item, state: SessionState, pair: Any, check: str, side: str, dtype: str,
-          device: str) -> pytest.Item:
+          device: str, factor: int = 1) -> pytest.Item:
     def bench(benchmark: Any) -> None:
-        _run(benchmark, source, state, pair, check, side, dtype, device)
+        _run(benchmark, source, state, pair, check, side, dtype, device, factor)
 
-    tail = f"bench-{check}-{side}"
+    tail = f"bench-{check}-{side}" + (f"-x{factor}" if factor > 1 else "")
     name = f"{source.name[:-1]}-{tail}]" if source.name.endswith("]") else f"{source.name}[{tail}]"
     # No originalname: pytest builds a node id from it and a callspec, which would give every side one id.
     return pytest.Function.from_parent(source.parent, name=name, callobj=bench)
@@ -89,8 +91,9 @@ def _outcome(source: pytest.Item, pair: str, check: str) -> str | None:
 
 
 def _run(benchmark: Any, source: pytest.Item, state: SessionState, pair: Any, check: str, side: str, dtype: str,
-         device: str) -> None:
-    gid = group(pair.name, check, dtype, device)
+         device: str, factor: int = 1) -> None:
+    name = scaled_name(pair.name, factor)  # the sweep's larger sizes are groups of their own
+    gid = group(name, check, dtype, device)
     outcome = _outcome(source, pair.name, check)
     if outcome is None:
         pytest.skip(f"{gid}: its equivalence check did not run in this session ({source.nodeid})")
@@ -106,18 +109,20 @@ def _run(benchmark: Any, source: pytest.Item, state: SessionState, pair: Any, ch
             key = (id(pair), dtype)
             if key not in _INPUTS:
                 _INPUTS[key] = draw_inputs(pair, dtype)
+            args = scaled(pair.name, _INPUTS[key], factor) if factor > 1 else _INPUTS[key]
             try:
-                wl = build(pair, check, side, _INPUTS[key], dtype, device)
+                wl = build(pair, check, side, args, dtype, device)
             except Exception as exc:
                 if side != "torch.compile":
                     raise
                 pytest.skip(f"{gid}: torch.compile does not compile it here: {type(exc).__name__}: {str(exc)[:300]}")
-            shapes, work = shapes_of(_INPUTS[key]), WORK[check]
+            shapes, work = shapes_of(args), WORK[check]
         benchmark.group, benchmark.name = gid, side
         benchmark.extra_info.update(extra_info(
-            pair=pair.name, check=check, dtype=dtype, device=device,
+            pair=name, check=check, dtype=dtype, device=device,
             device_name=state.device_names.get(device, device), precision=state.run.precision,
             settings=state.precision_settings, shapes=shapes, tags=pair.tags, wl=wl, work=work))
+        benchmark.extra_info["scale"] = factor
         benchmark(wl.call)
 
 

@@ -219,3 +219,40 @@ def test_an_optimizer_step_is_timed_in_place_on_torch_and_carried_on_in_jax():
     assert torch_wl.compile_seconds is None and jax_wl.compile_seconds > 0
     assert any("updated in place" in r for r in torch_wl.rules) and any("donated" in r for r in jax_wl.rules)
     assert unfit(pair.replace(accumulate=2)).startswith("accumulates 2 micro-batches")
+
+
+def test_without_the_option_no_benchmark_code_is_even_imported(pytester):
+    pytester.makepyfile(test_pairs=PAIRS)
+    pytester.makeconftest("""
+import sys
+def pytest_sessionfinish(session):
+    loaded = sorted(m for m in sys.modules if m.startswith(("equivcheck.bench", "equivcheck.benchmarking")))
+    benchmarks = getattr(session.config, "_benchmarksession").benchmarks
+    open("seen.txt", "w").write(repr((loaded, len(benchmarks))))
+""")
+    result = pytester.runpytest_subprocess(*FAST)
+    result.assert_outcomes(passed=1, failed=1)
+    assert (pytester.path / "seen.txt").read_text() == "([], 0)"
+
+
+def test_the_sweep_repeats_the_batch_consistently_and_the_report_shows_the_growth(tmp_path):
+    from equivcheck.bench import build, draw_inputs, load, render
+    from equivcheck.bench.sweep import scaled
+    from suites.test_layers import PAIRS
+
+    lstm = PAIRS["nn.lstm"]
+    args = draw_inputs(lstm, "float32")
+    big = scaled("nn.lstm", args, 4)
+    assert big[0].shape[0] == 4 * args[0].shape[0] and big[5].shape[1] == 4 * args[5].shape[1] == big[6].shape[1]
+    for side in ("torch", "jax"):  # both sides run the repeated batch: the input's gradient has its shape
+        grads = build(lstm, "vjp", side, big, "float32", "cpu").call()
+        assert np.shape((grads["vjp"] if side == "jax" else grads)[0]) == big[0].shape
+    benches = [_bench(name, "forward", side, m) for name, side, m in (
+        ("matmul", "torch", 1e-3), ("matmul", "jax", 2e-3), ("matmul@x4", "torch", 3e-3), ("matmul@x4", "jax", 3e-3),
+        ("matmul@x16", "torch", 9e-3), ("matmul@x16", "jax", 4.5e-3))]
+    for b in benches[2:]:
+        b["extra_info"]["scale"] = 4 if "x4" in b["extra_info"]["pair"] else 16
+    text = render(load([_write(tmp_path, "s.json", benches)]))
+    assert ("matmul::forward::float32::cpu: x1: torch 1.000 ms, jax 2.000 ms (0.50x); x4: torch 3.000 ms, "
+            "jax 3.000 ms (1.00x); x16: torch 9.000 ms, jax 4.500 ms (2.00x)") in text
+    assert "1/1 torch faster" in text  # the claims count the pair once, at its own size

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from equivcheck.bench.record import FORMAT, precision_banner
+from equivcheck.bench.sweep import growth
 
 CLAIMS = ("JAX is faster", "JAX uses less memory", "PyTorch is faster on image models",
           "JAX's advantage is larger for autodiff-heavy work")
@@ -85,7 +86,7 @@ def ratios(sides: dict[str, Any]) -> dict[str, Any] | None:
         "first": first_t / first_j if first_j > 0 else math.inf,
         "memory": mt / mj if isinstance(mt, int) and isinstance(mj, int) and mj > 0 else None,
         "torch": ts["median"], "jax": js["median"], "compile": j.get("compile_seconds"),
-        "family": t.get("family", "other"), "check": t["check"], "pair": t["pair"], "dtype": t["dtype"],
+        "scale": t.get("scale", 1), "family": t.get("family", "other"), "check": t["check"], "pair": t["pair"], "dtype": t["dtype"],
     }
 
 
@@ -122,7 +123,8 @@ def _verdict(n_for: int, n_against: int, geo: float, favour: bool) -> str:
 
 def claim_rows(groups: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
     """(claim, verdict, evidence for, evidence against) of one device and precision mode."""
-    rs = {g: r for g, s in groups.items() if (r := ratios(s)) is not None}
+    # The sweep's x4 and x16 groups repeat their pair: the claims count each pair at its own size once.
+    rs = {g: r for g, s in groups.items() if (r := ratios(s)) is not None and r["scale"] == 1}
     rows = []
     speed = lambda sel: (
         [(g, r["speed"]) for g, r in sel.items() if _side(r) > 0], [(g, r["speed"]) for g, r in sel.items() if _side(r) < 0],
@@ -188,6 +190,9 @@ def render(records: list[dict[str, Any]]) -> str:
                      "a group counts for a side only when its spread is.")
         for claim, verdict, pro, con in claim_rows(groups):
             lines += [f"* {claim}: {verdict}", f"    for:     {pro}", f"    against: {con}"]
+        swept = growth(groups)
+        if swept:
+            lines += ["", "How each side's cost grows with the batch (x1, x4, x16):", *(f"  {s}" for s in swept)]
         lines.append("")
     precisions = {(d, p) for d, _, p in sections}
     devices = {d for d, _ in precisions}
