@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from equivcheck.bench import BENCH_CHECKS, WORK, build, draw_inputs, extra_info, group, matched_threads, shapes_of
-from equivcheck.bench.workload import single_threaded_xla
 from equivcheck.bench.optim import SHAPES, build_step, unfit
 from equivcheck.bench.record import precision_banner
 from equivcheck.bench.sweep import FACTORS, SWEEP, scaled, scaled_name
+from equivcheck.bench.workload import single_threaded_xla
 from equivcheck.fixture import RECORDS_KEY, SessionState
 from equivcheck.ops.pairs import Pair
 from equivcheck.optim import OptimizerPair
