@@ -1,10 +1,12 @@
 """Command line, for CI outside pytest:
 
     python -m equivcheck compare OLD.json NEW.json   what changed between two runs
+    python -m equivcheck merge SHARD.json... -o ALL.json   the shards' reports as one run's
+    python -m equivcheck html REPORT.json [-o OUT]   a report's HTML page (default: beside it, .html)
     python -m equivcheck convert IN OUT [--check]    a checkpoint from one format to another
     python -m equivcheck claims BENCH.json [...]     torch/JAX speed and memory ratios, and the claims they bear on
 
-Exit codes, all commands: 0 all well; 1 the answer is "no" (compare: a regression; convert
+Exit codes, every command: 0 all well; 1 the answer is "no" (compare: a regression; convert
 --check: the two checkpoints differ); 2 the question could not be asked (a file unreadable,
 unwritable, corrupt or of the wrong kind), with one line on stderr naming the path and why;
 compare: 3 a report is of a partial run (interrupted, -x) and --allow-partial was not given;
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -58,6 +61,52 @@ def _claims(args: argparse.Namespace) -> int:
         print(f"equivcheck claims: {exc}", file=sys.stderr)
         return 2
     print(render(records), end="")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from equivcheck.report import read_report
+    from equivcheck.report.files import unwritable, write_json
+    from equivcheck.report.shards import merge
+
+    try:
+        merged = merge([(path, read_report(path)) for path in args.reports])
+    except ValueError as exc:
+        print(f"equivcheck merge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        write_json(merged, args.output)
+    except OSError as exc:
+        print(f"equivcheck merge: -o {args.output}: {unwritable(os.path.dirname(args.output) or '.', exc)}",
+              file=sys.stderr)
+        return 2
+    s = merged["summary"]
+    print(f"wrote {args.output}: {len(args.reports)} shards, {s['total']} records "
+          + ", ".join(f"{v} {k}" for k, v in s.items() if k != "total" and v))
+    return 0
+
+
+def _html(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from equivcheck.report import read_report
+    from equivcheck.report.html import render
+
+    out = Path(args.output) if args.output else Path(args.report).with_suffix(".html")
+    try:
+        text = render(read_report(args.report))
+    except ValueError as exc:
+        print(f"equivcheck html: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:  # a field the page shows and read_report does not check
+        print(f"equivcheck html: {args.report}: the report lacks {exc}", file=sys.stderr)
+        return 2
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"equivcheck html: {out}: cannot write ({exc.strerror or type(exc).__name__})", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
     return 0
 
 
@@ -137,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--allow-partial", action="store_true",
                      help="compare a partial run (interrupted, -x) too, flagged first, instead of exiting 3")
     cmp.set_defaults(run=_compare)
+    mrg = sub.add_parser("merge", help="one report of the whole run from the reports of its shards (--equiv-shard)")
+    mrg.add_argument("reports", nargs="+", metavar="SHARD.json")
+    mrg.add_argument("-o", "--output", required=True, metavar="ALL.json")
+    mrg.set_defaults(run=_merge)
+    page = sub.add_parser("html", help="the self-contained HTML page of a report JSON file")
+    page.add_argument("report")
+    page.add_argument("-o", "--output", help="where to write the page (default: the report's path, .html)")
+    page.set_defaults(run=_html)
     conv = sub.add_parser("convert", help="convert a checkpoint: .pt/.pth (weights only), .safetensors, "
                                           ".msgpack (Flax), a directory (Orbax)")
     conv.add_argument("src", metavar="IN")

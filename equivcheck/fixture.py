@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from equivcheck.backends.deadline import SideTimeout, limit
-from equivcheck.engine.kind import SIDES, CheckKind
+from equivcheck.engine.kind import SIDES, CheckKind, family_of
 from equivcheck.engine.knowns import KnownDivergences, settle, xpass_reason
 from equivcheck.engine.records import CheckRecord, RunSettings
 
@@ -61,6 +61,13 @@ class SessionState:
     collected: set[str] | None = None
     narrowed: bool = False  # node ids on the command line: the rest of their files went uncollected
     known_lenient: bool = False  # a fixed known divergence is a warning, not a failure
+    record_owner: dict[str, str] = dataclasses.field(default_factory=dict)  # record id -> the test that made it
+    # --equiv-shard i/n, and durations of a previous run to balance by ({} : by count); the
+    # report's run.shard (equivcheck.report.shards.describe) once this shard's tests are known.
+    shard: tuple[int, int] | None = None
+    shard_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    shard_source: str = ""
+    shard_info: dict[str, Any] | None = None
     # Called from the watchdog thread when a side is stuck in C code past its limit and grace
     # (equivcheck.backends.deadline): files the check's records, writes the report, ends the run.
     abort: Callable[[list[CheckRecord], SideTimeout], None] | None = None
@@ -104,7 +111,8 @@ class Equiv:
         if self.dtype not in pair.dtypes:
             why = f"{pair.name} declares dtypes {', '.join(pair.dtypes)}; not {self.dtype}"
             self._file([CheckRecord(pair.name, c, self.dtype, self.device, self.run.precision, "skipped",
-                                    message=why, nodeid=self._item.nodeid) for c in pair.checks])
+                                    message=why, nodeid=self._item.nodeid, family=family_of(pair))
+                        for c in pair.checks])
             pytest.skip(why)
         abort = self._state.abort
         on_stuck = None if abort is None else lambda exc: abort(self.timed_out(pair, exc), exc)
@@ -114,6 +122,8 @@ class Equiv:
                                           replay=self.replay)
         except SideTimeout as exc:  # the one place every kind's timeout becomes failed records
             records = self.timed_out(pair, exc)
+        for r in records:  # the kind's report section, whatever made the record
+            r.family = r.family or family_of(pair)
         return self.conclude(records)
 
     def timed_out(self, pair: CheckKind, exc: SideTimeout) -> list[CheckRecord]:

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -52,12 +53,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      f"(default: {DEFAULT_TIMEOUT:g})")
     g.addoption("--equiv-jax-cache", default="auto", metavar="DIR",
                 help="JAX persistent compilation cache ('auto': in pytest's cache dir; 'none': off)")
+    g.addoption("--equiv-failures-db", default="auto", metavar="DIR",
+                help="Hypothesis example database of failing examples, tried first by the next run ('auto': in "
+                     "pytest's cache dir; 'none': off, so a seed replays exactly anywhere)")
+    g.addoption("--equiv-shard", default=None, metavar="I/N",
+                help="run share I of N of the selected checks (deterministic, balanced); merge the N reports "
+                     "with python -m equivcheck merge")
+    g.addoption("--equiv-shard-durations", default=None, metavar="REPORT",
+                help="a previous run's report JSON: balance the shards by its tests' durations (default: by count)")
     g.addoption("--equiv-bench", action="store_true",
-                help="also time both sides of every pair and layer whose checks pass, with pytest-benchmark "
-                     "(its --benchmark-* options apply); not under xdist")
-    g.addoption("--equiv-bench-threads", type=int, default=0, metavar="N",
-                help="with --equiv-bench: torch threads and XLA's CPU pool while timing; 0 (default): torch gets as "
-                     "many as XLA's pool has cores; 1: both single-threaded (a shared, loaded machine)")
+                help="also time both sides of each passing check with pytest-benchmark (its options apply; no xdist)")
+    g.addoption("--equiv-bench-threads", type=int, default=0, metavar="N", help="with --equiv-bench: 0 (default) "
+                "torch as many threads as XLA's CPU pool; 1: both single-threaded (a shared, loaded machine)")
     g.addoption("--equiv-bench-compile", action="store_true",
                 help="with --equiv-bench: time torch.compile too (compiles each pair: seconds each)")
     parser.addini("equiv_known_divergences", type="paths", default=[],
@@ -74,7 +81,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[STATE] = _Off()
         return
     config.stash[STATE] = _build_state(config)
-    config.pluginmanager.register(_Collector(config.stash[STATE]), "equivcheck-collector")
+    config.pluginmanager.register(_Collector(config.stash[STATE], hasattr(config, "workerinput")),
+                                  "equivcheck-collector")
 
 
 def _build_state(config: pytest.Config) -> Any:
@@ -83,7 +91,8 @@ def _build_state(config: pytest.Config) -> Any:
     from equivcheck.fixture import SessionState
 
     opt = config.getoption
-    dtypes = tuple(d.strip() for d in opt("equiv_dtypes").split(",") if d.strip())
+    # Once each, in the order given: "float32,float32" would parametrize every test twice under one id.
+    dtypes = tuple(dict.fromkeys(d.strip() for d in opt("equiv_dtypes").split(",") if d.strip()))
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         raise pytest.UsageError(f"--equiv-dtypes: unknown {bad or 'empty list'}; choose from {', '.join(DTYPES)}")
@@ -97,11 +106,13 @@ def _build_state(config: pytest.Config) -> Any:
     worker = getattr(config, "workerinput", None)
     report_dir = None if opt("equiv_report") == "none" else opt("equiv_report")
     if report_dir and not worker:  # only the controller writes; found now, not after every check ran
-        from equivcheck.report.files import check_writable
+        _usable_dir("--equiv-report", report_dir)
+    from equivcheck.report.shards import shard_options
 
-        problem = check_writable(report_dir)
-        if problem:
-            raise pytest.UsageError(f"--equiv-report {report_dir}: {problem}")
+    try:
+        shard, seconds, source = shard_options(opt("equiv_shard"), opt("equiv_shard_durations"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     seed = opt("equiv_seed")
     if seed is None:
         seed = worker["equivcheck_seed"] if worker else random.SystemRandom().randrange(2**31)
@@ -119,14 +130,20 @@ def _build_state(config: pytest.Config) -> Any:
         cache = str(config.cache.mkdir("equivcheck-jax"))
     if cache not in ("auto", "none"):
         jb.enable_persistent_cache(cache)
+    failures_db = opt("equiv_failures_db")
+    if failures_db == "auto":
+        failures_db = str(config.cache.mkdir("equivcheck-failures")) if getattr(config, "cache", None) else "none"
+    elif failures_db != "none" and not worker:
+        _usable_dir("--equiv-failures-db", failures_db)
     state = SessionState(
         enabled=True,
         run=RunSettings(examples=examples, profile=profile, seed=seed, precision=precision, palette=opt("equiv_shapes"),
-                        timeout=timeout),
+                        timeout=timeout, failures_db=None if failures_db == "none" else failures_db),
         dtypes=dtypes, devices=devices, known=known,
         report_dir=report_dir,
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
         extra_args=_replay_args(config), known_lenient=opt("equiv_known_lenient"),
+        shard=shard, shard_seconds=seconds, shard_source=source,
     )
     for device in devices:
         missing = [name for name, side in (("torch", tb), ("jax", jb)) if not side.available(device)]
@@ -138,6 +155,13 @@ def _build_state(config: pytest.Config) -> Any:
 
     state.abort = lambda records, exc: abort(config, state, records, exc)
     return state
+
+
+def _usable_dir(option: str, path: str) -> None:
+    from equivcheck.report.files import check_writable
+
+    if problem := check_writable(path):
+        raise pytest.UsageError(f"{option} {path}: {problem}")
 
 
 def _replay_args(config: pytest.Config) -> tuple[str, ...]:
@@ -197,14 +221,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
     if not state.enabled:
         return
+    from equivcheck import collection
     from equivcheck.fixture import KNOWN_KEY
 
-    state.collected = _collected_ids(items)
-    state.narrowed = _narrowed(config)
+    state.collected = collection.collected_ids(items)
+    state.narrowed = collection.narrowed(config)
     out = getattr(config, "workeroutput", None)
     if out is not None:  # an xdist worker: its controller collects nothing and hears this at pytest_testnodedown
         out["equivcheck_collected"] = sorted(state.collected)
-    _refuse_duplicate_names(items)
+    if out is None:  # a worker's UsageError would be xdist's INTERNALERROR: the controller refuses the records
+        collection.refuse_duplicate_names(items)
     if config.getoption("equiv_bench"):  # appended: timed after every check, when no compile thread competes
         from equivcheck.benchmarking import bench_items
 
@@ -217,14 +243,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # (fixed, a side raised), xfailed or xpassed from them; a blanket mark would hide a failure.
             if "equiv" not in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xfail(reason=f"known divergence: {hit[1]}", strict=False))
-
-
-def _narrowed(config: pytest.Config) -> bool:
-    """Paths or node ids on the command line collect only part of the project: an entry for a
-    pair or file outside it says nothing about whether the divergence still exists."""
-    whole = {str(config.rootpath), "."}
-    return config.args_source == pytest.Config.ArgsSource.ARGS and not all(
-        str(a) in whole or str(config.invocation_params.dir / str(a)) == str(config.rootpath) for a in config.args)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -252,43 +270,12 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     ids = (getattr(node, "workeroutput", None) or {}).get("equivcheck_collected")
     if state.enabled and ids is not None:
         state.collected = (state.collected or set()) | set(ids)
-        state.narrowed = _narrowed(node.config)
+        from equivcheck import collection
 
-
-def _collected_ids(items: list[pytest.Item]) -> set[str]:
-    """Node ids, and the check ids the items' pairs produce, of every check collected."""
-    from equivcheck.engine import CheckKind
-
-    ids = set()
-    for item in items:
-        ids.add(item.nodeid)
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        dtype, device = params.get("equiv", ("*", "*"))
-        for value in params.values():
-            if isinstance(value, CheckKind):
-                ids.update(f"{value.name}::{check}::{dtype}::{device}" for check in value.checks)
-    return ids
-
-
-def _refuse_duplicate_names(items: list[pytest.Item]) -> None:
-    from equivcheck.engine import CheckKind
-
-    seen: dict[str, tuple[Any, str]] = {}
-    for item in items:
-        for value in getattr(getattr(item, "callspec", None), "params", {}).values():
-            if isinstance(value, CheckKind):
-                first = seen.setdefault(value.name, (value, item.nodeid))
-                if first[0] is not value and not _same_record(first[0], value):
-                    raise pytest.UsageError(
-                        f"two different pairs are named {value.name!r} ({first[1]} and {item.nodeid}); "
-                        "names key the report, so give each its own")
-
-
-def _same_record(a: Any, b: Any) -> bool:
-    """The same record, or a copy of it with other checks (`pair.replace(checks=...)`)."""
-    if type(a) is not type(b) or not dataclasses.is_dataclass(a):
-        return False
-    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a) if f.name != "checks")
+        state.narrowed = collection.narrowed(node.config)
+    shard = (getattr(node, "workeroutput", None) or {}).get("equivcheck_shard")
+    if state.enabled and shard is not None:
+        state.shard_info = shard
 
 
 @pytest.fixture
@@ -326,19 +313,43 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 class _Collector:
     """Gathers check records from test reports: the same path with or without xdist."""
 
-    def __init__(self, state: Any) -> None:
-        self.state = state
+    def __init__(self, state: Any, worker: bool) -> None:
+        self.state, self.worker = state, worker  # an xdist worker's records are its controller's to gather
 
+    @pytest.hookimpl(trylast=True)  # after -k/-m: the shards split what was selected
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if self.state.shard is None:
+            return
+        from equivcheck.report.shards import assign, describe
+
+        index, count = self.state.shard
+        share = assign((i.nodeid for i in items), count, self.state.shard_seconds)
+        keep = [i for i in items if share[i.nodeid] == index]
+        drop = [i for i in items if share[i.nodeid] != index]
+        self.state.shard_info = describe(index, count, [i.nodeid for i in keep], share, self.state.shard_source)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
+        out = getattr(config, "workeroutput", None)
+        if out is not None:  # an xdist worker: its controller collects nothing and hears this at testnodedown
+            out["equivcheck_shard"] = self.state.shard_info
+
+    @pytest.hookimpl(tryfirst=True)  # a collision fails the report before the terminal and exit status count it
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        from equivcheck.collection import record_collisions
         from equivcheck.fixture import KNOWN_KEY, RECORDS_KEY
 
         if report.when in ("teardown", "???"):  # "???": xdist's report of a test whose worker crashed
             self.state.finished.add(report.nodeid)
-        for name, value in report.user_properties:
-            if name == RECORDS_KEY and report.when == "call":
-                self.state.records.extend(value)
-            elif name == KNOWN_KEY:
-                self.state.matched_known.add(value)
+        records = [r for name, value in report.user_properties if name == RECORDS_KEY for r in value]
+        if records and report.when == "call" and not self.worker:
+            fresh, clashes = record_collisions(records, report.nodeid, self.state.record_owner)
+            self.state.records.extend(fresh)
+            if clashes:  # the report keys records by id: a second one would hide or replace the first
+                report.outcome, report.longrepr = "failed", "\n".join(clashes)
+                if hasattr(report, "wasxfail"):
+                    del report.wasxfail
+        self.state.matched_known.update(value for name, value in report.user_properties if name == KNOWN_KEY)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -364,7 +375,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if jax_side is not None:  # JAX may compile on a thread here: its work for tests that will not run ends
         jax_side.session_ended(exitstatus)
     state = session.config.stash[STATE]
-    if state.enabled and not hasattr(session.config, "workerinput"):
+    # A usage error (a bad option, two pairs of one name) ran nothing: no report says otherwise.
+    if state.enabled and not hasattr(session.config, "workerinput") and exitstatus != pytest.ExitCode.USAGE_ERROR:
         from equivcheck.session import write_report
 
         write_report(session.config, state, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
@@ -372,7 +384,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     state = config.stash[STATE]
-    if not state.enabled or hasattr(config, "workerinput") or config.option.collectonly:
+    if (not state.enabled or hasattr(config, "workerinput") or config.option.collectonly
+            or exitstatus == pytest.ExitCode.USAGE_ERROR):
         return
     from equivcheck import report
     from equivcheck.engine.knowns import unchecked
@@ -381,18 +394,27 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr = terminalreporter
     tr.section("equivcheck")
     if state.records:
-        tr.write_line(report.text_table(*report.grid(state.records)))
+        for text in report.summary_tables(state.records):
+            tr.write_line(text)
         counts = {k: sum(r["outcome"] == k for r in state.records) for k in report.OUTCOMES}
         tr.write_line(", ".join(f"{v} {k}" for k, v in counts.items() if v) + " checks")
         for line in report.xpass_lines(state.records):
-            tr.write_line(line, yellow=True)
+            tr.write_line(_wrap(line), yellow=True)
     else:
         tr.write_line("no equivalence checks ran")
     warnings, counts = unchecked(state.known.unmatched(state.matched_known), dtypes=state.dtypes,
                                  devices=state.devices, collected=state.collected, narrowed=state.narrowed)
     for line in warnings:
-        tr.write_line(f"WARNING {line}", yellow=True)
+        tr.write_line(_wrap(f"WARNING {line}"), yellow=True)
     for line in counts:
-        tr.write_line(line)
+        tr.write_line(_wrap(line))
     for colour, line in report_lines(state, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED):
         tr.write_line(line, **({colour: True} if colour else {}))
+
+
+def _wrap(line: str) -> str:
+    """A summary line within the tables' width (report.tables.WIDTH), continued indented; words
+    (patterns, node ids) are not split, so one longer than the width stays whole on its line."""
+    from equivcheck.report.tables import WIDTH  # here: the plugin imports no report code until the summary
+
+    return textwrap.fill(line, WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)

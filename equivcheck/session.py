@@ -40,6 +40,7 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
         # an xdist controller compiles nothing: its count would read as none at all
         "jax_compilations": None if getattr(config.option, "numprocesses", None)
         else {"count": count, "seconds": round(seconds, 3)},
+        "failures_db": state.run.failures_db,
         "replay": state.replay("<node id>", ",".join(state.dtypes), ",".join(state.devices)),
     }
     # Sorted as the terminal summary sorts them: an entry the selection left out is not stale.
@@ -48,6 +49,8 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
     run["unmatched_known"] = [{"pattern": e.pattern, "reason": e.reason, "source": e.source} for e in stale]
     run["unchecked_known"] = [{"pattern": e.pattern, "reason": e.reason, "source": e.source, "why": why}
                               for why, es in left_out.items() for e in es]
+    if state.shard_info is not None:
+        run["shard"] = state.shard_info
     if stuck:
         run["stuck"] = stuck
     # an interrupted run leaves a report even before its first record: it says the run stopped
@@ -79,6 +82,11 @@ def report_lines(state: Any, *, interrupted: bool) -> list[tuple[str, str]]:
     text = partial_text({"partial": partial(state, interrupted=interrupted), "interrupted": interrupted})
     if text:
         lines.append(("red", f"PARTIAL RUN: {text}; the checks above are not the whole run"))
+    if state.shard_info is not None:
+        s = state.shard_info
+        text = (f"shard {s['index']}/{s['count']}: {len(s['tests'])} of {s['selected']} selected tests "
+                f"(balanced by {s['balanced_by']}); merge the shards' reports with python -m equivcheck merge")
+        lines.append(("", text))
     if state.report_error:
         lines.append(("red", state.report_error))
     lines += [("", f"report: {path}") for path in state.report_paths]

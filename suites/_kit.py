@@ -104,7 +104,7 @@ def layer(name: str, torch_fn: Callable[..., Any], jax_fn: Callable[..., Any], s
     if diff is None:
         diff = [i for i, s in enumerate(specs) if isinstance(s, Floats)]
     return Pair(name, torch_fn, jax_fn, Inputs(Custom(sampler, smallest), tuple(specs)), diff_args=tuple(diff),
-                arg_names=tuple(names), checks=tuple(checks), reference=reference, **kw)
+                arg_names=tuple(names), checks=tuple(checks), reference=reference, **{"family": "layers", **kw})
 
 
 def sample_args(pair: Pair, rng: np.random.Generator, dtype: str = "float64") -> tuple[Any, ...]:

@@ -97,10 +97,10 @@ MLP_IN = Inputs(Custom(lambda rng: ((int(rng.integers(1, 6)), 6),), ((1, 6),)), 
 MODELS = Registry([
     Pair("ckpt_cnn_pt_to_orbax_flax", functools.partial(torch_run, cnn_files),
          functools.partial(flax_run, cnn_files, M.FlaxCNN(), True), CNN_IN, checks=("forward", "vjp"),
-         reference=lambda x: M.cnn_reference(cnn_files()[0], x), tags={"conv", "matmul"}),
+         reference=lambda x: M.cnn_reference(cnn_files()[0], x), tags={"conv", "matmul"}, family="checkpoints"),
     Pair("ckpt_mlp_flax_msgpack_to_safetensors_torch", functools.partial(torch_run, mlp_files),
          functools.partial(flax_run, mlp_files, M.FlaxMLP(), False), MLP_IN, checks=("forward", "vjp"),
-         reference=lambda x: M.mlp_reference(mlp_files()[0], x), tags={"matmul"}),
+         reference=lambda x: M.mlp_reference(mlp_files()[0], x), tags={"matmul"}, family="checkpoints"),
 ])
 
 

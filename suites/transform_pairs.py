@@ -87,7 +87,8 @@ def ref(fn, **kw):
 
 def pair(name, torch_fn, jax_fn, inputs, reference=None, dtypes=FLOATS, tolerance=None, doc="", witnesses=()):
     return Pair(name, torch_fn, jax_fn, inputs, diff_args=(), checks=("forward",), dtypes=dtypes,
-                tolerance=tolerance, reference=reference, tags={"data"}, doc=doc, witnesses=witnesses)
+                tolerance=tolerance, reference=reference, tags={"data"}, doc=doc, witnesses=witnesses,
+                family="data")
 
 
 def corner(c: int, h: int, w: int) -> np.ndarray:

@@ -148,7 +148,7 @@ SAMPLING = Tolerance(0.05, 0.0, "sampling error of statistics over >= 4096 indep
 
 def _init_pair(name, t_fn, j_fn, configs, **kw):
     return Pair(name, t_fn, j_fn, Inputs(Fixed(((),)), (Static(tuple(configs)),)), diff_args=(), checks=("forward",),
-                dtypes=("float32",), arg_names=("config",), **kw)
+                dtypes=("float32",), arg_names=("config",), family="layers", **kw)
 
 
 INIT_PAIRS = [

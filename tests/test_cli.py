@@ -86,6 +86,7 @@ def report(**kw):
     ("missing", "No such file"),
     (b"\xff\xfe{}", "not UTF-8"),
     ("{not json", "not JSON"),
+    ('{"schema": "equivcheck.report/1", "records": [', "the file ends there: truncated?"),
     ("[1, 2]", "not a report"),
     (json.dumps({"a": 1}), "schema"),
     (json.dumps(report(records=5)), "records"),

@@ -76,6 +76,7 @@ def test_subset(equiv):
     assert "replay: pytest --equiv" in result.stdout.str()
     records = json.loads((pytester.path / "reports" / "latest.json").read_text())["records"]
     assert {(r["pair"], r["outcome"]) for r in records} == {("same", "passed"), ("differs", "failed")}
+    assert {r["family"] for r in records} == {"other"}  # no `family` attribute: the report's "other" section
 
 
 def test_a_data_check_runs_through_equiv_check_and_a_dtype_it_does_not_declare_is_skipped(pytester):
@@ -121,3 +122,19 @@ def test_kind(kind, equiv):
     equiv.check(kind)
 """)
     pytester.runpytest(*FAST).assert_outcomes(passed=2)
+
+
+def test_each_kind_names_its_report_section_and_a_pair_refuses_an_unknown_one():
+    import jax.numpy as jnp
+    import torch
+    from hypothesis import strategies as st
+
+    from equivcheck.engine.kind import FAMILIES, family_of
+
+    assert [family_of(k) for k in (OptimizerPair, ModelPair, DataCheck("d", lambda ex, dtype: None, st.integers()))] \
+        == ["optimizers", "models", "data"]
+    assert family_of(Pair("tanh", torch.tanh, jnp.tanh, unary())) == "operations"
+    assert family_of(Pair("tanh", torch.tanh, jnp.tanh, unary(), family="layers")) == "layers"
+    assert family_of(object()) == "other" and "other" in FAMILIES  # a user's kind without one
+    with pytest.raises(ValueError, match="family 'layer' is not one of operations, layers"):
+        Pair("tanh", torch.tanh, jnp.tanh, unary(), family="layer")

@@ -197,6 +197,13 @@ def test_a_malformed_known_divergence_file_names_the_line(project):
     assert result.ret != 0 and "bad.txt:1: 'tanh::vjp' has no reason" in result.stderr.str()
 
 
+def test_a_dtype_given_twice_runs_once(project):
+    result = project.runpytest("--equiv", "--equiv-dtypes", "float32,float32, float64,float32", "--equiv-examples", "3",
+                               "-p", "no:cacheprovider", "-k", "tanh", "--collect-only", "-q")
+    ids = [line for line in result.stdout.lines if "test_pair[" in line]
+    assert ids == ["test_pairs.py::test_pair[tanh-float32-cpu]", "test_pairs.py::test_pair[tanh-float64-cpu]"]
+
+
 def test_undeclared_dtypes_skip_with_the_pair_s_declaration(project):
     result = project.runpytest("--equiv", "--equiv-dtypes", "float32,bfloat16", "-rs", "--equiv-examples", "3",
                                "-p", "no:cacheprovider", "-k", "tanh")
@@ -204,18 +211,54 @@ def test_undeclared_dtypes_skip_with_the_pair_s_declaration(project):
     assert "tanh declares dtypes float32, float64; not bfloat16" in result.stdout.str()
 
 
-def test_two_different_pairs_of_one_name_are_refused(pytester):
-    pytester.makepyfile(test_dup="""
+DUPLICATES = """
 import pytest, torch, jax.numpy as jnp, equivcheck as ec
-A = ec.Pair("same", torch.exp, jnp.exp, ec.unary())
-B = ec.Pair("same", torch.log, jnp.log, ec.unary())
+A = ec.Pair("same", torch.exp, jnp.exp, ec.unary(), checks=("forward",))
 @pytest.mark.parametrize("pair", [A], ids=str)
 def test_a(pair, equiv): equiv.check(pair)
+def test_c(equiv): equiv.check(A)
+def test_d(equiv): equiv.check(A.replace(inputs=ec.unary(ec.Floats(-3.0, 3.0))))
+def test_e(equiv):
+    equiv.check(A.replace(inputs=ec.unary(ec.Floats(-3.0, 3.0))))
+    equiv.check(A.replace(inputs=ec.unary(ec.Floats(-2.0, 2.0))))
+"""
+DIFFERENT = DUPLICATES + """
+B = ec.Pair("same", torch.log, jnp.log, ec.unary(ec.Floats(0.5, 2.0)), checks=("forward",))
 @pytest.mark.parametrize("pair", [B], ids=str)
 def test_b(pair, equiv): equiv.check(pair)
-""")
+"""
+
+
+def test_two_different_pairs_of_one_name_are_refused(pytester):
+    pytester.makepyfile(test_names=DIFFERENT)
     result = pytester.runpytest("--equiv", *FAST)
-    assert result.ret != 0 and "two different pairs are named 'same'" in result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "two different pairs are named 'same'" in result.stderr.str()
+    assert "PARTIAL RUN" not in result.stdout.str()  # nothing ran, by the user's error: no run to report on
+    assert not (pytester.path / "reports" / "latest.json").exists()
+
+
+def test_two_different_pairs_of_one_name_under_xdist_fail_naming_both_tests(pytester):
+    # A worker's UsageError at collection was an xdist INTERNALERROR without the reason.
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_names=DIFFERENT)
+    result = pytester.runpytest("--equiv", *FAST, "-n", "2", "-k", "test_a or test_b")
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.assert_outcomes(passed=1, failed=1)
+    assert ("record same::forward::float32::cpu was already made by test_names.py::test_" in result.stdout.str()
+            and "every check's id (pair::check::dtype::device) must be unique in a run" in result.stdout.str())
+
+
+@pytest.mark.parametrize("second", ["test_c", "test_d", "test_e"])
+def test_one_record_id_made_by_two_tests_or_twice_fails_the_second(pytester, second):
+    # The same pair in another test (test_c), a pair built inside a test (test_d), one test
+    # checking a pair twice (test_e): collection cannot see these; the records' ids collide.
+    pytester.makepyfile(test_names=DUPLICATES)
+    twice = second == "test_e"
+    result = pytester.runpytest("--equiv", *FAST, "-k", second if twice else f"test_a or {second}")
+    result.assert_outcomes(passed=0 if twice else 1, failed=1)
+    where = "this test too" if twice else "test_names.py::test_a[same-float32-cpu]"
+    assert f"record same::forward::float32::cpu was already made by {where}: every check's id" in result.stdout.str()
+    result.stdout.fnmatch_lines(["same  float32  cpu     ok *"])  # one row: the first test's
 
 
 def test_profiles_set_the_example_budget(project):

@@ -46,7 +46,7 @@ def test_markdown_has_failures_known_divergences_grid_and_stale_entries():
                                rec("abs", "vjp", "known-divergence", known_reason="abs'(0)"), rec("tanh", "hvp")))
     assert "### `exp::forward::float32::cpu`" in md and "jax is off" in md
     assert "| `abs::vjp::float32::cpu` | known-divergence | abs'(0) |" in md
-    assert "| tanh | float32 | cpu | - | - | - | ok 0.1 |" in md
+    assert "| tanh | float32 | cpu | - | - | ok 0.1 |" in md  # columns: the checks some record has
     assert "matched nothing in this run:\n\n- `old::*` (k.txt:1)\n" in md
     assert "left out (not checked):\n\n- `tanh::hvp` (k.txt:2): for checks this selection (-k, -m) left out" in md
 
@@ -62,15 +62,18 @@ def test_an_xpass_says_why_in_the_terminal_and_the_markdown():
 
 
 def test_grid_marks_each_check():
-    header, body = report.grid([rec("exp", "forward"), rec("exp", "vjp", "failed"), rec("exp", "jvp", "xpass")])
-    assert header == ["pair", "dtype", "device", "forward", "vjp", "jvp", "hvp"]
-    assert body == [["exp", "float32", "cpu", "ok 0.1", "FAIL", "XPASS 0.1", "-"]]
+    header, body = report.grid([rec("exp", "forward"), rec("exp", "vjp", "failed"), rec("exp", "jvp", "xpass"),
+                                rec("tanh", "forward")])
+    assert header == ["pair", "dtype", "device", "forward", "vjp", "jvp"]  # no record has hvp: no column
+    assert body == [["exp", "float32", "cpu", "ok 0.1", "FAIL", "XPASS 0.1"], ["tanh", "float32", "cpu", "ok 0.1", "-", "-"]]
 
 
 def test_write_puts_run_files_and_latest_side_by_side(tmp_path):
-    json_path, md_path = report.write(build(rec("exp", "forward")), tmp_path)
-    assert json_path.name == "r1.json" and md_path.name == "r1.md"
+    json_path, md_path, html_path = report.write(build(rec("exp", "forward")), tmp_path)
+    assert (json_path.name, md_path.name, html_path.name) == ("r1.json", "r1.md", "r1.html")
     assert json.loads((tmp_path / "latest.json").read_text())["run"]["id"] == "r1"
+    assert (tmp_path / "latest.html").read_text() == html_path.read_text()
+    assert "<code>r1</code>" in html_path.read_text()
 
 
 def test_compare_runs_flags_regressions_fixes_and_drift():
@@ -139,7 +142,7 @@ def test_runs_writing_into_one_directory_at_once_lose_no_report(tmp_path):
     assert errors == []
     assert json.loads((tmp_path / "latest.json").read_text())["run"]["id"] in ids
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"{i}.{ext}" for i in ids for ext in ("json", "md")] + ["latest.json", "latest.md"])  # no temporaries left
+        [f"{i}.{ext}" for i in ids for ext in ("json", "md", "html")] + ["latest.json", "latest.md", "latest.html"])  # no temporaries left
 
 
 @pytest.mark.parametrize("where, cause", [

@@ -198,3 +198,19 @@ def test_differences_across_a_kink_at_another_element_do_not_blame_the_right_sid
     assert verdict.side == "torch", verdict.diagnosis
     assert "at the failing element [2]" in verdict.diagnosis and "torch is off" in verdict.diagnosis
     assert "similar amounts" not in verdict.diagnosis
+
+
+def test_another_failing_example_differing_only_where_printing_elides_is_tried():
+    # The printed form summarises large arrays, so comparing printed forms called two examples
+    # that differ in their middle elements the same, and the other was never diagnosed.
+    from equivcheck.engine.compare import format_args
+    from equivcheck.ops.runner import _same_args
+
+    a, b = np.zeros(4000, np.float32), np.zeros(4000, np.float32)
+    a[1000], b[2000] = 1.0, 1.0
+    assert format_args([a]) == format_args([b])
+    assert not _same_args([a], [b])
+    assert _same_args([a, 3], [a.copy(), 3])
+    assert _same_args([np.array([np.nan], np.float32)], [np.array([np.nan], np.float32)])
+    assert not _same_args([a], [a.astype(np.float64)])
+    assert not _same_args([a, 3], [a, 4])

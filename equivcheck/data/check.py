@@ -50,6 +50,7 @@ class DataCheck:
     checks: tuple[str, ...] = DATA_CHECKS
     witnesses: tuple[Any, ...] = ()
 
+    family = "data"  # the report section (engine.kind.FAMILIES)
     all_checks = DATA_CHECKS
 
     def __post_init__(self) -> None:
@@ -124,7 +125,7 @@ def run_check(name: str, body: Callable[[Any], DataVerdict], examples: Any, *, d
     rec = CheckRecord(name, "forward", dtype, run.device, run.precision, "passed", nodeid=nodeid, replay=replay,
                       tolerance={"rtol": tol.rtol, "atol": tol.atol, "per": getattr(tol, "per", "element"),
                                  "reason": "floating leaves: " + tol.reason},
-                      tags=["data"])
+                      tags=["data"], family="data")
     search = Search(run, _Mismatch)
     m = search(test, examples, digest=f"data:{name}:{dtype}", seed=run.item_seed(name, dtype, run.device),
                max_examples=max_examples, explicit=witnesses)

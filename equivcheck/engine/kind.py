@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from equivcheck.engine.records import CheckRecord, RunSettings
 
 SIDES = ("torch", "jax")
+# The report's sections, in order: each record names one (`CheckRecord.family`), taken from its
+# kind's optional `family` attribute; a kind without one (a user's own) reports as "other".
+FAMILIES = ("operations", "layers", "optimizers", "data", "models", "checkpoints", "speed", "other")
 # Names end up in pytest node ids, report ids and glob patterns: keep them plain.
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -31,6 +34,7 @@ class CheckKind(Protocol):
     all_checks  every check this kind knows, in report order
     replace     a copy with fields changed (`equiv.check(rec, checks=...)` uses `checks=`)
     prepare     compile ahead (called on a background thread for the next test); may do nothing
+    family      optional: the report section of its records (one of FAMILIES; "other" if absent)
     run_checks  run every check at one dtype on `run.device`: one CheckRecord per check, never
                 raising for a disagreement (that is a failed record); `known` marks known
                 divergences, `nodeid` and `replay` go into the records
@@ -47,6 +51,13 @@ class CheckKind(Protocol):
 
     def run_checks(self, *, dtype: str, run: RunSettings, known: Known, nodeid: str,
                    replay: str) -> list[CheckRecord]: ...
+
+
+def family_of(kind: Any) -> str:
+    """The report section of `kind`'s records: its `family` attribute where it names one of
+    FAMILIES, else "other". Raises nothing: a user's kind need not declare one."""
+    family = getattr(kind, "family", "")
+    return family if family in FAMILIES else "other"
 
 
 def check_name(owner: str, name: str) -> None:

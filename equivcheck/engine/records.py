@@ -23,6 +23,9 @@ class RunSettings:
     shrink_seconds: float = 20.0  # then report the smallest failing example found so far
     timeout: float = 60.0  # seconds one side's call may take (0: no limit); equivcheck.backends.deadline
     target: bool | None = None  # Hypothesis's target phase; None: the profile's choice (equivcheck.engine.search)
+    # Hypothesis's example database of failing examples (a directory), replayed first by the next
+    # run; None: none, so a seed replays exactly on any machine (equivcheck.engine.search)
+    failures_db: str | None = None
 
     def item_seed(self, *parts: str) -> int:
         return zlib.crc32(":".join([str(self.seed), *parts]).encode())
@@ -59,6 +62,7 @@ class CheckRecord:
     ill_conditioned: int = 0  # examples past the table bound that input rounding explains
     low_precision: int = 0  # bfloat16/float16 examples past the table bound that agree in float32
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-kind detail (models: layers, curves)
+    family: str = ""  # the report section (engine.kind.FAMILIES): operations, layers, optimizers, ...
     witnessed: int = 0  # witnesses run first (a passing known divergence with one is strict: it is fixed)
 
     @property

@@ -16,6 +16,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import example as explicit_example
 from hypothesis import seed as hypothesis_seed
+from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 from hypothesis.errors import Flaky
 
 from equivcheck.backends import deadline
@@ -27,7 +28,7 @@ for _name, _count in PROFILES.items():
         f"equivcheck-{_name}",
         max_examples=_count,
         deadline=None,  # JAX compiles on first sight of a shape: timing says nothing
-        database=None,  # replay is by seed (--equiv-seed), exact across machines
+        database=None,  # replay is by seed (--equiv-seed), exact across machines; --equiv-failures-db adds one
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
                                HealthCheck.filter_too_much],
         verbosity=Verbosity.quiet,  # the check's own message carries the minimal example
@@ -124,7 +125,8 @@ class Search:
         # Decorators apply bottom-up and Hypothesis runs the topmost first: reversed keeps the order given.
         for ex in reversed(explicit):
             inner = explicit_example(ex)(inner)
-        wrapped = settings(profile, max_examples=count, phases=phases)(hypothesis_seed(seed)(given(strategy)(inner)))
+        wrapped = settings(profile, max_examples=count, phases=phases, database=failures_database(self.run))(
+            hypothesis_seed(seed)(given(strategy)(inner)))
         try:
             # Each side's call within run.timeout seconds (a script's run too; under the fixture
             # its own, outer limit holds): past it SideTimeout ends the search, never shrunk.
@@ -141,6 +143,23 @@ class Search:
         return None
 
 
+_DATABASES: dict[str, ExampleDatabase] = {}
+
+
+def failures_database(run: Any) -> ExampleDatabase | None:
+    """The run's failures database (`run.failures_db`, a directory), or None. Hypothesis saves each
+    check's failing examples there under the check's digest and replays them in its reuse phase
+    before drawing new ones: a check that failed last night is tried on its failing example first
+    tonight. Replayed under another seed, a saved example
+    picks other shapes (the palette is the seed's), so it is one more drawn example, no more."""
+    path = getattr(run, "failures_db", None)
+    if not path:
+        return None
+    if path not in _DATABASES:
+        _DATABASES[path] = DirectoryBasedExampleDatabase(path)
+    return _DATABASES[path]
+
+
 FLAKY_NOTE = "flaky: this example failed once and passed when replayed (a nondeterministic op, e.g. scatter-add on GPU)"
 
-__all__ = ["FLAKY_NOTE", "PROFILES", "Search", "seeded_generation"]
+__all__ = ["FLAKY_NOTE", "PROFILES", "Search", "failures_database", "seeded_generation"]

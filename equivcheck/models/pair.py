@@ -126,6 +126,7 @@ class ModelPair:
     tags: frozenset[str] = frozenset()
     witnesses: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
+    family = "models"  # the report section (engine.kind.FAMILIES)
     all_checks = MODEL_CHECKS
 
     def __post_init__(self) -> None:

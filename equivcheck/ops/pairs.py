@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from equivcheck.engine.dtypes import DTYPES
-from equivcheck.engine.kind import SIDES, CheckKind, Known, check_name
+from equivcheck.engine.kind import FAMILIES, SIDES, CheckKind, Known, check_name
 from equivcheck.engine.records import CheckRecord, RunSettings
 from equivcheck.engine.tolerance import Tolerance, require_reasons
 from equivcheck.ops import runner
@@ -43,6 +43,8 @@ class Pair:
     witnesses   argument tuples (nested lists or arrays, cast to each dtype as drawn) run first,
                 in order, on every seed before the drawn examples: the input where a known
                 divergence shows, or a past failure kept as a regression example
+    family      the report section of its records: "operations", or "layers", "data",
+                "checkpoints" for pairs that check those (engine.kind.FAMILIES)
     """
 
     name: str
@@ -59,6 +61,7 @@ class Pair:
     doc: str = ""
     arg_names: tuple[str, ...] | None = None
     witnesses: tuple[tuple[Any, ...], ...] = ()
+    family: str = "operations"
 
     all_checks = CHECKS
 
@@ -72,6 +75,8 @@ class Pair:
             set_("arg_names", tuple(self.arg_names))
         set_("tags", frozenset([self.tags] if isinstance(self.tags, str) else self.tags))
         check_name("Pair", self.name)
+        if self.family not in FAMILIES:
+            raise ValueError(f"Pair {self.name!r}: family {self.family!r} is not one of {', '.join(FAMILIES)}")
         for label, fn in (("torch_fn", self.torch_fn), ("jax_fn", self.jax_fn)):
             if not callable(fn):
                 raise TypeError(f"Pair {self.name!r}: {label} must be callable, got {fn!r}")

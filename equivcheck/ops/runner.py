@@ -95,12 +95,12 @@ def run_pair(
         # The minimal example often breaks other checks too (a side that raises breaks all):
         # those are failures as they stand, and need no pass of their own.
         for check in list(active):
-            verdict = judge(pair, failure.ev, check, tols[check], failure.args)
-            if not verdict.ok and not _accepted(pair, check, failure.args, failure.ev, verdict, dtype,
-                                                tols[check], 0):
-                verdict.notes.append(f"found on the minimal example of the {failure.check} failure")
-                failures[check] = CheckFailed(check, verdict, failure.args, failure.ev)
-                failures[check].others = _also_failing(pair, check, failure.others, tols[check], dtype)
+            cascaded = _failure_of(pair, check, failure.args, failure.ev, tols[check], dtype)
+            if cascaded is not None:
+                cascaded.verdict.notes.append(f"found on the minimal example of the {failure.check} failure")
+                cascaded.others = [f for o in failure.others
+                                   if (f := _failure_of(pair, check, o.args, o.ev, tols[check], dtype))]
+                failures[check] = cascaded
                 active.remove(check)
     seconds = time.perf_counter() - start
     records = []
@@ -235,15 +235,13 @@ def _accepted(pair: Pair, check: str, args: Any, ev: Evaluation, verdict: Verdic
     return None
 
 
-def _also_failing(pair: Pair, check: str, others: list[CheckFailed], tol: Any, dtype: str) -> list[CheckFailed]:
-    """`check`'s failures among other failing examples of another check (each evaluated every
-    check): the alternatives `_decide_elsewhere` may need for a failure found on its minimal example."""
-    found = []
-    for other in others:
-        verdict = judge(pair, other.ev, check, tol, other.args)
-        if not verdict.ok and not _accepted(pair, check, other.args, other.ev, verdict, dtype, tol, 0):
-            found.append(CheckFailed(check, verdict, other.args, other.ev))
-    return found
+def _failure_of(pair: Pair, check: str, args: Any, ev: Evaluation, tol: Any, dtype: str) -> CheckFailed | None:
+    """`check` judged on an evaluated example: its failure, or None when it passes or the
+    disagreement is accepted (ill-conditioned, low precision)."""
+    verdict = judge(pair, ev, check, tol, args)
+    if verdict.ok or _accepted(pair, check, args, ev, verdict, dtype, tol, 0):
+        return None
+    return CheckFailed(check, verdict, args, ev)
 
 
 def _more_failures(pair: Pair, examples: st.SearchStrategy, check: str, tol: Any, dtype: str, run: RunSettings,
@@ -255,9 +253,9 @@ def _more_failures(pair: Pair, examples: st.SearchStrategy, check: str, tol: Any
     def body(example: tuple[tuple[Any, ...], int]) -> None:
         args, vec_seed = example
         ev = evaluate(pair, args, vec_seed, dtype=dtype, device=run.device, checks=[check])
-        verdict = judge(pair, ev, check, tol, args)
-        if not verdict.ok and not _accepted(pair, check, args, ev, verdict, dtype, tol, 0):
-            found.append(CheckFailed(check, verdict, args, ev))
+        failed = _failure_of(pair, check, args, ev, tol, dtype)
+        if failed is not None:
+            found.append(failed)
             if len(found) >= 2 * MAX_ELSEWHERE:
                 raise found[-1]
 
@@ -278,10 +276,10 @@ def _decide_elsewhere(failure: CheckFailed, pair: Pair, dtype: str, tol: Any,
             candidates = others()
         except Exception:  # noqa: BLE001 - advice only: the minimal example's verdict stands
             return
-        shown = format_args(failure.args)
         # Generation starts from the simplest inputs (zeros, one value repeated): the examples
         # with the most distinct values are the least likely to sit on a kink, so they go first.
-        candidates = sorted((c for c in candidates if format_args(c.args) != shown), key=_distinct, reverse=True)
+        candidates = sorted((c for c in candidates if not _same_args(c.args, failure.args)), key=_distinct,
+                            reverse=True)
         for other in candidates[:MAX_ELSEWHERE]:
             try:
                 diagnose(pair, other.check, other.args, other.ev, other.verdict, dtype=dtype, tol=tol)
@@ -295,6 +293,28 @@ def _decide_elsewhere(failure: CheckFailed, pair: Pair, dtype: str, tol: Any,
                                              f"{other.verdict.diagnosis}. At the minimal example shown: "
                                              f"{failure.verdict.diagnosis}")
                 return
+
+
+def _same_args(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Element by element, NaNs equal: the printed form summarises large arrays, so two examples
+    differing only in the elided middle would print alike and the other would never be tried."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.shape == y.shape
+                    and x.dtype == y.dtype and np.array_equal(x, y, equal_nan=x.dtype.kind in "fc")):
+                return False
+        elif not _scalar_equal(x, y):
+            return False
+    return True
+
+
+def _scalar_equal(x: Any, y: Any) -> bool:
+    try:
+        return bool(x == y) or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+    except Exception:  # noqa: BLE001 - no usable ==: call them different, so the other is tried
+        return False
 
 
 def _distinct(failure: CheckFailed) -> int:

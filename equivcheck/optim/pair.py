@@ -92,6 +92,7 @@ class OptimizerPair:
     tags: frozenset[str] = frozenset()
     witnesses: tuple[Any, ...] = ()
 
+    family = "optimizers"  # the report section (engine.kind.FAMILIES)
     all_checks = OPTIM_CHECKS  # what `equiv.check(pair, checks=...)` may select
 
     def __post_init__(self) -> None:

@@ -25,7 +25,9 @@ def read_report(path: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        # The parser's position alone does not say why; at the very end it is a cut-off file.
+        cut = "; the file ends there: truncated?" if exc.pos >= len(text.rstrip()) else ""
+        raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno}{cut})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not a report (an object)")
     if data.get("schema") != SCHEMA:

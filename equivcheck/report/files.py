@@ -1,5 +1,5 @@
-"""The report's files: reports/<run id>.json and .md, and latest.json / latest.md beside them,
-each written to a temporary file of its own first and renamed, so a reader never sees half a
+"""The report's files: reports/<run id>.json, .md and .html, and latest.json / .md / .html beside
+them, each written to a temporary file of its own first and renamed, so a reader never sees half a
 report and two runs writing into one directory at once never take each other's temporary file."""
 from __future__ import annotations
 
@@ -10,22 +10,37 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from equivcheck.report import html as report_html
 from equivcheck.report import models as report_models
 from equivcheck.report.tables import markdown
 
 
-def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """reports/<run id>.json and .md, and latest.json / latest.md beside them. Raises OSError when
-    the directory or a file cannot be written (`unwritable` says why in words)."""
+def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
+    """reports/<run id>.json, .md and .html, and latest.json / .md / .html beside them. Raises
+    OSError when the directory or a file cannot be written (`unwritable` says why in words)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     stem = report["run"]["id"]
-    text_json = json.dumps(report, indent=1, sort_keys=False, default=str) + "\n"
-    text_md = markdown(report, report_models.plots(report["records"], out, stem))
-    paths = (out / f"{stem}.json", out / f"{stem}.md")
-    for path, text in zip(paths + (out / "latest.json", out / "latest.md"), (text_json, text_md) * 2):
-        _replace(path, text)
-    return paths
+    texts = {
+        "json": json.dumps(report, indent=1, sort_keys=False, default=str) + "\n",
+        "md": markdown(report, report_models.plots(report["records"], out, stem)),
+        # The page renders from the JSON's own round trip, so it shows what the JSON says and
+        # `python -m equivcheck html` on the file makes the same page.
+        "html": report_html.render(json.loads(json.dumps(report, default=str))),
+    }
+    for suffix, text in texts.items():
+        _replace(out / f"{stem}.{suffix}", text)
+    for suffix, text in texts.items():
+        _replace(out / f"latest.{suffix}", text)
+    return out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.html"
+
+
+def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """`report` as JSON at `path`, atomically (a merged report: `python -m equivcheck merge`).
+    Raises OSError when it cannot be written."""
+    out = Path(path)
+    _replace(out, json.dumps(report, indent=1, sort_keys=False, default=str) + "\n")
+    return out
 
 
 def _replace(path: Path, text: str) -> None:

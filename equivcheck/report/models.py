@@ -24,29 +24,15 @@ def plots(records: Sequence[dict[str, Any]], directory: Path, stem: str) -> dict
     if not with_curves:
         return {}
     try:
-        import matplotlib
+        from equivcheck.report import plots as report_plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        report_plots.pyplot()
     except Exception:  # no matplotlib: the numbers stay in the JSON
         return {}
     out = {}
     for r in with_curves:
-        c = r["extra"]["curves"]
-        steps = range(1, len(c["torch"]) + 1)
-        fig, (a, b) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-        a.plot(steps, c["torch"], label="torch")
-        a.plot(steps, c["jax"], "--", label="jax")
-        a.set_ylabel("loss")
-        a.legend()
-        a.set_title(r["id"])
-        b.plot(steps, [abs(t - j) for t, j in zip(c["torch"], c["jax"], strict=True)])
-        b.set_ylabel("|torch - jax|")
-        b.set_xlabel("step")
         name = plot_name(stem, r)
-        fig.tight_layout()
-        fig.savefig(directory / name, dpi=80)
-        plt.close(fig)
+        report_plots.save_png(r, directory / name)
         out[r["id"]] = name
     return out
 

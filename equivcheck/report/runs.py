@@ -15,6 +15,7 @@ from importlib import metadata
 from typing import Any
 
 from equivcheck.engine import tolerance
+from equivcheck.engine.kind import FAMILIES
 
 SCHEMA = "equivcheck.report/1"
 OUTCOMES = ("passed", "failed", "known-divergence", "xpass", "skipped")
@@ -50,6 +51,21 @@ def build(records: Sequence[dict[str, Any]], run: dict[str, Any]) -> dict[str, A
         "tolerances": tolerance.table(),
         "records": sorted(records, key=lambda r: r["id"]),
     }
+
+
+def family(record: dict[str, Any]) -> str:
+    """The report section of a record (engine.kind.FAMILIES); "other" for a record that names
+    none (a user's own kind, or a report written before records carried one)."""
+    f = record.get("family")
+    return f if f in FAMILIES else "other"
+
+
+def by_family(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by family, the families in FAMILIES order, only those with records."""
+    groups: dict[str, list[dict[str, Any]]] = {f: [] for f in FAMILIES}
+    for r in records:
+        groups[family(r)].append(r)
+    return {f: rs for f, rs in groups.items() if rs}
 
 
 def run_id(now: dt.datetime, versions_: dict[str, str | None], devices: Iterable[str], token: str | None = None) -> str:

@@ -12,7 +12,7 @@ from equivcheck.engine.records import CheckRecord
 from equivcheck.layers import traps as divergences
 from equivcheck.ops.autodiff import CHECKS
 from equivcheck.report import models as report_models
-from equivcheck.report.runs import OUTCOMES, partial_text
+from equivcheck.report.runs import OUTCOMES, by_family, partial_text
 
 _CELL = {"passed": "ok", "failed": "FAIL", "known-divergence": "known", "xpass": "XPASS", "skipped": "skip"}
 
@@ -24,30 +24,37 @@ def _ratio(r: dict[str, Any]) -> str:
     return f"{x:.2g}"
 
 
-def grid(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """One row per pair x dtype x device, one column per check: outcome and worst error/allowed."""
+def cells(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    """One row per pair x dtype x device, one column per check: each cell (text, outcome), the
+    text the outcome and worst error/allowed, the outcome '' where the row lacks that check."""
     rows: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
     for r in records:
         rows[(r["pair"], r["dtype"], r["device"])][r["check"]] = r
-    # Checks of other record kinds (optimizer steps, trajectories) get columns of their own,
-    # in order of first appearance; the core's columns show only the ones present then.
-    extra = [c for c in dict.fromkeys(r["check"] for r in records) if c not in CHECKS]
+    # The core's checks in their order, then other kinds' (optimizer steps, trajectories) in order
+    # of first appearance; a check no record of this table has gets no column.
     present = {r["check"] for r in records}
-    columns = [c for c in CHECKS if not extra or c in present] + extra
+    columns = [c for c in CHECKS if c in present] + [c for c in dict.fromkeys(r["check"] for r in records)
+                                                     if c not in CHECKS]
     header = ["pair", "dtype", "device", *columns]
     body = []
     for key in sorted(rows):
-        cells = []
+        row = [(k, "") for k in key]
         for check in columns:
             r = rows[key].get(check)
             if r is None:
-                cells.append("-")
+                row.append(("-", ""))
             elif r["outcome"] in ("passed", "xpass"):
-                cells.append(f"{_CELL[r['outcome']]} {_ratio(r)}")
+                row.append((f"{_CELL[r['outcome']]} {_ratio(r)}", r["outcome"]))
             else:
-                cells.append(_CELL[r["outcome"]])
-        body.append([*key, *cells])
+                row.append((_CELL[r["outcome"]], r["outcome"]))
+        body.append(row)
     return header, body
+
+
+def grid(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """One row per pair x dtype x device, one column per check: outcome and worst error/allowed."""
+    header, body = cells(records)
+    return header, [[text for text, _ in row] for row in body]
 
 
 def xpass_lines(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -64,6 +71,49 @@ def text_table(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in body])
+
+
+WIDTH = 120  # columns the terminal summary keeps within
+
+
+def summary_tables(records: Sequence[dict[str, Any]], width: int = WIDTH) -> list[str]:
+    """The terminal summary: a titled grid per kind of check (engine.kind.FAMILIES), each line
+    within `width` columns: long pair names are cut (the failure text names them whole) and a
+    kind with more checks than fit gets its check columns over several tables."""
+    out = []
+    for family, rs in by_family(records).items():
+        header, body = grid(rs)
+        out.append(f"{family} ({len(rs)} checks)")
+        out += [text_table(h, b) for h, b in _fit(header, body, width)]
+    return out
+
+
+def _fit(header: list[str], body: list[list[str]], width: int) -> list[tuple[list[str], list[list[str]]]]:
+    gap = 2  # text_table's column separator
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    keys, checks = widths[:3], widths[3:]
+    widest_check = max(checks, default=0) + gap
+    room = width - sum(keys[1:]) - gap * 2 - widest_check  # the pair column's share with one check beside it
+    if keys[0] > room:
+        cut = max(room, 8)
+        body = [[_cut(row[0], cut), *row[1:]] for row in body]
+        keys[0] = min(keys[0], cut)
+    fixed = sum(keys) + gap * 2
+    parts, start = [], 0
+    while True:
+        end, used = start, fixed
+        while end < len(checks) and (end == start or used + gap + checks[end] <= width):
+            used += gap + checks[end]
+            end += 1
+        cols = [0, 1, 2, *range(3 + start, 3 + end)]
+        parts.append(([header[i] for i in cols], [[row[i] for i in cols] for row in body]))
+        start = end
+        if start >= len(checks):
+            return parts
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."  # ASCII: any terminal's encoding
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:
@@ -97,12 +147,12 @@ def markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> st
     if failed:
         out += ["", "## Failures", ""]
         for r in failed:
-            out += [f"### `{r['id']}`", "", "```text", _failure_text(r), "```", ""]
+            out += [f"### `{r['id']}`", "", "```text", failure_text(r), "```", ""]
     known = [r for r in records if r["outcome"] in ("known-divergence", "xpass")]
     if known:
         out += ["", "## Known divergences", "",
                 _md_table(["check", "outcome", "reason", "observed"],
-                          [[f"`{r['id']}`", r["outcome"], r["known_reason"], _observed(r)] for r in known])]
+                          [[f"`{r['id']}`", r["outcome"], r["known_reason"], observed(r)] for r in known])]
     out += divergences.markdown_section(records)
     out += report_models.markdown_section(records, images)
     stale = run.get("unmatched_known", [])
@@ -113,9 +163,10 @@ def markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> st
     if left_out:
         out += ["", "Known-divergence entries for what this run left out (not checked):", ""]
         out += [f"- `{e['pattern']}` ({e['source']}): for {e['why']}" for e in left_out]
-    header, body = grid(records)
-    out += ["", "## All checks", "", "Cells: outcome and worst error / allowed error over all examples (1 = at tolerance).",
-            "", _md_table(header, body), "", "## Tolerance table", "",
+    out += ["", "## All checks", "", "Cells: outcome and worst error / allowed error over all examples (1 = at tolerance)."]
+    for family, rs in by_family(records).items():
+        out += ["", f"### {family} ({len(rs)} checks)", "", _md_table(*grid(rs))]
+    out += ["", "## Tolerance table", "",
             _md_table(["dtype", "device", "precision", "rtol", "atol", "relative to", "reason"],
                       [[str(v) for v in row.values()] for row in report["tolerances"]])]
     scale = ", ".join(f"{k} x{v:g}" for k, v in tolerance.CHECK_SCALE.items())
@@ -129,14 +180,15 @@ def _partial_warning(run: dict[str, Any]) -> list[str]:
     return ["", f"> **Partial run** ({text}): checks that did not run are absent from every table below."] if text else []
 
 
-def _observed(r: dict[str, Any]) -> str:
+def observed(r: dict[str, Any]) -> str:
     """What a known divergence's row shows: the failure's first line, or why it did not show."""
     if r["outcome"] == "xpass":
         return xpass_reason(r["known_pattern"], r["notes"])[:160]
     return r["message"].split("\n")[0][:160]
 
 
-def _failure_text(r: dict[str, Any]) -> str:
+def failure_text(r: dict[str, Any]) -> str:
+    """A failed record's failure text (CheckRecord.failure_text) from its JSON form."""
     fields = {k: v for k, v in r.items() if k in CheckRecord.__dataclass_fields__}
     for k in ("worst_ratio", "max_abs_err", "max_rel_err", "max_ulp"):
         fields[k] = float(fields[k]) if fields[k] is not None else float("nan")
