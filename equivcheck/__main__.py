@@ -4,6 +4,7 @@
     python -m equivcheck merge SHARD.json... -o ALL.json   the shards' reports as one run's
     python -m equivcheck html REPORT.json [-o OUT]   a report's HTML page (default: beside it, .html)
     python -m equivcheck convert IN OUT [--check]    a checkpoint from one format to another
+    python -m equivcheck claims BENCH.json [...]     torch/JAX speed and memory ratios, and the claims they bear on
 
 Exit codes, every command: 0 all well; 1 the answer is "no" (compare: a regression; convert
 --check: the two checkpoints differ); 2 the question could not be asked (a file unreadable,
@@ -49,6 +50,18 @@ def _compare(args: argparse.Namespace) -> int:
         return 3
     print("\n".join(lines) if lines else "no change in outcomes or margins")
     return 1 if regressed else 0
+
+
+def _claims(args: argparse.Namespace) -> int:
+    from equivcheck.bench.claims import ClaimsError, load, render
+
+    try:
+        records = load(args.files)
+    except ClaimsError as exc:
+        print(f"equivcheck claims: {exc}", file=sys.stderr)
+        return 2
+    print(render(records), end="")
+    return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -195,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("-v", "--verbose", action="store_true",
                       help="on a read error, print the library's full message after the one-line summary")
     conv.set_defaults(run=_convert)
+    claims = sub.add_parser("claims", help="torch/JAX speed and memory ratios per check, and the claims they bear "
+                                           "on, from pytest-benchmark JSON of `pytest --equiv --equiv-bench`")
+    claims.add_argument("files", nargs="+", metavar="BENCH.json",
+                        help="--benchmark-json output, or a --benchmark-save file (.benchmarks/...)")
+    claims.set_defaults(run=_claims)
     args = ap.parse_args(argv)
     return args.run(args)
 

@@ -61,12 +61,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "with python -m equivcheck merge")
     g.addoption("--equiv-shard-durations", default=None, metavar="REPORT",
                 help="a previous run's report JSON: balance the shards by its tests' durations (default: by count)")
+    g.addoption("--equiv-bench", action="store_true",
+                help="also time both sides of each passing check with pytest-benchmark (its options apply; no xdist)")
+    g.addoption("--equiv-bench-threads", type=int, default=0, metavar="N", help="with --equiv-bench: 0 (default) "
+                "torch as many threads as XLA's CPU pool; 1: both single-threaded (a shared, loaded machine)")
+    g.addoption("--equiv-bench-compile", action="store_true",
+                help="with --equiv-bench: time torch.compile too (compiles each pair: seconds each)")
     parser.addini("equiv_known_divergences", type="paths", default=[],
                   help="known-divergence files always loaded with --equiv")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "equiv: an equivalence check; runs only under --equiv")
+    if config.getoption("equiv_bench"):
+        from equivcheck.benchmarking import refuse_unfit
+
+        refuse_unfit(config)
     if not config.getoption("equiv"):
         config.stash[STATE] = _Off()
         return
@@ -221,6 +231,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         out["equivcheck_collected"] = sorted(state.collected)
     if out is None:  # a worker's UsageError would be xdist's INTERNALERROR: the controller refuses the records
         collection.refuse_duplicate_names(items)
+    if config.getoption("equiv_bench"):  # appended: timed after every check, when no compile thread competes
+        from equivcheck.benchmarking import bench_items
+
+        items.extend(bench_items(items, state, config.getoption("equiv_bench_compile")))
     for item in items:
         hit = state.known.match_node(item.nodeid)
         if hit:
@@ -349,6 +363,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines += [f"equivcheck: {device} skipped: {why}" for device, why in state.unavailable.items()]
     if len(state.known):
         lines.append(f"equivcheck: {len(state.known)} known divergences loaded")
+    if config.getoption("equiv_bench"):
+        from equivcheck.benchmarking import header_lines
+
+        lines += header_lines(state, config.getoption("equiv_bench_compile"))
     return lines
 
 

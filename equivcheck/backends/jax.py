@@ -215,6 +215,14 @@ def _program(fn: Callable[..., Any], n: int, static: dict[int, Any], diff: tuple
 PROGRAMS = Programs()
 
 
+def check_program(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int],
+                  checks: Sequence[str]) -> Callable[..., Any]:
+    """The jitted program the checks of `checks` run, built afresh (not from PROGRAMS' cache), so
+    that a benchmark compiles it itself and times the compilation; called as
+    `program(arrays, cotangents, tangents, directions)`, it returns {check: value}."""
+    return jax.jit(_program(fn, len(args), dict(static_values(args)), tuple(diff), tuple(checks)))
+
+
 def output_leaves(fn: Callable[..., Any], args: Sequence[Any], device: str, wide: bool) -> list[np.ndarray]:
     """Zero arrays shaped like the float outputs, without running anything (for cotangents)."""
     with deadline.side(NAME), x64(wide):  # abstract evaluation traces the user's function

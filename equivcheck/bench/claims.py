@@ -1,0 +1,207 @@
+"""The claims report: pytest-benchmark JSON files of `pytest --equiv --equiv-bench` in, per device and
+precision mode the torch/JAX ratios of every check and the evidence for and against the claims people
+make about the two frameworks out.
+
+Ratios are torch / JAX: above 1 JAX took less time (or memory). A ratio's spread is the range the
+rounds allow, torch's first quartile over JAX's third to torch's third over JAX's first; a group counts
+for a side only when its whole spread is on that side of 1, so noise between rounds counts as a tie.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from equivcheck.bench.record import FORMAT, precision_banner
+from equivcheck.bench.sweep import growth
+
+CLAIMS = ("JAX is faster", "JAX uses less memory", "PyTorch is faster on image models",
+          "JAX's advantage is larger for autodiff-heavy work")
+SHOWN = 4  # groups named as evidence per side of a claim
+
+
+class ClaimsError(ValueError):
+    """A file the report cannot read, with the path and the cause in its message."""
+
+
+def load(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Every equivcheck benchmark of `paths` (pytest-benchmark JSON: --benchmark-json, --benchmark-save).
+
+    Raises ClaimsError naming the file: unreadable, not JSON (or cut short), not pytest-benchmark's
+    format, or holding no benchmark made by `--equiv-bench`."""
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ClaimsError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            cut = " (the file ends early: truncated?)" if exc.pos >= len(text.rstrip()) else ""
+            raise ClaimsError(f"{path}: not JSON: {exc.msg} at line {exc.lineno}{cut}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+            raise ClaimsError(f"{path}: not a pytest-benchmark file (no 'benchmarks' list); give the file of "
+                              "--benchmark-json or --benchmark-save")
+        mine = [b for b in data["benchmarks"] if isinstance(b, dict)
+                and isinstance(b.get("extra_info"), dict) and b["extra_info"].get("equivcheck") == FORMAT]
+        if not mine:
+            raise ClaimsError(f"{path}: none of its {len(data['benchmarks'])} benchmarks was made by "
+                              "`pytest --equiv --equiv-bench`")
+        for b in mine:
+            stats = b.get("stats")
+            if not isinstance(stats, dict) or not all(isinstance(stats.get(k), (int, float))
+                                                      for k in ("median", "q1", "q3", "rounds")):
+                raise ClaimsError(f"{path}: benchmark {b.get('fullname', '?')} has no median/q1/q3/rounds stats")
+            out.append({**b["extra_info"], "stats": stats, "source": str(path)})
+    return out
+
+
+def _sections(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, dict[str, Any]]]:
+    """(device, device name, precision) -> group -> side -> record; a later file's record replaces an earlier one."""
+    out: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for r in records:
+        key = (r["device"], r.get("device_name", r["device"]), r["precision"])
+        group = f"{r['pair']}::{r['check']}::{r['dtype']}::{r['device']}"
+        out.setdefault(key, {}).setdefault(group, {})[r["side"]] = r
+    return out
+
+
+def ratios(sides: dict[str, Any]) -> dict[str, Any] | None:
+    """torch/JAX of one group: median, spread over rounds, first call with compile time, memory; None
+    without both sides."""
+    t, j = sides.get("torch"), sides.get("jax")
+    if t is None or j is None or j["stats"]["median"] <= 0:
+        return None
+    ts, js = t["stats"], j["stats"]
+    first_t = (t.get("compile_seconds") or 0.0) + (t.get("first_call_seconds") or ts["median"])
+    first_j = (j.get("compile_seconds") or 0.0) + (j.get("first_call_seconds") or js["median"])
+    mt, mj = t.get("memory_bytes"), j.get("memory_bytes")
+    return {
+        "speed": ts["median"] / js["median"],
+        "low": ts["q1"] / js["q3"] if js["q3"] > 0 else math.inf,
+        "high": ts["q3"] / js["q1"] if js["q1"] > 0 else math.inf,
+        "first": first_t / first_j if first_j > 0 else math.inf,
+        "memory": mt / mj if isinstance(mt, int) and isinstance(mj, int) and mj > 0 else None,
+        "torch": ts["median"], "jax": js["median"], "compile": j.get("compile_seconds"),
+        "scale": t.get("scale", 1), "family": t.get("family", "other"), "check": t["check"], "pair": t["pair"], "dtype": t["dtype"],
+    }
+
+
+def _geo(values: list[float]) -> float:
+    vals = [v for v in values if v and math.isfinite(v) and v > 0]
+    return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else math.nan
+
+
+def _x(v: float) -> str:
+    """A ratio for the text: '-' where there was nothing to take it over."""
+    return "-" if math.isnan(v) else f"{v:.3g}x"
+
+
+def _side(r: dict[str, Any]) -> int:
+    """+1: JAX faster over every round's spread; -1: torch faster; 0: the spread straddles 1."""
+    return 1 if r["low"] > 1 else -1 if r["high"] < 1 else 0
+
+
+def _named(rows: list[tuple[str, float]]) -> str:
+    rows = sorted(rows, key=lambda gr: -abs(math.log(gr[1])) if gr[1] > 0 and math.isfinite(gr[1]) else 0)
+    shown = ", ".join(f"{g} {_x(v)}" for g, v in rows[:SHOWN])
+    return shown + (f" (+{len(rows) - SHOWN} more)" if len(rows) > SHOWN else "") if rows else "none"
+
+
+def _verdict(n_for: int, n_against: int, geo: float, favour: bool) -> str:
+    if n_for + n_against == 0 or math.isnan(geo):
+        return "no evidence (every spread straddles 1)" if not math.isnan(geo) else "no evidence"
+    if n_for > 2 * n_against and favour:
+        return "supported"
+    if n_against > 2 * n_for and not favour:
+        return "contradicted"
+    return "mixed"
+
+
+def claim_rows(groups: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(claim, verdict, evidence for, evidence against) of one device and precision mode."""
+    # The sweep's x4 and x16 groups repeat their pair: the claims count each pair at its own size once.
+    rs = {g: r for g, s in groups.items() if (r := ratios(s)) is not None and r["scale"] == 1}
+    rows = []
+    speed = lambda sel: (
+        [(g, r["speed"]) for g, r in sel.items() if _side(r) > 0], [(g, r["speed"]) for g, r in sel.items() if _side(r) < 0],
+        _geo([r["speed"] for r in sel.values()]), _geo([r["first"] for r in sel.values()]))
+    fast, slow, geo, first = speed(rs)
+    rows.append((CLAIMS[0], _verdict(len(fast), len(slow), geo, geo > 1),
+                 f"{len(fast)}/{len(rs)} groups JAX faster, steady state (geomean torch/JAX {_x(geo)}): {_named(fast)}",
+                 (f"{len(slow)}/{len(rs)} torch faster: {_named(slow)}; first call with compile time included: "
+                  f"geomean torch/JAX {_x(first)}")))
+    mem = {g: r["memory"] for g, r in rs.items() if r["memory"] is not None}
+    less = [(g, m) for g, m in mem.items() if m > 1]
+    more = [(g, m) for g, m in mem.items() if m < 1]
+    mgeo = _geo(list(mem.values()))
+    rows.append((CLAIMS[1], _verdict(len(less), len(more), mgeo, mgeo > 1),
+                 f"{len(less)}/{len(mem)} groups JAX allocates less (geomean torch/JAX {_x(mgeo)}): {_named(less)}",
+                 (f"{len(more)}/{len(mem)} torch allocates less: {_named(more)} (measures differ per side: see "
+                  "memory_measure)")))
+    image = {g: r for g, r in rs.items() if r["family"] == "image"}
+    ifast, islow, igeo, ifirst = speed(image)
+    rows.append((CLAIMS[2], _verdict(len(islow), len(ifast), igeo, igeo < 1),
+                 f"{len(islow)}/{len(image)} image groups torch faster (geomean torch/JAX {_x(igeo)}): {_named(islow)}",
+                 f"{len(ifast)}/{len(image)} JAX faster: {_named(ifast)}; with compile time: geomean {_x(ifirst)}"))
+    pairs: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rs.values():
+        pairs.setdefault((r["pair"], r["dtype"]), {})[r["check"]] = r["speed"]
+    both = {k: v for k, v in pairs.items() if "forward" in v and "vjp" in v}
+    grow = [(f"{p}::{d}", v["vjp"] / v["forward"]) for (p, d), v in both.items() if v["vjp"] > v["forward"]]
+    shrink = [(f"{p}::{d}", v["vjp"] / v["forward"]) for (p, d), v in both.items() if v["vjp"] < v["forward"]]
+    fgeo, vgeo = _geo([v["forward"] for v in both.values()]), _geo([v["vjp"] for v in both.values()])
+    adv = vgeo / fgeo if fgeo > 0 else math.nan
+    rows.append((CLAIMS[3], _verdict(len(grow), len(shrink), adv, adv > 1),
+                 (f"{len(grow)}/{len(both)} pairs' torch/JAX ratio grows from forward to forward+VJP "
+                  f"(geomean forward {_x(fgeo)}, forward+VJP {_x(vgeo)}): {_named(grow)} (vjp/forward ratio)"),
+                 f"{len(shrink)}/{len(both)} shrink: {_named(shrink)}"))
+    return rows
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    """The report as text: per device and precision mode, a banner where the sides' precisions differ,
+    the table of groups, then the claims."""
+    lines: list[str] = []
+    sections = _sections(records)
+    for (device, name, precision), groups in sorted(sections.items()):
+        lines.append(f"== {device} ({name}), --equiv-precision {precision} ==")
+        settings = next(iter(next(iter(groups.values())).values())).get("precision_settings", {})
+        banner = precision_banner(device, precision, settings)
+        if banner:
+            lines += [banner, ""]
+        w = max(len(g) for g in groups) + 1
+        lines.append(f"{'group':<{w}} {'torch':>10} {'jax':>10} {'torch/JAX':>9} {'spread':>13} "
+                     f"{'JAX compile':>11} {'memory t/J':>10}")
+        for g in sorted(groups):
+            r = ratios(groups[g])
+            if r is None:
+                lines.append(f"{g:<{w}} (only {', '.join(sorted(groups[g]))} timed)")
+                continue
+            mem = f"{r['memory']:.2f}x" if r["memory"] is not None else "-"
+            comp = f"{r['compile'] * 1e3:.0f} ms" if r["compile"] is not None else "-"
+            lines.append(f"{g:<{w}} {_ms(r['torch']):>10} {_ms(r['jax']):>10} {r['speed']:>8.2f}x "
+                         f"{r['low']:>6.2f}-{r['high']:<6.2f} {comp:>11} {mem:>10}")
+        lines.append("")
+        lines.append("torch/JAX above 1: JAX took less. Spread: over rounds (torch q1/JAX q3 to torch q3/JAX q1); "
+                     "a group counts for a side only when its spread is.")
+        for claim, verdict, pro, con in claim_rows(groups):
+            lines += [f"* {claim}: {verdict}", f"    for:     {pro}", f"    against: {con}"]
+        swept = growth(groups)
+        if swept:
+            lines += ["", "How each side's cost grows with the batch (x1, x4, x16):", *(f"  {s}" for s in swept)]
+        lines.append("")
+    precisions = {(d, p) for d, _, p in sections}
+    devices = {d for d, _ in precisions}
+    for d in sorted(devices):
+        modes = sorted(p for dd, p in precisions if dd == d)
+        if len(modes) > 1:
+            lines.append(f"NOTE {d}: runs at precision modes {', '.join(modes)} are reported apart; compare within one")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"

@@ -1,0 +1,138 @@
+"""The benchmark items of `pytest --equiv --equiv-bench`, which the plugin adds and nothing else does.
+
+Per collected equivalence test over an operation pair or layer (a test parametrized with a `Pair`), one
+item per timed check (forward, forward+VJP) and side; over an `OptimizerPair`, one per side for its `step`
+check (one optimizer step); run after every check of the session: pytest-benchmark
+allows one benchmark per test. Each item looks up its check's outcome first and skips, saying why, unless
+the check passed in this session, so only agreeing sides are timed. Times and records are
+pytest-benchmark's own: its tables, --benchmark-json, --benchmark-save, --benchmark-compare and
+--benchmark-histogram see ordinary benchmarks, grouped `pair::check::dtype::device` and named by side.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from equivcheck.bench import BENCH_CHECKS, WORK, build, draw_inputs, extra_info, group, matched_threads, shapes_of
+from equivcheck.bench.optim import SHAPES, build_step, unfit
+from equivcheck.bench.record import precision_banner
+from equivcheck.bench.sweep import FACTORS, SWEEP, scaled, scaled_name
+from equivcheck.bench.workload import single_threaded_xla
+from equivcheck.fixture import RECORDS_KEY, SessionState
+from equivcheck.ops.pairs import Pair
+from equivcheck.optim import OptimizerPair
+
+_INPUTS: dict[tuple[int, str], tuple[Any, ...]] = {}  # (id(pair), dtype) -> args: both sides time one draw
+
+
+def refuse_unfit(config: pytest.Config) -> None:
+    """A UsageError, at start-up, for a run where pytest-benchmark would not time anything: rather
+    than benchmark items that pass without a figure."""
+    if not config.getoption("equiv"):
+        raise pytest.UsageError("--equiv-bench times the sides of equivalence checks that passed: add --equiv")
+    if not config.pluginmanager.has_plugin("benchmark"):
+        raise pytest.UsageError("--equiv-bench needs pytest-benchmark (pip install pytest-benchmark), "
+                                "not loaded here (missing, or -p no:benchmark)")
+    if config.getoption("dist", "no") != "no" or hasattr(config, "workerinput"):
+        raise pytest.UsageError("--equiv-bench with xdist (-n/--dist): pytest-benchmark turns itself off under "
+                                "xdist, since processes sharing cores time each other's work; run the benchmarks "
+                                "without -n (the checks alone can still use -n)")
+    if config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"):
+        raise pytest.UsageError("--equiv-bench with --benchmark-disable: nothing would be timed; drop one of them")
+    threads = config.getoption("equiv_bench_threads")
+    if threads not in (0, 1):
+        raise pytest.UsageError(f"--equiv-bench-threads {threads}: give 0 (torch as many threads as XLA's pool) "
+                                "or 1 (both single-threaded)")
+    if threads == 1 and not single_threaded_xla():
+        raise pytest.UsageError("--equiv-bench-threads 1: JAX's CPU client started before equivcheck could make it "
+                                "single-threaded (a conftest ran JAX code at import?); set XLA_FLAGS="
+                                "'--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' yourself")
+
+
+def bench_items(items: list[pytest.Item], state: SessionState, compiled: bool) -> list[pytest.Item]:
+    """The benchmark items of `items`' equivalence tests, in their order, to run after all of them."""
+    sides = ("torch", "jax", *(("torch.compile",) if compiled else ()))
+    out = []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        pairs = [v for v in params.values() if isinstance(v, (Pair, OptimizerPair))]
+        if "equiv" not in params or len(pairs) != 1:
+            continue  # a test not parametrized over one pair: which pair it checks is known only as it runs
+        dtype, device = params["equiv"]
+        if isinstance(pairs[0], OptimizerPair):
+            if "step" in pairs[0].checks:
+                out += [_item(item, state, pairs[0], "step", side, dtype, device) for side in ("torch", "jax")]
+            continue
+        factors = (1, *FACTORS) if pairs[0].name in SWEEP else (1,)
+        for check in (c for c in BENCH_CHECKS if c in pairs[0].checks):
+            out += [_item(item, state, pairs[0], check, side, dtype, device, k) for k in factors for side in sides]
+    return out
+
+
+def _item(source: pytest.Item, state: SessionState, pair: Any, check: str, side: str, dtype: str,
+          device: str, factor: int = 1) -> pytest.Item:
+    def bench(benchmark: Any) -> None:
+        _run(benchmark, source, state, pair, check, side, dtype, device, factor)
+
+    tail = f"bench-{check}-{side}" + (f"-x{factor}" if factor > 1 else "")
+    name = f"{source.name[:-1]}-{tail}]" if source.name.endswith("]") else f"{source.name}[{tail}]"
+    # No originalname: pytest builds a node id from it and a callspec, which would give every side one id.
+    return pytest.Function.from_parent(source.parent, name=name, callobj=bench)
+
+
+def _outcome(source: pytest.Item, pair: str, check: str) -> str | None:
+    for key, records in source.user_properties:
+        if key == RECORDS_KEY:
+            for r in records:
+                if r["pair"] == pair and r["check"] == check:
+                    return r["outcome"]
+    return None
+
+
+def _run(benchmark: Any, source: pytest.Item, state: SessionState, pair: Any, check: str, side: str, dtype: str,
+         device: str, factor: int = 1) -> None:
+    name = scaled_name(pair.name, factor)  # the sweep's larger sizes are groups of their own
+    gid = group(name, check, dtype, device)
+    outcome = _outcome(source, pair.name, check)
+    if outcome is None:
+        pytest.skip(f"{gid}: its equivalence check did not run in this session ({source.nodeid})")
+    if outcome != "passed":
+        pytest.skip(f"{gid}: not timed: its equivalence check is {outcome}; only sides that agree are benchmarked")
+    with matched_threads(single=source.config.getoption("equiv_bench_threads") == 1):
+        if isinstance(pair, OptimizerPair):
+            if unfit(pair):
+                pytest.skip(f"{gid}: not timed: {unfit(pair)}")
+            wl = build_step(pair, side, dtype, device)
+            shapes, work = [[list(s), dtype] for s in SHAPES.values()], "one optimizer step"
+        else:
+            key = (id(pair), dtype)
+            if key not in _INPUTS:
+                _INPUTS[key] = draw_inputs(pair, dtype)
+            args = scaled(pair.name, _INPUTS[key], factor) if factor > 1 else _INPUTS[key]
+            try:
+                wl = build(pair, check, side, args, dtype, device)
+            except Exception as exc:
+                if side != "torch.compile":
+                    raise
+                pytest.skip(f"{gid}: torch.compile does not compile it here: {type(exc).__name__}: {str(exc)[:300]}")
+            shapes, work = shapes_of(args), WORK[check]
+        benchmark.group, benchmark.name = gid, side
+        benchmark.extra_info.update(extra_info(
+            pair=name, check=check, dtype=dtype, device=device,
+            device_name=state.device_names.get(device, device), precision=state.run.precision,
+            settings=state.precision_settings, shapes=shapes, tags=pair.tags, wl=wl, work=work))
+        benchmark.extra_info["scale"] = factor
+        benchmark(wl.call)
+
+
+def header_lines(state: SessionState, compiled: bool) -> list[str]:
+    """What the run header says of the benchmarks: that they run, how, and any precision mismatch."""
+    sides = "torch eager, torch.compile and JAX jit" if compiled else "torch eager and JAX jit"
+    lines = [(f"equivcheck: --equiv-bench: {sides}, forward and forward+VJP of every pair that passes, timed after "
+              "all checks by pytest-benchmark")]
+    for device in state.devices:
+        banner = precision_banner(device, state.run.precision, state.precision_settings)
+        if banner:
+            lines.append(f"equivcheck: {banner}")
+    return lines
