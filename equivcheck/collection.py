@@ -1,12 +1,37 @@
-"""Collection-time helpers of the plugin (equivcheck.plugin holds the hooks): what a run
-collected, whether the command line narrowed it, and the refusal of two pairs under one name
-(at collection) or of two records under one id (as tests report)."""
+"""Helpers of the plugin's hooks (equivcheck.plugin holds the hooks and options): the options a
+replay line repeats, what a run collected, whether the command line narrowed it, and the refusal
+of two pairs under one name (at collection) or of two records under one id (as tests report)."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
 import pytest
+
+
+def replay_args(config: pytest.Config, default_timeout: float) -> tuple[str, ...]:
+    """The options besides equivcheck's run settings that change what runs or how it is
+    judged, for the replay line: a replay without them can show a different outcome (a known
+    divergence failing, a warning filter or ini override gone)."""
+    opt = config.option
+    args: list[str] = []
+    for path in config.getoption("equiv_known_divergences"):
+        args += ["--equiv-known-divergences", str(path)]
+    if config.getoption("equiv_timeout") != default_timeout:  # a check that timed out may pass with more
+        args += ["--equiv-timeout", f"{config.getoption('equiv_timeout'):g}"]
+    if getattr(opt, "inifilename", None):
+        args += ["-c", str(opt.inifilename)]
+    for value in getattr(opt, "override_ini", None) or ():
+        args += ["-o", value]
+    for value in getattr(opt, "pythonwarnings", None) or ():
+        args += ["-W", value]
+    for value in getattr(opt, "plugins", None) or ():
+        args += ["-p", value]
+    if getattr(opt, "runxfail", False):
+        args.append("--runxfail")
+    if config.getoption("equiv_known_lenient"):
+        args.append("--equiv-known-lenient")
+    return tuple(args)
 
 
 def narrowed(config: pytest.Config) -> bool:

@@ -86,6 +86,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _build_state(config: pytest.Config) -> Any:
+    from equivcheck import collection
     from equivcheck.backends import jax_side, torch_side
     from equivcheck.engine import DTYPES, PROFILES, KnownDivergences, RunSettings
     from equivcheck.fixture import SessionState
@@ -142,7 +143,7 @@ def _build_state(config: pytest.Config) -> Any:
         dtypes=dtypes, devices=devices, known=known,
         report_dir=report_dir,
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
-        extra_args=_replay_args(config), known_lenient=opt("equiv_known_lenient"),
+        extra_args=collection.replay_args(config, DEFAULT_TIMEOUT), known_lenient=opt("equiv_known_lenient"),
         shard=shard, shard_seconds=seconds, shard_source=source,
     )
     for device in devices:
@@ -162,31 +163,6 @@ def _usable_dir(option: str, path: str) -> None:
 
     if problem := check_writable(path):
         raise pytest.UsageError(f"{option} {path}: {problem}")
-
-
-def _replay_args(config: pytest.Config) -> tuple[str, ...]:
-    """The options besides equivcheck's run settings that change what runs or how it is
-    judged, for the replay line: a replay without them can show a different outcome (a known
-    divergence failing, a warning filter or ini override gone)."""
-    opt = config.option
-    args: list[str] = []
-    for path in config.getoption("equiv_known_divergences"):
-        args += ["--equiv-known-divergences", str(path)]
-    if config.getoption("equiv_timeout") != DEFAULT_TIMEOUT:  # a check that timed out may pass with more
-        args += ["--equiv-timeout", f"{config.getoption('equiv_timeout'):g}"]
-    if getattr(opt, "inifilename", None):
-        args += ["-c", str(opt.inifilename)]
-    for value in getattr(opt, "override_ini", None) or ():
-        args += ["-o", value]
-    for value in getattr(opt, "pythonwarnings", None) or ():
-        args += ["-W", value]
-    for value in getattr(opt, "plugins", None) or ():
-        args += ["-p", value]
-    if getattr(opt, "runxfail", False):
-        args.append("--runxfail")
-    if config.getoption("equiv_known_lenient"):
-        args.append("--equiv-known-lenient")
-    return tuple(args)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -231,10 +207,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         out["equivcheck_collected"] = sorted(state.collected)
     if out is None:  # a worker's UsageError would be xdist's INTERNALERROR: the controller refuses the records
         collection.refuse_duplicate_names(items)
-    if config.getoption("equiv_bench"):  # appended: timed after every check, when no compile thread competes
-        from equivcheck.benchmarking import bench_items
-
-        items.extend(bench_items(items, state, config.getoption("equiv_bench_compile")))
     for item in items:
         hit = state.known.match_node(item.nodeid)
         if hit:
@@ -316,10 +288,16 @@ class _Collector:
     def __init__(self, state: Any, worker: bool) -> None:
         self.state, self.worker = state, worker  # an xdist worker's records are its controller's to gather
 
-    @pytest.hookimpl(trylast=True)  # after -k/-m: the shards split what was selected
+    @pytest.hookimpl(trylast=True)  # after -k/-m: the shards split what was selected, benchmarks follow checks
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
-        if self.state.shard is None:
-            return
+        if self.state.shard is not None:
+            self._shard(config, items)
+        if config.getoption("equiv_bench"):  # appended: timed after every check, when no compile thread competes
+            from equivcheck.benchmarking import bench_items
+
+            items.extend(bench_items(items, self.state, config.getoption("equiv_bench_compile")))
+
+    def _shard(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         from equivcheck.report.shards import assign, describe
 
         index, count = self.state.shard

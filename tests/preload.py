@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import torch
 
-import equivcheck.backends.jax  # noqa: F401
-import equivcheck.backends.torch  # noqa: F401
-import equivcheck.fixture  # noqa: F401
+# The classes a plugin module checks with isinstance are here too: imported first inside an
+# in-process run, they were forgotten after it, and the next run's fresh copy was not the class
+# equivcheck's lazily cached attribute (`ec.Pair`) still gave (equivcheck.benchmarking found no pair).
+import equivcheck.backends.jax
+import equivcheck.backends.torch
+import equivcheck.fixture
+import equivcheck.ops.pairs
+import equivcheck.optim  # noqa: F401 - loaded for the side effect above
 
 
 def _one_step() -> None:

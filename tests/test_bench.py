@@ -196,6 +196,21 @@ def test_without_the_option_no_benchmark_item_exists(pytester):
     assert ids[0] == "test_pairs.py::test_pair[tanh-float32-cpu-bench-forward-torch]" and len(set(ids)) == 6
 
 
+def test_benchmark_items_follow_their_check_into_its_shard_and_selection(pytester):
+    # Made after -k and the shard split, from the tests kept: never a benchmark whose check ran
+    # on another machine ("did not run in this session"), nor a negative collection count.
+    pytester.makepyfile(test_pairs=PAIRS)
+    for shard in ("1/2", "2/2"):
+        result = pytester.runpytest(*FAST, "--equiv-bench", "--equiv-shard", shard, "--collect-only", "-q")
+        checks = [ln for ln in result.stdout.lines if "::test_pair[" in ln and "-bench-" not in ln]
+        benches = [ln for ln in result.stdout.lines if "-bench-" in ln]
+        assert len(checks) == 1
+        assert len(benches) == (2 if "tanh_bug" in checks[0] else 4)  # forward (and VJP) x torch, jax
+        assert all(b.startswith(checks[0][:-1]) for b in benches)
+    result = pytester.runpytest(*FAST, "--equiv-bench", "--collect-only", "-k", "tanh_bug")
+    result.stdout.fnmatch_lines(["collected 2 items / 1 deselected / 1 selected*"])
+
+
 def test_benchmarks_under_xdist_are_refused_with_the_reason(pytester):
     pytester.makepyfile(test_pairs=PAIRS)
     result = pytester.runpytest(*FAST, "--equiv-bench", "-n", "2")

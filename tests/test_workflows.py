@@ -32,7 +32,7 @@ def _factors(ini: configparser.ConfigParser) -> set[str]:
     tox 4 refuses `-e NAME` when a factor of NAME is named nowhere ("provided environments not
     found"), even when a label lists NAME."""
     text = "\n".join(ini["testenv"].values())
-    conditions = re.findall(r"^\s*([!a-z0-9,\-]+):\s", text, flags=re.M)
+    conditions = re.findall(r"^\s*([!a-z0-9,\-]+):\s", text, flags=re.MULTILINE)
     return {f.lstrip("!") for c in conditions for f in re.split(r"[,\-]", c)} | {"py"}
 
 
