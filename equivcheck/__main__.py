@@ -26,21 +26,26 @@ from typing import Any
 
 def _compare(args: argparse.Namespace) -> int:
     from equivcheck.report import compare_runs, read_report
-    from equivcheck.report.compare import check_growth
+    from equivcheck.report.compare import check_growth, speed_changes
     from equivcheck.report.runs import partial_text
 
-    try:
-        growth = check_growth(args.growth)
-    except ValueError as exc:
-        # Checked before the reports are read: a bad option is the first thing to say.
-        print(f"equivcheck compare: --growth: {exc}", file=sys.stderr)
-        return 2
+    factors = []
+    for option, value in (("--growth", args.growth), ("--speed-growth", args.speed_growth)):
+        try:
+            factors.append(check_growth(value))
+        except ValueError as exc:
+            # Checked before the reports are read: a bad option is the first thing to say.
+            print(f"equivcheck compare: {option}: {exc}", file=sys.stderr)
+            return 2
+    growth, speed = factors
     try:
         old, new = read_report(args.old), read_report(args.new)
         lines, regressed = compare_runs(old, new, growth=growth)
+        timing, slower = speed_changes(old, new, growth=speed)
     except ValueError as exc:
         print(f"equivcheck compare: {exc}", file=sys.stderr)
         return 2
+    lines, regressed = lines + timing, regressed or slower
     partial = [(path, text) for path, rep in ((args.old, old), (args.new, new)) if (text := partial_text(rep["run"]))]
     if partial and not args.allow_partial:
         # Its unrun checks would read as "gone", and a nightly job would pass on half a run.
@@ -183,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     # a non-number with its usage block rather than the one line every exit 2 gives.
     cmp.add_argument("--growth", default="2",
                      help="report a check whose worst error/allowed grew by this factor (default 2)")
+    cmp.add_argument("--speed-growth", default="1.5",
+                     help="with benchmarks in both reports (--equiv-bench): report a median time that grew by this "
+                          "factor, spreads apart, as a regression (default 1.5)")
     cmp.add_argument("--allow-partial", action="store_true",
                      help="compare a partial run (interrupted, -x) too, flagged first, instead of exiting 3")
     cmp.set_defaults(run=_compare)

@@ -136,3 +136,16 @@ def header_lines(state: SessionState, compiled: bool) -> list[str]:
         if banner:
             lines.append(f"equivcheck: {banner}")
     return lines
+
+
+def session_benchmarks(config: pytest.Config) -> list[dict[str, Any]]:
+    """This run's `--equiv-bench` benchmarks, each as pytest-benchmark writes it to --benchmark-json
+    (its `as_dict`, without the raw rounds), for the run's report: `compare` then sees speed
+    beside outcomes, and the HTML page a speed section. [] without --equiv-bench."""
+    from equivcheck.bench.record import FORMAT
+
+    session = getattr(config, "_benchmarksession", None)  # pytest-benchmark's; no public accessor
+    if not config.getoption("equiv_bench", False) or session is None:
+        return []
+    return [b.as_dict(include_data=False) for b in session.benchmarks
+            if b and (b.extra_info or {}).get("equivcheck") == FORMAT]

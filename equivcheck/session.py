@@ -56,7 +56,12 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
     # an interrupted run leaves a report even before its first record: it says the run stopped
     if state.report_dir and (state.records or interrupted):
         try:
-            state.report_paths = report.write(report.build(state.records, run), state.report_dir)
+            built = report.build(state.records, run)
+            if config.getoption("equiv_bench", False):
+                from equivcheck.benchmarking import session_benchmarks
+
+                built["benchmarks"] = session_benchmarks(config)
+            state.report_paths = report.write(built, state.report_dir)
         except OSError as exc:  # checked at the start, yet gone since (removed, full, read-only)
             from equivcheck.report.files import unwritable
 

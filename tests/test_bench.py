@@ -271,3 +271,59 @@ def test_the_sweep_repeats_the_batch_consistently_and_the_report_shows_the_growt
     assert ("matmul::forward::float32::cpu: x1: torch 1.000 ms, jax 2.000 ms (0.50x); x4: torch 3.000 ms, "
             "jax 3.000 ms (1.00x); x16: torch 9.000 ms, jax 4.500 ms (2.00x)") in text
     assert "1/1 torch faster" in text  # the claims count the pair once, at its own size
+
+
+SLOWED = """
+import os, time
+import pytest, torch, jax.numpy as jnp
+import equivcheck as ec
+
+def torch_tanh(x):
+    if os.environ.get("EQUIV_TEST_SLOW"):
+        time.sleep(0.003)
+    return torch.tanh(x)
+
+PAIR = ec.Pair("tanh", torch_tanh, jnp.tanh, ec.unary(), checks=("forward",))
+
+@pytest.mark.parametrize("pair", [PAIR], ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+"""
+
+
+def test_the_report_carries_the_benchmarks_and_compare_flags_a_slower_side(pytester, monkeypatch, capsys):
+    from equivcheck.__main__ import main
+
+    pytester.makepyfile(test_slowed=SLOWED)
+    timing = ("--equiv-bench", "--benchmark-max-time", "0.02", "--benchmark-min-rounds", "5")
+    runs = []
+    for slow in ("", "1"):
+        monkeypatch.setenv("EQUIV_TEST_SLOW", slow)
+        pytester.runpytest(*FAST[:-2], *timing).assert_outcomes(passed=3)
+        runs.append(pytester.path / f"run{len(runs)}.json")
+        runs[-1].write_text((pytester.path / "reports" / "latest.json").read_text())
+    old, new = (json.loads(p.read_text()) for p in runs)
+    assert {(b["group"], b["name"]) for b in new["benchmarks"]} == {("tanh::forward::float32::cpu", s)
+                                                                    for s in ("torch", "jax")}
+    assert main(["compare", str(runs[0]), str(runs[1])]) == 1
+    out = capsys.readouterr().out
+    assert "SLOWER   tanh::forward::float32::cpu torch: median" in out and " jax:" not in out
+    assert main(["compare", str(runs[1]), str(runs[0])]) == 0  # faster is no regression
+    assert "faster   tanh::forward::float32::cpu torch" in capsys.readouterr().out
+    # The page of the run shows the claims report and the ratio bars.
+    page = (pytester.path / "reports" / "latest.html").read_text()
+    assert 'id="speed"' in page and "torch/JAX" in page and 'alt="torch time over JAX time per benchmark group"' in page
+
+
+def test_compare_refuses_malformed_benchmarks_and_a_bad_speed_growth(tmp_path, capsys):
+    from equivcheck.__main__ import main
+    from equivcheck.report.runs import SCHEMA
+
+    good = {"schema": SCHEMA, "run": {"versions": {}}, "records": []}
+    bad = dict(good, benchmarks=[{"group": "g", "name": "torch", "stats": {"median": 1.0}}])
+    (tmp_path / "a.json").write_text(json.dumps(good))
+    (tmp_path / "b.json").write_text(json.dumps(bad))
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
+    assert "b.json: 'benchmarks' must be a list of pytest-benchmark entries" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--speed-growth", "0.5"]) == 2
+    assert "--speed-growth: '0.5' is not a finite growth factor >= 1" in capsys.readouterr().err

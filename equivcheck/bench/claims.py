@@ -59,6 +59,21 @@ def load(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return out
 
 
+def from_report(benchmarks: Sequence[dict[str, Any]], source: str = "report") -> list[dict[str, Any]]:
+    """The records `render` takes, from a run report's `benchmarks` (pytest-benchmark's dicts, as
+    `--equiv-bench` puts them in the report): equivcheck's only, each with its stats."""
+    return [{**b["extra_info"], "stats": b["stats"], "source": source} for b in benchmarks
+            if isinstance(b.get("extra_info"), dict) and b["extra_info"].get("equivcheck") == FORMAT
+            and isinstance(b.get("stats"), dict)]
+
+
+def speed_ratios(records: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(group, ratios) of every group timed on both sides, fastest torch first."""
+    rows = [(g, r) for groups in _sections(records).values() for g, sides in groups.items()
+            if (r := ratios(sides)) is not None]
+    return sorted(rows, key=lambda gr: -gr[1]["speed"])
+
+
 def _sections(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, dict[str, Any]]]:
     """(device, device name, precision) -> group -> side -> record; a later file's record replaces an earlier one."""
     out: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}

@@ -39,6 +39,13 @@ def read_report(path: str) -> dict[str, Any]:
     run = data.get("run")
     if not isinstance(run, dict) or not isinstance(run.get("versions"), dict):
         raise ValueError(f"{path}: 'run' must be an object holding 'versions'")
+    benches = data.get("benchmarks", [])
+    if not isinstance(benches, list) or not all(
+            isinstance(b, dict) and isinstance(b.get("group"), str) and isinstance(b.get("name"), str)
+            and isinstance(b.get("stats"), dict)
+            and all(isinstance(b["stats"].get(k), (int, float)) for k in ("median", "q1", "q3")) for b in benches):
+        raise ValueError(f"{path}: 'benchmarks' must be a list of pytest-benchmark entries (group, name, stats with "
+                         "median, q1, q3)")
     partial = run.get("partial")
     if partial is not None and not (isinstance(partial, dict) and isinstance(partial.get("ran"), int)):
         raise ValueError(f"{path}: 'run.partial' must be null or an object with 'ran' (and 'collected')")
@@ -54,6 +61,36 @@ def check_growth(growth: Any) -> float:
     if not (math.isfinite(value) and value >= 1):
         raise ValueError(f"{growth!r} is not a finite growth factor >= 1, e.g. 2")
     return value
+
+
+def speed_changes(old: dict[str, Any], new: dict[str, Any], growth: float = 1.5) -> tuple[list[str], bool]:
+    """Lines for the benchmarks (`--equiv-bench`) whose median time changed by `growth` or more
+    between two runs that both carry them; True if one got slower. A change counts only when the
+    spreads over rounds do not overlap too (slower: the new first quartile above the old third),
+    since a median alone moves that much on a shared machine. Runs on different machines or at
+    different precision modes are not compared (one line says so)."""
+    check_growth(growth)
+    a = {(b["group"], b["name"]): b for b in old.get("benchmarks") or []}
+    b = {(x["group"], x["name"]): x for x in new.get("benchmarks") or []}
+    if not a or not b:
+        return [], False
+    for what, get in (("machines", lambda r: (r.get("machine") or {}).get("platform")),
+                      ("CPU counts", lambda r: (r.get("machine") or {}).get("cpus")),
+                      ("precision modes", lambda r: r.get("precision"))):
+        if get(old["run"]) != get(new["run"]):
+            return [f"speed    not compared: the runs differ in {what} ({get(old['run'])} -> {get(new['run'])})"], False
+    lines, slower = [], False
+    for key in sorted(a.keys() & b.keys()):
+        sa, sb = a[key]["stats"], b[key]["stats"]
+        ma, mb = sa["median"], sb["median"]
+        if ma <= 0 or mb <= 0:
+            continue
+        if mb >= growth * ma and sb["q1"] > sa["q3"]:
+            slower = True
+            lines.append(f"SLOWER   {key[0]} {key[1]}: median {ma * 1e3:.4g} -> {mb * 1e3:.4g} ms (x{mb / ma:.2f})")
+        elif ma >= growth * mb and sa["q1"] > sb["q3"]:
+            lines.append(f"faster   {key[0]} {key[1]}: median {ma * 1e3:.4g} -> {mb * 1e3:.4g} ms (x{mb / ma:.2f})")
+    return lines, slower
 
 
 def compare_runs(old: dict[str, Any], new: dict[str, Any], growth: float = 2.0) -> tuple[list[str], bool]:

@@ -74,7 +74,20 @@ def context(report: dict[str, Any]) -> dict[str, Any]:
         "tolerances": report.get("tolerances") or [],
         "scale": ", ".join(f"{k} x{v:g}" for k, v in tolerance.CHECK_SCALE.items()),
         "unmatched": run.get("unmatched_known") or [], "unchecked": run.get("unchecked_known") or [],
+        **_speed(report.get("benchmarks") or []),
     }
+
+
+def _speed(benchmarks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The speed section: the claims report as `python -m equivcheck claims` prints it, and the
+    torch/JAX ratio of every group as bars. Empty without --equiv-bench."""
+    if not benchmarks:
+        return {"speed_text": "", "speed_plot": ""}
+    from equivcheck.bench.claims import from_report, render, speed_ratios
+
+    records = from_report(benchmarks)
+    return {"speed_text": render(records) if records else "",
+            "speed_plot": _image(plots.speed_bars(speed_ratios(records)))}
 
 
 def render(report: dict[str, Any]) -> str:

@@ -99,6 +99,17 @@ def ratio_strip(groups: Mapping[str, Sequence[dict[str, Any]]]) -> str:
     return _svg(fig)
 
 
+def _log_bars(ax: Any, labels: Sequence[str], xlabel: str) -> None:
+    """The axes every bar plot here shares: one labelled bar per row, top to bottom, on a log
+    scale with the dashed line at 1 (at tolerance; a tie)."""
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="#000", lw=1, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+
+
 def worst_bars(records: Sequence[dict[str, Any]], n: int = WORST_SHOWN) -> str:
     """SVG: the failed checks, then those closest to (or past) their tolerance, `n` in all, as
     horizontal bars of worst error / allowed error on a log scale. '' when no check has a non-zero
@@ -116,13 +127,25 @@ def worst_bars(records: Sequence[dict[str, Any]], n: int = WORST_SHOWN) -> str:
     _margins(fig, left=min(_label_inches([r["id"] for r, _ in scored], 7), 4.5), bottom=0.5)
     values = [ceiling if not math.isfinite(x) else x for _, x in scored]
     ax.barh(range(len(scored)), values, left=FLOOR, color=[COLOURS.get(r["outcome"], "#000") for r, _ in scored])
-    ax.set_yticks(range(len(scored)), [r["id"] for r, _ in scored], fontsize=7)
-    ax.invert_yaxis()
-    ax.axvline(1.0, color="#000", lw=1, ls="--")
-    ax.set_xscale("log")
+    _log_bars(ax, [r["id"] for r, _ in scored], "worst error / allowed error (log; bars at the right edge: infinite)")
     ax.set_xlim(min([*finite, 1.0]) / 10 if finite else 1e-3, ceiling * 3)
-    ax.set_xlabel("worst error / allowed error (log; bars at the right edge: infinite)")
-    ax.grid(axis="x", alpha=0.3)
+    return _svg(fig)
+
+
+def speed_bars(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """SVG: torch time / JAX time per benchmark group (equivcheck.bench.claims.speed_ratios), a bar
+    each on a log scale with its spread over rounds as an error bar; 1 is a tie. '' without rows."""
+    if not rows:
+        return ""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 0.22 * len(rows) + 1.0))
+    _margins(fig, left=min(_label_inches([g for g, _ in rows], 7), 4.5), bottom=0.5)
+    speed = [r["speed"] for _, r in rows]
+    err = [[max(r["speed"] - r["low"], 0) for _, r in rows], [max(r["high"] - r["speed"], 0) for _, r in rows]]
+    ax.barh(range(len(rows)), [x - 1 for x in speed], left=1, xerr=err, ecolor="#555", capsize=2,
+            color=["#1f77b4" if x >= 1 else "#d62728" for x in speed])
+    _log_bars(ax, [g for g, _ in rows], "torch time / JAX time (log; right of 1: JAX took less), steady state, "
+                                        "spread over rounds")
     return _svg(fig)
 
 
@@ -138,12 +161,7 @@ def layer_errors(record: dict[str, Any]) -> str:
     values = [max(float(row["ratio"]), FLOOR) for row in rows]
     colours = [COLOURS["failed"] if row.get("first") else "#1565c0" for row in rows]
     ax.barh(range(len(rows)), values, left=FLOOR, color=colours)
-    ax.set_yticks(range(len(rows)), [str(row.get("layer", "?")) for row in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.axvline(1.0, color="#000", lw=1, ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("error / tolerance per layer (red: first diverging layer)")
-    ax.grid(axis="x", alpha=0.3)
+    _log_bars(ax, [str(row.get("layer", "?")) for row in rows], "error / tolerance per layer (red: first diverging layer)")
     return _svg(fig)
 
 
