@@ -108,7 +108,15 @@ def main(argv: list[str] | None = None) -> int:
                             "outcomes": {r.check: r.outcome for r in recs},
                             "blamed": sorted({str(r.side) for r in failed}),
                             "diagnosis": [r.diagnosis for r in failed][:1]})
-        print(f"[{i + 1}/{len(chosen)}] {pair.name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        mine = [r for r in results if r["pair"] == pair.name]
+        missed = sum(r.get("expect") == "fail" and "failed" not in r["outcomes"].values() for r in mine)
+        wrong = sum(r.get("expect") == "fail" and r["blamed"] not in ([], [r["side"]]) for r in mine)  # or undecided
+        strict = sum(r.get("expect") == "pass" and "failed" in r["outcomes"].values() for r in mine)
+        print(f"[{i + 1}/{len(chosen)}] {pair.name} ({time.perf_counter() - start:.0f} s): missed {missed}, "
+              f"blame not on the mutated side {wrong}, inside-bound failed {strict}, false alarms {len(false)}, "
+              f"crashed {sum('crash' in r for r in mine)}", file=sys.stderr)
+        if args.json:  # after every pair: a run cut short (killed, out of memory) keeps what it found
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
     print(f"equivcheck oracle mutants: {len(chosen)} pairs at {args.dtype}, {args.examples} examples per mutant, "
           f"seed {args.seed}, target phase {args.target or 'as the profile'}; "

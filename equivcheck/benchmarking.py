@@ -10,6 +10,7 @@ pytest-benchmark's own: its tables, --benchmark-json, --benchmark-save, --benchm
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -34,7 +35,8 @@ def refuse_unfit(config: pytest.Config) -> None:
     if not config.pluginmanager.has_plugin("benchmark"):
         raise pytest.UsageError("--equiv-bench needs pytest-benchmark (pip install pytest-benchmark), "
                                 "not loaded here (missing, or -p no:benchmark)")
-    if config.getoption("dist", "no") != "no" or hasattr(config, "workerinput"):
+    # pytest-benchmark reads PYTEST_XDIST_WORKER too: a pytest run inside an xdist worker times nothing
+    if config.getoption("dist", "no") != "no" or hasattr(config, "workerinput") or os.environ.get("PYTEST_XDIST_WORKER"):
         raise pytest.UsageError("--equiv-bench with xdist (-n/--dist): pytest-benchmark turns itself off under "
                                 "xdist, since processes sharing cores time each other's work; run the benchmarks "
                                 "without -n (the checks alone can still use -n)")

@@ -17,6 +17,10 @@ def replay_args(config: pytest.Config, default_timeout: float) -> tuple[str, ...
     args: list[str] = []
     for path in config.getoption("equiv_known_divergences"):
         args += ["--equiv-known-divergences", str(path)]
+    # Saved failing examples run first, and a database even empty draws otherwise than none: a
+    # replay without it passed where the run had failed.
+    if (config.getoption("equiv_failures_db") or "none") != "none":
+        args += ["--equiv-failures-db", str(config.getoption("equiv_failures_db"))]
     if config.getoption("equiv_timeout") != default_timeout:  # a check that timed out may pass with more
         args += ["--equiv-timeout", f"{config.getoption('equiv_timeout'):g}"]
     if getattr(opt, "inifilename", None):

@@ -53,8 +53,9 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
         run["shard"] = state.shard_info
     if stuck:
         run["stuck"] = stuck
-    # an interrupted run leaves a report even before its first record: it says the run stopped
-    if state.report_dir and (state.records or interrupted):
+    # an interrupted run leaves a report even before its first record: it says the run stopped;
+    # a shard always does, empty or not, since merge needs every share's
+    if state.report_dir and (state.records or interrupted or state.shard_info is not None):
         try:
             built = report.build(state.records, run)
             if config.getoption("equiv_bench", False):
@@ -66,6 +67,14 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
             from equivcheck.report.files import unwritable
 
             state.report_error = f"no report written to {state.report_dir}: {unwritable(state.report_dir, exc)}"
+
+
+def empty_share(state: Any, exitstatus: int) -> bool:
+    """This run is a shard whose share of a non-empty selection is empty (more shards than tests):
+    pytest's "no tests collected" (exit 5) would fail a CI fleet for a machine with nothing to do."""
+    info = state.shard_info
+    return (exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and info is not None and not info["tests"]
+            and info["selected"] > 0)
 
 
 def partial(state: Any, *, interrupted: bool) -> dict[str, int | None] | None:

@@ -3,6 +3,7 @@ example is saved and tried first by the next run. Driven through pytester."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -55,13 +56,28 @@ def test_a_saved_failing_example_is_tried_first_by_the_next_run(rare, monkeypatc
     rare.runpytest(*RUN, "--equiv-examples", "1", "--equiv-failures-db", str(db)).assert_outcomes(passed=1)
 
 
-def test_the_database_defaults_to_pytests_cache_and_the_report_says_where(rare, monkeypatch):
+def test_auto_keeps_the_database_in_pytests_cache_and_the_replay_line_carries_it(rare, monkeypatch):
     monkeypatch.setenv("EQUIV_TEST_BUG", "1")
-    rare.runpytest(*RUN[:-2], "--equiv-examples", "30").assert_outcomes(failed=1)
+    result = rare.runpytest(*RUN[:-2], "--equiv-examples", "30", "--equiv-failures-db", "auto")
+    result.assert_outcomes(failed=1)
     db = rare.path / ".pytest_cache" / "d" / "equivcheck-failures"
     assert _saved(db)
     run = json.loads((rare.path / "reports" / "latest.json").read_text())["run"]
     assert run["failures_db"] == str(db)
+    # A database, even an empty one, draws other examples than none: the replay must say which.
+    replay = next(ln for ln in result.stdout.lines if ln.strip().startswith("replay: "))
+    assert replay.endswith("--equiv-failures-db auto")
+    replayed = rare.runpytest(*shlex.split(replay.split("replay: pytest ", 1)[1]))
+    replayed.assert_outcomes(failed=1)
+
+
+def test_without_the_option_there_is_no_database_and_a_seed_replays_alone(rare, monkeypatch):
+    monkeypatch.setenv("EQUIV_TEST_BUG", "1")
+    result = rare.runpytest(*RUN[:-2], "--equiv-examples", "30")
+    result.assert_outcomes(failed=1)
+    assert not (rare.path / ".pytest_cache" / "d" / "equivcheck-failures").exists()
+    assert "--equiv-failures-db" not in result.stdout.str()
+    assert json.loads((rare.path / "reports" / "latest.json").read_text())["run"]["failures_db"] is None
 
 
 def test_an_unusable_database_directory_is_a_usage_error(rare):
@@ -69,3 +85,9 @@ def test_an_unusable_database_directory_is_a_usage_error(rare):
     result = rare.runpytest(*RUN, "--equiv-failures-db", "afile/db")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert result.stderr.lines[0] == "ERROR: --equiv-failures-db afile/db: afile is a file, not a directory"
+
+
+def test_auto_without_pytests_cache_is_a_usage_error(rare):
+    result = rare.runpytest(*RUN, "--equiv-failures-db", "auto", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--equiv-failures-db auto keeps the database in pytest's cache dir" in result.stderr.lines[0]

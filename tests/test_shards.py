@@ -121,7 +121,16 @@ def test_the_merge_refuses_missing_overlapping_and_foreign_shards(seven, capsys)
     other_seed.write_text((seven.path / "o" / "latest.json").read_text())
     whole = _run(seven, "whole")
     out = str(seven.path / "all.json")
+    other_torch = seven.path / "other_torch.json"
+    edited = json.loads(two.read_text())
+    edited["run"]["versions"]["torch"] = "2.13.0"
+    other_torch.write_text(json.dumps(edited))
+    not_object = seven.path / "not_object.json"
+    edited["run"]["shard"] = "2/2"
+    not_object.write_text(json.dumps(edited))
     cases = [
+        ([one, other_torch], "run setting versions "),
+        ([one, not_object], "run.shard is a str, not an object"),
         ([one], "shards 2/2 missing: the merge would not be the whole run"),
         ([one, one], "shard 1/2 is also"),
         ([one, other_seed], "run setting seed 8 differs"),
@@ -152,3 +161,38 @@ def test_bad_shard_options_are_a_usage_error_before_any_check(seven, args, messa
     result = seven.runpytest(*FAST, *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert result.stderr.lines[0] == message
+
+
+TWO_BUILT_INSIDE = """
+import torch, jax.numpy as jnp
+import equivcheck as ec
+
+def test_one(equiv):
+    equiv.check(ec.Pair("inline", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",)))
+
+def test_two(equiv):
+    equiv.check(ec.Pair("inline", torch.tanh, jnp.tanh, ec.unary(ec.Floats(-3.0, 3.0)), checks=("forward",)))
+"""
+
+
+def test_one_record_id_made_by_tests_in_two_shards_is_named_at_the_merge(pytester, capsys):
+    # Each shard saw one of the two tests, so neither could refuse the second record.
+    pytester.makepyfile(test_inline=TWO_BUILT_INSIDE)
+    (pytester.path / "known.txt").write_text("")
+    parts = [_run(pytester, f"s{i}", "--equiv-shard", f"{i}/2") for i in (1, 2)]
+    assert main(["merge", *map(str, parts), "-o", str(pytester.path / "all.json")]) == 2
+    err = capsys.readouterr().err
+    assert "record inline::forward::float32::cpu is made by two tests, test_inline.py::test_" in err
+    assert "every check's id must be unique in a run" in err and "overlapping" not in err
+
+
+def test_a_share_with_no_tests_passes_and_still_writes_its_report(seven, capsys):
+    # More shards than selected tests: a CI machine with nothing to do must not fail the fleet,
+    # and merge needs every share's report.
+    parts = [_run(seven, f"e{i}", "--equiv-shard", f"{i}/3", "-k", "tanh or sin") for i in (1, 2, 3)]
+    result = seven.runpytest(*FAST, "--equiv-report", "e3b", "--equiv-shard", "3/3", "-k", "tanh or sin")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["shard 3/3: 0 of 2 selected tests *"])
+    assert json.loads(parts[2].read_text())["run"]["shard"]["tests"] == []
+    assert main(["merge", *map(str, parts), "-o", str(seven.path / "all.json")]) == 0
+    assert "3 shards, 4 records" in capsys.readouterr().out

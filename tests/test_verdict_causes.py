@@ -214,3 +214,28 @@ def test_another_failing_example_differing_only_where_printing_elides_is_tried()
     assert _same_args([np.array([np.nan], np.float32)], [np.array([np.nan], np.float32)])
     assert not _same_args([a], [a.astype(np.float64)])
     assert not _same_args([a, 3], [a, 4])
+
+
+def _bce_port(p, y):
+    """BCE as ports write it: each log clamped at -100 as torch does, so the forward agrees, but
+    the gradient at p = 0 or 1 is 0 * inf = NaN."""
+    return -(y * jnp.maximum(jnp.log(p), -100.0) + (1 - y) * jnp.maximum(jnp.log1p(-p), -100.0))
+
+
+def test_a_bce_port_with_nan_gradients_at_saturated_probabilities_is_told_the_known_cause():
+    pair = Pair("my_bce", lambda p, y: F.binary_cross_entropy(p, y, reduction="none"), _bce_port,
+                Inputs(Same(2), (Floats(0.0, 1.0), Floats(0.0, 1.0))), checks=("vjp",))
+    args = [np.array([0.0, 0.5, 0.25], np.float32), np.array([1.0, 0.0, 1.0], np.float32)]
+    verdict = verdict_on(pair, "vjp", args, "float32")
+    assert "this matches a known divergence: at p = 0 or 1 torch's BCE backward" in verdict.diagnosis
+
+
+def test_a_nan_at_an_input_of_zero_in_another_op_is_not_matched_to_bce():
+    # The shrunk input of a tanh port that returns NaN at one element is 0: not a probability
+    # of 0 against a target, so BCE's clamp is no cause to tell.
+    def port(x):  # NaN at the first element, forward and gradient
+        return jnp.tanh(x) * jnp.where(jnp.arange(x.size).reshape(x.shape) == 0, jnp.nan, 1.0)
+
+    pair = Pair("tanh_jaxnan", torch.tanh, port, unary(), reference=np.tanh, checks=("vjp",))
+    verdict = verdict_on(pair, "vjp", [np.array([0.0, 0.0], np.float32)], "float32")
+    assert verdict.side == "jax" and "known divergence" not in verdict.diagnosis, verdict.diagnosis

@@ -56,6 +56,9 @@ def test_the_workflow_caches_where_the_plugin_keeps_its_caches():
     flow = yaml.safe_load(NIGHTLY.read_text())
     cached = next(s for s in flow["jobs"]["equiv"]["steps"] if s.get("uses", "").startswith("actions/cache"))
     assert {f".pytest_cache/d/{c}" for c in caches} == set(cached["with"]["path"].split())
+    # The failures database is off unless asked for: the cached directory must be the one in use.
+    runs = " ".join(s.get("run", "") for s in flow["jobs"]["equiv"]["steps"])
+    assert "--equiv-failures-db auto" in runs
 
 
 def test_the_previous_night_s_report_is_the_artifact_this_night_uploads():

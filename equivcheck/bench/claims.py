@@ -55,6 +55,9 @@ def load(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             if not isinstance(stats, dict) or not all(isinstance(stats.get(k), (int, float))
                                                       for k in ("median", "q1", "q3", "rounds")):
                 raise ClaimsError(f"{path}: benchmark {b.get('fullname', '?')} has no median/q1/q3/rounds stats")
+            if not (stats["median"] > 0 and 0 <= stats["q1"] <= stats["median"] <= stats["q3"]):
+                raise ClaimsError(f"{path}: benchmark {b.get('fullname', '?')} has stats no timer gives (median "
+                                  f"{stats['median']!r}, q1 {stats['q1']!r}, q3 {stats['q3']!r}): edited by hand?")
             out.append({**b["extra_info"], "stats": stats, "source": str(path)})
     return out
 
@@ -88,7 +91,7 @@ def ratios(sides: dict[str, Any]) -> dict[str, Any] | None:
     """torch/JAX of one group: median, spread over rounds, first call with compile time, memory; None
     without both sides."""
     t, j = sides.get("torch"), sides.get("jax")
-    if t is None or j is None or j["stats"]["median"] <= 0:
+    if t is None or j is None or j["stats"]["median"] <= 0 or t["stats"]["median"] <= 0:
         return None
     ts, js = t["stats"], j["stats"]
     first_t = (t.get("compile_seconds") or 0.0) + (t.get("first_call_seconds") or ts["median"])
@@ -126,9 +129,14 @@ def _named(rows: list[tuple[str, float]]) -> str:
     return shown + (f" (+{len(rows) - SHOWN} more)" if len(rows) > SHOWN else "") if rows else "none"
 
 
+MIN_GROUPS = 3  # below this many groups on either side a claim is "too little evidence", whatever they say
+
+
 def _verdict(n_for: int, n_against: int, geo: float, favour: bool) -> str:
     if n_for + n_against == 0 or math.isnan(geo):
         return "no evidence (every spread straddles 1)" if not math.isnan(geo) else "no evidence"
+    if n_for + n_against < MIN_GROUPS:
+        return f"too little evidence ({n_for + n_against} of at least {MIN_GROUPS} groups needed)"
     if n_for > 2 * n_against and favour:
         return "supported"
     if n_against > 2 * n_for and not favour:

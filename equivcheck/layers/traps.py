@@ -51,8 +51,15 @@ def _padding_row(ev: Evidence) -> bool:
 
 
 def _nan_at_saturated_probability(ev: Evidence) -> bool:
-    """A gradient is NaN on one side where the other is finite, exactly at probabilities of 0 or 1."""
+    """A gradient is NaN on one side where the other is finite, exactly at probabilities of 0 or 1,
+    in a loss of probabilities against targets: besides the differentiated argument, another of
+    its shape lies in [0, 1]. Without the targets any op failing at a shrunk input of 0 matched
+    (a tanh port with a NaN was told of BCE's clamp)."""
     if ev.check != "vjp" or ev.arg is None or ev.arg.shape != ev.torch.shape:
+        return False
+    in_unit = [a for a in ev.args if isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.shape == ev.arg.shape
+               and a.size and np.all((a >= 0) & (a <= 1))]
+    if len(in_unit) < 2:
         return False
     one_sided = np.isnan(ev.torch) != np.isnan(ev.jax)
     return bool(one_sided.any() and np.all(np.isin(ev.arg[one_sided], (0.0, 1.0))))

@@ -21,7 +21,8 @@ from typing import Any
 from equivcheck.report.runs import build
 
 # Settings that must agree between shards: their records are only one run's if these match.
-_SAME = ("seed", "profile", "examples", "palette", "precision", "dtypes", "devices", "timeout")
+_SAME = ("seed", "profile", "examples", "palette", "precision", "dtypes", "devices", "timeout", "versions",
+         "failures_db")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -135,7 +136,12 @@ def merge(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     for path, rep, _ in shards:
         for r in rep["records"]:
             if r["id"] in records:
-                raise ValueError(f"{path}: record {r['id']} is also in {records[r['id']][0]}: overlapping shards")
+                first_path, first = records[r["id"]]
+                if first.get("nodeid") != r.get("nodeid"):  # each shard saw one: the run as a whole has two
+                    raise ValueError(f"record {r['id']} is made by two tests, {first.get('nodeid')} ({first_path}) "
+                                     f"and {r.get('nodeid')} ({path}): every check's id must be unique in a run; "
+                                     "give each pair its own name")
+                raise ValueError(f"{path}: record {r['id']} is also in {first_path}: overlapping shards")
             records[r["id"]] = (path, r)
     return build([r for _, r in records.values()], _merged_run([(p, rep) for p, rep, _ in shards]))
 
@@ -144,6 +150,8 @@ def _shard_of(path: str, report: Mapping[str, Any]) -> dict[str, Any]:
     shard = report["run"].get("shard")
     if not shard:
         raise ValueError(f"{path}: not a shard's report (its run had no --equiv-shard)")
+    if not isinstance(shard, dict):
+        raise ValueError(f"{path}: run.shard is a {type(shard).__name__}, not an object: not a report equivcheck wrote")
     fields = {"index": int, "count": int, "tests": list, "selected": int, "selected_digest": str}
     bad = [k for k, t in fields.items() if not isinstance(shard.get(k), t)]
     if bad or not all(isinstance(t, str) for t in shard["tests"]):
