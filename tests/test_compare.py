@@ -115,3 +115,16 @@ def test_tolerance_table_follows_dtype_device_precision_and_check():
         tolerance.lookup("int8")
     with pytest.raises(ValueError, match="non-negative"):
         Tolerance(-1, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_relative_only_bound_admits_a_subnormal_against_a_flushed_zero(dtype):
+    # XLA flushes subnormals to zero on CPU where torch keeps them: log1p's relative-only bound
+    # (atol 0) failed a one-ulp mutant at 0 (torch 1.4e-45, JAX 0).
+    relative = Tolerance(1.3e-6, 0.0, "relative only")
+    tiny = np.finfo(dtype).smallest_subnormal
+    assert compare(arr(tiny, 1.0, dtype=dtype), arr(0.0, 1.0, dtype=dtype), relative).ok
+    # Still relative above the subnormals: 2x the smallest normal against 0 is off by all of it.
+    normal = 2 * np.finfo(dtype).smallest_normal
+    v = compare(arr(normal, dtype=dtype), arr(0.0, dtype=dtype), relative)
+    assert not v.ok and v.kind == "values"
