@@ -307,7 +307,7 @@ PAIRS = Registry([
     # torch's prod gradient divides the product by each input when none is zero: near the underflow
     # threshold its second derivative collapses to 0 (prod_tiny), so magnitudes start at 1e-6 here.
     Pair("prod", torch.prod, jnp.prod, unary(Floats(-2, 2, special=(0.0,), min_magnitude=1e-6), max_side=4),
-         reference=np.prod),
+         reference=np.prod, witnesses=(([[2.0, -1.0, 1e-6]],),)),  # prod::hvp::float32
     Pair("prod_tiny", torch.prod, jnp.prod, unary(Floats(0, 2, special=(1.0, F32_MIN_NORMAL), tiny=False), max_side=4),
          reference=np.prod, dtypes=("float32",), witnesses=(([1.0, 1.0, 1.0, F32_MIN_NORMAL],),)),
     Pair("var_ddof1", lambda x: torch.var(x, dim=-1, correction=1), lambda x: jnp.var(x, axis=-1, ddof=1),
@@ -380,7 +380,7 @@ PAIRS = Registry([
     Pair("slogdet", torch.linalg.slogdet, jnp.linalg.slogdet, Inputs(Square(), (Matrices("general"),)),
          reference=lambda a: tuple(np.linalg.slogdet(a))),
     Pair("cholesky", lambda a: torch.linalg.cholesky(_t_sym(a)), lambda a: jnp.linalg.cholesky(_sym(jnp, a)),
-         Inputs(Square(), (Matrices("spd"),)), reference=np.linalg.cholesky,
+         Inputs(Square(), (Matrices("spd"),)), reference=lambda a: np.linalg.cholesky(_sym(np, a)),
          doc="symmetrised input: off the symmetric matrices the two functions differ (cholesky_raw)"),
     Pair("cholesky_raw", torch.linalg.cholesky, jnp.linalg.cholesky, Inputs(Square(), (Matrices("spd"),)),
          reference=np.linalg.cholesky, witnesses=(([[1.0, 0.0], [0.0, 1.0]],),),

@@ -128,3 +128,22 @@ def test_a_relative_only_bound_admits_a_subnormal_against_a_flushed_zero(dtype):
     normal = 2 * np.finfo(dtype).smallest_normal
     v = compare(arr(normal, dtype=dtype), arr(0.0, dtype=dtype), relative)
     assert not v.ok and v.kind == "values"
+
+
+def test_the_helpers_bound_is_the_verdicts_bound():
+    """`allowed`/`within` serve every helper that explains a verdict (diagnosis, optimizer
+    causes): the same subnormal floor and the same leaf-wise scale as `compare_leaf`."""
+    from equivcheck.engine.compare import allowed, within
+
+    rel_only = Tolerance(1e-6, 0.0, "relative only")
+    t, j = np.array([1.4e-45, 1.0], np.float32), np.array([0.0, 1.0], np.float32)
+    assert within(rel_only, t, j).all() and compare(t, j, rel_only).ok
+    assert not within(rel_only, np.array([1e-37], np.float32), np.array([0.0], np.float32)).all()
+    leafwise = Tolerance(1e-2, 0.0, "norm-wise", per="leaf")
+    t, j = np.array([100.0, 0.0, np.inf]), np.array([100.0, 0.5, np.inf])
+    assert within(leafwise, t, j).all()  # 0.5 against 1e-2 x 100, the leaf's largest finite magnitude
+    assert allowed(leafwise, t, j)[1] == pytest.approx(1.0)
+    assert not within(Tolerance(1e-2, 0.0, "element"), t, j)[1]
+    assert not within(rel_only, np.array([np.nan]), np.array([np.nan])).any()
+    assert within(rel_only, np.array([np.inf]), np.array([np.inf])).all()
+    assert allowed(rel_only, np.zeros(1), np.zeros(1), "bfloat16")[0] == np.finfo(np.float32).smallest_normal

@@ -61,3 +61,14 @@ def test_a_rolled_softsign_hvp_is_blamed_on_the_rolled_side_not_on_the_kinks_els
     verdict = verdict_on(rolled.pair, "hvp", [x], "float32")
     assert verdict.side == "torch", verdict.diagnosis
     assert "at the failing element" in verdict.diagnosis
+
+
+@pytest.mark.parametrize("side", ["torch", "jax"])
+def test_a_mutant_keeps_a_namedtuple_result(side):
+    """jnp.linalg.slogdet returns a namedtuple: rebuilding it from one iterable raised, so the
+    JAX side's inside-bound mutants 'failed' forward with a TypeError of the benchmark's own."""
+    from suites.test_autodiff import PAIRS
+
+    inside = next(m for m in mutants(PAIRS["slogdet"], "float32") if m.side == side and m.name == "ulp:one ulp up")
+    records = run_pair(inside.pair, dtype="float32", run=RunSettings(examples=3, seed=4))
+    assert all(r.outcome == "passed" for r in records), [r.failure_text() for r in records]

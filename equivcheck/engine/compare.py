@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.engine.dtypes import np_dtype
 from equivcheck.engine.tolerance import Tolerance
 
 Leaf = np.ndarray
@@ -142,6 +143,29 @@ def _subnormal_floor(dtype: np.dtype) -> float:
     if dtype.name == "bfloat16":
         return float(np.finfo(np.float32).smallest_normal)  # bfloat16 keeps float32's exponent range
     return float(np.finfo(dtype).smallest_normal) if dtype.kind == "f" else 0.0
+
+
+def allowed(tol: Tolerance, t: Any, j: Any, dtype: Any = None) -> np.ndarray:
+    """The difference `tol` admits between t and j, element by element, in float64: atol (at
+    least `dtype`'s smallest normal, see `_subnormal_floor`) plus rtol times the larger magnitude,
+    the element's or, for `tol.per == "leaf"`, the leaf's largest finite one. `dtype` is the
+    tested dtype (default: t's). Every bound outside `compare_leaf` comes from here, so a helper
+    never judges stricter or looser than the verdict it explains."""
+    t64, j64 = np.asarray(t, np.float64), np.asarray(j, np.float64)
+    with np.errstate(invalid="ignore"):
+        mag = np.maximum(np.abs(t64), np.abs(j64))
+    if tol.per != "element":
+        mag = np.max(np.where(np.isfinite(mag), mag, 0.0), initial=0.0)
+    floor = _subnormal_floor(np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype) if dtype is not None
+                             else np.asarray(t).dtype)
+    return np.broadcast_to(max(tol.atol, floor) + tol.rtol * mag, np.broadcast(t64, j64).shape)
+
+
+def within(tol: Tolerance, t: Any, j: Any, dtype: Any = None) -> np.ndarray:
+    """Elementwise: t and j within `allowed`, or equal (the same infinity); NaN is within nothing."""
+    t64, j64 = np.asarray(t, np.float64), np.asarray(j, np.float64)
+    with np.errstate(invalid="ignore"):
+        return (np.abs(t64 - j64) <= allowed(tol, t, j, dtype)) | (t64 == j64)
 
 
 def ulp_distance(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.engine.compare import Verdict, compare
+from equivcheck.engine.compare import Verdict, compare, within
 from equivcheck.engine.dtypes import np_dtype
 from equivcheck.engine.tolerance import Tolerance, lookup
 from equivcheck.layers.traps import Evidence, matching
@@ -63,8 +63,7 @@ def _evidence(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, path: 
             for r in (ev.torch, ev.jax))
     if t is None or j is None or t.shape != j.shape:
         t = j = np.zeros(0)
-    with np.errstate(invalid="ignore"):
-        close = (np.abs(t - j) <= tol.atol + tol.rtol * np.maximum(np.abs(t), np.abs(j))) | (t == j)
+    close = within(tol, t, j)
     arg = None
     if check in ("vjp", "hvp"):
         arg = np.asarray(args[pair.diff_args[pair.grad_index(path)]], np.float64)
@@ -163,7 +162,10 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
                              lead + ", or one formula whose terms cancel, leaving each side's float64 result "
                              "rounding noise; " + found.why)
         return
-    _decide(verdict, path, t64, j64, found.ref, lead + "; " + found.why, dtype=dtype)
+    # Elements the differences could not settle count as agreeing with them on both sides.
+    t_, j_ = ((t64, j64) if found.unsettled is None else
+              (np.where(found.unsettled, found.ref, x) for x in (t64, j64)))
+    _decide(verdict, path, t_, j_, found.ref, lead + "; " + found.why, dtype=dtype)
     if index is not None:
         _at_failing_element(verdict, index, t64, j64, found.ref, lead + "; " + found.why)
 

@@ -39,6 +39,10 @@ REL = 1e-5
 # h ~ eps^(1/4) ~ 1e-4 relative balances them near 1e-8 (same source).
 REL2 = 1e-4
 MAX_ELEMENTS = 2048
+# Elements whose step ratios differ by more than this get separate steps (`_Differences.by_scale`):
+# within it, the smallest effective relative step is REL2 / SPREAD = 1e-6, and a mixed second
+# difference's rounding error eps / (REL2 * 1e-6) ~ 2e-6 of the value.
+SPREAD = 100.0
 # One side must be this many times further from the reference to be named alone; the finite
 # differences must be that many times more certain than the gap between the sides.
 DECISIVE = 4.0
@@ -54,6 +58,7 @@ class Arbitration:
     kink: bool = False
     forwards_differ: bool = False
     unstable: bool = False  # the differences, not the sides, are what cannot decide at this example
+    unsettled: np.ndarray | None = None  # elements of `ref` the differences could not settle: left out
 
     @property
     def local(self) -> bool:
@@ -128,6 +133,8 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
     sides_gap = gap(t64, j64)
     if index is not None:
         found = _at_element(pair, check, path, index, fds, t64, j64)
+        if found is None and "reference" in fds:
+            found = _reference_near(pair, check, path, index, fds["reference"], args64, vec, t64, j64)
         if found is not None:
             return found
     if check != "jvp" and primals[pair.grad_index(path)].size > MAX_ELEMENTS:
@@ -142,23 +149,36 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
         if not (np.all(np.isfinite(d1)) and np.all(np.isfinite(d2))):
             return Arbitration(None, "finite differences are unstable here: they are not finite at this example; "
                                      "no side is named", unstable=True)
-        unstable = float(np.max(np.abs(d1 - d2), initial=0.0))
-    if DECISIVE * unstable > sides_gap:
-        return Arbitration(None, f"finite differences are unstable here: steps h and h/2 give derivatives "
-                                 f"{unstable:.3g} apart, against a gap of {sides_gap:.3g} between the sides' float64 "
-                                 f"results; no side is named", unstable=True)
+        drift = np.abs(d1 - d2)
+    # Steps h and h/2 that disagree at other elements than the failing one (a 1e-38 input beside
+    # ones, whose second differences are rounding over h^2) leave those elements out; the failing
+    # element, stable, decides, as it outweighs the leaf elsewhere (`diagnose._at_failing_element`).
+    noisy = DECISIVE * drift > sides_gap
+    unsettled = None
+    if noisy.any():
+        if (index is None or not drift.shape or noisy[index]
+                or DECISIVE * drift[index] > abs(float(t64[index]) - float(j64[index]))):
+            return Arbitration(None, f"finite differences are unstable here: steps h and h/2 give derivatives "
+                                     f"{float(np.max(drift)):.3g} apart, against a gap of {sides_gap:.3g} between the "
+                                     f"sides' float64 results; no side is named", unstable=True)
+        unsettled = noisy
     # Richardson: both rules err by O(h^2), so this cancels the leading term.
     refs = {name: b + (b - a) / 3 for name, (a, b) in steps.items()}
     if len(refs) == 2:
         apart = np.abs(refs["torch"] - refs["jax"])
+        if unsettled is not None:
+            apart[unsettled] = 0.0
         if DECISIVE * float(np.max(apart, initial=0.0)) > sides_gap:
             at = np.unravel_index(int(np.argmax(apart)), apart.shape) if apart.shape else ()
             where = f"at {path}{list(at)}" if at else f"at {path}"
             return _forwards_differ(float(refs["torch"][at]), float(refs["jax"][at]), float(t64[at]),
                                     float(j64[at]), where)
-    ref = sum(refs.values()) / len(refs)
-    return Arbitration(ref, source.replace("central finite differences", "central finite differences (steps "
-                                           "relative to the input, two steps agreeing)"))
+    why = source.replace("central finite differences", "central finite differences (steps relative to the input, "
+                         "two steps agreeing)")
+    if unsettled is not None:
+        why += (f"; at {int(unsettled.sum())} other elements steps h and h/2 disagree (up to "
+                f"{float(np.max(drift[unsettled])):.3g}): those are left out, and the failing element decides")
+    return Arbitration(sum(refs.values()) / len(refs), why, unsettled=unsettled)
 
 
 def _at_element(pair: Any, check: str, path: str, index: tuple[int, ...], fds: dict[str, _Differences],
@@ -182,6 +202,39 @@ def _at_element(pair: Any, check: str, path: str, index: tuple[int, ...], fds: d
     mean = [tuple(sum(o[0][k][i] for o in ones.values()) / len(ones) for i in (0, 1)) for k in (0, 1)]
     kink = _kink(check, mean, t, j, where)
     return Arbitration(None, kink, kink=True) if kink else None
+
+
+def _reference_near(pair: Any, check: str, path: str, index: tuple[int, ...], ref: _Differences,
+                    args64: Sequence[Any], vec: Vectors, t64: np.ndarray, j64: np.ndarray) -> Arbitration | None:
+    """None where the reference's one-sided differences at the failing element match those of
+    at least one side's own float64 forward; else why the reference cannot decide. A reference
+    that agrees with both sides on the drawn inputs may still differ off them: NumPy's cholesky
+    reads the lower triangle where both sides symmetrise, so its derivative along an upper
+    element is 0 against both sides' half of the lower's, and it would blame the side that is
+    right. The same function differenced at the same points agrees to rounding; the slack is
+    the differences' own drift between steps h and h/2, and 1e-6 of their size for rounding
+    amplified by 1/h (~1e5 eps)."""
+    steps, where = ref.one_sided(pair, check, path, index)
+    seen = []
+    for side in ("torch", "jax"):
+        try:
+            own = _Differences(forward64(pair, args64, side, vec), ref.primals, vec).one_sided(pair, check, path,
+                                                                                               index)[0]
+        except Exception:  # noqa: BLE001 - a side that cannot be differenced is no evidence against it
+            return None
+        both = np.array([steps, own], dtype=np.float64)  # [function, step, left/right]
+        if not np.all(np.isfinite(both)):
+            return None
+        off = float(np.max(np.abs(both[0, -1] - both[1, -1])))
+        slack = float(np.sum(np.abs(both[:, 0] - both[:, 1])) + 1e-6 * np.sum(np.abs(both[:, -1])) + 1e-300)
+        if off <= slack:
+            return None
+        seen.append(float(np.mean(both[1, -1])))
+    return Arbitration(None, (
+        f"the pair's float64 reference is not the function either side computes near this point: its one-sided "
+        f"differences give {float(np.mean(steps[-1])):.6g} {where}, each side's own float64 forward torch "
+        f"{seen[0]:.6g}, jax {seen[1]:.6g}; no side is named: make the reference compute what both sides compute "
+        f"off the drawn inputs too (the same symmetrisation, clamp or mask), or leave it out"))
 
 
 def _forwards_differ(dt: float, dj: float, t: float, j: float, where: str) -> Arbitration:
@@ -275,17 +328,36 @@ class _Differences:
             return leaf_at(total, path)
         k = pair.grad_index(path)
         ref = np.zeros_like(self.primals[k])
+        parts = self.by_scale(self.vec.v) if check == "hvp" else []
         for e in range(ref.size):
             u = self.unit(k, e)
             if check == "vjp":
                 ref.flat[e] = self.weighted(self.central(u, s * self.step(u, REL)))
                 continue
-            # (H v)_e of the cotangent-weighted output: a mixed second difference along e and v.
-            hu, hv = s * self.step(u, REL2), s * self.step(self.vec.v, REL2)
-            corners = [self.weighted(self.shifted([(a * hu, u), (b * hv, self.vec.v)]))
-                       for a, b in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
-            ref.flat[e] = (corners[0] - corners[1] - corners[2] + corners[3]) / (4 * hu * hv)
+            # (H v)_e of the cotangent-weighted output: a mixed second difference along e and v,
+            # H v summed over v's parts of one scale each.
+            hu = s * self.step(u, REL2)
+            for v in parts:
+                hv = s * self.step(v, REL2)
+                pp, pm, mp, mm = (self.shifted([(a * hu, u), (b * hv, v)]) for a, b in ((1, 1), (1, -1), (-1, 1),
+                                                                                      (-1, -1)))
+                # Combined output by output before the cotangent weights: summing first would
+                # round each corner to the total's ulp, far above a small element's change.
+                ref.flat[e] += self.weighted([(a - b - c + d) / (4 * hu * hv) for a, b, c, d in zip(pp, pm, mp, mm)])
         return ref
+
+    def by_scale(self, d: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        """Direction d split into parts, each with the elements whose step ratios (scale / |d_e|)
+        lie in one power of SPREAD; the parts sum to d. One step along all of d is set by its
+        smallest ratio (so that no element steps across zero): with elements of 1e-38 and 3 in
+        one direction, it moves the 3 by less than its float64 ulp, and the differences read an
+        exact 0 at both step sizes, agreeing with each other and wrong."""
+        with np.errstate(divide="ignore"):
+            buckets = [np.floor(np.log(s / np.abs(x)) / np.log(SPREAD)) for s, x in zip(self.scale, d)]
+        keys = np.unique(np.concatenate([b[x != 0].ravel() for b, x in zip(buckets, d)]))
+        if not keys.size:
+            return [list(d)]
+        return [[np.where((x != 0) & (b == key), x, 0.0) for x, b in zip(d, buckets)] for key in keys]
 
     def one_sided(self, pair: Any, check: str, path: str, index: tuple[int, ...]
                   ) -> tuple[list[tuple[float, float]], str]:
@@ -294,32 +366,39 @@ class _Differences:
         element along the tangent; HVP: that element of the gradient (a central difference on
         a step 1/64 of the outer one, so that it reads the gradient on either side, not
         across) along the HVP direction."""
+        # Each read is the output leaves (or the HVP's inner difference of them), differenced
+        # output by output before the cotangent weights: weighting first rounds a small
+        # element's change away against the total (an input of 4e-17 beside ones read 0).
+        weigh: Callable[[list[np.ndarray]], float] = self.weighted
         if check == "vjp":
             k = pair.grad_index(path)
             e = int(np.ravel_multi_index(index, self.primals[k].shape)) if index else 0
             d, rel = self.unit(k, e), REL
-            read = lambda shift, s: self.weighted(self.shifted(shift))  # noqa: E731
+            read = lambda shift, s: self.shifted(shift)  # noqa: E731
             where = f"along element {list(index)} of the differentiated argument, cotangent-weighted"
         elif check == "jvp":
             d, rel = self.vec.t, REL
-            read = lambda shift, s: float(np.asarray(leaf_at(self.shifted(shift), path))[index])  # noqa: E731
+            read = lambda shift, s: [np.asarray(leaf_at(self.shifted(shift), path))[index]]  # noqa: E731
+            weigh = lambda leaves: float(leaves[0])
             where = f"at output element {list(index)} along the tangent"
         else:
             k = pair.grad_index(path)
             e = int(np.ravel_multi_index(index, self.primals[k].shape)) if index else 0
             u, d, rel = self.unit(k, e), self.vec.v, REL2
 
-            def read(shift: list[tuple[float, Sequence[np.ndarray]]], s: float) -> float:
+            def read(shift: list[tuple[float, Sequence[np.ndarray]]], s: float) -> list[np.ndarray]:
                 # The inner step shrinks with the outer one: its error, a fixed share of the
                 # outer difference, then does not drift as the step halves.
                 hu = s * self.step(u, REL2) / 64
-                plus, minus = (self.weighted(self.shifted([*shift, (a * hu, u)])) for a in (1, -1))
-                return (plus - minus) / (2 * hu)
+                plus, minus = (self.shifted([*shift, (a * hu, u)]) for a in (1, -1))
+                return [(p - m) / (2 * hu) for p, m in zip(plus, minus)]
 
             where = (f"along the HVP direction, at element {list(index)} of the cotangent-weighted gradient of the "
                      f"differentiated argument")
         one_sided = []
         for s in (1.0, 0.5):
             h, base = s * self.step(d, rel), read([], s)
-            one_sided.append(((base - read([(-h, d)], s)) / h, (read([(h, d)], s) - base) / h))
+            left, right = read([(-h, d)], s), read([(h, d)], s)
+            one_sided.append((weigh([(b - x) / h for b, x in zip(base, left)]),
+                              weigh([(x - b) / h for b, x in zip(base, right)])))
         return one_sided, where

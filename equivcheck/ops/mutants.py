@@ -58,6 +58,8 @@ def _bound(pair: Pair, dtype: str, check: str, device: str, precision: str) -> t
 
 
 def _map_float(tree: Any, fn: Callable[[Any], Any], is_float: Callable[[Any], bool]) -> Any:
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a namedtuple (jnp.linalg.slogdet's result)
+        return type(tree)(*(_map_float(x, fn, is_float) for x in tree))
     if isinstance(tree, (list, tuple)):
         return type(tree)(_map_float(x, fn, is_float) for x in tree)
     if isinstance(tree, dict):

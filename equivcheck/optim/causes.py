@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.engine.compare import within
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.optim.problems import LINEAR
 from equivcheck.optim.sides import MAX_STEPS, leaf_paths, run_jax, run_torch, torch_optimizer_for
@@ -111,7 +112,7 @@ def decay_elsewhere(pair: Any, ex: Example, dtype: str, run: Any, base: Toleranc
                                        device=run.device)[0]["params"]) for w in values}
     except Exception:
         return ""
-    close = lambda a, b: bool(np.all(np.abs(a - b) <= base.atol + base.rtol * np.maximum(np.abs(a), np.abs(b))))
+    close = lambda a, b: bool(np.all(within(base, a, b, dtype)))
     matches = [[w for w in values if close(torch1[w][i], x)] for i, x in enumerate(jax1)]
     if any(not m for m in matches):
         return ""

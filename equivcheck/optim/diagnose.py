@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.engine.compare import flatten, leaves
+from equivcheck.engine.compare import flatten, leaves, within
 from equivcheck.engine.tolerance import Tolerance, lookup
 from equivcheck.optim.causes import decay_elsewhere, lagged
 from equivcheck.optim.sides import MAX_STEPS, run_torch, torch_optimizer_for, treedef_of
@@ -185,7 +185,7 @@ def _shift(pair: Any, dtype: str, base: Tolerance) -> str:
     t_arr, j_arr = np.asarray(t), np.asarray(j)
     if not len(t_arr):
         return ""
-    same = lambda a, b: bool(np.all(np.abs(a - b) <= base.atol + base.rtol * np.maximum(abs(a), abs(b))))
+    same = lambda a, b: bool(np.all(within(base, a, b, dtype)))
     if same(t_arr, j_arr):
         return ""
     if same(t_arr[1:], j_arr[:-1]):
