@@ -103,8 +103,9 @@ def _html(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"equivcheck html: {exc}", file=sys.stderr)
         return 2
-    except KeyError as exc:  # a field the page shows and read_report does not check
-        print(f"equivcheck html: {args.report}: the report lacks {exc}", file=sys.stderr)
+    except KeyError as exc:  # a field the page shows and read_report does not check (report.html.MissingField)
+        print(f"equivcheck html: {args.report}: the report lacks {exc.args[0] if exc.args else exc}, a field the "
+              "page shows (edited by hand, or written by another version?)", file=sys.stderr)
         return 2
     try:
         out.write_text(text, encoding="utf-8")

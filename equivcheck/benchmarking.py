@@ -20,6 +20,7 @@ from equivcheck.bench.optim import SHAPES, build_step, unfit
 from equivcheck.bench.record import precision_banner
 from equivcheck.bench.sweep import FACTORS, SWEEP, scaled, scaled_name
 from equivcheck.bench.workload import single_threaded_xla
+from equivcheck.engine.kind import family_of
 from equivcheck.fixture import RECORDS_KEY, SessionState
 from equivcheck.ops.pairs import Pair
 from equivcheck.optim import OptimizerPair
@@ -29,7 +30,15 @@ _INPUTS: dict[tuple[int, str], tuple[Any, ...]] = {}  # (id(pair), dtype) -> arg
 
 def refuse_unfit(config: pytest.Config) -> None:
     """A UsageError, at start-up, for a run where pytest-benchmark would not time anything: rather
-    than benchmark items that pass without a figure."""
+    than benchmark items that pass without a figure, or a benchmark option taken without effect.
+    The plugin calls it when any --equiv-bench* option is given."""
+    threads = config.getoption("equiv_bench_threads")
+    if not config.getoption("equiv_bench"):
+        given = [name for name, on in (("--equiv-bench-threads", threads is not None),
+                                        ("--equiv-bench-compile", config.getoption("equiv_bench_compile"))) if on]
+        they, them = ("they set", "them") if len(given) > 1 else ("it sets", "it")
+        raise pytest.UsageError(f"{' and '.join(given)} without --equiv-bench: {they} how benchmarks are timed, "
+                                f"and none is; add --equiv-bench (or drop {them})")
     if not config.getoption("equiv"):
         raise pytest.UsageError("--equiv-bench times the sides of equivalence checks that passed: add --equiv")
     if not config.pluginmanager.has_plugin("benchmark"):
@@ -42,8 +51,7 @@ def refuse_unfit(config: pytest.Config) -> None:
                                 "without -n (the checks alone can still use -n)")
     if config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"):
         raise pytest.UsageError("--equiv-bench with --benchmark-disable: nothing would be timed; drop one of them")
-    threads = config.getoption("equiv_bench_threads")
-    if threads not in (0, 1):
+    if threads not in (None, 0, 1):  # None: not given, which is 0
         raise pytest.UsageError(f"--equiv-bench-threads {threads}: give 0 (torch as many threads as XLA's pool) "
                                 "or 1 (both single-threaded)")
     if threads == 1 and not single_threaded_xla():
@@ -123,7 +131,7 @@ def _run(benchmark: Any, source: pytest.Item, state: SessionState, pair: Any, ch
         benchmark.extra_info.update(extra_info(
             pair=name, check=check, dtype=dtype, device=device,
             device_name=state.device_names.get(device, device), precision=state.run.precision,
-            settings=state.precision_settings, shapes=shapes, tags=pair.tags, wl=wl, work=work))
+            settings=state.precision_settings, shapes=shapes, tags=pair.tags, wl=wl, work=work, family=family_of(pair)))
         benchmark.extra_info["scale"] = factor
         benchmark(wl.call)
 

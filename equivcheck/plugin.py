@@ -63,7 +63,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="a previous run's report JSON: balance the shards by its tests' durations (default: by count)")
     g.addoption("--equiv-bench", action="store_true",
                 help="also time both sides of each passing check with pytest-benchmark (its options apply; no xdist)")
-    g.addoption("--equiv-bench-threads", type=int, default=0, metavar="N", help="with --equiv-bench: 0 (default) "
+    g.addoption("--equiv-bench-threads", type=int, default=None, metavar="N", help="with --equiv-bench: 0 (default) "
                 "torch as many threads as XLA's CPU pool; 1: both single-threaded (a shared, loaded machine)")
     g.addoption("--equiv-bench-compile", action="store_true",
                 help="with --equiv-bench: time torch.compile too (compiles each pair: seconds each)")
@@ -73,7 +73,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "equiv: an equivalence check; runs only under --equiv")
-    if config.getoption("equiv_bench"):
+    if (config.getoption("equiv_bench") or config.getoption("equiv_bench_compile")
+            or config.getoption("equiv_bench_threads") is not None):  # default None: a 0 given is told apart
         from equivcheck.benchmarking import refuse_unfit
 
         refuse_unfit(config)

@@ -37,7 +37,7 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
         "precision_settings": state.precision_settings, "dtypes": list(state.dtypes),
         "devices": list(state.devices), "unavailable": state.unavailable, "device_names": state.device_names,
         "versions": versions, "machine": report.machine(), "matrix": os.environ.get("TOX_ENV_NAME"),
-        # an xdist controller compiles nothing: its count would read as none at all
+        # an xdist controller compiles nothing: its count would read as none at all; merge sums shards'
         "jax_compilations": None if getattr(config.option, "numprocesses", None)
         else {"count": count, "seconds": round(seconds, 3)},
         "failures_db": state.run.failures_db,
@@ -49,8 +49,10 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
     run["unmatched_known"] = [{"pattern": e.pattern, "reason": e.reason, "source": e.source} for e in stale]
     run["unchecked_known"] = [{"pattern": e.pattern, "reason": e.reason, "source": e.source, "why": why}
                               for why, es in left_out.items() for e in es]
-    if state.shard_info is not None:
-        run["shard"] = state.shard_info
+    if state.shard_info is not None:  # with the ids of the records each test made, for merge to check them against
+        from equivcheck.report.shards import tally
+
+        run["shard"] = {**state.shard_info, "records": tally(state.records)}
     if stuck:
         run["stuck"] = stuck
     # an interrupted run leaves a report even before its first record: it says the run stopped;

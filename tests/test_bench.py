@@ -173,6 +173,53 @@ def test_claims_refuses_bad_input_in_one_line_naming_the_file(tmp_path, capsys, 
     assert err.startswith(f"equivcheck claims: {path}: ") and cause in err and "\n" not in err
 
 
+def test_claims_say_a_file_cut_inside_a_string_once_at_and_truncated(tmp_path, capsys):
+    from equivcheck.__main__ import main
+
+    path = _write(tmp_path, "cut.json", [_bench("mm", "forward", "torch", 1e-3)])
+    path.write_text(path.read_text()[:60])  # inside the first benchmark's fullname
+    assert main(["claims", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not JSON: Unterminated string starting at line 1 column " in err and "at at" not in err
+    assert err.endswith("; the file ends inside that string: truncated?"), err
+
+
+def test_claims_sort_by_domain_and_read_an_older_files_family_as_it(tmp_path):
+    # `family` is the report section (layers, operations); the image claim sorts by `domain`.
+    from equivcheck.bench import claim_rows, load
+    from equivcheck.bench.claims import _sections
+
+    benches = []
+    for k, op in enumerate(("conv", "pool", "resize")):
+        for side, t in (("torch", 1e-3), ("jax", 2e-3)):
+            b = _bench(op, "forward", side, t, family="layers")
+            if k < 2:
+                b["extra_info"]["domain"] = "image"
+            else:  # written before `domain`: its family said image
+                b["extra_info"]["family"] = "image"
+            benches.append(b)
+    benches += [_bench("mm", "forward", side, t, family="operations") for side, t in (("torch", 1e-3), ("jax", 2e-3))]
+    (groups,) = _sections(load([_write(tmp_path, "b.json", benches)])).values()
+    rows = {claim: (verdict, pro) for claim, verdict, pro, _ in claim_rows(groups)}
+    verdict, pro = rows["PyTorch is faster on image models"]
+    assert verdict == "supported" and pro.startswith("3/3 image groups torch faster"), pro
+    assert "mm::" not in pro
+
+
+@pytest.mark.parametrize("given, named", [
+    (("--equiv-bench-threads", "1"), "--equiv-bench-threads without --equiv-bench: it sets"),
+    (("--equiv-bench-threads", "0"), "--equiv-bench-threads without --equiv-bench"),
+    (("--equiv-bench-compile",), "--equiv-bench-compile without --equiv-bench: it sets"),
+    (("--equiv-bench-compile", "--equiv-bench-threads", "1"),
+     "--equiv-bench-threads and --equiv-bench-compile without --equiv-bench: they set"),
+])
+def test_a_benchmark_setting_without_equiv_bench_is_a_usage_error_naming_both(pytester, given, named):
+    pytester.makepyfile(test_pairs=PAIRS)
+    result = pytester.runpytest(*FAST, *given, "--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert named in result.stderr.str() and "add --equiv-bench" in result.stderr.str()
+
+
 def test_claims_names_a_missing_file(tmp_path, capsys):
     from equivcheck.__main__ import main
 
@@ -210,6 +257,8 @@ def test_the_plugin_adds_one_benchmark_per_side_of_each_passing_check(pytester):
     assert set(by) == {(f"tanh::{c}::float32::cpu", s) for c in ("forward", "vjp") for s in ("torch", "jax")}
     info = by[("tanh::vjp::float32::cpu", "jax")]["extra_info"]
     assert info["work"] == "forward+VJP" and info["precision"] == "highest" and info["compile_seconds"] > 0
+    # named as its check's records name it (the report's section), not by the claims' image/sequence sort
+    assert info["family"] == "operations" and info["domain"] == "other"
     assert info["shapes"] == by[("tanh::vjp::float32::cpu", "torch")]["extra_info"]["shapes"]
     assert by[("tanh::vjp::float32::cpu", "torch")]["extra_info"]["compile_seconds"] is None
 

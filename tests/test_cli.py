@@ -109,6 +109,66 @@ def test_compare_refuses_a_bad_report_in_one_line(tmp_path, capsys, content, rea
     assert main(["compare", str(good), str(good)]) == 0
 
 
+def test_a_report_cut_inside_a_string_says_where_the_string_starts_and_that_it_was_cut(tmp_path, capsys):
+    # json says "Unterminated string starting at" with the place following: once "at", and the
+    # file ends inside that string even though the parser's position is where it started.
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"schema": "equivcheck.report/1", "records": [{"id": "tanh::forw')  # the id opens at column 54
+    for command in (["compare", str(cut), str(cut)], ["html", str(cut)], ["merge", str(cut), "-o", "x.json"]):
+        err = one_line(capsys, main(command), cut)
+        assert "not JSON (Unterminated string starting at line 1 column 54; the file ends inside that string: " \
+               "truncated?)" in err, err
+        assert "at at" not in err
+
+
+RECORD = {"id": "tanh::vjp::float32::cpu", "outcome": "passed", "worst_ratio": 0.1, "seconds": 0.5, "examples": 3,
+          "pair": "tanh", "check": "vjp", "dtype": "float32", "device": "cpu", "notes": []}
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"worst_ratio": "abc"}, ("records[1] (tanh::vjp::float32::cpu): field 'worst_ratio' is 'abc', not a number, "
+                              'null or "inf"')),
+    ({"worst_ratio": True}, "field 'worst_ratio' is True, not a number"),
+    ({"max_abs_err": [1.0]}, "field 'max_abs_err' is [1.0], not a number"),
+    ({"seconds": "fast"}, "records[1] (tanh::vjp::float32::cpu): field 'seconds' is 'fast', not a finite number of seconds"),
+    ({"seconds": -1}, "field 'seconds' is -1, not a finite number of seconds >= 0"),
+    ({"examples": 2.5}, "field 'examples' is 2.5, not a whole number >= 0"),
+    ({"outcome": "pased"}, "field 'outcome' is 'pased', not one of passed, failed, known-divergence, xpass, skipped"),
+    ({"pair": 3}, "field 'pair' is 3, not a string"),
+    ({"notes": "one"}, "field 'notes' is 'one', not a list of strings"),
+    ({"id": "exp::vjp::float32::cpu"}, ("records[1] (exp::vjp::float32::cpu): id exp::vjp::float32::cpu is also "
+                                        "records[0]'s: one record per check")),
+])
+def test_compare_refuses_a_record_edited_by_hand_naming_the_record_and_the_field(tmp_path, capsys, edit, says):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(report(records=[dict(RECORD, id="exp::vjp::float32::cpu", pair="exp"), RECORD])))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(report(records=[dict(RECORD, id="exp::vjp::float32::cpu", pair="exp"),
+                                              dict(RECORD, **edit)])))
+    assert main(["compare", str(good), str(good)]) == 0
+    capsys.readouterr()
+    err = one_line(capsys, main(["compare", str(good), str(bad)]), bad)
+    assert f"{bad}: " in err and says in err, err
+    # what an infinite or NaN ratio is written as (CheckRecord.to_json) is no edit
+    fine = tmp_path / "fine.json"
+    fine.write_text(json.dumps(report(records=[dict(RECORD, worst_ratio="inf", max_abs_err=None)])))
+    assert main(["compare", str(good), str(fine)]) == 0
+
+
+@pytest.mark.parametrize("stats, says", [
+    ({"median": "1.0", "q1": 0.9, "q3": 1.1}, ("benchmarks[0] (g::forward::float32::cpu torch): field 'stats.median' "
+                                               "is '1.0', not a finite number")),
+    ({"median": 1.0, "q1": True, "q3": 1.1}, "field 'stats.q1' is True, not a finite number"),
+    ({"median": 1.0, "q1": 0.9}, "field 'stats.q3' missing"),
+])
+def test_compare_refuses_a_benchmark_edited_by_hand_naming_it_and_the_field(tmp_path, capsys, stats, says):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(report(benchmarks=[{"group": "g::forward::float32::cpu", "name": "torch",
+                                                  "stats": stats}])))
+    err = one_line(capsys, main(["compare", str(bad), str(bad)]), bad)
+    assert says in err, err
+
+
 @pytest.mark.parametrize("growth", ["-1", "nan", "0.5", "inf", "abc"])
 def test_compare_refuses_a_bad_growth_factor_in_one_line(tmp_path, capsys, growth):
     good = tmp_path / "good.json"

@@ -171,6 +171,30 @@ def test_the_html_command_writes_a_page_from_a_report(tmp_path, capsys):
     assert err.startswith(f"equivcheck html: {tmp_path / 'bad.json'}: ") and "\n" not in err
 
 
+@pytest.mark.parametrize("edit, field", [
+    (lambda rep: rep["run"].pop("started"), "run.started"),
+    (lambda rep: rep["run"]["machine"].pop("cpus"), "run.machine.cpus"),
+    (lambda rep: rep["summary"].pop("failed"), "summary.failed"),
+    (lambda rep: rep.pop("summary"), "summary"),
+    (lambda rep: rep["records"][0].pop("pair"), "records[0] (abs::vjp::float32::cpu).pair"),
+    (lambda rep: rep["run"]["unchecked_known"].append({"pattern": "x::*", "source": "k.txt:1"}),
+     "run.unchecked_known[0].why"),
+])
+def test_a_report_lacking_a_field_the_page_shows_is_named_by_the_fields_place(tmp_path, capsys, edit, field):
+    # Jinja alone says "'dict object' has no attribute 'started'": neither the file nor which object.
+    from equivcheck.__main__ import main
+
+    rep = json.loads(json.dumps(report.build(every_kind(), RUN)))
+    edit(rep)
+    src = tmp_path / "edited.json"
+    src.write_text(json.dumps(rep))
+    assert main(["html", str(src)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"equivcheck html: {src}: the report lacks {field}, a field the page shows (edited by hand, or "
+                   "written by another version?)"), err
+    assert not (tmp_path / "edited.html").exists()
+
+
 def test_the_terminal_summary_splits_by_kind_within_120_columns():
     long_name = "a_user_pair_with_a_name_far_longer_than_any_terminal_column_should_hold_" * 2
     records = every_kind() + [rec(long_name, c, "operations") for c in CHECKS["operations"]]

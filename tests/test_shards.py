@@ -9,7 +9,8 @@ import random
 import pytest
 
 from equivcheck.__main__ import main
-from equivcheck.report.shards import assign, parse_shard
+from equivcheck.report import build
+from equivcheck.report.shards import assign, describe, merge, parse_shard, tally
 from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 
 # Seven tests: five pairs that agree, one off by a factor (a failure with its diagnosis), one a
@@ -102,6 +103,8 @@ def test_the_merged_shards_are_the_unsharded_run(seven, n, capsys):
     assert merged["summary"]["failed"] == sum(r["outcome"] == "failed" for r in whole) >= 1
     assert merged["summary"]["total"] == 14
     assert "shard" not in merged["run"] and len(merged["run"]["merged_from"]) == n
+    counts = [json.loads(p.read_text())["run"]["jax_compilations"]["count"] for p in parts]
+    assert merged["run"]["jax_compilations"]["count"] == sum(counts)  # the run's, not shard 1's
     assert merged["run"]["unmatched_known"] == []  # the known entry matched in one shard only
 
 
@@ -128,7 +131,12 @@ def test_the_merge_refuses_missing_overlapping_and_foreign_shards(seven, capsys)
     not_object = seven.path / "not_object.json"
     edited["run"]["shard"] = "2/2"
     not_object.write_text(json.dumps(edited))
+    lost = seven.path / "lost.json"  # one record deleted by hand: the shard's tally still names it
+    edited = json.loads(two.read_text())
+    gone = edited["records"].pop()
+    lost.write_text(json.dumps(edited))
     cases = [
+        ([one, lost], f"{lost}: record {gone['id']} of test {gone['nodeid']} is missing"),
         ([one, other_torch], "run setting versions "),
         ([one, not_object], "run.shard is a str, not an object"),
         ([one], "shards 2/2 missing: the merge would not be the whole run"),
@@ -196,3 +204,60 @@ def test_a_share_with_no_tests_passes_and_still_writes_its_report(seven, capsys)
     assert json.loads(parts[2].read_text())["run"]["shard"]["tests"] == []
     assert main(["merge", *map(str, parts), "-o", str(seven.path / "all.json")]) == 0
     assert "3 shards, 4 records" in capsys.readouterr().out
+
+
+TESTS = [f"t.py::test[{name}]" for name in ("a", "b", "c", "d", "e")]
+
+
+def _shards(compilations=({"count": 3, "seconds": 1.5}, {"count": 4, "seconds": 0.25})):
+    """Two shard reports of TESTS as (path, report), as the plugin writes them: each test made two
+    records but t.py::test[e], which made none (a test need not check anything)."""
+    share = assign(TESTS, 2)
+    out = []
+    for index, made in zip((1, 2), compilations):
+        mine = [t for t in TESTS if share[t] == index]
+        records = [{"id": f"{t[-2]}::{check}::float32::cpu", "outcome": "passed", "nodeid": t}
+                   for t in mine if not t.endswith("[e]") for check in ("forward", "vjp")]
+        run = {"id": f"r{index}", "started": "2026-12-01T00:00:00+00:00", "finished": "2026-12-01T00:01:00+00:00",
+               "seconds": 60.0, "versions": {}, "jax_compilations": made,
+               "shard": {**describe(index, 2, mine, TESTS, "count"), "records": tally(records)}}
+        out.append((f"s{index}.json", build(records, run)))
+    return out
+
+
+def test_merge_refuses_a_shard_whose_records_are_not_the_ones_it_wrote():
+    assert merge(_shards())["summary"]["total"] == 8
+    cases = {
+        "deleted": (lambda rep: rep["records"].pop(0), "record {id} of test {nodeid} is missing: the shard wrote it"),
+        "added": (lambda rep: rep["records"].append({**rep["records"][0], "id": "x::forward::float32::cpu"}),
+                  "record x::forward::float32::cpu of test {nodeid} is not one the shard wrote"),
+        "foreign": (lambda rep: rep["records"].append({**rep["records"][0], "nodeid": "t.py::test[zz]"}),
+                    "record {id} is of test t.py::test[zz], which is not in this shard's share"),
+        "untallied": (lambda rep: rep["run"]["shard"].pop("records"), "run.shard.records missing, which s1.json has"),
+    }
+    for name, (edit, message) in cases.items():
+        shards = _shards()
+        first = dict(shards[1][1]["records"][0])
+        edit(shards[1][1])
+        with pytest.raises(ValueError) as exc:
+            merge(shards)
+        assert str(exc.value).startswith("s2.json: "), name
+        assert message.format(**first) in str(exc.value), (name, str(exc.value))
+
+
+def test_shards_of_an_older_version_without_a_tally_are_still_checked_against_their_tests():
+    # Without run.shard.records a deleted record cannot be told from a test that made none.
+    shards = _shards()
+    for _, rep in shards:
+        del rep["run"]["shard"]["records"]
+    shards[0][1]["records"].pop()
+    assert merge(shards)["summary"]["total"] == 7
+    shards[0][1]["records"].append({**shards[1][1]["records"][0], "id": "y::forward::float32::cpu"})
+    with pytest.raises(ValueError, match=r"s1.json: record y::forward::float32::cpu is of test .* not in this shard"):
+        merge(shards)
+
+
+def test_the_merged_run_counts_every_shards_jax_compilations():
+    assert merge(_shards())["run"]["jax_compilations"] == {"count": 7, "seconds": 1.75}
+    # A shard run under xdist counts none (its controller compiles nothing): the run's count is unknown.
+    assert merge(_shards(({"count": 3, "seconds": 1.5}, None)))["run"]["jax_compilations"] is None

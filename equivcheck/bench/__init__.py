@@ -10,7 +10,7 @@ claims    the claims report: ratios per group, evidence for and against each cla
 """
 from equivcheck.bench.claims import CLAIMS, ClaimsError, claim_rows, load, ratios, render
 from equivcheck.bench.memory import jax_memory, torch_memory
-from equivcheck.bench.record import extra_info, family, group, precision_banner
+from equivcheck.bench.record import domain, extra_info, group, precision_banner
 from equivcheck.bench.workload import (
     BENCH_CHECKS,
     SIDES,
@@ -23,7 +23,7 @@ from equivcheck.bench.workload import (
 )
 
 __all__ = [
-    "BENCH_CHECKS", "CLAIMS", "SIDES", "WORK", "ClaimsError", "Workload", "build", "claim_rows", "draw_inputs",
-    "extra_info", "family", "group", "jax_memory", "load", "matched_threads", "precision_banner", "ratios", "render",
+    "BENCH_CHECKS", "CLAIMS", "SIDES", "WORK", "ClaimsError", "Workload", "build", "claim_rows", "domain", "draw_inputs",
+    "extra_info", "group", "jax_memory", "load", "matched_threads", "precision_banner", "ratios", "render",
     "shapes_of", "torch_memory",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 
 from equivcheck.bench.record import FORMAT, precision_banner
 from equivcheck.bench.sweep import growth
+from equivcheck.report.compare import json_problem
 
 CLAIMS = ("JAX is faster", "JAX uses less memory", "PyTorch is faster on image models",
           "JAX's advantage is larger for autodiff-heavy work")
@@ -40,8 +41,7 @@ def load(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            cut = " (the file ends early: truncated?)" if exc.pos >= len(text.rstrip()) else ""
-            raise ClaimsError(f"{path}: not JSON: {exc.msg} at line {exc.lineno}{cut}") from None
+            raise ClaimsError(f"{path}: not JSON: {json_problem(exc, text)}") from None
         if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
             raise ClaimsError(f"{path}: not a pytest-benchmark file (no 'benchmarks' list); give the file of "
                               "--benchmark-json or --benchmark-save")
@@ -104,8 +104,16 @@ def ratios(sides: dict[str, Any]) -> dict[str, Any] | None:
         "first": first_t / first_j if first_j > 0 else math.inf,
         "memory": mt / mj if isinstance(mt, int) and isinstance(mj, int) and mj > 0 else None,
         "torch": ts["median"], "jax": js["median"], "compile": j.get("compile_seconds"),
-        "scale": t.get("scale", 1), "family": t.get("family", "other"), "check": t["check"], "pair": t["pair"], "dtype": t["dtype"],
+        "scale": t.get("scale", 1), "domain": _domain(t), "check": t["check"], "pair": t["pair"], "dtype": t["dtype"],
     }
+
+
+def _domain(record: dict[str, Any]) -> str:
+    """image, sequence or other (record.domain); a file written before records carried `domain`
+    said it as `family`."""
+    if "domain" in record:
+        return record["domain"]
+    return record.get("family") if record.get("family") in ("image", "sequence") else "other"
 
 
 def _geo(values: list[float]) -> float:
@@ -165,7 +173,7 @@ def claim_rows(groups: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, s
                  f"{len(less)}/{len(mem)} groups JAX allocates less (geomean torch/JAX {_x(mgeo)}): {_named(less)}",
                  (f"{len(more)}/{len(mem)} torch allocates less: {_named(more)} (measures differ per side: see "
                   "memory_measure)")))
-    image = {g: r for g, r in rs.items() if r["family"] == "image"}
+    image = {g: r for g, r in rs.items() if r["domain"] == "image"}
     ifast, islow, igeo, ifirst = speed(image)
     rows.append((CLAIMS[2], _verdict(len(islow), len(ifast), igeo, igeo < 1),
                  f"{len(islow)}/{len(image)} image groups torch faster (geomean torch/JAX {_x(igeo)}): {_named(islow)}",

@@ -24,8 +24,9 @@ def group(pair: str, check: str, dtype: str, device: str) -> str:
     return check_id(pair, check, dtype, device)
 
 
-def family(name: str, tags: Any = ()) -> str:
-    """image, sequence or other: how the claims report sorts pairs and models."""
+def domain(name: str, tags: Any = ()) -> str:
+    """image, sequence or other: how the claims report sorts pairs and models ("PyTorch is faster
+    on image models"). Not the record's `family`, the report section of its kind."""
     text = " ".join([name.lower(), *sorted(str(t).lower() for t in tags)])
     if _IMAGE.search(text):
         return "image"
@@ -33,15 +34,19 @@ def family(name: str, tags: Any = ()) -> str:
 
 
 def extra_info(*, pair: str, check: str, dtype: str, device: str, device_name: str, precision: str,
-               settings: dict[str, Any], shapes: list[Any], tags: Any, wl: Workload, work: str) -> dict[str, Any]:
+               settings: dict[str, Any], shapes: list[Any], tags: Any, wl: Workload, work: str,
+               family: str) -> dict[str, Any]:
     """The record of one side's benchmark: what ran, how it was made fair, compile time and memory.
 
-    Times are seconds; memory is bytes; `precision_settings` are the switches each framework had."""
+    Times are seconds; memory is bytes; `precision_settings` are the switches each framework had;
+    `family` is the report section of the pair's kind, as its check's records say it
+    (engine.kind.family_of: operations, layers, optimizers, ...); `domain` what the claims sort by."""
     return {
         "equivcheck": FORMAT,
         "pair": pair, "check": check, "dtype": dtype, "device": device, "device_name": device_name,
         "side": wl.side, "work": work, "precision": precision, "precision_settings": dict(settings),
-        "shapes": shapes, "tags": sorted(str(t) for t in tags), "family": family(pair, tags),
+        "shapes": shapes, "tags": sorted(str(t) for t in tags), "family": family,
+        "domain": domain(pair, tags),
         "compile_seconds": wl.compile_seconds, "first_call_seconds": wl.first_seconds,
         "memory_bytes": wl.memory_bytes, "memory_measure": wl.memory_measure,
         "threads": wl.threads, "rules": list(wl.rules),

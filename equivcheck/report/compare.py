@@ -5,13 +5,15 @@ import json
 import math
 from typing import Any
 
+from equivcheck.report.fields import check_benchmarks, check_records
 from equivcheck.report.runs import SCHEMA, partial_text
 
 
 def read_report(path: str) -> dict[str, Any]:
-    """A report file, or a ValueError naming it and what is wrong: compare reads only `schema`,
-    `records` (each with `id` and `outcome`), `run.versions` and `run.partial`, so those are what
-    is checked."""
+    """A report file, or a ValueError naming it and what is wrong: `schema`, `run.versions`,
+    `run.partial`, and every record and benchmark field present (report.fields: the types
+    equivcheck writes, one record per id), so a hand-edited report is refused naming the record
+    and the field rather than read wrong."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -25,31 +27,37 @@ def read_report(path: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        # The parser's position alone does not say why; at the very end it is a cut-off file.
-        cut = "; the file ends there: truncated?" if exc.pos >= len(text.rstrip()) else ""
-        raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno}{cut})") from None
+        raise ValueError(f"{path}: not JSON ({json_problem(exc, text)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not a report (an object)")
     if data.get("schema") != SCHEMA:
         raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
-    records = data.get("records")
-    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("id"), str)
-                                                and isinstance(r.get("outcome"), str) for r in records):
-        raise ValueError(f"{path}: 'records' must be a list of objects with 'id' and 'outcome'")
+    check_records(path, data.get("records"))
     run = data.get("run")
     if not isinstance(run, dict) or not isinstance(run.get("versions"), dict):
         raise ValueError(f"{path}: 'run' must be an object holding 'versions'")
-    benches = data.get("benchmarks", [])
-    if not isinstance(benches, list) or not all(
-            isinstance(b, dict) and isinstance(b.get("group"), str) and isinstance(b.get("name"), str)
-            and isinstance(b.get("stats"), dict)
-            and all(isinstance(b["stats"].get(k), (int, float)) for k in ("median", "q1", "q3")) for b in benches):
-        raise ValueError(f"{path}: 'benchmarks' must be a list of pytest-benchmark entries (group, name, stats with "
-                         "median, q1, q3)")
+    check_benchmarks(path, data.get("benchmarks", []))
     partial = run.get("partial")
     if partial is not None and not (isinstance(partial, dict) and isinstance(partial.get("ran"), int)):
         raise ValueError(f"{path}: 'run.partial' must be null or an object with 'ran' (and 'collected')")
     return data
+
+
+def json_problem(exc: json.JSONDecodeError, text: str) -> str:
+    """What is wrong with `text`, the JSON that raised `exc`, in words: the parser's message and
+    where, and "truncated?" where the file ends inside the value. Every command that reads JSON
+    says it this way."""
+    where = f"line {exc.lineno} column {exc.colno}"
+    # Some of json's messages end in "at" ("Unterminated string starting at"): the place follows
+    # directly, or the line would read "starting at at line 1".
+    said = f"{exc.msg} {where}" if exc.msg.endswith(" at") else f"{exc.msg} at {where}"
+    # An unterminated string runs to the end of the text (json reports where it started); any
+    # other error at the very end is a cut-off file too. The position alone does not say why.
+    if exc.msg.startswith("Unterminated string"):
+        said += "; the file ends inside that string: truncated?"
+    elif exc.pos >= len(text.rstrip()):
+        said += "; the file ends there: truncated?"
+    return said
 
 
 def check_growth(growth: Any) -> float:

@@ -90,15 +90,62 @@ def _speed(benchmarks: list[dict[str, Any]]) -> dict[str, Any]:
             "speed_plot": _image(plots.speed_bars(speed_ratios(records)))}
 
 
+class MissingField(KeyError):
+    """A field the page shows that the report lacks; `field` is its place in the report, as
+    `run.machine.cpus` or `records[3] (tanh::vjp::float32::cpu).pair`."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.field
+
+
+class _Placed(dict):  # type: ignore[type-arg]
+    """A report object that knows its place in the report: a key the page's code or template asks
+    for and it lacks is named by that place (Jinja alone says "'dict object' has no attribute
+    'started'", a bare KeyError just "'started'", neither which object)."""
+
+    __slots__ = ("_place",)
+    _place: str
+
+    def __missing__(self, key: Any) -> Any:
+        raise MissingField(f"{self._place}.{key}" if self._place else str(key))
+
+
+def _placed(value: Any, place: str) -> Any:
+    """`value` with every object in it a _Placed, lists and objects walked; a record's place
+    carries its id, which says more to a reader than its index."""
+    if isinstance(value, list):
+        return [_placed(v, f"{place}[{i}]" + (f" ({v['id']})" if place == "records" and isinstance(v, dict)
+                                               and isinstance(v.get("id"), str) else ""))
+                for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    out = _Placed((k, _placed(v, f"{place}.{k}" if place else str(k))) for k, v in value.items())
+    out._place = place
+    return out
+
+
 def render(report: dict[str, Any]) -> str:
-    """The page for `report` (a run's report dict, as written to JSON). Raises KeyError naming a
-    field the report lacks, ImportError without Jinja2 or matplotlib."""
+    """The page for `report` (a run's report dict, as written to JSON). Raises MissingField (a
+    KeyError) naming the place of a field the page shows and the report lacks, ImportError
+    without Jinja2 or matplotlib."""
     import jinja2
 
+    class Missing(jinja2.StrictUndefined):
+        """StrictUndefined whose error names the field's place in the report (see _Placed)."""
+
+        @property
+        def _undefined_message(self) -> str:
+            place = getattr(self._undefined_obj, "_place", "")
+            return f"{place}.{self._undefined_name}" if place else str(self._undefined_name)
+
     env = jinja2.Environment(loader=jinja2.PackageLoader("equivcheck.report", "templates"),
-                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                             autoescape=True, undefined=Missing, trim_blocks=True, lstrip_blocks=True)
     try:
-        return env.get_template("report.html.j2").render(**context(report))
-    except jinja2.UndefinedError as exc:  # e.g. "'dict object' has no attribute 'started'"
-        raise KeyError(str(exc)) from None
+        return env.get_template("report.html.j2").render(**context(_placed(report, "")))
+    except jinja2.UndefinedError as exc:  # Missing's message: the field's place
+        raise MissingField(exc.message or "a field") from None
 

@@ -95,11 +95,22 @@ def describe(index: int, count: int, mine: Sequence[str], selected: Iterable[str
             "selected_digest": digest(everything), "balanced_by": balanced_by}
 
 
+def tally(records: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """A shard's `run.shard.records`: the ids of the records each test made, by node id, written
+    beside the records so that `merge` finds one deleted or added by hand (a test may make no
+    record at all, so the tests alone cannot tell a lost record from none)."""
+    out: dict[str, list[str]] = {}
+    for r in records:
+        out.setdefault(r.get("nodeid") or "", []).append(r["id"])
+    return {nodeid: sorted(ids) for nodeid, ids in sorted(out.items())}
+
+
 def merge(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     """One report of the whole run from its shards' reports, given as (path, report). Raises
     ValueError naming the file and the problem: a report that is not a shard, shards of
     different runs (selection, settings, shard count), a share given twice or missing, a test
-    or record in two shards. A partial shard makes the merged run partial."""
+    or record in two shards, a record missing from a shard's records or added to them (against
+    its `records` tally, or a test it did not run). A partial shard makes the merged run partial."""
     if not reports:
         raise ValueError("no reports to merge")
     shards = [(path, rep, _shard_of(path, rep)) for path, rep in reports]
@@ -132,6 +143,12 @@ def merge(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     if len(owner) != first["selected"] or digest(owner) != first["selected_digest"]:
         raise ValueError(f"the shards' tests ({len(owner)}) are not the selection they were cut from "
                          f"({first['selected']} tests): shards of different collections")
+    tallied = [path for path, _, shard in shards if "records" in shard]
+    if tallied and len(tallied) < len(shards):  # one equivcheck wrote all (versions agree): one was edited
+        bare = next(path for path, _, shard in shards if "records" not in shard)
+        raise ValueError(f"{bare}: run.shard.records missing, which {tallied[0]} has: edited by hand?")
+    for path, rep, shard in shards:
+        _check_records(path, rep["records"], shard)
     records: dict[str, tuple[str, Any]] = {}
     for path, rep, _ in shards:
         for r in rep["records"]:
@@ -146,6 +163,27 @@ def merge(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     return build([r for _, r in records.values()], _merged_run([(p, rep) for p, rep, _ in shards]))
 
 
+def _check_records(path: str, records: Sequence[Mapping[str, Any]], shard: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the shard's file, the test and the record when its records are not
+    the ones its run wrote: a record of a test outside its share, and, against the `records`
+    tally (written by equivcheck since it had one), a record missing or one added."""
+    tests = set(shard["tests"])
+    for r in records:
+        if r.get("nodeid") and r["nodeid"] not in tests:
+            raise ValueError(f"{path}: record {r['id']} is of test {r['nodeid']}, which is not in this shard's "
+                             "share: added by hand, or a record of another run?")
+    if "records" not in shard:  # an older equivcheck's shard: a lost record cannot be told from none
+        return
+    wrote = {(nodeid, rid) for nodeid, ids in shard["records"].items() for rid in ids}
+    has = {(r.get("nodeid") or "", r["id"]) for r in records}
+    for odd, says in ((sorted(wrote - has), ("is missing: the shard wrote it (run.shard.records) and its records "
+                                             "lack it; the merge would not be the whole run")),
+                      (sorted(has - wrote), "is not one the shard wrote (run.shard.records): added by hand?")):
+        if odd:
+            (nodeid, rid), more = odd[0], f" ({len(odd) - 1} more like it)" if len(odd) > 1 else ""
+            raise ValueError(f"{path}: record {rid} of test {nodeid or '(no node id)'} {says}{more}")
+
+
 def _shard_of(path: str, report: Mapping[str, Any]) -> dict[str, Any]:
     shard = report["run"].get("shard")
     if not shard:
@@ -156,6 +194,11 @@ def _shard_of(path: str, report: Mapping[str, Any]) -> dict[str, Any]:
     bad = [k for k, t in fields.items() if not isinstance(shard.get(k), t)]
     if bad or not all(isinstance(t, str) for t in shard["tests"]):
         raise ValueError(f"{path}: run.shard is malformed ({', '.join(bad) or 'tests'}): not a report equivcheck wrote")
+    tally_ = shard.get("records", {})
+    if not (isinstance(tally_, dict) and all(isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+                                             for ids in tally_.values())):
+        raise ValueError(f"{path}: run.shard.records is malformed (node id -> list of record ids): not a report "
+                         "equivcheck wrote")
     for key in ("started", "finished", "seconds"):
         if key not in report["run"]:
             raise ValueError(f"{path}: run.{key} missing: not a report equivcheck wrote")
@@ -173,6 +216,12 @@ def _merged_run(shards: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, An
                            "seconds": rep["run"]["seconds"], "tests": len(rep["run"]["shard"]["tests"])}
                           for p, rep in shards]
     run["interrupted"] = any(r.get("interrupted") for r in runs)
+    # Each shard counts its own process's compilations: the run's are their sum. A shard without
+    # a count (run under xdist, whose controller compiles nothing) leaves the run's unknown.
+    counts = [r.get("jax_compilations") or {} for r in runs]
+    known = all(isinstance(c.get(k), (int, float)) for c in counts for k in ("count", "seconds"))
+    run["jax_compilations"] = {"count": sum(c["count"] for c in counts),
+                               "seconds": round(sum(c["seconds"] for c in counts), 3)} if known else None
     parts = [r.get("partial") for r in runs]
     if any(parts):
         ran = sum((p or {}).get("ran", len(r["shard"]["tests"])) for p, r in zip(parts, runs))
