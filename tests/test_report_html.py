@@ -204,7 +204,11 @@ def test_the_terminal_summary_splits_by_kind_within_120_columns():
     titles = [line for line in lines if re.fullmatch(r"\w+ \(\d+ checks\)", line)]
     assert [t.split()[0] for t in titles] == [f for f in FAMILIES if f in CHECKS]
     table = "\n".join(lines)
-    assert long_name[:40] in table and "..." in table  # cut, the failure text names it whole
+    # Cut in the middle (the failure text names it whole): names sharing a long prefix differ at the end.
+    assert long_name[:20] in table and long_name[-20:] + " " in table and "..." in table
+    twins = [rec(long_name + suffix, "forward", "operations") for suffix in ("_eps", "_bias")]
+    cut = "\n".join(report.summary_tables(twins))
+    assert "hold__eps " in cut and "hold__bias " in cut
     assert "check_number_0" in table and "check_number_11" in table  # columns carried over, none lost
 
 

@@ -22,7 +22,7 @@ from hypothesis import target
 from equivcheck.backends import jax_side
 from equivcheck.engine import tolerance
 from equivcheck.engine.compare import LeafDiff, Verdict, format_args, n_elements
-from equivcheck.engine.records import CheckRecord, RunSettings
+from equivcheck.engine.records import CheckRecord, RunSettings, check_id
 from equivcheck.engine.search import FLAKY_NOTE, Search
 from equivcheck.ops.autodiff import CHECKS, Evaluation, evaluate, judge, wide
 from equivcheck.ops.conditioning import LOWP_ULPS, explained_by_precision, explained_by_rounding
@@ -83,11 +83,19 @@ def run_pair(
         examples = st.tuples(pair.inputs.strategy(dtype, palette), st.integers(0, 2**31 - 1))
     except ShapeRuleError as exc:
         return _broken_rule(pair, checks, exc, dtype, run, tols, nodeid, replay, time.perf_counter() - start)
+    # A known divergence needs no minimal example and no pass of its own: its first failing
+    # example (a witness, run first) is kept and the pass goes on for the other checks.
+    expected = {c for c in checks if known(check_id(pair.name, c, dtype, run.device))}
     while active:
+        found_known: dict[str, CheckFailed] = {}
         try:
-            failure = _one_pass(pair, examples, active, tols, stats, dtype, run, item_seed)
+            failure = _one_pass(pair, examples, active, tols, stats, dtype, run, item_seed, expected, found_known)
         except ShapeRuleError as exc:  # drawn afresh each example (no palette): found mid-search
             return _broken_rule(pair, checks, exc, dtype, run, tols, nodeid, replay, time.perf_counter() - start)
+        for check, found in found_known.items():
+            if check in active and (failure is None or check != failure.check):
+                failures[check] = found
+                active.remove(check)
         if failure is None:
             break
         failures[failure.check] = failure
@@ -183,13 +191,21 @@ def prepare(pair: Pair, dtype: str, run: RunSettings) -> None:
 
 
 def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: dict[str, Any],
-              stats: dict[str, _Stats], dtype: str, run: RunSettings, item_seed: int) -> CheckFailed | None:
+              stats: dict[str, _Stats], dtype: str, run: RunSettings, item_seed: int,
+              expected: set[str] = frozenset(), found_known: dict[str, CheckFailed] | None = None
+              ) -> CheckFailed | None:
+    """One search over the `active` checks: the failure to shrink and report, or None. A check
+    in `expected` (a known divergence) that fails goes into `found_known` at its first failing
+    example, unshrunk, and is judged no further in this pass."""
     search = Search(run, CheckFailed, smaller=lambda new, best: n_elements(new.args) < n_elements(best.args))
+    found_known = {} if found_known is None else found_known
 
     def test(example: tuple[tuple[Any, ...], int]) -> None:
         args, vec_seed = example
         ev = evaluate(pair, args, vec_seed, dtype=dtype, device=run.device, checks=active)
         for check in active:
+            if check in found_known:
+                continue
             verdict = judge(pair, ev, check, tols[check], args)
             s = stats[check]
             s.examples += 1
@@ -203,6 +219,9 @@ def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: 
                 why = _accepted(pair, check, args, ev, verdict, dtype, tols[check], 0)
                 if why:
                     s.accepted[why] += 1
+                    continue
+                if check in expected:
+                    found_known[check] = CheckFailed(check, verdict, args, ev)
                     continue
                 raise CheckFailed(check, verdict, args, ev)
             if verdict.ratio >= s.ratio:

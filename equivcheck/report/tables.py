@@ -113,7 +113,12 @@ def _fit(header: list[str], body: list[list[str]], width: int) -> list[tuple[lis
 
 
 def _cut(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n - 3] + "..."  # ASCII: any terminal's encoding
+    """`text` in at most n characters, cut in the middle: names that share a long prefix
+    (nn.layer_norm_offset, nn.layer_norm_offset_eps) still differ at their ends."""
+    if len(text) <= n:
+        return text
+    head = (n - 3 + 1) // 2
+    return text[:head] + "..." + text[len(text) - (n - 3 - head):]  # ASCII: any terminal's encoding
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:
