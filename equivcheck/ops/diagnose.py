@@ -142,6 +142,13 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
     worst = verdict.worst
     index = worst.worst_index if verdict.kind == "values" and worst is not None and worst.path == path else None
     lone = _lone_nonfinite(verdict, t32, j32, t64, j64, dtype)
+    if lone and _forward_pole(pair, args64, vec64, lone[0]):
+        # log at 0: torch's -inf forward has an infinite derivative, a port that clamps has a
+        # finite one; the forward check judges that, and names the port where it is wrong.
+        lead += (f"; {lone[0]}'s own float64 forward is infinite at a pole at this input (its values approaching "
+                 f"it grow without bound), so its non-finite derivative follows from its forward, which the forward "
+                 f"check judges: no side is named for the derivative")
+        lone = None
     try:
         found = derivative(pair, check, args64, vec64, path, t64, j64, index)
     except Exception as exc:
@@ -237,24 +244,46 @@ def _pole(pair: Any, args64: Sequence[Any], vec64: Any, side: str, path: str, s6
     if not bad.any() or np.isnan(s64[bad]).any():
         return ""
     at = tuple(int(i) for i in np.argwhere(bad)[0]) if s64.ndim else ()
-    f = forward64(pair, args64, side, vec64)
-    primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
-    def element(h: float) -> float:
-        leaves = f([p * (1 + h) + h * (p == 0) for p in primals])
-        return float(np.asarray(leaves[0] if len(leaves) == 1 else leaf_at(leaves, path))[at])
-
-    try:
-        near = [element(h) for h in POLE_STEPS]
-    except Exception:  # noqa: BLE001 - no evidence of a pole: the lone-value rule stands
-        return ""
-    size = np.abs(near)
-    if not (np.all(np.isfinite(size)) and size[0] < size[1] < size[2] and size[2] - size[1] >= (size[1] - size[0]) / 2):
+    near = _approach(pair, args64, vec64, side,
+                     lambda leaves: float(np.asarray(leaves[0] if len(leaves) == 1 else leaf_at(leaves, path))[at]))
+    if near is None:
         return ""
     return (f"{side} gives {float(s64[at])} at {path}{list(at) if at else ''}, and its own float64 values approaching "
             f"the input grow without bound ({', '.join(f'{v:.3g}' for v in near)} at relative steps "
             f"{', '.join(f'{h:g}' for h in POLE_STEPS)}): a pole, where the infinity may be the answer and a finite "
             f"value a clamp; no side is named: give the Pair a float64 `reference` (or a Convention) that says "
             f"which value the pole takes")
+
+
+def _approach(pair: Any, args64: Sequence[Any], vec64: Any, side: str, read: Any) -> list[float] | None:
+    """`side`'s float64 forward, read by `read(leaves)`, at the inputs moved by POLE_STEPS towards
+    the example; those values where they grow without bound (a pole), else None."""
+    f = forward64(pair, args64, side, vec64)
+    primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
+    try:
+        near = [read(f([p * (1 + h) + h * (p == 0) for p in primals])) for h in POLE_STEPS]
+    except Exception:  # noqa: BLE001 - no evidence of a pole: the lone-value rule stands
+        return None
+    size = np.abs(near)
+    if not (np.all(np.isfinite(size)) and size[0] < size[1] < size[2] and size[2] - size[1] >= (size[1] - size[0]) / 2):
+        return None
+    return near
+
+
+def _forward_pole(pair: Any, args64: Sequence[Any], vec64: Any, side: str) -> bool:
+    """Whether `side`'s float64 forward is infinite at the example at a pole (`_pole`'s test): a
+    forward that is NaN, or infinite without growing towards it (a constant inf), is no pole."""
+    try:
+        leaves = forward64(pair, args64, side, vec64)([np.asarray(args64[i], np.float64) for i in pair.diff_args])
+    except Exception:  # noqa: BLE001 - no evidence either way: the lone-value rule stands
+        return False
+    for k, leaf in enumerate(leaves):
+        bad = ~np.isfinite(leaf)
+        if bad.any() and not np.isnan(leaf[bad]).any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0]) if leaf.ndim else ()
+            if _approach(pair, args64, vec64, side, lambda ls, k=k, at=at: float(np.asarray(ls[k])[at])):
+                return True
+    return False
 
 
 # Formats a side may quietly compute in: the name, its unit roundoff, and whether a value lies on

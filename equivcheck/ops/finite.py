@@ -80,7 +80,7 @@ def forward64(pair: Any, args64: Sequence[Any], side: str, vec: Vectors
     def f(diff_vals: Sequence[np.ndarray]) -> list[np.ndarray]:
         a = list(args64)
         for i, v in zip(pair.diff_args, diff_vals):
-            a[i] = v
+            a[i] = np.asarray(v)  # arithmetic on a 0-d array gives a NumPy scalar, which torch refuses
         if side == "reference":
             out = as_tree(pair.reference(*a))
         elif side == "torch":
