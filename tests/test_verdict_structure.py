@@ -133,3 +133,24 @@ def test_a_tangent_promoted_by_torchs_forward_ad_is_compared_at_the_output_dtype
     assert (fwd.outcome, jvp.outcome) == ("passed", "passed"), jvp.failure_text()
     promoted = any("another dtype than the output" in n for n in jvp.notes)
     assert promoted == (path == "torch.func.jvp")
+
+
+def test_a_forward_shape_mismatch_is_named_by_the_reference_shape():
+    """logsumexp over axis 0 on torch, over the last axis on JAX and in the reference: on (2, 4, 4)
+    torch gives [4, 4], JAX [2, 4]. The reference's shape names torch; without a reference no side
+    (found by a planted-bug trial: the forward named no side although the reference decides)."""
+    import jax
+    import scipy.special
+
+    from equivcheck.ops.diagnose import diagnose
+
+    x = np.random.default_rng(0).uniform(-5, 5, (2, 4, 4)).astype(np.float32)
+    pair = Pair("logsumexp_axis0_torch", lambda a: torch.logsumexp(a, dim=0), lambda a: jax.nn.logsumexp(a, axis=-1),
+                Inputs(Fixed((((2, 4, 4),),)), (Floats(-5, 5),)), reference=lambda a: scipy.special.logsumexp(a, axis=-1))
+    for ref, side in ((pair.reference, "torch"), (None, None)):
+        p = pair.replace(reference=ref)
+        ev = evaluate(p, [x], 0, dtype="float32", device="cpu", checks=("forward",))
+        verdict = judge(p, ev, "forward", tolerance.lookup("float32", check="forward"), [x])
+        assert verdict.kind == "shape", verdict
+        diagnose(p, "forward", [x], ev, verdict, dtype="float32")
+        assert verdict.side == side, verdict.diagnosis
