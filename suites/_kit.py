@@ -42,10 +42,16 @@ def cfg(**kw: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(kw.items()))
 
 
-@functools.lru_cache(maxsize=None)
 def module(cls: type, *args: Any, **kwargs: Any) -> torch.nn.Module:
-    """One torch module per configuration; its own parameters are never used."""
-    return cls(*args, **kwargs)
+    """One torch module per configuration and device (torch's default device, which the check
+    sets to its own: a module cached on the CPU would meet inputs on the GPU); where a pair calls
+    it through `call`, its own parameters are never used."""
+    return _module(torch.get_default_device(), cls, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device: torch.device, cls: type, *args: Any, **kwargs: Any) -> torch.nn.Module:
+    return cls(*args, **kwargs)  # built inside the device context: parameters and buffers on `device`
 
 
 def call(mod: torch.nn.Module, params: dict[str, Any], *inputs: Any, **kw: Any) -> Any:

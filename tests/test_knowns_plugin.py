@@ -78,8 +78,10 @@ def test_the_fixed_message_fits_a_user_s_own_pair(pytester):
     result, _, records = run(pytester, AGREES, "kd_eps  jax port uses eps 1e-5\n", "-k", "kd_eps")
     result.assert_outcomes(failed=1, deselected=1)
     message = records["kd_eps::forward::float32::cpu"]["message"]
-    assert "Either the port was fixed or the installed torch/jax changed: remove the entry" in message
+    assert ("Either the port was fixed, the installed torch/jax changed or this device (cpu) rounds otherwise: "
+            "remove the entry") in message
     assert "per-version file (`{torch}` or `{jax}` in its path" in message
+    assert "name theirs in its pattern" in message
     assert "suites/" not in message  # the project's own files are none of a user's business
 
 

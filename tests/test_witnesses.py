@@ -59,7 +59,7 @@ def test_settle_fails_a_known_divergence_whose_witness_now_agrees():
     assert settle([rec]) == []
     assert rec.outcome == "failed" and rec.kind == "fixed" and rec.side is None
     assert "'abs::vjp' no longer shows" in rec.message and "remove the entry" in rec.message
-    assert "Either the port was fixed or the installed torch/jax changed" in rec.message
+    assert "Either the port was fixed, the installed torch/jax changed" in rec.message
     assert "witness and 5 drawn examples agree" in rec.message
 
 

@@ -1,6 +1,7 @@
 """The PyTorch side: placement, precision mode, NumPy round trip, and eager derivatives."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,6 +48,15 @@ def device_of(device: str) -> torch.device:
     if not torch.cuda.is_available():
         raise RuntimeError("torch sees no CUDA device (torch.cuda.is_available() is False)")
     return torch.device("cuda", 0)
+
+
+def placed(dev: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Torch's default device set to `dev` while a user's torch function runs on a GPU: a tensor
+    it makes (a mask from torch.ones, a module it builds, a constant from torch.tensor) lands
+    beside its inputs instead of on the CPU ("Expected all tensors to be on the same device").
+    On the CPU nothing is entered: cpu is already the default, and the mode costs a Python call
+    per torch call."""
+    return torch.device(dev) if dev.type != "cpu" else contextlib.nullcontext()
 
 
 def device_name(device: str) -> str:
@@ -151,10 +161,17 @@ grad = _grad
 @deadline.side(NAME)
 def run(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks: Sequence[str],
         device: str, vectors_for: Callable[[list[np.ndarray]], Vectors]) -> tuple[SideResult, Vectors | None]:
-    """Forward, VJP (reverse), JVP (forward mode) and HVP (reverse over reverse), eagerly.
-    Errors are per check in the result; SideTimeout past the time limit (equivcheck.backends.deadline)."""
-    res = SideResult(NAME)
+    """Forward, VJP (reverse), JVP (forward mode) and HVP (reverse over reverse), eagerly, with
+    torch's default device the check's (`placed`). Errors are per check in the result; SideTimeout
+    past the time limit (equivcheck.backends.deadline)."""
     dev = device_of(device)
+    with placed(dev):
+        return _run(fn, args, diff, checks, dev, vectors_for)
+
+
+def _run(fn: Callable[..., Any], args: Sequence[Any], diff: Sequence[int], checks: Sequence[str],
+         dev: torch.device, vectors_for: Callable[[list[np.ndarray]], Vectors]) -> tuple[SideResult, Vectors | None]:
+    res = SideResult(NAME)
     wants_grad = bool(set(checks) & {"vjp", "hvp"})
     try:
         targs = [to_torch(a, dev, requires_grad=wants_grad and i in diff) for i, a in enumerate(args)]

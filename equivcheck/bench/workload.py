@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -82,14 +83,26 @@ def shapes_of(args: tuple[Any, ...]) -> list[Any]:
     return [[list(a.shape), str(a.dtype)] if isinstance(a, np.ndarray) else repr(a) for a in args]
 
 
-def cotangents(pair: Pair, args: tuple[Any, ...], dtype: str, device: str) -> list[np.ndarray]:
-    """The VJP's cotangents, shaped from torch's outputs as the checks shape them."""
+def cotangents(pair: Pair, args: tuple[Any, ...], dtype: str, device: str) -> tuple[list[np.ndarray], bool]:
+    """The VJP's cotangents, shaped from torch's outputs as the checks shape them, and whether
+    torch's function needs its default device set to the GPU (`placed`): it is timed outside
+    that mode (a Python call per torch call) unless it fails there, as one making its own
+    tensors on the CPU does."""
     tb = torch_side()
     dev = tb.device_of(device)
+    targs = [tb.to_torch(a, dev) for a in args]
+    placed = False
     with torch_grad(False):
-        out = pair.torch_fn(*[tb.to_torch(a, dev) for a in args])
+        try:
+            out = pair.torch_fn(*targs)
+        except RuntimeError:
+            if dev.type == "cpu":
+                raise
+            placed = True
+            with tb.placed(dev):
+                out = pair.torch_fn(*targs)
     leaves = [tb.to_numpy(x) for x in tb.float_leaves(out)]
-    return make_vectors(SEED, leaves, [args[i] for i in pair.diff_args]).ct
+    return make_vectors(SEED, leaves, [args[i] for i in pair.diff_args]).ct, placed
 
 
 @contextlib.contextmanager
@@ -120,12 +133,15 @@ def torch_workload(pair: Pair, check: str, args: tuple[Any, ...], dtype: str, de
     wants = check == "vjp"
     targs = [tb.to_torch(a, dev, requires_grad=wants and i in pair.diff_args) for i, a in enumerate(args)]
     primals = [targs[i] for i in pair.diff_args]
-    cts = [tb.to_torch(c, dev) for c in cotangents(pair, args, dtype, device)] if wants else []
+    cts, placed = cotangents(pair, args, dtype, device)
+    cts = [tb.to_torch(c, dev) for c in cts] if wants else []
+    context = functools.partial(tb.placed, dev) if placed else contextlib.nullcontext
 
     def call() -> Any:
-        out = fn(*targs)
-        if wants:  # gradients only: outputs were never leaves, so nothing accumulates between calls
-            out = tb.grad(tb.float_leaves(out), primals, cts, create_graph=False)
+        with context():
+            out = fn(*targs)
+            if wants:  # gradients only: outputs were never leaves, so nothing accumulates between calls
+                out = tb.grad(tb.float_leaves(out), primals, cts, create_graph=False)
         tb.sync(device)
         return out
 
@@ -141,7 +157,8 @@ def torch_workload(pair: Pair, check: str, args: tuple[Any, ...], dtype: str, de
         "synchronised: torch.cuda.synchronize() after every call" if device == "gpu"
         else "synchronised: torch's CPU kernels return when done",
         "compile time apart: first call minus the second" if compiled else "no compile step (eager)",
-    ]
+    ] + ([("torch's default device set to the GPU while timed (torch.device mode, a Python call per torch "
+           "call): its function makes tensors of its own and fails without it")] if placed else [])
     return Workload("torch.compile" if compiled else "torch", call, compile_seconds, first, memory, measure,
                     rules + shared_rules(), torch.get_num_threads())
 
@@ -155,7 +172,7 @@ def jax_workload(pair: Pair, check: str, args: tuple[Any, ...], dtype: str, devi
     jb = jax_side()
     dev = jb.device_of(device)
     program = jb.check_program(pair.jax_fn, args, pair.diff_args, (check,))
-    cts = cotangents(pair, args, dtype, device) if check == "vjp" else []
+    cts = cotangents(pair, args, dtype, device)[0] if check == "vjp" else []
     with jb.x64(wide(pair, dtype)), no_persistent_cache():
         dyn = [jax.device_put(a, dev) for a in args if isinstance(a, np.ndarray)]
         cts_dev = [jax.device_put(c, dev) for c in cts]

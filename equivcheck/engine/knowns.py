@@ -187,10 +187,11 @@ def settle(records: list[Any], *, lenient: bool = False) -> list[str]:
             continue
         message = (f"known divergence {rec.known_pattern!r} no longer shows: its witness"
                    f"{'es' * (rec.witnessed > 1)} and {max(rec.examples - rec.witnessed, 0)} drawn examples agree "
-                   "within the table. Either the port was fixed or the installed torch/jax changed: remove the "
-                   "entry, or, if other versions still show it, move it to a per-version file (`{torch}` or "
-                   "`{jax}` in its path stands for the installed major.minor version); --equiv-known-lenient "
-                   "makes this a warning")
+                   "within the table. Either the port was fixed, the installed torch/jax changed or this device "
+                   f"({rec.device}) rounds otherwise: remove the entry, or, if other versions still show it, move "
+                   "it to a per-version file (`{torch}` or `{jax}` in its path stands for the installed "
+                   "major.minor version), or, if other devices do, name theirs in its pattern "
+                   "(`pair::check::*::cpu`); --equiv-known-lenient makes this a warning")
         if lenient:
             rec.notes.append(message)
             warnings.append(f"{rec.id}: {message}")

@@ -65,6 +65,28 @@ def _dropout_hooks(model: Any, masks: dict[str, Any], seed: int, step: int) -> l
     return handles
 
 
+def _rnn_hooks(model: Any, train: bool, device: str) -> list[Any]:
+    """cuDNN off around each RNN module's forward, for gradients in eval mode on a GPU: cuDNN's RNN
+    has no backward there ("cudnn RNN backward can only be called in training mode"); torch's
+    native RNN kernels compute the same function and differentiate it. Other modules keep cuDNN
+    (and its TF32 convolutions). Undone per module; the caller restores the flag whatever happens."""
+    import torch
+
+    if train or device == "cpu":
+        return []
+    saved: list[bool] = []
+
+    def off(mod: Any, args: Any) -> None:
+        saved.append(torch.backends.cudnn.enabled)
+        torch.backends.cudnn.enabled = False
+
+    def back(mod: Any, args: Any, out: Any) -> None:
+        torch.backends.cudnn.enabled = saved.pop()
+
+    return [h for m in model.modules() if isinstance(m, torch.nn.RNNBase)
+            for h in (m.register_forward_pre_hook(off), m.register_forward_hook(back))]
+
+
 def to_torch_args(args: Sequence[Any], device: str) -> list[Any]:
     from equivcheck.backends.torch import device_of, to_torch
 
@@ -101,17 +123,21 @@ def torch_state(model: Any) -> dict[str, np.ndarray]:
 def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, train: bool, seed: int,
                device: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """({"loss", "out"}, gradients by torch parameter name)."""
+    import torch
+
     from equivcheck.backends.torch import to_numpy
 
     masks: dict[str, Any] = {}
     model.train(train)
     model.zero_grad(set_to_none=True)
-    handles = _dropout_hooks(model, masks, seed, 0)
+    cudnn = torch.backends.cudnn.enabled
+    handles = _dropout_hooks(model, masks, seed, 0) + _rnn_hooks(model, train, device)
     try:
         out = model(*to_torch_args(inputs, device))
         loss = pair.loss.torch_fn(out, to_torch_args([target], device)[0])
         loss.backward()
     finally:
+        torch.backends.cudnn.enabled = cudnn
         for h in handles:
             h.remove()
     grads = {n: to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape), to_numpy(p.detach()).dtype)
