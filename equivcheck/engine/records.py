@@ -27,8 +27,22 @@ class RunSettings:
     # run; None: none, so a seed replays exactly on any machine (equivcheck.engine.search)
     failures_db: str | None = None
 
+    # Palettes per check across seeds (0: each seed its own). Seeds below it keep the palettes
+    # they always had: run seed s draws ring entry s % SHAPE_RING.
+    shape_ring: int = 8
+
     def item_seed(self, *parts: str) -> int:
         return zlib.crc32(":".join([str(self.seed), *parts]).encode())
+
+    def shape_seed(self, *parts: str) -> int:
+        """The seed a check's shape palette is drawn from: the run's seed modulo `shape_ring`.
+        Every new seed (a nightly's, `tox -e equiv`'s) drew new shapes, and each shape costs one XLA
+        compilation per program (~160 ms, against ~0.1 ms for a cached call): with a ring, runs
+        share `shape_ring` palettes per check, which JAX's persistent compilation cache keeps,
+        while values still come from the run's seed. `--equiv-shapes 0` draws a fresh shape
+        every example instead."""
+        seed = self.seed % self.shape_ring if self.shape_ring > 0 else self.seed
+        return zlib.crc32(":".join([str(seed), *parts]).encode())
 
 
 @dataclasses.dataclass

@@ -58,10 +58,10 @@ def _palette(pair: Any, seed: int, size: int) -> list[Any]:
 def _strategy(pair: Any, check: str, dtype: str, run: RunSettings) -> st.SearchStrategy:
     seeds = st.integers(0, 2**16 - 1)
     if check == "train":
-        shapes = _palette(pair, run.item_seed(pair.name, check, dtype, run.device), 1)
+        shapes = _palette(pair, run.shape_seed(pair.name, check, dtype, run.device), 1)
         return st.tuples(st.sampled_from(shapes), seeds, seeds, st.integers(1, pair.steps)).map(
             lambda t: Example(shapes=t[0], seed=t[1], batch_seed=t[2], steps=t[3]))
-    palette = _palette(pair, run.item_seed(pair.name, check, dtype, run.device), PALETTE)
+    palette = _palette(pair, run.shape_seed(pair.name, check, dtype, run.device), PALETTE)
     return st.tuples(pair.inputs.strategy(dtype, palette), seeds).map(lambda t: Example(args=t[0], seed=t[1]))
 
 

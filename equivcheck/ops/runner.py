@@ -155,7 +155,7 @@ def _palette(pair: Pair, dtype: str, run: RunSettings) -> list[Any] | None:
     if not run.palette:
         return None
     try:
-        return pair.inputs.palette(run.item_seed(pair.name, dtype, run.device), run.palette)
+        return pair.inputs.palette(run.shape_seed(pair.name, dtype, run.device), run.palette)
     except ShapeRuleError:
         raise
     except Exception as exc:  # a rule's own palette(): its fault, reported like sample()'s

@@ -45,7 +45,7 @@ class _Failed(Exception):
 
 def _palette(pair: Any, check: str, problem: Problem, dtype: str, run: RunSettings) -> list[Any]:
     size = 2 if check == "step" else 1  # trajectories compile a 100-step scan: one shape set each
-    return problem.palette(run.item_seed(pair.name, problem.name, dtype, run.device), size)
+    return problem.palette(run.shape_seed(pair.name, problem.name, dtype, run.device), size)
 
 
 def _strategy(pair: Any, check: str, dtype: str, run: RunSettings) -> st.SearchStrategy:
