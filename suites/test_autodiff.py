@@ -148,6 +148,16 @@ def np_glu(x):
     return a / (1 + np.exp(-b))
 
 
+def j_cholesky_inverse(f):
+    eye = jnp.broadcast_to(jnp.eye(f.shape[-1], dtype=f.dtype), f.shape)
+    return jax.scipy.linalg.cho_solve((jnp.tril(f), True), eye)
+
+
+def np_cholesky_inverse(f):
+    lower = np.tril(f)
+    return np.linalg.inv(lower @ np.swapaxes(lower, -1, -2))
+
+
 def _tall(rng):
     n = int(rng.integers(1, 5))
     return ((*(int(b) for b in rng.integers(1, 3, size=rng.integers(0, 2))), n + int(rng.integers(0, 3)), n),)
@@ -225,6 +235,17 @@ PAIRS = Registry([
     ew("cos", torch.cos, jnp.cos, Floats(-50, 50), np.cos),
     ew("tan", torch.tan, jnp.tan, Floats(-1.5, 1.5), np.tan),
     ew("tanh", torch.tanh, jnp.tanh, Floats(-20, 20), np.tanh),
+    # Near 0 both sides differentiate sin(pi x)/(pi x) by formula, whose terms of size 1/x (second
+    # derivative: 1/x^2) cancel: below |x| ~ 0.15 their float32 HVPs differ beyond the table (34x its
+    # bound at x = 1e-2 for unit vectors), first derivatives below ~0.03. Magnitudes start at 0.25
+    # here; 0 itself is drawn often, tiny magnitudes have their own pair (sinc_tiny).
+    ew("sinc", torch.sinc, jnp.sinc, Floats(-10, 10, special=(0.0, 0.5, 1.0, -1.0, 2.0), min_magnitude=0.25),
+       np.sinc, dtypes=("float32", "float64"), witnesses=(([0.0],),)),  # sinc::hvp: torch NaN at 0
+    ew("sinc_tiny", torch.sinc, jnp.sinc, Floats(-1e-30, 1e-30), np.sinc, dtypes=("float32", "float64"),
+       checks=NO_HVP, witnesses=(([4.7e-38],),),  # sinc_tiny::jvp, ::vjp: JAX -inf in float32
+       doc="tiny magnitudes: JAX's sinc derivative is -inf where (pi x)**2 underflows. No HVP: neither side's "
+           "is right here (exactly -pi**2/3): NaN on both in float32 (in float64 below ~1e-154), above that "
+           "torch 0 and JAX noise of size eps/x**2"),
     # Near the origin |grad| ~ 1/r and |H| ~ 1/r^2 overflow, each side to its own inf or NaN:
     # magnitudes below 1e-3 are left out, the origin itself is drawn often.
     Pair("atan2", torch.atan2, jnp.arctan2,
@@ -385,6 +406,12 @@ PAIRS = Registry([
     Pair("cholesky_raw", torch.linalg.cholesky, jnp.linalg.cholesky, Inputs(Square(), (Matrices("spd"),)),
          reference=np.linalg.cholesky, witnesses=(([[1.0, 0.0], [0.0, 1.0]],),),
          doc="torch reads the lower triangle only; jnp.linalg.cholesky symmetrises (symmetrize_input=True)"),
+    # The input is the Cholesky factor L; both sides read its lower triangle (tril: torch's backward
+    # alone would give the upper triangle, which its forward ignores, the gradient of a full F in
+    # (F F^T)^-1). witness of cholesky_inverse::jvp: torch's JVP is wrong on any non-diagonal factor.
+    Pair("cholesky_inverse", lambda f: torch.cholesky_inverse(torch.tril(f)), j_cholesky_inverse,
+         Inputs(Square(), (Matrices("cholesky"),)), reference=np_cholesky_inverse, tags={"matmul"},
+         witnesses=(([[1.0, 0.0], [1.0, 1.0]],),)),
     Pair("qr", t_qr, j_qr, Inputs(Custom(_tall, ((1, 1),)), (Matrices("general"),)), reference=np_qr),
     Pair("eigh", t_eigh, j_eigh, Inputs(Square(), (Matrices("symmetric"),)), reference=np_eigh,
          doc="symmetrised input and sign-fixed eigenvectors: the function is then well defined"),

@@ -93,7 +93,7 @@ def test_unique_arrays_have_distinct_elements():
     check()
 
 
-@pytest.mark.parametrize("kind", ["spd", "general", "symmetric", "distinct"])
+@pytest.mark.parametrize("kind", ["spd", "general", "symmetric", "distinct", "cholesky"])
 def test_matrices_have_the_promised_structure(kind):
     shape = (2, 4, 4) if kind != "distinct" else (3, 2)
 
@@ -109,10 +109,19 @@ def test_matrices_have_the_promised_structure(kind):
         elif kind == "symmetric":
             w = np.linalg.eigvalsh(a)
             assert np.all(np.diff(w, axis=-1) >= 0.99)
+        elif kind == "cholesky":
+            assert np.array_equal(a, np.tril(a)) and np.all(np.diagonal(a, axis1=-2, axis2=-1) > 0)
+            w = np.linalg.eigvalsh(a @ np.swapaxes(a, -1, -2))
+            assert np.all(w >= 0.99) and np.all(w <= 10.01)
         else:
             assert np.all(-np.diff(s, axis=-1) >= 0.99)
 
     check()
+
+
+def test_matrices_refuse_an_unknown_kind():
+    with pytest.raises(ValueError, match="kind 'chol' is not one of spd, general, symmetric, distinct, cholesky"):
+        Matrices("chol")
 
 
 def test_indices_point_into_their_array():

@@ -19,11 +19,19 @@ class Matrices:
           "general"   any (.., m, n), full rank, singular values in [1, 10] (inv, solve, det, qr)
           "symmetric" symmetric, eigenvalues at least 1 apart (eigh: gradients need gaps)
           "distinct"  any (.., m, n), singular values at least 1 apart (svd)
+          "cholesky"  the lower Cholesky factor of an "spd" draw: lower triangular, positive
+                      diagonal, L @ L.T with eigenvalues in [1, 10] (cholesky_inverse, cho_solve)
     Drawn as a random orthogonal basis (from a seed Hypothesis draws) and a spectrum (drawn by
     Hypothesis), composed in float64 and rounded once, so both sides get the same bits.
     """
 
     kind: str = "spd"
+
+    KINDS = ("spd", "general", "symmetric", "distinct", "cholesky")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"Matrices: kind {self.kind!r} is not one of {', '.join(self.KINDS)}")
 
     def draw(self, dtype, shape, shapes):
         m, n = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, 1)
@@ -55,9 +63,11 @@ class Matrices:
                     sig = sig * np.where(np.arange(len(s)) % 2, -1, 1)
             else:
                 sig = 1.0 + 9.0 * s
-            if self.kind in ("spd", "symmetric"):
+            if self.kind in ("spd", "symmetric", "cholesky"):
                 a = (q1 * sig) @ q1.T
                 a = (a + a.T) / 2
+                if self.kind == "cholesky":
+                    a = np.linalg.cholesky(a)
             else:
                 a = (q1[:, :k] * sig) @ q2[:, :k].T
             out[i] = a
