@@ -34,16 +34,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suites", default=",".join(SUITES), help="comma-separated: " + ", ".join(SUITES))
     ap.add_argument("--workers", default="2", help="pytest-xdist workers ('0': none)")
     ap.add_argument("--dtypes", default="float32,float64")
+    # Where `tox -e equiv` keeps its programs: with shapes from a ring of palettes (seed % 8), a
+    # seed on an entry that ran before compiles nothing new, and Fixed shapes are shared by all.
+    ap.add_argument("--jax-cache", default=str(ROOT / ".pytest_cache" / "d" / "equivcheck-jax"),
+                    help="JAX's persistent compilation cache, shared by the seeds ('none': off)")
     args = ap.parse_args(argv)
 
     seeds = ([int(s) for s in args.seed_list.split(",")] if args.seed_list
              else [random.SystemRandom().randrange(2**31) for _ in range(args.seeds)])
     suites = [f"suites/test_{s}.py" for s in args.suites.split(",")]
+    if args.jax_cache != "none":
+        Path(args.jax_cache).mkdir(parents=True, exist_ok=True)
     rows, summary = [], []
     for seed in seeds:
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, "-m", "pytest", "--equiv", *suites, "--equiv-seed", str(seed), "--equiv-examples",
-                   str(args.examples), "--equiv-dtypes", args.dtypes, "--equiv-report", out, "-q", "-p",
+                   str(args.examples), "--equiv-dtypes", args.dtypes, "--equiv-report", out, "--equiv-jax-cache",
+                   args.jax_cache, "-q", "-p",
                    "no:cacheprovider", *(["-n", args.workers] if args.workers != "0" else [])]
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

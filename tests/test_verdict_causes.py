@@ -165,6 +165,16 @@ def test_a_float32_only_rounding_to_bfloat16_that_vanishes_in_float64_gets_the_h
     assert "is what bfloat16 rounding gives, and the gap vanishes in float64" in verdict.diagnosis, verdict.diagnosis
 
 
+def test_the_bfloat16_hint_names_cancellation_too_since_its_values_cannot_tell_them_apart():
+    # The planted-bug trial's naive variance E[x^2] - E[x]^2 at [100, 100.90625] in float32: the side
+    # was right (torch), the hint asked only "does it compute in bfloat16?"
+    pair = Pair("var_naive", lambda x: (x * x).mean(-1) - x.mean(-1) ** 2, lambda x: jnp.var(x, axis=-1),
+                unary(Floats(100, 101)), checks=("forward",), reference=lambda x: np.var(x, axis=-1))
+    verdict = verdict_on(pair, "forward", [np.array([100.0, 100.90625], np.float32)], "float32")
+    assert verdict.side == "torch", verdict.diagnosis
+    assert "or its float32 formula cancels much larger terms" in verdict.diagnosis, verdict.diagnosis
+
+
 def _relu_grad_off(x):
     """relu with its forward exact and its derivative 0.5 too large where x <= 0."""
     return torch.relu(x) + 0.5 * (x - x.detach()) * (x <= 0)
