@@ -1,5 +1,5 @@
-"""'both' when both sides are off, not only when their errors are within DECISIVE of each other
-(finding F3 of the planted-bug trial)."""
+"""'both' when both sides are off: not only when their errors are within DECISIVE of each other (F3 of
+the planted-bug trial), and for derivatives when each follows its own wrong forward (F4)."""
 from __future__ import annotations
 
 import math
@@ -35,3 +35,16 @@ def test_the_far_side_alone_is_named_when_the_near_side_is_within_the_bound():
         name="gelu_exact_vs_sigmoid", torch_fn=lambda x: F.gelu(x), jax_fn=lambda x: x * jax.nn.sigmoid(1.702 * x))
     verdict = verdict_on(pair, "forward", [np.array(1.0, np.float32)], "float32")
     assert verdict.side == "jax", verdict.diagnosis
+
+
+def test_derivatives_of_two_wrong_forwards_are_both_off():
+    # Planted-bug trial F4: with both forwards off the reference, the derivative checks read "the
+    # pair's float64 reference is not the function either side computes near this point" and
+    # named no side; each side's derivative is its own forward's.
+    pair = _pair(lambda x: x * jax.nn.sigmoid(1.702 * x))
+    for check in ("vjp", "jvp"):
+        verdict = verdict_on(pair.replace(checks=(check,)), check, [np.array(1.0, np.float32)], "float32")
+        assert verdict.side == "both", verdict.diagnosis
+        assert "each side's derivative is that of its own forward" in verdict.diagnosis
+    # The guard's own case, a reference slip, stays undecided: tests/test_verdict_scales.py.
+

@@ -197,7 +197,10 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
             # often), but the lone non-finite value is evidence enough, and said as such.
             verdict.side, verdict.diagnosis = lone[0], lead + "; " + lone[1]
             return
-        verdict.side, verdict.local = None, found.local
+        verdict.side, verdict.local = found.side, found.local
+        if found.side:
+            verdict.diagnosis = lead + "; " + found.why
+            return
         # Unstable differences and no agreement in float64: a derivative exactly zero by cancelling
         # terms of size 1/eps-ish (std of two close values) looks the same as two different formulas.
         verdict.diagnosis = (found.why if found.kink else

@@ -59,6 +59,7 @@ class Arbitration:
     forwards_differ: bool = False
     unstable: bool = False  # the differences, not the sides, are what cannot decide at this example
     unsettled: np.ndarray | None = None  # elements of `ref` the differences could not settle: left out
+    side: str | None = None  # named without a `ref`: "both" where each follows its own, wrong, forward
 
     @property
     def local(self) -> bool:
@@ -215,11 +216,11 @@ def _reference_near(pair: Any, check: str, path: str, index: tuple[int, ...], re
     the differences' own drift between steps h and h/2, and 1e-6 of their size for rounding
     amplified by 1/h (~1e5 eps)."""
     steps, where = ref.one_sided(pair, check, path, index)
-    seen = []
+    seen, drift, fns = [], 0.0, {}
     for side in ("torch", "jax"):
         try:
-            own = _Differences(forward64(pair, args64, side, vec), ref.primals, vec).one_sided(pair, check, path,
-                                                                                               index)[0]
+            fns[side] = forward64(pair, args64, side, vec)
+            own = _Differences(fns[side], ref.primals, vec).one_sided(pair, check, path, index)[0]
         except Exception:  # noqa: BLE001 - a side that cannot be differenced is no evidence against it
             return None
         both = np.array([steps, own], dtype=np.float64)  # [function, step, left/right]
@@ -230,6 +231,19 @@ def _reference_near(pair: Any, check: str, path: str, index: tuple[int, ...], re
         if off <= slack:
             return None
         seen.append(float(np.mean(both[1, -1])))
+        drift += float(np.sum(np.abs(both[1, 0] - both[1, 1])))
+    t, j = float(t64[index]), float(j64[index])
+    tol = lookup("float64", check="forward", tags=pair.tags, override=pair.tolerance_for("float64", "forward"))
+    if (abs(seen[0] - seen[1]) > DECISIVE * max(abs(t - seen[0]), abs(j - seen[1]), drift)
+            and not any(compare(fns[s](ref.primals), ref.f(ref.primals), tol).ok for s in fns)):
+        # Not a reference slip (a side whose forward is the reference's at the example, NumPy's
+        # lower-triangle cholesky): both forwards differ from it there and from each other near
+        # it, each derivative its own forward's. Two approximations of gelu against erf's.
+        return Arbitration(None, (
+            f"each side's derivative is that of its own forward (one-sided differences of each side's float64 "
+            f"forward give torch {seen[0]:.6g}, jax {seen[1]:.6g} {where}; the sides give torch {t:.6g}, jax "
+            f"{j:.6g}), and neither forward is the pair's float64 reference near this point (its differences give "
+            f"{float(np.mean(steps[-1])):.6g}): both are off, as their forwards are"), side="both")
     return Arbitration(None, (
         f"the pair's float64 reference is not the function either side computes near this point: its one-sided "
         f"differences give {float(np.mean(steps[-1])):.6g} {where}, each side's own float64 forward torch "
