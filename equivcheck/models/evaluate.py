@@ -24,7 +24,7 @@ from equivcheck.optim.trajectory import compare_steps
 
 __all__ = ["ROUNDING_FACTOR", "SCALE_OF", "Example", "Result", "evaluate", "mapping", "stack"]
 
-SCALE_OF = {"forward": "forward", "modes": "forward", "grad": "vjp", "train": "vjp", "fit": "vjp"}
+SCALE_OF = {"forward": "forward", "modes": "forward", "grad": "vjp", "train": "vjp", "fit": "vjp", "onnx": "forward"}
 # XLA's float32 transcendental functions are a few ulps off where torch's are within one (tanh 4.2
 # vs 0.56 ulp, equivcheck.optim.sides): one side's float32 run may sit that much further from float64
 # than the other's (which side is not assumed: a torch side wrong in float32 must not excuse the port).

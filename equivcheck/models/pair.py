@@ -15,7 +15,9 @@ Checks (equivcheck.models.runner): `forward` (eval mode, drawn inputs and weight
 (a train-mode forward with matched dropout masks, the BatchNorm running statistics it
 leaves, and eval mode after it), `train` (K optimizer steps on the same batches, losses,
 parameters and statistics compared at every step under a bound growing with the step) and
-`fit` (a whole training run on a data set, loss curves and test accuracy). On a failure
+`fit` (a whole training run on a data set, loss curves and test accuracy) and `onnx` (the torch
+model exported to ONNX and run in ONNX Runtime, three ways against torch and the port:
+equivcheck.onnx). On a failure
 the first diverging layer is localised (equivcheck.models.localise).
 
 The port marks its layers with `tap(name, value)`: the name of the torch module whose
@@ -34,7 +36,7 @@ from equivcheck.engine.tolerance import Tolerance, require_reasons
 from equivcheck.ops.pairs import Pair
 from equivcheck.ops.strategies import Inputs
 
-MODEL_CHECKS = ("forward", "grad", "modes", "train", "fit")
+MODEL_CHECKS = ("forward", "grad", "modes", "train", "fit", "onnx")
 
 __all__ = ["MODEL_CHECKS", "Fit", "Loss", "ModelPair", "cross_entropy", "mse"]
 
@@ -102,6 +104,8 @@ class ModelPair:
     steps        K, the length of the `train` trajectory (drawn trajectories are 1..K steps)
     witnesses    check -> `equivcheck.models.evaluate.Example`s run first on every seed (args as
                  nested lists, cast to each dtype like `Inputs.cast`): where a known divergence shows
+    onnx_export  the `onnx` check's exporter, (model, torch args, directory, name) -> equivcheck.onnx.Exported;
+                 None: equivcheck.onnx.export_model (dynamo exporter, dynamic batch, eval mode)
     """
 
     name: str
@@ -125,6 +129,7 @@ class ModelPair:
     doc: str = ""
     tags: frozenset[str] = frozenset()
     witnesses: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    onnx_export: Callable[..., Any] | None = None
 
     family = "models"  # the report section (engine.kind.FAMILIES)
     all_checks = MODEL_CHECKS
@@ -141,6 +146,8 @@ class ModelPair:
         for label in ("torch_model", "jax_apply"):
             if not callable(getattr(self, label)):
                 raise TypeError(f"ModelPair {self.name!r}: {label} must be callable")
+        if self.onnx_export is not None and not callable(self.onnx_export):
+            raise TypeError(f"ModelPair {self.name!r}: onnx_export must be callable (model, args, directory, name)")
         if self.to_jax is not None and not callable(self.to_jax):
             raise TypeError(f"ModelPair {self.name!r}: to_jax must be callable (torch module -> the port's params)")
         if self.to_jax is not None and self.rules:
@@ -157,7 +164,7 @@ class ModelPair:
         bad = [c for c in self.checks if c not in MODEL_CHECKS]
         if bad or not self.checks:
             raise ValueError(f"ModelPair {self.name!r}: checks {bad or '()'} not among {MODEL_CHECKS}")
-        bad = [c for c in self.witnesses if c not in MODEL_CHECKS or c in ("train", "fit")]
+        bad = [c for c in self.witnesses if c not in MODEL_CHECKS or c in ("train", "fit", "onnx")]
         if bad:
             raise ValueError(f"ModelPair {self.name!r}: witnesses for {bad}: only forward, grad and modes take them")
         needs = {"grad": "loss", "train": "loss", "fit": "loss"}

@@ -122,6 +122,10 @@ def run_model_pair(pair: Any, *, dtype: str, run: RunSettings,
                                  "sampler) must give a tuple of one shape per array argument")
         elif check == "fit":
             run_fit(pair, rec, ents, dtype, run, base)
+        elif check == "onnx":
+            from equivcheck.onnx.check import run_onnx_check  # onnx, onnxruntime only when the check runs
+
+            run_onnx_check(pair, rec, ents, dtype, run, base)
         else:
             accepted: list[Result] = []
             seen, failed = _run_check(pair, check, ents, dtype, run, base, hit is not None, accepted)

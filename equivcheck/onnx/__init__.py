@@ -1,0 +1,18 @@
+"""ONNX Runtime as a third implementation: the torch model exported to ONNX, run, and checked three ways.
+
+export      export_model (dynamo exporter, TorchScript fallback, dynamic batch, eval mode), Exported,
+            ExportError, available (the optional extra `equivcheck[onnx]`)
+session     Graph: an ONNX file in an InferenceSession, validated against the model (GraphMismatch,
+            LoadError, DeviceUnavailable)
+threeway    three_way: torch vs ONNX Runtime vs the JAX port pairwise, and which one is off
+check       run_onnx_check: the `onnx` check of a ModelPair (equivcheck.models.runner calls it)
+
+onnx, onnxscript and onnxruntime are imported only when a function here runs.
+"""
+from equivcheck.onnx.export import EXTRA_HINT, Exported, ExportError, available, export_model, input_names, opset_of
+from equivcheck.onnx.session import DeviceUnavailable, Graph, GraphMismatch, LoadError, providers_for
+from equivcheck.onnx.threeway import SIDES, ThreeWay, three_way
+
+__all__ = ["EXTRA_HINT", "SIDES", "DeviceUnavailable", "ExportError", "Exported", "Graph", "GraphMismatch",
+           "LoadError", "ThreeWay", "available", "export_model", "input_names", "opset_of", "providers_for",
+           "three_way"]

@@ -1,0 +1,95 @@
+"""Three implementations compared pairwise, and which one is off.
+
+torch, ONNX Runtime and the JAX port each give an output tree for the same inputs; every pair is
+compared by the engine's `compare` under the same tolerance (from the table). The side that is off
+is the one that disagrees with both others while those two agree (two witnesses against one).
+When that does not decide (all three disagree, or only one pair does), torch's float64 forward on
+the same inputs is the reference: the sides past the tolerance against it are named, else the one
+furthest from it. NumPy trees only; no framework is imported here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from equivcheck.engine.compare import Verdict, compare, flatten
+from equivcheck.engine.tolerance import Tolerance
+
+__all__ = ["PAIRS", "SIDES", "ThreeWay", "three_way"]
+
+SIDES = ("torch", "onnx", "jax")
+# compare() words its messages as "torch ... jax"; each pair renames the side that is not one of those
+PAIRS = (("torch", "onnx"), ("torch", "jax"), ("onnx", "jax"))
+
+
+@dataclasses.dataclass
+class ThreeWay:
+    """The outcome: ok, the side(s) off ("torch" | "onnx" | "jax", "+"-joined when several), the
+    pairwise verdicts keyed "a-b", the worst ratio (error / allowed) over the three pairs, and a
+    message naming the disagreeing pairs and how the side was decided."""
+
+    ok: bool
+    side: str | None
+    verdicts: dict[str, Verdict]
+    ratio: float
+    message: str = ""
+    how: str = ""
+
+
+def _relabel(text: str, a: str, b: str) -> str:
+    if (a, b) == ("torch", "onnx"):
+        return re.sub(r"\bjax\b", "onnx", text)
+    if (a, b) == ("onnx", "jax"):
+        return re.sub(r"\btorch\b", "onnx", text)
+    return text
+
+
+def _distance(tree: Any, ref: Any) -> float:
+    """The largest |x - ref| over the leaves (inf where shapes or finiteness differ)."""
+    worst = 0.0
+    for (_, x), (_, r) in zip(flatten(tree), flatten(ref)):
+        x, r = np.asarray(x, np.float64), np.asarray(r, np.float64)
+        if x.shape != r.shape:
+            return float("inf")
+        d = np.abs(x - r)
+        worst = max(worst, float(np.max(np.where(np.isnan(d), np.inf, d), initial=0.0)))
+    return worst
+
+
+def three_way(outs: Mapping[str, Any], tol: Tolerance, reference: Callable[[], Any] | None = None) -> ThreeWay:
+    """Compare outs["torch"], outs["onnx"], outs["jax"] (NumPy trees of one structure) pairwise under
+    `tol`. `reference()`: torch's float64 output on the same inputs, called only when two witnesses
+    against one do not decide (it costs a float64 model run). Raises KeyError if a side is missing."""
+    verdicts = {f"{a}-{b}": compare(outs[a], outs[b], tol) for a, b in PAIRS}
+    ratio = max(v.ratio if v.kind in ("match", "values") else float("inf") for v in verdicts.values())
+    bad = [(a, b) for a, b in PAIRS if not verdicts[f"{a}-{b}"].ok]
+    if not bad:
+        return ThreeWay(True, None, verdicts, ratio)
+    message = "; ".join(f"{a} vs {b}: {_relabel(verdicts[f'{a}-{b}'].message, a, b)}" for a, b in bad)
+    # the side in both failing pairs, when the third pair (the two others) agrees
+    if len(bad) == 2:
+        (odd,) = set(bad[0]) & set(bad[1])
+        return ThreeWay(False, odd, verdicts, ratio, message,
+                        f"{odd} disagrees with both others, which agree with each other")
+    if reference is None:
+        return ThreeWay(False, None, verdicts, ratio, message, "undecided: no float64 reference")
+    try:
+        ref = reference()
+    except Exception as exc:  # noqa: BLE001 - no reference leaves the failure standing, undecided
+        return ThreeWay(False, None, verdicts, ratio, message,
+                        f"undecided: torch's float64 reference raised {type(exc).__name__}: {exc}")
+    # in float64, so the reference's own dtype is no finding; the float32 bound is the one the sides face
+    wide = {s: [np.asarray(x, np.float64) for _, x in flatten(outs[s])] for s in SIDES}
+    ref = [np.asarray(x, np.float64) for _, x in flatten(ref)]
+    off = [s for s in SIDES if not compare(ref, wide[s], tol).ok]
+    dist = {s: _distance(outs[s], ref) for s in SIDES}
+    if not off or len(off) == len(SIDES):
+        off = [max(dist, key=lambda s: dist[s])]
+    far = ", ".join(f"{s} {dist[s]:.3g}" for s in SIDES)
+    return ThreeWay(False, "+".join(off), verdicts, ratio, message,
+                    f"{'all three disagree' if len(bad) == 3 else 'one pair disagrees'}: against torch's float64 "
+                    f"forward (largest distance: {far}), {' and '.join(off)} {'is' if len(off) == 1 else 'are'} off")
