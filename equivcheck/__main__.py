@@ -5,9 +5,11 @@
     python -m equivcheck html REPORT.json [-o OUT]   a report's HTML page (default: beside it, .html)
     python -m equivcheck convert IN OUT [--check]    a checkpoint from one format to another
     python -m equivcheck claims BENCH.json [...]     torch/JAX speed and memory ratios, and the claims they bear on
+    python -m equivcheck onnx MODEL.onnx --torch mod:factory [--jax mod:apply]   an exported file against torch
+                                                     (and the JAX port)
 
 Exit codes, every command: 0 all well; 1 the answer is "no" (compare: a regression; convert
---check: the two checkpoints differ); 2 the question could not be asked (a file unreadable,
+--check: the two checkpoints differ; onnx: a side is off); 2 the question could not be asked (a file unreadable,
 unwritable, corrupt or of the wrong kind), with one line on stderr naming the path and why;
 compare: 3 a report is of a partial run (interrupted, -x) and --allow-partial was not given;
 convert ended by SIGTERM: 143, its partial output removed.
@@ -116,6 +118,30 @@ def _html(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(option: str, value: str, least: int) -> int:
+    """An integer option >= least; ValueError with the one line otherwise (argparse's type=int would
+    answer with its usage block)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{option} {value}: not an integer") from None
+    if n < least:
+        raise ValueError(f"{option} {value}: must be at least {least}")
+    return n
+
+
+def _onnx(args: argparse.Namespace) -> int:
+    from equivcheck.onnx.cli import BadInput, run
+
+    try:
+        examples, batch = _count("--examples", args.examples, 1), _count("--batch", args.batch, 1)
+        seed = _count("--seed", args.seed, 0)
+        return run(args.model, args.torch, args.jax, examples=examples, seed=seed, batch=batch, dims=args.dim)
+    except (BadInput, ValueError) as exc:
+        print(f"equivcheck onnx: {exc}", file=sys.stderr)
+        return 2
+
+
 def _terminated(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # the shell's code for "ended by signal N"
 
@@ -222,6 +248,26 @@ def main(argv: list[str] | None = None) -> int:
     claims.add_argument("files", nargs="+", metavar="BENCH.json",
                         help="--benchmark-json output, or a --benchmark-save file (.benchmarks/...)")
     claims.set_defaults(run=_claims)
+    onnx = sub.add_parser("onnx", help="check an exported ONNX file against the torch model it was exported from, "
+                                       "and the JAX port (needs equivcheck[onnx])")
+    onnx.add_argument("model", metavar="MODEL.onnx")
+    onnx.add_argument("--torch", required=True, metavar="MODULE:FACTORY",
+                      help="a zero-argument callable returning the torch nn.Module the file was exported from "
+                           "(pkg.mod:make_model or path/to/file.py:make_model); run in eval mode")
+    onnx.add_argument("--jax", metavar="MODULE:APPLY",
+                      help="apply(*inputs) -> output, the port with its parameters bound; with it the check "
+                           "is three-way (torch, ONNX Runtime, JAX), else torch vs ONNX Runtime")
+    onnx.add_argument("--examples", default="10", metavar="N", help="examples to draw (default 10)")
+    onnx.add_argument("--seed", default="0", metavar="S", help="seed of the NumPy generator drawing them (default 0)")
+    onnx.add_argument("--batch", default="2", metavar="B",
+                      help="size of a dynamic first dimension (default 2); other dynamic dimensions get 2-5, "
+                           "fixed ones their size. Inputs follow the graph's element types: floats uniform in "
+                           "[-3, 3], integers in [0, 10), booleans fair coins")
+    onnx.add_argument("--dim", action="append", default=[], metavar="INPUT:AXIS=SIZE",
+                      help="the size of a dynamic dimension, by input and axis (x:1=4) or by the graph's symbol "
+                           "(s27=4); repeatable. Exporters leave dimensions the model fixes (a Linear's width) "
+                           "symbolic too")
+    onnx.set_defaults(run=_onnx)
     args = ap.parse_args(argv)
     return args.run(args)
 

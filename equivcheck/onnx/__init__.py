@@ -4,15 +4,17 @@ export      export_model (dynamo exporter, TorchScript fallback, dynamic batch, 
             ExportError, available (the optional extra `equivcheck[onnx]`)
 session     Graph: an ONNX file in an InferenceSession, validated against the model (GraphMismatch,
             LoadError, DeviceUnavailable)
-threeway    three_way: torch vs ONNX Runtime vs the JAX port pairwise, and which one is off
+threeway    three_way: torch vs ONNX Runtime vs the JAX port pairwise, and which one is off; two_way:
+            torch vs ONNX Runtime alone
 check       run_onnx_check: the `onnx` check of a ModelPair (equivcheck.models.runner calls it)
+cli         run: `python -m equivcheck onnx MODEL.onnx --torch ...`, a file exported elsewhere
 
 onnx, onnxscript and onnxruntime are imported only when a function here runs.
 """
 from equivcheck.onnx.export import EXTRA_HINT, Exported, ExportError, available, export_model, input_names, opset_of
 from equivcheck.onnx.session import DeviceUnavailable, Graph, GraphMismatch, LoadError, providers_for
-from equivcheck.onnx.threeway import SIDES, ThreeWay, three_way
+from equivcheck.onnx.threeway import SIDES, ThreeWay, three_way, two_way
 
 __all__ = ["EXTRA_HINT", "SIDES", "DeviceUnavailable", "ExportError", "Exported", "Graph", "GraphMismatch",
            "LoadError", "ThreeWay", "available", "export_model", "input_names", "opset_of", "providers_for",
-           "three_way"]
+           "three_way", "two_way"]

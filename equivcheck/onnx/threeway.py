@@ -19,7 +19,7 @@ import numpy as np
 from equivcheck.engine.compare import Verdict, compare, flatten
 from equivcheck.engine.tolerance import Tolerance
 
-__all__ = ["PAIRS", "SIDES", "ThreeWay", "three_way"]
+__all__ = ["PAIRS", "SIDES", "ThreeWay", "relabel", "three_way", "two_way"]
 
 SIDES = ("torch", "onnx", "jax")
 # compare() words its messages as "torch ... jax"; each pair renames the side that is not one of those
@@ -40,11 +40,13 @@ class ThreeWay:
     how: str = ""
 
 
-def _relabel(text: str, a: str, b: str) -> str:
+def relabel(text: str, a: str, b: str) -> str:
+    """compare()'s message for the pair (a, b), its sides named a and b instead of torch and jax."""
     if (a, b) == ("torch", "onnx"):
         return re.sub(r"\bjax\b", "onnx", text)
     if (a, b) == ("onnx", "jax"):
-        return re.sub(r"\btorch\b", "onnx", text)
+        # not "torch.testing", the tolerance's reason quoted in the message (it read "onnx.testing")
+        return re.sub(r"\btorch\b(?!\.)", "onnx", text)
     return text
 
 
@@ -69,7 +71,7 @@ def three_way(outs: Mapping[str, Any], tol: Tolerance, reference: Callable[[], A
     bad = [(a, b) for a, b in PAIRS if not verdicts[f"{a}-{b}"].ok]
     if not bad:
         return ThreeWay(True, None, verdicts, ratio)
-    message = "; ".join(f"{a} vs {b}: {_relabel(verdicts[f'{a}-{b}'].message, a, b)}" for a, b in bad)
+    message = "; ".join(f"{a} vs {b}: {relabel(verdicts[f'{a}-{b}'].message, a, b)}" for a, b in bad)
     # the side in both failing pairs, when the third pair (the two others) agrees
     if len(bad) == 2:
         (odd,) = set(bad[0]) & set(bad[1])
@@ -82,14 +84,43 @@ def three_way(outs: Mapping[str, Any], tol: Tolerance, reference: Callable[[], A
     except Exception as exc:  # noqa: BLE001 - no reference leaves the failure standing, undecided
         return ThreeWay(False, None, verdicts, ratio, message,
                         f"undecided: torch's float64 reference raised {type(exc).__name__}: {exc}")
-    # in float64, so the reference's own dtype is no finding; the float32 bound is the one the sides face
-    wide = {s: [np.asarray(x, np.float64) for _, x in flatten(outs[s])] for s in SIDES}
-    ref = [np.asarray(x, np.float64) for _, x in flatten(ref)]
-    off = [s for s in SIDES if not compare(ref, wide[s], tol).ok]
-    dist = {s: _distance(outs[s], ref) for s in SIDES}
-    if not off or len(off) == len(SIDES):
-        off = [max(dist, key=lambda s: dist[s])]
-    far = ", ".join(f"{s} {dist[s]:.3g}" for s in SIDES)
+    off, far = _against({s: outs[s] for s in SIDES}, ref, tol)
     return ThreeWay(False, "+".join(off), verdicts, ratio, message,
                     f"{'all three disagree' if len(bad) == 3 else 'one pair disagrees'}: against torch's float64 "
                     f"forward (largest distance: {far}), {' and '.join(off)} {'is' if len(off) == 1 else 'are'} off")
+
+
+def _against(outs: Mapping[str, Any], ref: Any, tol: Tolerance) -> tuple[list[str], str]:
+    """The sides of `outs` past `tol` against the float64 reference (the furthest one when none or all
+    are), and each side's largest distance from it in words."""
+    # in float64, so the reference's own dtype is no finding; the float32 bound is the one the sides face
+    wide = {s: [np.asarray(x, np.float64) for _, x in flatten(outs[s])] for s in outs}
+    ref = [np.asarray(x, np.float64) for _, x in flatten(ref)]
+    off = [s for s in outs if not compare(ref, wide[s], tol).ok]
+    dist = {s: _distance(outs[s], ref) for s in outs}
+    if not off or len(off) == len(outs):
+        off = [max(dist, key=lambda s: dist[s])]
+    return off, ", ".join(f"{s} {dist[s]:.3g}" for s in outs)
+
+
+def two_way(outs: Mapping[str, Any], tol: Tolerance, reference: Callable[[], Any] | None = None) -> ThreeWay:
+    """Compare outs["torch"] and outs["onnx"] (no port) under `tol`, as three_way does one pair; when
+    they disagree, torch's float64 output (`reference()`) names the side off, as three_way does when
+    two witnesses do not decide. The result's verdicts hold the one pair "torch-onnx". Raises KeyError
+    if a side is missing."""
+    v = compare(outs["torch"], outs["onnx"], tol)
+    ratio = v.ratio if v.kind in ("match", "values") else float("inf")
+    if v.ok:
+        return ThreeWay(True, None, {"torch-onnx": v}, ratio)
+    message = f"torch vs onnx: {relabel(v.message, 'torch', 'onnx')}"
+    if reference is None:
+        return ThreeWay(False, None, {"torch-onnx": v}, ratio, message, "undecided: no float64 reference")
+    try:
+        ref = reference()
+    except Exception as exc:  # noqa: BLE001 - no reference leaves the failure standing, undecided
+        return ThreeWay(False, None, {"torch-onnx": v}, ratio, message,
+                        f"undecided: torch's float64 reference raised {type(exc).__name__}: {exc}")
+    off, far = _against({s: outs[s] for s in ("torch", "onnx")}, ref, tol)
+    return ThreeWay(False, "+".join(off), {"torch-onnx": v}, ratio, message,
+                    f"against torch's float64 forward (largest distance: {far}), {' and '.join(off)} "
+                    f"{'is' if len(off) == 1 else 'are'} off")
