@@ -32,7 +32,7 @@ class RunSettings:
     shape_ring: int = 8
 
     def item_seed(self, *parts: str) -> int:
-        return zlib.crc32(":".join([str(self.seed), *parts]).encode())
+        return _crc(self.seed, parts)
 
     def shape_seed(self, *parts: str) -> int:
         """The seed a check's shape palette is drawn from: the run's seed modulo `shape_ring`.
@@ -41,8 +41,11 @@ class RunSettings:
         share `shape_ring` palettes per check, which JAX's persistent compilation cache keeps,
         while values still come from the run's seed. `--equiv-shapes 0` draws a fresh shape
         every example instead."""
-        seed = self.seed % self.shape_ring if self.shape_ring > 0 else self.seed
-        return zlib.crc32(":".join([str(seed), *parts]).encode())
+        return _crc(self.seed % self.shape_ring if self.shape_ring > 0 else self.seed, parts)
+
+
+def _crc(seed: int, parts: tuple[str, ...]) -> int:
+    return zlib.crc32(":".join([str(seed), *parts]).encode())
 
 
 @dataclasses.dataclass
