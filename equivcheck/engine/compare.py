@@ -164,8 +164,9 @@ def allowed(tol: Tolerance, t: Any, j: Any, dtype: Any = None) -> np.ndarray:
 def within(tol: Tolerance, t: Any, j: Any, dtype: Any = None) -> np.ndarray:
     """Elementwise: t and j within `allowed`, or equal (the same infinity); NaN is within nothing."""
     t64, j64 = np.asarray(t, np.float64), np.asarray(j, np.float64)
+    bound = allowed(tol, t64, j64, np.asarray(t).dtype if dtype is None else dtype)  # float64 in: no second copy
     with np.errstate(invalid="ignore"):
-        return (np.abs(t64 - j64) <= allowed(tol, t, j, dtype)) | (t64 == j64)
+        return (np.abs(t64 - j64) <= bound) | (t64 == j64)
 
 
 def ulp_distance(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -278,10 +278,9 @@ def _pole(pair: Any, args64: Sequence[Any], vec64: Any, side: str, path: str, s6
     closer adds at least half of what the last one did), so the point is a pole and what a side
     gives there is a convention, not an error of one side. A side whose values settle to a finite
     limit nearby has no such excuse."""
-    bad = ~np.isfinite(s64)
-    if not bad.any() or np.isnan(s64[bad]).any():
+    at = _infinite_at(s64)
+    if at is None:
         return ""
-    at = tuple(int(i) for i in np.argwhere(bad)[0]) if s64.ndim else ()
     near = _approach(pair, args64, vec64, side,
                      lambda leaves: float(np.asarray(leaves[0] if len(leaves) == 1 else leaf_at(leaves, path))[at]))
     if near is None:
@@ -316,12 +315,19 @@ def _forward_pole(pair: Any, args64: Sequence[Any], vec64: Any, side: str) -> bo
     except Exception:  # noqa: BLE001 - no evidence either way: the lone-value rule stands
         return False
     for k, leaf in enumerate(leaves):
-        bad = ~np.isfinite(leaf)
-        if bad.any() and not np.isnan(leaf[bad]).any():
-            at = tuple(int(i) for i in np.argwhere(bad)[0]) if leaf.ndim else ()
-            if _approach(pair, args64, vec64, side, lambda ls, k=k, at=at: float(np.asarray(ls[k])[at])):
-                return True
+        at = _infinite_at(leaf)
+        if at is not None and _approach(pair, args64, vec64, side, lambda ls, k=k, at=at: float(np.asarray(ls[k])[at])):
+            return True
     return False
+
+
+def _infinite_at(leaf: np.ndarray) -> tuple[int, ...] | None:
+    """The first non-finite element's index where every non-finite element is infinite (a
+    candidate pole), else None: a NaN is no pole."""
+    bad = ~np.isfinite(leaf)
+    if not bad.any() or np.isnan(leaf[bad]).any():
+        return None
+    return tuple(int(i) for i in np.argwhere(bad)[0]) if leaf.ndim else ()
 
 
 # Formats a side may quietly compute in: the name, its unit roundoff, and whether a value lies on

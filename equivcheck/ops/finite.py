@@ -133,9 +133,10 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
     fds = {name: _Differences(f, primals, vec) for name, f in fs.items()}
     sides_gap = gap(t64, j64)
     if index is not None:
-        found = _at_element(pair, check, path, index, fds, t64, j64)
+        found, ones = _at_element(pair, check, path, index, fds, t64, j64)
         if found is None and "reference" in fds:
-            found = _reference_near(pair, check, path, index, fds["reference"], args64, vec, t64, j64)
+            found = _reference_near(pair, check, path, index, fds["reference"], ones["reference"], args64, vec,
+                                    t64, j64)
         if found is not None:
             return found
     if check != "jvp" and primals[pair.grad_index(path)].size > MAX_ELEMENTS:
@@ -183,10 +184,10 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
 
 
 def _at_element(pair: Any, check: str, path: str, index: tuple[int, ...], fds: dict[str, _Differences],
-                t64: np.ndarray, j64: np.ndarray) -> Arbitration | None:
-    """What one-sided differences at the failing element say, before the costly full
-    differences: the two forwards' own differences disagree there (forwards differ near the
-    example), or the arbiter has a kink there; None where neither."""
+                t64: np.ndarray, j64: np.ndarray) -> tuple[Arbitration | None, dict[str, Any]]:
+    """What one-sided differences at the failing element say, before the costly full differences:
+    the forwards' own differences disagree there, or the arbiter has a kink there (None where
+    neither); and each function's one-sided differences, which `_reference_near` reuses."""
     ones = {name: fd.one_sided(pair, check, path, index) for name, fd in fds.items()}
     t, j = float(t64[index]), float(j64[index])
     apart = abs(t - j)
@@ -199,13 +200,13 @@ def _at_element(pair: Any, check: str, path: str, index: tuple[int, ...], fds: d
             # The side whose one-sided differences are further apart from the other's is shown.
             worst = 0 if abs(lt - lj) >= abs(rt - rj) else 1
             return _forwards_differ((lt, rt)[worst], (lj, rj)[worst], t, j,
-                                    where + (", from the left" if worst == 0 else ", from the right"))
+                                    where + (", from the left" if worst == 0 else ", from the right")), ones
     mean = [tuple(sum(o[0][k][i] for o in ones.values()) / len(ones) for i in (0, 1)) for k in (0, 1)]
     kink = _kink(check, mean, t, j, where)
-    return Arbitration(None, kink, kink=True) if kink else None
+    return (Arbitration(None, kink, kink=True) if kink else None), ones
 
 
-def _reference_near(pair: Any, check: str, path: str, index: tuple[int, ...], ref: _Differences,
+def _reference_near(pair: Any, check: str, path: str, index: tuple[int, ...], ref: _Differences, ref_one_sided: Any,
                     args64: Sequence[Any], vec: Vectors, t64: np.ndarray, j64: np.ndarray) -> Arbitration | None:
     """None where the reference's one-sided differences at the failing element match those of
     at least one side's own float64 forward; else why the reference cannot decide. A reference
@@ -215,7 +216,7 @@ def _reference_near(pair: Any, check: str, path: str, index: tuple[int, ...], re
     right. The same function differenced at the same points agrees to rounding; the slack is
     the differences' own drift between steps h and h/2, and 1e-6 of their size for rounding
     amplified by 1/h (~1e5 eps)."""
-    steps, where = ref.one_sided(pair, check, path, index)
+    steps, where = ref_one_sided  # `ref.one_sided` at this element, as `_at_element` took it
     seen, drift, fns = [], 0.0, {}
     for side in ("torch", "jax"):
         try:
