@@ -13,7 +13,7 @@ import math
 import shlex
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -21,6 +21,9 @@ from equivcheck.backends.deadline import SideTimeout, limit
 from equivcheck.engine.kind import SIDES, CheckKind, family_of
 from equivcheck.engine.knowns import KnownDivergences, settle, xpass_reason
 from equivcheck.engine.records import CheckRecord, RunSettings
+
+if TYPE_CHECKING:
+    from equivcheck.report.shards import ShardPlan
 
 RECORDS_KEY = "equivcheck"
 KNOWN_KEY = "equivcheck-known"  # a node-id pattern from the known-divergence files matched this test
@@ -62,11 +65,9 @@ class SessionState:
     narrowed: bool = False  # node ids on the command line: the rest of their files went uncollected
     known_lenient: bool = False  # a fixed known divergence is a warning, not a failure
     record_owner: dict[str, str] = dataclasses.field(default_factory=dict)  # record id -> the test that made it
-    # --equiv-shard i/n, and durations of a previous run to balance by ({} : by count); the
-    # report's run.shard (equivcheck.report.shards.describe) once this shard's tests are known.
-    shard: tuple[int, int] | None = None
-    shard_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    shard_source: str = ""
+    # --equiv-shard's plan (equivcheck.report.shards.ShardPlan); the report's run.shard
+    # (equivcheck.report.shards.describe) once this shard's tests are known.
+    shard: ShardPlan | None = None
     shard_info: dict[str, Any] | None = None
     # Called from the watchdog thread when a side is stuck in C code past its limit and grace
     # (equivcheck.backends.deadline): files the check's records, writes the report, ends the run.

@@ -112,7 +112,7 @@ def _build_state(config: pytest.Config) -> Any:
     from equivcheck.report.shards import shard_options
 
     try:
-        shard, seconds, source = shard_options(opt("equiv_shard"), opt("equiv_shard_durations"))
+        shard = shard_options(opt("equiv_shard"), opt("equiv_shard_durations"))
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     seed = opt("equiv_seed")
@@ -148,7 +148,7 @@ def _build_state(config: pytest.Config) -> Any:
         report_dir=report_dir,
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},
         extra_args=collection.replay_args(config, DEFAULT_TIMEOUT), known_lenient=opt("equiv_known_lenient"),
-        shard=shard, shard_seconds=seconds, shard_source=source,
+        shard=shard,
     )
     for device in devices:
         missing = [name for name, side in (("torch", tb), ("jax", jb)) if not side.available(device)]
@@ -304,11 +304,11 @@ class _Collector:
     def _shard(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         from equivcheck.report.shards import assign, describe
 
-        index, count = self.state.shard
-        share = assign((i.nodeid for i in items), count, self.state.shard_seconds)
-        keep = [i for i in items if share[i.nodeid] == index]
-        drop = [i for i in items if share[i.nodeid] != index]
-        self.state.shard_info = describe(index, count, [i.nodeid for i in keep], share, self.state.shard_source)
+        plan = self.state.shard
+        share = assign((i.nodeid for i in items), plan.count, plan.seconds)
+        keep = [i for i in items if share[i.nodeid] == plan.index]
+        drop = [i for i in items if share[i.nodeid] != plan.index]
+        self.state.shard_info = describe(plan.index, plan.count, [i.nodeid for i in keep], share, plan.source)
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep

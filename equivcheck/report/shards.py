@@ -11,6 +11,7 @@ so `merge` can refuse shards of different runs, overlapping shards and missing o
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import re
@@ -36,26 +37,37 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def shard_options(shard: str | None, durations_from: str | None) -> tuple[tuple[int, int] | None, dict[str, float], str]:
-    """--equiv-shard and --equiv-shard-durations read: ((i, n) or None, seconds per node id to
-    balance by, what they come from). Raises ValueError naming the option and the problem."""
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """--equiv-shard I/N read: this machine's share `index` of `count`, the seconds per node id to
+    balance by ({}: balance by count), and what they come from (for the report and the summary)."""
+
+    index: int
+    count: int
+    seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    source: str = "count"
+
+
+def shard_options(shard: str | None, durations_from: str | None) -> ShardPlan | None:
+    """--equiv-shard and --equiv-shard-durations read: the plan, or None without --equiv-shard.
+    Raises ValueError naming the option and the problem."""
     from equivcheck.report.compare import read_report
 
     if shard is None:
         if durations_from:
             raise ValueError("--equiv-shard-durations balances shards: give --equiv-shard I/N too")
-        return None, {}, ""
+        return None
     try:
-        share = parse_shard(shard)
+        index, count = parse_shard(shard)
     except ValueError as exc:
         raise ValueError(f"--equiv-shard {exc}") from None
     if not durations_from:
-        return share, {}, "count"
+        return ShardPlan(index, count)
     try:
         seconds = durations(read_report(durations_from))
     except ValueError as exc:
         raise ValueError(f"--equiv-shard-durations: {exc}") from None
-    return share, seconds, f"durations from {durations_from}"
+    return ShardPlan(index, count, seconds, f"durations from {durations_from}")
 
 
 def durations(report: Mapping[str, Any]) -> dict[str, float]:
