@@ -1,0 +1,145 @@
+"""The JAX side's jobs, run in the pool's JAX process over a 1-D Mesh of N devices (axis "ranks").
+
+collective  per-rank arrays stacked on axis 0, through `jax.shard_map` with lax.psum / pmean / pmax /
+            all_gather / psum_scatter
+ddp         the MLP (Flax-style tree: {"l1": {"kernel", "bias"}, "l2": ...}) trained data-parallel:
+            the global batch placed with NamedSharding(mesh, P("ranks")), parameters replicated, each
+            shard's gradient taken inside shard_map and averaged with lax.pmean (DDP's form)
+
+Compiled programs are kept in the context's cache by (job, shapes, dtype, options): each new shape
+costs one XLA compilation, the calls after it a fraction of a millisecond. `slips` plant a
+migration's mistakes on this side: {"grad_reduce": "sum"} (psum, not pmean, of the shards'
+gradients), {"loss_reduce": "shard_mean_sum"} (each shard's mean loss summed over ranks, then
+differentiated), {"lr_scale": N}, {"shard_of": [...]} (the shard each rank reads).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+AXIS = "ranks"
+
+
+def _collective_body(op: str, root: int) -> Any:
+    from jax import lax
+
+    def body(block: Any) -> Any:  # block: this rank's (1, *shape)
+        v = block[0]
+        if op == "all_reduce_sum":
+            r = lax.psum(v, AXIS)
+        elif op == "all_reduce_mean":
+            r = lax.pmean(v, AXIS)
+        elif op == "all_reduce_max":
+            r = lax.pmax(v, AXIS)
+        elif op == "all_gather":
+            r = lax.all_gather(v, AXIS, axis=0, tiled=True)
+        elif op == "reduce_scatter":
+            r = lax.psum_scatter(v, AXIS, scatter_dimension=0, tiled=True)
+        elif op == "broadcast":
+            r = lax.all_gather(v, AXIS)[root]
+        else:
+            raise ValueError(f"no collective {op!r}")
+        return r[None]
+
+    return body
+
+
+def collective(ctx: Any, op: str, x: np.ndarray, root: int = 0) -> np.ndarray:
+    """x: (N, *shape), rank r's array at x[r]. Returns (N, *out_shape): rank r's result at [r], with the
+    shapes of equivcheck.distributed.torch_jobs.collective. Raises ValueError for another `op`."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    key = ("collective", op, root, x.shape, x.dtype.str)
+    fn = ctx.cache.get(key)
+    if fn is None:
+        fn = ctx.cache[key] = jax.jit(jax.shard_map(_collective_body(op, root), mesh=ctx.mesh, in_specs=P(AXIS),
+                                                    out_specs=P(AXIS), check_vma=False))
+    return np.asarray(fn(jax.device_put(x, NamedSharding(ctx.mesh, P(AXIS)))))
+
+
+def mlp(params: Any, x: Any) -> Any:
+    """tanh MLP on a Flax-style tree: x (B, d) -> (B, o)."""
+    import jax.numpy as jnp
+
+    h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"])
+    return h @ params["l2"]["kernel"] + params["l2"]["bias"]
+
+
+def _grad_fn(ctx: Any, slips: dict[str, Any]) -> Any:
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.sharding import PartitionSpec as P
+
+    def shard_loss(p: Any, xl: Any, yl: Any) -> Any:
+        return jnp.mean((mlp(p, xl) - yl) ** 2)
+
+    if slips.get("loss_reduce", "mean") == "shard_mean_sum":
+        def summed(p: Any, x: Any, y: Any) -> Any:
+            total = jax.shard_map(lambda p, xl, yl: lax.psum(shard_loss(p, xl, yl), AXIS), mesh=ctx.mesh,
+                                  in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P())
+            return total(p, x, y)
+        return jax.grad(summed)
+    reduce = lax.psum if slips.get("grad_reduce", "mean") == "sum" else lax.pmean
+
+    def local(p: Any, xl: Any, yl: Any) -> Any:
+        # Replicated parameters are invariant over the axis, and the transpose of that is a psum: a
+        # gradient taken of them inside shard_map is already summed over ranks. Made varying first,
+        # each rank's gradient is its shard's alone, reduced explicitly as DDP does.
+        mine = jax.tree.map(lambda a: lax.pcast(a, AXIS, to="varying"), p)
+        return jax.tree.map(lambda g: reduce(g, AXIS), jax.grad(shard_loss)(mine, xl, yl))
+
+    return jax.shard_map(local, mesh=ctx.mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P())
+
+
+def ddp(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 0,
+        slips: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Data-parallel training of the MLP tree `params` on the global batch x (B, d), y (B, o), B a
+    multiple of N; returns {"grads": the first gradient tree, "params": [the tree after each of `steps`
+    SGD steps]}, like equivcheck.distributed.torch_jobs.ddp in JAX's layout."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    slips = dict(slips or {})
+    shard_of = list(slips.get("shard_of", range(ctx.world)))
+    rows = x.shape[0] // ctx.world
+    order = np.concatenate([np.arange(s * rows, (s + 1) * rows) for s in shard_of])
+    data = NamedSharding(ctx.mesh, P(AXIS))
+    xs, ys = jax.device_put(x[order], data), jax.device_put(y[order], data)
+    step_lr = lr * float(slips.get("lr_scale", 1.0))
+    key = ("ddp", tuple(sorted((k, str(v)) for k, v in slips.items() if k in ("grad_reduce", "loss_reduce"))),
+           x.shape, y.shape, x.dtype.str)
+    fns = ctx.cache.get(key)
+    if fns is None:
+        grad = _grad_fn(ctx, slips)
+        step = lambda p, x, y, lr: jax.tree.map(lambda w, g: w - lr * g, p, grad(p, x, y))
+        fns = ctx.cache[key] = (jax.jit(grad), jax.jit(step))
+    grad, step = fns
+    p = jax.device_put(params, NamedSharding(ctx.mesh, P()))
+    out = {"grads": jax.tree.map(np.asarray, grad(p, xs, ys)), "params": []}
+    lr_arr = np.asarray(step_lr, x.dtype)
+    for _ in range(steps):
+        p = step(p, xs, ys, lr_arr)
+        out["params"].append(jax.tree.map(np.asarray, p))
+    return out
+
+
+def probe(ctx: Any, action: str, seconds: float = 3600.0) -> int:
+    """For testing the pool's failure handling: "exit" (os._exit(3)), "raise" or "hang"."""
+    import os
+    import time
+
+    if action == "exit":
+        os._exit(3)
+    if action == "raise":
+        raise RuntimeError("planted failure in the JAX worker")
+    if action == "hang":
+        time.sleep(seconds)
+    return ctx.world
+
+
+JOBS = {"collective": collective, "ddp": ddp, "probe": probe}

@@ -1,0 +1,137 @@
+"""The torch side's jobs, run on every rank of a pool (equivcheck.distributed.worker): NumPy in and out.
+
+collective  one torch.distributed collective on this rank's array
+ddp         a small MLP under DistributedDataParallel: the all-reduced gradients of this rank's shard,
+            and the parameters after each of `steps` SGD steps
+
+`slips` (a dict) plant the mistakes a migration makes, on this side only, so that the checks can be
+shown to catch them: {"grad_reduce": "sum"} (a DDP comm hook that sums gradients over replicas instead
+of averaging), {"lr_scale": N} (the learning rate scaled by N), {"shard_of": [0, 0]} (the shard each
+rank reads: here rank 1 reads rank 0's).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _tensor(x: np.ndarray, ctx: Any) -> Any:
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x)).to(ctx.device)
+
+
+def _numpy(t: Any) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def collective(ctx: Any, op: str, x: np.ndarray, root: int = 0) -> np.ndarray:
+    """This rank's result of collective `op` on its array `x` (any shape, float32/float64):
+
+    all_reduce_sum / all_reduce_mean (sum, then / N) / all_reduce_max: x's shape;
+    all_gather: the ranks' arrays concatenated along axis 0 (N * x.shape[0] rows);
+    reduce_scatter: x.shape[0] must be a multiple of N: this rank's block of the sum over ranks;
+    broadcast: rank `root`'s array. Raises ValueError for another `op`.
+    """
+    import torch.distributed as dist
+
+    t = _tensor(x, ctx).clone()
+    if op in ("all_reduce_sum", "all_reduce_mean"):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if op == "all_reduce_mean":
+            t = t / ctx.world
+    elif op == "all_reduce_max":
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    elif op == "all_gather":
+        import torch
+
+        parts = [torch.empty_like(t) for _ in range(ctx.world)]
+        dist.all_gather(parts, t)
+        t = torch.cat(parts, dim=0)
+    elif op == "reduce_scatter":
+        import torch
+
+        chunks = [c.contiguous() for c in t.chunk(ctx.world, dim=0)]
+        t = torch.empty_like(chunks[0])
+        dist.reduce_scatter(t, chunks, op=dist.ReduceOp.SUM)
+    elif op == "broadcast":
+        dist.broadcast(t, src=root)
+    else:
+        raise ValueError(f"no collective {op!r}")
+    return _numpy(t)
+
+
+def _mlp(params: dict[str, np.ndarray], ctx: Any) -> Any:
+    """nn.Sequential(Linear, Tanh, Linear) holding `params` (torch layout: l1.weight (h, d), l1.bias (h),
+    l2.weight (o, h), l2.bias (o)), in the arrays' dtype."""
+    import torch
+
+    d, h, o = params["l1.weight"].shape[1], params["l1.weight"].shape[0], params["l2.weight"].shape[0]
+    dtype = torch.from_numpy(params["l1.weight"]).dtype
+    model = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, o)).to(ctx.device, dtype)
+    with torch.no_grad():
+        for key, p in zip(("l1.weight", "l1.bias", "l2.weight", "l2.bias"), model.parameters()):
+            p.copy_(_tensor(params[key], ctx))
+    return model
+
+
+def _sum_hook(state: Any, bucket: Any) -> Any:
+    """A DDP comm hook that sums the bucket over replicas and does not divide: the planted slip."""
+    import torch.distributed as dist
+
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def ddp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 0,
+        slips: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DDP on the MLP `params` (see _mlp) with this rank's shard of the global batch.
+
+    x (B, d) and y (B, o) are the whole global batch, B a multiple of N; this rank reads rows
+    [s*B/N, (s+1)*B/N) with s = slips["shard_of"][rank] (default: its rank). The loss is the mean
+    squared error over the shard; DDP averages the gradients over replicas.
+    Returns {"grads": the gradients after one backward (torch layout keys), "params": [the
+    parameters after each of `steps` SGD steps of learning rate lr (x slips["lr_scale"])]}.
+    """
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    slips = dict(slips or {})
+    shard = list(slips.get("shard_of", range(ctx.world)))[ctx.rank]
+    rows = x.shape[0] // ctx.world
+    xs, ys = _tensor(x[shard * rows:(shard + 1) * rows], ctx), _tensor(y[shard * rows:(shard + 1) * rows], ctx)
+    model = DistributedDataParallel(_mlp(params, ctx), device_ids=None if ctx.device == "cpu" else [ctx.device])
+    if slips.get("grad_reduce", "mean") == "sum":
+        model.register_comm_hook(None, _sum_hook)
+    names = ("l1.weight", "l1.bias", "l2.weight", "l2.bias")
+    opt = torch.optim.SGD(model.parameters(), lr=lr * float(slips.get("lr_scale", 1.0)))
+    grads: dict[str, np.ndarray] = {}
+    trail = []
+    for step in range(max(steps, 1)):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        if step == 0:
+            grads = {k: _numpy(p.grad) for k, p in zip(names, model.parameters())}
+        if steps:
+            opt.step()
+            trail.append({k: _numpy(p) for k, p in zip(names, model.parameters())})
+    return {"grads": grads, "params": trail}
+
+
+def probe(ctx: Any, rank: int, action: str, seconds: float = 3600.0) -> int:
+    """For testing the pool's failure handling: on `rank`, "exit" (os._exit(3)), "raise" (RuntimeError)
+    or "hang" (sleep `seconds`); other ranks return their rank at once."""
+    import os
+    import time
+
+    if ctx.rank == rank:
+        if action == "exit":
+            os._exit(3)
+        if action == "raise":
+            raise RuntimeError(f"planted failure on rank {rank}")
+        if action == "hang":
+            time.sleep(seconds)
+    return ctx.rank
+
+
+JOBS = {"collective": collective, "ddp": ddp, "probe": probe}
