@@ -52,7 +52,7 @@ class _Worker:
     def __init__(self, side: str, rank: int | None, argv: list[str], env: dict[str, str], group: int | None) -> None:
         self.side, self.rank = side, rank
         parent, child = socket.socketpair()
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker; close() closes it
         kwargs = {"process_group": 0 if group is None else group}  # one group per pool: killpg ends it
         self.proc = subprocess.Popen([sys.executable, "-m", "equivcheck.distributed.worker", side,
                                       "--fd", str(child.fileno()), *argv], pass_fds=(child.fileno(),),

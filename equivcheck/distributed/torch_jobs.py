@@ -23,7 +23,7 @@ def _tensor(x: np.ndarray, ctx: Any) -> Any:
 
 
 def _numpy(t: Any) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    return t.detach().cpu().numpy().copy()  # on CPU .numpy() shares the parameter's memory, which steps change
 
 
 def collective(ctx: Any, op: str, x: np.ndarray, root: int = 0) -> np.ndarray:
@@ -76,7 +76,7 @@ def _mlp(params: dict[str, np.ndarray], ctx: Any) -> Any:
     return model
 
 
-def _sum_hook(state: Any, bucket: Any) -> Any:
+def _sum_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP refuses a hook whose annotations are not its own types
     """A DDP comm hook that sums the bucket over replicas and does not divide: the planted slip."""
     import torch.distributed as dist
 

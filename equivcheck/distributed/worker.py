@@ -68,7 +68,7 @@ def _serve(conn: Connection, ctx: Any, table: dict[str, Any]) -> None:
         try:
             result = resolve(request["job"], table)(ctx, **request.get("kwargs", {}))
             conn.send(("ok", result))
-        except Exception:  # every failure goes back as text; the process stays for the next job
+        except Exception:  # noqa: BLE001 - every failure goes back as text; the process stays for the next job
             conn.send(("error", traceback.format_exc()))
 
 
@@ -87,6 +87,11 @@ def _torch(args: argparse.Namespace, conn: Connection) -> None:
                             world_size=args.world, timeout=timeout)
     from equivcheck.distributed.torch_jobs import JOBS
 
+    # DDP's first construction imports torch._dynamo (seconds per rank): paid here, while the ranks
+    # and the JAX process start side by side, not inside the first check.
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel(torch.nn.Linear(1, 1).to(device), device_ids=None if device == "cpu" else [device])
     conn.send(("ready", {"rank": args.rank, "backend": args.backend, "torch": torch.__version__}))
     try:
         _serve(conn, TorchContext(args.rank, args.world, device), JOBS)
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     conn = Connection(socket.socket(fileno=args.fd).detach())
     try:
         (_torch if args.side == "torch" else _jax)(args, conn)
-    except Exception:
+    except Exception:  # noqa: BLE001 - start-up failures go to the parent as text
         try:
             conn.send(("error", traceback.format_exc()))
         finally:
