@@ -42,6 +42,9 @@ class DistributedPair:
                  how the planted-bug tests show that a check catches and names them
     steps        SGD steps of the train check; rows: batch rows per rank; sizes: (d, h, o) of the MLP
     seconds      the deadline of one request to the workers (a worker past it fails the check)
+    torch_job, jax_job  a job of your own in place of the built-in one ("collective" or "ddp"):
+                 "module:function", importable in the workers, called with the built-in job's arguments
+                 (equivcheck.distributed.torch_jobs / jax_jobs) and returning what it returns
     """
 
     name: str
@@ -55,6 +58,8 @@ class DistributedPair:
     rows: tuple[int, ...] = (2, 3)
     sizes: tuple[int, int, int] = (3, 8, 2)
     seconds: float = 30.0
+    torch_job: str = ""
+    jax_job: str = ""
     tolerance: Tolerance | None = None
     doc: str = ""
     tags: frozenset[str] = frozenset()
@@ -80,6 +85,10 @@ class DistributedPair:
             raise ValueError(f"DistributedPair {self.name!r}: world must be a positive int, got {self.world!r}")
         if self.steps < 1 or not self.rows or min(self.rows) < 1:
             raise ValueError(f"DistributedPair {self.name!r}: steps and rows must be positive")
+        for label in ("torch_job", "jax_job"):
+            job = getattr(self, label)
+            if job and (":" not in job or not all(job.partition(":")[::2])):
+                raise ValueError(f"DistributedPair {self.name!r}: {label} must read 'module:function', got {job!r}")
         require_reasons(f"DistributedPair {self.name!r}", self.tolerance)
 
     def __str__(self) -> str:

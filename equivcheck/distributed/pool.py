@@ -118,6 +118,7 @@ class Pool:
             self.close()
             raise
         self.timings = {"start_seconds": time.perf_counter() - started}
+        self.reported = False  # the runner puts the start-up time in one record
 
     @property
     def pids(self) -> list[int]:

@@ -113,8 +113,8 @@ def _collective_strategy(pair: Any, dtype: str, run: RunSettings) -> st.SearchSt
 
 
 def _collective(pair: Any, pool: Any, xs: list[np.ndarray], root: int, seconds: float) -> tuple[Any, Any]:
-    t = pool.torch("collective", [{"op": pair.job, "x": x, "root": root} for x in xs], seconds)
-    j = pool.jax("collective", {"op": pair.job, "x": np.stack(xs), "root": root}, seconds)
+    t = pool.torch(pair.torch_job or "collective", [{"op": pair.job, "x": x, "root": root} for x in xs], seconds)
+    j = pool.jax(pair.jax_job or "collective", {"op": pair.job, "x": np.stack(xs), "root": root}, seconds)
     return t, list(j)
 
 
@@ -159,8 +159,8 @@ def from_flax(tree: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _mlp_sides(pair: Any, pool: Any, params: Any, x: Any, y: Any, lr: float, steps: int, seconds: float) -> Any:
     kw = {"params": params, "x": x, "y": y, "lr": lr, "steps": steps}
-    t = pool.torch("ddp", [{**kw, "slips": pair.torch_slips}] * pair.world, seconds)
-    j = pool.jax("ddp", {**kw, "params": to_flax(params), "slips": pair.jax_slips}, seconds)
+    t = pool.torch(pair.torch_job or "ddp", [{**kw, "slips": pair.torch_slips}] * pair.world, seconds)
+    j = pool.jax(pair.jax_job or "ddp", {**kw, "params": to_flax(params), "slips": pair.jax_slips}, seconds)
     return t, {"grads": from_flax(j["grads"]), "params": [from_flax(p) for p in j["params"]]}
 
 
@@ -281,7 +281,9 @@ def run_distributed_pair(pair: Any, *, dtype: str, run: RunSettings,
         times = {"world": pair.world, "start_seconds": 0.0, "compile_seconds": 0.0, "check_seconds": 0.0}
         try:
             pool = pool_for(pair.world, run.device)
-            times["start_seconds"] = time.perf_counter() - began
+            times["start_seconds"] = time.perf_counter() - began  # waiting for a pool that prepare() started
+            if not pool.reported:  # the pool's own start-up, once, in the first record that uses it
+                pool.reported, times["pool_start_seconds"] = True, pool.timings["start_seconds"]
             _warm(pair, check, pool, dtype, run, seconds)
             times["compile_seconds"] = time.perf_counter() - began - times["start_seconds"]
             seen, failed, broken = _search(pair, check, pool, dtype, run, tol, seconds, hit is not None)
@@ -292,8 +294,10 @@ def run_distributed_pair(pair: Any, *, dtype: str, run: RunSettings,
         rec = record(check, "passed", examples=len(seen) + (failed is not None), extra=times,
                      tolerance={"rtol": tol.rtol, "atol": tol.atol, "reason": tol.reason + grow},
                      worst_ratio=max((o.ratio for o in seen), default=0.0),
-                     notes=[(f"{pair.world} ranks on {run.device}: pool start {times['start_seconds']:.2f} s, "
-                             f"compile {times['compile_seconds']:.2f} s, checks {times['check_seconds']:.2f} s")])
+                     notes=[(f"{pair.world} ranks on {run.device}: waited {times['start_seconds']:.2f} s for the pool"
+                             + (f" (its start-up took {times['pool_start_seconds']:.2f} s)"
+                                if "pool_start_seconds" in times else "")
+                             + f", compile {times['compile_seconds']:.2f} s, checks {times['check_seconds']:.2f} s")])
         if pair.torch_slips or pair.jax_slips:
             rec.notes.append(f"planted slips: torch {pair.torch_slips or '-'}, jax {pair.jax_slips or '-'}")
         if broken is not None:

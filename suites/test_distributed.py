@@ -1,0 +1,24 @@
+"""Distributed training: torch.distributed on N real processes against JAX sharding over N devices.
+
+One table, one generic test. Each row runs on the session's pool for its N (N gloo ranks and a JAX
+process with N host devices on CPU; NCCL ranks and N GPUs under --device=gpu, skipped with the reason
+where fewer GPUs exist), started once and shared by every row of that N:
+- the collectives (all_reduce sum / mean / max, all_gather, reduce_scatter, broadcast) on
+  Hypothesis-drawn per-rank arrays, against jax.shard_map with psum / pmean / pmax / all_gather /
+  psum_scatter, the float64 result of the per-rank inputs naming the side that is off;
+- DDP against sharded data parallelism on a small MLP: the all-reduced gradients, and 3 SGD steps
+  compared after every step, both against single-process float64 training.
+"""
+from __future__ import annotations
+
+import pytest
+
+from equivcheck.distributed import COLLECTIVES, collective_pair, ddp_pair
+
+WORLDS = (2, 4)
+PAIRS = [collective_pair(op, n) for n in WORLDS for op in COLLECTIVES] + [ddp_pair(n) for n in WORLDS]
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_distributed(pair, equiv):
+    equiv.check(pair)
