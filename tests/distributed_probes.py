@@ -29,3 +29,10 @@ def hang_on_rank1(ctx: Any, **_: Any) -> None:
 
 def jax_exit(ctx: Any, **_: Any) -> None:
     os._exit(3)
+
+
+def mean_without_divide(ctx: Any, op: str, x: Any, root: int = 0) -> Any:
+    """The torch collective job with all_reduce_mean planted as a plain sum."""
+    from equivcheck.distributed.torch_jobs import collective
+
+    return collective(ctx, "all_reduce_sum" if op == "all_reduce_mean" else op, x, root)
