@@ -49,8 +49,8 @@ PLANTED = [
     (2, {}, {"loss_reduce": "shard_mean_sum"}, ("grads",), "jax",
      "each shard's mean loss summed over ranks"),
     (4, {"lr_scale": 4}, {}, ("train",), "torch",
-     "torch's gradient matches the full-batch one but its first step is 4x the reference's: the learning rate is "
-     "scaled by N=4 on this side"),
+     ("torch's gradient matches the full-batch one but its first step is 4x the reference's: the learning rate is "
+      "scaled by N=4 on this side")),
     (2, {}, {"lr_scale": 2}, ("train",), "jax", "the learning rate is scaled by N=2 on this side"),
     (2, {"shard_of": [0, 0]}, {}, ("grads",), "torch", "rank 1 reads the same shard as rank 0"),
     (4, {}, {"shard_of": [0, 1, 3, 3]}, ("grads",), "jax", "rank 2 reads the same shard as rank 3"),

@@ -41,8 +41,12 @@ def pool():
     p.close()
 
 
-def _fresh(pool_: Pool) -> Pool:
-    return pool_ if not pool_.closed else Pool(2)
+def test_results_are_numpy_and_a_pool_serves_fewer_ranks(pool):
+    out = pool.torch("collective", [{"op": "all_gather", "x": np.arange(2.0) + r} for r in range(2)])
+    assert isinstance(out[0], np.ndarray) and out[0].tolist() == [0.0, 1.0, 1.0, 2.0]
+    one = pool.torch("collective", [{"op": "all_reduce_sum", "x": np.ones(2)}])  # a group of rank 0 alone
+    assert [a.tolist() for a in one] == [[1.0, 1.0]]
+    assert pool.jax("collective", {"op": "all_reduce_sum", "x": np.ones((1, 2))}, world=1).tolist() == [[1.0, 1.0]]
 
 
 @pytest.mark.parametrize(("job", "cause"), [
@@ -132,11 +136,3 @@ def test_gpu_with_fewer_gpus_than_ranks_is_a_skip_with_the_reason():
     recs = ddp_pair(4).run_checks(dtype="float32", run=RunSettings(device="gpu"), known=lambda _id: None)
     assert [r.outcome for r in recs] == ["skipped", "skipped"]
     assert "needs 4 GPUs for NCCL ranks; torch sees" in recs[0].message
-
-
-def test_results_are_numpy(pool):
-    p = _fresh(pool)
-    out = p.torch("collective", [{"op": "all_gather", "x": np.arange(2.0) + r} for r in range(2)])
-    assert isinstance(out[0], np.ndarray) and out[0].tolist() == [0.0, 1.0, 1.0, 2.0]
-    if p is not pool:
-        p.close()

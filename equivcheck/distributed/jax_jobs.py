@@ -52,7 +52,7 @@ def collective(ctx: Any, op: str, x: np.ndarray, root: int = 0) -> np.ndarray:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    key = ("collective", op, root, x.shape, x.dtype.str)
+    key = ("collective", ctx.world, op, root, x.shape, x.dtype.str)
     fn = ctx.cache.get(key)
     if fn is None:
         fn = ctx.cache[key] = jax.jit(jax.shard_map(_collective_body(op, root), mesh=ctx.mesh, in_specs=P(AXIS),
@@ -111,7 +111,7 @@ def ddp(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, lr: float = 0.1, st
     data = NamedSharding(ctx.mesh, P(AXIS))
     xs, ys = jax.device_put(x[order], data), jax.device_put(y[order], data)
     step_lr = lr * float(slips.get("lr_scale", 1.0))
-    key = ("ddp", tuple(sorted((k, str(v)) for k, v in slips.items() if k in ("grad_reduce", "loss_reduce"))),
+    key = ("ddp", ctx.world, tuple(sorted((k, str(v)) for k, v in slips.items() if k in ("grad_reduce", "loss_reduce"))),
            x.shape, y.shape, x.dtype.str)
     fns = ctx.cache.get(key)
     if fns is None:

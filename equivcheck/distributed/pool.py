@@ -2,8 +2,10 @@
 
 Starting processes is what costs (importing torch, joining the group, importing JAX: seconds each), so
 a `Pool` starts them once and is fed requests: a named job and NumPy arrays in, NumPy arrays out,
-through a socket per worker. `pool_for(world, device)` keeps one pool per (N, device) for the session;
-`close_all()` ends them (the plugin at session end, and atexit).
+through a socket per worker. `pool_for(world, device)` keeps the session's pools and hands out the
+smallest open one of at least `world` ranks (n-rank requests run on ranks 0..n-1 in their own process
+group, and on a mesh of the JAX process's first n devices); `close_all()` ends them (the plugin at
+session end, and atexit).
 
 Every request has a deadline. A worker that dies, raises or does not answer in time raises
 `WorkerFailure` naming the side, the rank and the cause (the worker's traceback, its exit status and
@@ -81,9 +83,10 @@ class _Worker:
 class Pool:
     """N torch ranks (gloo on CPU, nccl on GPU) and one JAX process with N devices.
 
-    `torch(job, per_rank, seconds)`: runs `job` on every rank, rank r with keyword arguments
-    `per_rank[r]`; returns the N results in rank order. `jax(job, kwargs, seconds)`: runs `job` in
-    the JAX process. Both raise WorkerFailure (and close the pool) when a worker fails; after
+    `torch(job, per_rank, seconds)`: runs `job` on ranks 0..n-1 (n = len(per_rank) <= N, in a process
+    group of those n ranks), rank r with keyword arguments `per_rank[r]`; returns the n results in rank
+    order. `jax(job, kwargs, seconds, world=n)`: runs `job` in the JAX process on a mesh of its first
+    n devices (default N). Both raise WorkerFailure (and close the pool) when a worker fails; after
     `close()` every request raises RuntimeError. `timings` holds the start-up seconds.
     """
 
@@ -125,13 +128,17 @@ class Pool:
         return [w.proc.pid for w in self.workers]
 
     def torch(self, job: str, per_rank: list[dict[str, Any]], seconds: float = REQUEST_SECONDS) -> list[Any]:
-        if len(per_rank) != self.world:
-            raise ValueError(f"{job}: {len(per_rank)} sets of arguments for {self.world} ranks")
-        ranks = self.workers[:self.world]
-        return self._request(ranks, [{"job": job, "kwargs": kw} for kw in per_rank], seconds, job)
+        n = len(per_rank)
+        if not 1 <= n <= self.world:
+            raise ValueError(f"{job}: {n} sets of arguments for a pool of {self.world} ranks")
+        requests = [{"job": job, "kwargs": kw, "world": n} for kw in per_rank]
+        return self._request(self.workers[:n], requests, seconds, job)
 
-    def jax(self, job: str, kwargs: dict[str, Any], seconds: float = REQUEST_SECONDS) -> Any:
-        return self._request([self.workers[-1]], [{"job": job, "kwargs": kwargs}], seconds, job)[0]
+    def jax(self, job: str, kwargs: dict[str, Any], seconds: float = REQUEST_SECONDS, world: int | None = None) -> Any:
+        n = self.world if world is None else world
+        if not 1 <= n <= self.world:
+            raise ValueError(f"{job}: {n} devices asked of a pool of {self.world}")
+        return self._request([self.workers[-1]], [{"job": job, "kwargs": kwargs, "world": n}], seconds, job)[0]
 
     def _request(self, workers: list[_Worker], requests: list[dict[str, Any]], seconds: float, job: str) -> list[Any]:
         with self.lock:
@@ -197,13 +204,15 @@ _POOLS_LOCK = threading.Lock()
 
 
 def pool_for(world: int, device: str = "cpu") -> Pool:
-    """The session's pool for `world` ranks on `device`, started on first use, restarted after a
-    failure closed it. Raises WorkerFailure when the pool cannot start."""
-    key = (world, device)
+    """A session's pool of at least `world` ranks on `device` (the smallest open one: a pool of 4 serves
+    2-rank checks through its subgroup of ranks 0-1, saving a second start-up), started on first use,
+    restarted after a failure closed it. Raises WorkerFailure when a pool cannot start."""
     with _POOLS_LOCK:
-        pool = _POOLS.get(key)
-        if pool is None or pool.closed:
-            pool = _POOLS[key] = Pool(world, device)
+        fits = sorted((p for (n, d), p in _POOLS.items() if d == device and n >= world and not p.closed),
+                      key=lambda p: p.world)
+        if fits:
+            return fits[0]
+        pool = _POOLS[(world, device)] = Pool(world, device)
         return pool
 
 

@@ -114,7 +114,8 @@ def _collective_strategy(pair: Any, dtype: str, run: RunSettings) -> st.SearchSt
 
 def _collective(pair: Any, pool: Any, xs: list[np.ndarray], root: int, seconds: float) -> tuple[Any, Any]:
     t = pool.torch(pair.torch_job or "collective", [{"op": pair.job, "x": x, "root": root} for x in xs], seconds)
-    j = pool.jax(pair.jax_job or "collective", {"op": pair.job, "x": np.stack(xs), "root": root}, seconds)
+    j = pool.jax(pair.jax_job or "collective", {"op": pair.job, "x": np.stack(xs), "root": root}, seconds,
+                 world=pair.world)
     return t, list(j)
 
 
@@ -160,7 +161,8 @@ def from_flax(tree: dict[str, Any]) -> dict[str, np.ndarray]:
 def _mlp_sides(pair: Any, pool: Any, params: Any, x: Any, y: Any, lr: float, steps: int, seconds: float) -> Any:
     kw = {"params": params, "x": x, "y": y, "lr": lr, "steps": steps}
     t = pool.torch(pair.torch_job or "ddp", [{**kw, "slips": pair.torch_slips}] * pair.world, seconds)
-    j = pool.jax(pair.jax_job or "ddp", {**kw, "params": to_flax(params), "slips": pair.jax_slips}, seconds)
+    j = pool.jax(pair.jax_job or "ddp", {**kw, "params": to_flax(params), "slips": pair.jax_slips}, seconds,
+                 world=pair.world)
     return t, {"grads": from_flax(j["grads"]), "params": [from_flax(p) for p in j["params"]]}
 
 

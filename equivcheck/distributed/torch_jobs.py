@@ -38,25 +38,25 @@ def collective(ctx: Any, op: str, x: np.ndarray, root: int = 0) -> np.ndarray:
 
     t = _tensor(x, ctx).clone()
     if op in ("all_reduce_sum", "all_reduce_mean"):
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=ctx.group)
         if op == "all_reduce_mean":
             t = t / ctx.world
     elif op == "all_reduce_max":
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
     elif op == "all_gather":
         import torch
 
         parts = [torch.empty_like(t) for _ in range(ctx.world)]
-        dist.all_gather(parts, t)
+        dist.all_gather(parts, t, group=ctx.group)
         t = torch.cat(parts, dim=0)
     elif op == "reduce_scatter":
         import torch
 
         chunks = [c.contiguous() for c in t.chunk(ctx.world, dim=0)]
         t = torch.empty_like(chunks[0])
-        dist.reduce_scatter(t, chunks, op=dist.ReduceOp.SUM)
+        dist.reduce_scatter(t, chunks, op=dist.ReduceOp.SUM, group=ctx.group)
     elif op == "broadcast":
-        dist.broadcast(t, src=root)
+        dist.broadcast(t, src=root, group=ctx.group)  # ranks 0..n-1: group rank = global rank
     else:
         raise ValueError(f"no collective {op!r}")
     return _numpy(t)
@@ -76,11 +76,11 @@ def _mlp(params: dict[str, np.ndarray], ctx: Any) -> Any:
     return model
 
 
-def _sum_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP refuses a hook whose annotations are not its own types
+def _sum_hook(state, bucket):  # unannotated: DDP refuses a hook annotated with types other than its own
     """A DDP comm hook that sums the bucket over replicas and does not divide: the planted slip."""
     import torch.distributed as dist
 
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+    return dist.all_reduce(bucket.buffer(), group=state, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
 def ddp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 0,
@@ -100,9 +100,10 @@ def ddp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, l
     shard = list(slips.get("shard_of", range(ctx.world)))[ctx.rank]
     rows = x.shape[0] // ctx.world
     xs, ys = _tensor(x[shard * rows:(shard + 1) * rows], ctx), _tensor(y[shard * rows:(shard + 1) * rows], ctx)
-    model = DistributedDataParallel(_mlp(params, ctx), device_ids=None if ctx.device == "cpu" else [ctx.device])
+    model = DistributedDataParallel(_mlp(params, ctx), device_ids=None if ctx.device == "cpu" else [ctx.device],
+                                    process_group=ctx.group)
     if slips.get("grad_reduce", "mean") == "sum":
-        model.register_comm_hook(None, _sum_hook)
+        model.register_comm_hook(ctx.group, _sum_hook)
     names = ("l1.weight", "l1.bias", "l2.weight", "l2.bias")
     opt = torch.optim.SGD(model.parameters(), lr=lr * float(slips.get("lr_scale", 1.0)))
     grads: dict[str, np.ndarray] = {}

@@ -23,14 +23,21 @@ from typing import Any
 
 
 class TorchContext:
-    """What a torch job sees: its rank, the world size, the device ("cpu" or "cuda:<rank>")."""
+    """What a torch job sees: its rank, the world size of the request, the device ("cpu" or
+    "cuda:<rank>") and `group`, the process group of ranks 0..world-1 (None: the default group).
+    A pool of N ranks serves requests for n <= N ranks through such subgroups, made at start-up."""
 
-    def __init__(self, rank: int, world: int, device: str) -> None:
-        self.rank, self.world, self.device = rank, world, device
+    def __init__(self, rank: int, world: int, device: str, groups: dict[int, Any]) -> None:
+        self.rank, self.world, self.device, self.groups = rank, world, device, groups
+        self.group = groups.get(world)
+
+    def sized(self, world: int) -> TorchContext:
+        return TorchContext(self.rank, world, self.device, self.groups)
 
 
 class JaxContext:
-    """What a JAX job sees: the world size, the devices and a 1-D Mesh over them with axis "ranks"."""
+    """What a JAX job sees: the world size of the request, its devices and a 1-D Mesh over them with
+    axis "ranks" (the first `world` of the process's devices), and a cache of compiled programs."""
 
     def __init__(self, world: int) -> None:
         import jax
@@ -44,6 +51,16 @@ class JaxContext:
         self.world, self.devices = world, devices
         self.mesh = Mesh(np.array(devices), ("ranks",))
         self.cache: dict[Any, Any] = {}  # compiled programs, by the job's own key
+
+    def sized(self, world: int) -> JaxContext:
+        view = object.__new__(JaxContext)
+        view.__dict__.update(self.__dict__)
+        import numpy as np
+        from jax.sharding import Mesh
+
+        view.world, view.devices = world, self.devices[:world]
+        view.mesh = self.mesh if world == self.world else Mesh(np.array(view.devices), ("ranks",))
+        return view
 
 
 def resolve(name: str, table: dict[str, Any]) -> Any:
@@ -66,7 +83,9 @@ def _serve(conn: Connection, ctx: Any, table: dict[str, Any]) -> None:
         if request is None:
             return
         try:
-            result = resolve(request["job"], table)(ctx, **request.get("kwargs", {}))
+            world = request.get("world", ctx.world)
+            result = resolve(request["job"], table)(ctx if world == ctx.world else ctx.sized(world),
+                                                    **request.get("kwargs", {}))
             conn.send(("ok", result))
         except Exception:  # noqa: BLE001 - every failure goes back as text; the process stays for the next job
             conn.send(("error", traceback.format_exc()))
@@ -85,16 +104,18 @@ def _torch(args: argparse.Namespace, conn: Connection) -> None:
     store = dist.TCPStore("127.0.0.1", args.port, None, is_master=False, timeout=timeout)
     dist.init_process_group(args.backend, store=dist.PrefixStore(args.prefix, store), rank=args.rank,
                             world_size=args.world, timeout=timeout)
-    from equivcheck.distributed.torch_jobs import JOBS
-
     # DDP's first construction imports torch._dynamo (seconds per rank): paid here, while the ranks
     # and the JAX process start side by side, not inside the first check.
     from torch.nn.parallel import DistributedDataParallel
+    # every rank makes every subgroup, in the same order (new_group is collective over the default group)
+    groups = {n: dist.new_group(list(range(n))) for n in range(1, args.world)}
+
+    from equivcheck.distributed.torch_jobs import JOBS
 
     DistributedDataParallel(torch.nn.Linear(1, 1).to(device), device_ids=None if device == "cpu" else [device])
     conn.send(("ready", {"rank": args.rank, "backend": args.backend, "torch": torch.__version__}))
     try:
-        _serve(conn, TorchContext(args.rank, args.world, device), JOBS)
+        _serve(conn, TorchContext(args.rank, args.world, device, groups), JOBS)
     finally:
         dist.destroy_process_group()
 
