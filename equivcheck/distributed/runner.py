@@ -308,17 +308,10 @@ def run_distributed_pair(pair: Any, *, dtype: str, run: RunSettings,
             rec.notes.append("the pool was torn down; the next check starts a fresh one")
         elif failed is not None:
             v = failed.verdict
-            rec.kind, rec.side, rec.message, rec.diagnosis = (v.kind if v else "values"), failed.side, failed.message, \
-                failed.diagnosis
-            rec.inputs, rec.worst_ratio = failed.inputs, failed.ratio
-            worst = v.worst if v is not None else None
-            if worst is not None:
-                rec.max_abs_err, rec.max_rel_err, rec.max_ulp = worst.max_abs, worst.max_rel, worst.max_ulp
-            rec.outcome = "known-divergence" if hit else "failed"
-        elif hit:
-            rec.outcome = "xpass"
-        if hit:
-            rec.known_pattern, rec.known_reason = hit
+            rec.kind, rec.side, rec.message = (v.kind if v else "values"), failed.side, failed.message
+            rec.diagnosis, rec.inputs, rec.worst_ratio = failed.diagnosis, failed.inputs, failed.ratio
+        if broken is None:  # a known divergence covers values that differ, never a worker that failed
+            rec.settle_known(failed is not None, hit, failed.verdict.worst if failed and failed.verdict else None)
         rec.seconds = time.perf_counter() - began
         records.append(rec)
     return records
