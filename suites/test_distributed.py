@@ -7,16 +7,19 @@ where fewer GPUs exist), started once and shared by every row of that N:
   Hypothesis-drawn per-rank arrays, against jax.shard_map with psum / pmean / pmax / all_gather /
   psum_scatter, the float64 result of the per-rank inputs naming the side that is off;
 - DDP against sharded data parallelism on a small MLP: the all-reduced gradients, and 3 SGD steps
-  compared after every step, both against single-process float64 training.
+  compared after every step, both against single-process float64 training;
+- FSDP2 (fully_shard) against the MLP's parameters sharded over the mesh axis: the same two checks, and
+  the state dict gathered from FSDP converted to the JAX tree and back.
 """
 from __future__ import annotations
 
 import pytest
 
-from equivcheck.distributed import COLLECTIVES, collective_pair, ddp_pair
+from equivcheck.distributed import COLLECTIVES, collective_pair, ddp_pair, fsdp_pair
 
 WORLDS = (4, 2)  # the 4-rank pool starts first and serves the 2-rank rows too (equivcheck.distributed.pool_for)
-PAIRS = [collective_pair(op, n) for n in WORLDS for op in COLLECTIVES] + [ddp_pair(n) for n in WORLDS]
+PAIRS = ([collective_pair(op, n) for n in WORLDS for op in COLLECTIVES] + [ddp_pair(n) for n in WORLDS]
+         + [fsdp_pair(n) for n in WORLDS])
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=str)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from equivcheck.distributed import COLLECTIVES, close_all, collective_pair, ddp_pair
+from equivcheck.distributed import COLLECTIVES, close_all, collective_pair, ddp_pair, fsdp_pair
 from equivcheck.engine.records import RunSettings
 
 RUN = RunSettings(examples=8, seed=3)
@@ -29,7 +29,8 @@ def _run(pair, dtype="float32"):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_a_correct_pair_passes(world):
-    records = [r for p in [ddp_pair(world), *(collective_pair(op, world) for op in COLLECTIVES)] for r in _run(p)]
+    pairs = [ddp_pair(world), fsdp_pair(world), *(collective_pair(op, world) for op in COLLECTIVES)]
+    records = [r for p in pairs for r in _run(p)]
     assert [(r.pair, r.check, r.outcome) for r in records if r.outcome != "passed"] == []
     assert all(r.examples == RUN.examples for r in records)
     assert {r.check for r in records} == {"collective", "grads", "train"}
@@ -67,6 +68,17 @@ def test_a_planted_slip_is_caught_and_named(world, torch_slips, jax_slips, check
     assert rec.side == side, rec.failure_text()
     assert words in rec.diagnosis, rec.failure_text()
     assert "float64 reference" in rec.message and rec.replay == "" and rec.inputs
+
+
+@pytest.mark.parametrize(("torch_slips", "jax_slips", "side", "words"), [
+    ({"lr_scale": 2}, {}, "torch", "the learning rate is scaled by N=2 on this side"),
+    ({}, {"shard_of": [1, 1]}, "jax", "rank 0 reads the same shard as rank 1"),
+])
+def test_a_planted_slip_under_fsdp_is_named(torch_slips, jax_slips, side, words):
+    pair = fsdp_pair(2, name="planted", checks=("train",), torch_slips=torch_slips, jax_slips=jax_slips)
+    [rec] = _run(pair)
+    assert rec.outcome == "failed" and rec.side == side, rec.failure_text()
+    assert words in rec.diagnosis, rec.failure_text()
 
 
 def test_train_names_the_first_diverging_step():

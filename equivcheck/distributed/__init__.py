@@ -6,12 +6,12 @@ worker      the worker processes' loop (python -m equivcheck.distributed.worker)
 torch_jobs  the torch side's jobs: collectives, DDP gradients and SGD steps
 jax_jobs    the JAX side's jobs: shard_map collectives, sharded data-parallel gradients and steps
 reference   float64 NumPy references (collectives, full-batch MLP training) and the slips they name
-pair        DistributedPair (the check kind), collective_pair, ddp_pair
+pair        DistributedPair (the check kind), collective_pair, ddp_pair, fsdp_pair
 runner      a pair's checks under Hypothesis on the session's pool: CheckRecords
 """
-from equivcheck.distributed.pair import DISTRIBUTED_CHECKS, DistributedPair, collective_pair, ddp_pair
+from equivcheck.distributed.pair import DISTRIBUTED_CHECKS, DistributedPair, collective_pair, ddp_pair, fsdp_pair
 from equivcheck.distributed.pool import Pool, WorkerFailure, close_all, pool_for
 from equivcheck.distributed.reference import COLLECTIVES
 
 __all__ = ["COLLECTIVES", "DISTRIBUTED_CHECKS", "DistributedPair", "Pool", "WorkerFailure", "close_all",
-           "collective_pair", "ddp_pair", "pool_for"]
+           "collective_pair", "ddp_pair", "fsdp_pair", "pool_for"]

@@ -2,6 +2,7 @@
 
 collective  per-rank arrays stacked on axis 0, through `jax.shard_map` with lax.psum / pmean / pmax /
             all_gather / psum_scatter
+fsdp        the MLP with its parameters sharded over the mesh axis, the gradient by XLA's partitioner
 ddp         the MLP (Flax-style tree: {"l1": {"kernel", "bias"}, "l2": ...}) trained data-parallel:
             the global batch placed with NamedSharding(mesh, P("ranks")), parameters replicated, each
             shard's gradient taken inside shard_map and averaged with lax.pmean (DDP's form)
@@ -95,6 +96,18 @@ def _grad_fn(ctx: Any, slips: dict[str, Any]) -> Any:
     return jax.shard_map(local, mesh=ctx.mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P())
 
 
+def _batch(ctx: Any, x: np.ndarray, y: np.ndarray, slips: dict[str, Any]) -> tuple[Any, Any]:
+    """The global batch sharded by rows over the mesh, rank r's rows being shard slips["shard_of"][r]."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rows = x.shape[0] // ctx.world
+    order = np.concatenate([np.arange(s * rows, (s + 1) * rows) for s in slips.get("shard_of", range(ctx.world))])
+    data = NamedSharding(ctx.mesh, P(AXIS))
+    return jax.device_put(x[order], data), jax.device_put(y[order], data)
+
+
 def ddp(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 0,
         slips: dict[str, Any] | None = None) -> dict[str, Any]:
     """Data-parallel training of the MLP tree `params` on the global batch x (B, d), y (B, o), B a
@@ -105,11 +118,7 @@ def ddp(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, lr: float = 0.1, st
     from jax.sharding import PartitionSpec as P
 
     slips = dict(slips or {})
-    shard_of = list(slips.get("shard_of", range(ctx.world)))
-    rows = x.shape[0] // ctx.world
-    order = np.concatenate([np.arange(s * rows, (s + 1) * rows) for s in shard_of])
-    data = NamedSharding(ctx.mesh, P(AXIS))
-    xs, ys = jax.device_put(x[order], data), jax.device_put(y[order], data)
+    xs, ys = _batch(ctx, x, y, slips)
     step_lr = lr * float(slips.get("lr_scale", 1.0))
     key = ("ddp", ctx.world, tuple(sorted((k, str(v)) for k, v in slips.items() if k in ("grad_reduce", "loss_reduce"))),
            x.shape, y.shape, x.dtype.str)
@@ -122,6 +131,46 @@ def ddp(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, lr: float = 0.1, st
     p = jax.device_put(params, NamedSharding(ctx.mesh, P()))
     out = {"grads": jax.tree.map(np.asarray, grad(p, xs, ys)), "params": []}
     lr_arr = np.asarray(step_lr, x.dtype)
+    for _ in range(steps):
+        p = step(p, xs, ys, lr_arr)
+        out["params"].append(jax.tree.map(np.asarray, p))
+    return out
+
+
+def _sharded_spec(shape: tuple[int, ...], n: int) -> Any:
+    """P("ranks") on the first axis that n divides (FSDP's dim-0 sharding where it fits), else replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    for i, size in enumerate(shape):
+        if size % n == 0:
+            return P(*([None] * i), AXIS)
+    return P()
+
+
+def fsdp(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 0,
+         slips: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The MLP with its parameters sharded over the mesh axis (each leaf on the first axis N divides) and
+    the batch sharded by rows, the full-batch mean loss differentiated under jit: XLA's partitioner
+    gathers the parameters and reduce-scatters the gradients (ZeRO-3 / FSDP by sharding annotations).
+    Returns {"grads", "params", "local"} like torch_jobs.fsdp, in JAX's layout."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    slips = dict(slips or {})
+    xs, ys = _batch(ctx, x, y, slips)
+    placed = jax.tree.map(lambda a: NamedSharding(ctx.mesh, _sharded_spec(a.shape, ctx.world)), params)
+    key = ("fsdp", ctx.world, x.shape, y.shape, x.dtype.str)
+    fns = ctx.cache.get(key)
+    if fns is None:
+        grad = jax.grad(lambda p, x, y: jnp.mean((mlp(p, x) - y) ** 2))
+        step = lambda p, x, y, lr: jax.tree.map(lambda w, g: w - lr * g, p, grad(p, x, y))
+        fns = ctx.cache[key] = (jax.jit(grad, out_shardings=placed), jax.jit(step, out_shardings=placed))
+    grad, step = fns
+    p = jax.device_put(params, placed)
+    out = {"grads": jax.tree.map(np.asarray, grad(p, xs, ys)), "params": [],
+           "local": [tuple(a.addressable_shards[0].data.shape) for a in jax.tree.leaves(p)]}
+    lr_arr = np.asarray(lr * float(slips.get("lr_scale", 1.0)), x.dtype)
     for _ in range(steps):
         p = step(p, xs, ys, lr_arr)
         out["params"].append(jax.tree.map(np.asarray, p))
@@ -142,4 +191,4 @@ def probe(ctx: Any, action: str, seconds: float = 3600.0) -> int:
     return ctx.world
 
 
-JOBS = {"collective": collective, "ddp": ddp, "probe": probe}
+JOBS = {"collective": collective, "ddp": ddp, "fsdp": fsdp, "probe": probe}

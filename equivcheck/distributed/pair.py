@@ -15,6 +15,9 @@ Checks (equivcheck.distributed.runner):
               single-process full-batch gradient
   train       `steps` SGD steps of both against single-process float64 training, compared after every
               step: the first step that diverges is named
+  With job "fsdp_mlp" the torch side is FSDP2 (fully_shard) and the JAX side shards the parameters over
+  the mesh axis (XLA gathers them and reduce-scatters the gradients); its train check also converts the
+  state dict gathered from FSDP to the JAX tree and back, bit for bit.
 """
 from __future__ import annotations
 
@@ -28,16 +31,19 @@ from equivcheck.engine.kind import check_name
 from equivcheck.engine.tolerance import Tolerance, require_reasons
 
 DISTRIBUTED_CHECKS = ("collective", "grads", "train")
-MLP = "mlp"  # the one model of this increment: Linear(d, h) -> tanh -> Linear(h, o)
+MLP = "mlp"  # the one model of this increment: Linear(d, h) -> tanh -> Linear(h, o); DDP against shard_map + pmean
+FSDP_MLP = "fsdp_mlp"  # the same under FSDP2 fully_shard against parameters sharded over the mesh axis
+MODELS = (MLP, FSDP_MLP)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DistributedPair:
     """One distributed computation on N torch ranks and on N JAX devices.
 
-    job          a collective (equivcheck.distributed.reference.COLLECTIVES) or "mlp" (data-parallel training)
+    job          a collective (equivcheck.distributed.reference.COLLECTIVES), "mlp" (DDP against data-parallel
+                 JAX) or "fsdp_mlp" (FSDP2 against parameters sharded over the mesh)
     world        N, the ranks (torch processes) and devices (JAX mesh); the pool for (N, device) is shared
-    checks       ("collective",) for a collective; a subset of ("grads", "train") for "mlp"
+    checks       ("collective",) for a collective; a subset of ("grads", "train") for the models
     torch_slips, jax_slips  mistakes planted on one side (equivcheck.distributed.torch_jobs / jax_jobs):
                  how the planted-bug tests show that a check catches and names them
     steps        SGD steps of the train check; rows: batch rows per rank; sizes: (d, h, o) of the MLP
@@ -70,8 +76,8 @@ class DistributedPair:
     def __post_init__(self) -> None:
         check_name("DistributedPair", self.name)
         set_ = lambda k, v: object.__setattr__(self, k, v)
-        if self.job not in (*COLLECTIVES, MLP):
-            raise ValueError(f"DistributedPair {self.name!r}: job {self.job!r} is none of {(*COLLECTIVES, MLP)}")
+        if self.job not in (*COLLECTIVES, *MODELS):
+            raise ValueError(f"DistributedPair {self.name!r}: job {self.job!r} is none of {(*COLLECTIVES, *MODELS)}")
         allowed = ("collective",) if self.job in COLLECTIVES else ("grads", "train")
         set_("checks", tuple(self.checks) or allowed)
         set_("dtypes", tuple(self.dtypes))
@@ -126,3 +132,9 @@ def collective_pair(op: str, world: int = 2, **fields: Any) -> DistributedPair:
 def ddp_pair(world: int = 2, **fields: Any) -> DistributedPair:
     """DDP against sharded JAX data parallelism on the MLP, named "ddp_mlp_n<world>"."""
     return DistributedPair(fields.pop("name", f"ddp_mlp_n{world}"), MLP, world, **fields)
+
+
+def fsdp_pair(world: int = 2, **fields: Any) -> DistributedPair:
+    """FSDP2 (fully_shard) against parameters sharded over a JAX mesh axis, on the MLP, named "fsdp_mlp_n<world>"."""
+    return DistributedPair(fields.pop("name", f"fsdp_mlp_n{world}"), FSDP_MLP, world, **fields)
+

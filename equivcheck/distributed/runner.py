@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from equivcheck.distributed import reference as ref
+from equivcheck.distributed.pair import FSDP_MLP
 from equivcheck.distributed.pool import WorkerFailure, pool_for
 from equivcheck.engine import tolerance
 from equivcheck.engine.compare import Verdict, compare, format_args, leaves
@@ -160,8 +161,9 @@ def from_flax(tree: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _mlp_sides(pair: Any, pool: Any, params: Any, x: Any, y: Any, lr: float, steps: int, seconds: float) -> Any:
     kw = {"params": params, "x": x, "y": y, "lr": lr, "steps": steps}
-    t = pool.torch(pair.torch_job or "ddp", [{**kw, "slips": pair.torch_slips}] * pair.world, seconds)
-    j = pool.jax(pair.jax_job or "ddp", {**kw, "params": to_flax(params), "slips": pair.jax_slips}, seconds,
+    builtin = "fsdp" if pair.job == FSDP_MLP else "ddp"
+    t = pool.torch(pair.torch_job or builtin, [{**kw, "slips": pair.torch_slips}] * pair.world, seconds)
+    j = pool.jax(pair.jax_job or builtin, {**kw, "params": to_flax(params), "slips": pair.jax_slips}, seconds,
                  world=pair.world)
     return t, {"grads": from_flax(j["grads"]), "params": [from_flax(p) for p in j["params"]]}
 
@@ -175,7 +177,7 @@ def _ranks_agree(t: list[dict[str, Any]], key: str, tol: Tolerance) -> Outcome |
         for k, (a, b) in enumerate(zip(_listed(t[0][key]), _listed(other[key]))):
             v = compare(a, b, tol)
             if not v.ok:
-                return Outcome(False, v.ratio, f"torch ranks disagree after DDP's all-reduce ({key}, item {k}): "
+                return Outcome(False, v.ratio, f"torch ranks disagree after the gradients' reduction ({key}, item {k}): "
                                f"{_worst(v, 'rank 0', f'rank {r}')}", "torch",
                                f"rank {r} holds other {key} than rank 0: replicas drifted apart", verdict=v)
     return None
@@ -209,9 +211,23 @@ def _mlp_example(pair: Any, check: str, pool: Any, example: Any, dtype: str, run
                 (lambda side, got: "")
             out = judge(t[0]["params"][k - 1], j["params"][k - 1], want[k - 1], tol_at(k),
                         f"parameters after step {k} of {steps} (the first step that diverges; lr {lr:g})", slip)
+    if out.ok and check == "train" and pair.job == FSDP_MLP:
+        trip = _round_trip(t[0]["params"][-1])
+        out = out if trip.ok else trip
     out.inputs = (f"MLP {pair.sizes} from seed {seed}, global batch of {x.shape[0]} ({rows} rows per rank), lr {lr:g}: "
                   + format_args([x, y]))
     return out
+
+
+def _round_trip(state: dict[str, np.ndarray]) -> Outcome:
+    """The state dict gathered from FSDP, converted to the JAX tree (equivcheck.weights) and back: bit for bit."""
+    back = from_flax(to_flax(state))
+    bad = [k for k in state if back.get(k) is None or back[k].shape != state[k].shape
+           or not np.array_equal(back[k], state[k])]
+    if bad:
+        return Outcome(False, float("inf"), f"the state dict gathered from FSDP does not survive torch -> JAX -> torch "
+                       f"conversion: {', '.join(bad)} differ", "torch", "equivcheck.weights' linear rules")
+    return Outcome(True)
 
 
 def _tolerance(pair: Any, dtype: str, run: RunSettings, check: str) -> Tolerance:

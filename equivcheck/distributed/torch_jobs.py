@@ -3,6 +3,7 @@
 collective  one torch.distributed collective on this rank's array
 ddp         a small MLP under DistributedDataParallel: the all-reduced gradients of this rank's shard,
             and the parameters after each of `steps` SGD steps
+fsdp        the same under FSDP2 (fully_shard): parameters sharded over the ranks, gathered to compare
 
 `slips` (a dict) plant the mistakes a migration makes, on this side only, so that the checks can be
 shown to catch them: {"grad_reduce": "sum"} (a DDP comm hook that sums gradients over replicas instead
@@ -97,9 +98,7 @@ def ddp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, l
     from torch.nn.parallel import DistributedDataParallel
 
     slips = dict(slips or {})
-    shard = list(slips.get("shard_of", range(ctx.world)))[ctx.rank]
-    rows = x.shape[0] // ctx.world
-    xs, ys = _tensor(x[shard * rows:(shard + 1) * rows], ctx), _tensor(y[shard * rows:(shard + 1) * rows], ctx)
+    xs, ys = _shard_rows(ctx, x, y, slips)
     model = DistributedDataParallel(_mlp(params, ctx), device_ids=None if ctx.device == "cpu" else [ctx.device],
                                     process_group=ctx.group)
     if slips.get("grad_reduce", "mean") == "sum":
@@ -119,6 +118,45 @@ def ddp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, l
     return {"grads": grads, "params": trail}
 
 
+def _shard_rows(ctx: Any, x: np.ndarray, y: np.ndarray, slips: dict[str, Any]) -> tuple[Any, Any]:
+    shard = list(slips.get("shard_of", range(ctx.world)))[ctx.rank]
+    rows = x.shape[0] // ctx.world
+    return _tensor(x[shard * rows:(shard + 1) * rows], ctx), _tensor(y[shard * rows:(shard + 1) * rows], ctx)
+
+
+def fsdp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 0,
+         slips: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The MLP under FSDP2 (`torch.distributed.fsdp.fully_shard` on a DeviceMesh of the request's ranks:
+    each parameter sharded on dim 0, gathered for forward and backward, gradients reduce-scattered and
+    averaged), this rank reading its shard of the batch as in `ddp`. Returns {"grads", "params"} like
+    `ddp`, gathered to full arrays (DTensor.full_tensor), and "local": this rank's shard shapes."""
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    slips = dict(slips or {})
+    xs, ys = _shard_rows(ctx, x, y, slips)
+    model = _mlp(params, ctx)
+    import torch.distributed as dist
+
+    mesh = DeviceMesh.from_group(ctx.group or dist.group.WORLD, "cpu" if ctx.device == "cpu" else "cuda")
+    fully_shard(model, mesh=mesh)
+    names = ("l1.weight", "l1.bias", "l2.weight", "l2.bias")
+    opt = torch.optim.SGD(model.parameters(), lr=lr * float(slips.get("lr_scale", 1.0)))
+    full = lambda ts: {k: _numpy(t.full_tensor()) for k, t in zip(names, ts)}
+    grads: dict[str, np.ndarray] = {}
+    trail = []
+    for step in range(max(steps, 1)):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        if step == 0:
+            grads = full(p.grad for p in model.parameters())
+        if steps:
+            opt.step()
+            trail.append(full(model.parameters()))
+    return {"grads": grads, "params": trail, "local": [tuple(p.to_local().shape) for p in model.parameters()]}
+
+
 def probe(ctx: Any, rank: int, action: str, seconds: float = 3600.0) -> int:
     """For testing the pool's failure handling: on `rank`, "exit" (os._exit(3)), "raise" (RuntimeError)
     or "hang" (sleep `seconds`); other ranks return their rank at once."""
@@ -135,4 +173,4 @@ def probe(ctx: Any, rank: int, action: str, seconds: float = 3600.0) -> int:
     return ctx.rank
 
 
-JOBS = {"collective": collective, "ddp": ddp, "probe": probe}
+JOBS = {"collective": collective, "ddp": ddp, "fsdp": fsdp, "probe": probe}
