@@ -72,7 +72,7 @@ def _mlp(params: dict[str, np.ndarray], ctx: Any) -> Any:
     dtype = torch.from_numpy(params["l1.weight"]).dtype
     model = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, o)).to(ctx.device, dtype)
     with torch.no_grad():
-        for key, p in zip(("l1.weight", "l1.bias", "l2.weight", "l2.bias"), model.parameters()):
+        for key, p in zip(NAMES, model.parameters()):
             p.copy_(_tensor(params[key], ctx))
     return model
 
@@ -94,7 +94,6 @@ def ddp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, l
     Returns {"grads": the gradients after one backward (torch layout keys), "params": [the
     parameters after each of `steps` SGD steps of learning rate lr (x slips["lr_scale"])]}.
     """
-    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     slips = dict(slips or {})
@@ -103,18 +102,29 @@ def ddp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, l
                                     process_group=ctx.group)
     if slips.get("grad_reduce", "mean") == "sum":
         model.register_comm_hook(ctx.group, _sum_hook)
-    names = ("l1.weight", "l1.bias", "l2.weight", "l2.bias")
-    opt = torch.optim.SGD(model.parameters(), lr=lr * float(slips.get("lr_scale", 1.0)))
+    return _train(model, xs, ys, lr * float(slips.get("lr_scale", 1.0)), steps, _numpy)
+
+
+NAMES = ("l1.weight", "l1.bias", "l2.weight", "l2.bias")
+
+
+def _train(model: Any, xs: Any, ys: Any, lr: float, steps: int, full: Any) -> dict[str, Any]:
+    """SGD on the shard's mean squared error: {"grads": the first gradients, "params": [after each of
+    `steps` steps]}, each tensor read by `full` (a DTensor's gathered from its shards)."""
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    read = lambda ts: {k: full(t) for k, t in zip(NAMES, ts)}
     grads: dict[str, np.ndarray] = {}
     trail = []
     for step in range(max(steps, 1)):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(xs), ys).backward()
         if step == 0:
-            grads = {k: _numpy(p.grad) for k, p in zip(names, model.parameters())}
+            grads = read(p.grad for p in model.parameters())
         if steps:
             opt.step()
-            trail.append({k: _numpy(p) for k, p in zip(names, model.parameters())})
+            trail.append(read(model.parameters()))
     return {"grads": grads, "params": trail}
 
 
@@ -130,31 +140,17 @@ def fsdp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, 
     each parameter sharded on dim 0, gathered for forward and backward, gradients reduce-scattered and
     averaged), this rank reading its shard of the batch as in `ddp`. Returns {"grads", "params"} like
     `ddp`, gathered to full arrays (DTensor.full_tensor), and "local": this rank's shard shapes."""
-    import torch
+    import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
     slips = dict(slips or {})
     xs, ys = _shard_rows(ctx, x, y, slips)
     model = _mlp(params, ctx)
-    import torch.distributed as dist
-
-    mesh = DeviceMesh.from_group(ctx.group or dist.group.WORLD, "cpu" if ctx.device == "cpu" else "cuda")
-    fully_shard(model, mesh=mesh)
-    names = ("l1.weight", "l1.bias", "l2.weight", "l2.bias")
-    opt = torch.optim.SGD(model.parameters(), lr=lr * float(slips.get("lr_scale", 1.0)))
-    full = lambda ts: {k: _numpy(t.full_tensor()) for k, t in zip(names, ts)}
-    grads: dict[str, np.ndarray] = {}
-    trail = []
-    for step in range(max(steps, 1)):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(xs), ys).backward()
-        if step == 0:
-            grads = full(p.grad for p in model.parameters())
-        if steps:
-            opt.step()
-            trail.append(full(model.parameters()))
-    return {"grads": grads, "params": trail, "local": [tuple(p.to_local().shape) for p in model.parameters()]}
+    fully_shard(model, mesh=DeviceMesh.from_group(ctx.group or dist.group.WORLD,
+                                                  "cpu" if ctx.device == "cpu" else "cuda"))
+    out = _train(model, xs, ys, lr * float(slips.get("lr_scale", 1.0)), steps, lambda t: _numpy(t.full_tensor()))
+    return {**out, "local": [tuple(p.to_local().shape) for p in model.parameters()]}
 
 
 def probe(ctx: Any, rank: int, action: str, seconds: float = 3600.0) -> int:
