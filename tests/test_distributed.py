@@ -81,6 +81,20 @@ def test_a_planted_slip_under_fsdp_is_named(torch_slips, jax_slips, side, words)
     assert words in rec.diagnosis, rec.failure_text()
 
 
+def test_gradient_accumulation_with_no_sync():
+    good = ddp_pair(2, name="accumulate", accumulate=2, rows=(2, 4))
+    assert [r.outcome for r in _run(good)] == ["passed", "passed"]
+    summed = good.replace(checks=("grads",), torch_slips={"accumulate_reduce": "sum"})
+    [rec] = _run(summed.replace(world=4))
+    assert rec.outcome == "failed" and rec.side == "torch", rec.failure_text()
+    assert "torch's gradient is 2x the full-batch gradient: the 2 micro-batches' gradients summed" in rec.diagnosis
+    [rec] = _run(good.replace(checks=("grads",), torch_slips={"no_sync_all": True}))
+    assert rec.outcome == "failed" and rec.side == "torch", rec.failure_text()
+    assert "torch ranks disagree" in rec.message and "no_sync around every micro-batch" in rec.diagnosis
+    with pytest.raises(ValueError, match="multiples of accumulate=2"):
+        ddp_pair(2, accumulate=2)  # rows (2, 3): 3 rows do not split into 2 equal micro-batches
+
+
 def test_train_names_the_first_diverging_step():
     [rec] = _run(ddp_pair(2, name="planted", checks=("train",), torch_slips={"grad_reduce": "sum"}))
     assert rec.outcome == "failed" and rec.side == "torch"

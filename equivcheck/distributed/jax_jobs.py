@@ -69,7 +69,7 @@ def mlp(params: Any, x: Any) -> Any:
     return h @ params["l2"]["kernel"] + params["l2"]["bias"]
 
 
-def _grad_fn(ctx: Any, slips: dict[str, Any]) -> Any:
+def _grad_fn(ctx: Any, slips: dict[str, Any], accumulate: int) -> Any:
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -91,7 +91,12 @@ def _grad_fn(ctx: Any, slips: dict[str, Any]) -> Any:
         # gradient taken of them inside shard_map is already summed over ranks. Made varying first,
         # each rank's gradient is its shard's alone, reduced explicitly as DDP does.
         mine = jax.tree.map(lambda a: lax.pcast(a, AXIS, to="varying"), p)
-        return jax.tree.map(lambda g: reduce(g, AXIS), jax.grad(shard_loss)(mine, xl, yl))
+        # `accumulate` micro-batches, their gradients averaged (summed with slips["accumulate_reduce"] == "sum")
+        parts = [jax.grad(shard_loss)(mine, xm, ym)
+                 for xm, ym in zip(jnp.split(xl, accumulate), jnp.split(yl, accumulate))]
+        divide = 1.0 if slips.get("accumulate_reduce") == "sum" else float(accumulate)
+        total = jax.tree.map(lambda *gs: sum(gs) / divide, *parts)
+        return jax.tree.map(lambda g: reduce(g, AXIS), total)
 
     return jax.shard_map(local, mesh=ctx.mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P())
 
@@ -109,10 +114,11 @@ def _batch(ctx: Any, x: np.ndarray, y: np.ndarray, slips: dict[str, Any]) -> tup
 
 
 def ddp(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 0,
-        slips: dict[str, Any] | None = None) -> dict[str, Any]:
+        slips: dict[str, Any] | None = None, accumulate: int = 1) -> dict[str, Any]:
     """Data-parallel training of the MLP tree `params` on the global batch x (B, d), y (B, o), B a
     multiple of N; returns {"grads": the first gradient tree, "params": [the tree after each of `steps`
-    SGD steps]}, like equivcheck.distributed.torch_jobs.ddp in JAX's layout."""
+    SGD steps]}, like equivcheck.distributed.torch_jobs.ddp in JAX's layout; `accumulate` micro-batches per
+    shard as there."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -120,11 +126,12 @@ def ddp(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, lr: float = 0.1, st
     slips = dict(slips or {})
     xs, ys = _batch(ctx, x, y, slips)
     step_lr = lr * float(slips.get("lr_scale", 1.0))
-    key = ("ddp", ctx.world, tuple(sorted((k, str(v)) for k, v in slips.items() if k in ("grad_reduce", "loss_reduce"))),
+    kinds = ("grad_reduce", "loss_reduce", "accumulate_reduce")
+    key = ("ddp", ctx.world, accumulate, tuple(sorted((k, str(v)) for k, v in slips.items() if k in kinds)),
            x.shape, y.shape, x.dtype.str)
     fns = ctx.cache.get(key)
     if fns is None:
-        grad = _grad_fn(ctx, slips)
+        grad = _grad_fn(ctx, slips, accumulate)
         step = lambda p, x, y, lr: jax.tree.map(lambda w, g: w - lr * g, p, grad(p, x, y))
         fns = ctx.cache[key] = (jax.jit(grad), jax.jit(step))
     grad, step = fns
@@ -148,11 +155,12 @@ def _sharded_spec(shape: tuple[int, ...], n: int) -> Any:
 
 
 def fsdp(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 0,
-         slips: dict[str, Any] | None = None) -> dict[str, Any]:
+         slips: dict[str, Any] | None = None, accumulate: int = 1) -> dict[str, Any]:
     """The MLP with its parameters sharded over the mesh axis (each leaf on the first axis N divides) and
     the batch sharded by rows, the full-batch mean loss differentiated under jit: XLA's partitioner
     gathers the parameters and reduce-scatters the gradients (ZeRO-3 / FSDP by sharding annotations).
-    Returns {"grads", "params", "local"} like torch_jobs.fsdp, in JAX's layout."""
+    Returns {"grads", "params", "local"} like torch_jobs.fsdp, in JAX's layout. `accumulate` is accepted
+    for the jobs' common signature: micro-batches of equal size change nothing in a full-batch mean."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding

@@ -47,6 +47,8 @@ class DistributedPair:
     torch_slips, jax_slips  mistakes planted on one side (equivcheck.distributed.torch_jobs / jax_jobs):
                  how the planted-bug tests show that a check catches and names them
     steps        SGD steps of the train check; rows: batch rows per rank; sizes: (d, h, o) of the MLP
+    accumulate   micro-batches per step and rank (torch: all but the last backward under DDP's no_sync);
+                 every entry of `rows` must be a multiple of it
     seconds      the deadline of one request to the workers (a worker past it fails the check)
     torch_job, jax_job  a job of your own in place of the built-in one ("collective" or "ddp"):
                  "module:function", importable in the workers, called with the built-in job's arguments
@@ -64,6 +66,7 @@ class DistributedPair:
     rows: tuple[int, ...] = (2, 3)
     sizes: tuple[int, int, int] = (3, 8, 2)
     seconds: float = 30.0
+    accumulate: int = 1
     torch_job: str = ""
     jax_job: str = ""
     tolerance: Tolerance | None = None
@@ -89,8 +92,11 @@ class DistributedPair:
             raise ValueError(f"DistributedPair {self.name!r}: checks {bad} do not apply to {self.job!r}; use {allowed}")
         if not isinstance(self.world, int) or self.world < 1:
             raise ValueError(f"DistributedPair {self.name!r}: world must be a positive int, got {self.world!r}")
-        if self.steps < 1 or not self.rows or min(self.rows) < 1:
-            raise ValueError(f"DistributedPair {self.name!r}: steps and rows must be positive")
+        if self.steps < 1 or not self.rows or min(self.rows) < 1 or self.accumulate < 1:
+            raise ValueError(f"DistributedPair {self.name!r}: steps, rows and accumulate must be positive")
+        if any(r % self.accumulate for r in self.rows):
+            raise ValueError(f"DistributedPair {self.name!r}: rows {self.rows} must be multiples of accumulate="
+                             f"{self.accumulate} (equal micro-batches)")
         for label in ("torch_job", "jax_job"):
             job = getattr(self, label)
             if job and (":" not in job or not all(job.partition(":")[::2])):

@@ -116,13 +116,19 @@ def shard_swaps(x: np.ndarray, y: np.ndarray, n: int) -> list[tuple[int, int, np
 
 
 def gradient_slip(side: str, got: Tree, params: Tree, x: np.ndarray, y: np.ndarray, n: int,
-                  tol: Tolerance) -> str:
-    """What `side`'s gradient `got` (off the full-batch reference) fits, in words; "" if nothing known."""
+                  tol: Tolerance, accumulate: int = 1) -> str:
+    """What `side`'s gradient `got` (off the full-batch reference) fits, in words; "" if nothing known.
+    `accumulate`: micro-batches per step, whose gradients summed rather than averaged scale it by M."""
     want = grads(params, x, y)
     c = _factor(got, want)
+    micro = (f"the {accumulate} micro-batches' gradients summed, not averaged (each loss not divided by the "
+             "accumulation steps)") if accumulate > 1 else ""
     if _scaled(got, want, float(n), tol):
         return (f"{side}'s gradient is {n}x the full-batch gradient: summed, not averaged, over replicas "
-                "(gradients all-reduced without dividing by N, or each shard's mean loss summed over ranks)")
+                "(gradients all-reduced without dividing by N, or each shard's mean loss summed over ranks)"
+                + (f", or {micro}" if micro and accumulate == n else ""))
+    if micro and _scaled(got, want, float(accumulate), tol):
+        return f"{side}'s gradient is {accumulate}x the full-batch gradient: {micro}"
     if _scaled(got, want, 1.0 / n, tol):
         return f"{side}'s gradient is 1/{n} of the full-batch gradient: averaged twice over replicas"
     for r, s, x2, y2 in shard_swaps(x, y, n):
@@ -133,13 +139,13 @@ def gradient_slip(side: str, got: Tree, params: Tree, x: np.ndarray, y: np.ndarr
 
 
 def update_slip(side: str, first: Tree, start: Tree, first_grad: Tree, lr: float, params: Tree, x: np.ndarray,
-                y: np.ndarray, n: int, tol: Tolerance, grad_tol: Tolerance) -> str:
+                y: np.ndarray, n: int, tol: Tolerance, grad_tol: Tolerance, accumulate: int = 1) -> str:
     """What `side`'s first SGD step fits: `first` the parameters after it, `start` before it,
     `first_grad` the side's own gradient at `start`; "" where the gradient itself is off (then
     `gradient_slip` says more)."""
     want_grad = grads(params, x, y)
     if not close(first_grad, want_grad, grad_tol):
-        return gradient_slip(side, first_grad, params, x, y, n, grad_tol)
+        return gradient_slip(side, first_grad, params, x, y, n, grad_tol, accumulate)
     step = {k: np.asarray(first[k], np.float64) - np.asarray(start[k], np.float64) for k in start}
     ratio = _factor(step, {k: -lr * v for k, v in want_grad.items()})
     if _scaled(first, {k: start[k] - n * lr * want_grad[k] for k in start}, 1.0, tol):

@@ -85,12 +85,14 @@ def _sum_hook(state, bucket):  # unannotated: DDP refuses a hook annotated with 
 
 
 def ddp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 0,
-        slips: dict[str, Any] | None = None) -> dict[str, Any]:
+        slips: dict[str, Any] | None = None, accumulate: int = 1) -> dict[str, Any]:
     """DDP on the MLP `params` (see _mlp) with this rank's shard of the global batch.
 
     x (B, d) and y (B, o) are the whole global batch, B a multiple of N; this rank reads rows
     [s*B/N, (s+1)*B/N) with s = slips["shard_of"][rank] (default: its rank). The loss is the mean
-    squared error over the shard; DDP averages the gradients over replicas.
+    squared error over the shard; DDP averages the gradients over replicas. With `accumulate` = M > 1
+    the shard is split into M micro-batches (its rows a multiple of M), each loss divided by M, the first
+    M-1 backward passes under `model.no_sync()` (DDP reduces only the last one's, accumulated, gradients).
     Returns {"grads": the gradients after one backward (torch layout keys), "params": [the
     parameters after each of `steps` SGD steps of learning rate lr (x slips["lr_scale"])]}.
     """
@@ -102,13 +104,30 @@ def ddp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, l
                                     process_group=ctx.group)
     if slips.get("grad_reduce", "mean") == "sum":
         model.register_comm_hook(ctx.group, _sum_hook)
-    return _train(model, xs, ys, lr * float(slips.get("lr_scale", 1.0)), steps, _numpy)
+    return _train(model, xs, ys, lr * float(slips.get("lr_scale", 1.0)), steps, _numpy, accumulate, slips)
 
 
 NAMES = ("l1.weight", "l1.bias", "l2.weight", "l2.bias")
 
 
-def _train(model: Any, xs: Any, ys: Any, lr: float, steps: int, full: Any) -> dict[str, Any]:
+def _backward(model: Any, xs: Any, ys: Any, accumulate: int, slips: dict[str, Any]) -> None:
+    """One step's backward: `accumulate` micro-batches, the loss of each divided by their count (not with
+    slips["accumulate_reduce"] == "sum"), all but the last under DDP's no_sync (all of them with
+    slips["no_sync_all"]: the gradients then never leave their rank)."""
+    import contextlib
+
+    import torch
+
+    divide = 1.0 if slips.get("accumulate_reduce") == "sum" else float(accumulate)
+    parts = list(zip(xs.chunk(accumulate), ys.chunk(accumulate)))
+    for i, (xm, ym) in enumerate(parts):
+        quiet = (i < len(parts) - 1 or slips.get("no_sync_all")) and hasattr(model, "no_sync")
+        with model.no_sync() if quiet else contextlib.nullcontext():
+            (torch.nn.functional.mse_loss(model(xm), ym) / divide).backward()
+
+
+def _train(model: Any, xs: Any, ys: Any, lr: float, steps: int, full: Any, accumulate: int = 1,
+           slips: dict[str, Any] | None = None) -> dict[str, Any]:
     """SGD on the shard's mean squared error: {"grads": the first gradients, "params": [after each of
     `steps` steps]}, each tensor read by `full` (a DTensor's gathered from its shards)."""
     import torch
@@ -119,7 +138,7 @@ def _train(model: Any, xs: Any, ys: Any, lr: float, steps: int, full: Any) -> di
     trail = []
     for step in range(max(steps, 1)):
         opt.zero_grad()
-        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        _backward(model, xs, ys, accumulate, slips or {})
         if step == 0:
             grads = read(p.grad for p in model.parameters())
         if steps:
@@ -135,7 +154,7 @@ def _shard_rows(ctx: Any, x: np.ndarray, y: np.ndarray, slips: dict[str, Any]) -
 
 
 def fsdp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 0,
-         slips: dict[str, Any] | None = None) -> dict[str, Any]:
+         slips: dict[str, Any] | None = None, accumulate: int = 1) -> dict[str, Any]:
     """The MLP under FSDP2 (`torch.distributed.fsdp.fully_shard` on a DeviceMesh of the request's ranks:
     each parameter sharded on dim 0, gathered for forward and backward, gradients reduce-scattered and
     averaged), this rank reading its shard of the batch as in `ddp`. Returns {"grads", "params"} like
@@ -149,7 +168,8 @@ def fsdp(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, 
     model = _mlp(params, ctx)
     fully_shard(model, mesh=DeviceMesh.from_group(ctx.group or dist.group.WORLD,
                                                   "cpu" if ctx.device == "cpu" else "cuda"))
-    out = _train(model, xs, ys, lr * float(slips.get("lr_scale", 1.0)), steps, lambda t: _numpy(t.full_tensor()))
+    out = _train(model, xs, ys, lr * float(slips.get("lr_scale", 1.0)), steps, lambda t: _numpy(t.full_tensor()),
+                 accumulate, slips)
     return {**out, "local": [tuple(p.to_local().shape) for p in model.parameters()]}
 
 
