@@ -26,14 +26,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from equivcheck.distributed.reference import COLLECTIVES
+from equivcheck.distributed.reference import COLLECTIVES, FSDP_MLP, MLP, MODELS
 from equivcheck.engine.kind import check_name
 from equivcheck.engine.tolerance import Tolerance, require_reasons
 
 DISTRIBUTED_CHECKS = ("collective", "grads", "train")
-MLP = "mlp"  # the one model of this increment: Linear(d, h) -> tanh -> Linear(h, o); DDP against shard_map + pmean
-FSDP_MLP = "fsdp_mlp"  # the same under FSDP2 fully_shard against parameters sharded over the mesh axis
-MODELS = (MLP, FSDP_MLP)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -22,6 +22,9 @@ from equivcheck.engine.tolerance import Tolerance
 
 Tree = dict[str, np.ndarray]
 COLLECTIVES = ("all_reduce_sum", "all_reduce_mean", "all_reduce_max", "all_gather", "reduce_scatter", "broadcast")
+MLP = "mlp"  # the one model: Linear(d, h) -> tanh -> Linear(h, o); DDP against shard_map + pmean
+FSDP_MLP = "fsdp_mlp"  # the same under FSDP2 fully_shard against parameters sharded over the mesh axis
+MODELS = (MLP, FSDP_MLP)
 
 
 def collective(op: str, xs: list[np.ndarray], root: int = 0) -> list[np.ndarray]:

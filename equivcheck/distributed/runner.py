@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from equivcheck.distributed import reference as ref
-from equivcheck.distributed.pair import FSDP_MLP
 from equivcheck.distributed.pool import WorkerFailure, pool_for
+from equivcheck.distributed.reference import FSDP_MLP
 from equivcheck.engine import tolerance
 from equivcheck.engine.compare import Verdict, compare, format_args, leaves
 from equivcheck.engine.dtypes import np_dtype
