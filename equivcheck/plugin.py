@@ -356,6 +356,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     jax_side = sys.modules.get("equivcheck.backends.jax")
     if jax_side is not None:  # JAX may compile on a thread here: its work for tests that will not run ends
         jax_side.session_ended(exitstatus)
+    pools = sys.modules.get("equivcheck.distributed.pool")
+    if pools is not None:  # the distributed checks' worker processes: killed and reaped (atexit does too)
+        pools.close_all()
     state = session.config.stash[STATE]
     # A usage error (a bad option, two pairs of one name) ran nothing: no report says otherwise.
     if state.enabled and not hasattr(session.config, "workerinput") and exitstatus != pytest.ExitCode.USAGE_ERROR:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 SIDES = ("torch", "jax")
 # The report's sections, in order: each record names one (`CheckRecord.family`), taken from its
 # kind's optional `family` attribute; a kind without one (a user's own) reports as "other".
-FAMILIES = ("operations", "layers", "optimizers", "data", "models", "checkpoints", "speed", "other")
+FAMILIES = ("operations", "layers", "optimizers", "data", "models", "checkpoints", "distributed", "speed",
+            "other")
 # Names end up in pytest node ids, report ids and glob patterns: keep them plain.
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 

@@ -94,6 +94,19 @@ class CheckRecord:
                 d[k] = None if math.isnan(d[k]) else str(d[k])
         return d
 
+    def settle_known(self, failed: bool, hit: tuple[str, str] | None, worst: Any = None) -> None:
+        """Set the outcome of a check that ran: failed, or a known divergence where `hit` (the matching
+        entry's (pattern, reason), kept for the report) matched; passed, or an xpass where it matched.
+        `worst` (the failing LeafDiff, if any) gives the error columns."""
+        if worst is not None:
+            self.max_abs_err, self.max_rel_err, self.max_ulp = worst.max_abs, worst.max_rel, worst.max_ulp
+        if failed:
+            self.outcome = "known-divergence" if hit else "failed"
+        elif hit:
+            self.outcome = "xpass"
+        if hit:
+            self.known_pattern, self.known_reason = hit
+
     def failure_text(self) -> str:
         lines = [f"{self.id} [precision {self.precision}] failed: {self.message}"]
         if self.diagnosis:

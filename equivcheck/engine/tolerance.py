@@ -67,7 +67,11 @@ TF32_TAGS = frozenset({"matmul", "conv"})
 # Derivatives chain several roundings (an HVP runs the op's graph three times over), so the
 # bound widens with the order. Measured on the autodiff suite at float32 (30 examples, seeds
 # 0-2): the worst VJP/JVP reached ~0.5 of these scaled bounds (det), the worst HVP ~0.8 (std).
-CHECK_SCALE: dict[str, float] = {"forward": 1.0, "vjp": 2.0, "jvp": 2.0, "hvp": 4.0}
+# Distributed checks (equivcheck.distributed): a collective is one reduction, held to the forward
+# bound; a data-parallel gradient is a VJP summed over shards, held to the VJP bound, and a training
+# step to that bound times the step number (the optimizer trajectories' linear growth).
+CHECK_SCALE: dict[str, float] = {"forward": 1.0, "vjp": 2.0, "jvp": 2.0, "hvp": 4.0, "collective": 1.0,
+                                 "grads": 2.0, "train": 2.0}
 
 
 

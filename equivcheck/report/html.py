@@ -16,7 +16,8 @@ from equivcheck.report.runs import OUTCOMES, by_family, family, partial_text
 from equivcheck.report.tables import cells, failure_text, observed
 
 TITLES = {"operations": "Operations", "layers": "Layers and losses", "optimizers": "Optimizers", "data": "Data",
-          "models": "Models", "checkpoints": "Checkpoints", "speed": "Speed", "other": "Other checks"}
+          "models": "Models", "checkpoints": "Checkpoints", "distributed": "Distributed",
+          "speed": "Speed", "other": "Other checks"}
 
 
 def _image(svg: str) -> str:

@@ -1,0 +1,143 @@
+"""The distributed check kind: `DistributedPair`, and the factories the suite's table uses.
+
+    PAIRS = [collective_pair("all_reduce_sum", world=2), ddp_pair(world=4)]
+
+    @pytest.mark.parametrize("pair", PAIRS, ids=str)
+    def test_distributed(pair, equiv):
+        equiv.check(pair)
+
+Checks (equivcheck.distributed.runner):
+  collective  one torch.distributed collective on N ranks against its jax.shard_map counterpart on a
+              Mesh of N devices, on Hypothesis-drawn per-rank arrays; the float64 NumPy result of the
+              per-rank inputs says which side is off
+  grads       DDP's all-reduced gradients of a small MLP (one global batch, a shard per rank) against
+              the JAX gradient of the same batch sharded over the mesh, and both against the float64
+              single-process full-batch gradient
+  train       `steps` SGD steps of both against single-process float64 training, compared after every
+              step: the first step that diverges is named
+  With job "fsdp_mlp" the torch side is FSDP2 (fully_shard) and the JAX side shards the parameters over
+  the mesh axis (XLA gathers them and reduce-scatters the gradients); its train check also converts the
+  state dict gathered from FSDP to the JAX tree and back, bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from equivcheck.distributed.reference import COLLECTIVES, FSDP_MLP, MLP, MODELS
+from equivcheck.engine.kind import check_name
+from equivcheck.engine.tolerance import Tolerance, require_reasons
+
+DISTRIBUTED_CHECKS = ("collective", "grads", "train")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DistributedPair:
+    """One distributed computation on N torch ranks and on N JAX devices.
+
+    job          a collective (equivcheck.distributed.reference.COLLECTIVES), "mlp" (DDP against data-parallel
+                 JAX) or "fsdp_mlp" (FSDP2 against parameters sharded over the mesh)
+    world        N, the ranks (torch processes) and devices (JAX mesh); the pool for (N, device) is shared
+    checks       ("collective",) for a collective; a subset of ("grads", "train") for the models
+    torch_slips, jax_slips  mistakes planted on one side (equivcheck.distributed.torch_jobs / jax_jobs):
+                 how the planted-bug tests show that a check catches and names them
+    steps        SGD steps of the train check; rows: batch rows per rank; sizes: (d, h, o) of the MLP
+    accumulate   micro-batches per step and rank (torch: all but the last backward under DDP's no_sync);
+                 every entry of `rows` must be a multiple of it
+    seconds      the deadline of one request to the workers (a worker past it fails the check)
+    torch_job, jax_job  a job of your own in place of the built-in one ("collective" or "ddp"):
+                 "module:function", importable in the workers, called with the built-in job's arguments
+                 (equivcheck.distributed.torch_jobs / jax_jobs) and returning what it returns
+    """
+
+    name: str
+    job: str
+    world: int = 2
+    checks: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ("float32", "float64")
+    torch_slips: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    jax_slips: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    steps: int = 3
+    rows: tuple[int, ...] = (2, 3)
+    sizes: tuple[int, int, int] = (3, 8, 2)
+    seconds: float = 30.0
+    accumulate: int = 1
+    torch_job: str = ""
+    jax_job: str = ""
+    tolerance: Tolerance | None = None
+    doc: str = ""
+    tags: frozenset[str] = frozenset()
+
+    family = "distributed"
+    all_checks = DISTRIBUTED_CHECKS
+
+    def __post_init__(self) -> None:
+        check_name("DistributedPair", self.name)
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        if self.job not in (*COLLECTIVES, *MODELS):
+            raise ValueError(f"DistributedPair {self.name!r}: job {self.job!r} is none of {(*COLLECTIVES, *MODELS)}")
+        allowed = ("collective",) if self.job in COLLECTIVES else ("grads", "train")
+        set_("checks", tuple(self.checks) or allowed)
+        set_("dtypes", tuple(self.dtypes))
+        set_("tags", frozenset(self.tags))
+        set_("torch_slips", dict(self.torch_slips))
+        set_("jax_slips", dict(self.jax_slips))
+        bad = [c for c in self.checks if c not in allowed]
+        if bad:
+            raise ValueError(f"DistributedPair {self.name!r}: checks {bad} do not apply to {self.job!r}; use {allowed}")
+        if not isinstance(self.world, int) or self.world < 1:
+            raise ValueError(f"DistributedPair {self.name!r}: world must be a positive int, got {self.world!r}")
+        if self.steps < 1 or not self.rows or min(self.rows) < 1 or self.accumulate < 1:
+            raise ValueError(f"DistributedPair {self.name!r}: steps, rows and accumulate must be positive")
+        if any(r % self.accumulate for r in self.rows):
+            raise ValueError(f"DistributedPair {self.name!r}: rows {self.rows} must be multiples of accumulate="
+                             f"{self.accumulate} (equal micro-batches)")
+        for label in ("torch_job", "jax_job"):
+            job = getattr(self, label)
+            if job and (":" not in job or not all(job.partition(":")[::2])):
+                raise ValueError(f"DistributedPair {self.name!r}: {label} must read 'module:function', got {job!r}")
+        require_reasons(f"DistributedPair {self.name!r}", self.tolerance)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"DistributedPair({self.name!r}, world={self.world})"
+
+    def replace(self, **changes: Any) -> DistributedPair:
+        return dataclasses.replace(self, **changes)
+
+    def prepare(self, dtype: str, run: Any) -> None:
+        """Start (or reuse) the pool for this pair's world size on the background thread, so that
+        the start-up overlaps the test before. A pool that fails to start is reported by run_checks."""
+        from equivcheck.distributed.runner import unavailable
+
+        if dtype in self.dtypes and not unavailable(self, run.device):
+            from equivcheck.distributed.pool import pool_for
+
+            with contextlib.suppress(Exception):  # run_checks starts it again and reports why it fails
+                pool_for(self.world, run.device)
+
+    def run_checks(self, *, dtype: str, run: Any, known: Any, nodeid: str = "", replay: str = "") -> list[Any]:
+        """The `equiv` fixture's entry point: one CheckRecord per check (equivcheck.distributed.runner)."""
+        from equivcheck.distributed.runner import run_distributed_pair
+
+        return run_distributed_pair(self, dtype=dtype, run=run, known=known, nodeid=nodeid, replay=replay)
+
+
+def collective_pair(op: str, world: int = 2, **fields: Any) -> DistributedPair:
+    """`op` on `world` ranks, named "<op>_n<world>"."""
+    return DistributedPair(fields.pop("name", f"{op}_n{world}"), op, world, ("collective",), **fields)
+
+
+def ddp_pair(world: int = 2, **fields: Any) -> DistributedPair:
+    """DDP against sharded JAX data parallelism on the MLP, named "ddp_mlp_n<world>"."""
+    return DistributedPair(fields.pop("name", f"ddp_mlp_n{world}"), MLP, world, **fields)
+
+
+def fsdp_pair(world: int = 2, **fields: Any) -> DistributedPair:
+    """FSDP2 (fully_shard) against parameters sharded over a JAX mesh axis, on the MLP, named "fsdp_mlp_n<world>"."""
+    return DistributedPair(fields.pop("name", f"fsdp_mlp_n{world}"), FSDP_MLP, world, **fields)
+
