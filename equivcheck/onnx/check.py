@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -69,9 +70,23 @@ def _export_args(pair: Any, palette: list[Any], dtype: str, seed: int) -> list[n
     return [np.resize(a, (batch, *np.shape(a)[1:])).astype(a.dtype) for a in arrays]
 
 
-def _prepare(pair: Any, model: Any, args: list[np.ndarray], dtype: str, device: str, seed: int) -> tuple[Exported, Graph]:
-    export: Callable[..., Exported] = pair.onnx_export or export_model
-    key = (pair.name, dtype, device, seed, export)
+def varying_axes(palette: list[Any], n: int) -> list[tuple[int, ...]]:
+    """Per model input (the first n arrays of each palette shape tuple), the axes >= 1 whose size
+    differs between the palette's shapes (a sequence length): the export leaves those dynamic and
+    pins every other one."""
+    out = []
+    for i in range(n):
+        shapes = [s[i] for s in palette if len(s) > i]
+        rank = min((len(s) for s in shapes), default=0)
+        out.append(tuple(ax for ax in range(1, rank) if len({s[ax] for s in shapes}) > 1))
+    return out
+
+
+def _prepare(pair: Any, model: Any, args: list[np.ndarray], dtype: str, device: str, seed: int,
+             varying: list[tuple[int, ...]]) -> tuple[Exported, Graph]:
+    own: Callable[..., Exported] | None = pair.onnx_export
+    export = own or functools.partial(export_model, varying=varying)
+    key = (pair.name, dtype, device, seed, own or export_model)
     if key not in _CACHE:
         try:
             # a copy: tracing runs forward, which in train mode would move BatchNorm's running statistics
@@ -120,7 +135,7 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
         rec.message = f"building the torch model for export failed: {type(exc).__name__}: {exc}"
         return None
     try:
-        exported, graph = _prepare(pair, model, args, dtype, run.device, seed)
+        exported, graph = _prepare(pair, model, args, dtype, run.device, seed, varying_axes(palette, len(args)))
     except ExportError as exc:
         return _skip(rec, f"not exportable: {exc}", "not-exportable")
     except DeviceUnavailable as exc:
