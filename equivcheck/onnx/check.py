@@ -30,6 +30,7 @@ from equivcheck.engine.tolerance import Tolerance
 from equivcheck.models import mapping as mm
 from equivcheck.models import sides as ms
 from equivcheck.onnx.export import Exported, ExportError, available, export_model, input_names
+from equivcheck.onnx.intermediates import first_departure, layer_rows, module_values, with_outputs
 from equivcheck.onnx.session import DeviceUnavailable, Graph, GraphMismatch, LoadError
 from equivcheck.onnx.threeway import PAIRS, ThreeWay, three_way
 
@@ -42,6 +43,8 @@ PALETTE = 2  # as the forward check (equivcheck.models.runner.PALETTE): the same
 _DIR: str | None = None
 # (pair name, dtype, device, weight seed, export function) -> (Exported, Graph) or the error met
 _CACHE: dict[tuple[Any, ...], tuple[Exported, Graph] | Exception] = {}
+# exported file -> (its copy with every module's output exposed, in a session; module -> value names)
+_LAYERS: dict[str, tuple[Graph, dict[str, list[str]]]] = {}
 
 
 class _Failed(Exception):
@@ -50,7 +53,7 @@ class _Failed(Exception):
         self.message, self.kind, self.side, self.how, self.args, self.tw = message, kind, side, how, args, tw
 
 
-def _directory() -> str:
+def directory() -> str:
     """One temporary directory per process for the exported files, removed at exit."""
     global _DIR
     if _DIR is None:
@@ -91,7 +94,7 @@ def _prepare(pair: Any, model: Any, args: list[np.ndarray], dtype: str, device: 
         try:
             # a copy: tracing runs forward, which in train mode would move BatchNorm's running statistics
             # of the model torch's side then runs (found by the train-mode planted bug)
-            exported = export(copy.deepcopy(model), ms.to_torch_args(args, "cpu"), _directory(),
+            exported = export(copy.deepcopy(model), ms.to_torch_args(args, "cpu"), directory(),
                               f"{pair.name}-{dtype}-{seed}")
             _CACHE[key] = (exported, Graph(exported.path, device))
         except (ExportError, LoadError, DeviceUnavailable) as exc:
@@ -152,6 +155,7 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
     device_model = ms.build_torch(pair, seed, dtype, run.device) if run.device != "cpu" else model
     wide: dict[str, Any] = {}
     seen: list[ThreeWay] = []
+    last: list[list[Any]] = []  # the last passing example's inputs: the per-layer columns' example
 
     def reference(x: list[Any]) -> Any:
         if "model" not in wide:
@@ -182,6 +186,7 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
         if not tw.ok:
             raise _Failed(tw.message, "values", tw.side, tw.how, example, tw)
         seen.append(tw)
+        last[:] = [x]
 
     strategy = pair.inputs.strategy(dtype, palette)
     search = Search(run, _Failed)
@@ -203,5 +208,42 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
         rec.worst_ratio = worst.ratio if worst else float("inf")
         if worst is not None:
             rec.max_abs_err, rec.max_rel_err, rec.max_ulp = worst.max_abs, worst.max_rel, worst.max_ulp
+    x = list(failed.args[:-1]) if failed is not None and failed.kind == "values" else (last[0] if last else None)
+    if x is not None and not pair.keywords:  # a keyword input is no positional graph input to feed by order
+        _layer_columns(rec, pair, model, exported, x, (params, stats), dtype, run.device, tol)
     return None
+
+
+def _layer_columns(rec: CheckRecord, pair: Any, model: Any, exported: Exported, x: list[Any], port: tuple[Any, Any],
+                   dtype: str, device: str, tol: Tolerance) -> None:
+    """rec.extra["layers"]: per torch module the graph exposes, torch vs ONNX Runtime vs the port's tap
+    (equivcheck.onnx.intermediates.layer_rows) on the example `x` (the failing one, else the last);
+    on a failure the first layer where ONNX leaves torch is named in rec.diagnosis. A graph without
+    module names, or any error making the columns, is a note: the three-way verdict stands without them."""
+    import onnx
+
+    try:
+        if exported.path not in _LAYERS:
+            modules = [n for n, _ in model.named_modules() if n]
+            values = module_values(onnx.load(exported.path, load_external_data=False), modules)
+            copy_path = with_outputs(exported.path, values)[0] if values else ""
+            _LAYERS[exported.path] = (Graph(copy_path, device) if values else None, values)
+        layer_graph, values = _LAYERS[exported.path]
+        if layer_graph is None:
+            rec.notes.append("no per-layer columns: the graph's nodes carry no torch module names "
+                             "(pkg.torch.onnx.name_scopes)")
+            return
+        _, taps, _, _ = ms.jax_capture(pair, *port, x, {}, False, dtype, device)
+        rows = layer_rows(model.eval(), layer_graph.session, layer_graph.feed(x), values, ms.to_torch_args(x, "cpu"),
+                          taps, pair.layer_names, tol)
+    except Exception as exc:  # noqa: BLE001 - advice only: the three-way verdict stands without the columns
+        rec.notes.append(f"per-layer columns not made: {type(exc).__name__}: {exc}")
+        return
+    rec.extra["layers"] = rows
+    first = first_departure(rows)
+    if first is not None and rec.outcome == "failed":
+        cell = first["torch-onnx"]
+        rec.diagnosis += (f"; first layer where onnx departs from torch: {first['layer']} ({first['module']}), max abs "
+                          f"err {cell['max_abs']:.3g}, {cell['ratio']:.3g} x the tolerance")
+        rec.extra["onnx_first_layer"] = first["layer"]
 

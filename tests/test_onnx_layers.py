@@ -1,0 +1,114 @@
+"""ONNX per layer: a model's modules found in the exported graph (torch vs ONNX Runtime vs the port's
+taps, the first layer where ONNX leaves torch named), and the layer pairs' own `onnx` check (torch
+function vs ONNX Runtime vs JAX, a layer that does not export skipped as not exportable). CPU only."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="pip install equivcheck[onnx]")
+pytest.importorskip("onnxscript", reason="pip install equivcheck[onnx]")
+
+import onnx
+import torch
+from onnx import numpy_helper
+
+from equivcheck import Floats, Inputs, Pair, Same
+from equivcheck.engine.records import RunSettings
+from equivcheck.models.zoo import mlp_pair
+from equivcheck.onnx import export_model
+from equivcheck.onnx.intermediates import module_values
+
+RUN = RunSettings(examples=4, seed=20261201, shrink_seconds=2)
+
+
+def run_onnx(pair):
+    (rec,) = pair.replace(checks=("onnx",)).run_checks(dtype="float32", run=RUN)
+    return rec
+
+
+def _fc2_changed_in_the_file(model, args, directory, name):
+    """A correct export whose fc2 weight is then changed in the ONNX file only (torch and the port keep theirs)."""
+    exported = export_model(model, args, directory, name)
+    proto = onnx.load(exported.path)
+    (init,) = [i for i in proto.graph.initializer if i.name == "fc2.weight"]
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(0.25), init.name))
+    onnx.save(proto, exported.path)
+    return exported
+
+
+def test_a_weight_changed_in_the_onnx_file_only_is_named_at_its_layer():
+    rec = run_onnx(mlp_pair("onnx_mlp_fc2_file", onnx_export=_fc2_changed_in_the_file))
+    assert rec.outcome == "failed" and rec.kind == "values" and rec.side == "onnx", (rec.side, rec.message)
+    assert rec.extra["onnx_first_layer"] == "fc2"
+    assert "first layer where onnx departs from torch: fc2 (Linear)" in rec.diagnosis
+    rows = {r["layer"]: r for r in rec.extra["layers"]}
+    assert list(rows) == ["fc1", "act", "fc2"]
+    # before fc2 all three agree; at fc2 onnx leaves torch and the port, which agree with each other
+    for name in ("fc1", "act"):
+        assert all(rows[name][c]["ok"] for c in ("torch-onnx", "torch-jax", "onnx-jax")), rows[name]
+    assert rows["fc2"]["first"] and rows["fc2"]["torch-jax"]["ok"]
+    assert not rows["fc2"]["torch-onnx"]["ok"] and not rows["fc2"]["onnx-jax"]["ok"]
+
+
+def test_a_correct_export_has_three_columns_per_layer():
+    rec = run_onnx(mlp_pair("onnx_mlp_layers"))
+    assert rec.outcome == "passed", rec.message
+    rows = rec.extra["layers"]
+    assert [r["layer"] for r in rows] == ["fc1", "act", "fc2"] and not any(r["first"] for r in rows)
+    for r in rows:
+        for column in ("torch-onnx", "torch-jax", "onnx-jax"):
+            assert r[column]["ok"] and r[column]["ratio"] < 1, (r["layer"], column, r[column])
+
+
+def test_module_names_come_from_the_exporters_name_scopes(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Sequential(torch.nn.Linear(8, 3)))
+    exported = export_model(model.eval(), (torch.zeros(3, 4),), str(tmp_path), "nested")
+    names = [n for n, _ in model.named_modules() if n]
+    found = module_values(onnx.load(exported.path), names)
+    assert {"0", "1", "2.0"} <= set(found), found  # the nested Linear by its dotted name
+
+
+# --------------------------------------------------------------------------- layer pairs
+
+
+def test_a_layer_pair_runs_three_ways_and_records_the_opset():
+    pair = Pair("onnx_layer_tanh", torch.tanh, np.tanh, Inputs(Same(n=1, min_dims=1, max_dims=3, min_side=2),
+                                                                 (Floats(-3, 3),)), checks=("forward", "onnx"))
+    import jax.numpy as jnp
+
+    pair = pair.replace(jax_fn=jnp.tanh)
+    recs = {r.check: r for r in pair.run_checks(dtype="float32", run=RUN)}
+    rec = recs["onnx"]
+    assert rec.outcome == "passed", rec.message
+    assert rec.examples == RUN.examples and rec.extra["opset"] >= 18 and rec.extra["exporter"] == "dynamo"
+    assert set(rec.extra["pairs"]) == {"torch-onnx", "torch-jax", "onnx-jax"}
+    assert all(isinstance(d, int) for shape in rec.extra["onnx"]["shapes"] for d in shape)  # every dim pinned
+
+
+def _eigvals(x):
+    return torch.linalg.eigvals(x).real  # complex eigenvalues: no ONNX operator
+
+
+def test_a_layer_that_does_not_export_is_skipped_with_the_exporters_message():
+    import jax.numpy as jnp
+
+    pair = Pair("onnx_layer_eig", _eigvals, lambda x: jnp.linalg.eigvals(x).real,
+                Inputs(Same(n=1, min_dims=2, max_dims=2, min_side=2, max_side=2), (Floats(-1, 1),)),
+                checks=("onnx",))
+    (rec,) = pair.run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "skipped" and rec.kind == "not-exportable", (rec.outcome, rec.message)
+    assert rec.message.startswith("not exportable: model 'layer-onnx_layer_eig-float32") and "dynamo:" in rec.message
+
+
+def _sign_flipped_torch(x):
+    # torch's own eager result is right; what the exporter traces is another function
+    return -x if torch.compiler.is_exporting() else x
+
+
+def test_a_layer_whose_graph_computes_otherwise_is_blamed_on_onnx():
+    pair = Pair("onnx_layer_traced_otherwise", _sign_flipped_torch, lambda x: x,
+                Inputs(Same(n=1, min_dims=1, max_dims=2, min_side=2), (Floats(1, 2),)), checks=("onnx",))
+    (rec,) = pair.run_checks(dtype="float32", run=RUN)
+    assert rec.outcome == "failed" and rec.side == "onnx", (rec.outcome, rec.side, rec.message)
+    assert "onnx disagrees with both others" in rec.diagnosis
