@@ -3,6 +3,8 @@ taps, the first layer where ONNX leaves torch named), and the layer pairs' own `
 function vs ONNX Runtime vs JAX, a layer that does not export skipped as not exportable). CPU only."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ from equivcheck.engine.records import RunSettings
 from equivcheck.models.zoo import mlp_pair
 from equivcheck.onnx import export_model
 from equivcheck.onnx.intermediates import module_values
+from equivcheck.report import models as report_models
 
 RUN = RunSettings(examples=4, seed=20261201, shrink_seconds=2)
 
@@ -49,6 +52,10 @@ def test_a_weight_changed_in_the_onnx_file_only_is_named_at_its_layer():
         assert all(rows[name][c]["ok"] for c in ("torch-onnx", "torch-jax", "onnx-jax")), rows[name]
     assert rows["fc2"]["first"] and rows["fc2"]["torch-jax"]["ok"]
     assert not rows["fc2"]["torch-onnx"]["ok"] and not rows["fc2"]["onnx-jax"]["ok"]
+    # the report shows the three columns, the layer marked
+    md = "\n".join(report_models.markdown_section([json.loads(json.dumps(rec.to_json(), default=str))]))
+    assert "| layer | module | torch vs onnx | torch vs jax | onnx vs jax | first where onnx leaves torch |" in md
+    assert next(line for line in md.splitlines() if line.startswith("| fc2 |")).count("**first**") == 1
 
 
 def test_a_correct_export_has_three_columns_per_layer():

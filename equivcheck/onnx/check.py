@@ -32,9 +32,9 @@ from equivcheck.models import sides as ms
 from equivcheck.onnx.export import Exported, ExportError, available, export_model, input_names
 from equivcheck.onnx.intermediates import first_departure, layer_rows, module_values, with_outputs
 from equivcheck.onnx.session import DeviceUnavailable, Graph, GraphMismatch, LoadError
-from equivcheck.onnx.threeway import PAIRS, ThreeWay, three_way
+from equivcheck.onnx.threeway import ThreeWay, summary, three_way
 
-__all__ = ["FLOAT64_SKIP", "run_onnx_check"]
+__all__ = ["FLOAT64_SKIP", "Failed", "directory", "run_onnx_check", "varying_axes"]
 
 FLOAT64_SKIP = ("the onnx check runs at float32 only (ONNX Runtime's float64 kernel coverage is partial, so models "
                 "are exported and run at float32); the float32 record holds the three-way comparison")
@@ -47,7 +47,9 @@ _CACHE: dict[tuple[Any, ...], tuple[Exported, Graph] | Exception] = {}
 _LAYERS: dict[str, tuple[Graph, dict[str, list[str]]]] = {}
 
 
-class _Failed(Exception):
+class Failed(Exception):
+    """Raised inside the Hypothesis search so that it shrinks: the failing example and the evidence."""
+
     def __init__(self, message: str, kind: str, side: str | None, how: str, args: Any, tw: ThreeWay | None) -> None:
         super().__init__(message)
         self.message, self.kind, self.side, self.how, self.args, self.tw = message, kind, side, how, args, tw
@@ -168,37 +170,32 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
         try:
             t_out, masks = ms.torch_forward(device_model, x, train=False, seed=seed, device=run.device)
         except Exception as exc:
-            raise _Failed(f"torch raised {type(exc).__name__}: {exc}", "error", "torch", "", example, None) from exc
+            raise Failed(f"torch raised {type(exc).__name__}: {exc}", "error", "torch", "", example, None) from exc
         t = leaves(t_out)
         try:
             graph.validate(x, names_or_none, [np.ndim(a) for a in t])
             o = graph.run(x)
         except GraphMismatch as exc:
-            raise _Failed(str(exc), "structure", "onnx", "the graph does not fit the model", example, None) from exc
+            raise Failed(str(exc), "structure", "onnx", "the graph does not fit the model", example, None) from exc
         except Exception as exc:
-            raise _Failed(f"ONNX Runtime raised {type(exc).__name__}: {exc}", "error", "onnx", "", example,
+            raise Failed(f"ONNX Runtime raised {type(exc).__name__}: {exc}", "error", "onnx", "", example,
                           None) from exc
         try:
             j_out, _ = ms.run_jax(pair, "forward_eval", dtype, run.device, params, stats, x, masks)
         except Exception as exc:
-            raise _Failed(f"the port raised {type(exc).__name__}: {exc}", "error", "jax", "", example, None) from exc
+            raise Failed(f"the port raised {type(exc).__name__}: {exc}", "error", "jax", "", example, None) from exc
         tw = three_way({"torch": t, "onnx": o, "jax": leaves(j_out)}, tol, lambda: reference(x))
         if not tw.ok:
-            raise _Failed(tw.message, "values", tw.side, tw.how, example, tw)
+            raise Failed(tw.message, "values", tw.side, tw.how, example, tw)
         seen.append(tw)
         last[:] = [x]
 
     strategy = pair.inputs.strategy(dtype, palette)
-    search = Search(run, _Failed)
+    search = Search(run, Failed)
     failed = search(test, strategy, digest=f"model:{pair.name}:onnx:{dtype}",
                     seed=run.item_seed(pair.name, "forward", dtype, run.device))
     rec.examples = len(seen) + bool(failed)
-    rec.worst_ratio = max((tw.ratio for tw in seen), default=0.0)
-    rec.extra["pairs"] = {f"{a}-{b}": {"worst_ratio": max((tw.verdicts[f"{a}-{b}"].ratio for tw in seen), default=0.0),
-                                       "max_abs": max((tw.verdicts[f"{a}-{b}"].worst.max_abs for tw in seen
-                                                       if tw.verdicts[f"{a}-{b}"].worst), default=0.0)}
-                          for a, b in PAIRS}
-    rec.max_abs_err = max((p["max_abs"] for p in rec.extra["pairs"].values()), default=0.0)
+    rec.worst_ratio, rec.extra["pairs"], rec.max_abs_err = summary(seen)
     if failed is not None:
         rec.outcome, rec.kind, rec.side, rec.message = "failed", failed.kind, failed.side, failed.message
         rec.diagnosis = failed.how
@@ -243,7 +240,8 @@ def _layer_columns(rec: CheckRecord, pair: Any, model: Any, exported: Exported, 
     first = first_departure(rows)
     if first is not None and rec.outcome == "failed":
         cell = first["torch-onnx"]
+        num = lambda x: x if isinstance(x, str) else f"{x:.3g}"  # "inf" is written as a string
         rec.diagnosis += (f"; first layer where onnx departs from torch: {first['layer']} ({first['module']}), max abs "
-                          f"err {cell['max_abs']:.3g}, {cell['ratio']:.3g} x the tolerance")
+                          f"err {num(cell['max_abs'])}, {num(cell['ratio'])} x the tolerance")
         rec.extra["onnx_first_layer"] = first["layer"]
 

@@ -79,11 +79,12 @@ def _cell(a: Any, b: Any, tol: Tolerance) -> dict[str, Any]:
         return {"max_abs": None, "ratio": None, "ok": None}
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
-        return {"max_abs": float("inf"), "ratio": float("inf"), "ok": False,
-                "note": f"shape {list(a.shape)} against {list(b.shape)}"}
+        return {"max_abs": "inf", "ratio": "inf", "ok": False, "note": f"shape {list(a.shape)} against {list(b.shape)}"}
     v = compare(a, b, tol)
-    return {"max_abs": v.worst.max_abs if v.worst else 0.0, "ratio": v.ratio if v.kind in ("match", "values") else
-            float("inf"), "ok": v.ok}
+    # non-finite numbers as strings, as the model rows write them (equivcheck.models.slips.Row.to_json): JSON has none
+    finite = lambda x: x if np.isfinite(x) else str(x)
+    return {"max_abs": finite(v.worst.max_abs if v.worst else 0.0),
+            "ratio": finite(v.ratio if v.kind in ("match", "values") else float("inf")), "ok": v.ok}
 
 
 def layer_rows(model: Any, graph_session: Any, feed: Mapping[str, np.ndarray], values: Mapping[str, list[str]],

@@ -30,21 +30,15 @@ from equivcheck.engine.compare import format_args
 from equivcheck.engine.records import CheckRecord, RunSettings
 from equivcheck.engine.search import Search
 from equivcheck.engine.tolerance import Tolerance
-from equivcheck.onnx.check import FLOAT64_SKIP, directory
+from equivcheck.onnx.check import FLOAT64_SKIP, Failed, directory
 from equivcheck.onnx.export import Exported, ExportError, available, export_model
 from equivcheck.onnx.session import DeviceUnavailable, Graph, LoadError
-from equivcheck.onnx.threeway import PAIRS, ThreeWay, three_way
+from equivcheck.onnx.threeway import ThreeWay, summary, three_way
 
 __all__ = ["run_layer_onnx"]
 
 # (pair name, dtype, device, shape) -> (Exported, Graph, torch's output structure, statics) or the error
 _CACHE: dict[tuple[Any, ...], tuple[Exported, Graph, Any, dict[int, Any]] | Exception] = {}
-
-
-class _Failed(Exception):
-    def __init__(self, message: str, kind: str, side: str | None, how: str, args: Any, tw: ThreeWay | None) -> None:
-        super().__init__(message)
-        self.message, self.kind, self.side, self.how, self.args, self.tw = message, kind, side, how, args, tw
 
 
 def _pinned_inputs(pair: Any) -> Any:
@@ -157,7 +151,7 @@ def run_layer_onnx(pair: Any, dtype: str, run: RunSettings, tol: Tolerance, pale
         try:
             exported, graph, spec, statics = _prepare(pair, args, dtype, run.device)
         except LoadError as exc:
-            raise _Failed(str(exc), "error", "onnx", "", args, None) from exc
+            raise Failed(str(exc), "error", "onnx", "", args, None) from exc
         except (ExportError, DeviceUnavailable) as exc:
             # no failure to shrink: the export is per shape, which every example shares (cached)
             refused[:] = [exc]
@@ -167,11 +161,11 @@ def run_layer_onnx(pair: Any, dtype: str, run: RunSettings, tol: Tolerance, pale
         ev = evaluate(pair, args, vec_seed, dtype=dtype, device=run.device, checks=checks)
         for side in (ev.torch, ev.jax):
             if side.errors.get("forward"):
-                raise _Failed(side.errors["forward"].describe(), "error", side.errors["forward"].side, "", args, None)
+                raise Failed(side.errors["forward"].describe(), "error", side.errors["forward"].side, "", args, None)
         try:
             o = graph.run([a for k, a in enumerate(args) if k not in statics])
         except Exception as exc:
-            raise _Failed(f"ONNX Runtime raised {type(exc).__name__}: {exc}", "error", "onnx", "", args, None) from exc
+            raise Failed(f"ONNX Runtime raised {type(exc).__name__}: {exc}", "error", "onnx", "", args, None) from exc
         from torch.utils import _pytree
 
         outs = {"torch": ev.torch.values["forward"], "onnx": _pytree.tree_unflatten(o, spec),
@@ -183,10 +177,10 @@ def run_layer_onnx(pair: Any, dtype: str, run: RunSettings, tol: Tolerance, pale
             elsewhere[tw.side] += 1
             return
         if not tw.ok:
-            raise _Failed(tw.message, "values", tw.side, tw.how, args, tw)
+            raise Failed(tw.message, "values", tw.side, tw.how, args, tw)
         seen.append(tw)
 
-    failed = Search(run, _Failed)(test, strategy, digest=f"{pair.name}:onnx:{dtype}",
+    failed = Search(run, Failed)(test, strategy, digest=f"{pair.name}:onnx:{dtype}",
                                   seed=run.item_seed(pair.name, "onnx", dtype, run.device))
     if refused:
         kind = "not-exportable" if isinstance(refused[0], ExportError) else ""
@@ -195,12 +189,7 @@ def run_layer_onnx(pair: Any, dtype: str, run: RunSettings, tol: Tolerance, pale
     rec.extra["torch_jax_only"] = dict(elsewhere)
     rec.notes += [f"{n} examples where torch and jax disagree, {side} off against the float64 reference and ONNX "
                   f"Runtime with the other: the forward check's finding, not this check's" for side, n in elsewhere.items()]
-    rec.worst_ratio = max((tw.ratio for tw in seen), default=0.0)
-    rec.extra["pairs"] = {f"{a}-{b}": {"worst_ratio": max((tw.verdicts[f"{a}-{b}"].ratio for tw in seen), default=0.0),
-                                       "max_abs": max((tw.verdicts[f"{a}-{b}"].worst.max_abs for tw in seen
-                                                       if tw.verdicts[f"{a}-{b}"].worst), default=0.0)}
-                          for a, b in PAIRS}
-    rec.max_abs_err = max((p["max_abs"] for p in rec.extra["pairs"].values()), default=0.0)
+    rec.worst_ratio, rec.extra["pairs"], rec.max_abs_err = summary(seen)
     if failed is not None:
         rec.diagnosis = failed.how
         rec.inputs = format_args(failed.args)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import numpy as np
 from equivcheck.engine.compare import Verdict, compare, flatten
 from equivcheck.engine.tolerance import Tolerance
 
-__all__ = ["PAIRS", "SIDES", "ThreeWay", "relabel", "three_way", "two_way"]
+__all__ = ["PAIRS", "SIDES", "ThreeWay", "relabel", "summary", "three_way", "two_way"]
 
 SIDES = ("torch", "onnx", "jax")
 # compare() words its messages as "torch ... jax"; each pair renames the side that is not one of those
@@ -142,3 +142,14 @@ def two_way(outs: Mapping[str, Any], tol: Tolerance, reference: Callable[[], Any
     return ThreeWay(False, "+".join(off), {"torch-onnx": v}, ratio, message,
                     f"against torch's float64 forward (largest distance: "
                     f"{', '.join(f'{s} {d:.3g}' for s, d in ranking)}), {_are(off)} off", ranking)
+
+
+def summary(seen: Sequence[ThreeWay]) -> tuple[float, dict[str, dict[str, float]], float]:
+    """Over passing examples' outcomes: the worst ratio, per pair of sides ("torch-onnx", ...) its worst
+    ratio and largest absolute difference, and the largest absolute difference of all (0.0 when none)."""
+    pairs = {f"{a}-{b}": {"worst_ratio": max((tw.verdicts[f"{a}-{b}"].ratio for tw in seen), default=0.0),
+                          "max_abs": max((tw.verdicts[f"{a}-{b}"].worst.max_abs for tw in seen
+                                          if tw.verdicts[f"{a}-{b}"].worst), default=0.0)}
+             for a, b in PAIRS}
+    return (max((tw.ratio for tw in seen), default=0.0), pairs,
+            max((p["max_abs"] for p in pairs.values()), default=0.0))
