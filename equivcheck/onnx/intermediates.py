@@ -98,7 +98,9 @@ def layer_rows(model: Any, graph_session: Any, feed: Mapping[str, np.ndarray], v
     graph_session: an onnxruntime InferenceSession of with_outputs' copy, fed `feed` (name -> array);
     taps: the port's tap name -> value on the same inputs ({} without a port or taps), looked up by
     `layer_names.get(module, module)`. Of a module's node outputs, the first of the torch output's
-    shape is taken (an LSTM's last node may give its state, not its sequence)."""
+    shape is taken; a module whose output the graph does not hold in torch's layout gets torch vs jax
+    only, with a note (the zoo's LSTM and GRU: the graph keeps ONNX's (seq, directions, batch, hidden)
+    sequence and the final state, as the model reads only the state)."""
     import torch
 
     from equivcheck.backends.torch import to_numpy
