@@ -21,6 +21,7 @@ from equivcheck.models.zoo import mlp_pair
 from equivcheck.onnx import export_model
 from equivcheck.onnx.intermediates import module_values
 from equivcheck.report import models as report_models
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
 
 RUN = RunSettings(examples=4, seed=20261201, shrink_seconds=2)
 
@@ -119,3 +120,30 @@ def test_a_layer_whose_graph_computes_otherwise_is_blamed_on_onnx():
     (rec,) = pair.run_checks(dtype="float32", run=RUN)
     assert rec.outcome == "failed" and rec.side == "onnx", (rec.outcome, rec.side, rec.message)
     assert "onnx disagrees with both others" in rec.diagnosis
+
+
+LAYER_SUITE = """
+import pytest, torch, jax.numpy as jnp
+import equivcheck as ec
+
+PAIRS = [ec.Pair("layer_tanh", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",), family="layers"),
+         ec.Pair("op_tanh", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",))]
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+"""
+
+
+def test_equiv_onnx_adds_the_check_to_layer_pairs_only(pytester):
+    pytester.makepyfile(test_layers=LAYER_SUITE)
+    fast = ("--equiv-examples", "3", "--equiv-seed", "1", "--equiv-dtypes", "float32", "-p", "no:cacheprovider")
+    for flag, want in (((), set()), (("--equiv-onnx",), {"layer_tanh"})):
+        result = pytester.runpytest("--equiv", *fast, *flag, "--equiv-report", f"rep{len(flag)}")
+        result.assert_outcomes(passed=2)
+        recs = json.loads((pytester.path / f"rep{len(flag)}" / "latest.json").read_text())["records"]
+        onnx_recs = [r for r in recs if r["check"] == "onnx"]
+        assert {r["pair"] for r in onnx_recs} == want
+        assert all(r["outcome"] == "passed" and r["extra"]["opset"] >= 18 for r in onnx_recs)
+        # a replay without the option would not run the record
+        assert all("--equiv-onnx" in r["replay"] for r in onnx_recs)
