@@ -147,3 +147,20 @@ def test_equiv_onnx_adds_the_check_to_layer_pairs_only(pytester):
         assert all(r["outcome"] == "passed" and r["extra"]["opset"] >= 18 for r in onnx_recs)
         # a replay without the option would not run the record
         assert all("--equiv-onnx" in r["replay"] for r in onnx_recs)
+
+
+def test_an_onnx_known_divergence_unmatched_without_the_option_is_left_out_not_stale(tmp_path):
+    from equivcheck.engine.knowns import KnownDivergences, sort_unmatched
+
+    path = tmp_path / "known.txt"
+    path.write_text("nn.batch_norm_train::onnx  the exporter drops the update\nnn.typo::forward  stale\n")
+    entries = KnownDivergences.load([str(path)]).unmatched(set())
+    collected = {"nn.batch_norm_train::forward::float32::cpu", "nn.typo_not::forward::float32::cpu"}
+    stale, quiet = sort_unmatched(entries, dtypes=["float32"], devices=["cpu"], collected=collected, narrowed=False)
+    assert [e.pattern for e in stale] == ["nn.typo::forward"]
+    assert [e.pattern for e in quiet["onnx checks this run did not run (a layer's: --equiv-onnx)"]] == \
+        ["nn.batch_norm_train::onnx"]
+    # with the option the onnx ids are collected: an entry that then matches nothing is stale as any other
+    stale, _ = sort_unmatched(entries, dtypes=["float32"], devices=["cpu"], narrowed=False,
+                              collected=collected | {"nn.batch_norm_eval::onnx::float32::cpu"})
+    assert {e.pattern for e in stale} == {"nn.typo::forward", "nn.batch_norm_train::onnx"}

@@ -212,7 +212,7 @@ def xpass_reason(pattern: str, notes: Sequence[str]) -> str:
 
 
 _LEFT_OUT = ("dtypes or devices this run did not select", "checks this selection (-k, -m) left out",
-             "pairs or files this run did not collect", "onnx checks of layers, run with --equiv-onnx")
+             "pairs or files this run did not collect", "onnx checks this run did not run (a layer's: --equiv-onnx)")
 
 
 def sort_unmatched(entries: Sequence[Entry], *, dtypes: Sequence[str], devices: Sequence[str],

@@ -44,7 +44,7 @@ _DIR: str | None = None
 # (pair name, dtype, device, weight seed, export function) -> (Exported, Graph) or the error met
 _CACHE: dict[tuple[Any, ...], tuple[Exported, Graph] | Exception] = {}
 # exported file -> (its copy with every module's output exposed, in a session; module -> value names)
-_LAYERS: dict[str, tuple[Graph, dict[str, list[str]]]] = {}
+_LAYERS: dict[str, tuple[Graph | None, dict[str, list[str]]]] = {}
 
 
 class Failed(Exception):
@@ -121,8 +121,10 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
     Runtime provider for the device; the model not exportable, kind "not-exportable", with the
     exporters' messages), failed (kind "error" for a file that does not load, "structure" for a graph
     that does not fit the model, "values" when the three disagree; `side` names the one off:
-    torch, onnx or jax), passed. rec.extra holds exporter, opset and each pair's worst ratio and
-    largest absolute difference over the passing examples.
+    torch, onnx or jax), passed. rec.extra holds exporter, opset, the graph's input shapes, each pair's
+    worst ratio and largest absolute difference over the passing examples, and `layers`: per torch
+    module the graph exposes, torch vs onnx vs jax on one example (_layer_columns); a values failure's
+    diagnosis names the first layer where onnx departs from torch (extra.onnx_first_layer).
     """
     reason = available()
     if reason:
@@ -179,7 +181,7 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
             raise Failed(str(exc), "structure", "onnx", "the graph does not fit the model", example, None) from exc
         except Exception as exc:
             raise Failed(f"ONNX Runtime raised {type(exc).__name__}: {exc}", "error", "onnx", "", example,
-                          None) from exc
+                         None) from exc
         try:
             j_out, _ = ms.run_jax(pair, "forward_eval", dtype, run.device, params, stats, x, masks)
         except Exception as exc:
