@@ -13,8 +13,8 @@ arbiter names torch or jax alone (ONNX Runtime with the other) is counted and no
 the forward check judges torch against jax with its acceptance rules and known divergences (the
 trap pairs' deliberately naive ports fail there, not twice).
 
-Only the dynamo exporter is tried (torch's recommended one; the TorchScript fallback doubled the
-time of every layer that fails): a layer it cannot export is a skip of kind "not-exportable" with the
+Only the dynamo exporter is tried (torch's recommended one; the TorchScript fallback would add a
+second export to every layer that fails, in a check whose cost is its exports): a layer it cannot export is a skip of kind "not-exportable" with the
 exporter's message. float32 only, as the model check.
 """
 from __future__ import annotations
