@@ -35,6 +35,8 @@ def replay_args(config: pytest.Config, default_timeout: float) -> tuple[str, ...
         args.append("--runxfail")
     if config.getoption("equiv_known_lenient"):
         args.append("--equiv-known-lenient")
+    if config.getoption("equiv_onnx", False):  # the layers' onnx records exist only with it
+        args.append("--equiv-onnx")
     return tuple(args)
 
 
@@ -58,6 +60,8 @@ def collected_ids(items: list[pytest.Item]) -> set[str]:
         for value in params.values():
             if isinstance(value, CheckKind):
                 ids.update(f"{value.name}::{check}::{dtype}::{device}" for check in value.checks)
+                if getattr(value, "family", "") == "layers" and item.config.getoption("equiv_onnx", False):
+                    ids.add(f"{value.name}::onnx::{dtype}::{device}")  # --equiv-onnx adds it (ops.runner)
     return ids
 
 

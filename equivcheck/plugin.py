@@ -46,6 +46,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--equiv-report", default="reports", metavar="DIR", help="where the JSON and Markdown reports go ('none': no report)")
     g.addoption("--equiv-known-divergences", action="append", default=[], metavar="FILE",
                 help="file of known divergences (PATTERN REASON per line): matches become xfail; repeatable")
+    g.addoption("--equiv-onnx", action="store_true",
+                help="every layer pair also runs the onnx check: exported to ONNX (dynamo, once per layer and "
+                     "dtype), run in ONNX Runtime, compared three ways with torch and JAX (pip install equivcheck[onnx])")
     g.addoption("--equiv-known-lenient", action="store_true",
                 help="a known divergence whose witness now agrees is a warning (default: a failure, 'fixed')")
     g.addoption("--equiv-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -143,7 +146,8 @@ def _build_state(config: pytest.Config) -> Any:
     state = SessionState(
         enabled=True,
         run=RunSettings(examples=examples, profile=profile, seed=seed, precision=precision, palette=opt("equiv_shapes"),
-                        timeout=timeout, failures_db=None if failures_db == "none" else failures_db),
+                        timeout=timeout, failures_db=None if failures_db == "none" else failures_db,
+                        onnx=opt("equiv_onnx")),
         dtypes=dtypes, devices=devices, known=known,
         report_dir=report_dir,
         precision_settings={**tb.set_precision(precision), **jb.set_precision(precision)},

@@ -133,3 +133,51 @@ def test_three_way_names_the_odd_one_and_falls_back_to_float64():
     tw = three_way({"torch": right, "onnx": off, "jax": far}, tol, lambda: ref)
     assert not tw.ok and tw.side == "onnx+jax" and "float64" in tw.how
     assert three_way({"torch": right, "onnx": right, "jax": right}, tol).ok
+
+
+def test_the_export_pins_every_dimension_but_the_batch(tmp_path):
+    # torch 2.14's dynamo exporter left a Linear's input width symbolic ('s27') under Dim.AUTO
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
+    exported = export_model(model, (torch.zeros(3, 4),), str(tmp_path), "pinned")
+    import onnx
+
+    (shape,) = [[d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]
+                for i in onnx.load(exported.path).graph.input]
+    assert isinstance(shape[0], str) and shape[0], shape  # the batch: a symbol
+    assert shape[1] == 4, shape
+    assert exported.shapes == ((shape[0], 4),) and exported.describe()["shapes"] == [[shape[0], 4]]
+    Graph(exported.path).validate([np.zeros((5, 4), np.float32)], None, [2])  # another batch fits
+
+
+def test_a_varying_axis_stays_dynamic_and_a_wrong_graph_is_refused():
+    from equivcheck.onnx.check import varying_axes
+    from equivcheck.onnx.export import check_shapes
+
+    palette = [((2, 3), (2,)), ((4, 7), (4,))]
+    assert varying_axes(palette, 1) == [(1,)]
+    args = (np.zeros((3, 4)),)
+    check_shapes([("batch", 4)], args, [{0}])
+    with pytest.raises(ValueError, match=r"dimension 1 is 's27' in the graph, pinned to 4"):
+        check_shapes([("batch", "s27")], args, [{0}])
+    with pytest.raises(ValueError, match="dimension 0 is fixed at 3, exported as dynamic"):
+        check_shapes([(3, 4)], args, [{0}])
+
+
+def test_all_three_disagreeing_is_said_and_ranked_against_float64():
+    tol = lookup("float32")
+    ref = lambda: [np.array([1.0, 2.0])]
+    sides = {"torch": [np.array([1.0, 2.2], np.float32)], "onnx": [np.array([1.0, 2.5], np.float32)],
+             "jax": [np.array([1.0, 3.0], np.float32)]}
+    tw = three_way({"onnx": sides["onnx"], "jax": sides["jax"], "torch": sides["torch"]}, tol, ref)
+    assert not tw.ok and tw.side == "torch+onnx+jax", tw.side  # all three off, nearest first
+    assert [s for s, _ in tw.ranking] == ["torch", "onnx", "jax"]
+    assert np.allclose([d for _, d in tw.ranking], [0.2, 0.5, 1.0], rtol=1e-6)
+    assert tw.how.startswith("all three disagree; ranked against torch's float64 forward, nearest first: torch 0.2")
+    assert tw.how.endswith("torch and onnx and jax are off")
+    # one of the three within the bound of the reference: ranked first and said so, the two others named
+    sides["torch"] = [np.array([1.0, 2.0], np.float32)]
+    tw = three_way(sides, tol, ref)
+    assert tw.side == "onnx+jax" and "torch 0 (within the bound), onnx 0.5, jax 1" in tw.how, tw.how
+    # two witnesses against one need no reference and no ranking
+    tw = three_way({"torch": sides["torch"], "onnx": sides["torch"], "jax": sides["jax"]}, tol, ref)
+    assert tw.side == "jax" and tw.ranking == [] and "disagrees with both others" in tw.how

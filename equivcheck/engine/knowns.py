@@ -212,7 +212,7 @@ def xpass_reason(pattern: str, notes: Sequence[str]) -> str:
 
 
 _LEFT_OUT = ("dtypes or devices this run did not select", "checks this selection (-k, -m) left out",
-             "pairs or files this run did not collect")
+             "pairs or files this run did not collect", "onnx checks this run did not run (a layer's: --equiv-onnx)")
 
 
 def sort_unmatched(entries: Sequence[Entry], *, dtypes: Sequence[str], devices: Sequence[str],
@@ -251,6 +251,8 @@ def _why_unchecked(entry: Entry, dtypes: Sequence[str], devices: Sequence[str], 
     """Why an entry that matched nothing run was not checked, or None if it should have been."""
     if not _selected(entry.pattern, dtypes, devices):
         return _LEFT_OUT[0]
+    if "::onnx" in entry.pattern and not any("::onnx::" in i for i in collected or ()):
+        return _LEFT_OUT[3]  # opt-in: a run without --equiv-onnx has no onnx check of a layer to match
     if collected is None:
         return None
     if any(map(entry.regex.match, collected)):

@@ -30,6 +30,9 @@ class RunSettings:
     # Palettes per check across seeds (0: each seed its own). Seeds below it keep the palettes
     # they always had: run seed s draws ring entry s % SHAPE_RING.
     shape_ring: int = 8
+    # --equiv-onnx: every layer pair also runs the `onnx` check (equivcheck.onnx.layers); off by default,
+    # it adds an export per layer to the run
+    onnx: bool = False
 
     def item_seed(self, *parts: str) -> int:
         return _crc(self.seed, parts)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,10 +30,11 @@ from equivcheck.engine.tolerance import Tolerance
 from equivcheck.models import mapping as mm
 from equivcheck.models import sides as ms
 from equivcheck.onnx.export import Exported, ExportError, available, export_model, input_names
+from equivcheck.onnx.intermediates import first_departure, layer_rows, module_values, with_outputs
 from equivcheck.onnx.session import DeviceUnavailable, Graph, GraphMismatch, LoadError
-from equivcheck.onnx.threeway import PAIRS, ThreeWay, three_way
+from equivcheck.onnx.threeway import ThreeWay, summary, three_way
 
-__all__ = ["FLOAT64_SKIP", "run_onnx_check"]
+__all__ = ["FLOAT64_SKIP", "Failed", "directory", "run_onnx_check", "varying_axes"]
 
 FLOAT64_SKIP = ("the onnx check runs at float32 only (ONNX Runtime's float64 kernel coverage is partial, so models "
                 "are exported and run at float32); the float32 record holds the three-way comparison")
@@ -41,15 +43,19 @@ PALETTE = 2  # as the forward check (equivcheck.models.runner.PALETTE): the same
 _DIR: str | None = None
 # (pair name, dtype, device, weight seed, export function) -> (Exported, Graph) or the error met
 _CACHE: dict[tuple[Any, ...], tuple[Exported, Graph] | Exception] = {}
+# exported file -> (its copy with every module's output exposed, in a session; module -> value names)
+_LAYERS: dict[str, tuple[Graph | None, dict[str, list[str]]]] = {}
 
 
-class _Failed(Exception):
+class Failed(Exception):
+    """Raised inside the Hypothesis search so that it shrinks: the failing example and the evidence."""
+
     def __init__(self, message: str, kind: str, side: str | None, how: str, args: Any, tw: ThreeWay | None) -> None:
         super().__init__(message)
         self.message, self.kind, self.side, self.how, self.args, self.tw = message, kind, side, how, args, tw
 
 
-def _directory() -> str:
+def directory() -> str:
     """One temporary directory per process for the exported files, removed at exit."""
     global _DIR
     if _DIR is None:
@@ -69,14 +75,28 @@ def _export_args(pair: Any, palette: list[Any], dtype: str, seed: int) -> list[n
     return [np.resize(a, (batch, *np.shape(a)[1:])).astype(a.dtype) for a in arrays]
 
 
-def _prepare(pair: Any, model: Any, args: list[np.ndarray], dtype: str, device: str, seed: int) -> tuple[Exported, Graph]:
-    export: Callable[..., Exported] = pair.onnx_export or export_model
-    key = (pair.name, dtype, device, seed, export)
+def varying_axes(palette: list[Any], n: int) -> list[tuple[int, ...]]:
+    """Per model input (the first n arrays of each palette shape tuple), the axes >= 1 whose size
+    differs between the palette's shapes (a sequence length): the export leaves those dynamic and
+    pins every other one."""
+    out = []
+    for i in range(n):
+        shapes = [s[i] for s in palette if len(s) > i]
+        rank = min((len(s) for s in shapes), default=0)
+        out.append(tuple(ax for ax in range(1, rank) if len({s[ax] for s in shapes}) > 1))
+    return out
+
+
+def _prepare(pair: Any, model: Any, args: list[np.ndarray], dtype: str, device: str, seed: int,
+             varying: list[tuple[int, ...]]) -> tuple[Exported, Graph]:
+    own: Callable[..., Exported] | None = pair.onnx_export
+    export = own or functools.partial(export_model, varying=varying)
+    key = (pair.name, dtype, device, seed, own or export_model)
     if key not in _CACHE:
         try:
             # a copy: tracing runs forward, which in train mode would move BatchNorm's running statistics
             # of the model torch's side then runs (found by the train-mode planted bug)
-            exported = export(copy.deepcopy(model), ms.to_torch_args(args, "cpu"), _directory(),
+            exported = export(copy.deepcopy(model), ms.to_torch_args(args, "cpu"), directory(),
                               f"{pair.name}-{dtype}-{seed}")
             _CACHE[key] = (exported, Graph(exported.path, device))
         except (ExportError, LoadError, DeviceUnavailable) as exc:
@@ -101,8 +121,10 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
     Runtime provider for the device; the model not exportable, kind "not-exportable", with the
     exporters' messages), failed (kind "error" for a file that does not load, "structure" for a graph
     that does not fit the model, "values" when the three disagree; `side` names the one off:
-    torch, onnx or jax), passed. rec.extra holds exporter, opset and each pair's worst ratio and
-    largest absolute difference over the passing examples.
+    torch, onnx or jax), passed. rec.extra holds exporter, opset, the graph's input shapes, each pair's
+    worst ratio and largest absolute difference over the passing examples, and `layers`: per torch
+    module the graph exposes, torch vs onnx vs jax on one example (_layer_columns); a values failure's
+    diagnosis names the first layer where onnx departs from torch (extra.onnx_first_layer).
     """
     reason = available()
     if reason:
@@ -120,7 +142,7 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
         rec.message = f"building the torch model for export failed: {type(exc).__name__}: {exc}"
         return None
     try:
-        exported, graph = _prepare(pair, model, args, dtype, run.device, seed)
+        exported, graph = _prepare(pair, model, args, dtype, run.device, seed, varying_axes(palette, len(args)))
     except ExportError as exc:
         return _skip(rec, f"not exportable: {exc}", "not-exportable")
     except DeviceUnavailable as exc:
@@ -137,6 +159,7 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
     device_model = ms.build_torch(pair, seed, dtype, run.device) if run.device != "cpu" else model
     wide: dict[str, Any] = {}
     seen: list[ThreeWay] = []
+    last: list[list[Any]] = []  # the last passing example's inputs: the per-layer columns' example
 
     def reference(x: list[Any]) -> Any:
         if "model" not in wide:
@@ -149,36 +172,32 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
         try:
             t_out, masks = ms.torch_forward(device_model, x, train=False, seed=seed, device=run.device)
         except Exception as exc:
-            raise _Failed(f"torch raised {type(exc).__name__}: {exc}", "error", "torch", "", example, None) from exc
+            raise Failed(f"torch raised {type(exc).__name__}: {exc}", "error", "torch", "", example, None) from exc
         t = leaves(t_out)
         try:
             graph.validate(x, names_or_none, [np.ndim(a) for a in t])
             o = graph.run(x)
         except GraphMismatch as exc:
-            raise _Failed(str(exc), "structure", "onnx", "the graph does not fit the model", example, None) from exc
+            raise Failed(str(exc), "structure", "onnx", "the graph does not fit the model", example, None) from exc
         except Exception as exc:
-            raise _Failed(f"ONNX Runtime raised {type(exc).__name__}: {exc}", "error", "onnx", "", example,
-                          None) from exc
+            raise Failed(f"ONNX Runtime raised {type(exc).__name__}: {exc}", "error", "onnx", "", example,
+                         None) from exc
         try:
             j_out, _ = ms.run_jax(pair, "forward_eval", dtype, run.device, params, stats, x, masks)
         except Exception as exc:
-            raise _Failed(f"the port raised {type(exc).__name__}: {exc}", "error", "jax", "", example, None) from exc
+            raise Failed(f"the port raised {type(exc).__name__}: {exc}", "error", "jax", "", example, None) from exc
         tw = three_way({"torch": t, "onnx": o, "jax": leaves(j_out)}, tol, lambda: reference(x))
         if not tw.ok:
-            raise _Failed(tw.message, "values", tw.side, tw.how, example, tw)
+            raise Failed(tw.message, "values", tw.side, tw.how, example, tw)
         seen.append(tw)
+        last[:] = [x]
 
     strategy = pair.inputs.strategy(dtype, palette)
-    search = Search(run, _Failed)
+    search = Search(run, Failed)
     failed = search(test, strategy, digest=f"model:{pair.name}:onnx:{dtype}",
                     seed=run.item_seed(pair.name, "forward", dtype, run.device))
     rec.examples = len(seen) + bool(failed)
-    rec.worst_ratio = max((tw.ratio for tw in seen), default=0.0)
-    rec.extra["pairs"] = {f"{a}-{b}": {"worst_ratio": max((tw.verdicts[f"{a}-{b}"].ratio for tw in seen), default=0.0),
-                                       "max_abs": max((tw.verdicts[f"{a}-{b}"].worst.max_abs for tw in seen
-                                                       if tw.verdicts[f"{a}-{b}"].worst), default=0.0)}
-                          for a, b in PAIRS}
-    rec.max_abs_err = max((p["max_abs"] for p in rec.extra["pairs"].values()), default=0.0)
+    rec.worst_ratio, rec.extra["pairs"], rec.max_abs_err = summary(seen)
     if failed is not None:
         rec.outcome, rec.kind, rec.side, rec.message = "failed", failed.kind, failed.side, failed.message
         rec.diagnosis = failed.how
@@ -188,5 +207,43 @@ def run_onnx_check(pair: Any, rec: CheckRecord, ents: list[mm.Entry], dtype: str
         rec.worst_ratio = worst.ratio if worst else float("inf")
         if worst is not None:
             rec.max_abs_err, rec.max_rel_err, rec.max_ulp = worst.max_abs, worst.max_rel, worst.max_ulp
+    x = list(failed.args[:-1]) if failed is not None and failed.kind == "values" else (last[0] if last else None)
+    if x is not None and not pair.keywords:  # a keyword input is no positional graph input to feed by order
+        _layer_columns(rec, pair, model, exported, x, (params, stats), dtype, run.device, tol)
     return None
+
+
+def _layer_columns(rec: CheckRecord, pair: Any, model: Any, exported: Exported, x: list[Any], port: tuple[Any, Any],
+                   dtype: str, device: str, tol: Tolerance) -> None:
+    """rec.extra["layers"]: per torch module the graph exposes, torch vs ONNX Runtime vs the port's tap
+    (equivcheck.onnx.intermediates.layer_rows) on the example `x` (the failing one, else the last);
+    on a failure the first layer where ONNX leaves torch is named in rec.diagnosis. A graph without
+    module names, or any error making the columns, is a note: the three-way verdict stands without them."""
+    import onnx
+
+    try:
+        if exported.path not in _LAYERS:
+            modules = [n for n, _ in model.named_modules() if n]
+            values = module_values(onnx.load(exported.path, load_external_data=False), modules)
+            copy_path = with_outputs(exported.path, values)[0] if values else ""
+            _LAYERS[exported.path] = (Graph(copy_path, device) if values else None, values)
+        layer_graph, values = _LAYERS[exported.path]
+        if layer_graph is None:
+            rec.notes.append("no per-layer columns: the graph's nodes carry no torch module names "
+                             "(pkg.torch.onnx.name_scopes)")
+            return
+        _, taps, _, _ = ms.jax_capture(pair, *port, x, {}, False, dtype, device)
+        rows = layer_rows(model.eval(), layer_graph.session, layer_graph.feed(x), values, ms.to_torch_args(x, "cpu"),
+                          taps, pair.layer_names, tol)
+    except Exception as exc:  # noqa: BLE001 - advice only: the three-way verdict stands without the columns
+        rec.notes.append(f"per-layer columns not made: {type(exc).__name__}: {exc}")
+        return
+    rec.extra["layers"] = rows
+    first = first_departure(rows)
+    if first is not None and rec.outcome == "failed":
+        cell = first["torch-onnx"]
+        num = lambda x: x if isinstance(x, str) else f"{x:.3g}"  # "inf" is written as a string
+        rec.diagnosis += (f"; first layer where onnx departs from torch: {first['layer']} ({first['module']}), max abs "
+                          f"err {num(cell['max_abs'])}, {num(cell['ratio'])} x the tolerance")
+        rec.extra["onnx_first_layer"] = first["layer"]
 

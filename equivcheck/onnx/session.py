@@ -103,11 +103,15 @@ class Graph:
         if found:
             raise GraphMismatch(f"the ONNX graph {self.path} does not fit the model: " + "; ".join(found))
 
-    def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The graph's outputs (NumPy arrays) on `args`, each cast to the dtype the graph declares for
-        its input (an int32 token array fed to an int64 input), in input order."""
+    def feed(self, args: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """input name -> `args` (NumPy arrays, in input order), each cast to the dtype the graph declares
+        for it (an int32 token array fed to an int64 input)."""
         feed = {}
         for (name, _, kind), a in zip(self.inputs, args):
             want = _ORT_TYPES.get(kind)
             feed[name] = np.ascontiguousarray(a if want is None else np.asarray(a).astype(want, copy=False))
-        return [np.asarray(o) for o in self.session.run(None, feed)]
+        return feed
+
+    def run(self, args: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """The graph's outputs (NumPy arrays; those named in `names`, default all) on `args` (feed)."""
+        return [np.asarray(o) for o in self.session.run(None if names is None else list(names), self.feed(args))]

@@ -5,13 +5,15 @@ compared by the engine's `compare` under the same tolerance (from the table). Th
 is the one that disagrees with both others while those two agree (two witnesses against one).
 When that does not decide (all three disagree, or only one pair does), torch's float64 forward on
 the same inputs is the reference: the sides past the tolerance against it are named, else the one
-furthest from it. NumPy trees only; no framework is imported here.
+furthest from it. When all three disagree the verdict says so and ranks the three by their distance
+from the reference, nearest first (`ranking`); every side past the tolerance is named, all three
+when all are. NumPy trees only; no framework is imported here.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ import numpy as np
 from equivcheck.engine.compare import Verdict, compare, flatten
 from equivcheck.engine.tolerance import Tolerance
 
-__all__ = ["PAIRS", "SIDES", "ThreeWay", "relabel", "three_way", "two_way"]
+__all__ = ["PAIRS", "SIDES", "ThreeWay", "relabel", "summary", "three_way", "two_way"]
 
 SIDES = ("torch", "onnx", "jax")
 # compare() words its messages as "torch ... jax"; each pair renames the side that is not one of those
@@ -29,8 +31,9 @@ PAIRS = (("torch", "onnx"), ("torch", "jax"), ("onnx", "jax"))
 @dataclasses.dataclass
 class ThreeWay:
     """The outcome: ok, the side(s) off ("torch" | "onnx" | "jax", "+"-joined when several), the
-    pairwise verdicts keyed "a-b", the worst ratio (error / allowed) over the three pairs, and a
-    message naming the disagreeing pairs and how the side was decided."""
+    pairwise verdicts keyed "a-b", the worst ratio (error / allowed) over the three pairs, a
+    message naming the disagreeing pairs and how the side was decided, and, where the float64
+    reference decided, every side's largest distance from it, nearest first."""
 
     ok: bool
     side: str | None
@@ -38,6 +41,7 @@ class ThreeWay:
     ratio: float
     message: str = ""
     how: str = ""
+    ranking: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
 
 def relabel(text: str, a: str, b: str) -> str:
@@ -84,23 +88,37 @@ def three_way(outs: Mapping[str, Any], tol: Tolerance, reference: Callable[[], A
     except Exception as exc:  # noqa: BLE001 - no reference leaves the failure standing, undecided
         return ThreeWay(False, None, verdicts, ratio, message,
                         f"undecided: torch's float64 reference raised {type(exc).__name__}: {exc}")
-    off, far = _against({s: outs[s] for s in SIDES}, ref, tol)
-    return ThreeWay(False, "+".join(off), verdicts, ratio, message,
-                    f"{'all three disagree' if len(bad) == 3 else 'one pair disagrees'}: against torch's float64 "
-                    f"forward (largest distance: {far}), {' and '.join(off)} {'is' if len(off) == 1 else 'are'} off")
+    everyone = len(bad) == 3
+    off, ranking = _against({s: outs[s] for s in SIDES}, ref, tol, name_all=everyone)
+    within = [s for s, _ in ranking if s not in off]
+    if everyone:
+        how = ("all three disagree; ranked against torch's float64 forward, nearest first: "
+               + ", ".join(f"{s} {d:.3g}{' (within the bound)' if s in within else ''}" for s, d in ranking)
+               + f"; {_are(off)} off")
+    else:
+        how = (f"one pair disagrees: against torch's float64 forward (largest distance: "
+               f"{', '.join(f'{s} {d:.3g}' for s, d in ranking)}), {_are(off)} off")
+    return ThreeWay(False, "+".join(off), verdicts, ratio, message, how, ranking)
 
 
-def _against(outs: Mapping[str, Any], ref: Any, tol: Tolerance) -> tuple[list[str], str]:
-    """The sides of `outs` past `tol` against the float64 reference (the furthest one when none or all
-    are), and each side's largest distance from it in words."""
+def _are(sides: list[str]) -> str:
+    return f"{' and '.join(sides)} {'is' if len(sides) == 1 else 'are'}"
+
+
+def _against(outs: Mapping[str, Any], ref: Any, tol: Tolerance,
+             name_all: bool = False) -> tuple[list[str], list[tuple[str, float]]]:
+    """The sides of `outs` past `tol` against the float64 reference, nearest first (the furthest
+    one alone when none are, or when all are and not `name_all`), and every side's largest distance
+    from it, nearest first."""
     # in float64, so the reference's own dtype is no finding; the float32 bound is the one the sides face
     wide = {s: [np.asarray(x, np.float64) for _, x in flatten(outs[s])] for s in outs}
     ref = [np.asarray(x, np.float64) for _, x in flatten(ref)]
-    off = [s for s in outs if not compare(ref, wide[s], tol).ok]
     dist = {s: _distance(outs[s], ref) for s in outs}
-    if not off or len(off) == len(outs):
-        off = [max(dist, key=lambda s: dist[s])]
-    return off, ", ".join(f"{s} {dist[s]:.3g}" for s in outs)
+    ranking = sorted(dist.items(), key=lambda kv: kv[1])
+    off = [s for s, _ in ranking if not compare(ref, wide[s], tol).ok]
+    if not off or (len(off) == len(outs) and not name_all):
+        off = [ranking[-1][0]]
+    return off, ranking
 
 
 def two_way(outs: Mapping[str, Any], tol: Tolerance, reference: Callable[[], Any] | None = None) -> ThreeWay:
@@ -120,7 +138,18 @@ def two_way(outs: Mapping[str, Any], tol: Tolerance, reference: Callable[[], Any
     except Exception as exc:  # noqa: BLE001 - no reference leaves the failure standing, undecided
         return ThreeWay(False, None, {"torch-onnx": v}, ratio, message,
                         f"undecided: torch's float64 reference raised {type(exc).__name__}: {exc}")
-    off, far = _against({s: outs[s] for s in ("torch", "onnx")}, ref, tol)
+    off, ranking = _against({s: outs[s] for s in ("torch", "onnx")}, ref, tol)
     return ThreeWay(False, "+".join(off), {"torch-onnx": v}, ratio, message,
-                    f"against torch's float64 forward (largest distance: {far}), {' and '.join(off)} "
-                    f"{'is' if len(off) == 1 else 'are'} off")
+                    f"against torch's float64 forward (largest distance: "
+                    f"{', '.join(f'{s} {d:.3g}' for s, d in ranking)}), {_are(off)} off", ranking)
+
+
+def summary(seen: Sequence[ThreeWay]) -> tuple[float, dict[str, dict[str, float]], float]:
+    """Over passing examples' outcomes: the worst ratio, per pair of sides ("torch-onnx", ...) its worst
+    ratio and largest absolute difference, and the largest absolute difference of all (0.0 when none)."""
+    pairs = {f"{a}-{b}": {"worst_ratio": max((tw.verdicts[f"{a}-{b}"].ratio for tw in seen), default=0.0),
+                          "max_abs": max((tw.verdicts[f"{a}-{b}"].worst.max_abs for tw in seen
+                                          if tw.verdicts[f"{a}-{b}"].worst), default=0.0)}
+             for a, b in PAIRS}
+    return (max((tw.ratio for tw in seen), default=0.0), pairs,
+            max((p["max_abs"] for p in pairs.values()), default=0.0))

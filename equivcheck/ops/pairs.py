@@ -18,7 +18,10 @@ from equivcheck.ops import runner
 from equivcheck.ops.autodiff import CHECKS
 from equivcheck.ops.conventions import Convention
 
-__all__ = ["CHECKS", "DTYPES", "SIDES", "Convention", "Pair", "Registry"]
+# the derivative engine's checks and the ONNX one, which runs after them (equivcheck.ops.runner)
+ALL_CHECKS = (*CHECKS, "onnx")
+
+__all__ = ["ALL_CHECKS", "CHECKS", "DTYPES", "SIDES", "Convention", "Pair", "Registry"]
 
 
 
@@ -30,7 +33,8 @@ class Pair:
     torch_fn    callable on torch tensors; jax_fn: callable on jax arrays, jit-compatible
     inputs      an `equivcheck.ops.strategies.Inputs`: shapes and values of the arguments
     diff_args   positions of the arguments that get gradients
-    checks      subset of forward / vjp / jvp / hvp
+    checks      subset of forward / vjp / jvp / hvp, and onnx (the torch function exported to ONNX and run
+                in ONNX Runtime, three ways: equivcheck.onnx.layers; `--equiv-onnx` adds it to every layer pair)
     dtypes      floating dtypes both frameworks support for this op
     tolerance   override of the tolerance table: a Tolerance (with reason), or a mapping whose keys
                 are a dtype, a check, or "dtype/check" ({"float32/forward": Tolerance(...)})
@@ -63,7 +67,7 @@ class Pair:
     witnesses: tuple[tuple[Any, ...], ...] = ()
     family: str = "operations"
 
-    all_checks = CHECKS
+    all_checks = ALL_CHECKS
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -85,9 +89,9 @@ class Pair:
                 f"Pair {self.name!r}: inputs must be an equivcheck.ops.strategies.Inputs, "
                 f"got {type(self.inputs).__name__}"
             )
-        bad = [c for c in self.checks if c not in CHECKS]
+        bad = [c for c in self.checks if c not in ALL_CHECKS]
         if bad or not self.checks:
-            raise ValueError(f"Pair {self.name!r}: checks {bad or '()'} not among {CHECKS}")
+            raise ValueError(f"Pair {self.name!r}: checks {bad or '()'} not among {ALL_CHECKS}")
         bad = [d for d in self.dtypes if d not in DTYPES]
         if bad or not self.dtypes:
             raise ValueError(f"Pair {self.name!r}: dtypes {bad or '()'} not among {DTYPES}")
@@ -96,7 +100,7 @@ class Pair:
         n_args = self.inputs.n_args
         if any(i >= n_args for i in self.diff_args):
             raise ValueError(f"Pair {self.name!r}: diff_args {self.diff_args} but inputs draw {n_args} arguments")
-        if not self.diff_args and set(self.checks) - {"forward"}:
+        if not self.diff_args and set(self.checks) - {"forward", "onnx"}:
             raise ValueError(f"Pair {self.name!r}: derivative checks need diff_args")
         if isinstance(self.tolerance, Mapping):
             for key in self.tolerance:

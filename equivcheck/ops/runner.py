@@ -118,7 +118,7 @@ def run_pair(
             pair=pair.name, check=check, dtype=dtype, device=run.device, precision=run.precision, outcome="passed",
             examples=stats[check].examples, worst_ratio=stats[check].ratio,
             tolerance={"rtol": tol.rtol, "atol": tol.atol, "per": tol.per, "reason": tol.reason},
-            seconds=seconds / len(checks), notes=sorted(stats[check].notes), tags=sorted(pair.tags),
+            seconds=seconds / max(len(checks), 1), notes=sorted(stats[check].notes), tags=sorted(pair.tags),
             nodeid=nodeid, replay=replay, ill_conditioned=stats[check].accepted["ill-conditioned"],
             low_precision=stats[check].accepted["low-precision"], witnessed=len(pair.witnesses),
         )
@@ -146,6 +146,18 @@ def run_pair(
         if na and rec.outcome != "skipped":
             rec.notes += [f"{n} examples not applicable: {why}" for why, n in sorted(na.items())]
         if hit:
+            rec.known_pattern, rec.known_reason = hit
+        records.append(rec)
+    if "onnx" in pair.checks or (run.onnx and pair.family == "layers"):
+        from equivcheck.onnx.layers import run_layer_onnx  # onnx, onnxruntime only when the check runs
+
+        tol = tolerance.lookup(dtype, device=run.device, precision=run.precision, check="forward", tags=pair.tags,
+                               override=pair.tolerance_for(dtype, "forward"))
+        rec = run_layer_onnx(pair, dtype, run, tol, palette)
+        rec.nodeid, rec.replay, rec.family = nodeid, replay, pair.family
+        hit = known(rec.id)
+        if hit:
+            rec.outcome = {"failed": "known-divergence", "passed": "xpass"}.get(rec.outcome, rec.outcome)
             rec.known_pattern, rec.known_reason = hit
         records.append(rec)
     return records

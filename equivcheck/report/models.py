@@ -14,6 +14,19 @@ def _num(x: Any) -> str:
     return x if isinstance(x, str) else "-" if x is None else f"{x:.3g}"
 
 
+def _three_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The onnx check's rows (equivcheck.onnx.intermediates): per pair of sides, max abs err and error / tolerance."""
+    cols = ("torch-onnx", "torch-jax", "onnx-jax")
+    out = ["| layer | module | torch vs onnx | torch vs jax | onnx vs jax | first where onnx leaves torch |",
+           "|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [f"{_num(row[c].get('max_abs'))} ({_num(row[c].get('ratio'))} x)" if row[c].get("ok") is not None
+                 else "-" for c in cols]
+        out.append(f"| {row.get('layer', '-')} | {row.get('module', '-')} | {' | '.join(cells)} | "
+                   f"{'**first**' if row.get('first') else ''} {row.get('note', '')} |")
+    return out
+
+
 def plot_name(stem: str, record: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{stem}-{record['id'].replace('::', '-')}") + ".png"
 
@@ -49,7 +62,9 @@ def markdown_section(records: Sequence[dict[str, Any]], images: dict[str, str] |
         extra = r["extra"]
         out += ["", f"### `{r['id']}` ({r['outcome']})", ""]
         tol = r.get("tolerance") or {}
-        if extra.get("layers"):
+        if extra.get("layers") and "torch-onnx" in extra["layers"][0]:
+            out += _three_columns(extra["layers"])
+        elif extra.get("layers"):
             out += ["| layer | module | max abs err | max rel err | error / tolerance | first divergence |",
                     "|---|---|---|---|---|---|"]
             for row in extra["layers"]:
