@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = ("autodiff", "layers", "losses", "optimizers", "data", "checkpoints", "models")
+SUITES = ("autodiff", "layers", "losses", "optimizers", "data", "checkpoints", "models", "distributed")
 
 
 def main(argv: list[str] | None = None) -> int:
