@@ -7,8 +7,9 @@ What each side does:
          0's buffers, and each rank then updates running_mean / running_var (unbiased) with its own shard's
          statistics at momentum 0.1. So after K steps rank r holds rank 0's statistics of K-1 steps updated
          once with its own shard's; DDP averages the per-shard gradients.
-  torch, SyncBatchNorm (sync=True): statistics over the global batch. torch 2.14 refuses CPU tensors
-         (its forward raises ValueError "SyncBatchNorm expected input tensor to be on GPU ..."), so the
+  torch, SyncBatchNorm (sync=True): statistics over the global batch. torch 2.14 refuses CPU (DDP's
+         constructor raises ValueError "SyncBatchNorm layers only work with GPU modules"; its forward
+         would raise "expected input tensor to be on GPU"), so the
          "bn" check of a synced pair is a skip on CPU; it runs on GPUs (NCCL) and was never run here.
   JAX    the port (jax_bn.ddp_bn) in shard_map: without axis_name (per-device statistics) or with
          mean and E[x^2] pmean-ed over "ranks" (sync); running statistics in flax's momentum convention
@@ -32,8 +33,8 @@ from equivcheck.engine.records import RunSettings
 
 EPS = 1e-5
 BN_NAMES = ("l1.weight", "l1.bias", "bn.weight", "bn.bias", "l2.weight", "l2.bias")
-SYNC_ON_CPU = ("torch.nn.SyncBatchNorm refuses CPU tensors in torch 2.14 (ValueError: SyncBatchNorm expected "
-               "input tensor to be on GPU); on CPU the 'bn_port' check holds the JAX port's synced statistics "
+SYNC_ON_CPU = ("torch.nn.SyncBatchNorm refuses CPU in torch 2.14 (DDP's constructor raises ValueError: "
+               "SyncBatchNorm layers only work with GPU modules); on CPU the 'bn_port' check holds the JAX port's synced statistics "
                "to the float64 reference of global-batch statistics")
 
 

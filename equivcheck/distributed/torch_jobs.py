@@ -234,8 +234,8 @@ def ddp_bn(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
     Plain BatchNorm1d normalises by this rank's shard statistics; DDP broadcasts rank 0's buffers
     (running_mean, running_var) to every rank at the start of each forward, and each rank then updates
     them with its own shard's (unbiased) statistics at momentum 0.1. sync=True converts the norm to
-    SyncBatchNorm (statistics over the global batch), which torch 2.14 runs on GPU only: on CPU its
-    forward raises ValueError ("SyncBatchNorm expected input tensor to be on GPU ..."). slips:
+    SyncBatchNorm (statistics over the global batch), which torch 2.14 runs on GPU only: on CPU DDP's
+    constructor raises ValueError ("SyncBatchNorm layers only work with GPU modules"). slips:
     {"momentum": m} (torch's momentum set to m), {"broadcast_buffers": False}.
     Returns {"out": this rank's outputs of the first forward (B/N, o), "grads": the first gradients,
     "params": after the last step, "running_mean", "running_var": this rank's buffers (h,) after it}.
