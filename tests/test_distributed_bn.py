@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 import pytest
 
-from equivcheck.distributed import WorkerFailure, bn_pair, close_all, pool_for
+from equivcheck.distributed import WorkerFailure, bn_pair, close_all, ddp_pair, pool_for
 from equivcheck.distributed import batchnorm as bn
 from equivcheck.distributed import reference as ref
 from equivcheck.engine.records import RunSettings
@@ -110,6 +110,15 @@ def test_a_planted_batchnorm_slip_is_caught_and_named(world, sync, torch_slips, 
     assert rec.side == side, rec.failure_text()
     assert words in rec.diagnosis, rec.failure_text()
     assert "float64 reference" in rec.message
+
+
+def test_the_pair_and_its_validation():
+    assert bn_pair(2).checks == ("bn",) and bn_pair(2, sync=True).checks == ("bn", "bn_port")
+    assert bn_pair(4, sync=True).name == "syncbn_mlp_n4"
+    with pytest.raises(ValueError, match="sync=True applies to job 'bn_mlp' only"):
+        ddp_pair(2, sync=True)
+    with pytest.raises(ValueError, match="do not apply"):
+        bn_pair(2, checks=("grads",))
 
 
 def test_syncbatchnorm_refuses_cpu_in_this_torch():

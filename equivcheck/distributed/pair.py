@@ -45,7 +45,8 @@ class DistributedPair:
     """One distributed computation on N torch ranks and on N JAX devices.
 
     job          a collective (equivcheck.distributed.reference.COLLECTIVES), "mlp" (DDP against data-parallel
-                 JAX) or "fsdp_mlp" (FSDP2 against parameters sharded over the mesh)
+                 JAX), "fsdp_mlp" (FSDP2 against parameters sharded over the mesh), "uneven_mlp" (an epoch
+                 through DistributedSampler(drop_last=False)) or "bn_mlp" (BatchNorm under DDP)
     world        N, the ranks (torch processes) and devices (JAX mesh); the pool for (N, device) is shared
     checks       ("collective",) for a collective; a subset of ("grads", "train") for the models
     torch_slips, jax_slips  mistakes planted on one side (equivcheck.distributed.torch_jobs / jax_jobs):
@@ -98,6 +99,8 @@ class DistributedPair:
         bad = [c for c in self.checks if c not in allowed]
         if bad:
             raise ValueError(f"DistributedPair {self.name!r}: checks {bad} do not apply to {self.job!r}; use {allowed}")
+        if self.sync and self.job != BN_MLP:
+            raise ValueError(f"DistributedPair {self.name!r}: sync=True applies to job {BN_MLP!r} only")
         if not isinstance(self.world, int) or self.world < 1:
             raise ValueError(f"DistributedPair {self.name!r}: world must be a positive int, got {self.world!r}")
         if self.steps < 1 or not self.rows or min(self.rows) < 1 or self.accumulate < 1:
