@@ -126,3 +126,14 @@ def test_syncbatchnorm_refuses_cpu_in_this_torch():
     params, x, y = bn.example_params(bn_pair(2), "float32", 0, 4)
     with pytest.raises(WorkerFailure, match="SyncBatchNorm layers only work with GPU modules"):
         pool_for(2).torch("ddp_bn", [{"params": params, "x": x, "y": y, "sync": True}] * 2)
+
+
+def test_on_gpus_a_synced_pair_needs_n_gpus_and_says_so():
+    """The SyncBatchNorm path runs only on N GPUs (NCCL); with fewer both checks are skips naming why."""
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs: the synced pair would run here")
+    recs = bn_pair(2, sync=True).run_checks(dtype="float32", run=RunSettings(device="gpu"), known=lambda _id: None)
+    assert [(r.check, r.outcome) for r in recs] == [("bn", "skipped"), ("bn_port", "skipped")]
+    assert "needs 2 GPUs for NCCL ranks" in recs[0].message

@@ -6,6 +6,9 @@ fsdp        the MLP with its parameters sharded over the mesh axis, the gradient
 ddp         the MLP (Flax-style tree: {"l1": {"kernel", "bias"}, "l2": ...}) trained data-parallel:
             the global batch placed with NamedSharding(mesh, P("ranks")), parameters replicated, each
             shard's gradient taken inside shard_map and averaged with lax.pmean (DDP's form)
+ddp_epoch   the uneven last batch's port: one epoch over an index list padded as DistributedSampler
+            pads it (epoch_order), each step through the ddp job's gradient
+ddp_bn      the BatchNorm port (equivcheck.distributed.jax_bn): per-device or pmean-ed statistics
 
 Compiled programs are kept in the context's cache by (job, shapes, dtype, options): each new shape
 costs one XLA compilation, the calls after it a fraction of a millisecond. `slips` plant a
