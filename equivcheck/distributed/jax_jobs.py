@@ -6,6 +6,9 @@ fsdp        the MLP with its parameters sharded over the mesh axis, the gradient
 ddp         the MLP (Flax-style tree: {"l1": {"kernel", "bias"}, "l2": ...}) trained data-parallel:
             the global batch placed with NamedSharding(mesh, P("ranks")), parameters replicated, each
             shard's gradient taken inside shard_map and averaged with lax.pmean (DDP's form)
+ddp_epoch   the uneven last batch's port: one epoch over an index list padded as DistributedSampler
+            pads it (epoch_order), each step through the ddp job's gradient
+ddp_bn      the BatchNorm port (equivcheck.distributed.jax_bn): per-device or pmean-ed statistics
 
 Compiled programs are kept in the context's cache by (job, shapes, dtype, options): each new shape
 costs one XLA compilation, the calls after it a fraction of a millisecond. `slips` plant a
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-AXIS = "ranks"
+from equivcheck.distributed.jax_bn import AXIS, ddp_bn
 
 
 def _collective_body(op: str, root: int) -> Any:
@@ -199,4 +202,47 @@ def probe(ctx: Any, action: str, seconds: float = 3600.0) -> int:
     return ctx.world
 
 
-JOBS = {"collective": collective, "ddp": ddp, "fsdp": fsdp, "probe": probe}
+def epoch_order(size: int, world: int, remainder: str = "pad") -> list[np.ndarray]:
+    """Each rank's sample indices for one epoch of `size` samples over `world` ranks, in order, rank r
+    taking every world-th index from r (DistributedSampler's striding, shuffle=False). remainder: "pad"
+    (torch's drop_last=False: the index list padded with its first samples, repeated, until world divides
+    it), "drop" (the last size % world samples dropped: drop_last=True), "pad_last" (padded by repeating
+    the last sample). Raises ValueError for another `remainder`."""
+    idx = np.arange(size)
+    short = -size % world
+    if remainder == "pad":
+        idx = np.concatenate([idx, np.resize(idx, short)])  # np.resize repeats from the start, as torch does
+    elif remainder == "drop":
+        idx = idx[:size - size % world]
+    elif remainder == "pad_last":
+        idx = np.concatenate([idx, np.full(short, size - 1)])
+    else:
+        raise ValueError(f"no remainder policy {remainder!r}; known: pad, drop, pad_last")
+    return [idx[r::world] for r in range(world)]
+
+
+def ddp_epoch(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, batch: int, lr: float = 0.1,
+              slips: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JAX port of torch_jobs.ddp_epoch: the epoch's per-rank index lists from `epoch_order` (the
+    port pads as torch's sampler does; slips {"remainder": "drop" | "pad_last"} plant a port that drops
+    the remainder or pads otherwise), each step's rows laid out rank after rank and sharded over the mesh,
+    the gradient by the ddp job's shard_map + pmean. Returns {"grads": the last step's gradient tree,
+    "params": the tree after the epoch, "steps"}."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    order = epoch_order(x.shape[0], ctx.world, (slips or {}).get("remainder", "pad"))
+    p, g, steps = jax.device_put(params, NamedSharding(ctx.mesh, P())), None, 0
+    for start in range(0, len(order[0]), batch):
+        rows = np.concatenate([o[start:start + batch] for o in order])
+        key = ("epoch", ctx.world, rows.shape, x.shape[1:], y.shape[1:], x.dtype.str)
+        grad = ctx.cache.get(key) or ctx.cache.setdefault(key, jax.jit(_grad_fn(ctx, {}, 1)))
+        data = NamedSharding(ctx.mesh, P(AXIS))
+        g = grad(p, jax.device_put(x[rows], data), jax.device_put(y[rows], data))
+        p = jax.tree.map(lambda w, d: w - np.asarray(lr, x.dtype) * d, p, g)
+        steps += 1
+    return {"grads": jax.tree.map(np.asarray, g), "params": jax.tree.map(np.asarray, p), "steps": steps}
+
+
+JOBS = {"collective": collective, "ddp": ddp, "ddp_bn": ddp_bn, "ddp_epoch": ddp_epoch, "fsdp": fsdp, "probe": probe}

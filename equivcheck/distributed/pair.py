@@ -18,6 +18,12 @@ Checks (equivcheck.distributed.runner):
   With job "fsdp_mlp" the torch side is FSDP2 (fully_shard) and the JAX side shards the parameters over
   the mesh axis (XLA gathers them and reduce-scatters the gradients); its train check also converts the
   state dict gathered from FSDP to the JAX tree and back, bit for bit.
+  epoch       (job "uneven_mlp") one epoch over a Hypothesis-sized dataset through torch's
+              DistributedSampler(drop_last=False), which pads N-uneven sizes with the first samples
+              (equivcheck.distributed.uneven): the last step's gradient and the parameters after the epoch
+  bn, bn_port (job "bn_mlp") BatchNorm under DDP against the JAX port's norm, per replica or synced
+              (equivcheck.distributed.batchnorm); "bn_port" checks the JAX port alone against the float64
+              reference (a synced pair's "bn" is a skip on CPU: SyncBatchNorm refuses CPU tensors)
 """
 from __future__ import annotations
 
@@ -26,11 +32,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from equivcheck.distributed.reference import COLLECTIVES, FSDP_MLP, MLP, MODELS
+from equivcheck.distributed.reference import BN_MLP, COLLECTIVES, FSDP_MLP, MLP, MODELS, UNEVEN_MLP
 from equivcheck.engine.kind import check_name
 from equivcheck.engine.tolerance import Tolerance, require_reasons
 
-DISTRIBUTED_CHECKS = ("collective", "grads", "train")
+DISTRIBUTED_CHECKS = ("collective", "grads", "train", "epoch", "bn", "bn_port")
+_CHECKS = {UNEVEN_MLP: ("epoch",), BN_MLP: ("bn", "bn_port")}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -38,12 +45,15 @@ class DistributedPair:
     """One distributed computation on N torch ranks and on N JAX devices.
 
     job          a collective (equivcheck.distributed.reference.COLLECTIVES), "mlp" (DDP against data-parallel
-                 JAX) or "fsdp_mlp" (FSDP2 against parameters sharded over the mesh)
+                 JAX), "fsdp_mlp" (FSDP2 against parameters sharded over the mesh), "uneven_mlp" (an epoch
+                 through DistributedSampler(drop_last=False)) or "bn_mlp" (BatchNorm under DDP)
     world        N, the ranks (torch processes) and devices (JAX mesh); the pool for (N, device) is shared
     checks       ("collective",) for a collective; a subset of ("grads", "train") for the models
     torch_slips, jax_slips  mistakes planted on one side (equivcheck.distributed.torch_jobs / jax_jobs):
                  how the planted-bug tests show that a check catches and names them
     steps        SGD steps of the train check; rows: batch rows per rank; sizes: (d, h, o) of the MLP
+    sync         job "bn_mlp": torch's SyncBatchNorm and the JAX port's pmean-ed statistics (global batch)
+                 rather than per-replica statistics
     accumulate   micro-batches per step and rank (torch: all but the last backward under DDP's no_sync);
                  every entry of `rows` must be a multiple of it
     seconds      the deadline of one request to the workers (a worker past it fails the check)
@@ -64,6 +74,7 @@ class DistributedPair:
     sizes: tuple[int, int, int] = (3, 8, 2)
     seconds: float = 30.0
     accumulate: int = 1
+    sync: bool = False
     torch_job: str = ""
     jax_job: str = ""
     tolerance: Tolerance | None = None
@@ -78,8 +89,9 @@ class DistributedPair:
         set_ = lambda k, v: object.__setattr__(self, k, v)
         if self.job not in (*COLLECTIVES, *MODELS):
             raise ValueError(f"DistributedPair {self.name!r}: job {self.job!r} is none of {(*COLLECTIVES, *MODELS)}")
-        allowed = ("collective",) if self.job in COLLECTIVES else ("grads", "train")
-        set_("checks", tuple(self.checks) or allowed)
+        allowed = ("collective",) if self.job in COLLECTIVES else _CHECKS.get(self.job, ("grads", "train"))
+        default = ("bn",) if self.job == BN_MLP and not self.sync else allowed  # bn_port repeats bn's JAX half
+        set_("checks", tuple(self.checks) or default)
         set_("dtypes", tuple(self.dtypes))
         set_("tags", frozenset(self.tags))
         set_("torch_slips", dict(self.torch_slips))
@@ -87,6 +99,8 @@ class DistributedPair:
         bad = [c for c in self.checks if c not in allowed]
         if bad:
             raise ValueError(f"DistributedPair {self.name!r}: checks {bad} do not apply to {self.job!r}; use {allowed}")
+        if self.sync and self.job != BN_MLP:
+            raise ValueError(f"DistributedPair {self.name!r}: sync=True applies to job {BN_MLP!r} only")
         if not isinstance(self.world, int) or self.world < 1:
             raise ValueError(f"DistributedPair {self.name!r}: world must be a positive int, got {self.world!r}")
         if self.steps < 1 or not self.rows or min(self.rows) < 1 or self.accumulate < 1:
@@ -141,3 +155,18 @@ def fsdp_pair(world: int = 2, **fields: Any) -> DistributedPair:
     """FSDP2 (fully_shard) against parameters sharded over a JAX mesh axis, on the MLP, named "fsdp_mlp_n<world>"."""
     return DistributedPair(fields.pop("name", f"fsdp_mlp_n{world}"), FSDP_MLP, world, **fields)
 
+
+
+def uneven_pair(world: int = 2, **fields: Any) -> DistributedPair:
+    """One epoch of DDP through DistributedSampler(drop_last=False) against the JAX port's padded epoch,
+    the dataset size drawn from N to 5N; `rows` are the rows per rank and step. Named "uneven_mlp_n<world>"."""
+    return DistributedPair(fields.pop("name", f"uneven_mlp_n{world}"), UNEVEN_MLP, world, **fields)
+
+
+def bn_pair(world: int = 2, sync: bool = False, **fields: Any) -> DistributedPair:
+    """BatchNorm under DDP (sync: SyncBatchNorm) against the JAX port's norm (sync: axis_name), 4 or 6 rows
+    per rank (2 rows make each feature's shard statistics +-1: too little to tell slips apart).
+    Named "bn_mlp_n<world>" or "syncbn_mlp_n<world>"."""
+    fields.setdefault("rows", (4, 6))
+    return DistributedPair(fields.pop("name", f"{'sync' if sync else ''}bn_mlp_n{world}"), BN_MLP, world,
+                           sync=sync, **fields)

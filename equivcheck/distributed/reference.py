@@ -24,7 +24,9 @@ Tree = dict[str, np.ndarray]
 COLLECTIVES = ("all_reduce_sum", "all_reduce_mean", "all_reduce_max", "all_gather", "reduce_scatter", "broadcast")
 MLP = "mlp"  # the one model: Linear(d, h) -> tanh -> Linear(h, o); DDP against shard_map + pmean
 FSDP_MLP = "fsdp_mlp"  # the same under FSDP2 fully_shard against parameters sharded over the mesh axis
-MODELS = (MLP, FSDP_MLP)
+UNEVEN_MLP = "uneven_mlp"  # one epoch through DistributedSampler(drop_last=False): the uneven last batch
+BN_MLP = "bn_mlp"  # Linear -> BatchNorm -> tanh -> Linear under DDP against the JAX port's BatchNorm
+MODELS = (MLP, FSDP_MLP, UNEVEN_MLP, BN_MLP)
 
 
 def collective(op: str, xs: list[np.ndarray], root: int = 0) -> list[np.ndarray]:

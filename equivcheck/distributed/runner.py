@@ -8,7 +8,6 @@ fails the check naming the rank and the cause.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,36 +16,18 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from equivcheck.distributed import batchnorm, uneven
 from equivcheck.distributed import reference as ref
+from equivcheck.distributed.common import Failed, Outcome, from_flax, judge, mlp_example, to_flax, tolerance_for, worst
 from equivcheck.distributed.pool import WorkerFailure, pool_for
 from equivcheck.distributed.reference import FSDP_MLP
-from equivcheck.engine import tolerance
-from equivcheck.engine.compare import Verdict, compare, format_args, leaves
+from equivcheck.engine.compare import compare, format_args
 from equivcheck.engine.dtypes import np_dtype
 from equivcheck.engine.records import CheckRecord, RunSettings
 from equivcheck.engine.search import Search
 from equivcheck.engine.tolerance import Tolerance
-from equivcheck.weights.convert import to_jax, to_torch
 
 LRS = (0.05, 0.1, 0.5)
-LAYERS = ("l1", "l2")
-
-
-@dataclasses.dataclass
-class Outcome:
-    ok: bool
-    ratio: float = 0.0
-    message: str = ""
-    side: str | None = None
-    diagnosis: str = ""
-    inputs: str = ""
-    verdict: Verdict | None = None
-
-
-class _Failed(Exception):
-    def __init__(self, outcome: Outcome) -> None:
-        super().__init__(outcome.message)
-        self.outcome = outcome
 
 
 def unavailable(pair: Any, device: str) -> str:
@@ -59,41 +40,6 @@ def unavailable(pair: Any, device: str) -> str:
     if have < pair.world:
         return f"{pair.name} needs {pair.world} GPUs for NCCL ranks; torch sees {have}"
     return ""
-
-
-def _worst(v: Verdict, a: str, b: str) -> str:
-    """The failing verdict in words, its sides named `a` and `b` (compare calls them torch and jax)."""
-    w = v.worst if v.kind == "values" else None
-    if w is None or w.worst_index is None:
-        return v.message
-    return (f"{w.path}{list(w.worst_index)}: {a} {w.torch_value:.9g}, {b} {w.jax_value:.9g} (max abs err "
-            f"{w.max_abs:.3g}; {100 * w.frac_bad:.3g}% of elements out of tolerance)")
-
-
-def judge(t: Any, j: Any, want: Any, tol: Tolerance, what: str, slip: Callable[[str, Any], str]) -> Outcome:
-    """torch `t` against jax `j`, and each against the float64 `want`; the side(s) off the reference
-    are named, `slip(side, result)` says what kind of mistake their numbers fit."""
-    dtype = np.asarray(leaves(t)[0]).dtype
-    wanted = ref.cast(want, dtype)
-    tj, tr, jr = compare(t, j, tol), compare(t, wanted, tol), compare(j, wanted, tol)
-    ratio = max(tj.ratio, tr.ratio, jr.ratio)
-    if tj.ok and tr.ok and jr.ok:
-        return Outcome(True, ratio)
-    if not tr.ok and not jr.ok:
-        side = "both"
-        both_text = "torch and jax agree with each other" if tj.ok else "torch and jax differ too"
-        msg = (f"{what}: both sides are off the float64 reference ({both_text}): torch "
-               f"{_worst(tr, 'torch', 'reference')}; jax {_worst(jr, 'jax', 'reference')}")
-        diagnosis = "; ".join(s for s in (slip("torch", t), slip("jax", j)) if s)
-    elif not tr.ok or not jr.ok:
-        side = "torch" if not tr.ok else "jax"
-        bad = tr if side == "torch" else jr
-        msg = f"{what}: {side} is off the float64 reference: {_worst(bad, side, 'reference')}"
-        diagnosis = slip(side, t if side == "torch" else j)
-    else:
-        side, diagnosis = None, "both sides are within the bound of the float64 reference: a rounding difference"
-        msg = f"{what}: torch and jax differ: {_worst(tj, 'torch', 'jax')}"
-    return Outcome(False, ratio, msg, side, diagnosis, verdict=tj if tj.kind != "match" else tr if not tr.ok else jr)
 
 
 # ---- collectives ------------------------------------------------------------------------------
@@ -137,28 +83,6 @@ def _mlp_rows(pair: Any, dtype: str, run: RunSettings) -> int:
     return pair.rows[run.shape_seed(pair.name, dtype, run.device) % len(pair.rows)]
 
 
-def mlp_example(pair: Any, dtype: str, seed: int, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Torch-layout MLP parameters and a global batch (N * rows, d) / (N * rows, o), from `seed`."""
-    d, h, o = pair.sizes
-    rng = np.random.default_rng(seed)
-    dt = np_dtype(dtype)
-    params = {"l1.weight": rng.normal(0, d ** -0.5, (h, d)), "l1.bias": rng.normal(0, 0.1, h),
-              "l2.weight": rng.normal(0, h ** -0.5, (o, h)), "l2.bias": rng.normal(0, 0.1, o)}
-    b = pair.world * rows
-    return ({k: v.astype(dt) for k, v in params.items()}, rng.normal(0, 1, (b, d)).astype(dt),
-            rng.normal(0, 1, (b, o)).astype(dt))
-
-
-def to_flax(params: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Torch-layout MLP parameters as the JAX side's tree, through equivcheck's weight conversion."""
-    return {layer: to_jax("linear", {"weight": params[f"{layer}.weight"], "bias": params[f"{layer}.bias"]})
-            for layer in LAYERS}
-
-
-def from_flax(tree: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {f"{layer}.{k}": np.asarray(v) for layer in LAYERS for k, v in to_torch("linear", tree[layer]).items()}
-
-
 def _mlp_sides(pair: Any, pool: Any, params: Any, x: Any, y: Any, lr: float, steps: int, seconds: float) -> Any:
     kw = {"params": params, "x": x, "y": y, "lr": lr, "steps": steps, "accumulate": pair.accumulate}
     builtin = "fsdp" if pair.job == FSDP_MLP else "ddp"
@@ -178,7 +102,7 @@ def _ranks_agree(t: list[dict[str, Any]], key: str, tol: Tolerance) -> Outcome |
             v = compare(a, b, tol)
             if not v.ok:
                 return Outcome(False, v.ratio, f"torch ranks disagree after the gradients' reduction ({key}, item {k}): "
-                               f"{_worst(v, 'rank 0', f'rank {r}')}", "torch",
+                               f"{worst(v, 'rank 0', f'rank {r}')}", "torch",
                                f"rank {r} holds other {key} than rank 0: replicas drifted apart (the gradients "
                                "were not all-reduced: DDP's no_sync around every micro-batch, or no reduction)",
                                verdict=v)
@@ -191,7 +115,7 @@ def _mlp_example(pair: Any, check: str, pool: Any, example: Any, dtype: str, run
     params, x, y = mlp_example(pair, dtype, seed, rows)
     steps = pair.steps if check == "train" else 0
     t, j = _mlp_sides(pair, pool, params, x, y, lr, steps, seconds)
-    grad_tol = _tolerance(pair, dtype, run, "grads")
+    grad_tol = tolerance_for(pair, dtype, run, "grads")
     n = pair.world
     out = _ranks_agree(t, "grads" if check == "grads" else "params", grad_tol)
     if out is None and check == "grads":
@@ -200,7 +124,7 @@ def _mlp_example(pair: Any, check: str, pool: Any, example: Any, dtype: str, run
                     f"gradients over {n} replicas", slip)
     elif out is None:
         want = ref.sgd(params, x, y, lr, steps)
-        tol_at = lambda k: _tolerance(pair, dtype, run, "train").scaled(k, f"after {k} steps")
+        tol_at = lambda k: tolerance_for(pair, dtype, run, "train").scaled(k, f"after {k} steps")
         found = ref.first_divergence(list(zip(t[0]["params"], j["params"], want)), tol_at)
         if found is None:
             out = Outcome(True, max(compare(a, b, tol_at(k + 1)).ratio
@@ -235,15 +159,15 @@ def _round_trip(state: dict[str, np.ndarray]) -> Outcome:
     return Outcome(True)
 
 
-def _tolerance(pair: Any, dtype: str, run: RunSettings, check: str) -> Tolerance:
-    return tolerance.lookup(dtype, device=run.device, precision=run.precision, check=check, override=pair.tolerance)
-
-
 # ---- the search and its records -------------------------------------------------------------
 
 def _strategy(pair: Any, check: str, dtype: str, run: RunSettings) -> st.SearchStrategy:
     if check == "collective":
         return _collective_strategy(pair, dtype, run)
+    if check == "epoch":
+        return uneven.strategy(pair)
+    if check in ("bn", "bn_port"):
+        return batchnorm.strategy()
     return st.tuples(st.integers(0, 2**32 - 1), st.sampled_from(LRS))
 
 
@@ -254,9 +178,24 @@ def _warm(pair: Any, check: str, pool: Any, dtype: str, run: RunSettings, second
         for shape in _collective_palette(pair, dtype, run):
             for root in roots:
                 _collective(pair, pool, [np.zeros(shape, np_dtype(dtype))] * pair.world, root, seconds)
+    elif check == "epoch":
+        uneven.warm(pair, pool, dtype, _mlp_rows(pair, dtype, run), seconds)
+    elif check in ("bn", "bn_port"):
+        batchnorm.warm(pair, check, pool, dtype, _mlp_rows(pair, dtype, run), seconds)
     else:
         params, x, y = mlp_example(pair, dtype, 0, _mlp_rows(pair, dtype, run))
         _mlp_sides(pair, pool, params, x, y, LRS[0], pair.steps if check == "train" else 0, seconds)
+
+
+def _example(pair: Any, check: str, pool: Any, example: Any, dtype: str, run: RunSettings, tol: Tolerance,
+             seconds: float) -> Outcome:
+    if check == "collective":
+        return _collective_example(pair, pool, example, tol, seconds)
+    if check == "epoch":
+        return uneven.example(pair, pool, example, dtype, run, _mlp_rows(pair, dtype, run), seconds)
+    if check in ("bn", "bn_port"):
+        return batchnorm.example(pair, check, pool, example, dtype, run, _mlp_rows(pair, dtype, run), seconds)
+    return _mlp_example(pair, check, pool, example, dtype, run, seconds)
 
 
 def _search(pair: Any, check: str, pool: Any, dtype: str, run: RunSettings, tol: Tolerance, seconds: float,
@@ -268,16 +207,15 @@ def _search(pair: Any, check: str, pool: Any, dtype: str, run: RunSettings, tol:
         if broken:  # the pool is gone: the remaining examples are no-ops, nothing to shrink
             return
         try:
-            out = (_collective_example(pair, pool, example, tol, seconds) if check == "collective"
-                   else _mlp_example(pair, check, pool, example, dtype, run, seconds))
+            out = _example(pair, check, pool, example, dtype, run, tol, seconds)
         except WorkerFailure as exc:
             broken.append(exc)
             return
         if not out.ok:
-            raise _Failed(out)
+            raise Failed(out)
         seen.append(out)
 
-    search = Search(run, _Failed)
+    search = Search(run, Failed)
     failed = search(test, _strategy(pair, check, dtype, run), digest=f"distributed:{pair.name}:{check}:{dtype}",
                     seed=run.item_seed(pair.name, check, dtype, run.device), shrink=not expected)
     return seen, (failed.outcome if failed is not None else None), (broken[0] if broken else None)
@@ -298,8 +236,11 @@ def run_distributed_pair(pair: Any, *, dtype: str, run: RunSettings,
     seconds = pair.seconds if not run.timeout else min(pair.seconds, run.timeout)
     records = []
     for check in pair.checks:
+        if batchnorm.skip_reason(pair, check, run.device):
+            records.append(record(check, "skipped", message=batchnorm.skip_reason(pair, check, run.device)))
+            continue
         began = time.perf_counter()
-        tol = _tolerance(pair, dtype, run, check)
+        tol = tolerance_for(pair, dtype, run, "grads" if check in ("epoch", "bn", "bn_port") else check)
         hit = known(f"{pair.name}::{check}::{dtype}::{run.device}")
         times = {"world": pair.world, "start_seconds": 0.0, "compile_seconds": 0.0, "check_seconds": 0.0}
         try:

@@ -4,6 +4,8 @@ collective  one torch.distributed collective on this rank's array
 ddp         a small MLP under DistributedDataParallel: the all-reduced gradients of this rank's shard,
             and the parameters after each of `steps` SGD steps
 fsdp        the same under FSDP2 (fully_shard): parameters sharded over the ranks, gathered to compare
+ddp_epoch   one epoch of DDP SGD through DistributedSampler(drop_last=False): the uneven last batch
+ddp_bn      an MLP with BatchNorm1d under DDP (broadcast_buffers=True), SyncBatchNorm on GPU
 
 `slips` (a dict) plant the mistakes a migration makes, on this side only, so that the checks can be
 shown to catch them: {"grad_reduce": "sum"} (a DDP comm hook that sums gradients over replicas instead
@@ -189,4 +191,83 @@ def probe(ctx: Any, rank: int, action: str, seconds: float = 3600.0) -> int:
     return ctx.rank
 
 
-JOBS = {"collective": collective, "ddp": ddp, "fsdp": fsdp, "probe": probe}
+def ddp_epoch(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, batch: int, lr: float = 0.1,
+              slips: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One epoch of DDP over the dataset x (D, d), y (D, o) (D any size >= 1) read through torch's own
+    `DistributedSampler(shuffle=False, drop_last=False)` (drop_last=True with slips["drop_last"]) and a
+    DataLoader of `batch` rows per rank, one SGD step per batch. drop_last=False pads the index list by
+    repeating its first samples until N divides it, so every rank gets ceil(D / N) samples and the last
+    step the same count on every rank. Returns {"indices": this rank's sample indices in order,
+    "grads": the gradients of the epoch's last step, "params": the parameters after the epoch,
+    "steps": the number of steps}."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = TensorDataset(_tensor(x, ctx), _tensor(y, ctx))
+    sampler = DistributedSampler(data, num_replicas=ctx.world, rank=ctx.rank, shuffle=False,
+                                 drop_last=bool((slips or {}).get("drop_last")))
+    model = DistributedDataParallel(_mlp(params, ctx), device_ids=None if ctx.device == "cpu" else [ctx.device],
+                                    process_group=ctx.group)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    grads, steps = {}, 0
+    for xb, yb in DataLoader(data, batch_size=batch, sampler=sampler):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(xb), yb).backward()
+        grads = {k: _numpy(p.grad) for k, p in zip(NAMES, model.parameters())}
+        opt.step()
+        steps += 1
+    return {"indices": np.asarray(list(sampler), np.int64), "grads": grads, "steps": steps,
+            "params": {k: _numpy(p) for k, p in zip(NAMES, model.parameters())}}
+
+
+BN_NAMES = ("l1.weight", "l1.bias", "bn.weight", "bn.bias", "l2.weight", "l2.bias")
+
+
+def ddp_bn(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, lr: float = 0.1, steps: int = 1,
+           sync: bool = False, slips: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Linear -> BatchNorm1d -> tanh -> Linear (params: BN_NAMES, torch layout, bn.* of shape (h,))
+    under DDP with its default broadcast_buffers=True, this rank reading rows [r*B/N, (r+1)*B/N) of the
+    global batch x (B, d), y (B, o); `steps` SGD steps of the shard's mean squared error.
+
+    Plain BatchNorm1d normalises by this rank's shard statistics; DDP broadcasts rank 0's buffers
+    (running_mean, running_var) to every rank at the start of each forward, and each rank then updates
+    them with its own shard's (unbiased) statistics at momentum 0.1. sync=True converts the norm to
+    SyncBatchNorm (statistics over the global batch), which torch 2.14 runs on GPU only: on CPU DDP's
+    constructor raises ValueError ("SyncBatchNorm layers only work with GPU modules"). slips:
+    {"momentum": m} (torch's momentum set to m), {"broadcast_buffers": False}.
+    Returns {"out": this rank's outputs of the first forward (B/N, o), "grads": the first gradients,
+    "params": after the last step, "running_mean", "running_var": this rank's buffers (h,) after it}.
+    """
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    slips = dict(slips or {})
+    xs, ys = _shard_rows(ctx, x, y, {})
+    d, h, o = params["l1.weight"].shape[1], params["l1.weight"].shape[0], params["l2.weight"].shape[0]
+    dtype = torch.from_numpy(params["l1.weight"]).dtype
+    net = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.BatchNorm1d(h, momentum=slips.get("momentum", 0.1)),
+                              torch.nn.Tanh(), torch.nn.Linear(h, o)).to(ctx.device, dtype)
+    with torch.no_grad():
+        for key, p in zip(BN_NAMES, net.parameters()):
+            p.copy_(_tensor(params[key], ctx))
+    if sync:  # GPU only in torch 2.14 (see the docstring); never runs on this CPU machine
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net, process_group=ctx.group)
+    model = DistributedDataParallel(net, device_ids=None if ctx.device == "cpu" else [ctx.device],
+                                    process_group=ctx.group, broadcast_buffers=slips.get("broadcast_buffers", True))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    out: dict[str, Any] = {}
+    for step in range(steps):
+        opt.zero_grad()
+        pred = model(xs)
+        torch.nn.functional.mse_loss(pred, ys).backward()
+        if step == 0:
+            out["out"], out["grads"] = _numpy(pred), {k: _numpy(p.grad) for k, p in zip(BN_NAMES, net.parameters())}
+        opt.step()
+    norm = net[1]
+    return {**out, "params": {k: _numpy(p) for k, p in zip(BN_NAMES, net.parameters())},
+            "running_mean": _numpy(norm.running_mean), "running_var": _numpy(norm.running_var)}
+
+
+JOBS = {"collective": collective, "ddp": ddp, "ddp_bn": ddp_bn, "ddp_epoch": ddp_epoch, "fsdp": fsdp, "probe": probe}

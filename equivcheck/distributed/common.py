@@ -1,0 +1,103 @@
+"""What the distributed checks share: an example's Outcome, `judge` (torch against JAX, each against the
+float64 reference, the side that is off named), the MLP's parameters and batch from a seed, the torch <->
+JAX parameter layouts (equivcheck.weights' linear rules) and the tolerance lookup.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from equivcheck.distributed import reference as ref
+from equivcheck.engine import tolerance
+from equivcheck.engine.compare import Verdict, compare, leaves
+from equivcheck.engine.dtypes import np_dtype
+from equivcheck.engine.records import RunSettings
+from equivcheck.engine.tolerance import Tolerance
+from equivcheck.weights.convert import to_jax, to_torch
+
+LAYERS = ("l1", "l2")
+
+
+@dataclasses.dataclass
+class Outcome:
+    ok: bool
+    ratio: float = 0.0
+    message: str = ""
+    side: str | None = None
+    diagnosis: str = ""
+    inputs: str = ""
+    verdict: Verdict | None = None
+
+
+class Failed(Exception):
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.message)
+        self.outcome = outcome
+
+
+def worst(v: Verdict, a: str, b: str) -> str:
+    """The failing verdict in words, its sides named `a` and `b` (compare calls them torch and jax)."""
+    w = v.worst if v.kind == "values" else None
+    if w is None or w.worst_index is None:
+        return v.message
+    return (f"{w.path}{list(w.worst_index)}: {a} {w.torch_value:.9g}, {b} {w.jax_value:.9g} (max abs err "
+            f"{w.max_abs:.3g}; {100 * w.frac_bad:.3g}% of elements out of tolerance)")
+
+
+def judge(t: Any, j: Any, want: Any, tol: Tolerance, what: str, slip: Callable[[str, Any], str]) -> Outcome:
+    """torch `t` against jax `j`, and each against the float64 `want`; the side(s) off the reference
+    are named, `slip(side, result)` says what kind of mistake their numbers fit."""
+    dtype = np.asarray(leaves(t)[0]).dtype
+    wanted = ref.cast(want, dtype)
+    tj, tr, jr = compare(t, j, tol), compare(t, wanted, tol), compare(j, wanted, tol)
+    ratio = max(tj.ratio, tr.ratio, jr.ratio)
+    if tj.ok and tr.ok and jr.ok:
+        return Outcome(True, ratio)
+    if not tr.ok and not jr.ok:
+        side = "both"
+        both_text = "torch and jax agree with each other" if tj.ok else "torch and jax differ too"
+        msg = (f"{what}: both sides are off the float64 reference ({both_text}): torch "
+               f"{worst(tr, 'torch', 'reference')}; jax {worst(jr, 'jax', 'reference')}")
+        diagnosis = "; ".join(s for s in (slip("torch", t), slip("jax", j)) if s)
+    elif not tr.ok or not jr.ok:
+        side = "torch" if not tr.ok else "jax"
+        bad = tr if side == "torch" else jr
+        msg = f"{what}: {side} is off the float64 reference: {worst(bad, side, 'reference')}"
+        diagnosis = slip(side, t if side == "torch" else j)
+    else:
+        side, diagnosis = None, "both sides are within the bound of the float64 reference: a rounding difference"
+        msg = f"{what}: torch and jax differ: {worst(tj, 'torch', 'jax')}"
+    return Outcome(False, ratio, msg, side, diagnosis, verdict=tj if tj.kind != "match" else tr if not tr.ok else jr)
+
+
+def mlp_example(pair: Any, dtype: str, seed: int, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Torch-layout MLP parameters and a global batch (N * rows, d) / (N * rows, o), from `seed`."""
+    d, h, o = pair.sizes
+    rng = np.random.default_rng(seed)
+    dt = np_dtype(dtype)
+    params = {"l1.weight": rng.normal(0, d ** -0.5, (h, d)), "l1.bias": rng.normal(0, 0.1, h),
+              "l2.weight": rng.normal(0, h ** -0.5, (o, h)), "l2.bias": rng.normal(0, 0.1, o)}
+    b = pair.world * rows
+    return ({k: v.astype(dt) for k, v in params.items()}, rng.normal(0, 1, (b, d)).astype(dt),
+            rng.normal(0, 1, (b, o)).astype(dt))
+
+
+def to_flax(params: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Torch-layout MLP parameters as the JAX side's tree, through equivcheck's weight conversion."""
+    return {layer: to_jax("linear", {"weight": params[f"{layer}.weight"], "bias": params[f"{layer}.bias"]})
+            for layer in LAYERS}
+
+
+def from_flax(tree: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {f"{layer}.{k}": np.asarray(v) for layer in LAYERS for k, v in to_torch("linear", tree[layer]).items()}
+
+
+def tolerance_for(pair: Any, dtype: str, run: RunSettings, check: str) -> Tolerance:
+    return tolerance.lookup(dtype, device=run.device, precision=run.precision, check=check, override=pair.tolerance)
+
+
+
+__all__ = ["LAYERS", "Failed", "Outcome", "from_flax", "judge", "mlp_example", "to_flax", "tolerance_for", "worst"]
