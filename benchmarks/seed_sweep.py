@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             suite = Path(r["nodeid"].split("::")[0]).stem.removeprefix("test_") if r.get("nodeid") else "-"
             rows.append((suite, seed, r["id"], r["outcome"], r.get("replay") or ""))
             # Printed as found, so a long sweep stopped early still says what it saw.
-            print(f"  {r['outcome']}: {r['id']}  replay: {r.get('replay') or '-'}", file=sys.stderr, flush=True)
+            why = (r.get("message") or "").strip().splitlines()[:1]
+            print(f"  {r['outcome']}: {r['id']} ({r.get('kind') or '-'}: {why[0][:160] if why else '-'})  "
+                  f"replay: {r.get('replay') or '-'}", file=sys.stderr, flush=True)
         counts = {k: sum(r["outcome"] == k for r in records) for k in ("passed", "failed", "xpass", "known-divergence")}
         summary.append(f"seed {seed}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" ({seconds:.0f} s)")
         print(summary[-1], file=sys.stderr, flush=True)
