@@ -149,11 +149,16 @@ def run_pair(
             rec.known_pattern, rec.known_reason = hit
         records.append(rec)
     if "onnx" in pair.checks or (run.onnx and pair.family == "layers"):
-        from equivcheck.onnx.layers import run_layer_onnx  # onnx, onnxruntime only when the check runs
+        from equivcheck.onnx.layers import run_layer_onnx, vote  # onnx, onnxruntime only when the check runs
 
         tol = tolerance.lookup(dtype, device=run.device, precision=run.precision, check="forward", tags=pair.tags,
                                override=pair.tolerance_for(dtype, "forward"))
         rec = run_layer_onnx(pair, dtype, run, tol, palette)
+        hint = vote(rec)
+        # the forward check may leave the side undecided; ONNX Runtime is a third witness, so say how it voted
+        for fwd in records:
+            if fwd.check == "forward" and fwd.outcome in ("failed", "known-divergence") and hint:
+                fwd.diagnosis = f"{fwd.diagnosis}; onnx check: {hint}" if fwd.diagnosis else f"onnx check: {hint}"
         rec.nodeid, rec.replay, rec.family = nodeid, replay, pair.family
         hit = known(rec.id)
         if hit:
