@@ -134,7 +134,9 @@ def _onnx(args: argparse.Namespace) -> int:
     from equivcheck.onnx.cli import BadInput, run
 
     try:
-        examples, batch = _count("--examples", args.examples, 1), _count("--batch", args.batch, 1)
+        examples = _count("--examples", args.examples, 1)
+        # None when not given: a batch the graph fixes is then used as it is; a requested one is held to it
+        batch = _count("--batch", args.batch, 1) if args.batch is not None else None
         seed = _count("--seed", args.seed, 0)
         return run(args.model, args.torch, args.jax, examples=examples, seed=seed, batch=batch, dims=args.dim)
     except (BadInput, ValueError) as exc:
@@ -259,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                            "is three-way (torch, ONNX Runtime, JAX), else torch vs ONNX Runtime")
     onnx.add_argument("--examples", default="10", metavar="N", help="examples to draw (default 10)")
     onnx.add_argument("--seed", default="0", metavar="S", help="seed of the NumPy generator drawing them (default 0)")
-    onnx.add_argument("--batch", default="2", metavar="B",
-                      help="size of a dynamic first dimension (default 2); other dynamic dimensions get 2-5, "
+    onnx.add_argument("--batch", default=None, metavar="B",
+                      help="size of a dynamic first dimension (default 2; refused where the graph fixes it "
+                           "otherwise); other dynamic dimensions get 2-5, "
                            "fixed ones their size. Inputs follow the graph's element types: floats uniform in "
                            "[-3, 3], integers in [0, 10), booleans fair coins")
     onnx.add_argument("--dim", action="append", default=[], metavar="INPUT:AXIS=SIZE",

@@ -111,6 +111,9 @@ def files(tmp_path_factory):
     dyn = ({0: torch.export.Dim("batch"), 1: torch.export.Dim.AUTO},)
     torch.onnx.export(make_model().eval(), (torch.randn(3, 4),), out["symbolic"], dynamo=True, dynamic_shapes=dyn,
                       verbose=False)
+    # the batch fixed at export (no dynamic_shapes): x[3, 4]
+    out["fixed_batch"] = str(d / "fixed_batch.onnx")
+    torch.onnx.export(make_model().eval(), (torch.randn(3, 4),), out["fixed_batch"], dynamo=True, verbose=False)
     (d / "garbage.onnx").write_bytes(b"not a protobuf at all")
     out["garbage"] = str(d / "garbage.onnx")
     return out
@@ -198,9 +201,30 @@ def test_a_port_whose_output_does_not_fit(files, capsys):
     assert "--jax" in err and "the port's outputs do not fit the torch model's" in err
 
 
-def test_an_input_width_mismatch_names_torch(files, capsys):
+def test_a_file_for_another_model_is_the_file_not_fitting_not_the_factory(files, capsys):
+    # O11: every dimension past the batch is the graph's own, so torch refusing it is the file's mismatch
     err = bad(capsys, files["good"], "--torch", f"{HERE}:make_wide")
-    assert "--torch" in err and "raised RuntimeError" in err and "drawn from the ONNX file's input specs" in err
+    assert err.startswith(f"equivcheck onnx: {files['good']}: the ONNX file's input x[batch, 4] does not fit the "
+                          f"torch model (--torch {HERE}:make_wide raised RuntimeError"), err
+    assert err.endswith("a file for another model?") and "the factory raised" not in err, err
+
+
+def test_a_batch_the_graph_fixes_otherwise_is_refused(files, capsys):
+    # O11: it ran at the graph's batch 3 and passed, never saying --batch 5 was not what ran
+    err = bad(capsys, files["fixed_batch"], "--torch", f"{HERE}:make_model", "--batch", "5")
+    assert err == "equivcheck onnx: --batch 5 refused: x's batch axis is fixed at 3 in the graph", err
+    code, out, err = cli(capsys, files["fixed_batch"], "--torch", f"{HERE}:make_model", "--batch", "3")
+    assert code == 0 and "float32[3, 4]" in out, out + err
+
+
+def test_one_example_is_one_example_and_a_verdict_gives_the_values(files, capsys):
+    # O12: "all agree: 1 examples"; and a disagreement said only "values differ beyond rtol=...", no figures
+    code, out, err = cli(capsys, files["good"], "--torch", f"{HERE}:make_model", "--examples", "1")
+    assert code == 0 and out.strip().splitlines()[-1].startswith("all agree: 1 example, "), out + err
+    code, out, _ = cli(capsys, files["other"], "--torch", f"{HERE}:make_model")
+    last = out.strip().splitlines()[-1]
+    assert code == 1 and "values differ beyond" in last, out
+    assert "worst at index" in last and "torch " in last and "onnx " in last and "max abs err" in last, last
 
 
 def test_an_input_count_mismatch(files, capsys):
@@ -225,7 +249,11 @@ def test_a_width_left_symbolic_says_to_fix_it_with_dim(files, capsys):
 
 
 @pytest.mark.parametrize("value, words", [("x:3=4", "no input 'x' with an axis 3"), ("nope=4", "no dynamic dimension"),
-                                          ("x:1=0", "SIZE a positive integer")])
+                                          ("x:1=0", "SIZE a positive integer"),
+                                          # O11: a size the graph fixes otherwise, later blamed on torch
+                                          ("x:1=5", ": x axis 1 is fixed at 4 in the graph"),
+                                          # O12: it said "no dynamic dimension 'x:a'"
+                                          ("x:a=4", "the axis 'a' of input 'x' must be an integer")])
 def test_a_bad_dim(files, capsys, value, words):
     err = bad(capsys, files["good"], "--torch", f"{HERE}:make_model", dim=("--dim", value))
     assert f"--dim {value}" in err and words in err, err

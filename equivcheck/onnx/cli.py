@@ -82,6 +82,7 @@ def parse_dims(values: list[str], specs: list[tuple[str, list[Any], str]]) -> di
     below 1, or a name the graph does not have."""
     symbols = {d for _, shape, _ in specs for d in shape if isinstance(d, str)}
     ranks = {name: len(shape) for name, shape, _ in specs}
+    shapes = {name: shape for name, shape, _ in specs}
     out: dict[Any, int] = {}
     for value in values:
         key, _, size = value.rpartition("=")
@@ -92,9 +93,18 @@ def parse_dims(values: list[str], specs: list[tuple[str, list[Any], str]]) -> di
             if name not in ranks or int(axis) >= ranks[name]:
                 raise BadInput(f"--dim {value}: the ONNX file has no input {name!r} with an axis {axis} "
                                f"(inputs: {', '.join(f'{n} rank {r}' for n, r in ranks.items())})")
+            pinned = shapes[name][int(axis)]
+            # a size the graph pins otherwise would run at the graph's size or fail in ONNX Runtime, and
+            # be blamed on a side; the same size is harmless
+            if isinstance(pinned, int) and pinned >= 0 and pinned != int(size):
+                raise BadInput(f"--dim {value}: {name} axis {axis} is fixed at {pinned} in the graph")
             out[(name, int(axis))] = int(size)
         elif key in symbols:
             out[key] = int(size)
+        elif colon and name in ranks:
+            # "x:a=4": an input's name and a non-numeric axis, not a symbol the graph lacks
+            raise BadInput(f"--dim {value}: the axis {axis!r} of input {name!r} must be an integer "
+                           f"(INPUT:AXIS=SIZE, AXIS from 0 to {ranks[name] - 1})")
         else:
             raise BadInput(f"--dim {value}: the ONNX file has no dynamic dimension {key!r} "
                            f"(its dynamic dimensions: {', '.join(sorted(symbols)) or 'none'})")
@@ -144,6 +154,34 @@ def _drawn_hint(specs: list[tuple[str, list[Any], str]], dims: dict[Any, int]) -
     return f"; dynamic dimensions {', '.join(drawn)} got drawn sizes: fix them with --dim INPUT:AXIS=SIZE" if drawn else ""
 
 
+def check_batch(specs: list[tuple[str, list[Any], str]], batch: int | None, dims: dict[Any, int]) -> int:
+    """The batch size to draw: `batch` (None: 2, the default). Raises BadInput when --batch was given
+    and an input's first axis is fixed at another size in the graph (drawn at the graph's size, the run
+    would silently check another batch) and not set by --dim."""
+    if batch is None:
+        return 2
+    for name, shape, _ in specs:
+        first = shape[0] if shape else None
+        if (name, 0) not in dims and isinstance(first, int) and first >= 0 and first != batch:
+            raise BadInput(f"--batch {batch} refused: {name}'s batch axis is fixed at {first} in the graph")
+    return batch
+
+
+def _fits(path: str, graph: Any, model: Any, x: list[np.ndarray], spec: str) -> None:
+    """BadInput when torch raises on inputs of the graph's own shapes at every dimension the graph fixes:
+    nothing the user chose, so the file does not fit the model (another architecture's file), not a
+    factory at fault. Where a size past the batch was drawn or set by --dim, the usual --torch message
+    (naming the drawn shapes and --dim) says so instead."""
+    if any(not isinstance(d, int) or d < 0 for _, shape, _ in graph.inputs for d in shape[1:]):
+        return
+    try:
+        _torch_out(model, x)
+    except Exception as exc:
+        ins = ", ".join(f"{n}[{', '.join(str(d) if d is not None else '?' for d in s)}]" for n, s, _ in graph.inputs)
+        raise BadInput(f"{path}: the ONNX file's input {ins} does not fit the torch model (--torch {spec} raised "
+                       f"{_one_line(exc)} on that shape): a file for another model?") from exc
+
+
 def _torch_model(spec: str) -> Any:
     import torch
 
@@ -188,10 +226,10 @@ def _header(path: str, graph: Any, opset: int, tol: Any) -> str:
 
 
 def run(path: str, torch_spec: str, jax_spec: str | None = None, *, examples: int = 10, seed: int = 0,
-        batch: int = 2, dims: Sequence[str] = (), echo: Callable[[str], None] = print) -> int:
+        batch: int | None = None, dims: Sequence[str] = (), echo: Callable[[str], None] = print) -> int:
     """Check the ONNX file at `path` against `torch_spec`'s model (and `jax_spec`'s apply) on `examples`
     drawn inputs; `echo` gets one line per example, a table of the worst ratio per pair and the verdict.
-    `dims`: --dim values (parse_dims). Returns 0 when all agree, 1 when a side is off (or the sides disagree and none can be named). Raises
+    `batch`: --batch (None: 2, and a batch the graph fixes is used as fixed). `dims`: --dim values (parse_dims). Returns 0 when all agree, 1 when a side is off (or the sides disagree and none can be named). Raises
     BadInput (one line) for: the onnx extra missing, a file that does not exist or load, a factory or
     apply that does not import or does not return what it should, a side that raises on the drawn
     inputs, a graph whose inputs or outputs do not fit the model, and a port whose outputs do not."""
@@ -214,6 +252,7 @@ def run(path: str, torch_spec: str, jax_spec: str | None = None, *, examples: in
     apply = load_callable(jax_spec, "--jax") if jax_spec else None
     names = _names_to_check(graph, model, path, torch_spec)
     fixed = parse_dims(list(dims), graph.inputs)
+    batch = check_batch(graph.inputs, batch, fixed)
     hint = _drawn_hint(graph.inputs, fixed)
     rng = np.random.default_rng(seed)
     pairs = [f"{a}-{b}" for a, b in PAIRS] if apply else ["torch-onnx"]
@@ -222,6 +261,8 @@ def run(path: str, torch_spec: str, jax_spec: str | None = None, *, examples: in
     wide: dict[str, Any] = {}
     for i in range(examples):
         x = draw_inputs(graph.inputs, rng, batch, fixed)
+        if i == 0:
+            _fits(path, graph, model, x, torch_spec)
         t = _side("torch", torch_spec, lambda xs: _torch_out(model, xs), x, hint)
         if tol is None:
             tol = _tolerance(t)
@@ -254,7 +295,7 @@ def run(path: str, torch_spec: str, jax_spec: str | None = None, *, examples: in
             echo(f"{who}: example {i + 1}: {tw.message} ({tw.how})")
             return 1
     echo("worst error/allowed per pair: " + ", ".join(f"{p} {worst[p]:.3g}" for p in pairs))
-    echo(f"all agree: {examples} examples, {' and '.join(pairs)} within {tol.describe() if tol else 'the bound'}")
+    echo(f"all agree: {examples} example{'s' if examples != 1 else ''}, {' and '.join(pairs)} within {tol.describe() if tol else 'the bound'}")
     return 0
 
 

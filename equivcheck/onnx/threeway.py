@@ -54,6 +54,14 @@ def relabel(text: str, a: str, b: str) -> str:
     return text
 
 
+def _pair_text(v: Verdict, a: str, b: str) -> str:
+    """"a vs b: " and compare()'s message, with the worst element's values and errors where values
+    differ: the message alone says only that they differ beyond the bound, not by how much."""
+    text = f"{a} vs {b}: {relabel(v.message, a, b)}"
+    worst = v.worst if v.kind == "values" else None
+    return f"{text} ({relabel(worst.summary(), a, b)})" if worst is not None else text
+
+
 def _distance(tree: Any, ref: Any) -> float:
     """The largest |x - ref| over the leaves (inf where shapes or finiteness differ)."""
     worst = 0.0
@@ -75,7 +83,7 @@ def three_way(outs: Mapping[str, Any], tol: Tolerance, reference: Callable[[], A
     bad = [(a, b) for a, b in PAIRS if not verdicts[f"{a}-{b}"].ok]
     if not bad:
         return ThreeWay(True, None, verdicts, ratio)
-    message = "; ".join(f"{a} vs {b}: {relabel(verdicts[f'{a}-{b}'].message, a, b)}" for a, b in bad)
+    message = "; ".join(_pair_text(verdicts[f"{a}-{b}"], a, b) for a, b in bad)
     # the side in both failing pairs, when the third pair (the two others) agrees
     if len(bad) == 2:
         (odd,) = set(bad[0]) & set(bad[1])
@@ -130,7 +138,7 @@ def two_way(outs: Mapping[str, Any], tol: Tolerance, reference: Callable[[], Any
     ratio = v.ratio if v.kind in ("match", "values") else float("inf")
     if v.ok:
         return ThreeWay(True, None, {"torch-onnx": v}, ratio)
-    message = f"torch vs onnx: {relabel(v.message, 'torch', 'onnx')}"
+    message = _pair_text(v, "torch", "onnx")
     if reference is None:
         return ThreeWay(False, None, {"torch-onnx": v}, ratio, message, "undecided: no float64 reference")
     try:
