@@ -47,8 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--equiv-known-divergences", action="append", default=[], metavar="FILE",
                 help="file of known divergences (PATTERN REASON per line): matches become xfail; repeatable")
     g.addoption("--equiv-onnx", action="store_true",
-                help="every layer pair also runs the onnx check: exported to ONNX (dynamo, once per layer and "
-                     "dtype), run in ONNX Runtime, compared three ways with torch and JAX (pip install equivcheck[onnx])")
+                help="every layer pair (family='layers'; other pairs: checks=(..., 'onnx')) also runs the onnx check: "
+                     "exported to ONNX (dynamo, once per layer and dtype), run in ONNX Runtime, compared three ways "
+                     "with torch and JAX (pip install equivcheck[onnx])")
     g.addoption("--equiv-known-lenient", action="store_true",
                 help="a known divergence whose witness now agrees is a warning (default: a failure, 'fixed')")
     g.addoption("--equiv-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -381,7 +382,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     from equivcheck import report
     from equivcheck.engine.knowns import unchecked
-    from equivcheck.session import report_lines
+    from equivcheck.session import onnx_left_out, report_lines
 
     tr = terminalreporter
     tr.section("equivcheck")
@@ -392,6 +393,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         tr.write_line(", ".join(f"{v} {k}" for k, v in counts.items() if v) + " checks")
         for line in report.xpass_lines(state.records):
             tr.write_line(_wrap(line), yellow=True)
+        if config.getoption("equiv_onnx", False) and (left := onnx_left_out(state.records)):
+            tr.write_line(_wrap(left), yellow=True)
     else:
         tr.write_line("no equivalence checks ran")
     warnings, counts = unchecked(state.known.unmatched(state.matched_known), dtypes=state.dtypes,

@@ -89,6 +89,19 @@ def partial(state: Any, *, interrupted: bool) -> dict[str, int | None] | None:
     return None
 
 
+def onnx_left_out(records: list[dict[str, Any]]) -> str:
+    """Under --equiv-onnx, the pairs with a forward check that ran no onnx check: the option adds it to
+    layer pairs (family="layers") only, and a user's own Pair left out silently read as covered."""
+    has = {r["pair"] for r in records if r["check"] == "onnx"}
+    left = sorted({r["pair"] for r in records if r["check"] == "forward"} - has)
+    if not left:
+        return ""
+    shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+    return (f"--equiv-onnx: {len(left)} pair{'s' if len(left) != 1 else ''} with a forward check ran no onnx check "
+            f"({shown}): the option adds it to layer pairs (family=\"layers\") only; give a Pair "
+            f"checks=(..., \"onnx\") to run it")
+
+
 def report_lines(state: Any, *, interrupted: bool) -> list[tuple[str, str]]:
     """The end of the terminal's equivcheck section, as (colour, text): a partial run said first,
     where the report went or why it could not go there."""

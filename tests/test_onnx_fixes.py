@@ -39,3 +39,30 @@ def test_onnx_runtimes_vote_is_shown_where_the_forward_check_cannot_decide():
     pairs = rec.extra["pairs"]
     assert pairs["torch-jax"]["worst_ratio"] > 1 and pairs["torch-jax"]["max_abs"] > 0, pairs
     assert pairs["onnx-jax"]["worst_ratio"] > 1 and pairs["torch-onnx"]["worst_ratio"] <= 1, pairs
+
+
+SUITE = """
+import pytest, torch, jax.numpy as jnp
+import equivcheck as ec
+
+PAIRS = [ec.Pair("layer_tanh", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",), family="layers"),
+         ec.Pair("my_tanh", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",))]
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+"""
+
+
+def test_equiv_onnx_names_the_pairs_it_leaves_out(pytester):
+    # O9: a user's own Pair (no family) ran no onnx check under --equiv-onnx, and nothing said so
+    pytester.makepyfile(test_mine=SUITE)
+    fast = ("--equiv", "--equiv-examples", "3", "--equiv-seed", "1", "--equiv-dtypes", "float32",
+            "-p", "no:cacheprovider", "--equiv-report", "none")
+    result = pytester.runpytest(*fast, "--equiv-onnx")
+    result.assert_outcomes(passed=2)
+    said = "--equiv-onnx: 1 pair with a forward check ran no onnx check (my_tanh): the option adds it to layer pairs"
+    assert said in " ".join(line.strip() for line in result.outlines), result.outlines
+    # without the option there is nothing it left out
+    plain = pytester.runpytest(*fast)
+    assert not any("--equiv-onnx:" in line for line in plain.outlines), plain.outlines
