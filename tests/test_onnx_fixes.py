@@ -11,6 +11,7 @@ import torch
 from equivcheck import Pair, unary
 from equivcheck.engine.records import RunSettings
 from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
+from tests.test_onnx_layers import LAYER_SUITE
 
 RUN = RunSettings(examples=5, seed=20261201, shrink_seconds=2)
 
@@ -41,27 +42,15 @@ def test_onnx_runtimes_vote_is_shown_where_the_forward_check_cannot_decide():
     assert pairs["onnx-jax"]["worst_ratio"] > 1 and pairs["torch-onnx"]["worst_ratio"] <= 1, pairs
 
 
-SUITE = """
-import pytest, torch, jax.numpy as jnp
-import equivcheck as ec
-
-PAIRS = [ec.Pair("layer_tanh", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",), family="layers"),
-         ec.Pair("my_tanh", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",))]
-
-@pytest.mark.parametrize("pair", PAIRS, ids=str)
-def test_pair(pair, equiv):
-    equiv.check(pair)
-"""
-
 
 def test_equiv_onnx_names_the_pairs_it_leaves_out(pytester):
     # O9: a user's own Pair (no family) ran no onnx check under --equiv-onnx, and nothing said so
-    pytester.makepyfile(test_mine=SUITE)
+    pytester.makepyfile(test_layers=LAYER_SUITE)  # a layer pair and an operation pair
     fast = ("--equiv", "--equiv-examples", "3", "--equiv-seed", "1", "--equiv-dtypes", "float32",
             "-p", "no:cacheprovider", "--equiv-report", "none")
     result = pytester.runpytest(*fast, "--equiv-onnx")
     result.assert_outcomes(passed=2)
-    said = "--equiv-onnx: 1 pair with a forward check ran no onnx check (my_tanh): the option adds it to layer pairs"
+    said = "--equiv-onnx: 1 pair with a forward check ran no onnx check (op_tanh): the option adds it to layer pairs"
     assert said in " ".join(line.strip() for line in result.outlines), result.outlines
     # without the option there is nothing it left out
     plain = pytester.runpytest(*fast)
