@@ -170,3 +170,19 @@ def test_a_worker_ends_when_its_parent_dies():
     code = "from equivcheck.distributed.worker import _orphan_watch; _orphan_watch(1); print('alive')"
     late = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert late.returncode == 1 and "alive" not in late.stdout  # its parent gone before it looked: it ends at once
+
+
+@pytest.mark.parametrize(("value", "kind", "words"), [
+    ([[1.0, 2.0], [3.0]], "structure", "that is no array"),
+    (None, "structure", "returned None as its result"),
+    ({"a": 1.0}, "structure", "a dict with keys ['a']"),
+    ([1.0, 2.0], "dtype", "in float64, expected float32"),
+    ([1.0], "shape", "of shape [1], expected [2] float32"),
+])
+def test_a_malformed_array_is_a_bad_result_naming_the_side(value, kind, words):
+    from equivcheck.distributed.results import BadResult, array
+
+    with pytest.raises(BadResult) as err:
+        array("the torch job mine (rank 1)", "its result", value, (2,), "float32")
+    assert err.value.side == "torch" and err.value.kind == kind and words in str(err.value), str(err.value)
+    assert str(err.value).startswith("the torch job mine (rank 1) returned")

@@ -48,7 +48,11 @@ def array(who: str, what: str, value: Any, shape: tuple[int, ...], dtype: str) -
             isinstance(value, (list, tuple)) and not all(np.isscalar(v) or isinstance(v, (list, tuple)) for v in value)):
         raise BadResult(who.split()[1], "structure", f"{who} returned {_got(value)} as {what}, expected an array "
                                                       f"{list(shape)} {dtype}")
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except ValueError:  # ragged nested lists
+        raise BadResult(who.split()[1], "structure", f"{who} returned {_got(value)} as {what} that is no array, "
+                                                      f"expected an array {list(shape)} {dtype}") from None
     if arr.shape != tuple(shape):
         raise BadResult(who.split()[1], "shape", f"{who} returned {what} of shape {list(arr.shape)}, expected "
                                                   f"{list(shape)} {dtype}")
