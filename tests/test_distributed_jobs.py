@@ -50,7 +50,7 @@ MALFORMED = [
     ("torch_one_step", "jax_ok", "train", "torch", "structure", "returned 1 parameter snapshot, 3 steps were asked"),
     ("jax_ok", "jax_one_step", "train", "jax", "structure", "returned 1 parameter snapshot, 3 steps were asked"),
     ("torch_f16", "jax_ok", "grads", "torch", "dtype", "returned 'grads'['l1.weight'] in float16, expected float32"),
-    ("torch_ok", "jax_f16", "grads", "jax", "dtype", "in float16, expected float32"),
+    ("torch_ok", "jax_f16", "grads", "jax", "dtype", "returned 'grads'['l1']['kernel'] in float16, expected float32"),
 ]
 
 

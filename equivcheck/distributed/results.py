@@ -81,12 +81,12 @@ def flax_tree(who: str, what: str, value: Any, shapes: Shapes, dtype: str) -> di
             isinstance(value[layer], Mapping) and sorted(map(str, value[layer])) == want[layer] for layer in LAYERS):
         raise BadResult(who.split()[1], "structure", f"{who} returned {_got(value)} as {what}, expected the Flax "
                                                       "layout {'l1': {'kernel', 'bias'}, 'l2': {'kernel', 'bias'}}")
-    try:
-        torch_layout = from_flax(value)
-    except (ValueError, TypeError) as exc:  # a kernel that is not 2-D cannot be transposed
-        raise BadResult(who.split()[1], "shape", f"{who} returned {what} that does not convert to torch's "
-                                                  f"layout: {exc}") from None
-    return tree(who, what + " (as torch's layout)", torch_layout, shapes, dtype)
+    # each leaf checked in the layout the job returned (kernel (in, out) = torch's weight transposed), so the
+    # message names the job's own leaf
+    for layer in LAYERS:
+        array(who, f"{what}[{layer!r}]['kernel']", value[layer]["kernel"], shapes[f"{layer}.weight"][::-1], dtype)
+        array(who, f"{what}[{layer!r}]['bias']", value[layer]["bias"], shapes[f"{layer}.bias"], dtype)
+    return from_flax(value)
 
 
 def mlp(who: str, value: Any, shapes: Shapes, dtype: str, steps: int, flax: bool) -> dict[str, Any]:
