@@ -5,6 +5,7 @@ JAX parameter layouts (equivcheck.weights' linear rules) and the tolerance looku
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -38,21 +39,39 @@ class Failed(Exception):
         self.outcome = outcome
 
 
+NO_REFERENCE = "no float64 reference for a custom job: give reference_job= to name the side"
+
+
 def worst(v: Verdict, a: str, b: str) -> str:
-    """The failing verdict in words, its sides named `a` and `b` (compare calls them torch and jax)."""
+    """The failing verdict in words, its sides named `a` and `b` (compare calls them torch and jax: a
+    comparison of rank 0 with rank 1, or of a side with the reference, says so in its own names)."""
     w = v.worst if v.kind == "values" else None
     if w is None or w.worst_index is None:
-        return v.message
+        path, sep, rest = v.message.partition(": ")  # the leaf's path may hold any word; relabel after it
+        rest = rest if sep else path
+        if "gives NaN, the other side" in rest:  # compare's words for the side without the NaN: name it
+            rest = rest.replace("the other side", "jax" if "torch gives NaN" in rest else "torch")
+        rest = re.sub(r"\b(torch|jax)\b", lambda m: a if m.group(1) == "torch" else b, rest)
+        return f"{path}{sep}{rest}" if sep else rest
     return (f"{w.path}{list(w.worst_index)}: {a} {w.torch_value:.9g}, {b} {w.jax_value:.9g} (max abs err "
             f"{w.max_abs:.3g}; {100 * w.frac_bad:.3g}% of elements out of tolerance)")
 
 
 def judge(t: Any, j: Any, want: Any, tol: Tolerance, what: str, slip: Callable[[str, Any], str]) -> Outcome:
     """torch `t` against jax `j`, and each against the float64 `want`; the side(s) off the reference
-    are named, `slip(side, result)` says what kind of mistake their numbers fit."""
-    dtype = np.asarray(leaves(t)[0]).dtype
-    wanted = ref.cast(want, dtype)
-    tj, tr, jr = compare(t, j, tol), compare(t, wanted, tol), compare(j, wanted, tol)
+    are named, `slip(side, result)` says what kind of mistake their numbers fit. `want` None (a custom
+    job without a reference): torch against jax only, and no side named where they differ (NO_REFERENCE).
+    Both sides must hold the dtype asked (equivcheck.distributed.results checks it first)."""
+    if want is None:
+        tj = compare(t, j, tol)
+        if tj.ok:
+            return Outcome(True, tj.ratio)
+        return Outcome(False, tj.ratio, f"{what}: torch and jax differ: {worst(tj, 'torch', 'jax')}; {NO_REFERENCE}",
+                       None, NO_REFERENCE, verdict=tj)
+    # each side against the reference in its own dtype: a side in another dtype than its peer is not
+    # blamed for the other's (the dtype asked is checked where it is known: equivcheck.distributed.results)
+    own = lambda tree: ref.cast(want, np.asarray(leaves(tree)[0]).dtype)
+    tj, tr, jr = compare(t, j, tol), compare(t, own(t), tol), compare(j, own(j), tol)
     ratio = max(tj.ratio, tr.ratio, jr.ratio)
     if tj.ok and tr.ok and jr.ok:
         return Outcome(True, ratio)
@@ -100,4 +119,4 @@ def tolerance_for(pair: Any, dtype: str, run: RunSettings, check: str) -> Tolera
 
 
 
-__all__ = ["LAYERS", "Failed", "Outcome", "from_flax", "judge", "mlp_example", "to_flax", "tolerance_for", "worst"]
+__all__ = ["LAYERS", "NO_REFERENCE", "Failed", "Outcome", "from_flax", "judge", "mlp_example", "to_flax", "tolerance_for", "worst"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,10 +57,21 @@ class DistributedPair:
                  rather than per-replica statistics
     accumulate   micro-batches per step and rank (torch: all but the last backward under DDP's no_sync);
                  every entry of `rows` must be a multiple of it
-    seconds      the deadline of one request to the workers (a worker past it fails the check)
-    torch_job, jax_job  a job of your own in place of the built-in one ("collective" or "ddp"):
-                 "module:function", importable in the workers, called with the built-in job's arguments
-                 (equivcheck.distributed.torch_jobs / jax_jobs) and returning what it returns
+    seconds      the deadline of one request to the workers (a worker past it fails the check), > 0
+    torch_job, jax_job  a job of your own in place of the built-in one ("collective", "ddp" or "fsdp"; not for
+                 "uneven_mlp" / "bn_mlp", whose float64 references are the built-in models'): "module:function",
+                 importable in the workers, called as fn(ctx, **the built-in job's arguments) and returning
+                 what it returns. ctx (equivcheck.distributed.worker): a torch job's has rank, world, group
+                 (the process group of the request's ranks) and device; a JAX job's has world, mesh (axis
+                 "ranks"), devices and cache. A model job gets and returns torch's layout on the torch side
+                 ({"l1.weight": (h, d), ...}) and Flax's on the JAX side ({"l1": {"kernel": (d, h), "bias"}});
+                 it returns {"grads": tree, "params": [tree after each of `steps` SGD steps]} in the dtype
+                 asked. A malformed result fails the check naming the side and what was expected.
+    reference_job  a model job's float64 reference when torch_job / jax_job is your own model: "module:function"
+                 or a callable, run in this process as fn(params=, x=, y=, lr=, steps=) with float64 torch-layout
+                 params, returning {"grads": tree, "params": [tree after each step]} in float64. Without it a
+                 custom model job is compared torch against JAX only, and a disagreement names no side
+                 (the built-in MLP's reference says nothing of another model)
     """
 
     name: str
@@ -77,6 +89,7 @@ class DistributedPair:
     sync: bool = False
     torch_job: str = ""
     jax_job: str = ""
+    reference_job: Any = ""
     tolerance: Tolerance | None = None
     doc: str = ""
     tags: frozenset[str] = frozenset()
@@ -101,10 +114,30 @@ class DistributedPair:
             raise ValueError(f"DistributedPair {self.name!r}: checks {bad} do not apply to {self.job!r}; use {allowed}")
         if self.sync and self.job != BN_MLP:
             raise ValueError(f"DistributedPair {self.name!r}: sync=True applies to job {BN_MLP!r} only")
-        if not isinstance(self.world, int) or self.world < 1:
+        if not isinstance(self.world, int) or isinstance(self.world, bool) or self.world < 1:
             raise ValueError(f"DistributedPair {self.name!r}: world must be a positive int, got {self.world!r}")
         if self.steps < 1 or not self.rows or min(self.rows) < 1 or self.accumulate < 1:
             raise ValueError(f"DistributedPair {self.name!r}: steps, rows and accumulate must be positive")
+        if len(self.sizes) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                           for v in self.sizes):
+            raise ValueError(f"DistributedPair {self.name!r}: sizes must be three positive ints (d, h, o), "
+                             f"got {self.sizes!r}")
+        # 0 is not "no limit" here: a request without a deadline could hang the session on one stuck rank
+        if isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float)) or not self.seconds > 0:
+            raise ValueError(f"DistributedPair {self.name!r}: seconds (a request's deadline) must be > 0, "
+                             f"got {self.seconds!r}")
+        if (self.torch_job or self.jax_job) and self.job in (UNEVEN_MLP, BN_MLP):
+            raise ValueError(f"DistributedPair {self.name!r}: torch_job / jax_job apply to the collectives, "
+                             f"{MLP!r} and {FSDP_MLP!r}; {self.job!r} is checked against its built-in model")
+        if self.reference_job and not custom_model(self):
+            raise ValueError(f"DistributedPair {self.name!r}: reference_job applies to a model job of your own "
+                             f"(torch_job= / jax_job= with job {MLP!r} or {FSDP_MLP!r})")
+        if isinstance(self.reference_job, str) and self.reference_job and (
+                not all(self.reference_job.partition(":")[::2])):
+            raise ValueError(f"DistributedPair {self.name!r}: reference_job must read 'module:function' or be a "
+                             f"callable, got {self.reference_job!r}")
+        if self.reference_job and not isinstance(self.reference_job, str) and not callable(self.reference_job):
+            raise ValueError(f"DistributedPair {self.name!r}: reference_job must be 'module:function' or a callable")
         if any(r % self.accumulate for r in self.rows):
             raise ValueError(f"DistributedPair {self.name!r}: rows {self.rows} must be multiples of accumulate="
                              f"{self.accumulate} (equal micro-batches)")
@@ -126,9 +159,9 @@ class DistributedPair:
     def prepare(self, dtype: str, run: Any) -> None:
         """Start (or reuse) the pool for this pair's world size on the background thread, so that
         the start-up overlaps the test before. A pool that fails to start is reported by run_checks."""
-        from equivcheck.distributed.runner import unavailable
+        from equivcheck.distributed.runner import unavailable, unimportable
 
-        if dtype in self.dtypes and not unavailable(self, run.device):
+        if dtype in self.dtypes and not unavailable(self, run.device) and not unimportable(self):
             from equivcheck.distributed.pool import pool_for
 
             with contextlib.suppress(Exception):  # run_checks starts it again and reports why it fails
@@ -141,9 +174,25 @@ class DistributedPair:
         return run_distributed_pair(self, dtype=dtype, run=run, known=known, nodeid=nodeid, replay=replay)
 
 
+def custom_model(pair: DistributedPair) -> bool:
+    """Whether `pair` runs a model job of the user's own on either side (the built-in MLP's float64
+    reference then says nothing: equivcheck.distributed.runner uses `reference_job`, or none)."""
+    return pair.job in (MLP, FSDP_MLP) and bool(pair.torch_job or pair.jax_job)
+
+
+def reference_function(pair: DistributedPair) -> Any:
+    """`pair.reference_job` as a callable ("module:function" imported here, in the parent). Raises
+    ImportError / AttributeError where it does not resolve."""
+    if callable(pair.reference_job):
+        return pair.reference_job
+    module, _, attr = pair.reference_job.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def collective_pair(op: str, world: int = 2, **fields: Any) -> DistributedPair:
-    """`op` on `world` ranks, named "<op>_n<world>"."""
-    return DistributedPair(fields.pop("name", f"{op}_n{world}"), op, world, ("collective",), **fields)
+    """`op` on `world` ranks, named "<op>_n<world>"; checks may be given (only ("collective",) applies)."""
+    return DistributedPair(fields.pop("name", f"{op}_n{world}"), op, world, fields.pop("checks", ("collective",)),
+                           **fields)
 
 
 def ddp_pair(world: int = 2, **fields: Any) -> DistributedPair:

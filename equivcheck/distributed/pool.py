@@ -41,13 +41,18 @@ class WorkerFailure(RuntimeError):
     """A worker crashed, raised or did not answer. `side` is "torch" or "jax", `rank` the torch
     rank (None for the JAX process), `cause` the text a check record carries."""
 
-    def __init__(self, side: str, rank: int | None, cause: str) -> None:
+    def __init__(self, side: str, rank: int | None, cause: str, ranks: tuple[int, ...] = ()) -> None:
         self.side, self.rank, self.cause = side, rank, cause
+        self.ranks = ranks or ((rank,) if rank is not None else ())  # several: none of them is singled out
         super().__init__(f"{self.who}: {cause}")
 
     @property
     def who(self) -> str:
-        return f"torch rank {self.rank}" if self.side == "torch" else "the JAX worker process"
+        if self.side != "torch":
+            return "the JAX worker process"
+        if len(self.ranks) > 1:
+            return f"torch ranks {', '.join(map(str, self.ranks[:-1]))} and {self.ranks[-1]}"
+        return f"torch rank {self.rank}"
 
 
 class _Worker:
@@ -57,7 +62,8 @@ class _Worker:
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker; close() closes it
         kwargs = {"process_group": 0 if group is None else group}  # one group per pool: killpg ends it
         self.proc = subprocess.Popen([sys.executable, "-m", "equivcheck.distributed.worker", side,
-                                      "--fd", str(child.fileno()), *argv], pass_fds=(child.fileno(),),
+                                      "--fd", str(child.fileno()), "--parent", str(os.getpid()), *argv],
+                                     pass_fds=(child.fileno(),),
                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=env, **kwargs)
         child.close()
         self.conn = Connection(parent.detach())
@@ -163,9 +169,17 @@ class Pool:
             pending = [w.conn for i, w in enumerate(workers) if i not in results]
             ready = wait(pending, timeout=max(left, 0.0)) if left > 0 else []
             if not ready:
-                late = [workers[i].label() for i in range(len(workers)) if i not in results]
-                w = workers[min(set(range(len(workers))) - set(results))]
-                raise w.failure(f"{' and '.join(late)} did not answer within {seconds:g} s ({job})")
+                late = [workers[i] for i in range(len(workers)) if i not in results]
+                words = f"{' and '.join(w.label() for w in late)} did not answer within {seconds:g} s ({job})"
+                if len(late) == 1:
+                    raise late[0].failure(words)
+                # Several silent: one may hang while the others wait for it inside a collective, and which is
+                # which cannot be told from here, so none is named the culprit (rank None) and all are listed.
+                sides = {w.side for w in late}
+                side = sides.pop() if len(sides) == 1 else "torch"
+                ranks = tuple(w.rank for w in late if w.rank is not None)
+                raise WorkerFailure(side, None, words + ("; a rank that waits for a hung peer in a collective looks "
+                                                         "the same as the hung one" if len(ranks) > 1 else ""), ranks)
             for conn in ready:
                 i = by_conn[id(conn)]
                 try:

@@ -8,6 +8,7 @@ fails the check naming the rank and the cause.
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,11 +17,23 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from equivcheck.distributed import batchnorm, uneven
+from equivcheck.distributed import batchnorm, results, uneven
 from equivcheck.distributed import reference as ref
-from equivcheck.distributed.common import Failed, Outcome, from_flax, judge, mlp_example, to_flax, tolerance_for, worst
+from equivcheck.distributed.common import (
+    NO_REFERENCE,
+    Failed,
+    Outcome,
+    from_flax,
+    judge,
+    mlp_example,
+    to_flax,
+    tolerance_for,
+    worst,
+)
+from equivcheck.distributed.pair import custom_model, reference_function
 from equivcheck.distributed.pool import WorkerFailure, pool_for
 from equivcheck.distributed.reference import FSDP_MLP
+from equivcheck.distributed.results import BadResult
 from equivcheck.engine.compare import compare, format_args
 from equivcheck.engine.dtypes import np_dtype
 from equivcheck.engine.records import CheckRecord, RunSettings
@@ -40,6 +53,25 @@ def unavailable(pair: Any, device: str) -> str:
     if have < pair.world:
         return f"{pair.name} needs {pair.world} GPUs for NCCL ranks; torch sees {have}"
     return ""
+
+
+def unimportable(pair: Any) -> tuple[str, str] | None:
+    """(side, why) for a torch_job / jax_job whose module no process here can import (the workers share
+    this process's sys.path), else None. Only the module is looked up (importlib.util.find_spec, nothing
+    imported: a job module may import torch or JAX at its top, which the workers do, not the parent)."""
+    for side in ("torch", "jax"):
+        job = getattr(pair, f"{side}_job")
+        if not job:
+            continue
+        module = job.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a missing parent package raises rather than answering None
+            found = False
+        if not found:
+            return side, (f"the {side} job {job}: no module {module!r} can be imported here (the workers share "
+                          "this process's sys.path); nothing was run")
+    return None
 
 
 # ---- collectives ------------------------------------------------------------------------------
@@ -63,7 +95,16 @@ def _collective(pair: Any, pool: Any, xs: list[np.ndarray], root: int, seconds: 
     t = pool.torch(pair.torch_job or "collective", [{"op": pair.job, "x": x, "root": root} for x in xs], seconds)
     j = pool.jax(pair.jax_job or "collective", {"op": pair.job, "x": np.stack(xs), "root": root}, seconds,
                  world=pair.world)
-    return t, list(j)
+    # each rank's result checked against the shape of the float64 result and the dtype asked
+    want, dtype = [w.shape for w in ref.collective(pair.job, xs, root)], str(xs[0].dtype)
+    t = [results.array(f"the torch job {pair.torch_job or 'collective'} (rank {r})", "its result", got, want[r], dtype)
+         for r, got in enumerate(t)]
+    who = f"the jax job {pair.jax_job or 'collective'}"
+    if len(set(want)) == 1:  # one shape for every rank: the job answers a stacked (N, ...) array
+        j = results.array(who, "its result", j, (pair.world, *want[0]), dtype)
+    elif not isinstance(j, (list, tuple)) or len(j) != pair.world:
+        raise BadResult("jax", "structure", f"{who} returned {type(j).__name__}, expected {pair.world} per-rank arrays")
+    return t, [results.array(who, f"rank {r}'s result", got, want[r], dtype) for r, got in enumerate(j)]
 
 
 def _collective_example(pair: Any, pool: Any, example: Any, tol: Tolerance, seconds: float) -> Outcome:
@@ -84,12 +125,37 @@ def _mlp_rows(pair: Any, dtype: str, run: RunSettings) -> int:
 
 
 def _mlp_sides(pair: Any, pool: Any, params: Any, x: Any, y: Any, lr: float, steps: int, seconds: float) -> Any:
+    """Both sides' results, checked (equivcheck.distributed.results) and in torch's layout: (a list of
+    each rank's {"grads", "params"}, JAX's {"grads", "params"}). Raises BadResult or WorkerFailure."""
     kw = {"params": params, "x": x, "y": y, "lr": lr, "steps": steps, "accumulate": pair.accumulate}
     builtin = "fsdp" if pair.job == FSDP_MLP else "ddp"
+    shapes, dtype = {k: v.shape for k, v in params.items()}, str(x.dtype)
     t = pool.torch(pair.torch_job or builtin, [{**kw, "slips": pair.torch_slips}] * pair.world, seconds)
+    t = [results.mlp(f"the torch job {pair.torch_job or builtin} (rank {r})", got, shapes, dtype, steps, flax=False)
+         for r, got in enumerate(t)]
     j = pool.jax(pair.jax_job or builtin, {**kw, "params": to_flax(params), "slips": pair.jax_slips}, seconds,
                  world=pair.world)
-    return t, {"grads": from_flax(j["grads"]), "params": [from_flax(p) for p in j["params"]]}
+    return t, results.mlp(f"the jax job {pair.jax_job or builtin}", j, shapes, dtype, steps, flax=True)
+
+
+def _reference(pair: Any, params: Any, x: Any, y: Any, lr: float, steps: int) -> dict[str, Any] | None:
+    """The float64 {"grads", "params": [after each step]} that names the side that is off, in torch's layout:
+    the built-in MLP's for the built-in jobs, `pair.reference_job`'s for a custom one, None for a custom job
+    without one (the built-in MLP's numbers say nothing of another model: the sides are then compared
+    with each other only). Raises BadResult where the reference job returns something malformed."""
+    if not custom_model(pair):
+        return {"grads": ref.grads(params, x, y), "params": ref.sgd(params, x, y, lr, steps)}
+    if not pair.reference_job:
+        return None
+    wide = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    name = pair.reference_job if isinstance(pair.reference_job, str) else getattr(pair.reference_job, "__name__", "")
+    try:
+        got = reference_function(pair)(params=wide, x=np.asarray(x, np.float64), y=np.asarray(y, np.float64), lr=lr,
+                                       steps=steps)
+    except Exception as exc:  # noqa: BLE001 - the user's reference failing is a failed check naming it, not a crash
+        raise BadResult("reference", "error", f"the reference job {name} raised {type(exc).__name__}: {exc}") from None
+    return results.mlp(f"the reference job {name}", got, {k: v.shape for k, v in params.items()}, "float64", steps,
+                       flax=False)
 
 
 def _listed(x: Any) -> list[Any]:
@@ -115,17 +181,20 @@ def _mlp_example(pair: Any, check: str, pool: Any, example: Any, dtype: str, run
     params, x, y = mlp_example(pair, dtype, seed, rows)
     steps = pair.steps if check == "train" else 0
     t, j = _mlp_sides(pair, pool, params, x, y, lr, steps, seconds)
+    want = _reference(pair, params, x, y, lr, steps)
+    builtin = not custom_model(pair)  # the slips below read the built-in MLP's gradients: no other model's
     grad_tol = tolerance_for(pair, dtype, run, "grads")
     n = pair.world
     out = _ranks_agree(t, "grads" if check == "grads" else "params", grad_tol)
     if out is None and check == "grads":
-        slip = lambda side, got: ref.gradient_slip(side, got, params, x, y, n, grad_tol, pair.accumulate)
-        out = judge(t[0]["grads"], j["grads"], ref.grads(params, x, y), grad_tol,
+        slip = lambda side, got: ref.gradient_slip(side, got, params, x, y, n, grad_tol, pair.accumulate) \
+            if builtin else ""
+        out = judge(t[0]["grads"], j["grads"], want and want["grads"], grad_tol,
                     f"gradients over {n} replicas", slip)
     elif out is None:
-        want = ref.sgd(params, x, y, lr, steps)
+        trail = want["params"] if want else [None] * steps
         tol_at = lambda k: tolerance_for(pair, dtype, run, "train").scaled(k, f"after {k} steps")
-        found = ref.first_divergence(list(zip(t[0]["params"], j["params"], want)), tol_at)
+        found = ref.first_divergence(list(zip(t[0]["params"], j["params"], trail)), tol_at)
         if found is None:
             out = Outcome(True, max(compare(a, b, tol_at(k + 1)).ratio
                                     for k, (a, b) in enumerate(zip(t[0]["params"], j["params"]))))
@@ -134,11 +203,11 @@ def _mlp_example(pair: Any, check: str, pool: Any, example: Any, dtype: str, run
             first = {"torch": t[0], "jax": j}
 
             def slip(side: str, got: Any) -> str:  # read from the first step; later ones compound it
-                if k > 1:
+                if k > 1 or not builtin:
                     return ""
                 return ref.update_slip(side, first[side]["params"][0], params, first[side]["grads"], lr, params, x, y,
                                        n, tol_at(1), grad_tol, pair.accumulate)
-            out = judge(t[0]["params"][k - 1], j["params"][k - 1], want[k - 1], tol_at(k),
+            out = judge(t[0]["params"][k - 1], j["params"][k - 1], trail[k - 1], tol_at(k),
                         f"parameters after step {k} of {steps} (the first step that diverges; lr {lr:g})", slip)
     if out.ok and check == "train" and pair.job == FSDP_MLP:
         trip = _round_trip(t[0]["params"][-1])
@@ -199,16 +268,16 @@ def _example(pair: Any, check: str, pool: Any, example: Any, dtype: str, run: Ru
 
 
 def _search(pair: Any, check: str, pool: Any, dtype: str, run: RunSettings, tol: Tolerance, seconds: float,
-            expected: bool) -> tuple[list[Outcome], Outcome | None, WorkerFailure | None]:
+            expected: bool) -> tuple[list[Outcome], Outcome | None, WorkerFailure | BadResult | None]:
     seen: list[Outcome] = []
-    broken: list[WorkerFailure] = []
+    broken: list[WorkerFailure | BadResult] = []  # either ends the search: nothing to shrink in a malformed result
 
     def test(example: Any) -> None:
         if broken:  # the pool is gone: the remaining examples are no-ops, nothing to shrink
             return
         try:
             out = _example(pair, check, pool, example, dtype, run, tol, seconds)
-        except WorkerFailure as exc:
+        except (WorkerFailure, BadResult) as exc:
             broken.append(exc)
             return
         if not out.ok:
@@ -234,6 +303,11 @@ def run_distributed_pair(pair: Any, *, dtype: str, run: RunSettings,
     if why:
         return [record(c, "skipped", message=why) for c in pair.checks]
     seconds = pair.seconds if not run.timeout else min(pair.seconds, run.timeout)
+    missing = unimportable(pair)
+    if missing:  # found here, before a pool is started (or a running one torn down) for a job that cannot run
+        side, why = missing
+        return [record(c, "failed", kind="error", side=side, message=why, worst_ratio=float("inf"))
+                for c in pair.checks]
     records = []
     for check in pair.checks:
         if batchnorm.skip_reason(pair, check, run.device):
@@ -251,7 +325,7 @@ def run_distributed_pair(pair: Any, *, dtype: str, run: RunSettings,
             _warm(pair, check, pool, dtype, run, seconds)
             times["compile_seconds"] = time.perf_counter() - began - times["start_seconds"]
             seen, failed, broken = _search(pair, check, pool, dtype, run, tol, seconds, hit is not None)
-        except WorkerFailure as exc:
+        except (WorkerFailure, BadResult) as exc:
             seen, failed, broken = [], None, exc
         times["check_seconds"] = time.perf_counter() - began - times["start_seconds"] - times["compile_seconds"]
         grow = "; x n after n steps" if check == "train" else ""
@@ -264,7 +338,13 @@ def run_distributed_pair(pair: Any, *, dtype: str, run: RunSettings,
                              + f", compile {times['compile_seconds']:.2f} s, checks {times['check_seconds']:.2f} s")])
         if pair.torch_slips or pair.jax_slips:
             rec.notes.append(f"planted slips: torch {pair.torch_slips or '-'}, jax {pair.jax_slips or '-'}")
-        if broken is not None:
+        if pair.torch_job or pair.jax_job:
+            rec.notes.append(f"jobs: torch {pair.torch_job or 'built in'}, jax {pair.jax_job or 'built in'}"
+                             + (f"; {NO_REFERENCE}" if custom_model(pair) and not pair.reference_job else ""))
+        if isinstance(broken, BadResult):  # the job answered, wrongly: the pool is still whole
+            rec.outcome, rec.kind, rec.worst_ratio = "failed", broken.kind, float("inf")
+            rec.side, rec.message = (broken.side if broken.side != "reference" else None), broken.message
+        elif broken is not None:
             rec.outcome, rec.kind, rec.side = "failed", "error", broken.side
             rec.message, rec.worst_ratio = f"{broken.who}: {broken.cause}", float("inf")
             rec.notes.append("the pool was torn down; the next check starts a fresh one")

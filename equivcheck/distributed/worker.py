@@ -131,6 +131,25 @@ def _jax(args: argparse.Namespace, conn: Connection) -> None:
     _serve(conn, ctx, JOBS)
 
 
+def _orphan_watch(parent: int) -> None:
+    """End this worker when the process that started it is gone (pytest SIGKILLed, say): its pool's
+    close() never runs then, and a worker still starting would otherwise live on under PID 1 for minutes.
+    PR_SET_PDEATHSIG (Linux) ends it at once; it fires when the *thread* that started the worker exits, and
+    pools start on the plugin's background thread, so it is not used: a daemon thread polls getppid()
+    instead, which covers the race of a parent dead before this process looked too."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if parent and os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="equivcheck.distributed.worker")
     p.add_argument("side", choices=("torch", "jax"))
@@ -141,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefix", default="equivcheck")
     p.add_argument("--backend", default="gloo")
     p.add_argument("--pg-timeout", type=float, default=30.0)
+    p.add_argument("--parent", type=int, default=0, help="the starting process's pid (0: not watched)")
     args = p.parse_args(argv)
+    _orphan_watch(args.parent)
     conn = Connection(socket.socket(fileno=args.fd).detach())
     try:
         (_torch if args.side == "torch" else _jax)(args, conn)
