@@ -5,6 +5,7 @@ JAX parameter layouts (equivcheck.weights' linear rules) and the tolerance looku
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -119,4 +120,22 @@ def tolerance_for(pair: Any, dtype: str, run: RunSettings, check: str) -> Tolera
 
 
 
-__all__ = ["LAYERS", "NO_REFERENCE", "Failed", "Outcome", "from_flax", "judge", "mlp_example", "to_flax", "tolerance_for", "worst"]
+
+
+def custom_model(pair: Any) -> bool:
+    """Whether `pair` runs a model job of the user's own on either side (the built-in MLP's float64
+    reference then says nothing: equivcheck.distributed.runner uses `reference_job`, or none)."""
+    return pair.job in (ref.MLP, ref.FSDP_MLP) and bool(pair.torch_job or pair.jax_job)
+
+
+def reference_function(pair: Any) -> Any:
+    """`pair.reference_job` as a callable ("module:function" imported here, in the parent). Raises
+    ImportError / AttributeError where it does not resolve."""
+    if callable(pair.reference_job):
+        return pair.reference_job
+    module, _, attr = pair.reference_job.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+__all__ = ["LAYERS", "NO_REFERENCE", "Failed", "Outcome", "custom_model", "from_flax", "judge", "mlp_example",
+           "reference_function", "to_flax", "tolerance_for", "worst"]

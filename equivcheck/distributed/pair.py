@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from equivcheck.distributed.common import custom_model
 from equivcheck.distributed.reference import BN_MLP, COLLECTIVES, FSDP_MLP, MLP, MODELS, UNEVEN_MLP
 from equivcheck.engine.kind import check_name
 from equivcheck.engine.tolerance import Tolerance, require_reasons
@@ -172,21 +172,6 @@ class DistributedPair:
         from equivcheck.distributed.runner import run_distributed_pair
 
         return run_distributed_pair(self, dtype=dtype, run=run, known=known, nodeid=nodeid, replay=replay)
-
-
-def custom_model(pair: DistributedPair) -> bool:
-    """Whether `pair` runs a model job of the user's own on either side (the built-in MLP's float64
-    reference then says nothing: equivcheck.distributed.runner uses `reference_job`, or none)."""
-    return pair.job in (MLP, FSDP_MLP) and bool(pair.torch_job or pair.jax_job)
-
-
-def reference_function(pair: DistributedPair) -> Any:
-    """`pair.reference_job` as a callable ("module:function" imported here, in the parent). Raises
-    ImportError / AttributeError where it does not resolve."""
-    if callable(pair.reference_job):
-        return pair.reference_job
-    module, _, attr = pair.reference_job.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def collective_pair(op: str, world: int = 2, **fields: Any) -> DistributedPair:

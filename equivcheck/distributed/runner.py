@@ -23,14 +23,15 @@ from equivcheck.distributed.common import (
     NO_REFERENCE,
     Failed,
     Outcome,
+    custom_model,
     from_flax,
     judge,
     mlp_example,
+    reference_function,
     to_flax,
     tolerance_for,
     worst,
 )
-from equivcheck.distributed.pair import custom_model, reference_function
 from equivcheck.distributed.pool import WorkerFailure, pool_for
 from equivcheck.distributed.reference import FSDP_MLP
 from equivcheck.distributed.results import BadResult
