@@ -251,8 +251,10 @@ def _why_unchecked(entry: Entry, dtypes: Sequence[str], devices: Sequence[str], 
     """Why an entry that matched nothing run was not checked, or None if it should have been."""
     if not _selected(entry.pattern, dtypes, devices):
         return _LEFT_OUT[0]
-    if "::onnx" in entry.pattern and not any("::onnx::" in i for i in collected or ()):
-        return _LEFT_OUT[3]  # opt-in: a run without --equiv-onnx has no onnx check of a layer to match
+    if "::onnx" in entry.pattern and not any(fnmatch.fnmatchcase(i, entry.pattern.split("::")[0] + "::onnx::*")
+                                             for i in collected or ()):
+        # opt-in for layers (--equiv-onnx): this pair ran no onnx check to match, whatever models' onnx checks ran
+        return _LEFT_OUT[3]
     if collected is None:
         return None
     if any(map(entry.regex.match, collected)):
