@@ -183,3 +183,84 @@ def test_calls_ending_at_the_limit_leave_the_watchdog_working():
     time.sleep(deadline.grace(seconds) + 1)  # a guard left armed would be reported stuck by now
     assert not stuck, stuck
     assert sum(counts["torch"]) == sum(counts["jax"]) == 200
+
+
+def _loaded(monkeypatch: pytest.MonkeyPatch, load: float, cores: int = 2) -> None:
+    from equivcheck.backends import deadline
+
+    monkeypatch.setattr(deadline.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(deadline.os, "sched_getaffinity", lambda pid: set(range(cores)))
+
+
+@pytest.mark.parametrize("load, factor", [(0.5, 1.0), (2.0, 1.0), (8.0, 4.0), (100.0, 8.0)])
+def test_the_limit_stretches_by_the_load_per_core_and_no_further_than_its_cap(monkeypatch, load, factor):
+    from equivcheck.backends import deadline
+
+    _loaded(monkeypatch, load)
+    got, why = deadline.load_stretch()
+    assert got == factor == min(deadline.MAX_STRETCH, max(1.0, load / 2))
+    assert (why == "") == (factor == 1.0)
+    if why:
+        assert f"load average {load:.1f} on 2 cores" in why
+
+
+@pytest.mark.parametrize("on_main_thread", [True, False], ids=["signal", "raised-into-thread"])
+def test_a_slow_call_on_an_oversubscribed_machine_is_not_taken_for_a_hang(monkeypatch, on_main_thread):
+    """The kind behind a seed sweep whose every lstm/encoder check read 'did not return within
+    60 s' at load average 10 on 2 cores, and passed when replayed alone: the same call, 3x its
+    limit, fails on an idle machine and returns on one loaded 4x per core."""
+    from equivcheck.backends import deadline
+
+    def call(load: float) -> BaseException | None:
+        _loaded(monkeypatch, load)
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            with deadline.limit(0.2):
+                try:
+                    with deadline.side("torch"):
+                        end = time.perf_counter() + 0.6
+                        while time.perf_counter() < end:
+                            sum(range(10))
+                    outcome.append(None)
+                except deadline.SideTimeout as exc:
+                    outcome.append(exc)
+
+        if on_main_thread:
+            run()
+        else:
+            thread = threading.Thread(target=run)
+            thread.start()
+            thread.join(30)
+        return outcome[0]
+
+    assert call(load=8.0) is None
+    idle = call(load=0.1)
+    assert isinstance(idle, deadline.SideTimeout) and "extended" not in idle.describe()
+
+
+def test_a_hang_on_a_loaded_machine_still_fails_and_says_the_limit_was_extended(monkeypatch):
+    from equivcheck.backends import deadline
+
+    _loaded(monkeypatch, 4.0)
+    start = time.monotonic()
+    with deadline.limit(0.2), pytest.raises(deadline.SideTimeout) as caught, deadline.side("jax"):
+        time.sleep(30)
+    assert 0.35 < time.monotonic() - start < 10
+    text = caught.value.describe()
+    assert "did not return within 0.2 s" in text and "extended 2.0x" in text and "load average 4.0 on 2 cores" in text
+
+
+def test_waiting_on_the_compile_thread_stretches_the_same_way(monkeypatch):
+    from concurrent import futures
+
+    from equivcheck.backends import deadline
+
+    with futures.ThreadPoolExecutor(1) as pool:
+        _loaded(monkeypatch, 8.0)
+        with deadline.limit(0.2):
+            assert deadline.wait(pool.submit(lambda: time.sleep(0.5) or 7), "jax", None) == 7
+        _loaded(monkeypatch, 0.1)
+        with deadline.limit(0.2), pytest.raises(deadline.SideTimeout) as caught:
+            deadline.wait(pool.submit(time.sleep, 0.5), "jax", None)
+        assert caught.value.side == "jax"

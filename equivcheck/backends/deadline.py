@@ -12,6 +12,10 @@ How a stuck call is interrupted, from one watchdog thread:
 - elsewhere (or while another SIGALRM handler is installed, e.g. pytest-timeout's),
   `PyThreadState_SetAsyncExc` raises it at the thread's next bytecode: Python loops stop, a
   blocking C call does not.
+A machine running more threads than it has cores stretches every call's wall time: when the
+limit is reached while the load average per core exceeds 1, the limit is extended once by that
+factor (at most `MAX_STRETCH`), so an oversubscribed CI runner or a parallel sweep does not read
+as a hung side; the message states the extension.
 A call still stuck `grace(seconds)` later runs in C code that ignores both (a kernel that never
 returns): the limit's `on_stuck` callback gets the `SideTimeout` (the plugin writes the report and
 ends the run), else one line goes to stderr. A C call that holds the GIL starves the watchdog as
@@ -45,9 +49,10 @@ class SideTimeout(BaseException):
     whole limit) on its way to the fixture, which fails the check with `describe()`.
     Constructible without arguments: an exception raised into a thread is built that way."""
 
-    def __init__(self, side: str = "", seconds: float = 0.0, stack: str = "", stuck: bool = False) -> None:
+    def __init__(self, side: str = "", seconds: float = 0.0, stack: str = "", stuck: bool = False,
+                 stretch: str = "") -> None:
         super().__init__(side, seconds)
-        self.side, self.seconds, self.stack, self.stuck = side, seconds, stack, stuck
+        self.side, self.seconds, self.stack, self.stuck, self.stretch = side, seconds, stack, stuck, stretch
 
     def describe(self) -> str:
         who = f"the {self.side} side" if self.side in ("torch", "jax") else f"the {self.side}" if self.side else "a side"
@@ -56,10 +61,32 @@ class SideTimeout(BaseException):
         if self.stuck:
             text += (f", nor {grace(self.seconds):g} s later: it runs C code that ignores signals, "
                      "so the run ends here")
+        if self.stretch:
+            text += f"; the limit was {self.stretch}"
         return text + (f"; its stack at that moment (innermost last):\n{self.stack}" if self.stack else "")
 
     def __str__(self) -> str:
         return self.describe()
+
+
+MAX_STRETCH = 8.0  # a hang on a loaded machine still ends within 8x the limit
+
+
+def load_stretch() -> tuple[float, str]:
+    """(factor >= 1, why) by which a wall-clock limit is extended on this machine now: the 1-minute
+    load average per usable core when above 1 (a runnable thread then waits its turn that much
+    longer), capped at MAX_STRETCH; (1.0, "") where the load average is unavailable."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 1.0, ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    factor = min(MAX_STRETCH, load / max(cores, 1))
+    if factor <= 1.0:
+        return 1.0, ""
+    why = (f"extended {factor:.1f}x because the machine was oversubscribed (load average {load:.1f} "
+           f"on {cores} core{'s' if cores != 1 else ''})")
+    return factor, why
 
 
 def grace(seconds: float) -> float:
@@ -82,13 +109,14 @@ class _Guard:
     on_stuck: OnStuck | None
     due: float
     by_signal: bool
+    stretch: str | None = None  # None: the load has not been consulted yet; "": no extension
     fired: bool = False  # the watchdog interrupted the call
     delivered: bool = False  # the thread got SideTimeout
     closing: bool = False  # the call is over (its guard is exiting)
     stack: str = ""
 
     def exception(self, stuck: bool = False) -> SideTimeout:
-        return SideTimeout(self.side, self.seconds, self.stack, stuck)
+        return SideTimeout(self.side, self.seconds, self.stack, stuck, self.stretch or "")
 
 
 _local = threading.local()
@@ -168,9 +196,14 @@ def wait(fut: futures.Future[Any], name: str, thread: threading.Thread | None) -
     if lim is None or _inside_guard():
         return fut.result()
     done, _ = futures.wait([fut], timeout=lim.seconds)
+    stretch = ""
+    if not done:
+        factor, stretch = load_stretch()
+        if factor > 1.0:
+            done, _ = futures.wait([fut], timeout=lim.seconds * (factor - 1.0))
     if not done:
         frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident else None
-        raise SideTimeout(name, lim.seconds, stack_text(frame, None) if frame is not None else "")
+        raise SideTimeout(name, lim.seconds, stack_text(frame, None) if frame is not None else "", stretch=stretch)
     return fut.result()
 
 
@@ -301,6 +334,11 @@ class _Watchdog:
                     self._cond.wait(None if due is None else due - now)
                     self._until = None
                     continue
+                if not g.fired and g.stretch is None:
+                    factor, g.stretch = load_stretch()
+                    if factor > 1.0:
+                        g.due += g.seconds * (factor - 1.0)
+                        continue
                 if not g.fired:
                     frame = sys._current_frames().get(g.ident)
                     if not g.by_signal and frame is not None and frame.f_code.co_filename == __file__:
@@ -352,4 +390,4 @@ def end_process(code: int) -> None:
     os._exit(code)
 
 
-__all__ = ["SideTimeout", "end_process", "grace", "limit", "side", "stack_text", "wait"]
+__all__ = ["MAX_STRETCH", "SideTimeout", "end_process", "grace", "limit", "load_stretch", "side", "stack_text", "wait"]
