@@ -5,22 +5,15 @@ The pools for N = 2 and 4 are started once for the module (equivcheck.distribute
 closed at its end, when no worker may survive."""
 from __future__ import annotations
 
-import psutil
 import pytest
 
-from equivcheck.distributed import COLLECTIVES, close_all, collective_pair, ddp_pair, fsdp_pair
+from equivcheck.distributed import COLLECTIVES, collective_pair, ddp_pair, fsdp_pair
 from equivcheck.engine.records import RunSettings
 
 RUN = RunSettings(examples=8, seed=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pools_closed_at_the_end():
-    yield
-    close_all()
-    stray = [c for c in psutil.Process().children(recursive=True)
-             if "equivcheck.distributed.worker" in " ".join(c.cmdline()) and c.status() != psutil.STATUS_ZOMBIE]
-    assert not stray, f"worker processes survived close_all: {[c.pid for c in stray]}"
+pytestmark = pytest.mark.usefixtures("pools_closed_at_the_end")  # tests/conftest.py
 
 
 def _run(pair, dtype="float32"):

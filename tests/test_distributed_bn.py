@@ -6,10 +6,9 @@ each planted slip fails naming the side and the slip. Real process groups (gloo)
 from __future__ import annotations
 
 import numpy as np
-import psutil
 import pytest
 
-from equivcheck.distributed import WorkerFailure, bn_pair, close_all, ddp_pair, pool_for
+from equivcheck.distributed import WorkerFailure, bn_pair, ddp_pair, pool_for
 from equivcheck.distributed import batchnorm as bn
 from equivcheck.distributed import reference as ref
 from equivcheck.engine.records import RunSettings
@@ -18,13 +17,7 @@ from equivcheck.engine.tolerance import lookup
 RUN = RunSettings(examples=8, seed=7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pools_closed_at_the_end():
-    yield
-    close_all()
-    stray = [c for c in psutil.Process().children(recursive=True)
-             if "equivcheck.distributed.worker" in " ".join(c.cmdline()) and c.status() != psutil.STATUS_ZOMBIE]
-    assert not stray, f"worker processes survived close_all: {[c.pid for c in stray]}"
+pytestmark = pytest.mark.usefixtures("pools_closed_at_the_end")  # tests/conftest.py
 
 
 def _run(pair, dtype="float32"):

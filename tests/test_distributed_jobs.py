@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from equivcheck.distributed import close_all, collective_pair, ddp_pair
+from equivcheck.distributed import collective_pair, ddp_pair
 from equivcheck.distributed.common import NO_REFERENCE
 from equivcheck.engine.records import RunSettings
 
@@ -23,10 +23,7 @@ RUN = RunSettings(examples=4, seed=1)
 J = "tests.distributed_user_jobs:"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pools_closed_at_the_end():
-    yield
-    close_all()
+pytestmark = pytest.mark.usefixtures("pools_closed_at_the_end")  # tests/conftest.py
 
 
 def _one(pair, dtype="float32"):

@@ -12,7 +12,9 @@ import numpy as np
 import psutil
 import pytest
 
+from equivcheck.backends.deadline import MAX_STRETCH
 from equivcheck.distributed import DistributedPair, Pool, WorkerFailure, ddp_pair
+from equivcheck.distributed.pool import DRAIN_SECONDS
 from equivcheck.engine.kind import CheckKind
 from equivcheck.engine.records import RunSettings
 
@@ -92,6 +94,29 @@ def test_a_hung_rank_and_the_jax_worker(no_stray_children):
     assert err.value.side == "jax" and "planted failure in the JAX worker" in err.value.cause
     assert "the JAX worker process" in str(err.value)
     q.close()
+
+
+def test_a_job_that_raises_leaves_the_pool_serving_when_every_worker_answered(no_stray_children):
+    """A user's job that raises costs its check, not a pool restart (tens of seconds): the pool stays
+    when the other ranks answered and the group still meets. A rank that raises while a peer waits for
+    it (as inside a collective) still restarts the pool, within DRAIN_SECONDS of the raise."""
+    p = Pool(2)
+    pids = list(p.pids)
+    with pytest.raises(WorkerFailure) as err:
+        p.torch("probe", [{"rank": 1, "action": "raise"}] * 2)
+    assert err.value.rank == 1 and "planted failure on rank 1" in err.value.cause
+    assert not p.closed and _alive(pids) == pids
+    out = p.torch("collective", [{"op": "all_reduce_sum", "x": np.full(2, r + 1.0)} for r in range(2)])
+    assert [a.tolist() for a in out] == [[3.0, 3.0], [3.0, 3.0]]  # the answers are this request's, in order
+    with pytest.raises(WorkerFailure) as err:
+        p.jax("probe", {"action": "raise"})
+    assert err.value.side == "jax" and not p.closed
+    assert p.jax("collective", {"op": "all_reduce_sum", "x": np.ones((2, 2))}).tolist() == [[2.0, 2.0]] * 2
+    began = time.monotonic()
+    with pytest.raises(WorkerFailure, match="divides by zero"):
+        p.torch("tests.distributed_probes:raise_on_rank1", [{}] * 2)
+    assert p.closed and _alive(pids) == []
+    assert time.monotonic() - began < DRAIN_SECONDS * MAX_STRETCH + 10
 
 
 _SCRIPT = textwrap.dedent("""

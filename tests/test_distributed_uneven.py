@@ -5,11 +5,10 @@ Real process groups (gloo) through the session's pools, closed at the module's e
 from __future__ import annotations
 
 import numpy as np
-import psutil
 import pytest
 from hypothesis import find
 
-from equivcheck.distributed import close_all, pool_for, uneven_pair
+from equivcheck.distributed import pool_for, uneven_pair
 from equivcheck.distributed import reference as ref
 from equivcheck.distributed import uneven as un
 from equivcheck.engine.records import RunSettings
@@ -18,13 +17,7 @@ from equivcheck.engine.tolerance import lookup
 RUN = RunSettings(examples=8, seed=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pools_closed_at_the_end():
-    yield
-    close_all()
-    stray = [c for c in psutil.Process().children(recursive=True)
-             if "equivcheck.distributed.worker" in " ".join(c.cmdline()) and c.status() != psutil.STATUS_ZOMBIE]
-    assert not stray, f"worker processes survived close_all: {[c.pid for c in stray]}"
+pytestmark = pytest.mark.usefixtures("pools_closed_at_the_end")  # tests/conftest.py
 
 
 def _run(pair, dtype="float32"):
@@ -73,6 +66,7 @@ PLANTED = [
      "dropped the last 1 sample")),
     (4, {}, {"remainder": "drop"}, "jax", "the JAX side dropped the last"),
     (4, {}, {"remainder": "pad_last"}, "jax", "the JAX side padded with sample"),
+    (4, {}, {"remainder": "mask"}, "jax", "the JAX side masked the"),
     (4, {"drop_last": True}, {}, "torch", "torch's ranks dropped the last"),
 ]
 
@@ -102,3 +96,22 @@ def test_the_reference_epoch_is_full_batch_sgd_where_nothing_is_padded():
 def test_padding_repeats_from_the_start_when_the_dataset_is_smaller_than_the_world():
     assert un.rank_indices(1, 4) == [[0], [0], [0], [0]]
     assert np.concatenate(un.rank_indices(6, 4)).tolist() == [0, 4, 1, 5, 2, 0, 3, 1]
+
+
+def test_the_masked_reference_is_the_mean_over_the_real_samples_only():
+    """D = 5 over N = 2 pads with sample 0 (positions 0..5, position 5 the padding); one step of 3 rows per
+    rank: "mask" is the gradient over samples 0..4 once each, "pad" over 0..4 with sample 0 twice."""
+    from equivcheck.distributed import reference as ref
+    from equivcheck.distributed.uneven import epoch
+
+    rng = np.random.default_rng(0)
+    params = {"l1.weight": rng.normal(size=(4, 3)), "l1.bias": rng.normal(size=4),
+              "l2.weight": rng.normal(size=(2, 4)), "l2.bias": rng.normal(size=2)}
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+    masked = epoch(params, x, y, world=2, batch=3, lr=0.1, remainder="mask")["grads"]
+    padded = epoch(params, x, y, world=2, batch=3, lr=0.1, remainder="pad")["grads"]
+    for k, v in ref.grads(params, x, y).items():
+        np.testing.assert_allclose(masked[k], v, rtol=1e-12)
+    rows = [0, 2, 4, 1, 3, 0]
+    for k, v in ref.grads(params, x[rows], y[rows]).items():
+        np.testing.assert_allclose(padded[k], v, rtol=1e-12)

@@ -221,25 +221,43 @@ def epoch_order(size: int, world: int, remainder: str = "pad") -> list[np.ndarra
     return [idx[r::world] for r in range(world)]
 
 
+def _masked_loss(params: Any, x: Any, y: Any, real: Any) -> Any:
+    """The mean squared error over the rows where `real` is 1, the padded ones weighing 0; jit partitions it
+    over the batch's sharding (a port that masks padding with a weighted global mean)."""
+    import jax.numpy as jnp
+
+    per_row = jnp.mean((mlp(params, x) - y) ** 2, axis=-1)
+    return jnp.sum(per_row * real) / jnp.sum(real)
+
+
 def ddp_epoch(ctx: Any, params: Any, x: np.ndarray, y: np.ndarray, batch: int, lr: float = 0.1,
               slips: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JAX port of torch_jobs.ddp_epoch: the epoch's per-rank index lists from `epoch_order` (the
-    port pads as torch's sampler does; slips {"remainder": "drop" | "pad_last"} plant a port that drops
-    the remainder or pads otherwise), each step's rows laid out rank after rank and sharded over the mesh,
+    port pads as torch's sampler does; slips {"remainder": "drop" | "pad_last" | "mask"} plant a port that
+    drops the remainder, pads otherwise, or masks the padded rows out of the loss), each step's rows laid out rank after rank and sharded over the mesh,
     the gradient by the ddp job's shard_map + pmean. Returns {"grads": the last step's gradient tree,
     "params": the tree after the epoch, "steps"}."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    order = epoch_order(x.shape[0], ctx.world, (slips or {}).get("remainder", "pad"))
+    remainder = (slips or {}).get("remainder", "pad")
+    size = x.shape[0]
+    order = epoch_order(size, ctx.world, "pad" if remainder == "mask" else remainder)
+    slots = epoch_order(len(order[0]) * ctx.world, ctx.world, "drop")  # positions: past `size` is padding
     p, g, steps = jax.device_put(params, NamedSharding(ctx.mesh, P())), None, 0
+    data = NamedSharding(ctx.mesh, P(AXIS))
     for start in range(0, len(order[0]), batch):
         rows = np.concatenate([o[start:start + batch] for o in order])
-        key = ("epoch", ctx.world, rows.shape, x.shape[1:], y.shape[1:], x.dtype.str)
-        grad = ctx.cache.get(key) or ctx.cache.setdefault(key, jax.jit(_grad_fn(ctx, {}, 1)))
-        data = NamedSharding(ctx.mesh, P(AXIS))
-        g = grad(p, jax.device_put(x[rows], data), jax.device_put(y[rows], data))
+        xs, ys = jax.device_put(x[rows], data), jax.device_put(y[rows], data)
+        key = ("epoch", remainder == "mask", ctx.world, rows.shape, x.shape[1:], y.shape[1:], x.dtype.str)
+        if remainder == "mask":
+            real = np.concatenate([q[start:start + batch] for q in slots]) < size
+            grad = ctx.cache.get(key) or ctx.cache.setdefault(key, jax.jit(jax.grad(_masked_loss)))
+            g = grad(p, xs, ys, jax.device_put(real.astype(x.dtype), data))
+        else:
+            grad = ctx.cache.get(key) or ctx.cache.setdefault(key, jax.jit(_grad_fn(ctx, {}, 1)))
+            g = grad(p, xs, ys)
         p = jax.tree.map(lambda w, d: w - np.asarray(lr, x.dtype) * d, p, g)
         steps += 1
     return {"grads": jax.tree.map(np.asarray, g), "params": jax.tree.map(np.asarray, p), "steps": steps}

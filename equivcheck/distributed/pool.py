@@ -10,7 +10,9 @@ session end, and atexit).
 Every request has a deadline. A worker that dies, raises or does not answer in time raises
 `WorkerFailure` naming the side, the rank and the cause (the worker's traceback, its exit status and
 the tail of its stderr, or "rank 1 did not answer within 30 s"); the pool is then torn down (its
-process group killed and every child reaped) and `pool_for` starts a fresh one next time.
+process group killed and every child reaped) and `pool_for` starts a fresh one next time. A job that
+raised leaves the pool serving when every other worker answered within DRAIN_SECONDS and the torch
+ranks then meet in a barrier: a user's job that raises costs its check, not a restart of the pool.
 
 Rendezvous: the parent opens a `torch.distributed.TCPStore` on 127.0.0.1 port 0 (the OS picks a free
 port) and passes the port to the ranks; gloo's own connections bind port 0 too, so pools started at
@@ -32,8 +34,11 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from equivcheck.backends.deadline import load_stretch
+
 START_SECONDS = 120.0  # importing torch in 4 processes on 2 loaded cores takes tens of seconds
 REQUEST_SECONDS = 30.0
+DRAIN_SECONDS = 3.0  # after a rank raised, how long its peers get to answer before the pool is restarted
 _TAIL = 2000  # characters of a dead worker's stderr in the message
 
 
@@ -43,6 +48,7 @@ class WorkerFailure(RuntimeError):
 
     def __init__(self, side: str, rank: int | None, cause: str, ranks: tuple[int, ...] = ()) -> None:
         self.side, self.rank, self.cause = side, rank, cause
+        self.intact = False  # the job raised and every other worker answered: the pool may serve on
         self.ranks = ranks or ((rank,) if rank is not None else ())  # several: none of them is singled out
         super().__init__(f"{self.who}: {cause}")
 
@@ -92,7 +98,8 @@ class Pool:
     `torch(job, per_rank, seconds)`: runs `job` on ranks 0..n-1 (n = len(per_rank) <= N, in a process
     group of those n ranks), rank r with keyword arguments `per_rank[r]`; returns the n results in rank
     order. `jax(job, kwargs, seconds, world=n)`: runs `job` in the JAX process on a mesh of its first
-    n devices (default N). Both raise WorkerFailure (and close the pool) when a worker fails; after
+    n devices (default N). Both raise WorkerFailure when a worker fails, and close the pool unless the
+    job only raised and the pool passed its health check (`_healthy`); after
     `close()` every request raises RuntimeError. `timings` holds the start-up seconds.
     """
 
@@ -154,23 +161,52 @@ class Pool:
                 for w, r in zip(workers, requests):
                     w.conn.send(r)
                 return self._gather(workers, "ok", seconds, job)
-            except BaseException:  # a failure, a deadline, SIGALRM's SideTimeout, Ctrl-C: no half-used pool
+            except WorkerFailure as exc:
+                if not (exc.intact and self._healthy(workers)):
+                    self.close()
+                raise
+            except BaseException:  # a deadline, SIGALRM's SideTimeout, Ctrl-C: no half-used pool
                 self.close()
                 raise
+
+    def _healthy(self, workers: list[_Worker]) -> bool:
+        """After a job raised with every worker answering: whether the pool can serve the next check
+        without a restart (tens of seconds). The JAX process is alone, so its answering is enough; the
+        torch ranks must all meet in a barrier within DRAIN_SECONDS, which a rank still inside a
+        collective, or collectives left unmatched between ranks, prevents."""
+        if all(w.side == "jax" for w in workers):
+            return True
+        ranks = [w for w in self.workers if w.side == "torch"]
+        try:
+            for w in ranks:
+                w.conn.send({"job": "barrier", "kwargs": {}, "world": self.world})
+            return self._gather(ranks, "ok", DRAIN_SECONDS, "barrier") == list(range(len(ranks)))
+        except WorkerFailure:
+            return False
+        except BaseException:
+            self.close()
+            raise
 
     def _gather(self, workers: list[_Worker], tag: str, seconds: float, job: str) -> list[Any]:
         """One answer from each worker within `seconds`; the first failure raises at once (a rank
         that raised leaves its peers waiting in a collective: waiting for them says nothing)."""
         end = time.monotonic() + seconds
+        stretch: str | None = None  # consulted once, when the deadline is first reached
         results: dict[int, Any] = {}
         by_conn = {id(w.conn): i for i, w in enumerate(workers)}
         while len(results) < len(workers):
             left = end - time.monotonic()
             pending = [w.conn for i, w in enumerate(workers) if i not in results]
             ready = wait(pending, timeout=max(left, 0.0)) if left > 0 else []
+            if not ready and stretch is None:
+                factor, stretch = load_stretch()  # an oversubscribed machine is slow, not hung
+                if factor > 1.0:
+                    end += seconds * (factor - 1.0)
+                    continue
             if not ready:
                 late = [workers[i] for i in range(len(workers)) if i not in results]
                 words = f"{' and '.join(w.label() for w in late)} did not answer within {seconds:g} s ({job})"
+                words += f" (the deadline {stretch})" if stretch else ""
                 if len(late) == 1:
                     raise late[0].failure(words)
                 # Several silent: one may hang while the others wait for it inside a collective, and which is
@@ -187,11 +223,31 @@ class Pool:
                 except (EOFError, OSError):
                     raise workers[i].died() from None
                 if status == "error":
-                    raise workers[i].failure(f"raised in {job}:\n{value.rstrip()}")
+                    failure = workers[i].failure(f"raised in {job}:\n{value.rstrip()}")
+                    failure.intact = self._drain([w for k, w in enumerate(workers) if k not in results and k != i])
+                    raise failure
                 if status != tag:
                     raise workers[i].failure(f"answered {status!r} where {tag!r} was due")
                 results[i] = value
         return [results[i] for i in range(len(workers))]
+
+    @staticmethod
+    def _drain(workers: list[_Worker]) -> bool:
+        """Read and drop one answer from each of `workers` (the peers of a rank that raised); whether
+        all answered within DRAIN_SECONDS. A peer waiting in a collective for the raised rank never does."""
+        end = time.monotonic() + DRAIN_SECONDS
+        pending = [w.conn for w in workers]
+        while pending:
+            ready = wait(pending, timeout=max(end - time.monotonic(), 0.0))
+            if not ready:
+                return False
+            for conn in ready:
+                try:
+                    conn.recv()
+                except (EOFError, OSError):
+                    return False
+                pending.remove(conn)
+        return True
 
     def close(self) -> None:
         """Kill the pool's process group and reap every worker. Idempotent."""

@@ -270,4 +270,13 @@ def ddp_bn(ctx: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
             "running_mean": _numpy(norm.running_mean), "running_var": _numpy(norm.running_var)}
 
 
-JOBS = {"collective": collective, "ddp": ddp, "ddp_bn": ddp_bn, "ddp_epoch": ddp_epoch, "fsdp": fsdp, "probe": probe}
+def barrier(ctx: Any) -> int:
+    """Every rank of the default group meets once: the pool's health check after a job raised (a rank
+    left inside a collective, or collectives left unmatched, makes it hang or raise)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    return ctx.rank
+
+
+JOBS = {"barrier": barrier, "collective": collective, "ddp": ddp, "ddp_bn": ddp_bn, "ddp_epoch": ddp_epoch, "fsdp": fsdp, "probe": probe}

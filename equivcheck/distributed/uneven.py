@@ -10,7 +10,8 @@ What each side does:
          sharded over the mesh; the gradient is the ddp job's shard_map + pmean.
 The float64 reference restates the sampler's padding (not the port's code) and trains on each step's
 padded global batch. A side whose numbers fit another policy is named: the last D % N samples dropped
-(drop_last=True, or a port that drops the remainder), or padding by the last sample repeated.
+(drop_last=True, or a port that drops the remainder), padding by the last sample repeated, or the padded
+duplicates masked out of the loss (each step's mean over its real samples only: "mask").
 
 Arrays: params torch layout (reference.py), x (D, d), y (D, o); batch: rows per rank and step.
 """
@@ -27,6 +28,7 @@ from equivcheck.engine.compare import format_args
 from equivcheck.engine.records import RunSettings
 
 POLICIES = ("pad", "drop", "pad_last")
+SLIPS = ("drop", "pad_last", "mask")  # what a side off the padded reference is tried against
 LRS = (0.05, 0.1, 0.5)
 
 
@@ -49,13 +51,19 @@ def rank_indices(size: int, world: int, remainder: str = "pad") -> list[list[int
 def epoch(params: ref.Tree, x: np.ndarray, y: np.ndarray, world: int, batch: int, lr: float,
           remainder: str = "pad") -> dict[str, Any]:
     """One epoch of full-batch SGD in float64 on each step's global batch: {"grads": the last step's
-    gradient, "params": after the epoch, "steps": the step count}."""
-    order = rank_indices(x.shape[0], world, remainder)
+    gradient, "params": after the epoch, "steps": the step count}. `remainder` is a policy of
+    rank_indices, or "mask": padded as "pad", the padded rows left out of each step's loss."""
+    size = x.shape[0]
+    order = rank_indices(size, world, "pad" if remainder == "mask" else remainder)
+    # the padded list's positions, dealt as the indices are: a position past the dataset's end is padding
+    slots = rank_indices(len(order[0]) * world, world, "drop")
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     g: ref.Tree = {}
     steps = 0
     for start in range(0, len(order[0]), batch):
         rows = np.concatenate([o[start:start + batch] for o in order]).astype(int)
+        if remainder == "mask":
+            rows = rows[np.concatenate([q[start:start + batch] for q in slots]) < size]
         g = ref.grads(p, x[rows], y[rows])
         p = {k: p[k] - lr * g[k] for k in p}
         steps += 1
@@ -71,15 +79,18 @@ def remainder_slip(side: str, key: str, got: ref.Tree, params: ref.Tree, x: np.n
     """What `side`'s `key` ("grads" or "params") fits when it is off the padded reference, in words."""
     size = x.shape[0]
     k, r = -size % world, size % world
-    for policy in ("drop", "pad_last"):
+    for policy in SLIPS:
         if ref.close(got, epoch(params, x, y, world, batch, lr, policy)[key], tol):
-            did = f"dropped the last {r} sample{'s' * (r > 1)}" if policy == "drop" else \
-                f"padded with sample {size - 1} (the last) repeated {k} times"
+            did = {"drop": f"dropped the last {r} sample{'s' * (r > 1)}",
+                   "pad_last": f"padded with sample {size - 1} (the last) repeated {k} times",
+                   "mask": f"masked the {k} padded sample{'s' * (k > 1)} out of the loss (each step's mean over "
+                           "its real samples only)"}[policy]
             if side == "torch":
                 return (f"the reference pads as DistributedSampler(drop_last=False) does ({_repeated(k)}); torch's "
                         f"ranks {did}" + (" (drop_last=True)" if policy == "drop" else ""))
             return f"torch's ranks see a padded batch ({_repeated(k)}); the JAX side {did}"
-    return f"{side}'s {key} fit no remainder policy known (pad with samples 0..k-1, drop, pad with the last)"
+    return (f"{side}'s {key} fit no remainder policy known (pad with samples 0..k-1, drop, pad with the last, "
+            "mask the padding out of the loss)")
 
 
 def dataset(pair: Any, dtype: str, seed: int, size: int) -> tuple[ref.Tree, np.ndarray, np.ndarray]:
