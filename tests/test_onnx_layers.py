@@ -69,6 +69,44 @@ def test_a_correct_export_has_three_columns_per_layer():
             assert r[column]["ok"] and r[column]["ratio"] < 1, (r["layer"], column, r[column])
 
 
+@pytest.mark.parametrize("make", ["lstm_pair", "gru_pair"])
+def test_an_rnn_layer_gets_its_onnx_value_through_its_final_state(make):
+    """ONNX's LSTM/GRU node returns the sequence in (seq, directions, batch, hidden) and the final state
+    Y_h in torch's own h_n layout; the models read only the state, so that is what the graph keeps. The
+    row compares torch's h_n with it (it had no ONNX value at all), and says which output it compared."""
+    from equivcheck.models import zoo
+
+    rec = run_onnx(getattr(zoo, make)(f"onnx_{make}_rows"))
+    assert rec.outcome == "passed", rec.message
+    rows = {r["layer"]: r for r in rec.extra["layers"]}
+    rnn = rows["lstm" if make == "lstm_pair" else "gru"]
+    assert rnn["torch-onnx"]["ok"] and rnn["torch-onnx"]["ratio"] < 1, rnn
+    assert "the graph holds the module's output 2 of" in rnn["note"], rnn["note"]
+    assert rnn["onnx-jax"]["ok"] is None  # the port's tap holds the sequence, not h_n
+    assert rnn["torch-jax"]["ok"], rnn
+
+
+def _lstm_weights_changed_in_the_file(model, args, directory, name):
+    exported = export_model(model, args, directory, name)
+    proto = onnx.load(exported.path)
+    # the exporter folds the weights into ONNX's layout (directions, 4 x hidden, hidden) under names of its own
+    (lstm,) = [n for n in proto.graph.node if n.op_type == "LSTM"]
+    changed = [i for i in proto.graph.initializer if i.name == lstm.input[2]]  # R, the recurrence weights
+    assert changed, [i.name for i in proto.graph.initializer]
+    for init in changed:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(0.25), init.name))
+    onnx.save(proto, exported.path)
+    return exported
+
+
+def test_an_rnn_weight_changed_in_the_onnx_file_only_is_named_at_the_rnn():
+    from equivcheck.models.zoo import lstm_pair
+
+    rec = run_onnx(lstm_pair("onnx_lstm_file", onnx_export=_lstm_weights_changed_in_the_file))
+    assert rec.outcome == "failed" and rec.side == "onnx", (rec.side, rec.message)
+    assert rec.extra["onnx_first_layer"] == "lstm", rec.extra["layers"]
+
+
 def test_module_names_come_from_the_exporters_name_scopes(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Sequential(torch.nn.Linear(8, 3)))
     exported = export_model(model.eval(), (torch.zeros(3, 4),), str(tmp_path), "nested")

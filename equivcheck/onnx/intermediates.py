@@ -97,10 +97,13 @@ def layer_rows(model: Any, graph_session: Any, feed: Mapping[str, np.ndarray], v
     model: the torch nn.Module (eval mode), run on `torch_args` (tensors) with forward hooks;
     graph_session: an onnxruntime InferenceSession of with_outputs' copy, fed `feed` (name -> array);
     taps: the port's tap name -> value on the same inputs ({} without a port or taps), looked up by
-    `layer_names.get(module, module)`. Of a module's node outputs, the first of the torch output's
-    shape is taken; a module whose output the graph does not hold in torch's layout gets torch vs jax
-    only, with a note (the zoo's LSTM and GRU: the graph keeps ONNX's (seq, directions, batch, hidden)
-    sequence and the final state, as the model reads only the state)."""
+    `layer_names.get(module, module)`. Of a module's node outputs, the first of the shape of the torch
+    output's first tensor is taken; failing that, of another tensor of the output (an RNN module's final
+    state h_n, which ONNX's LSTM/GRU node returns as Y_h in torch's (layers x directions, batch, hidden)
+    layout where the sequence Y is (seq, directions, batch, hidden)): that row compares torch with
+    ONNX on that tensor, says which in its note, and leaves onnx-jax empty unless the port's tap holds
+    the same output. A module with no graph value of any of its output shapes gets torch vs jax only."""
+    import jax
     import torch
 
     from equivcheck.backends.torch import to_numpy
@@ -124,12 +127,18 @@ def layer_rows(model: Any, graph_session: Any, feed: Mapping[str, np.ndarray], v
         if t is None or any(r["layer"] == name for r in rows):
             continue  # a module called twice: its first call is the one its scope's last node need not be
         t = to_numpy(t)
-        o = next((got[n] for n in values[name] if n in got and np.shape(got[n]) == t.shape), None)
+        tensors = [to_numpy(x) for x in jax.tree_util.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        k, o = next(((k, got[n]) for k, x in enumerate(tensors) for n in values[name]
+                     if n in got and np.shape(got[n]) == x.shape), (0, None))
         key = layer_names.get(name, name)
         j = np.asarray(first_array(taps[key])) if key in taps else None
-        row = {"layer": name, "module": type(module).__name__, "torch-onnx": _cell(t, o, tol),
-               "torch-jax": _cell(t, j, tol), "onnx-jax": _cell(o, j, tol), "first": False,
-               "note": "" if o is not None else "no graph value of the module's output shape"}
+        note = "" if o is not None else "no graph value of the module's output shapes"
+        if k:
+            note = (f"the graph holds the module's output {k + 1} of {len(tensors)} (shape {list(tensors[k].shape)}), "
+                    "not its first: torch-onnx compares that one")
+        row = {"layer": name, "module": type(module).__name__, "torch-onnx": _cell(tensors[k], o, tol),
+               "torch-jax": _cell(t, j, tol), "onnx-jax": _cell(o if k == 0 else None, j, tol), "first": False,
+               "note": note}
         row.update(max_abs=row["torch-onnx"]["max_abs"], ratio=row["torch-onnx"]["ratio"], ok=row["torch-onnx"]["ok"])
         rows.append(row)
     return rows
