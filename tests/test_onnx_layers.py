@@ -3,6 +3,7 @@ taps, the first layer where ONNX leaves torch named), and the layer pairs' own `
 function vs ONNX Runtime vs JAX, a layer that does not export skipped as not exportable). CPU only."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from equivcheck import Floats, Inputs, Pair, Same
+from equivcheck import Floats, Inputs, Pair, Same, Static
 from equivcheck.engine.records import RunSettings
 from equivcheck.models.zoo import mlp_pair
 from equivcheck.onnx import export_model
@@ -158,6 +159,38 @@ def test_a_layer_whose_graph_computes_otherwise_is_blamed_on_onnx():
     (rec,) = pair.run_checks(dtype="float32", run=RUN)
     assert rec.outcome == "failed" and rec.side == "onnx", (rec.outcome, rec.side, rec.message)
     assert "onnx disagrees with both others" in rec.diagnosis
+
+
+def _wrong_graph_for_stride_2(x, s):
+    flip = -1.0 if torch.compiler.is_exporting() and s == 2 else 1.0
+    return x * (s * flip)
+
+
+def _unexportable_for_stride_2(x, s):
+    if torch.compiler.is_exporting() and s == 2:
+        raise NotImplementedError("planted: no graph for s=2")
+    return x * s
+
+
+def test_every_static_value_drawn_gets_its_own_graph():
+    """A static hyperparameter (a stride, a padding mode) makes another graph: a graph wrong only for the
+    second value is caught (the export once pinned every Static to its first value); a value that does not
+    export is noted and the others are still checked."""
+    static = Inputs(Same(n=1, min_dims=1, max_dims=2, min_side=2), (Floats(1, 2), Static((1, 2))))
+    run = dataclasses.replace(RUN, examples=10)
+    pair = Pair("onnx_layer_static_wrong", _wrong_graph_for_stride_2, lambda x, s: x * s, static, checks=("onnx",),
+                arg_names=("x", "s"))
+    (rec,) = pair.run_checks(dtype="float32", run=run)
+    assert rec.outcome == "failed" and rec.side == "onnx", (rec.outcome, rec.side, rec.message)
+    assert rec.inputs.endswith("arg1: 2"), rec.inputs  # the graph of s=2, the second value
+    assert sorted(d["s"] for d in rec.extra["statics"]) == ["1", "2"]
+    pair = Pair("onnx_layer_static_refused", _unexportable_for_stride_2, lambda x, s: x * s, static,
+                checks=("onnx",), arg_names=("x", "s"))
+    (rec,) = pair.run_checks(dtype="float32", run=run)
+    assert rec.outcome == "passed", rec.message
+    assert rec.extra["statics"] == [{"s": "1"}]
+    assert list(rec.extra["statics_refused"]) == ["s=2"]
+    assert any(n.startswith("not exportable with s=2:") and "planted: no graph for s=2" in n for n in rec.notes)
 
 
 LAYER_SUITE = """

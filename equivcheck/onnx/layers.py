@@ -3,9 +3,10 @@
 A layer pair's torch side is a function of arrays (the input, the weights in torch layout, indices,
 masks) and static hyperparameters, so the exported graph takes all its arrays as graph inputs: the
 weights are fed like the input, the same drawn values every side gets. One export per layer and
-dtype (cached for the process with its InferenceSession): at one shape of the forward check's
-palette (the largest: the first is the all-ones minimum) and the first value of each `Static`
-argument, every dimension pinned; the examples then draw values at that shape, through the engine's
+dtype and combination of `Static` arguments drawn (cached for the process with its InferenceSession),
+at one shape of the forward check's palette (the largest: the first is the all-ones minimum), every
+dimension pinned; the examples draw the static values as the forward check does (a stride, a padding
+mode: each a graph of its own) and array values at that shape, through the engine's
 `evaluate` (torch and JAX forward as the forward check runs them), and three_way compares the three
 under the table's forward tolerance. The float64 arbiter is the pair's NumPy `reference` where it
 has one, else torch on float64 inputs. This check judges the ONNX side: an example where the
@@ -20,7 +21,6 @@ exporter's message. float32 only, as the model check.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
 from typing import Any
 
@@ -41,12 +41,8 @@ __all__ = ["run_layer_onnx", "vote"]
 _CACHE: dict[tuple[Any, ...], tuple[Exported, Graph, Any, dict[int, Any]] | Exception] = {}
 
 
-def _pinned_inputs(pair: Any) -> Any:
-    """The pair's Inputs with every Static argument pinned to its first value: one graph per layer."""
-    from equivcheck.ops.strategies import Static
-
-    return dataclasses.replace(pair.inputs, args=tuple(Static(s.values[:1]) if isinstance(s, Static) else s
-                                                       for s in pair.inputs.args))
+def _statics_text(named: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in named.items()) or "no static arguments"
 
 
 def _module(pair: Any, statics: dict[int, Any], n: int) -> Any:
@@ -132,12 +128,13 @@ def run_layer_onnx(pair: Any, dtype: str, run: RunSettings, tol: Tolerance, pale
     skipped (extra missing, float64, no provider, kind "not-exportable" with the exporter's message),
     failed (kind "error" naming the side that raised or the file that does not load, "values" when
     the three disagree: `side` is the one off, or several "+"-joined), passed. rec.extra: exporter,
-    opset, the exported shapes, the pinned static values, and per pair of sides the worst ratio and
+    opset, the exported shapes, the static values of every graph made (and those refused), and per pair of sides the worst ratio and
     largest absolute difference.
     """
     from hypothesis import strategies as st
 
     from equivcheck.ops.autodiff import CHECKS, evaluate
+    from equivcheck.ops.strategies import Static
 
     start = time.perf_counter()
     rec = CheckRecord(pair.name, "onnx", dtype, run.device, run.precision, "passed", tags=sorted(pair.tags),
@@ -153,7 +150,7 @@ def run_layer_onnx(pair: Any, dtype: str, run: RunSettings, tol: Tolerance, pale
     reason = available() or (FLOAT64_SKIP if dtype != "float32" else "")
     if reason:
         return done("skipped", reason)
-    inputs = _pinned_inputs(pair)
+    inputs = pair.inputs
     shapes = (palette or [inputs.shapes.minimal()])[-1]
     strategy = st.tuples(inputs.strategy(dtype, [shapes]), st.integers(0, 2**31 - 1))
     # the forward check's own checks: its compiled JAX program (keyed by the checks) is reused
@@ -162,20 +159,25 @@ def run_layer_onnx(pair: Any, dtype: str, run: RunSettings, tol: Tolerance, pale
     elsewhere: collections.Counter[str] = collections.Counter()  # side named off without onnx -> examples
     # those examples' outcomes: not this check's verdict, but its torch-jax figures (pairs) cover them
     judged: list[ThreeWay] = []
-    refused: list[Exception] = []
+    refused: dict[str, Exception] = {}  # static values (as recorded) -> why their graph could not be made
+    exports: list[dict[str, str]] = []  # the static values of every graph made, in the order first drawn
 
     def test(example: tuple[tuple[Any, ...], int]) -> None:
         args, vec_seed = example
+        named = {pair.arg_names[k] if pair.arg_names else str(k): repr(a)
+                 for k, (spec_k, a) in enumerate(zip(pair.inputs.args, args)) if isinstance(spec_k, Static)}
         try:
             exported, graph, spec, statics = _prepare(pair, args, dtype, run.device)
         except LoadError as exc:
             raise Failed(str(exc), "error", "onnx", "", args, None) from exc
         except (ExportError, DeviceUnavailable) as exc:
-            # no failure to shrink: the export is per shape, which every example shares (cached)
-            refused[:] = [exc]
+            # no failure to shrink: the export is per shape and static values, which examples share (cached)
+            refused[_statics_text(named)] = exc
             return
+        if named not in exports:
+            exports.append(named)
         rec.extra.update(exporter=exported.exporter, opset=exported.opset, onnx=exported.describe(),
-                         statics={pair.arg_names[k] if pair.arg_names else str(k): repr(v) for k, v in statics.items()})
+                         statics=exports)
         ev = evaluate(pair, args, vec_seed, dtype=dtype, device=run.device, checks=checks)
         for side in (ev.torch, ev.jax):
             if side.errors.get("forward"):
@@ -201,9 +203,13 @@ def run_layer_onnx(pair: Any, dtype: str, run: RunSettings, tol: Tolerance, pale
 
     failed = Search(run, Failed)(test, strategy, digest=f"{pair.name}:onnx:{dtype}",
                                   seed=run.item_seed(pair.name, "onnx", dtype, run.device))
+    if refused and not (seen or judged or failed):
+        first = next(iter(refused.values()))
+        kind = "not-exportable" if isinstance(first, ExportError) else ""
+        return done("skipped", f"not exportable: {first}" if kind else str(first), kind)
+    rec.notes += [f"not exportable with {values}: {exc}" for values, exc in refused.items()]
     if refused:
-        kind = "not-exportable" if isinstance(refused[0], ExportError) else ""
-        return done("skipped", f"not exportable: {refused[0]}" if kind else str(refused[0]), kind)
+        rec.extra["statics_refused"] = {values: str(exc) for values, exc in refused.items()}
     rec.examples = len(seen) + sum(elsewhere.values()) + bool(failed)
     rec.extra["torch_jax_only"] = dict(elsewhere)
     rec.notes += [f"{n} examples where torch and jax disagree, {side} off against the float64 reference and ONNX "
