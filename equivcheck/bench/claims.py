@@ -234,7 +234,8 @@ def render(records: list[dict[str, Any]]) -> str:
         sides = ("torch", "torch.compile") if compiled_in(groups) else ("torch",)
         for rows in zip(*(claim_rows(groups, torch) for torch in sides)):
             for torch, (claim, verdict, pro, con) in zip(sides, rows):
-                lines.append(f"* {claim} [evidence: {EVIDENCE[torch]} vs JAX]: {verdict}")
+                lines += textwrap.wrap(f"* {claim} [evidence: {EVIDENCE[torch]} vs JAX]: {verdict}", WIDTH,
+                                       subsequent_indent="    ")
                 lines += textwrap.wrap(pro, WIDTH, initial_indent="    for:     ", subsequent_indent=" " * 13)
                 lines += textwrap.wrap(con, WIDTH, initial_indent="    against: ", subsequent_indent=" " * 13)
         swept = growth(groups)
@@ -283,7 +284,7 @@ def _table(groups: dict[str, dict[str, Any]]) -> list[str]:
         else:
             lines.append(f"{label:<{w}} {figures}")
 
-    for g in sorted(groups):
+    for g in sorted(groups, key=_order):
         r = ratios(groups[g])
         if r is None:
             lines.append(f"{g:<{w}} (only {', '.join(sorted(groups[g]))} timed)")
@@ -293,6 +294,13 @@ def _table(groups: dict[str, dict[str, Any]]) -> list[str]:
         if c is not None:
             row("  torch.compile", c, c["torch"], "", c["torch_compile"])
     return lines
+
+
+def _order(group: str) -> tuple[str, str, int]:
+    """A group's place in the table: by pair, then check, the sweep's sizes ascending (x1, x4, x16)."""
+    pair, check, *_ = group.split("::")
+    base, _, factor = pair.partition("@x")
+    return base, check, int(factor) if factor.isdigit() else 1
 
 
 def _ms(seconds: float) -> str:
