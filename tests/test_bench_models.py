@@ -59,6 +59,7 @@ def test_a_model_check_gets_torch_and_jax_benchmarks_of_forward_grad_and_train(p
         assert "inputs on the device before timing; the same arrays on both sides" in torch_info["rules"]
     assert any("updated in place" in r for r in by[("mlp::train::float32::cpu", "torch")]["rules"])
     assert any("donated" in r for r in by[("mlp::train::float32::cpu", "jax")]["rules"])
+    assert any(r.startswith("dropout in the train step") for r in by[("mlp::train::float32::cpu", "torch")]["rules"])
     assert by[("mlp@x16::grad::float32::cpu", "jax")]["shapes"][0] == [[256, 10], "float32"]
     assert ("mlp@x4::train::float32::cpu", "jax") not in by  # the sweep times forward and grad only
 

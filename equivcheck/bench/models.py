@@ -33,6 +33,8 @@ MODEL_CHECKS = ("forward", "grad", "train")  # the ModelPair checks timed (modes
 SWEPT = ("forward", "grad")  # the checks a model's batch sweep (x4, x16) times again
 WORK = {"forward": "model forward (eval mode)", "grad": "model forward + backward to parameter gradients",
         "train": "one optimizer step on the model (train mode)"}
+DROPOUT = ("dropout in the train step: torch's nn.Dropout draws its masks natively, the port applies fixed masks "
+           "of the same shapes (both multiply by a mask on the device)")
 WEIGHT_SEED = 0  # torch.manual_seed of the timed model: the weights the checks' witnesses also use
 
 
@@ -130,7 +132,8 @@ def torch_model_workload(pair: Any, check: str, args: tuple[Any, ...], dtype: st
              "synchronised: torch.cuda.synchronize() after every call" if device == "gpu"
              else "synchronised: torch's CPU kernels return when done",
              "compile time apart: first call minus the second" if compiled else "no compile step (eager)",
-             "the model's weights converted to the port by the pair's own mapping"]
+             "the model's weights converted to the port by the pair's own mapping"] + (
+                 [DROPOUT] if check == "train" else [])
     return Workload("torch.compile" if compiled else "torch", call, compile_seconds, first, memory, measure,
                     rules + shared_rules(), torch.get_num_threads())
 
@@ -187,7 +190,8 @@ def jax_model_workload(pair: Any, check: str, args: tuple[Any, ...], dtype: str,
                  if check == "train" else ""),
              "synchronised: jax.block_until_ready on every output leaf",
              "compile time apart: trace+lower+compile timed before the first call, persistent cache off",
-             "the model's weights converted to the port by the pair's own mapping"]
+             "the model's weights converted to the port by the pair's own mapping"] + (
+                 [DROPOUT] if check == "train" else [])
     return Workload("jax", call, compile_seconds, first, memory, measure, rules + shared_rules(), xla_threads())
 
 
