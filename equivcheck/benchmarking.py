@@ -2,7 +2,9 @@
 
 Per collected equivalence test over an operation pair or layer (a test parametrized with a `Pair`), one
 item per timed check (forward, forward+VJP) and side; over an `OptimizerPair`, one per side for its `step`
-check (one optimizer step); run after every check of the session: pytest-benchmark
+check (one optimizer step); over a `ModelPair`, one per side for each of its `forward`, `grad` and `train`
+checks (equivcheck.bench.models), forward and grad also at x4 and x16 the batch; run after every check of
+the session: pytest-benchmark
 allows one benchmark per test. Each item looks up its check's outcome first and skips, saying why, unless
 the check passed in this session, so only agreeing sides are timed. Times and records are
 pytest-benchmark's own: its tables, --benchmark-json, --benchmark-save, --benchmark-compare and
@@ -16,12 +18,15 @@ from typing import Any
 import pytest
 
 from equivcheck.bench import BENCH_CHECKS, WORK, build, draw_inputs, extra_info, group, matched_threads, shapes_of
+from equivcheck.bench.models import MODEL_CHECKS, SWEPT, NotTimed, build_model, scaled_batch
+from equivcheck.bench.models import WORK as MODEL_WORK
 from equivcheck.bench.optim import SHAPES, build_step, unfit
 from equivcheck.bench.record import precision_banner
 from equivcheck.bench.sweep import FACTORS, SWEEP, scaled, scaled_name
 from equivcheck.bench.workload import single_threaded_xla
 from equivcheck.engine.kind import family_of
 from equivcheck.fixture import RECORDS_KEY, SessionState
+from equivcheck.models import ModelPair
 from equivcheck.ops.pairs import Pair
 from equivcheck.optim import OptimizerPair
 
@@ -66,13 +71,20 @@ def bench_items(items: list[pytest.Item], state: SessionState, compiled: bool) -
     out = []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        pairs = [v for v in params.values() if isinstance(v, (Pair, OptimizerPair))]
+        pairs = [v for v in params.values() if isinstance(v, (Pair, OptimizerPair, ModelPair))]
         if "equiv" not in params or len(pairs) != 1:
             continue  # a test not parametrized over one pair: which pair it checks is known only as it runs
         dtype, device = params["equiv"]
         if isinstance(pairs[0], OptimizerPair):
             if "step" in pairs[0].checks:
                 out += [_item(item, state, pairs[0], "step", side, dtype, device) for side in ("torch", "jax")]
+            continue
+        if isinstance(pairs[0], ModelPair):
+            for check in (c for c in MODEL_CHECKS if c in pairs[0].checks):
+                factors = (1, *FACTORS) if check in SWEPT else (1,)
+                # torch.compile of a whole optimizer step is not timed: no item rather than a skipped one
+                out += [_item(item, state, pairs[0], check, side, dtype, device, k) for k in factors
+                        for side in sides if not (check == "train" and side == "torch.compile")]
             continue
         factors = (1, *FACTORS) if pairs[0].name in SWEEP else (1,)
         for check in (c for c in BENCH_CHECKS if c in pairs[0].checks):
@@ -115,6 +127,18 @@ def _run(benchmark: Any, source: pytest.Item, state: SessionState, pair: Any, ch
                 pytest.skip(f"{gid}: not timed: {unfit(pair)}")
             wl = build_step(pair, side, dtype, device)
             shapes, work = [[list(s), dtype] for s in SHAPES.values()], "one optimizer step"
+        elif isinstance(pair, ModelPair):
+            key = (id(pair), dtype)
+            try:
+                if key not in _INPUTS:
+                    _INPUTS[key] = draw_inputs(pair, dtype)
+                args = scaled_batch(_INPUTS[key], factor)
+                wl = build_model(pair, check, side, args, dtype, device)
+            except NotTimed as exc:
+                pytest.skip(f"{gid}: not timed: {exc}")
+            except Exception as exc:  # noqa: BLE001 - its inputs cannot be drawn: this item is skipped, the run goes on
+                pytest.skip(f"{gid}: not timed: drawing its batch failed: {type(exc).__name__}: {str(exc)[:300]}")
+            shapes, work = shapes_of(args), MODEL_WORK[check]
         else:
             key = (id(pair), dtype)
             if key not in _INPUTS:
@@ -139,8 +163,8 @@ def _run(benchmark: Any, source: pytest.Item, state: SessionState, pair: Any, ch
 def header_lines(state: SessionState, compiled: bool) -> list[str]:
     """What the run header says of the benchmarks: that they run, how, and any precision mismatch."""
     sides = "torch eager, torch.compile and JAX jit" if compiled else "torch eager and JAX jit"
-    lines = [(f"equivcheck: --equiv-bench: {sides}, forward and forward+VJP of every pair that passes, timed after "
-              "all checks by pytest-benchmark")]
+    lines = [(f"equivcheck: --equiv-bench: {sides}, forward and forward+VJP of every pair, optimizer step, model "
+              "forward/grad/train step that passes, timed after all checks by pytest-benchmark")]
     for device in state.devices:
         banner = precision_banner(device, state.run.precision, state.precision_settings)
         if banner:

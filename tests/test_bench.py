@@ -345,7 +345,8 @@ def test_the_sweep_repeats_the_batch_consistently_and_the_report_shows_the_growt
         b["extra_info"]["scale"] = 4 if "x4" in b["extra_info"]["pair"] else 16
     text = render(load([_write(tmp_path, "s.json", benches)]))
     assert ("matmul::forward::float32::cpu: x1: torch 1.000 ms, jax 2.000 ms (0.50x); x4: torch 3.000 ms, "
-            "jax 3.000 ms (1.00x); x16: torch 9.000 ms, jax 4.500 ms (2.00x)") in text
+            "jax 3.000 ms (1.00x);\n    x16: torch 9.000 ms, jax 4.500 ms (2.00x)") in text  # broken at 120 columns
+    assert max(len(line) for line in text.splitlines()) <= 120
     assert "1/1 torch faster" in text  # the claims count the pair once, at its own size
 
 

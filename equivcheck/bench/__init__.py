@@ -4,6 +4,9 @@ equivcheck.benchmarking makes the benchmark items.
 
 workload  one side's share of a check, fair by construction: same arrays already on the device, same work,
           compiled apart, synchronised; draw_inputs, build
+models    a ModelPair's forward, grad and train step on both sides, built as its checks build them
+optim     one optimizer step of an OptimizerPair on both sides
+sweep     the batch sweep (x4, x16) and the growth section of the claims
 memory    peak bytes a call allocates beyond its inputs, per side and device, with the measure named
 record    pytest-benchmark's group and extra_info of a side; the TF32 precision banner
 claims    the claims report: ratios per group, evidence for and against each claim

@@ -8,8 +8,10 @@ for a side only when its whole spread is on that side of 1, so noise between rou
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,10 +89,10 @@ def _sections(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[
     return out
 
 
-def ratios(sides: dict[str, Any]) -> dict[str, Any] | None:
+def ratios(sides: dict[str, Any], torch: str = "torch") -> dict[str, Any] | None:
     """torch/JAX of one group: median, spread over rounds, first call with compile time, memory; None
-    without both sides."""
-    t, j = sides.get("torch"), sides.get("jax")
+    without both sides. `torch` names the torch side: "torch" (eager) or "torch.compile"."""
+    t, j = sides.get(torch), sides.get("jax")
     if t is None or j is None or j["stats"]["median"] <= 0 or t["stats"]["median"] <= 0:
         return None
     ts, js = t["stats"], j["stats"]
@@ -104,6 +106,7 @@ def ratios(sides: dict[str, Any]) -> dict[str, Any] | None:
         "first": first_t / first_j if first_j > 0 else math.inf,
         "memory": mt / mj if isinstance(mt, int) and isinstance(mj, int) and mj > 0 else None,
         "torch": ts["median"], "jax": js["median"], "compile": j.get("compile_seconds"),
+        "torch_compile": t.get("compile_seconds"),
         "scale": t.get("scale", 1), "domain": _domain(t), "check": t["check"], "pair": t["pair"], "dtype": t["dtype"],
     }
 
@@ -152,10 +155,11 @@ def _verdict(n_for: int, n_against: int, geo: float, favour: bool) -> str:
     return "mixed"
 
 
-def claim_rows(groups: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
-    """(claim, verdict, evidence for, evidence against) of one device and precision mode."""
+def claim_rows(groups: dict[str, dict[str, Any]], torch: str = "torch") -> list[tuple[str, str, str, str]]:
+    """(claim, verdict, evidence for, evidence against) of one device and precision mode, the torch
+    side of the evidence being `torch`: "torch" (eager) or "torch.compile" (the groups it compiled)."""
     # The sweep's x4 and x16 groups repeat their pair: the claims count each pair at its own size once.
-    rs = {g: r for g, s in groups.items() if (r := ratios(s)) is not None and r["scale"] == 1}
+    rs = {g: r for g, s in groups.items() if (r := ratios(s, torch)) is not None and r["scale"] == 1}
     rows = []
     speed = lambda sel: (
         [(g, r["speed"]) for g, r in sel.items() if _side(r) > 0], [(g, r["speed"]) for g, r in sel.items() if _side(r) < 0],
@@ -181,21 +185,37 @@ def claim_rows(groups: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, s
     pairs: dict[tuple[str, str], dict[str, float]] = {}
     for r in rs.values():
         pairs.setdefault((r["pair"], r["dtype"]), {})[r["check"]] = r["speed"]
-    both = {k: v for k, v in pairs.items() if "forward" in v and "vjp" in v}
+    # autodiff-heavy: an operation's forward+VJP, a model's forward+backward (its grad check)
+    both = {k: {"forward": v["forward"], "vjp": v.get("vjp", v.get("grad"))} for k, v in pairs.items()
+            if "forward" in v and ("vjp" in v or "grad" in v)}
     grow = [(f"{p}::{d}", v["vjp"] / v["forward"]) for (p, d), v in both.items() if v["vjp"] > v["forward"]]
     shrink = [(f"{p}::{d}", v["vjp"] / v["forward"]) for (p, d), v in both.items() if v["vjp"] < v["forward"]]
     fgeo, vgeo = _geo([v["forward"] for v in both.values()]), _geo([v["vjp"] for v in both.values()])
     adv = vgeo / fgeo if fgeo > 0 else math.nan
     rows.append((CLAIMS[3], _verdict(len(grow), len(shrink), adv, adv > 1),
-                 (f"{len(grow)}/{len(both)} pairs' torch/JAX ratio grows from forward to forward+VJP "
-                  f"(geomean forward {_x(fgeo)}, forward+VJP {_x(vgeo)}): {_named(grow)} (vjp/forward ratio)"),
+                 (f"{len(grow)}/{len(both)} pairs' torch/JAX ratio grows from forward to forward+VJP (a model's "
+                  f"grad) (geomean forward {_x(fgeo)}, forward+VJP {_x(vgeo)}): {_named(grow)} (vjp/forward ratio)"),
                  f"{len(shrink)}/{len(both)} shrink: {_named(shrink)}"))
+    if torch != "torch":  # the evidence names its torch side
+        words = (("torch/JAX", f"{torch}/JAX"), ("torch faster", f"{torch} faster"),
+                 ("torch allocates", f"{torch} allocates"))
+        rows = [(claim, verdict, *(functools.reduce(lambda t, w: t.replace(*w), words, text) for text in texts))
+                for claim, verdict, *texts in rows]
     return rows
 
 
+EVIDENCE = {"torch": "torch eager", "torch.compile": "torch.compile"}  # the label of a claim row's torch side
+
+
+def compiled_in(groups: dict[str, dict[str, Any]]) -> bool:
+    """Whether any group of one section has a `torch.compile` benchmark beside its JAX one."""
+    return any("torch.compile" in sides and "jax" in sides for sides in groups.values())
+
+
 def render(records: list[dict[str, Any]]) -> str:
-    """The report as text: per device and precision mode, a banner where the sides' precisions differ,
-    the table of groups, then the claims."""
+    """The report as text, no line over WIDTH columns: per device and precision mode, a banner where the
+    sides' precisions differ, the table of groups (a `torch.compile` row under a group that has one),
+    then the claims, on eager torch and, where it was timed, on torch.compile."""
     lines: list[str] = []
     sections = _sections(records)
     for (device, name, precision), groups in sorted(sections.items()):
@@ -203,27 +223,25 @@ def render(records: list[dict[str, Any]]) -> str:
         settings = next(iter(next(iter(groups.values())).values())).get("precision_settings", {})
         banner = precision_banner(device, precision, settings)
         if banner:
-            lines += [banner, ""]
-        w = max(len(g) for g in groups) + 1
-        lines.append(f"{'group':<{w}} {'torch':>10} {'jax':>10} {'torch/JAX':>9} {'spread':>13} "
-                     f"{'JAX compile':>11} {'memory t/J':>10}")
-        for g in sorted(groups):
-            r = ratios(groups[g])
-            if r is None:
-                lines.append(f"{g:<{w}} (only {', '.join(sorted(groups[g]))} timed)")
-                continue
-            mem = f"{r['memory']:.2f}x" if r["memory"] is not None else "-"
-            comp = f"{r['compile'] * 1e3:.0f} ms" if r["compile"] is not None else "-"
-            lines.append(f"{g:<{w}} {_ms(r['torch']):>10} {_ms(r['jax']):>10} {r['speed']:>8.2f}x "
-                         f"{r['low']:>6.2f}-{r['high']:<6.2f} {comp:>11} {mem:>10}")
+            lines += [*textwrap.wrap(banner, WIDTH), ""]
+        lines += _table(groups)
         lines.append("")
-        lines.append("torch/JAX above 1: JAX took less. Spread: over rounds (torch q1/JAX q3 to torch q3/JAX q1); "
-                     "a group counts for a side only when its spread is.")
-        for claim, verdict, pro, con in claim_rows(groups):
-            lines += [f"* {claim}: {verdict}", f"    for:     {pro}", f"    against: {con}"]
+        lines += textwrap.wrap("torch/JAX above 1: JAX took less. Spread: over rounds (torch q1/JAX q3 to torch q3/JAX "
+                               "q1); a group counts for a side only when its spread is. compile: JAX's trace+lower+"
+                               "compile on a group's row, torch.compile's (its first call less its second) on its "
+                               "torch.compile row, whose ratio is torch.compile/JAX.", WIDTH)
+        # each claim on eager torch, then on torch.compile where it was timed: both kinds of evidence side by side
+        sides = ("torch", "torch.compile") if compiled_in(groups) else ("torch",)
+        for rows in zip(*(claim_rows(groups, torch) for torch in sides)):
+            for torch, (claim, verdict, pro, con) in zip(sides, rows):
+                lines += textwrap.wrap(f"* {claim} [evidence: {EVIDENCE[torch]} vs JAX]: {verdict}", WIDTH,
+                                       subsequent_indent="    ")
+                lines += textwrap.wrap(pro, WIDTH, initial_indent="    for:     ", subsequent_indent=" " * 13)
+                lines += textwrap.wrap(con, WIDTH, initial_indent="    against: ", subsequent_indent=" " * 13)
         swept = growth(groups)
         if swept:
-            lines += ["", "How each side's cost grows with the batch (x1, x4, x16):", *(f"  {s}" for s in swept)]
+            lines += ["", "How each side's cost grows with the batch (x1, x4, x16):"]
+            lines += [w for s in swept for w in _fill(s.split("; "), "  ", "    ")]
         lines.append("")
     precisions = {(d, p) for d, _, p in sections}
     devices = {d for d, _ in precisions}
@@ -232,6 +250,57 @@ def render(records: list[dict[str, Any]]) -> str:
         if len(modes) > 1:
             lines.append(f"NOTE {d}: runs at precision modes {', '.join(modes)} are reported apart; compare within one")
     return "\n".join(lines).rstrip() + "\n"
+
+
+WIDTH = 120  # the report's widest line
+
+
+def _fill(parts: list[str], first: str, rest: str) -> list[str]:
+    """`parts` joined by "; " into lines of at most WIDTH, broken only between parts (one x1/x4/x16
+    figure of the growth section is never split)."""
+    lines = [first + parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + 2 + len(part) <= WIDTH:
+            lines[-1] += "; " + part
+        else:
+            lines[-1] += ";"
+            lines.append(rest + part)
+    return lines
+_FIGURES = 68  # the table's columns after the group's
+
+
+def _table(groups: dict[str, dict[str, Any]]) -> list[str]:
+    """The groups' rows; a group name too long for WIDTH stands on its own line above its figures."""
+    w = min(max(len(g) for g in groups), WIDTH - _FIGURES - 1) + 1
+    head = f"{'torch':>10} {'jax':>10} {'torch/JAX':>9} {'spread':>13} {'compile':>11} {'memory t/J':>10}"
+    lines = [f"{'group':<{w}} {head}"]
+
+    def row(label: str, r: dict[str, Any], torch_ms: float, jax_ms: str, comp: float | None) -> None:
+        mem = f"{r['memory']:.2f}x" if r["memory"] is not None else "-"
+        figures = (f"{_ms(torch_ms):>10} {jax_ms:>10} {r['speed']:>8.2f}x {r['low']:>6.2f}-{r['high']:<6.2f} "
+                   f"{(f'{comp * 1e3:.0f} ms' if comp is not None else '-'):>11} {mem:>10}")
+        if len(label) >= w:
+            lines.extend([label, f"{'':<{w}} {figures}"])
+        else:
+            lines.append(f"{label:<{w}} {figures}")
+
+    for g in sorted(groups, key=_order):
+        r = ratios(groups[g])
+        if r is None:
+            lines.append(f"{g:<{w}} (only {', '.join(sorted(groups[g]))} timed)")
+        else:
+            row(g, r, r["torch"], _ms(r["jax"]), r["compile"])
+        c = ratios(groups[g], "torch.compile")
+        if c is not None:
+            row("  torch.compile", c, c["torch"], "", c["torch_compile"])
+    return lines
+
+
+def _order(group: str) -> tuple[str, str, int]:
+    """A group's place in the table: by pair, then check, the sweep's sizes ascending (x1, x4, x16)."""
+    pair, check, *_ = group.split("::")
+    base, _, factor = pair.partition("@x")
+    return base, check, int(factor) if factor.isdigit() else 1
 
 
 def _ms(seconds: float) -> str:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 FORMAT = 1  # extra_info["equivcheck"]: the claims report reads records of this format
 # Families for the claims ("PyTorch is faster on image models"), from the pair's name and tags.
 _IMAGE = re.compile(r"conv|pool|interp|resize|upsample|image|vision|cnn|resnet|vit|unet|batch_norm2d|group_norm")
-_SEQUENCE = re.compile(r"lstm|gru|rnn|attention|transformer|gpt|bert|embedding")
+_SEQUENCE = re.compile(r"lstm|gru|rnn|attention|transformer|encoder|gpt|bert|embedding")
 
 
 def group(pair: str, check: str, dtype: str, device: str) -> str:

@@ -1,5 +1,6 @@
 """The size sweep of a few heavy operations: the same draw with its batch repeated x4 and x16, so the
 claims report shows how each side's cost grows with the work, not only what one small call costs.
+Models' forward and grad are swept too (equivcheck.bench.models.scaled_batch: axis 0 of every input).
 
 SWEEP names, per built-in pair, the (argument, axis) pairs that carry the batch: every one of them is
 repeated, so shapes stay consistent (the LSTM's states carry the batch on axis 1).
@@ -32,12 +33,13 @@ def scaled(pair: str, args: tuple[Any, ...], factor: int) -> tuple[Any, ...]:
 
 
 def growth(groups: dict[str, dict[str, Any]]) -> list[str]:
-    """Lines of the claims report: per swept pair and check, each side's median at x1, x4, x16 and
-    torch/JAX at each, from the groups of one device and precision mode."""
+    """Lines of the claims report: per swept pair (an operation of SWEEP, a model: any group with
+    `@x4`/`@x16` siblings) and check, each side's median at x1, x4, x16 and torch/JAX at each, from the
+    groups of one device and precision mode."""
     lines = []
     for g in sorted(groups):
         pair, check, dtype, device = g.split("::")
-        if pair not in SWEEP:
+        if "@x" in pair or not any(f"{scaled_name(pair, k)}::{check}::{dtype}::{device}" in groups for k in FACTORS):
             continue
         row = []
         for factor in (1, *FACTORS):

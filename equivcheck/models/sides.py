@@ -150,8 +150,6 @@ def torch_train(pair: Any, model: Any, ents: Sequence[mm.Entry], batches: Sequen
                 device: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """K optimizer steps in torch's own loop: per step the loss before it, and the parameters
     and BatchNorm statistics after it (in the port's layout); and the masks each step drew."""
-    import warnings
-
     import torch
 
     from equivcheck.backends.torch import to_numpy
@@ -165,17 +163,7 @@ def torch_train(pair: Any, model: Any, ents: Sequence[mm.Entry], batches: Sequen
         masks: dict[str, Any] = {}
         handles = _dropout_hooks(model, masks, seed, t)
         try:
-            optimizer.zero_grad(set_to_none=True)
-            targs = to_torch_args(batch, device)
-            loss = pair.loss.torch_fn(model(*targs[:-1]), targs[-1])
-            loss.backward()
-            if opt_pair.torch_clip:
-                opt_pair.torch_clip(list(model.parameters()))
-            optimizer.step()
-            if scheduler is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    scheduler.step(float(loss)) if opt_pair.schedule_takes_loss else scheduler.step()
+            loss = torch_step(pair, model, optimizer, scheduler, to_torch_args(batch, device))
         finally:
             for h in handles:
                 h.remove()
@@ -184,6 +172,27 @@ def torch_train(pair: Any, model: Any, ents: Sequence[mm.Entry], batches: Sequen
         steps.append({"loss": to_numpy(loss), "params": params, "stats": stats})
         all_masks.append(masks)
     return steps, all_masks
+
+
+def torch_step(pair: Any, model: Any, optimizer: Any, scheduler: Any, targs: Sequence[Any]) -> Any:
+    """One training step of the model in its current mode on tensors `targs` (inputs, then the
+    target): gradients zeroed (set to None), loss, backward, the pair's clipping, optimizer.step()
+    and its scheduler's step; parameters and optimizer state updated in place. Returns the loss
+    (a 0-d tensor). The `train` check's loop and the `--equiv-bench` train step both run it."""
+    import warnings
+
+    opt_pair = pair.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    loss = pair.loss.torch_fn(model(*targs[:-1]), targs[-1])
+    loss.backward()
+    if opt_pair.torch_clip:
+        opt_pair.torch_clip(list(model.parameters()))
+    optimizer.step()
+    if scheduler is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler.step(float(loss)) if opt_pair.schedule_takes_loss else scheduler.step()
+    return loss
 
 
 # ---- jax --------------------------------------------------------------------------------
@@ -246,7 +255,8 @@ def port_output(pair: Any, res: Any, stats: Any) -> tuple[Any, Any]:
 
 
 def program(pair: Any, kind: str) -> Any:
-    """The jitted program of one kind for this pair: forward, grad or train."""
+    """The jitted program of one kind for this pair: forward_eval/forward_train, grad_eval/grad_train,
+    train (the K-step scan) or train_step (one step, for --equiv-bench)."""
     import jax
 
     key = (id(pair), kind)
@@ -260,6 +270,8 @@ def program(pair: Any, kind: str) -> Any:
         fn = jax.jit(jax.value_and_grad(lambda p, s, x, y, m: _loss(pair, p, s, x, y, m, train), has_aux=True))
     elif kind == "train":
         fn = jax.jit(lambda p, s, x, y, m: _trajectory(pair, p, s, x, y, m))
+    elif kind == "train_step":  # one step, its carry (params, stats, optimizer state) donated: --equiv-bench
+        fn = jax.jit(train_step(pair), donate_argnums=(0,))
     else:
         raise ValueError(kind)
     _PROGRAMS[key] = (pair, fn)  # holding the pair keeps its id from being reused
@@ -271,7 +283,10 @@ def _loss(pair: Any, params: Any, stats: Any, inputs: Any, target: Any, masks: A
     return pair.loss.jax_fn(out, target), (out, new_stats)
 
 
-def _trajectory(pair: Any, params: Any, stats: Any, inputs: Any, targets: Any, masks: Any) -> Any:
+def train_step(pair: Any) -> Any:
+    """The port's training step, `step((params, stats, opt_state), (inputs, target, masks))` ->
+    ((params, stats, opt_state) after it, loss before it): a train-mode loss, its gradient, the
+    optax update. Traceable; the trajectory scans it, the benchmark jits it alone."""
     import jax
     import optax
 
@@ -283,10 +298,22 @@ def _trajectory(pair: Any, params: Any, stats: Any, inputs: Any, targets: Any, m
         x, y, m = batch
         (loss, (_, s)), g = grad(p, s, x, y, m)
         updates, opt_state = tx.update(g, opt_state, p)
-        p = optax.apply_updates(p, updates)
+        return (optax.apply_updates(p, updates), s, opt_state), loss
+
+    return step
+
+
+def _trajectory(pair: Any, params: Any, stats: Any, inputs: Any, targets: Any, masks: Any) -> Any:
+    import jax
+
+    step = train_step(pair)
+
+    def record(carry: Any, batch: Any) -> Any:
+        (p, s, opt_state), loss = step(carry, batch)
         return (p, s, opt_state), {"loss": loss, "params": p, "stats": s}
 
-    return jax.lax.scan(step, (params, stats, tx.init(params)), (inputs, targets, masks))[1]
+    init = pair.optimizer.optax_transform().init(params)
+    return jax.lax.scan(record, (params, stats, init), (inputs, targets, masks))[1]
 
 
 @deadline.side("jax")
