@@ -1,12 +1,59 @@
 """Helpers of the plugin's hooks (equivcheck.plugin holds the hooks and options): the options a
 replay line repeats, what a run collected, whether the command line narrowed it, and the refusal
-of two pairs under one name (at collection) or of two records under one id (as tests report)."""
+of two pairs under one name (at collection) or of two records under one id (as tests report), and
+of a path option pytest took for a test path."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+PATH_OPTIONS = ("--equiv-report", "--equiv-known-divergences", "--equiv-shard-durations", "--equiv-failures-db",
+                "--equiv-jax-cache")
+
+
+def path_taken_for_a_test_path(config: pytest.Config) -> str:
+    """Why the run's ini file is not the project's, or "": pytest chooses its rootdir and ini file before
+    it loads plugins, so a path given to one of our options as a separate word (`--equiv-report
+    /tmp/r`) counts as a test path then, and with no test path beside it, a path outside the project
+    moves the rootdir above it, where no ini file is found: the project's known divergences and
+    testpaths are silently not read (a run of the suites with `-n 2 --equiv-report /abs/dir` failed 100
+    known-divergence checks) and node ids change. The `--option=PATH` form is one word, which pytest
+    leaves alone. Flagged only when the ini file differs from the one found upward from here."""
+    args = [str(a) for a in config.invocation_params.args]
+    here = config.invocation_params.dir
+    expected = _ini_upward(here)
+    if expected is None or (config.inipath is not None and Path(config.inipath).resolve() == expected):
+        return ""
+    for option, value in itertools.pairwise(args):
+        path = (here / value).resolve()
+        if option in PATH_OPTIONS and path.exists() and not path.is_relative_to(expected.parent):
+            return (f"{option} {value}: pytest took {value} for a test path when it chose its rootdir ({config.rootpath}, "
+                    f"{f'ini file {config.inipath}' if config.inipath else 'no ini file'}, not {expected}), before "
+                    f"equivcheck's options were known, so the project's ini settings (known divergences, testpaths) "
+                    f"are not read; write {option}={value}")
+    return ""
+
+
+# pytest's ini files, and the section that makes each one count (None: the file alone)
+_INI = (("pytest.ini", None), (".pytest.ini", None), ("pyproject.toml", "[tool.pytest"), ("tox.ini", "[pytest]"),
+        ("setup.cfg", "[tool:pytest]"))
+
+
+def _ini_upward(start: Path) -> Path | None:
+    """The first ini file pytest would take searching from `start` upward, by its names and sections."""
+    for directory in (start.resolve(), *start.resolve().parents):
+        for name, section in _INI:
+            candidate = directory / name
+            try:
+                if candidate.is_file() and (section is None or section in candidate.read_text(errors="replace")):
+                    return candidate
+            except OSError:
+                continue
+    return None
 
 
 def replay_args(config: pytest.Config, default_timeout: float) -> tuple[str, ...]:
@@ -16,11 +63,11 @@ def replay_args(config: pytest.Config, default_timeout: float) -> tuple[str, ...
     opt = config.option
     args: list[str] = []
     for path in config.getoption("equiv_known_divergences"):
-        args += ["--equiv-known-divergences", str(path)]
+        args.append(f"--equiv-known-divergences={path}")  # one token: see path_taken_for_a_test_path
     # Saved failing examples run first, and a database even empty draws otherwise than none: a
     # replay without it passed where the run had failed.
     if (config.getoption("equiv_failures_db") or "none") != "none":
-        args += ["--equiv-failures-db", str(config.getoption("equiv_failures_db"))]
+        args.append(f"--equiv-failures-db={config.getoption('equiv_failures_db')}")
     if config.getoption("equiv_timeout") != default_timeout:  # a check that timed out may pass with more
         args += ["--equiv-timeout", f"{config.getoption('equiv_timeout'):g}"]
     if getattr(opt, "inifilename", None):

@@ -109,6 +109,8 @@ def _build_state(config: pytest.Config) -> Any:
     timeout = opt("equiv_timeout")
     if not math.isfinite(timeout) or timeout < 0:
         raise pytest.UsageError(f"--equiv-timeout {timeout:g}: give seconds >= 0 (0: no limit)")
+    if why := collection.path_taken_for_a_test_path(config):
+        raise pytest.UsageError(why)
     worker = getattr(config, "workerinput", None)
     report_dir = None if opt("equiv_report") == "none" else opt("equiv_report")
     if report_dir and not worker:  # only the controller writes; found now, not after every check ran

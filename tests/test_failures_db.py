@@ -66,7 +66,7 @@ def test_auto_keeps_the_database_in_pytests_cache_and_the_replay_line_carries_it
     assert run["failures_db"] == str(db)
     # A database, even an empty one, draws other examples than none: the replay must say which.
     replay = next(ln for ln in result.stdout.lines if ln.strip().startswith("replay: "))
-    assert replay.endswith("--equiv-failures-db auto")
+    assert replay.endswith("--equiv-failures-db=auto")  # one word: pytest never takes it for a test path
     replayed = rare.runpytest(*shlex.split(replay.split("replay: pytest ", 1)[1]))
     replayed.assert_outcomes(failed=1)
 

@@ -91,8 +91,10 @@ def test_a_replay_repeats_every_option_that_changes_the_outcome(project):
     result.assert_outcomes(failed=1, deselected=2)
     out = result.stdout.str()
     replay = re.search(r"replay: (pytest .*)", out).group(1)
-    for opt in opts:
-        assert opt in shlex.split(replay), (opt, replay)
+    words = shlex.split(replay)
+    assert "--equiv-known-divergences=known.txt" in words, replay  # a path option as one word
+    for opt in opts[2:]:
+        assert opt in words, (opt, replay)
     again = project.runpytest(*shlex.split(replay)[1:])
     again.assert_outcomes(failed=1)
     for text in (out, again.stdout.str()):
@@ -274,3 +276,31 @@ def test_xdist_workers_send_their_records_to_the_report(project):
     assert rep["summary"]["total"] == 5
     # the controller collects nothing itself: the selection it compares against is its workers'
     assert rep["run"]["partial"] is None and "PARTIAL RUN" not in result.stdout.str()
+
+
+def test_a_path_option_pytest_took_for_a_test_path_is_a_usage_error(tmp_path):
+    """pytest picks its rootdir before plugins load, so `--equiv-report /outside` (two words) counted
+    as a test path and moved the rootdir above the project: no ini file, so no known divergences and no
+    testpaths (a `-n 2` run of the suites failed 100 known-divergence checks). The one-word form works."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    outside = tmp_path / "reports"
+    outside.mkdir()
+    base = [sys.executable, "-m", "pytest", "--equiv", "--collect-only", "-q", "-p", "no:cacheprovider",
+            "-k", "sqrt and float32"]
+    two = subprocess.run([*base, "--equiv-report", str(outside)], cwd=root, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert two.returncode == 4, two.stdout[-2000:] + two.stderr[-2000:]
+    assert f"--equiv-report {outside}: pytest took {outside} for a test path" in two.stderr
+    assert f"write --equiv-report={outside}" in two.stderr
+    one = subprocess.run([*base, f"--equiv-report={outside}"], cwd=root, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert one.returncode == 0 and "suites/test_autodiff.py::test_autodiff[sqrt-float32-cpu]" in one.stdout, \
+        one.stdout[-2000:] + one.stderr[-2000:]
+    # beside a test path the ini file is still the project's (benchmarks/seed_sweep.py runs so): no refusal
+    swept = subprocess.run([*base, "suites/test_autodiff.py", "--equiv-report", str(outside)], cwd=root,
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert swept.returncode == 0, swept.stdout[-2000:] + swept.stderr[-2000:]
