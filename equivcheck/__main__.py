@@ -93,6 +93,35 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recover(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from equivcheck.report import write
+    from equivcheck.report.files import unwritable
+    from equivcheck.report.journal import recover
+
+    journal = Path(args.journal)
+    try:
+        built = recover(journal)
+    except OSError as exc:
+        print(f"equivcheck recover: {journal}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"equivcheck recover: {exc}", file=sys.stderr)
+        return 2
+    out = args.output or str(journal.parent)
+    try:
+        paths = write(built, out)
+    except OSError as exc:
+        print(f"equivcheck recover: -o {out}: {unwritable(out, exc)}", file=sys.stderr)
+        return 2
+    journal.unlink(missing_ok=True)  # its records now live in the report
+    s = built["summary"]
+    print(f"recovered {s['total']} records of a run that ended without its report (partial: "
+          f"{built['run']['partial']['ran']} tests ran):\n" + "\n".join(f"  {p}" for p in paths))
+    return 0
+
+
 def _html(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -231,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     page.add_argument("report")
     page.add_argument("-o", "--output", help="where to write the page (default: the report's path, .html)")
     page.set_defaults(run=_html)
+    rec = sub.add_parser("recover", help="the report of a run that ended without writing it (a crash), from the "
+                                         "record journal it left: reports/unfinished-<start>-<pid>-<token>.jsonl")
+    rec.add_argument("journal", metavar="JOURNAL.jsonl")
+    rec.add_argument("-o", "--output", metavar="DIR", help="where the report goes (default: the journal's directory)")
+    rec.set_defaults(run=_recover)
     conv = sub.add_parser("convert", help="convert a checkpoint: .pt/.pth (weights only), .safetensors, "
                                           ".msgpack (Flax), a directory (Orbax)")
     conv.add_argument("src", metavar="IN")

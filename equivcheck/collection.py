@@ -31,11 +31,20 @@ def path_taken_for_a_test_path(config: pytest.Config) -> str:
     for option, value in itertools.pairwise(args):
         path = (here / value).resolve()
         if option in PATH_OPTIONS and path.exists() and not path.is_relative_to(expected.parent):
-            return (f"{option} {value}: pytest took {value} for a test path when it chose its rootdir ({config.rootpath}, "
+            return (f"{option} {value}: pytest took {value} for a test path when it chose its rootdir "
+                    f"({config.rootpath}, "
                     f"{f'ini file {config.inipath}' if config.inipath else 'no ini file'}, not {expected}), before "
                     f"equivcheck's options were known, so the project's ini settings (known divergences, testpaths) "
                     f"are not read; write {option}={value}")
     return ""
+
+
+def usable_dir(option: str, path: str) -> None:
+    """A usage error, before any check runs, when `path` cannot hold `option`'s files."""
+    from equivcheck.report.files import check_writable
+
+    if problem := check_writable(path):
+        raise pytest.UsageError(f"{option} {path}: {problem}")
 
 
 # pytest's ini files, and the section that makes each one count (None: the file alone)

@@ -54,6 +54,7 @@ class SessionState:
     device_names: dict[str, str] = dataclasses.field(default_factory=dict)
     report_paths: tuple[Any, ...] = ()
     report_error: str = ""  # why the report could not be written, for the terminal summary
+    journal: Any = None  # the controller's equivcheck.report.journal.Journal (None: no report, or a worker)
     # Tests selected to run (None until collection finishes) and those that reached an outcome:
     # fewer ran than were selected when Ctrl-C, a stuck side or -x cut the run short.
     selected: int | None = None

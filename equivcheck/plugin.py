@@ -114,7 +114,7 @@ def _build_state(config: pytest.Config) -> Any:
     worker = getattr(config, "workerinput", None)
     report_dir = None if opt("equiv_report") == "none" else opt("equiv_report")
     if report_dir and not worker:  # only the controller writes; found now, not after every check ran
-        _usable_dir("--equiv-report", report_dir)
+        collection.usable_dir("--equiv-report", report_dir)
     from equivcheck.report.shards import shard_options
 
     try:
@@ -145,7 +145,7 @@ def _build_state(config: pytest.Config) -> Any:
     if failures_db == "auto":
         failures_db = str(config.cache.mkdir("equivcheck-failures"))
     elif failures_db != "none" and not worker:
-        _usable_dir("--equiv-failures-db", failures_db)
+        collection.usable_dir("--equiv-failures-db", failures_db)
     state = SessionState(
         enabled=True,
         run=RunSettings(examples=examples, profile=profile, seed=seed, precision=precision, palette=opt("equiv_shapes"),
@@ -163,17 +163,11 @@ def _build_state(config: pytest.Config) -> Any:
             state.unavailable[device] = f"no {device.upper()} here: {' and '.join(missing)} cannot see one"
         else:
             state.device_names[device] = tb.device_name(device)
-    from equivcheck.session import abort
+    from equivcheck.session import abort, journal_for
 
     state.abort = lambda records, exc: abort(config, state, records, exc)
+    state.journal = None if worker else journal_for(config, state)
     return state
-
-
-def _usable_dir(option: str, path: str) -> None:
-    from equivcheck.report.files import check_writable
-
-    if problem := check_writable(path):
-        raise pytest.UsageError(f"{option} {path}: {problem}")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -334,6 +328,8 @@ class _Collector:
         if records and report.when == "call" and not self.worker:
             fresh, clashes = record_collisions(records, report.nodeid, self.state.record_owner)
             self.state.records.extend(fresh)
+            if self.state.journal is not None:
+                self.state.journal.append(fresh)
             if clashes:  # the report keys records by id: a second one would hide or replace the first
                 report.outcome, report.longrepr = "failed", "\n".join(clashes)
                 if hasattr(report, "wasxfail"):
@@ -352,6 +348,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines += [f"equivcheck: {device} skipped: {why}" for device, why in state.unavailable.items()]
     if len(state.known):
         lines.append(f"equivcheck: {len(state.known)} known divergences loaded")
+    from equivcheck.session import leftover_lines
+
+    lines += leftover_lines(state.report_dir)
     if config.getoption("equiv_bench"):
         from equivcheck.benchmarking import header_lines
 

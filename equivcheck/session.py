@@ -17,7 +17,32 @@ import pytest
 def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck: str = "") -> None:
     """The JSON and Markdown reports of `state.records` (a SessionState's), under
     `state.report_dir`. `interrupted`: Ctrl-C or a stuck side cut the run short, so the records
-    are a partial run; `stuck`: what was stuck, with its stack."""
+    are a partial run; `stuck`: what was stuck, with its stack. Once written, the run's record
+    journal (equivcheck.report.journal) is deleted."""
+    from equivcheck import report
+
+    run = run_section(config, state, interrupted=interrupted, stuck=stuck)
+    # an interrupted run leaves a report even before its first record: it says the run stopped;
+    # a shard always does, empty or not, since merge needs every share's
+    if state.report_dir and (state.records or interrupted or state.shard_info is not None):
+        try:
+            built = report.build(state.records, run)
+            if config.getoption("equiv_bench", False):
+                from equivcheck.benchmarking import session_benchmarks
+
+                built["benchmarks"] = session_benchmarks(config)
+            state.report_paths = report.write(built, state.report_dir)
+            if state.journal is not None:
+                state.journal.discard()
+        except OSError as exc:  # checked at the start, yet gone since (removed, full, read-only)
+            from equivcheck.report.files import unwritable
+
+            state.report_error = f"no report written to {state.report_dir}: {unwritable(state.report_dir, exc)}"
+
+
+def run_section(config: pytest.Config, state: Any, *, interrupted: bool, stuck: str = "") -> dict[str, Any]:
+    """The report's `run` section as of now: settings, versions, machine, timing, partial, the
+    known-divergence entries unmatched; written at the end, and as the journal's first line."""
     from equivcheck import report
     from equivcheck.backends import jax_side
     from equivcheck.engine.knowns import sort_unmatched
@@ -55,20 +80,27 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
         run["shard"] = {**state.shard_info, "records": tally(state.records)}
     if stuck:
         run["stuck"] = stuck
-    # an interrupted run leaves a report even before its first record: it says the run stopped;
-    # a shard always does, empty or not, since merge needs every share's
-    if state.report_dir and (state.records or interrupted or state.shard_info is not None):
-        try:
-            built = report.build(state.records, run)
-            if config.getoption("equiv_bench", False):
-                from equivcheck.benchmarking import session_benchmarks
+    return run
 
-                built["benchmarks"] = session_benchmarks(config)
-            state.report_paths = report.write(built, state.report_dir)
-        except OSError as exc:  # checked at the start, yet gone since (removed, full, read-only)
-            from equivcheck.report.files import unwritable
 
-            state.report_error = f"no report written to {state.report_dir}: {unwritable(state.report_dir, exc)}"
+def journal_for(config: pytest.Config, state: Any) -> Any:
+    """The controller's record journal, whose first line is the run section at its first record
+    (equivcheck.report.journal); None without a report."""
+    if not state.report_dir:
+        return None
+    from equivcheck.report.journal import Journal
+
+    return Journal(state.report_dir, state.started, lambda: run_section(config, state, interrupted=True))
+
+
+def leftover_lines(report_dir: str | None) -> list[str]:
+    """Header lines naming the journals of runs that ended without their report (none without a report)."""
+    from equivcheck.report.journal import leftovers
+
+    if not report_dir:
+        return []
+    return [f"equivcheck: a run that ended without its report left its records in {p}: "
+            f"python -m equivcheck recover {p}" for p in leftovers(report_dir)]
 
 
 def empty_share(state: Any, exitstatus: int) -> bool:
@@ -118,6 +150,8 @@ def report_lines(state: Any, *, interrupted: bool) -> list[tuple[str, str]]:
         lines.append(("", text))
     if state.report_error:
         lines.append(("red", state.report_error))
+    if state.journal is not None and state.journal.error:
+        lines.append(("red", state.journal.error))
     lines += [("", f"report: {path}") for path in state.report_paths]
     return lines
 

@@ -13,7 +13,7 @@ from tests import preload  # noqa: F401 - frameworks loaded before pytester (tes
 # Three tests, one check each; an environment variable makes one of them stop the run, fail, or
 # put a file in place of the report directory.
 THREE = """
-import os
+import os, shutil
 from pathlib import Path
 import pytest, torch, jax.numpy as jnp
 import equivcheck as ec
@@ -25,8 +25,8 @@ def test_pair(pair, equiv):
     if pair.name == os.environ.get("EQUIV_TEST_CTRL_C"):
         raise KeyboardInterrupt
     if pair.name == os.environ.get("EQUIV_TEST_BLOCK_REPORTS"):
-        if Path("reports").is_dir():  # created empty when the run started
-            Path("reports").rmdir()
+        if Path("reports").is_dir():  # created when the run started; it holds the record journal
+            shutil.rmtree("reports")
         Path("reports").write_text("in the way")
     equiv.check(pair)
     assert pair.name != os.environ.get("EQUIV_TEST_FAIL")

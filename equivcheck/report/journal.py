@@ -1,0 +1,125 @@
+"""The records of a run as they are made, so a process that dies keeps them.
+
+A run writes its report at the end; a crash in native code (a segmentation fault in XLA's compiler
+ended a serial run of the suites after 19 minutes), an out-of-memory kill or a CI job's SIGKILL ends
+the process before that, and every record gathered went with it. So the controller appends each
+test's records to `<report dir>/unfinished-<start>-<pid>-<token>.jsonl` as the test reports (one JSON
+object per line, flushed: the operating system keeps them whatever happens to the process), and
+deletes the file once the report is written. A file left behind by a process that is gone is what
+that run had checked: `python -m equivcheck recover FILE` writes its report, marked interrupted and
+crashed, and the next run's header names such files.
+
+Lines: first `{"run": <the report's run section as at the first record>}`, then `{"record": ...}`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["CRASHED", "Journal", "leftovers", "recover"]
+
+PREFIX = "unfinished-"
+CRASHED = ("the process ended before writing its report (killed by a signal such as SIGSEGV or SIGKILL, or out "
+           "of memory); these are the records it had written to its journal")
+_NAME = re.compile(rf"^{PREFIX}\d{{8}}-\d{{6}}-(\d+)-[0-9a-f]+\.jsonl$")
+
+
+class Journal:
+    """Appends records to `<directory>/unfinished-<started>-<pid>-<token>.jsonl`; `run_section()` gives the
+    first line, taken when the first records arrive (collection is over by then)."""
+
+    def __init__(self, directory: str | os.PathLike[str], started: dt.datetime,
+                 run_section: Callable[[], dict[str, Any]]) -> None:
+        # a random token too: two sessions of one process (pytester's) may start within one second
+        stamp = started.strftime("%Y%m%d-%H%M%S")
+        self.path = Path(directory) / f"{PREFIX}{stamp}-{os.getpid()}-{secrets.token_hex(3)}.jsonl"
+        self._run_section = run_section
+        self._file: IO[str] | None = None
+        self.error = ""  # why the journal could not be written: the run goes on without it
+
+    def append(self, records: Sequence[dict[str, Any]]) -> None:
+        if not records or self.error:
+            return
+        try:
+            if self._file is None:
+                self._file = open(self.path, "x", encoding="utf-8")  # noqa: SIM115 - open for the run's length
+                self._file.write(json.dumps({"run": self._run_section()}, default=str) + "\n")
+            self._file.writelines(json.dumps({"record": r}, default=str) + "\n" for r in records)
+            self._file.flush()
+        except OSError as exc:
+            self.error = f"the record journal {self.path} could not be written: {exc.strerror or exc}"
+
+    def discard(self) -> None:
+        """The report is written: the journal has served."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self.path.unlink(missing_ok=True)
+
+
+def leftovers(directory: str | os.PathLike[str]) -> list[Path]:
+    """Journals in `directory` whose process is gone: runs that ended without their report."""
+    found = []
+    for path in sorted(Path(directory).glob(f"{PREFIX}*.jsonl")):
+        m = _NAME.match(path.name)
+        if m and not _alive(int(m.group(1))):
+            found.append(path)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _is_record(entry: Any) -> bool:
+    record = entry.get("record") if isinstance(entry, dict) else None
+    return isinstance(record, dict) and {"id", "outcome"} <= record.keys()
+
+
+def recover(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The report of the run that left journal `path`: its records, its run section marked interrupted,
+    `crashed` and partial (`ran`: the tests with records; `collected`: as the run had counted). A last
+    line cut short by the crash is dropped. Raises ValueError naming the file and line when the file is
+    not a journal."""
+    from equivcheck.report.runs import build
+
+    run: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = []
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # the write the crash cut short
+                break
+            raise ValueError(f"{path}:{n}: not a JSON line of a record journal") from None
+        if n == 1:
+            if not isinstance(entry, dict) or not isinstance(entry.get("run"), dict):
+                raise ValueError(f"{path}:1: a record journal starts with its run section ({{\"run\": ...}})")
+            run = entry["run"]
+        elif _is_record(entry):
+            records.append(entry["record"])
+        else:
+            raise ValueError(f"{path}:{n}: expected {{\"record\": {{\"id\": ..., \"outcome\": ...}}}}")
+    if run is None:
+        raise ValueError(f"{path}: empty: the run had written no record")
+    last = dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.timezone.utc)
+    tests = {r.get("nodeid") for r in records}
+    started = dt.datetime.fromisoformat(run["started"]) if run.get("started") else last
+    run.update(finished=last.isoformat(timespec="seconds"), seconds=(last - started).total_seconds(),
+               interrupted=True, crashed=CRASHED,
+               partial={"ran": len(tests), "collected": (run.get("partial") or {}).get("collected")},
+               unmatched_known=[], unchecked_known=[])
+    return build(records, run)

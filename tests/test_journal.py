@@ -1,0 +1,94 @@
+"""A run's records survive its process: each test's records go to a journal as they are made
+(reports/unfinished-<start>-<pid>.jsonl), deleted once the report is written; a run that dies in
+native code (a segfault in XLA's compiler ended a 19-minute serial run of the suites with nothing
+kept) leaves the journal, `python -m equivcheck recover` makes its report, and the next run's header
+names it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from equivcheck.__main__ import main
+from equivcheck.report import read_report
+from equivcheck.report.journal import CRASHED, leftovers, recover
+from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
+
+SUITE = """
+import ctypes
+import pytest, torch, jax.numpy as jnp
+import equivcheck as ec
+
+def crashes(x):
+    ctypes.string_at(0)  # a segmentation fault, as native code's
+    return torch.tanh(x)
+
+PAIRS = [ec.Pair("first", torch.tanh, jnp.tanh, ec.unary(), checks=("forward",)),
+         ec.Pair("second", torch.sin, jnp.sin, ec.unary(), checks=("forward",)),
+         ec.Pair("third", crashes, jnp.tanh, ec.unary(), checks=("forward",))]
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_pair(pair, equiv):
+    equiv.check(pair)
+"""
+FAST = ["--equiv-examples", "3", "--equiv-seed", "1", "--equiv-dtypes", "float32", "-p", "no:cacheprovider",
+        "--equiv-jax-cache", "none", "-p", "no:randomly"]
+
+
+def _run(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONFAULTHANDLER": "0"}
+    return subprocess.run([sys.executable, "-m", "pytest", "--equiv", *FAST, "--equiv-report=reports", *args],
+                          cwd=project, capture_output=True, text=True, timeout=600, check=False, env=env)
+
+
+def test_a_run_that_crashes_keeps_its_records_and_recover_makes_the_report(tmp_path):
+    (tmp_path / "test_crash.py").write_text(SUITE)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    crashed = _run(tmp_path)
+    assert crashed.returncode != 0 and "Segmentation fault" in crashed.stderr + crashed.stdout, crashed.returncode
+    reports = tmp_path / "reports"
+    assert not list(reports.glob("*.json")), "a crashed run cannot have written its report"
+    [journal] = leftovers(reports)
+    built = recover(journal)
+    assert [r["pair"] for r in built["records"]] == ["first", "second"]
+    assert all(r["outcome"] == "passed" for r in built["records"])
+    run = built["run"]
+    assert run["interrupted"] and run["crashed"] == CRASHED and run["partial"] == {"ran": 2, "collected": 3}
+    assert run["seed"] == 1
+    # the next run names the journal in its header, and recover turns it into a readable report
+    again = _run(tmp_path, "-k", "first")
+    assert f"left its records in reports/{journal.name}: python -m equivcheck recover" in again.stdout, again.stdout
+    assert main(["recover", str(journal)]) == 0
+    assert not journal.exists()
+    [written] = [p for p in reports.glob("2*.json") if read_report(str(p))["run"].get("crashed")]
+    assert read_report(str(written))["summary"]["passed"] == 2
+
+
+def test_a_run_that_writes_its_report_leaves_no_journal(pytester):
+    safe = SUITE.replace('"third", crashes', '"third", torch.tanh')  # never the segfault in this process
+    assert "crashes, jnp" not in safe
+    pytester.makepyfile(test_pairs=safe)
+    pytester.runpytest("--equiv", *FAST, "--equiv-report=reports").assert_outcomes(passed=3)
+    reports = pytester.path / "reports"
+    assert list(reports.glob("*.json")) and not list(reports.glob("unfinished-*"))
+
+
+def test_recover_refuses_what_is_not_a_journal_and_drops_a_cut_last_line(tmp_path, capsys):
+    bad = tmp_path / "unfinished-20261201-000000-1.jsonl"
+    bad.write_text('{"records": []}\n')
+    assert main(["recover", str(bad)]) == 2
+    assert "a record journal starts with its run section" in capsys.readouterr().err
+    run = {"started": "2026-12-01T00:00:00+00:00", "partial": {"ran": 0, "collected": 4}}
+    record = {"id": "p::forward::float32::cpu", "pair": "p", "check": "forward", "dtype": "float32", "device": "cpu", "outcome": "passed",
+              "nodeid": "t.py::test[p]"}
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(json.dumps({"run": run}) + "\n" + json.dumps({"record": record}) + '\n{"record": {"pair": "q"')
+    built = recover(cut)
+    assert [r["pair"] for r in built["records"]] == ["p"] and built["run"]["partial"] == {"ran": 1, "collected": 4}
+    with pytest.raises(ValueError, match=r"cut2.jsonl:2: not a JSON line"):
+        (tmp_path / "cut2.jsonl").write_text(json.dumps({"run": run}) + "\n{oops\n" + json.dumps({"record": record}))
+        recover(tmp_path / "cut2.jsonl")
