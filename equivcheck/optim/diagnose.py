@@ -237,7 +237,8 @@ def explained_by_rounding(pair: Any, ex: Example, out: Outcome, dtype: str, run:
     given. Rounding acts at every step, so we run torch in float64 from the start of the
     compared stretch (the initial point, or the state that moved) on SAMPLES copies that
     round like the tested dtype (equivcheck.optim.sides.run_torch's jitter: each gradient
-    moved by up to twice its own rounding error at that dtype, parameters and state by ULPS
+    moved by up to twice its own rounding error at that dtype, in two copies by exactly minus and
+    plus twice it, parameters and state by ULPS
     ulps after every step). If both float32 sides, and both float64 runs, lie within SAFETY x
     that spread (plus the bound for n steps) of the float64 answer (the two float64 runs'
     mean; where either is non-finite, only the identical value), no side is wrong. A
@@ -264,9 +265,9 @@ def explained_by_rounding(pair: Any, ex: Example, out: Outcome, dtype: str, run:
     try:
         exact = at_n(params, data, state)
         spread = [np.zeros_like(x) for x in exact]
-        for _ in range(SAMPLES):
+        for i in range(SAMPLES):  # the first two at the corners of the gradients' rounding box
             s = None if state is None else {**state, **{f.torch: nudge(state[f.torch]) for f in pair.state_map.fields}}
-            moved = at_n(nudge(params), nudge(data), s, (rng, rel, low))
+            moved = at_n(nudge(params), nudge(data), s, (rng, rel, low, (-2.0, 2.0)[i] if i < 2 else None))
             spread = [np.maximum(a, np.abs(m - e)) for a, m, e in zip(spread, moved, exact)]
         length = 1 if ex.check == "step" else MAX_STEPS
         jax64 = _leaves(run_jax(pair, problem, length, params, data, n, dtype="float64", start=state,

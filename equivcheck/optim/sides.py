@@ -47,12 +47,15 @@ def torch_optimizer_for(pair: Any, leaves: list[Any], params: Any) -> Any:
 @deadline.side("torch")
 def run_torch(pair: Any, problem: Any, params0: Any, data: Any, steps: int, *, dtype: str, device: str = "cpu",
               start: dict[str, Any] | None = None, start_step: int = 0,
-              jitter: tuple[np.random.Generator, float, str | None] | None = None) -> list[dict[str, Any]]:
-    """The torch trajectory. `jitter=(rng, rel, low)` makes a float64 run round like the
+              jitter: tuple[Any, ...] | None = None) -> list[dict[str, Any]]:
+    """The torch trajectory. `jitter=(rng, rel, low[, corner])` makes a float64 run round like the
     dtype `low` (the conditioning test, equivcheck.optim.diagnose; None: float64 itself):
     every gradient moves by
     U(-2, 2) times its own rounding error at `low` (the gradient computed at `low` minus the
-    float64 one: cancellation in a backward pass is not relative to the result), and after
+    float64 one: cancellation in a backward pass is not relative to the result), or by exactly
+    `corner` (-2 or 2) times it, every element the same way (the box's corners: where a side's
+    float32 gradient is off by its own size, 1 - tanh**2 at saturation read as 0, Adam's update
+    flips or vanishes, which uniform draws over 32 elements and 6 copies missed), and after
     every step the parameters and the optimizer state are multiplied by 1 + rel * U(-1, 1)."""
     import torch
 
@@ -117,7 +120,7 @@ def _backward(problem: Any, treedef: Any, leaves: Sequence[Any], tdata: Any, j: 
 
 
 def _jitter_grads(problem: Any, treedef: Any, leaves: Sequence[Any], data: Any, micro: int, rng: np.random.Generator,
-                  rel: float, low: str) -> None:
+                  rel: float, low: str, corner: float | None = None) -> None:
     import torch
 
     from equivcheck.backends.torch import _TORCH_DTYPES
@@ -135,7 +138,8 @@ def _jitter_grads(problem: Any, treedef: Any, leaves: Sequence[Any], data: Any, 
     with torch.no_grad():
         for p, q, g in zip(leaves, lows, theirs):
             err = torch.maximum((q.grad.to(p.dtype) - p.grad).abs(), (torch.from_numpy(np.array(g)).to(p.dtype) - p.grad).abs())
-            p.grad.add_(err * torch.from_numpy(np.asarray(rng.uniform(-2, 2, tuple(p.shape)))).to(p.dtype))
+            u = np.full(tuple(p.shape), corner) if corner is not None else rng.uniform(-2, 2, tuple(p.shape))
+            p.grad.add_(err * torch.from_numpy(np.asarray(u)).to(p.dtype))
 
 
 _GRADS: dict[Any, Any] = {}
