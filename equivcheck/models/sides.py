@@ -174,17 +174,22 @@ def torch_train(pair: Any, model: Any, ents: Sequence[mm.Entry], batches: Sequen
     return steps, all_masks
 
 
-def torch_step(pair: Any, model: Any, optimizer: Any, scheduler: Any, targs: Sequence[Any]) -> Any:
+def torch_step(pair: Any, model: Any, optimizer: Any, scheduler: Any, targs: Sequence[Any],
+               after_backward: Any = None) -> Any:
     """One training step of the model in its current mode on tensors `targs` (inputs, then the
-    target): gradients zeroed (set to None), loss, backward, the pair's clipping, optimizer.step()
-    and its scheduler's step; parameters and optimizer state updated in place. Returns the loss
-    (a 0-d tensor). The `train` check's loop and the `--equiv-bench` train step both run it."""
+    target): gradients zeroed (set to None), loss, backward, `after_backward()` if given (the
+    rounding test moves the gradients there: equivcheck.models.sensitivity), the pair's clipping,
+    optimizer.step() and its scheduler's step; parameters and optimizer state updated in place.
+    Returns the loss (a 0-d tensor). The `train` check's loop and the `--equiv-bench` train step
+    both run it."""
     import warnings
 
     opt_pair = pair.optimizer
     optimizer.zero_grad(set_to_none=True)
     loss = pair.loss.torch_fn(model(*targs[:-1]), targs[-1])
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     if opt_pair.torch_clip:
         opt_pair.torch_clip(list(model.parameters()))
     optimizer.step()
