@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from equivcheck import Fixed, Floats, Index, Inputs, Pair, RunSettings, Same, Square, unary
 from equivcheck.engine import tolerance
 from equivcheck.ops.autodiff import evaluate, keyed, leaf_at, widen
+from equivcheck.ops.diagnose import _precision_hint
 from tests.verdicts import verdict_on
 
 
@@ -249,3 +250,26 @@ def test_a_nan_at_an_input_of_zero_in_another_op_is_not_matched_to_bce():
     pair = Pair("tanh_jaxnan", torch.tanh, port, unary(), reference=np.tanh, checks=("vjp",))
     verdict = verdict_on(pair, "vjp", [np.array([0.0, 0.0], np.float32)], "float32")
     assert verdict.side == "jax" and "known divergence" not in verdict.diagnosis, verdict.diagnosis
+
+
+
+def test_a_nonfinite_side_gets_no_low_precision_hint():
+    # Seed 1557109316 of the CI sweep: torch's cumprod JVP gave NaN at float32's smallest normal
+    # (its tangent/input sum overflows) beside a 6.3e-05 relative error elsewhere, and the
+    # diagnosis called that "what float16 or TF32 rounding gives".
+    ref = np.array([0.0, 1.0, 2.0])
+    finite = np.array([0.0, 1.0 + 6.3e-5, 2.0])
+    assert "float16 or TF32 rounding" in _precision_hint(finite, ref, "float32", "vanishes")
+    for poison in (np.nan, np.inf):
+        assert _precision_hint(np.where([True, False, False], poison, finite), ref, "float32", "vanishes") == ""
+
+
+def test_the_cumprod_jvp_overflow_names_torch():
+    tiny = float(np.finfo(np.float32).tiny)
+    pair = Pair("cumprod_at_smallest_normal", lambda x: torch.cumprod(x, -1), lambda x: jnp.cumprod(x, axis=-1),
+                unary(), reference=lambda x: np.cumprod(x, -1), checks=("forward", "jvp"))
+    # Direction seed 0 gives the last row a tangent sum of 4.25: over 4 * tiny it overflows.
+    args = [np.array([[1.0] * 4] * 7 + [[tiny] * 4], np.float32)]
+    verdict = verdict_on(pair, "jvp", args, "float32")
+    assert verdict.kind == "nonfinite" and verdict.side == "torch", verdict.diagnosis
+    assert verdict.diagnosis.endswith("torch is off"), verdict.diagnosis
