@@ -36,6 +36,7 @@ def test_a_float32_step_off_by_more_than_rounding_is_not_excused():
     ref = [np.asarray(v, np.float64) for _, v in flatten(mm.to_jax(ents, ms.torch_state(model))[0])]
     bound = tolerance.lookup("float32", device="cpu", precision="highest", check="vjp")
     rounded = [r.astype(np.float32).astype(np.float64) for r in ref]
-    assert first_step_within_gradient_rounding(pair, ents, batch, batch, 0, "cpu", rounded, rounded, ref, bound, 2.0)
+    assert first_step_within_gradient_rounding(pair, ents, batch, batch, 0, "cpu", rounded, rounded, ref, ref, bound, 2.0)
     off = [r + 1e-3 for r in rounded]  # every weight 1e-3 from float64's step: no gradient rounding explains it
-    assert not first_step_within_gradient_rounding(pair, ents, batch, batch, 0, "cpu", rounded, off, ref, bound, 2.0)
+    assert not first_step_within_gradient_rounding(pair, ents, batch, batch, 0, "cpu", rounded, off, ref, ref, bound,
+                                                  2.0)

@@ -128,10 +128,7 @@ def _gradients(pair: Any, ents: list[mm.Entry], ex: Any, x: list[Any], y: Any, d
     state = ms.torch_state(model)
     params, stats = mm.to_jax(ents, state)
     t_vals, t_grads = ms.torch_grad(pair, model, x, y, train=train, seed=ex.seed, device=run.device)
-    masks: dict[str, Any] = {}
-    if train:  # the masks torch's first step draws
-        ms.torch_forward(ms.build_torch(pair, ex.seed, dtype, run.device), x, train=True, seed=ex.seed,
-                         device=run.device, masks=masks)
+    masks = t_vals["masks"]  # the ones torch's first step drew, if it trains
     (j_loss, (j_out, _)), j_g = ms.run_jax(pair, "grad_train" if train else "grad_eval", dtype, run.device, params,
                                            stats, x, y, masks)
     if compare(t_vals["out"], j_out, _forward_tol(base, "grad")).ok and not compare(t_vals["loss"], j_loss, base).ok:

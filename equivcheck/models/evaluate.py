@@ -210,4 +210,4 @@ def _rounding(pair: Any, ents: list[mm.Entry], ex: Example, batches: list[Any], 
 
     ref = [(a + b) / 2 for a, b in zip(params(t64), params(j64))]
     return first_step_within_gradient_rounding(pair, ents, batches[0], wide[0], ex.seed, run.device, params(t_steps),
-                                               params(j_steps), ref, bound, SAFETY)
+                                               params(j_steps), ref, params(t64), bound, SAFETY)

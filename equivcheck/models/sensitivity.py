@@ -35,15 +35,14 @@ def _grads32(pair: Any, ents: Sequence[mm.Entry], batch: tuple[Any, ...], seed: 
     state = ms.torch_state(model)
     params, stats = mm.to_jax(ents, state)
     x, y = list(batch[:-1]), batch[-1]
-    _, t = ms.torch_grad(pair, model, x, y, train=True, seed=seed, device=device)
-    masks = ms.torch_forward(model, x, train=True, seed=seed, device=device)[1]
-    (_, _), g = ms.run_jax(pair, "grad_train", "float32", device, params, stats, x, y, masks)
+    info, t = ms.torch_grad(pair, model, x, y, train=True, seed=seed, device=device)
+    (_, _), g = ms.run_jax(pair, "grad_train", "float32", device, params, stats, x, y, info["masks"])
     return t, mm.grads_to_torch(ents, g, state)
 
 
 def _step64(pair: Any, ents: Sequence[mm.Entry], batch: tuple[Any, ...], seed: int, device: str,
-            moved: dict[str, np.ndarray] | None) -> list[np.ndarray]:
-    """The float64 parameters after one training step, each gradient plus `moved[name]` (None: as is)."""
+            moved: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The float64 parameters after one training step, each gradient plus `moved[name]`."""
     import torch
 
     model = ms.build_torch(pair, seed, "float64", device)
@@ -53,7 +52,7 @@ def _step64(pair: Any, ents: Sequence[mm.Entry], batch: tuple[Any, ...], seed: i
 
     def move() -> None:
         with torch.no_grad():
-            for name, delta in (moved or {}).items():
+            for name, delta in moved.items():
                 if named[name].grad is not None:
                     named[name].grad.add_(torch.from_numpy(delta).to(named[name].grad))
 
@@ -70,11 +69,12 @@ def _step64(pair: Any, ents: Sequence[mm.Entry], batch: tuple[Any, ...], seed: i
 
 def first_step_within_gradient_rounding(pair: Any, ents: Sequence[mm.Entry], batch32: tuple[Any, ...],
                                         batch64: tuple[Any, ...], seed: int, device: str, t32: list[np.ndarray],
-                                        j32: list[np.ndarray], ref: list[np.ndarray], bound: Tolerance,
-                                        safety: float) -> bool:
+                                        j32: list[np.ndarray], ref: list[np.ndarray], exact: list[np.ndarray],
+                                        bound: Tolerance, safety: float) -> bool:
     """Whether both float32 sides' parameters after step 1 (`t32`, `j32`, leaves in the port's layout)
     lie within `safety` x the float64 step's spread under gradient rounding (plus `bound`) of `ref`, the
-    float64 answer. Any failure to re-run leaves the gap standing (False)."""
+    float64 answer. `exact` is torch's float64 step, from which the moved steps' spread is measured.
+    Any failure to re-run leaves the gap standing (False)."""
     try:
         t, j = _grads32(pair, ents, batch32, seed, device)
         model = ms.build_torch(pair, seed, "float64", device)
@@ -84,11 +84,10 @@ def first_step_within_gradient_rounding(pair: Any, ents: Sequence[mm.Entry], bat
         grad_bound = {n: bound.atol + bound.rtol * np.abs(g64[n]) for n in err}
         if set(err) != set(g64) or any(not np.all(err[n] <= grad_bound[n]) for n in err):
             return False
-        exact = _step64(pair, ents, batch64, seed, device, None)
         corners = [_step64(pair, ents, batch64, seed, device, {n: c * e for n, e in err.items()}) for c in (-2.0, 2.0)]
     except Exception:  # noqa: BLE001 - a re-run that fails says nothing: the failure stands
         return False
-    if len(exact) != len(ref):
+    if not len(exact) == len(ref) == len(corners[0]):
         return False
     for k, r in enumerate(ref):
         spread = np.maximum(np.abs(corners[0][k] - exact[k]), np.abs(corners[1][k] - exact[k]))

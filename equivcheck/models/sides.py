@@ -122,7 +122,8 @@ def torch_state(model: Any) -> dict[str, np.ndarray]:
 @deadline.side("torch")
 def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, train: bool, seed: int,
                device: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """({"loss", "out"}, gradients by torch parameter name)."""
+    """({"loss", "out", "masks"}, gradients by torch parameter name); "masks" holds the dropout
+    masks the forward drew (applied in train mode only), for the port to take the same ones."""
     import torch
 
     from equivcheck.backends.torch import to_numpy
@@ -142,7 +143,7 @@ def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, tra
             h.remove()
     grads = {n: to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape), to_numpy(p.detach()).dtype)
              for n, p in model.named_parameters() if p.requires_grad}  # a frozen parameter has no gradient
-    return {"loss": to_numpy(loss), "out": to_numpy(out)}, grads
+    return {"loss": to_numpy(loss), "out": to_numpy(out), "masks": masks}, grads
 
 
 @deadline.side("torch")
