@@ -98,9 +98,16 @@ def _recover(args: argparse.Namespace) -> int:
 
     from equivcheck.report import write
     from equivcheck.report.files import unwritable
-    from equivcheck.report.journal import recover
+    from equivcheck.report.journal import recover, writer_alive
 
     journal = Path(args.journal)
+    pid = writer_alive(journal)
+    if pid is not None and not args.force:
+        # Its report would be a partial copy of a run still adding records, and deleting the
+        # journal would lose them if that run then crashed.
+        print(f"equivcheck recover: {journal}: the run writing it is still running (PID {pid}) and writes its own "
+              "report when it ends; recover only the journal of a run that is gone, or pass --force", file=sys.stderr)
+        return 2
     try:
         built = recover(journal)
     except OSError as exc:
@@ -110,15 +117,26 @@ def _recover(args: argparse.Namespace) -> int:
         print(f"equivcheck recover: {exc}", file=sys.stderr)
         return 2
     out = args.output or str(journal.parent)
+    existing = Path(out) / f"{built['run']['id']}.json"
+    if existing.exists() and not args.force:
+        print(f"equivcheck recover: {journal}: its run already has a report, {existing} (the process ended after "
+              "writing it and before deleting the journal); nothing written: delete the journal, or pass --force to "
+              "replace that report with the journal's records", file=sys.stderr)
+        return 2
     try:
-        paths = write(built, out)
+        paths, problems = write(built, out)
     except OSError as exc:
         print(f"equivcheck recover: -o {out}: {unwritable(out, exc)}", file=sys.stderr)
         return 2
     journal.unlink(missing_ok=True)  # its records now live in the report
-    s = built["summary"]
-    print(f"recovered {s['total']} records of a run that ended without its report (partial: "
-          f"{built['run']['partial']['ran']} tests ran):\n" + "\n".join(f"  {p}" for p in paths))
+    for problem in problems:
+        print(f"equivcheck recover: {problem}", file=sys.stderr)
+    s = built["run"]
+    cut = s["journal"]["cut_line"]
+    print(f"recovered {built['summary']['total']} records of a run that ended without its report (partial: "
+          f"{s['partial']['ran']} tests ran)"
+          + (f"; line {cut}, cut off by the crash, dropped: the test it was written for may lack records" if cut
+             else "") + ":\n" + "\n".join(f"  {p}" for p in paths))
     return 0
 
 
@@ -264,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "record journal it left: reports/unfinished-<start>-<pid>-<token>.jsonl")
     rec.add_argument("journal", metavar="JOURNAL.jsonl")
     rec.add_argument("-o", "--output", metavar="DIR", help="where the report goes (default: the journal's directory)")
+    rec.add_argument("--force", action="store_true", help="recover even when the journal's process is still running, "
+                     "or replace a report the run already has")
     rec.set_defaults(run=_recover)
     conv = sub.add_parser("convert", help="convert a checkpoint: .pt/.pth (weights only), .safetensors, "
                                           ".msgpack (Flax), a directory (Orbax)")

@@ -22,20 +22,32 @@ def path_taken_for_a_test_path(config: pytest.Config) -> str:
     moves the rootdir above it, where no ini file is found: the project's known divergences and
     testpaths are silently not read (a run of the suites with `-n 2 --equiv-report /abs/dir` failed 100
     known-divergence checks) and node ids change. The `--option=PATH` form is one word, which pytest
-    leaves alone. Flagged only when the ini file differs from the one found upward from here."""
+    leaves alone. Flagged when the ini file differs from the one found upward from here, and, so that
+    the same command is not accepted once and refused the next time, when such a path does not exist
+    yet and no test path stands beside it."""
     args = [str(a) for a in config.invocation_params.args]
     here = config.invocation_params.dir
     expected = _ini_upward(here)
-    if expected is None or (config.inipath is not None and Path(config.inipath).resolve() == expected):
+    if expected is None:
         return ""
-    for option, value in itertools.pairwise(args):
-        path = (here / value).resolve()
-        if option in PATH_OPTIONS and path.exists() and not path.is_relative_to(expected.parent):
+    moved = config.inipath is None or Path(config.inipath).resolve() != expected
+    two_word = [(option, value) for option, value in itertools.pairwise(args) if option in PATH_OPTIONS
+                and not (here / value).resolve().is_relative_to(expected.parent)]
+    for option, value in two_word:
+        if moved and (here / value).exists():
             return (f"{option} {value}: pytest took {value} for a test path when it chose its rootdir "
                     f"({config.rootpath}, "
                     f"{f'ini file {config.inipath}' if config.inipath else 'no ini file'}, not {expected}), before "
                     f"equivcheck's options were known, so the project's ini settings (known divergences, testpaths) "
                     f"are not read; write {option}={value}")
+    values = {value for _, value in two_word}
+    if two_word and not any((here / a).exists() for a in args if not a.startswith("-") and a not in values):
+        # Not yet harmful: pytest skips a path that does not exist. The run creates it, and the same
+        # command run again would be refused above: refuse it now, the same way.
+        option, value = two_word[0]
+        return (f"{option} {value}: given as two words, pytest takes {value} for a test path when it chooses "
+                f"its rootdir once {value} exists (this run would create it), and the project's ini settings "
+                f"(known divergences, testpaths) are then not read; write {option}={value}")
     return ""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import os
 import shlex
 import warnings
 from collections.abc import Callable, Sequence
@@ -54,6 +55,7 @@ class SessionState:
     device_names: dict[str, str] = dataclasses.field(default_factory=dict)
     report_paths: tuple[Any, ...] = ()
     report_error: str = ""  # why the report could not be written, for the terminal summary
+    report_problems: tuple[str, ...] = ()  # a part of it left out (plots, the page), or latest.* kept
     journal: Any = None  # the controller's equivcheck.report.journal.Journal (None: no report, or a worker)
     # Tests selected to run (None until collection finishes) and those that reached an outcome:
     # fewer ran than were selected when Ctrl-C, a stuck side or -x cut the run short.
@@ -80,6 +82,18 @@ class SessionState:
                 "--equiv-examples", str(self.run.examples), "--equiv-shapes", str(self.run.palette),
                 *self.extra_args]
         return shlex.join(args)
+
+
+def _from_invocation_dir(item: pytest.Item) -> str:
+    """`item`'s node id with its file as a path from the directory pytest was started in. Node ids
+    are relative to the rootdir: a run started in suites/ printed `suites/test_losses.py::...`, which
+    named no file when pasted there, and a test outside the rootdir got a bare file name."""
+    _, sep, rest = item.nodeid.partition("::")
+    try:
+        where = os.path.relpath(item.path, item.config.invocation_params.dir)
+    except (ValueError, AttributeError):  # another drive (Windows); an item with no file
+        return item.nodeid
+    return where.replace(os.sep, "/") + sep + rest
 
 
 class Equiv:
@@ -145,8 +159,8 @@ class Equiv:
 
     @property
     def replay(self) -> str:
-        """The command line that replays this test."""
-        return self._state.replay(self._item.nodeid, self.dtype, self.device)
+        """The command line that replays this test, pasted where the run was started."""
+        return self._state.replay(_from_invocation_dir(self._item), self.dtype, self.device)
 
     def known(self, check_id: str) -> tuple[str, str] | None:
         """(pattern, reason) of the known divergence matching `check_id`, or this test's node id:

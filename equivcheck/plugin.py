@@ -53,7 +53,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--equiv-known-lenient", action="store_true",
                 help="a known divergence whose witness now agrees is a warning (default: a failure, 'fixed')")
     g.addoption("--equiv-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                help=f"seconds one side's call may take before its check fails with its stack; 0: no limit "
+                help=f"seconds one side's call may take before its check fails with its stack, extended by the "
+                     f"load average per core when above 1 (at most 8x; the failure states it); 0: no limit "
                      f"(default: {DEFAULT_TIMEOUT:g})")
     g.addoption("--equiv-jax-cache", default="auto", metavar="DIR",
                 help="JAX persistent compilation cache ('auto': in pytest's cache dir; 'none': off)")
@@ -163,10 +164,12 @@ def _build_state(config: pytest.Config) -> Any:
             state.unavailable[device] = f"no {device.upper()} here: {' and '.join(missing)} cannot see one"
         else:
             state.device_names[device] = tb.device_name(device)
-    from equivcheck.session import abort, journal_for
+    from equivcheck.session import abort, journal_for, sigterm_as_interrupt
 
     state.abort = lambda records, exc: abort(config, state, records, exc)
     state.journal = None if worker else journal_for(config, state)
+    if not worker:
+        sigterm_as_interrupt(config)
     return state
 
 

@@ -31,13 +31,33 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
                 from equivcheck.benchmarking import session_benchmarks
 
                 built["benchmarks"] = session_benchmarks(config)
-            state.report_paths = report.write(built, state.report_dir)
+            state.report_paths, state.report_problems = report.write(built, state.report_dir)
             if state.journal is not None:
                 state.journal.discard()
         except OSError as exc:  # checked at the start, yet gone since (removed, full, read-only)
             from equivcheck.report.files import unwritable
 
             state.report_error = f"no report written to {state.report_dir}: {unwritable(state.report_dir, exc)}"
+
+
+def sigterm_as_interrupt(config: pytest.Config) -> None:
+    """SIGTERM (`kill`, a CI job's timeout or cancel) ends the run as Ctrl-C does: pytest's
+    KeyboardInterrupt path prints the summary and the report is written, marked interrupted. By
+    default SIGTERM ended the process at once with only the record journal left. A second SIGTERM
+    ends it at once, as before. Only the main thread may set handlers; the old one returns at
+    unconfigure."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt("SIGTERM: the run was asked to stop; its report is written, marked interrupted")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, before))
 
 
 def run_section(config: pytest.Config, state: Any, *, interrupted: bool, stuck: str = "") -> dict[str, Any]:
@@ -150,6 +170,7 @@ def report_lines(state: Any, *, interrupted: bool) -> list[tuple[str, str]]:
         lines.append(("", text))
     if state.report_error:
         lines.append(("red", state.report_error))
+    lines += [("red", f"report: {problem}") for problem in state.report_problems]
     if state.journal is not None and state.journal.error:
         lines.append(("red", state.journal.error))
     lines += [("", f"report: {path}") for path in state.report_paths]

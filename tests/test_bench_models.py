@@ -133,7 +133,8 @@ def test_claims_show_torch_compile_beside_eager_and_label_the_evidence(tmp_path)
     assert "* JAX is faster [evidence: torch.compile vs JAX]: contradicted" in text
     assert max(len(line) for line in lines) <= 120
     (groups,) = _sections(load([_write(tmp_path, "c.json", benches)])).values()
-    compiled = {claim: pro for claim, _, pro, _ in claim_rows(groups, "torch.compile")}
-    assert compiled["JAX is faster"].startswith("0/3 groups JAX faster, steady state (geomean torch.compile/JAX 0.5x)")
+    compiled = {claim: (verdict, pro) for claim, verdict, pro, _ in claim_rows(groups, "torch.compile")}
+    assert compiled["JAX is faster"][0].startswith("contradicted; geomean torch.compile/JAX 0.5x steady state")
+    assert compiled["JAX is faster"][1] == "0/3 groups JAX faster, steady state: none"
     assert text.index("faster [evidence: torch eager") < text.index("faster [evidence: torch.compile") < text.index(
         "memory [evidence: torch eager")  # each claim on both kinds of evidence, one after the other

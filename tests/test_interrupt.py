@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 HANGS = """
@@ -42,7 +44,9 @@ PYTEST_WITH_SIGINT = ("import signal, sys, pytest; signal.signal(signal.SIGINT, 
                       "sys.exit(pytest.main(sys.argv[1:]))")
 
 
-def test_one_ctrl_c_ends_a_run_hanging_in_jax_tracing(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_one_ctrl_c_or_sigterm_ends_a_run_hanging_in_jax_tracing(tmp_path, signum):
+    """SIGTERM (kill, a CI job's timeout) used to end the process at once: no summary, no report."""
     (tmp_path / "test_hangs.py").write_text(HANGS)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", PYTEST_WITH_SIGINT, "test_hangs.py", "--equiv",
@@ -55,7 +59,7 @@ def test_one_ctrl_c_ends_a_run_hanging_in_jax_tracing(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=10)[0]
             time.sleep(0.2)
         time.sleep(1.0)  # the checking thread now waits on the hanging trace, or traces itself
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         sent = time.monotonic()
         out, _ = proc.communicate(timeout=60)
         took = time.monotonic() - sent
@@ -68,6 +72,8 @@ def test_one_ctrl_c_ends_a_run_hanging_in_jax_tracing(tmp_path):
     # the report and exit.
     assert took < 30, (took, out)
     assert "KeyboardInterrupt" in out
+    if signum == signal.SIGTERM:
+        assert "SIGTERM: the run was asked to stop" in out, out
     # the interrupt may come while "quick" still runs (under load "hangs" is traced ahead, on
     # the compile thread): the report is written and marked whether or not a record was filed
     run = json.loads((tmp_path / "reports" / "latest.json").read_text())["run"]

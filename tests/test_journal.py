@@ -17,6 +17,7 @@ from equivcheck.__main__ import main
 from equivcheck.report import read_report
 from equivcheck.report.journal import CRASHED, leftovers, recover
 from tests import preload  # noqa: F401 - frameworks loaded before pytester (tests/preload.py)
+from tests.test_report import RUN as REPORT_RUN
 
 SUITE = """
 import ctypes
@@ -82,13 +83,55 @@ def test_recover_refuses_what_is_not_a_journal_and_drops_a_cut_last_line(tmp_pat
     bad.write_text('{"records": []}\n')
     assert main(["recover", str(bad)]) == 2
     assert "a record journal starts with its run section" in capsys.readouterr().err
-    run = {"started": "2026-12-01T00:00:00+00:00", "partial": {"ran": 0, "collected": 4}}
+    assert main(["recover", str(_journal(bad, run={"started": "2026-12-01T00:00:00+00:00"}))]) == 2
+    assert "the run section lacks id, versions, machine, which the report needs" in capsys.readouterr().err
+    run = {**RUN, "id": "r-cut"}
     record = {"id": "p::forward::float32::cpu", "pair": "p", "check": "forward", "dtype": "float32", "device": "cpu", "outcome": "passed",
               "nodeid": "t.py::test[p]"}
     cut = tmp_path / "cut.jsonl"
     cut.write_text(json.dumps({"run": run}) + "\n" + json.dumps({"record": record}) + '\n{"record": {"pair": "q"')
     built = recover(cut)
     assert [r["pair"] for r in built["records"]] == ["p"] and built["run"]["partial"] == {"ran": 1, "collected": 4}
+    assert built["run"]["journal"] == {"path": str(cut), "cut_line": 3}
+    assert main(["recover", str(cut)]) == 0  # and says so: the dropped line was a record of some test
+    assert "line 3, cut off by the crash, dropped: the test it was written for may lack records" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"cut2.jsonl:2: not a JSON line"):
         (tmp_path / "cut2.jsonl").write_text(json.dumps({"run": run}) + "\n{oops\n" + json.dumps({"record": record}))
         recover(tmp_path / "cut2.jsonl")
+
+
+RUN = {**REPORT_RUN, "id": "r-crashed", "started": "2026-12-01T00:00:00+00:00", "partial": {"ran": 0, "collected": 4}}
+RECORD = {"id": "p::forward::float32::cpu", "pair": "p", "check": "forward", "dtype": "float32", "device": "cpu",
+          "outcome": "passed", "nodeid": "t.py::test[p]"}
+
+
+def _journal(path: Path, run: dict | None = None) -> Path:
+    path.write_text(json.dumps({"run": run or RUN}) + "\n" + json.dumps({"record": RECORD}) + "\n")
+    return path
+
+
+def test_recover_refuses_the_journal_of_a_run_still_running(tmp_path, capsys):
+    """recover made a partial report of a live run and deleted the journal it was still writing."""
+    live = _journal(tmp_path / f"unfinished-20261201-000000-{os.getpid()}-abc123.jsonl")
+    assert main(["recover", str(live)]) == 2
+    err = capsys.readouterr().err
+    assert f"the run writing it is still running (PID {os.getpid()})" in err and err.count("\n") == 1
+    assert live.exists() and not list(tmp_path.glob("*.json"))
+    assert main(["recover", "--force", str(live)]) == 0 and not live.exists()
+
+
+def test_recover_keeps_a_report_the_run_already_has_and_latest_on_a_newer_run(tmp_path, capsys):
+    from equivcheck import report
+
+    newer = report.build([RECORD], {**RUN, "id": "r-newer", "started": "2026-12-02T00:00:00+00:00"})
+    report.write(newer, tmp_path)
+    journal = _journal(tmp_path / "unfinished-20261201-000000-999999999-abc123.jsonl")
+    assert main(["recover", str(journal)]) == 0
+    assert "latest.* left on the run started 2026-12-02" in capsys.readouterr().err
+    assert json.loads((tmp_path / "latest.json").read_text())["run"]["id"] == "r-newer"
+    assert read_report(str(tmp_path / "r-crashed.json"))["run"]["crashed"] == CRASHED
+    # the same run's journal again: its report exists, and a second one would duplicate or replace it
+    _journal(journal)
+    assert main(["recover", str(journal)]) == 2
+    assert f"its run already has a report, {tmp_path / 'r-crashed.json'}" in capsys.readouterr().err
+    assert journal.exists()

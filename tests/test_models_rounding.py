@@ -18,11 +18,23 @@ from equivcheck.models.sensitivity import first_step_within_gradient_rounding
 from equivcheck.models.zoo import lstm_pair
 
 
-def test_seed_7s_lstm_first_step_is_rounding_amplified_by_adam():
-    run = RunSettings(examples=30, seed=7, palette=4, device="cpu")
-    [rec] = lstm_pair().replace(checks=("train",)).run_checks(dtype="float32", run=run)
-    assert rec.outcome == "passed", rec.failure_text()
-    assert rec.ill_conditioned >= 1, rec.notes
+def test_seed_7s_lstm_first_step_is_rounding_amplified_by_adam(monkeypatch):
+    """Seed 7 went past the bound at step 1 (1.06x) with the packages of 2026-11-30; with those of
+    2026-12-01 (a fresh install) its first step reaches 0.97 of it, and seed 22's first step is the
+    one the rule must accept: both pass, seed 22 through the first-step rule."""
+    from equivcheck.models import sensitivity
+
+    verdicts = []
+    rule = sensitivity.first_step_within_gradient_rounding
+    monkeypatch.setattr(sensitivity, "first_step_within_gradient_rounding",
+                        lambda *args: verdicts.append(rule(*args)) or verdicts[-1])
+    for seed, ruled in ((7, None), (22, [True])):
+        verdicts.clear()
+        run = RunSettings(examples=30, seed=seed, palette=4, device="cpu")
+        [rec] = lstm_pair().replace(checks=("train",)).run_checks(dtype="float32", run=run)
+        assert rec.outcome == "passed", rec.failure_text()
+        if ruled:
+            assert verdicts == ruled and rec.ill_conditioned >= 1, (seed, verdicts, rec.notes)
 
 
 def test_a_float32_step_off_by_more_than_rounding_is_not_excused():

@@ -80,6 +80,20 @@ def test_a_failure_prints_its_diagnosis_and_a_replay_that_reproduces_it(project)
     assert f"minimal inputs: {first_inputs}" in again
 
 
+def test_a_replay_names_the_test_from_where_the_run_started(pytester, monkeypatch):
+    """Node ids are relative to the rootdir: run from a subdirectory, the replay named
+    `sub/test_pairs.py::...`, which is no file when pasted there."""
+    pytester.makeini("[pytest]\n")
+    sub = pytester.mkpydir("sub")
+    (sub / "test_pairs.py").write_text(PAIRS)
+    monkeypatch.chdir(sub)
+    out = pytester.runpytest("--equiv", *FAST, "-k", "gelu").stdout.str()
+    replay = re.search(r"replay: (pytest .*)", out).group(1)
+    assert shlex.split(replay)[2] == "test_pairs.py::test_pair[gelu_bug-float32-cpu]", replay
+    again = pytester.runpytest(*shlex.split(replay)[1:], "-p", "no:cacheprovider")
+    again.assert_outcomes(failed=1)
+
+
 def test_a_replay_repeats_every_option_that_changes_the_outcome(project):
     # gelu_bug's forward is listed as known; its vjp still fails. A replay without the file
     # would fail the forward check too: one failure more than the run it replays.
@@ -296,6 +310,12 @@ def test_a_path_option_pytest_took_for_a_test_path_is_a_usage_error(tmp_path):
     assert two.returncode == 4, two.stdout[-2000:] + two.stderr[-2000:]
     assert f"--equiv-report {outside}: pytest took {outside} for a test path" in two.stderr
     assert f"write --equiv-report={outside}" in two.stderr
+    # the same command before the directory exists: refused too, not accepted once and refused after
+    fresh = tmp_path / "new-reports"
+    first = subprocess.run([*base, "--equiv-report", str(fresh)], cwd=root, capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert first.returncode == 4 and not fresh.exists(), first.stdout[-2000:] + first.stderr[-2000:]
+    assert f"--equiv-report {fresh}: given as two words, pytest takes {fresh} for a test path" in first.stderr
     one = subprocess.run([*base, f"--equiv-report={outside}"], cwd=root, capture_output=True, text=True, timeout=300,
                          check=False)
     assert one.returncode == 0 and "suites/test_autodiff.py::test_autodiff[sqrt-float32-cpu]" in one.stdout, \

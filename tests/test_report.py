@@ -69,7 +69,8 @@ def test_grid_marks_each_check():
 
 
 def test_write_puts_run_files_and_latest_side_by_side(tmp_path):
-    json_path, md_path, html_path = report.write(build(rec("exp", "forward")), tmp_path)
+    (json_path, md_path, html_path), problems = report.write(build(rec("exp", "forward")), tmp_path)
+    assert problems == ()
     assert (json_path.name, md_path.name, html_path.name) == ("r1.json", "r1.md", "r1.html")
     assert json.loads((tmp_path / "latest.json").read_text())["run"]["id"] == "r1"
     assert (tmp_path / "latest.html").read_text() == html_path.read_text()
@@ -116,6 +117,37 @@ def test_runs_started_in_the_same_second_get_different_ids():
     assert a != b
     assert a.startswith("20261130-120000-torch2.14.1-jax0.10.2-cpu-") and len(a.rsplit("-", 1)[1]) == 6
     assert report.run_id(now, vers, ["cpu", "gpu"], token="abc123") == "20261130-120000-torch2.14.1-jax0.10.2-cpu-gpu-abc123"
+
+
+def test_a_failing_page_or_plot_costs_that_part_only(tmp_path, monkeypatch):
+    """The writer rendered the page (matplotlib, Jinja2) before writing any file, so a failure there
+    lost the JSON and Markdown too; latest.html of an older run must not sit beside this run's JSON."""
+    (tmp_path / "latest.html").write_text("an older run's page")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("template broke")
+
+    monkeypatch.setattr(report.files.report_html, "render", broken)
+    monkeypatch.setattr(report.files.report_models, "plots", broken)
+    paths, problems = report.write(build(rec("exp", "forward")), tmp_path)
+    assert [p.name for p in paths] == ["r1.json", "r1.md"]
+    assert json.loads((tmp_path / "r1.json").read_text())["summary"]["passed"] == 1
+    assert "exp" in (tmp_path / "latest.md").read_text()
+    assert problems[0] == "plots left out of r1.md: RuntimeError: template broke"
+    assert problems[1].startswith("no HTML page for r1: RuntimeError: template broke (the JSON and Markdown are written")
+    assert not (tmp_path / "r1.html").exists() and not (tmp_path / "latest.html").exists()
+
+
+def test_latest_never_moves_back_to_an_earlier_run(tmp_path):
+    """Recovering an old run's journal wrote its report as latest.*, over a newer complete run's."""
+    newer = build(rec("exp", "forward"))
+    newer["run"] = {**RUN, "id": "r2", "started": "2026-11-27T00:00:00+00:00"}
+    report.write(newer, tmp_path)
+    paths, problems = report.write(build(rec("tanh", "forward")), tmp_path)
+    assert paths[0].name == "r1.json" and paths[0].exists()
+    assert problems == (("latest.* left on the run started 2026-11-27T00:00:00+00:00: this run started earlier "
+                         "(2026-11-26T00:00:00+00:00)"),)
+    assert json.loads((tmp_path / "latest.json").read_text())["run"]["id"] == "r2"
 
 
 def test_runs_writing_into_one_directory_at_once_lose_no_report(tmp_path):

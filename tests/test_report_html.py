@@ -153,7 +153,7 @@ def test_a_report_of_an_older_version_without_kinds_renders_under_other():
 
 def test_write_makes_the_page_from_the_json(tmp_path):
     rep = report.build(every_kind(), RUN)
-    _, _, html_path = report.write(rep, tmp_path)
+    (_, _, html_path), _ = report.write(rep, tmp_path)
     assert html_path.read_text() == report_html.render(json.loads((tmp_path / "latest.json").read_text()))
     assert (tmp_path / "latest.html").read_text() == html_path.read_text()
 

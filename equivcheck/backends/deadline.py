@@ -50,19 +50,22 @@ class SideTimeout(BaseException):
     Constructible without arguments: an exception raised into a thread is built that way."""
 
     def __init__(self, side: str = "", seconds: float = 0.0, stack: str = "", stuck: bool = False,
-                 stretch: str = "") -> None:
+                 stretch: str = "", factor: float = 1.0) -> None:
         super().__init__(side, seconds)
         self.side, self.seconds, self.stack, self.stuck, self.stretch = side, seconds, stack, stuck, stretch
+        self.factor = factor  # the load extension: the call ran seconds * factor of wall time
 
     def describe(self) -> str:
         who = f"the {self.side} side" if self.side in ("torch", "jax") else f"the {self.side}" if self.side else "a side"
         limit = f"{self.seconds:g} s" if self.seconds else "the time limit"
-        text = f"{who} did not return within {limit} (--equiv-timeout)"
+        if self.stretch and self.seconds:  # the figure the call really had, then where it comes from
+            text = f"{who} did not return within {self.seconds * self.factor:.3g} s (--equiv-timeout {limit}"
+            text += f", {self.stretch})"
+        else:
+            text = f"{who} did not return within {limit} (--equiv-timeout)"
         if self.stuck:
             text += (f", nor {grace(self.seconds):g} s later: it runs C code that ignores signals, "
                      "so the run ends here")
-        if self.stretch:
-            text += f"; the limit was {self.stretch}"
         return text + (f"; its stack at that moment (innermost last):\n{self.stack}" if self.stack else "")
 
     def __str__(self) -> str:
@@ -110,13 +113,14 @@ class _Guard:
     due: float
     by_signal: bool
     stretch: str | None = None  # None: the load has not been consulted yet; "": no extension
+    factor: float = 1.0
     fired: bool = False  # the watchdog interrupted the call
     delivered: bool = False  # the thread got SideTimeout
     closing: bool = False  # the call is over (its guard is exiting)
     stack: str = ""
 
     def exception(self, stuck: bool = False) -> SideTimeout:
-        return SideTimeout(self.side, self.seconds, self.stack, stuck, self.stretch or "")
+        return SideTimeout(self.side, self.seconds, self.stack, stuck, self.stretch or "", self.factor)
 
 
 _local = threading.local()
@@ -196,14 +200,15 @@ def wait(fut: futures.Future[Any], name: str, thread: threading.Thread | None) -
     if lim is None or _inside_guard():
         return fut.result()
     done, _ = futures.wait([fut], timeout=lim.seconds)
-    stretch = ""
+    factor, stretch = 1.0, ""
     if not done:
         factor, stretch = load_stretch()
         if factor > 1.0:
             done, _ = futures.wait([fut], timeout=lim.seconds * (factor - 1.0))
     if not done:
         frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident else None
-        raise SideTimeout(name, lim.seconds, stack_text(frame, None) if frame is not None else "", stretch=stretch)
+        raise SideTimeout(name, lim.seconds, stack_text(frame, None) if frame is not None else "", stretch=stretch,
+                          factor=factor)
     return fut.result()
 
 
@@ -335,9 +340,9 @@ class _Watchdog:
                     self._until = None
                     continue
                 if not g.fired and g.stretch is None:
-                    factor, g.stretch = load_stretch()
-                    if factor > 1.0:
-                        g.due += g.seconds * (factor - 1.0)
+                    g.factor, g.stretch = load_stretch()
+                    if g.factor > 1.0:
+                        g.due += g.seconds * (g.factor - 1.0)
                         continue
                 if not g.fired:
                     frame = sys._current_frames().get(g.ident)

@@ -125,8 +125,11 @@ def _geo(values: list[float]) -> float:
 
 
 def _x(v: float) -> str:
-    """A ratio for the text: '-' where there was nothing to take it over."""
-    return "-" if math.isnan(v) else f"{v:.3g}x"
+    """A ratio for the text: '-' where there was nothing to take it over; below 0.1 as 1/N
+    ('0.00187x' had to be inverted in the head to read as torch 535 times smaller)."""
+    if math.isnan(v):
+        return "-"
+    return f"1/{1 / v:.3g}x" if 0 < v < 0.1 else f"{v:.3g}x"
 
 
 def _side(r: dict[str, Any]) -> int:
@@ -164,24 +167,27 @@ def claim_rows(groups: dict[str, dict[str, Any]], torch: str = "torch") -> list[
     speed = lambda sel: (
         [(g, r["speed"]) for g, r in sel.items() if _side(r) > 0], [(g, r["speed"]) for g, r in sel.items() if _side(r) < 0],
         _geo([r["speed"] for r in sel.values()]), _geo([r["first"] for r in sel.values()]))
+    # The geomeans go on the verdict's line: listed under "for" they read as evidence for the claim
+    # when they favoured the other side.
     fast, slow, geo, first = speed(rs)
-    rows.append((CLAIMS[0], _verdict(len(fast), len(slow), geo, geo > 1),
-                 f"{len(fast)}/{len(rs)} groups JAX faster, steady state (geomean torch/JAX {_x(geo)}): {_named(fast)}",
-                 (f"{len(slow)}/{len(rs)} torch faster: {_named(slow)}; first call with compile time included: "
-                  f"geomean torch/JAX {_x(first)}")))
+    rows.append((CLAIMS[0], _verdict(len(fast), len(slow), geo, geo > 1)
+                 + f"; geomean torch/JAX {_x(geo)} steady state, {_x(first)} first call with compile time",
+                 f"{len(fast)}/{len(rs)} groups JAX faster, steady state: {_named(fast)}",
+                 f"{len(slow)}/{len(rs)} torch faster: {_named(slow)}"))
     mem = {g: r["memory"] for g, r in rs.items() if r["memory"] is not None}
     less = [(g, m) for g, m in mem.items() if m > 1]
     more = [(g, m) for g, m in mem.items() if m < 1]
     mgeo = _geo(list(mem.values()))
-    rows.append((CLAIMS[1], _verdict(len(less), len(more), mgeo, mgeo > 1),
-                 f"{len(less)}/{len(mem)} groups JAX allocates less (geomean torch/JAX {_x(mgeo)}): {_named(less)}",
+    rows.append((CLAIMS[1], _verdict(len(less), len(more), mgeo, mgeo > 1) + f"; geomean torch/JAX {_x(mgeo)}",
+                 f"{len(less)}/{len(mem)} groups JAX allocates less: {_named(less)}",
                  (f"{len(more)}/{len(mem)} torch allocates less: {_named(more)} (measures differ per side: see "
                   "memory_measure)")))
     image = {g: r for g, r in rs.items() if r["domain"] == "image"}
     ifast, islow, igeo, ifirst = speed(image)
-    rows.append((CLAIMS[2], _verdict(len(islow), len(ifast), igeo, igeo < 1),
-                 f"{len(islow)}/{len(image)} image groups torch faster (geomean torch/JAX {_x(igeo)}): {_named(islow)}",
-                 f"{len(ifast)}/{len(image)} JAX faster: {_named(ifast)}; with compile time: geomean {_x(ifirst)}"))
+    rows.append((CLAIMS[2], _verdict(len(islow), len(ifast), igeo, igeo < 1)
+                 + f"; geomean torch/JAX {_x(igeo)} steady state, {_x(ifirst)} first call with compile time",
+                 f"{len(islow)}/{len(image)} image groups torch faster: {_named(islow)}",
+                 f"{len(ifast)}/{len(image)} JAX faster: {_named(ifast)}"))
     pairs: dict[tuple[str, str], dict[str, float]] = {}
     for r in rs.values():
         pairs.setdefault((r["pair"], r["dtype"]), {})[r["check"]] = r["speed"]
@@ -192,15 +198,16 @@ def claim_rows(groups: dict[str, dict[str, Any]], torch: str = "torch") -> list[
     shrink = [(f"{p}::{d}", v["vjp"] / v["forward"]) for (p, d), v in both.items() if v["vjp"] < v["forward"]]
     fgeo, vgeo = _geo([v["forward"] for v in both.values()]), _geo([v["vjp"] for v in both.values()])
     adv = vgeo / fgeo if fgeo > 0 else math.nan
-    rows.append((CLAIMS[3], _verdict(len(grow), len(shrink), adv, adv > 1),
+    rows.append((CLAIMS[3], _verdict(len(grow), len(shrink), adv, adv > 1)
+                 + f"; geomean torch/JAX {_x(fgeo)} forward, {_x(vgeo)} forward+VJP",
                  (f"{len(grow)}/{len(both)} pairs' torch/JAX ratio grows from forward to forward+VJP (a model's "
-                  f"grad) (geomean forward {_x(fgeo)}, forward+VJP {_x(vgeo)}): {_named(grow)} (vjp/forward ratio)"),
+                  f"grad): {_named(grow)} (vjp/forward ratio)"),
                  f"{len(shrink)}/{len(both)} shrink: {_named(shrink)}"))
     if torch != "torch":  # the evidence names its torch side
         words = (("torch/JAX", f"{torch}/JAX"), ("torch faster", f"{torch} faster"),
                  ("torch allocates", f"{torch} allocates"))
-        rows = [(claim, verdict, *(functools.reduce(lambda t, w: t.replace(*w), words, text) for text in texts))
-                for claim, verdict, *texts in rows]
+        rows = [(claim, *(functools.reduce(lambda t, w: t.replace(*w), words, text) for text in texts))
+                for claim, *texts in rows]
     return rows
 
 
@@ -219,7 +226,7 @@ def render(records: list[dict[str, Any]]) -> str:
     lines: list[str] = []
     sections = _sections(records)
     for (device, name, precision), groups in sorted(sections.items()):
-        lines.append(f"== {device} ({name}), --equiv-precision {precision} ==")
+        lines.append(f"== {device} ({name}), --equiv-precision {precision}{_threads(groups)} ==")
         settings = next(iter(next(iter(groups.values())).values())).get("precision_settings", {})
         banner = precision_banner(device, precision, settings)
         if banner:
@@ -294,6 +301,15 @@ def _table(groups: dict[str, dict[str, Any]]) -> list[str]:
         if c is not None:
             row("  torch.compile", c, c["torch"], "", c["torch_compile"])
     return lines
+
+
+def _threads(groups: dict[str, dict[str, Any]]) -> str:
+    """', threads: torch N, XLA M' as the section's records give them (timings at other thread counts
+    do not compare); '' where the files predate the field."""
+    seen = {side: sorted({r["threads"] for sides in groups.values() for k, r in sides.items()
+                          if k.startswith(side) and isinstance(r.get("threads"), int)}) for side in ("torch", "jax")}
+    shown = [f"{'XLA' if side == 'jax' else side} {'/'.join(map(str, n))}" for side, n in seen.items() if n]
+    return f", threads: {', '.join(shown)}" if shown else ""
 
 
 def _order(group: str) -> tuple[str, str, int]:

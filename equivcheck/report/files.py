@@ -8,31 +8,70 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from equivcheck.report import html as report_html
 from equivcheck.report import models as report_models
 from equivcheck.report.tables import markdown
 
 
-def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
-    """reports/<run id>.json, .md and .html, and latest.json / .md / .html beside them. Raises
-    OSError when the directory or a file cannot be written (`unwritable` says why in words)."""
+class Written(NamedTuple):
+    """What `write` wrote: `paths` (the run's JSON and Markdown, and its HTML page unless that failed);
+    `problems`, one line each, for a part left out (plots, the page) or latest.* left as it was."""
+
+    paths: tuple[Path, ...]
+    problems: tuple[str, ...]
+
+
+def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> Written:
+    """reports/<run id>.json, .md and .html, and latest.json / .md / .html beside them.
+
+    The JSON goes first and alone, then the Markdown, then the page: a failure in the plots or the
+    page (matplotlib, the template) costs that part only and becomes a line of `problems`, where it
+    used to cost every file. latest.* moves only to a run that started no earlier than the one it
+    shows, so recovering an old run's journal does not take it back. Raises OSError when the
+    directory or a file cannot be written (`unwritable` says why in words)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     stem = report["run"]["id"]
-    texts = {
-        "json": json.dumps(report, indent=1, sort_keys=False, default=str) + "\n",
-        "md": markdown(report, report_models.plots(report["records"], out, stem)),
+    problems: list[str] = []
+    texts = {"json": json.dumps(report, indent=1, sort_keys=False, default=str) + "\n"}
+    _replace(out / f"{stem}.json", texts["json"])
+    links: dict[str, str] = {}
+    try:
+        links = report_models.plots(report["records"], out, stem)
+    except Exception as exc:  # noqa: BLE001 - a plot library's failure must not cost the report
+        problems.append(f"plots left out of {stem}.md: {type(exc).__name__}: {exc}")
+    texts["md"] = markdown(report, links)
+    _replace(out / f"{stem}.md", texts["md"])
+    try:
         # The page renders from the JSON's own round trip, so it shows what the JSON says and
         # `python -m equivcheck html` on the file makes the same page.
-        "html": report_html.render(json.loads(json.dumps(report, default=str))),
-    }
-    for suffix, text in texts.items():
-        _replace(out / f"{stem}.{suffix}", text)
-    for suffix, text in texts.items():
-        _replace(out / f"latest.{suffix}", text)
-    return out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.html"
+        texts["html"] = report_html.render(json.loads(texts["json"]))
+    except Exception as exc:  # noqa: BLE001 - the JSON and Markdown are written; say what is missing
+        problems.append(f"no HTML page for {stem}: {type(exc).__name__}: {exc} (the JSON and Markdown are "
+                        f"written; python -m equivcheck html {out / f'{stem}.json'} retries it)")
+    else:
+        _replace(out / f"{stem}.html", texts["html"])
+    shown = _latest_started(out / "latest.json")
+    started = str(report["run"].get("started") or "")
+    if shown and started and started < shown:
+        problems.append(f"latest.* left on the run started {shown}: this run started earlier ({started})")
+    else:
+        for suffix, text in texts.items():
+            _replace(out / f"latest.{suffix}", text)
+        if "html" not in texts:  # a page of another run would sit beside this run's latest.json
+            (out / "latest.html").unlink(missing_ok=True)
+    return Written(tuple(out / f"{stem}.{suffix}" for suffix in texts), tuple(problems))
+
+
+def _latest_started(path: Path) -> str:
+    """The start time (ISO 8601, UTC) of the run latest.json shows; '' when none can be read."""
+    try:
+        started = json.loads(path.read_text(encoding="utf-8"))["run"]["started"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return started if isinstance(started, str) else ""
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:

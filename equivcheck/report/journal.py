@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["CRASHED", "Journal", "leftovers", "recover"]
+__all__ = ["CRASHED", "Journal", "leftovers", "recover", "writer_alive"]
 
 PREFIX = "unfinished-"
 CRASHED = ("the process ended before writing its report (killed by a signal such as SIGSEGV or SIGKILL, or out "
@@ -73,6 +73,14 @@ def leftovers(directory: str | os.PathLike[str]) -> list[Path]:
     return found
 
 
+def writer_alive(path: str | os.PathLike[str]) -> int | None:
+    """The PID in journal `path`'s name when that process is still running (its run is not over and
+    writes its own report), else None; None too for a name not of the journal's pattern."""
+    m = _NAME.match(Path(path).name)
+    pid = int(m.group(1)) if m else None
+    return pid if pid is not None and _alive(pid) else None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -91,23 +99,30 @@ def _is_record(entry: Any) -> bool:
 def recover(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The report of the run that left journal `path`: its records, its run section marked interrupted,
     `crashed` and partial (`ran`: the tests with records; `collected`: as the run had counted). A last
-    line cut short by the crash is dropped. Raises ValueError naming the file and line when the file is
+    line cut short by the crash is dropped, and `run["journal"]["cut_line"]` gives its number (else
+    None): the test it belonged to may lack records. Raises ValueError naming the file and line when the file is
     not a journal."""
     from equivcheck.report.runs import build
 
     run: dict[str, Any] | None = None
     records: list[dict[str, Any]] = []
+    cut = None
     lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     for n, line in enumerate(lines, 1):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             if n == len(lines):  # the write the crash cut short
+                cut = n
                 break
             raise ValueError(f"{path}:{n}: not a JSON line of a record journal") from None
         if n == 1:
             if not isinstance(entry, dict) or not isinstance(entry.get("run"), dict):
                 raise ValueError(f"{path}:1: a record journal starts with its run section ({{\"run\": ...}})")
+            lacks = [k for k, kind in (("id", str), ("versions", dict), ("machine", dict))
+                     if not isinstance(entry["run"].get(k), kind) or not entry["run"][k]]
+            if lacks:
+                raise ValueError(f"{path}:1: the run section lacks {', '.join(lacks)}, which the report needs")
             run = entry["run"]
         elif _is_record(entry):
             records.append(entry["record"])
@@ -121,5 +136,5 @@ def recover(path: str | os.PathLike[str]) -> dict[str, Any]:
     run.update(finished=last.isoformat(timespec="seconds"), seconds=(last - started).total_seconds(),
                interrupted=True, crashed=CRASHED,
                partial={"ran": len(tests), "collected": (run.get("partial") or {}).get("collected")},
-               unmatched_known=[], unchecked_known=[])
+               unmatched_known=[], unchecked_known=[], journal={"path": str(path), "cut_line": cut})
     return build(records, run)
