@@ -40,8 +40,9 @@ def path_taken_for_a_test_path(config: pytest.Config) -> str:
                     f"{f'ini file {config.inipath}' if config.inipath else 'no ini file'}, not {expected}), before "
                     f"equivcheck's options were known, so the project's ini settings (known divergences, testpaths) "
                     f"are not read; write {option}={value}")
-    values = {value for _, value in two_word}
-    if two_word and not any((here / a).exists() for a in args if not a.startswith("-") and a not in values):
+    # With a test path or node id beside it pytest still finds the project's ini file; config.args are the
+    # positional arguments as parsed with every plugin's options known (an option's value is not one).
+    if two_word and config.args_source != pytest.Config.ArgsSource.ARGS:
         # Not yet harmful: pytest skips a path that does not exist. The run creates it, and the same
         # command run again would be refused above: refuse it now, the same way.
         option, value = two_word[0]

@@ -43,9 +43,10 @@ def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck:
 def sigterm_as_interrupt(config: pytest.Config) -> None:
     """SIGTERM (`kill`, a CI job's timeout or cancel) ends the run as Ctrl-C does: pytest's
     KeyboardInterrupt path prints the summary and the report is written, marked interrupted. By
-    default SIGTERM ended the process at once with only the record journal left. A second SIGTERM
-    ends it at once, as before. Only the main thread may set handlers; the old one returns at
-    unconfigure."""
+    default SIGTERM ended the process at once with only the record journal left. Python acts on a
+    signal between bytecodes: a side stuck in C code holds it until its time limit fires
+    (equivcheck.backends.deadline); a second SIGTERM, once the first was acted on, ends the process
+    at once. Only the main thread may set handlers; the old one returns at unconfigure."""
     import signal
     import threading
 
@@ -57,7 +58,8 @@ def sigterm_as_interrupt(config: pytest.Config) -> None:
         raise KeyboardInterrupt("SIGTERM: the run was asked to stop; its report is written, marked interrupted")
 
     before = signal.signal(signal.SIGTERM, stop)
-    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, before))
+    # None: a handler set outside Python, which signal.signal cannot put back; the default then
+    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before))
 
 
 def run_section(config: pytest.Config, state: Any, *, interrupted: bool, stuck: str = "") -> dict[str, Any]:

@@ -138,7 +138,8 @@ def test_claims_write_a_tiny_ratio_as_a_fraction_and_head_each_section_with_its_
     from equivcheck.bench import load, render
     from equivcheck.bench.claims import _x
 
-    assert (_x(0.00187), _x(0.5), _x(3.0), _x(float("nan"))) == ("1/535x", "0.5x", "3x", "-")
+    assert [_x(v) for v in (0.00187, 1e-4, 0.05, 0.5, 3.0, float("nan"), float("inf"))] == [
+        "1/535x", "1/10000x", "1/20x", "0.5x", "3x", "-", "inf"]
     benches = [{**b, "extra_info": {**b["extra_info"], "threads": n}} for b, n in
                ((_bench("mm", "forward", "torch", 2e-3), 2), (_bench("mm", "forward", "jax", 1e-3), 2))]
     assert "== cpu (cpu), --equiv-precision highest, threads: torch 2, XLA 2 ==" in render(

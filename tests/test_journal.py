@@ -105,19 +105,46 @@ RECORD = {"id": "p::forward::float32::cpu", "pair": "p", "check": "forward", "dt
           "outcome": "passed", "nodeid": "t.py::test[p]"}
 
 
-def _journal(path: Path, run: dict | None = None) -> Path:
-    path.write_text(json.dumps({"run": run or RUN}) + "\n" + json.dumps({"record": RECORD}) + "\n")
+def _journal(path: Path, run: dict | None = None, writer: dict | None = None) -> Path:
+    head = {"run": run or RUN, **({"writer": writer} if writer else {})}
+    path.write_text(json.dumps(head) + "\n" + json.dumps({"record": RECORD}) + "\n")
     return path
 
 
 def test_recover_refuses_the_journal_of_a_run_still_running(tmp_path, capsys):
     """recover made a partial report of a live run and deleted the journal it was still writing."""
-    live = _journal(tmp_path / f"unfinished-20261201-000000-{os.getpid()}-abc123.jsonl")
-    assert main(["recover", str(live)]) == 2
-    err = capsys.readouterr().err
-    assert f"the run writing it is still running (PID {os.getpid()})" in err and err.count("\n") == 1
-    assert live.exists() and not list(tmp_path.glob("*.json"))
-    assert main(["recover", "--force", str(live)]) == 0 and not live.exists()
+    from equivcheck.report.journal import identity
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        live = _journal(tmp_path / f"unfinished-20261201-000000-{child.pid}-abc123.jsonl", writer=identity(child.pid))
+        assert main(["recover", str(live)]) == 2
+        err = capsys.readouterr().err
+        assert f"the run writing it is still running (PID {child.pid})" in err and err.count("\n") == 1
+        assert live.exists() and not list(tmp_path.glob("*.json"))
+        # the same PID started at another time (reused), or on another host: not the writer
+        for other in ({**identity(child.pid), "start": -1}, {**identity(child.pid), "host": "elsewhere"}):
+            gone = _journal(tmp_path / f"unfinished-20261201-000000-{child.pid}-def456.jsonl", writer=other)
+            assert leftovers(tmp_path) == [gone]
+            gone.unlink()
+        assert main(["recover", "--force", str(live)]) == 0 and not live.exists()
+    finally:
+        child.kill()
+        child.wait()
+    # recover's own PID (PID 1 in a container, say) can never be the writer of what it recovers
+    mine = _journal(tmp_path / f"unfinished-20261201-000000-{os.getpid()}-abc123.jsonl", run={**RUN, "id": "r-own"})
+    assert main(["recover", str(mine)]) == 0 and not mine.exists()
+
+
+def test_a_run_section_without_a_start_time_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A journal without `started` crashed recover after it had written the JSON, and every retry
+    was then refused as a run that already had its report."""
+    for run, cause in (({k: v for k, v in RUN.items() if k != "started"}, "the run section lacks started"),
+                       ({**RUN, "started": "2026-12-01T00:00:00"}, "is not an ISO 8601 time with its UTC offset")):
+        journal = _journal(tmp_path / "unfinished-20261201-000000-999999999-abc123.jsonl", run=run)
+        assert main(["recover", str(journal)]) == 2
+        assert cause in capsys.readouterr().err
+        assert journal.exists() and not list(tmp_path.glob("*.json"))
 
 
 def test_recover_keeps_a_report_the_run_already_has_and_latest_on_a_newer_run(tmp_path, capsys):

@@ -316,11 +316,18 @@ def test_a_path_option_pytest_took_for_a_test_path_is_a_usage_error(tmp_path):
                            timeout=300, check=False)
     assert first.returncode == 4 and not fresh.exists(), first.stdout[-2000:] + first.stderr[-2000:]
     assert f"--equiv-report {fresh}: given as two words, pytest takes {fresh} for a test path" in first.stderr
+    # an option's value that is an existing path is no test path: still refused
+    ignored = subprocess.run([*base, "--ignore", "suites/test_data.py", "--equiv-report", str(fresh)], cwd=root,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert ignored.returncode == 4 and "given as two words" in ignored.stderr, ignored.stdout[-2000:]
     one = subprocess.run([*base, f"--equiv-report={outside}"], cwd=root, capture_output=True, text=True, timeout=300,
                          check=False)
     assert one.returncode == 0 and "suites/test_autodiff.py::test_autodiff[sqrt-float32-cpu]" in one.stdout, \
         one.stdout[-2000:] + one.stderr[-2000:]
-    # beside a test path the ini file is still the project's (benchmarks/seed_sweep.py runs so): no refusal
-    swept = subprocess.run([*base, "suites/test_autodiff.py", "--equiv-report", str(outside)], cwd=root,
-                           capture_output=True, text=True, timeout=300, check=False)
-    assert swept.returncode == 0, swept.stdout[-2000:] + swept.stderr[-2000:]
+    # beside a test path or node id the ini file is still the project's (benchmarks/seed_sweep.py runs so):
+    # no refusal, whether the directory exists or not
+    for where in (outside, fresh):
+        for test in ("suites/test_autodiff.py", "suites/test_autodiff.py::test_autodiff"):
+            swept = subprocess.run([*base, test, "--equiv-report", str(where)], cwd=root,
+                                   capture_output=True, text=True, timeout=300, check=False)
+            assert swept.returncode == 0, (where, test, swept.stdout[-2000:] + swept.stderr[-2000:])

@@ -134,8 +134,13 @@ def test_a_failing_page_or_plot_costs_that_part_only(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "r1.json").read_text())["summary"]["passed"] == 1
     assert "exp" in (tmp_path / "latest.md").read_text()
     assert problems[0] == "plots left out of r1.md: RuntimeError: template broke"
-    assert problems[1].startswith("no HTML page for r1: RuntimeError: template broke (the JSON and Markdown are written")
+    assert problems[1].startswith("no HTML page for r1: RuntimeError: template broke (the JSON is written; "
+                                  f"python -m equivcheck html {tmp_path / 'r1.json'} retries it")
     assert not (tmp_path / "r1.html").exists() and not (tmp_path / "latest.html").exists()
+    monkeypatch.setattr(report.files, "markdown", broken)  # the summary too: the JSON still stands
+    paths, problems = report.write(build(rec("exp", "forward")), tmp_path / "md")
+    assert [p.name for p in paths] == ["r1.json"] and problems[1].startswith("no Markdown summary for r1")
+    assert sorted(p.name for p in (tmp_path / "md").iterdir()) == ["latest.json", "r1.json"]
 
 
 def test_latest_never_moves_back_to_an_earlier_run(tmp_path):

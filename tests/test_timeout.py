@@ -270,3 +270,16 @@ def test_waiting_on_the_compile_thread_stretches_the_same_way(monkeypatch):
         with deadline.limit(0.2), pytest.raises(deadline.SideTimeout) as caught:
             deadline.wait(pool.submit(time.sleep, 0.5), "jax", None)
         assert caught.value.side == "jax"
+
+
+def test_the_extended_limit_is_stated_as_the_factor_shown_gives_it(monkeypatch):
+    """The factor was printed rounded (1.4x) while the limit used it unrounded (82.2 s of 60 s), and
+    a limit of 1000 s or more read 1.2e+03."""
+    from equivcheck.backends import deadline
+
+    _loaded(monkeypatch, 2.74)
+    factor, why = deadline.load_stretch()
+    assert factor == 1.4 and "extended 1.4x" in why
+    text = deadline.SideTimeout("torch", 60.0, stretch=why, factor=factor).describe()
+    assert text.startswith("the torch side did not return within 84 s (--equiv-timeout 60 s, extended 1.4x"), text
+    assert "within 1200 s (--equiv-timeout 300 s" in deadline.SideTimeout("jax", 300.0, stretch=why, factor=4.0).describe()

@@ -59,7 +59,7 @@ class SideTimeout(BaseException):
         who = f"the {self.side} side" if self.side in ("torch", "jax") else f"the {self.side}" if self.side else "a side"
         limit = f"{self.seconds:g} s" if self.seconds else "the time limit"
         if self.stretch and self.seconds:  # the figure the call really had, then where it comes from
-            text = f"{who} did not return within {self.seconds * self.factor:.3g} s (--equiv-timeout {limit}"
+            text = f"{who} did not return within {self.seconds * self.factor:.4g} s (--equiv-timeout {limit}"
             text += f", {self.stretch})"
         else:
             text = f"{who} did not return within {limit} (--equiv-timeout)"
@@ -84,7 +84,7 @@ def load_stretch() -> tuple[float, str]:
     except (AttributeError, OSError):
         return 1.0, ""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    factor = min(MAX_STRETCH, load / max(cores, 1))
+    factor = round(min(MAX_STRETCH, load / max(cores, 1)), 1)  # as the message states it
     if factor <= 1.0:
         return 1.0, ""
     why = (f"extended {factor:.1f}x because the machine was oversubscribed (load average {load:.1f} "

@@ -129,7 +129,9 @@ def _x(v: float) -> str:
     ('0.00187x' had to be inverted in the head to read as torch 535 times smaller)."""
     if math.isnan(v):
         return "-"
-    return f"1/{1 / v:.3g}x" if 0 < v < 0.1 else f"{v:.3g}x"
+    if 0 < v < 0.1:
+        return f"1/{1 / v:.0f}x" if v <= 0.01 else f"1/{1 / v:.3g}x"
+    return f"{v:.3g}x" if math.isfinite(v) else "inf"
 
 
 def _side(r: dict[str, Any]) -> int:

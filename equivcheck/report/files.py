@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,7 +17,7 @@ from equivcheck.report.tables import markdown
 
 
 class Written(NamedTuple):
-    """What `write` wrote: `paths` (the run's JSON and Markdown, and its HTML page unless that failed);
+    """What `write` wrote: `paths` (the run's JSON, and its Markdown and HTML page unless they failed);
     `problems`, one line each, for a part left out (plots, the page) or latest.* left as it was."""
 
     paths: tuple[Path, ...]
@@ -26,10 +27,11 @@ class Written(NamedTuple):
 def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> Written:
     """reports/<run id>.json, .md and .html, and latest.json / .md / .html beside them.
 
-    The JSON goes first and alone, then the Markdown, then the page: a failure in the plots or the
-    page (matplotlib, the template) costs that part only and becomes a line of `problems`, where it
-    used to cost every file. latest.* moves only to a run that started no earlier than the one it
-    shows, so recovering an old run's journal does not take it back. Raises OSError when the
+    The JSON goes first and alone, then the Markdown, then the page: a failure in the plots, the
+    summary or the page (matplotlib, the template) costs that part only and becomes a line of
+    `problems`, where it used to cost every file. latest.* moves only to a run that started no
+    earlier than the one it shows, so recovering an old run's journal does not take it back (two
+    runs finishing at the same moment may still race for it). Raises OSError when the
     directory or a file cannot be written (`unwritable` says why in words)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,15 +44,19 @@ def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> Written:
         links = report_models.plots(report["records"], out, stem)
     except Exception as exc:  # noqa: BLE001 - a plot library's failure must not cost the report
         problems.append(f"plots left out of {stem}.md: {type(exc).__name__}: {exc}")
-    texts["md"] = markdown(report, links)
-    _replace(out / f"{stem}.md", texts["md"])
+    try:
+        texts["md"] = markdown(report, links)
+    except Exception as exc:  # noqa: BLE001 - the JSON is written: a summary that cannot be made costs itself
+        problems.append(f"no Markdown summary for {stem}: {type(exc).__name__}: {exc}")
+    else:
+        _replace(out / f"{stem}.md", texts["md"])
     try:
         # The page renders from the JSON's own round trip, so it shows what the JSON says and
         # `python -m equivcheck html` on the file makes the same page.
         texts["html"] = report_html.render(json.loads(texts["json"]))
     except Exception as exc:  # noqa: BLE001 - the JSON and Markdown are written; say what is missing
-        problems.append(f"no HTML page for {stem}: {type(exc).__name__}: {exc} (the JSON and Markdown are "
-                        f"written; python -m equivcheck html {out / f'{stem}.json'} retries it)")
+        problems.append(f"no HTML page for {stem}: {type(exc).__name__}: {exc} (the JSON is written; "
+                        f"python -m equivcheck html {shlex.quote(str(out / f'{stem}.json'))} retries it)")
     else:
         _replace(out / f"{stem}.html", texts["html"])
     shown = _latest_started(out / "latest.json")
@@ -60,8 +66,9 @@ def write(report: dict[str, Any], directory: str | os.PathLike[str]) -> Written:
     else:
         for suffix, text in texts.items():
             _replace(out / f"latest.{suffix}", text)
-        if "html" not in texts:  # a page of another run would sit beside this run's latest.json
-            (out / "latest.html").unlink(missing_ok=True)
+        for suffix in ("md", "html"):  # another run's summary or page would sit beside this run's latest.json
+            if suffix not in texts:
+                (out / f"latest.{suffix}").unlink(missing_ok=True)
     return Written(tuple(out / f"{stem}.{suffix}" for suffix in texts), tuple(problems))
 
 

@@ -9,7 +9,9 @@ deletes the file once the report is written. A file left behind by a process tha
 that run had checked: `python -m equivcheck recover FILE` writes its report, marked interrupted and
 crashed, and the next run's header names such files.
 
-Lines: first `{"run": <the report's run section as at the first record>}`, then `{"record": ...}`.
+Lines: first `{"run": <the report's run section as at the first record>, "writer": <who writes it>}`
+(`writer`: PID, host name and the process's start time, so that a PID reused by another process
+or a journal copied from another machine does not read as a run still going), then `{"record": ...}`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -49,7 +52,8 @@ class Journal:
         try:
             if self._file is None:
                 self._file = open(self.path, "x", encoding="utf-8")  # noqa: SIM115 - open for the run's length
-                self._file.write(json.dumps({"run": self._run_section()}, default=str) + "\n")
+                self._file.write(json.dumps({"run": self._run_section(), "writer": identity(os.getpid())},
+                                            default=str) + "\n")
             self._file.writelines(json.dumps({"record": r}, default=str) + "\n" for r in records)
             self._file.flush()
         except OSError as exc:
@@ -65,20 +69,58 @@ class Journal:
 
 def leftovers(directory: str | os.PathLike[str]) -> list[Path]:
     """Journals in `directory` whose process is gone: runs that ended without their report."""
-    found = []
-    for path in sorted(Path(directory).glob(f"{PREFIX}*.jsonl")):
-        m = _NAME.match(path.name)
-        if m and not _alive(int(m.group(1))):
-            found.append(path)
-    return found
+    return [path for path in sorted(Path(directory).glob(f"{PREFIX}*.jsonl"))
+            if _NAME.match(path.name) and _live_writer(path) is None]
+
+
+def identity(pid: int) -> dict[str, Any]:
+    """Who process `pid` is: its PID, this host's name and its start time in clock ticks since boot
+    (field 22 of /proc/PID/stat; None where there is no /proc)."""
+    return {"pid": pid, "host": socket.gethostname(), "start": _start_ticks(pid)}
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may hold spaces: count fields after it
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
 
 
 def writer_alive(path: str | os.PathLike[str]) -> int | None:
-    """The PID in journal `path`'s name when that process is still running (its run is not over and
-    writes its own report), else None; None too for a name not of the journal's pattern."""
+    """The PID of the process writing journal `path` when it is still running (its run is not over
+    and writes its own report), else None. The journal's first line says who wrote it; a process
+    under that PID on another host, started at another time (the PID reused: PID 1 in every
+    container) or this very process is not its writer. A journal without that line (an older
+    one) is judged by the PID in its name alone; a name not of the journal's pattern gives None."""
+    pid = _live_writer(path)
+    return None if pid == os.getpid() else pid
+
+
+def _live_writer(path: str | os.PathLike[str]) -> int | None:
     m = _NAME.match(Path(path).name)
-    pid = int(m.group(1)) if m else None
-    return pid if pid is not None and _alive(pid) else None
+    if m is None:
+        return None
+    writer = _writer(path) or {"pid": int(m.group(1))}
+    pid = writer.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return None
+    if writer.get("host") not in (None, socket.gethostname()):
+        return None
+    if writer.get("start") is not None and _start_ticks(pid) not in (None, writer["start"]):
+        return None
+    return pid
+
+
+def _writer(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            writer = json.loads(f.readline()).get("writer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return writer if isinstance(writer, dict) else None
 
 
 def _alive(pid: int) -> bool:
@@ -119,10 +161,13 @@ def recover(path: str | os.PathLike[str]) -> dict[str, Any]:
         if n == 1:
             if not isinstance(entry, dict) or not isinstance(entry.get("run"), dict):
                 raise ValueError(f"{path}:1: a record journal starts with its run section ({{\"run\": ...}})")
-            lacks = [k for k, kind in (("id", str), ("versions", dict), ("machine", dict))
+            lacks = [k for k, kind in (("id", str), ("started", str), ("versions", dict), ("machine", dict))
                      if not isinstance(entry["run"].get(k), kind) or not entry["run"][k]]
             if lacks:
                 raise ValueError(f"{path}:1: the run section lacks {', '.join(lacks)}, which the report needs")
+            if _instant(entry["run"]["started"]) is None:
+                raise ValueError(f"{path}:1: the run's start {entry['run']['started']!r} is not an ISO 8601 time "
+                                 "with its UTC offset")
             run = entry["run"]
         elif _is_record(entry):
             records.append(entry["record"])
@@ -132,9 +177,18 @@ def recover(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{path}: empty: the run had written no record")
     last = dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.timezone.utc)
     tests = {r.get("nodeid") for r in records}
-    started = dt.datetime.fromisoformat(run["started"]) if run.get("started") else last
+    started = _instant(run["started"]) or last
     run.update(finished=last.isoformat(timespec="seconds"), seconds=(last - started).total_seconds(),
                interrupted=True, crashed=CRASHED,
                partial={"ran": len(tests), "collected": (run.get("partial") or {}).get("collected")},
                unmatched_known=[], unchecked_known=[], journal={"path": str(path), "cut_line": cut})
     return build(records, run)
+
+
+def _instant(text: str) -> dt.datetime | None:
+    """`text` as an aware datetime (ISO 8601 with a UTC offset), else None."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo is not None else None
