@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"pair": pair.name, "mutant": m.name, "side": m.side, "expect": m.expect,
                             "outcomes": {r.check: r.outcome for r in recs},
                             "blamed": sorted({str(r.side) for r in failed}),
-                            "diagnosis": [r.diagnosis for r in failed][:1]})
+                            "diagnosis": [r.diagnosis for r in failed][:1],
+                            # a blame off the mutated side, in full (inputs, values): what a fix starts from
+                            "misblamed": {r.check: r.failure_text() for r in failed if r.side != m.side}})
         mine = [r for r in results if r["pair"] == pair.name]
         missed = sum(r.get("expect") == "fail" and "failed" not in r["outcomes"].values() for r in mine)
         wrong = sum(r.get("expect") == "fail" and r["blamed"] not in ([], [r["side"]]) for r in mine)  # or undecided

@@ -51,3 +51,21 @@ def test_a_reference_that_differs_from_both_sides_off_the_drawn_inputs_names_no_
 def test_the_builtin_cholesky_reference_blames_the_rolled_side(check, side):
     verdict = verdict_on(_mutant("cholesky", side, "rolled"), check, [CHOL_X], "float32")
     assert verdict.side == side, verdict.diagnosis
+
+
+# pow's rolled mutant, torch side, with exponents of 1e-32 and below: a step relative to such an
+# exponent moves x**y (about 1) by 1e-37, under its float64 ulp, so the differences read an exact
+# 0 at both steps, agreeing and wrong, and both sides were blamed. A step the function resolves
+# decides where it can; where it cannot, no side is named.
+POW_ARGS = [np.array([8.052045, 5.6557555, 4.017424, 3.3064885, 5.5533495], np.float32),
+            np.array([1.4637068e-32, 1.9259299e-33, -1.6250034e-34, 1.5428363e-38, -2.3111159e-33], np.float32)]
+
+
+@pytest.mark.parametrize("check", ["vjp", "jvp", "hvp"])
+def test_inputs_far_below_the_functions_scale_never_blame_the_correct_side(check):
+    verdict = verdict_on(_mutant("pow", "torch", "rolled"), check, POW_ARGS, "float32")
+    assert verdict.side in ("torch", None), verdict.diagnosis
+    if verdict.side is None:
+        assert "finite differences cannot resolve this example" in verdict.diagnosis
+    if check == "vjp":
+        assert verdict.side == "torch", verdict.diagnosis

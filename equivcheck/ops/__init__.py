@@ -6,7 +6,8 @@ shapes        shape rules (Same, Broadcast, MatMul, Square, Fixed, Custom) and t
 strategies    value specs (Floats, Ints, Index, Mask, Lengths, Matrices, Static) and Inputs
 autodiff      forward, VJP, JVP and HVP of one example on both sides, and their judgement
 conditioning  acceptance of ill-conditioned and low-precision disagreements
-finite        finite differences of the arbiter: relative steps, two-step agreement, kinks
+differences   finite differences of a float64 function on steps relative to each input, and the steps they cannot resolve
+finite        the arbiter's derivative from them: two-step agreement, kinks, resolution, forwards that differ
 diagnose      which side is off: the float64 re-run, the reference, finite differences, known causes
 runner        a pair at one dtype and device under Hypothesis: CheckRecords
 mutants       planted bugs sized against the engine's own bound: the engine's mutation test

@@ -6,7 +6,10 @@ by REL * scale_e, scale_e = |x_e| (the argument's largest magnitude where x_e = 
 are 0), so an input of 1e-9 is differentiated on its own scale and never stepped across zero.
 Each derivative is taken at steps h and h/2 and Richardson-extrapolated; where the two steps
 disagree by more than 1/DECISIVE of the float64 gap between the sides, the finite differences
-cannot tell the sides apart and no side is named. At the failing element of a VJP or JVP,
+cannot tell the sides apart and no side is named. A step that changes the function by rounding only
+(an input of 1e-32 where the function's value is about 1), while a step of REL in the input's own
+units changes it, cannot see the derivative: where what it missed could explain the sides' gap at
+the failing element, no side is named. At the failing element of a VJP or JVP,
 one-sided differences from the left and the right are compared first: where they differ by a
 jump that does not shrink with the step, the function has a kink there, and the derivative is
 a convention the pair has to declare. An HVP is probed the same way, on the gradient: a jump in
@@ -30,19 +33,9 @@ from equivcheck.backends import Vectors, jax_side, torch_side
 from equivcheck.engine.compare import compare, float_leaves
 from equivcheck.engine.tolerance import lookup
 from equivcheck.ops.autodiff import leaf_at
+from equivcheck.ops.differences import Differences
 
-# Central first differences in float64 err by ~(h/x)^2 in truncation and ~eps*x/h in rounding:
-# a step of 1e-5 relative balances them near 1e-10 (Nocedal & Wright, "Numerical
-# Optimization", 2nd ed., sec. 8.1: h ~ eps^(1/3)); Richardson removes the h^2 term.
-REL = 1e-5
-# A mixed second difference (HVP) errs by ~h^2 in truncation and ~eps/h^2 in rounding:
-# h ~ eps^(1/4) ~ 1e-4 relative balances them near 1e-8 (same source).
-REL2 = 1e-4
 MAX_ELEMENTS = 2048
-# Elements whose step ratios differ by more than this get separate steps (`_Differences.by_scale`):
-# within it, the smallest effective relative step is REL2 / SPREAD = 1e-6, and a mixed second
-# difference's rounding error eps / (REL2 * 1e-6) ~ 2e-6 of the value.
-SPREAD = 100.0
 # One side must be this many times further from the reference to be named alone; the finite
 # differences must be that many times more certain than the gap between the sides.
 DECISIVE = 4.0
@@ -130,7 +123,7 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
     if check not in ("vjp", "jvp", "hvp"):
         return Arbitration(None, f"no finite-difference rule for {check}")
     primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
-    fds = {name: _Differences(f, primals, vec) for name, f in fs.items()}
+    fds = {name: Differences(f, primals, vec) for name, f in fs.items()}
     sides_gap = gap(t64, j64)
     if index is not None:
         found, ones = _at_element(pair, check, path, index, fds, t64, j64)
@@ -147,6 +140,24 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
     if any(d is None or d.shape != t64.shape for pair_ in steps.values() for d in pair_):
         return Arbitration(None, "the arbiter function returns another structure than the sides")
     d1, d2 = (sum(ds[i] for ds in steps.values()) / len(steps) for i in (0, 1))  # the mean's differences
+    # Elements where what the small steps read as flat (a larger step's value) could explain the gap
+    blind = np.zeros(t64.shape, bool)
+    with np.errstate(invalid="ignore"):
+        for fd in fds.values():
+            for (k, e), wide in fd.unresolved.items():
+                if check == "jvp":
+                    missed = np.abs(float(fd.vec.t[k].flat[e]) * np.asarray(leaf_at(wide, path), np.float64))
+                elif k == pair.grad_index(path):
+                    missed = np.zeros(t64.shape)
+                    missed.flat[e] = abs(wide if check == "hvp" else fd.weighted(wide))
+                else:
+                    continue
+                blind |= DECISIVE * missed > np.abs(t64 - j64)
+    if blind.any() and (index is None or not blind.shape or blind[index]):
+        return Arbitration(None, "finite differences cannot resolve this example: a step relative to the input "
+                                 "moves the function by less than float64 rounding of its value, while a larger one "
+                                 "moves it (an input far smaller than the function's own scale); no side is named",
+                           unstable=True)
     with np.errstate(invalid="ignore"):
         if not (np.all(np.isfinite(d1)) and np.all(np.isfinite(d2))):
             return Arbitration(None, "finite differences are unstable here: they are not finite at this example; "
@@ -155,7 +166,7 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
     # Steps h and h/2 that disagree at other elements than the failing one (a 1e-38 input beside
     # ones, whose second differences are rounding over h^2) leave those elements out; the failing
     # element, stable, decides, as it outweighs the leaf elsewhere (`diagnose._at_failing_element`).
-    noisy = DECISIVE * drift > sides_gap
+    noisy = (DECISIVE * drift > sides_gap) | blind
     unsettled = None
     if noisy.any():
         if (index is None or not drift.shape or noisy[index]
@@ -183,7 +194,7 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
     return Arbitration(sum(refs.values()) / len(refs), why, unsettled=unsettled)
 
 
-def _at_element(pair: Any, check: str, path: str, index: tuple[int, ...], fds: dict[str, _Differences],
+def _at_element(pair: Any, check: str, path: str, index: tuple[int, ...], fds: dict[str, Differences],
                 t64: np.ndarray, j64: np.ndarray) -> tuple[Arbitration | None, dict[str, Any]]:
     """What one-sided differences at the failing element say, before the costly full differences:
     the forwards' own differences disagree there, or the arbiter has a kink there (None where
@@ -206,7 +217,7 @@ def _at_element(pair: Any, check: str, path: str, index: tuple[int, ...], fds: d
     return (Arbitration(None, kink, kink=True) if kink else None), ones
 
 
-def _reference_near(pair: Any, check: str, path: str, index: tuple[int, ...], ref: _Differences, ref_one_sided: Any,
+def _reference_near(pair: Any, check: str, path: str, index: tuple[int, ...], ref: Differences, ref_one_sided: Any,
                     args64: Sequence[Any], vec: Vectors, t64: np.ndarray, j64: np.ndarray) -> Arbitration | None:
     """None where the reference's one-sided differences at the failing element match those of
     at least one side's own float64 forward; else why the reference cannot decide. A reference
@@ -221,7 +232,7 @@ def _reference_near(pair: Any, check: str, path: str, index: tuple[int, ...], re
     for side in ("torch", "jax"):
         try:
             fns[side] = forward64(pair, args64, side, vec)
-            own = _Differences(fns[side], ref.primals, vec).one_sided(pair, check, path, index)[0]
+            own = Differences(fns[side], ref.primals, vec).one_sided(pair, check, path, index)[0]
         except Exception:  # noqa: BLE001 - a side that cannot be differenced is no evidence against it
             return None
         both = np.array([steps, own], dtype=np.float64)  # [function, step, left/right]
@@ -290,131 +301,3 @@ def gap(a: np.ndarray, b: np.ndarray) -> float:
     if nonfinite_mismatch.any():
         return float("inf")
     return float(np.max(np.abs(a[both] - b[both]), initial=0.0))
-
-
-class _Differences:
-    """Finite differences of f at the primals, with steps relative to each element."""
-
-    def __init__(self, f: Callable[[Sequence[np.ndarray]], list[np.ndarray]], primals: list[np.ndarray],
-                 vec: Vectors) -> None:
-        self.f, self.primals, self.vec = f, primals, vec
-        self.scale = []
-        for p in primals:
-            top = float(np.max(np.abs(p), initial=0.0)) or 1.0
-            self.scale.append(np.where(p != 0, np.abs(p), top))
-
-    def shifted(self, steps: Sequence[tuple[float, Sequence[np.ndarray]]]) -> list[np.ndarray]:
-        return self.f([np.asarray(p + sum(h * d[k] for h, d in steps)) for k, p in enumerate(self.primals)])
-
-    def unit(self, k: int, e: int) -> list[np.ndarray]:
-        d = [np.zeros_like(p) for p in self.primals]
-        d[k].flat[e] = 1.0
-        return d
-
-    def step(self, d: Sequence[np.ndarray], rel: float) -> float:
-        """REL times the smallest element scale along direction d (per unit of d)."""
-        ratios = [s[x != 0] / np.abs(x[x != 0]) for s, x in zip(self.scale, d)]
-        return rel * float(min((np.min(r) for r in ratios if r.size), default=1.0))
-
-    def weighted(self, outs: list[np.ndarray]) -> float:
-        ct = self.vec.ct
-        if len(outs) != len(ct) or any(o.shape != np.shape(c) for o, c in zip(outs, ct)):
-            raise ValueError("the arbiter's outputs do not match the cotangents' shapes")
-        return sum(float(np.sum(o * c)) for o, c in zip(outs, ct))
-
-    def central(self, d: Sequence[np.ndarray], h: float) -> list[np.ndarray]:
-        plus, minus = self.shifted([(h, d)]), self.shifted([(-h, d)])
-        return [(a - b) / (2 * h) for a, b in zip(plus, minus)]
-
-    def at(self, pair: Any, check: str, path: str, s: float) -> np.ndarray | None:
-        """The derivative at `path` with every step scaled by s."""
-        if check == "jvp":
-            # Element by element, each on its own scale: J t = sum_e t_e J[:, e].
-            total: list[np.ndarray] | None = None
-            for k, p in enumerate(self.primals):
-                for e in range(p.size):
-                    te = float(self.vec.t[k].flat[e])
-                    if te == 0:
-                        continue
-                    u = self.unit(k, e)
-                    col = self.central(u, s * self.step(u, REL))
-                    total = [te * c for c in col] if total is None else [a + te * c for a, c in zip(total, col)]
-            if total is None:
-                total = [np.zeros_like(o) for o in self.f(self.primals)]
-            return leaf_at(total, path)
-        k = pair.grad_index(path)
-        ref = np.zeros_like(self.primals[k])
-        parts = self.by_scale(self.vec.v) if check == "hvp" else []
-        for e in range(ref.size):
-            u = self.unit(k, e)
-            if check == "vjp":
-                ref.flat[e] = self.weighted(self.central(u, s * self.step(u, REL)))
-                continue
-            # (H v)_e of the cotangent-weighted output: a mixed second difference along e and v,
-            # H v summed over v's parts of one scale each.
-            hu = s * self.step(u, REL2)
-            for v in parts:
-                hv = s * self.step(v, REL2)
-                pp, pm, mp, mm = (self.shifted([(a * hu, u), (b * hv, v)]) for a, b in ((1, 1), (1, -1), (-1, 1),
-                                                                                      (-1, -1)))
-                # Combined output by output before the cotangent weights: summing first would
-                # round each corner to the total's ulp, far above a small element's change.
-                ref.flat[e] += self.weighted([(a - b - c + d) / (4 * hu * hv) for a, b, c, d in zip(pp, pm, mp, mm)])
-        return ref
-
-    def by_scale(self, d: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
-        """Direction d split into parts, each with the elements whose step ratios (scale / |d_e|)
-        lie in one power of SPREAD; the parts sum to d. One step along all of d is set by its
-        smallest ratio (so that no element steps across zero): with elements of 1e-38 and 3 in
-        one direction, it moves the 3 by less than its float64 ulp, and the differences read an
-        exact 0 at both step sizes, agreeing with each other and wrong."""
-        with np.errstate(divide="ignore"):
-            buckets = [np.floor(np.log(s / np.abs(x)) / np.log(SPREAD)) for s, x in zip(self.scale, d)]
-        keys = np.unique(np.concatenate([b[x != 0].ravel() for b, x in zip(buckets, d)]))
-        if not keys.size:
-            return [list(d)]
-        return [[np.where((x != 0) & (b == key), x, 0.0) for x, b in zip(d, buckets)] for key in keys]
-
-    def one_sided(self, pair: Any, check: str, path: str, index: tuple[int, ...]
-                  ) -> tuple[list[tuple[float, float]], str]:
-        """(left, right) differences at the failing element for steps h and h/2, and where
-        they were taken. VJP: along that input element, cotangent-weighted; JVP: that output
-        element along the tangent; HVP: that element of the gradient (a central difference on
-        a step 1/64 of the outer one, so that it reads the gradient on either side, not
-        across) along the HVP direction."""
-        # Each read is the output leaves (or the HVP's inner difference of them), differenced
-        # output by output before the cotangent weights: weighting first rounds a small
-        # element's change away against the total (an input of 4e-17 beside ones read 0).
-        weigh: Callable[[list[np.ndarray]], float] = self.weighted
-        if check == "vjp":
-            k = pair.grad_index(path)
-            e = int(np.ravel_multi_index(index, self.primals[k].shape)) if index else 0
-            d, rel = self.unit(k, e), REL
-            read = lambda shift, s: self.shifted(shift)  # noqa: E731
-            where = f"along element {list(index)} of the differentiated argument, cotangent-weighted"
-        elif check == "jvp":
-            d, rel = self.vec.t, REL
-            read = lambda shift, s: [np.asarray(leaf_at(self.shifted(shift), path))[index]]  # noqa: E731
-            weigh = lambda leaves: float(leaves[0])
-            where = f"at output element {list(index)} along the tangent"
-        else:
-            k = pair.grad_index(path)
-            e = int(np.ravel_multi_index(index, self.primals[k].shape)) if index else 0
-            u, d, rel = self.unit(k, e), self.vec.v, REL2
-
-            def read(shift: list[tuple[float, Sequence[np.ndarray]]], s: float) -> list[np.ndarray]:
-                # The inner step shrinks with the outer one: its error, a fixed share of the
-                # outer difference, then does not drift as the step halves.
-                hu = s * self.step(u, REL2) / 64
-                plus, minus = (self.shifted([*shift, (a * hu, u)]) for a in (1, -1))
-                return [(p - m) / (2 * hu) for p, m in zip(plus, minus)]
-
-            where = (f"along the HVP direction, at element {list(index)} of the cotangent-weighted gradient of the "
-                     f"differentiated argument")
-        one_sided = []
-        for s in (1.0, 0.5):
-            h, base = s * self.step(d, rel), read([], s)
-            left, right = read([(-h, d)], s), read([(h, d)], s)
-            one_sided.append((weigh([(b - x) / h for b, x in zip(base, left)]),
-                              weigh([(x - b) / h for b, x in zip(base, right)])))
-        return one_sided, where
