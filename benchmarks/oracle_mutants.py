@@ -19,6 +19,7 @@ derivative offset where JAX knows the derivative is zero, as for floor, never re
     python benchmarks/oracle_mutants.py                      # 12 pairs spread over the suite
     python benchmarks/oracle_mutants.py --pairs all --clean-examples 100
     python benchmarks/oracle_mutants.py --pairs tanh,matmul --json mutants.json
+    python benchmarks/oracle_mutants.py --pairs all --resume mutants.json   # after a crash: the rest
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", choices=("on", "off"), default=None,
                     help="Hypothesis's target phase (default: the profile's choice, off but for nightly)")
     ap.add_argument("--json", default=None, help="also write every mutant's result here")
+    ap.add_argument("--resume", default=None, metavar="JSON",
+                    help="a results file of an earlier run with these settings: its pairs are kept, the rest run, "
+                         "and the table covers both (written back to it unless --json is given)")
     args = ap.parse_args(argv)
 
     from equivcheck.engine import KnownDivergences, RunSettings
@@ -72,71 +76,96 @@ def main(argv: list[str] | None = None) -> int:
                  if any(known.match_check(f"{p.name}::{c}::{args.dtype}::cpu") for c in p.checks)]
     chosen = [p for p in chosen if p.name not in known_hit]
 
-    rows, results = collections.defaultdict(lambda: collections.Counter()), []
-    clean = collections.Counter()
-    no_effect: list[str] = []
+    results: list[dict[str, Any]] = []
+    if args.resume:
+        # A run the process did not survive (XLA's LLVM ran out of memory after 68 pairs and 53
+        # minutes, then a segfault): its pairs are kept, and only the others run.
+        results = json.loads(Path(args.resume).read_text())
+    done = {r["pair"] for r in results}
+    out = args.json or args.resume
     start = time.perf_counter()
     for i, pair in enumerate(chosen):
+        if pair.name in done:
+            continue
         run = RunSettings(examples=args.clean_examples, seed=args.seed, target=TARGET[args.target])
         recs = run_pair(pair, dtype=args.dtype, run=run, known=known.match_check)
         false = [r.id for r in recs if r.outcome == "failed"]
-        clean.update(runs=1, checks=len(recs), false_alarms=len(false))
-        results += [{"pair": pair.name, "mutant": None, "false_alarm": f} for f in false]
+        results.append({"pair": pair.name, "mutant": None, "clean_checks": len(recs), "false_alarms": false})
         run = RunSettings(examples=args.examples, seed=args.seed, target=TARGET[args.target])
         for m in mutants(pair, args.dtype):
             if m.family == "permuted" and _scalar_output(pair, args.dtype):
                 continue  # rolling one element changes nothing: no mutant at all
             if m.expect == "fail" and not _has_effect(pair, m, args.dtype):
-                no_effect.append(f"{pair.name} {m.side} {m.name}")
+                results.append({"pair": pair.name, "mutant": m.name, "side": m.side, "no_effect": True})
                 continue
-            key = (m.family, m.name.split(":", 1)[1].replace(" one", " (one)").replace(" all", ""), m.expect)
-            row = rows[key]
-            row["n"] += 1
             try:
                 recs = run_pair(m.pair, dtype=args.dtype, run=run)
             except Exception as exc:  # an engine crash is a finding of this benchmark, not the end of it
-                row["crashed"] += 1
-                results.append({"pair": pair.name, "mutant": m.name, "side": m.side, "crash": repr(exc)})
+                results.append({"pair": pair.name, "mutant": m.name, "side": m.side, "expect": m.expect,
+                                "crash": repr(exc)})
                 continue
             failed = [r for r in recs if r.outcome == "failed"]
-            if m.expect == "pass":
-                row["ok"] += not failed
-            else:
-                row["ok"] += bool(failed)
-                row["blamed"] += bool(failed) and all(r.side == m.side for r in failed)
             results.append({"pair": pair.name, "mutant": m.name, "side": m.side, "expect": m.expect,
                             "outcomes": {r.check: r.outcome for r in recs},
                             "blamed": sorted({str(r.side) for r in failed}),
                             "diagnosis": [r.diagnosis for r in failed][:1],
                             # a blame off the mutated side, in full (inputs, values): what a fix starts from
                             "misblamed": {r.check: r.failure_text() for r in failed if r.side != m.side}})
-        mine = [r for r in results if r["pair"] == pair.name]
-        missed = sum(r.get("expect") == "fail" and "failed" not in r["outcomes"].values() for r in mine)
-        wrong = sum(r.get("expect") == "fail" and r["blamed"] not in ([], [r["side"]]) for r in mine)  # or undecided
-        strict = sum(r.get("expect") == "pass" and "failed" in r["outcomes"].values() for r in mine)
+        mine = [r for r in results if r["pair"] == pair.name and "outcomes" in r]
+        missed = sum(r["expect"] == "fail" and "failed" not in r["outcomes"].values() for r in mine)
+        wrong = sum(r["expect"] == "fail" and r["blamed"] not in ([], [r["side"]]) for r in mine)  # or undecided
+        strict = sum(r["expect"] == "pass" and "failed" in r["outcomes"].values() for r in mine)
         print(f"[{i + 1}/{len(chosen)}] {pair.name} ({time.perf_counter() - start:.0f} s): missed {missed}, "
               f"blame not on the mutated side {wrong}, inside-bound failed {strict}, false alarms {len(false)}, "
-              f"crashed {sum('crash' in r for r in mine)}", file=sys.stderr)
-        if args.json:  # after every pair: a run cut short (killed, out of memory) keeps what it found
-            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+              f"crashed {sum('crash' in r for r in results if r['pair'] == pair.name)}", file=sys.stderr)
+        if out:  # after every pair: a run cut short (killed, out of memory) keeps what it found
+            Path(out).write_text(json.dumps(results, indent=1, default=str))
 
     print(f"equivcheck oracle mutants: {len(chosen)} pairs at {args.dtype}, {args.examples} examples per mutant, "
           f"seed {args.seed}, target phase {args.target or 'as the profile'}; "
           f"left out (known divergence at {args.dtype}): {', '.join(known_hit) or 'none'}")
-    print(f"{'family':<10} {'mutant':<14} {'expect':<6} {'n':>5} {'detected/passed':>16} {'right side':>11} crashed")
+    print("\n".join(table(results, {p.name: len(p.checks) for p in chosen}, args.clean_examples)))
+    print(f"{time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def table(results: list[dict[str, Any]], checks: dict[str, int], clean_examples: int) -> list[str]:
+    """The printed table of `results` (this run's and a resumed one's): per mutant class detection,
+    right-side blame and crashes; mutants left out for no effect; the unmutated pairs' false alarms.
+    `checks`: each pair's number of checks, for results of a run that did not record its clean checks."""
+    rows: dict[tuple[str, str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+    no_effect, false_alarms, clean = [], 0, collections.Counter()
+    for r in results:
+        if r["mutant"] is None:  # the unmutated pair; older files kept one line per false alarm
+            alarms = r.get("false_alarms", [r["false_alarm"]] if "false_alarm" in r else [])
+            false_alarms += len(alarms)
+            if r["pair"] not in clean:
+                clean[r["pair"]] = r.get("clean_checks", checks.get(r["pair"], 0))
+            continue
+        if r.get("no_effect"):
+            no_effect.append(f"{r['pair']} {r['side']} {r['mutant']}")
+            continue
+        family, name = r["mutant"].split(":", 1)
+        row = rows[(family, name.replace(" one", " (one)").replace(" all", ""), r.get("expect", "fail"))]
+        row["n"] += 1
+        if "crash" in r:
+            row["crashed"] += 1
+            continue
+        failed = "failed" in r["outcomes"].values()
+        row["ok"] += failed if r["expect"] == "fail" else not failed
+        row["blamed"] += r["expect"] == "fail" and failed and r["blamed"] == [r["side"]]
+    for pair in {r["pair"] for r in results} - set(clean):  # a file written before clean runs were recorded
+        clean[pair] = checks.get(pair, 0)
+    lines = [f"{'family':<10} {'mutant':<14} {'expect':<6} {'n':>5} {'detected/passed':>16} {'right side':>11} crashed"]
     for (family, name, expect), row in sorted(rows.items(), key=lambda kv: (kv[0][0], _size(kv[0][1]), kv[0][1])):
         rate = f"{row['ok']}/{row['n']} {100 * row['ok'] / row['n']:5.1f}%"
         blame = f"{100 * row['blamed'] / row['ok']:5.1f}%" if expect == "fail" and row["ok"] else "-"
-        print(f"{family:<10} {name:<14} {expect:<6} {row['n']:>5} {rate:>16} {blame:>11} {row['crashed']:>7}")
+        lines.append(f"{family:<10} {name:<14} {expect:<6} {row['n']:>5} {rate:>16} {blame:>11} {row['crashed']:>7}")
     if no_effect:
-        print(f"left out, no effect on the mutated side's results ({len(no_effect)}): {', '.join(no_effect)}")
-    print(f"unmutated: {clean['false_alarms']} false alarms in {clean['checks']} checks of {clean['runs']} pairs "
-          f"({args.clean_examples} examples each)")
-    print(TARGETS)
-    print(f"{time.perf_counter() - start:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-    return 0
+        lines.append(f"left out, no effect on the mutated side's results ({len(no_effect)}): {', '.join(no_effect)}")
+    lines.append(f"unmutated: {false_alarms} false alarms in {sum(clean.values())} checks of {len(clean)} pairs "
+                 f"({clean_examples} examples each)")
+    return [*lines, TARGETS]
 
 
 def _scalar_output(pair: object, dtype: str) -> bool:

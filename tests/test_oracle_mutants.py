@@ -72,3 +72,37 @@ def test_a_mutant_keeps_a_namedtuple_result(side):
     inside = next(m for m in mutants(PAIRS["slogdet"], "float32") if m.side == side and m.name == "ulp:one ulp up")
     records = run_pair(inside.pair, dtype="float32", run=RunSettings(examples=3, seed=4))
     assert all(r.outcome == "passed" for r in records), [r.failure_text() for r in records]
+
+
+def test_the_table_counts_a_resumed_run_with_the_one_it_resumes():
+    """The full run died after 68 of 84 pairs (XLA's LLVM out of memory, then a segfault); --resume
+    runs the rest, and the table counts both: the crashed run's file (one line per false alarm, no
+    clean-check count) and the new one's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "oracle_mutants.py"
+    spec = importlib.util.spec_from_file_location("oracle_mutants", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    old = [{"pair": "exp", "mutant": None, "false_alarm": "exp::hvp::float32::cpu"},
+           {"pair": "exp", "mutant": "value:x10 one", "side": "torch", "expect": "fail",
+            "outcomes": {"forward": "failed"}, "blamed": ["torch"]},
+           {"pair": "exp", "mutant": "permuted:rolled", "side": "jax", "expect": "fail",
+            "outcomes": {"forward": "failed", "vjp": "failed"}, "blamed": ["both", "jax"]}]
+    new = [{"pair": "pow", "mutant": None, "clean_checks": 4, "false_alarms": []},
+           {"pair": "pow", "mutant": "value:x10 one", "side": "jax", "expect": "fail",
+            "outcomes": {"forward": "passed"}, "blamed": []},
+           {"pair": "pow", "mutant": "value:x0.5 one", "side": "jax", "expect": "pass",
+            "outcomes": {"forward": "passed"}, "blamed": []},
+           {"pair": "pow", "mutant": "vjp:x10", "side": "torch", "no_effect": True},
+           {"pair": "pow", "mutant": "ulp:one ulp", "side": "torch", "expect": "pass", "crash": "KeyError()"}]
+    lines = bench.table(old + new, {"exp": 4, "pow": 4}, 100)
+    rows = {tuple(line.split()[:3]): line.split()[3:] for line in lines[1:] if line.split()[0] in ("value", "permuted",
+                                                                                                     "ulp")}
+    assert rows[("value", "x10", "(one)")] == ["fail", "2", "1/2", "50.0%", "100.0%", "0"]
+    assert rows[("value", "x0.5", "(one)")] == ["pass", "1", "1/1", "100.0%", "-", "0"]
+    assert rows[("permuted", "rolled", "fail")] == ["1", "1/1", "100.0%", "0.0%", "0"]
+    assert rows[("ulp", "one", "ulp")] == ["pass", "1", "0/1", "0.0%", "-", "1"]
+    assert "left out, no effect on the mutated side's results (1): pow torch vjp:x10" in lines
+    assert "unmutated: 1 false alarms in 8 checks of 2 pairs (100 examples each)" in lines
