@@ -40,6 +40,19 @@ def test_palette_spreads_over_sizes():
     assert sizes == sorted(sizes[:1]) + sorted(sizes[1:]) and max(sizes) >= 20
 
 
+@pytest.mark.parametrize("spec", [Square(), Same(max_dims=3), MatMul(), Square(rhs=True)])
+def test_a_palette_of_three_or_more_has_a_shape_with_the_most_axes(spec):
+    """Spread by size alone, slogdet's palette at seed 0 was (1, 1), (2, 2), (4, 4), ...: no batch,
+    and a mutant rolling its results across the batch passed 30 examples."""
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        pool = {spec.sample(np.random.default_rng(seed + 1000 * k)) for k in range(200)}
+        most = max(sum(map(len, s)) for s in pool)
+        for size in (3, 4):
+            palette = spec.palette(rng, size)
+            assert max(sum(map(len, s)) for s in palette) == most, (seed, size, palette)
+
+
 @pytest.mark.parametrize("spec", [Broadcast(n=3), MatMul(), Square(rhs=True)])
 def test_joint_shapes_fit_together(spec):
     rng = np.random.default_rng(0)

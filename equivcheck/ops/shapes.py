@@ -86,7 +86,9 @@ class ShapeSpec:
         """`size` distinct shape tuples, smallest first so that shrinking heads there.
 
         The rest spread over the sizes seen in many samples, the largest included, so each
-        run meets small, middling and large shapes.
+        run meets small, middling and large shapes; and, from three shapes on, one with the most
+        axes seen (a batch axis where the rule allows one): spread by size alone, a palette of
+        (1, 1), (2, 2), (4, 4) let a mutant that rolled slogdet's results across the batch pass.
         """
         found = [call_rule(self.minimal, self.n)]
         empty = call_rule(self.empty, self.n) if self.zero_size else None
@@ -98,6 +100,12 @@ class ShapeSpec:
         if want > 0 and pool:
             picks = {max(0, round(len(pool) * (i + 1) / want) - 1) for i in range(want)}
             found += [pool[i] for i in sorted(picks)]
+        axes = lambda shapes: sum(map(len, shapes))
+        if size > 2 and pool and max(map(axes, found)) < max(map(axes, pool)):
+            deepest = next(s for s in pool if axes(s) == max(map(axes, pool)))  # the smallest such
+            middle = [i for i in range(1, len(found) - 1) if found[i] != empty]
+            if middle:
+                found[middle[-1]] = deepest
         return found[:1] + sorted(found[1:], key=lambda s: (sum(map(math.prod, s)), s))
 
 
