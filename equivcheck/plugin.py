@@ -275,6 +275,9 @@ def equiv(request: pytest.FixtureRequest) -> Any:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """While this check runs, compile the next one's JAX programs in the background."""
+    from equivcheck.session import quiet_torch_trace
+
+    quiet_torch_trace()
     state = item.config.stash[STATE]
     params = getattr(getattr(nextitem, "callspec", None), "params", {})
     if not state.enabled or "equiv" not in params:

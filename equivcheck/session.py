@@ -14,6 +14,28 @@ from typing import Any
 import pytest
 
 
+def _drop(record: Any) -> bool:
+    return False
+
+
+def quiet_torch_trace() -> None:
+    """Keep torch's structured-trace logger `torch.__trace` out of pytest's log capture. pytest attaches
+    its capture handlers to every non-propagating logger (pytest 8.4's catching_logs), and that one
+    (non-propagating, always DEBUG, its level and handlers reset by torch's own logging setup during
+    torch.export) emits whenever it holds a handler: each torch.export (the ONNX check's dynamo
+    exporter) put its graph dumps in later failures' "Captured log" (45 DEBUG lines for a model check).
+    A filter on the logger drops its records before any handler, and torch leaves filters alone;
+    with TORCH_TRACE set (the user asked for the trace) it is left as it is. A no-op before torch is
+    imported."""
+    if "torch" not in sys.modules or os.environ.get("TORCH_TRACE"):
+        return
+    import logging
+
+    trace = logging.getLogger("torch.__trace")
+    if _drop not in trace.filters:
+        trace.addFilter(_drop)
+
+
 def write_report(config: pytest.Config, state: Any, *, interrupted: bool, stuck: str = "") -> None:
     """The JSON and Markdown reports of `state.records` (a SessionState's), under
     `state.report_dir`. `interrupted`: Ctrl-C or a stuck side cut the run short, so the records

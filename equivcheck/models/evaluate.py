@@ -20,7 +20,6 @@ from equivcheck.engine.records import RunSettings
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.models import mapping as mm
 from equivcheck.models import sides as ms
-from equivcheck.ops.conditioning import SAFETY
 from equivcheck.optim.trajectory import compare_steps
 
 __all__ = ["ROUNDING_FACTOR", "SCALE_OF", "Example", "Result", "evaluate", "mapping", "stack"]
@@ -167,9 +166,11 @@ def _rounding(pair: Any, ents: list[mm.Entry], ex: Example, batches: list[Any], 
     sides agree in float64 on the same (float32-rounded) inputs and, at that step leaf by leaf,
     the float32 run further from the float64 answer (the mean of the two float64 runs) is within
     ROUNDING_FACTOR times the nearer one's distance (plus the step's bound), whichever side that
-    is. A port computing another function differs in float64 too; a side wrong in float32 alone
-    is far from both."""
-    bound = tolerance.lookup("float32", device=run.device, precision=run.precision, check="vjp").scaled(step, "")
+    is; past that, when each side's every step was float64's from where that side stood
+    (equivcheck.models.sensitivity). A port computing another function differs
+    in float64 too; a side wrong in float32 alone is far from both."""
+    one = tolerance.lookup("float32", device=run.device, precision=run.precision, check="vjp")
+    bound = one.scaled(step, "")
     wide = [tuple(np.asarray(a, np.float64) if np.asarray(a).dtype.kind == "f" else a for a in b) for b in batches]
     base64 = tolerance.lookup("float64", device=run.device, precision=run.precision, check="vjp")
     try:
@@ -200,14 +201,8 @@ def _rounding(pair: Any, ents: list[mm.Entry], ex: Example, batches: list[Any], 
         far_apart |= far > ROUNDING_FACTOR * near + bound.atol + bound.rtol * size(r)
     if not far_apart:
         return True
-    if step != 1:
-        return False
-    # The first step from one set of weights: its own sensitivity to each side's gradient rounding decides.
-    from equivcheck.models.sensitivity import first_step_within_gradient_rounding
+    # Past that, whether each side's every step was float64's from where it stood decides.
+    from equivcheck.models.sensitivity import trajectories_faithful
 
-    def params(steps: list[Any]) -> list[np.ndarray]:
-        return leaves(steps[0]["params"])
-
-    ref = [(a + b) / 2 for a, b in zip(params(t64), params(j64))]
-    return first_step_within_gradient_rounding(pair, ents, batches[0], wide[0], ex.seed, run.device, params(t_steps),
-                                               params(j_steps), ref, params(t64), bound, SAFETY)
+    failing = (leaves(t_steps[step - 1]["params"]), leaves(j_steps[step - 1]["params"]))
+    return trajectories_faithful(pair, ents, ex.seed, run.device, batches, wide[:step], failing, one, base64, bound)

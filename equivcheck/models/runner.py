@@ -132,10 +132,10 @@ def run_model_pair(pair: Any, *, dtype: str, run: RunSettings,
             rec.examples = len(seen) + len(accepted) + bool(failed)
             rec.ill_conditioned = len(accepted)
             if accepted:
-                rec.notes.append(f"{len(accepted)} examples past the trajectory bound agreed in float64, the port's "
-                                 f"{dtype} run "
-                                 f"within {ROUNDING_FACTOR:g}x torch's own {dtype} distance from float64: accepted as "
-                                 "rounding amplified by the optimizer (equivcheck.models.evaluate._rounding)")
+                rec.notes.append(f"{len(accepted)} examples past the trajectory bound agreed in float64, and each "
+                                 f"side's {dtype} run was within {ROUNDING_FACTOR:g}x the other's distance from "
+                                 "float64 or, step by step, float64's training from where it stood: accepted as "
+                                 "rounding the training amplified (equivcheck.models.evaluate._rounding)")
             rec.worst_ratio = max((r.verdict.ratio for r in seen), default=0.0)
             worst_leaf = max((r.verdict.worst for r in seen if r.verdict.worst), key=lambda w: w.ratio, default=None)
             if worst_leaf is not None:

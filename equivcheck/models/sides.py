@@ -121,9 +121,10 @@ def torch_state(model: Any) -> dict[str, np.ndarray]:
 
 @deadline.side("torch")
 def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, train: bool, seed: int,
-               device: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+               device: str, step: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """({"loss", "out", "masks"}, gradients by torch parameter name); "masks" holds the dropout
-    masks the forward drew (applied in train mode only), for the port to take the same ones."""
+    masks the forward drew (applied in train mode only; those of training step `step`), for the
+    port to take the same ones."""
     import torch
 
     from equivcheck.backends.torch import to_numpy
@@ -132,7 +133,7 @@ def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, tra
     model.train(train)
     model.zero_grad(set_to_none=True)
     cudnn = torch.backends.cudnn.enabled
-    handles = _dropout_hooks(model, masks, seed, 0) + _rnn_hooks(model, train, device)
+    handles = _dropout_hooks(model, masks, seed, step) + _rnn_hooks(model, train, device)
     try:
         out = model(*to_torch_args(inputs, device))
         loss = pair.loss.torch_fn(out, to_torch_args([target], device)[0])
@@ -148,9 +149,10 @@ def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, tra
 
 @deadline.side("torch")
 def torch_train(pair: Any, model: Any, ents: Sequence[mm.Entry], batches: Sequence[tuple[Any, ...]], *, seed: int,
-                device: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                device: str, grads: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """K optimizer steps in torch's own loop: per step the loss before it, and the parameters
-    and BatchNorm statistics after it (in the port's layout); and the masks each step drew."""
+    and BatchNorm statistics after it (in the port's layout), with `grads` also the gradient it
+    took (by torch name, before clipping); and the masks each step drew."""
     import torch
 
     from equivcheck.backends.torch import to_numpy
@@ -162,15 +164,21 @@ def torch_train(pair: Any, model: Any, ents: Sequence[mm.Entry], batches: Sequen
     steps, all_masks = [], []
     for t, batch in enumerate(batches):
         masks: dict[str, Any] = {}
+        taken: dict[str, Any] = {}
+
+        def keep(taken: dict[str, Any] = taken) -> None:
+            taken.update({n: to_numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+
         handles = _dropout_hooks(model, masks, seed, t)
         try:
-            loss = torch_step(pair, model, optimizer, scheduler, to_torch_args(batch, device))
+            loss = torch_step(pair, model, optimizer, scheduler, to_torch_args(batch, device),
+                              after_backward=keep if grads else None)
         finally:
             for h in handles:
                 h.remove()
         with torch.no_grad():
             params, stats = mm.to_jax(ents, torch_state(model))
-        steps.append({"loss": to_numpy(loss), "params": params, "stats": stats})
+        steps.append({"loss": to_numpy(loss), "params": params, "stats": stats, **({"grads": taken} if grads else {})})
         all_masks.append(masks)
     return steps, all_masks
 
@@ -262,7 +270,8 @@ def port_output(pair: Any, res: Any, stats: Any) -> tuple[Any, Any]:
 
 def program(pair: Any, kind: str) -> Any:
     """The jitted program of one kind for this pair: forward_eval/forward_train, grad_eval/grad_train,
-    train (the K-step scan) or train_step (one step, for --equiv-bench)."""
+    train (the K-step scan), train_grads (the scan, recording each step's gradient) or train_step
+    (one step, for --equiv-bench)."""
     import jax
 
     key = (id(pair), kind)
@@ -274,8 +283,8 @@ def program(pair: Any, kind: str) -> Any:
     elif kind in ("grad_eval", "grad_train"):
         train = kind == "grad_train"
         fn = jax.jit(jax.value_and_grad(lambda p, s, x, y, m: _loss(pair, p, s, x, y, m, train), has_aux=True))
-    elif kind == "train":
-        fn = jax.jit(lambda p, s, x, y, m: _trajectory(pair, p, s, x, y, m))
+    elif kind in ("train", "train_grads"):  # train_grads: each step's gradient too (models.sensitivity)
+        fn = jax.jit(lambda p, s, x, y, m: _trajectory(pair, p, s, x, y, m, kind == "train_grads"))
     elif kind == "train_step":  # one step, its carry (params, stats, optimizer state) donated: --equiv-bench
         fn = jax.jit(train_step(pair), donate_argnums=(0,))
     else:
@@ -293,6 +302,17 @@ def train_step(pair: Any) -> Any:
     """The port's training step, `step((params, stats, opt_state), (inputs, target, masks))` ->
     ((params, stats, opt_state) after it, loss before it): a train-mode loss, its gradient, the
     optax update. Traceable; the trajectory scans it, the benchmark jits it alone."""
+    full = _step_and_gradient(pair)
+
+    def step(carry: Any, batch: Any) -> Any:
+        carry, (loss, _) = full(carry, batch)
+        return carry, loss
+
+    return step
+
+
+def _step_and_gradient(pair: Any) -> Any:
+    """train_step, also returning the gradient it took (before the optimizer's clipping)."""
     import jax
     import optax
 
@@ -304,19 +324,20 @@ def train_step(pair: Any) -> Any:
         x, y, m = batch
         (loss, (_, s)), g = grad(p, s, x, y, m)
         updates, opt_state = tx.update(g, opt_state, p)
-        return (optax.apply_updates(p, updates), s, opt_state), loss
+        return (optax.apply_updates(p, updates), s, opt_state), (loss, g)
 
     return step
 
 
-def _trajectory(pair: Any, params: Any, stats: Any, inputs: Any, targets: Any, masks: Any) -> Any:
+def _trajectory(pair: Any, params: Any, stats: Any, inputs: Any, targets: Any, masks: Any,
+                grads: bool = False) -> Any:
     import jax
 
-    step = train_step(pair)
+    step = _step_and_gradient(pair)
 
     def record(carry: Any, batch: Any) -> Any:
-        (p, s, opt_state), loss = step(carry, batch)
-        return (p, s, opt_state), {"loss": loss, "params": p, "stats": s}
+        (p, s, opt_state), (loss, g) = step(carry, batch)
+        return (p, s, opt_state), {"loss": loss, "params": p, "stats": s, **({"grads": g} if grads else {})}
 
     init = pair.optimizer.optax_transform().init(params)
     return jax.lax.scan(record, (params, stats, init), (inputs, targets, masks))[1]
