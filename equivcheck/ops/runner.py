@@ -86,10 +86,14 @@ def run_pair(
     # A known divergence needs no minimal example and no pass of its own: its first failing
     # example (a witness, run first) is kept and the pass goes on for the other checks.
     expected = {c for c in checks if known(check_id(pair.name, c, dtype, run.device))}
+    drawn: set[Any] = set()
+    top_ups: list[Any] | None = None  # palette shapes the search never drew, each searched on its own
+    share: int | None = None
     while active:
         found_known: dict[str, CheckFailed] = {}
         try:
-            failure = _one_pass(pair, examples, active, tols, stats, dtype, run, item_seed, expected, found_known)
+            failure = _one_pass(pair, examples, active, tols, stats, dtype, run, item_seed, expected, found_known,
+                                drawn, share, witnesses=top_ups is None)
         except ShapeRuleError as exc:  # drawn afresh each example (no palette): found mid-search
             return _broken_rule(pair, checks, exc, dtype, run, tols, nodeid, replay, time.perf_counter() - start)
         for check, found in found_known.items():  # an expected check is kept, never raised as `failure`
@@ -97,7 +101,15 @@ def run_pair(
                 failures[check] = found
                 active.remove(check)
         if failure is None:
-            break
+            if top_ups is None:
+                top_ups = [ss for ss in palette or () if pair.inputs.shapes_of(pair.inputs.placeholders(dtype, ss)[0])
+                           not in drawn]
+                # Hypothesis's first example is the simplest (zeros): a search of one finds nothing
+                share = max(2, run.examples // len(palette or [1]))
+            if not top_ups:
+                break
+            examples = st.tuples(pair.inputs.strategy(dtype, [top_ups.pop(0)]), st.integers(0, 2**31 - 1))
+            continue
         failures[failure.check] = failure
         active.remove(failure.check)
         # The minimal example often breaks other checks too (a side that raises breaks all):
@@ -209,16 +221,20 @@ def prepare(pair: Pair, dtype: str, run: RunSettings) -> None:
 
 def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: dict[str, Any],
               stats: dict[str, _Stats], dtype: str, run: RunSettings, item_seed: int,
-              expected: set[str] = frozenset(), found_known: dict[str, CheckFailed] | None = None
+              expected: set[str] = frozenset(), found_known: dict[str, CheckFailed] | None = None,
+              shapes: set[Any] | None = None, max_examples: int | None = None, witnesses: bool = True
               ) -> CheckFailed | None:
     """One search over the `active` checks: the failure to shrink and report, or None. A check
     in `expected` (a known divergence) that fails goes into `found_known` at its first failing
-    example, unshrunk, and is judged no further in this pass."""
+    example, unshrunk, and is judged no further in this pass. The array shapes of every example
+    run go into `shapes`."""
     search = Search(run, CheckFailed, smaller=lambda new, best: n_elements(new.args) < n_elements(best.args))
     found_known = {} if found_known is None else found_known
 
     def test(example: tuple[tuple[Any, ...], int]) -> None:
         args, vec_seed = example
+        if shapes is not None:
+            shapes.add(pair.inputs.shapes_of(args))
         ev = evaluate(pair, args, vec_seed, dtype=dtype, device=run.device, checks=active)
         for check in active:
             if check in found_known:
@@ -246,8 +262,9 @@ def _one_pass(pair: Pair, examples: st.SearchStrategy, active: list[str], tols: 
             # Steer generation towards the inputs where the two sides drift furthest apart.
             target(min(verdict.ratio, 1e6), label=check)
 
-    witnesses = [(pair.inputs.cast(w, dtype), 0) for w in pair.witnesses]
-    failed = search(test, examples, digest=f"{pair.name}:{dtype}:{run.device}", seed=item_seed, explicit=witnesses)
+    witnesses = [(pair.inputs.cast(w, dtype), 0) for w in pair.witnesses] if witnesses else []
+    failed = search(test, examples, digest=f"{pair.name}:{dtype}:{run.device}", seed=item_seed, explicit=witnesses,
+                    max_examples=max_examples)
     if failed is not None:
         failed.others = [f for f in search.seen if f is not failed and f.check == failed.check]
     if failed is not None and search.flaky:

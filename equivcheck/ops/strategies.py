@@ -337,6 +337,10 @@ class Inputs:
 
         return shapes.flatmap(values)
 
+    def shapes_of(self, args: Sequence[Any]) -> tuple[Shape, ...]:
+        """The shapes of the array arguments in `args` (a drawn tuple), as a palette entry holds them."""
+        return tuple(tuple(np.shape(a)) for a, spec in zip(args, self.args, strict=True) if not isinstance(spec, Static))
+
     def placeholders(self, dtype: str, shapes: tuple[Shape, ...]) -> list[tuple[Any, ...]]:
         """Zero-valued argument tuples with the dtypes the strategy draws, one per
         combination of static values: what a compiler needs, nothing more."""
