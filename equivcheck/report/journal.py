@@ -148,7 +148,7 @@ def recover(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     run: dict[str, Any] | None = None
     records: list[dict[str, Any]] = []
-    cut = None
+    cut, started = None, None
     lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     for n, line in enumerate(lines, 1):
         try:
@@ -165,7 +165,8 @@ def recover(path: str | os.PathLike[str]) -> dict[str, Any]:
                      if not isinstance(entry["run"].get(k), kind) or not entry["run"][k]]
             if lacks:
                 raise ValueError(f"{path}:1: the run section lacks {', '.join(lacks)}, which the report needs")
-            if _instant(entry["run"]["started"]) is None:
+            started = _instant(entry["run"]["started"])
+            if started is None:
                 raise ValueError(f"{path}:1: the run's start {entry['run']['started']!r} is not an ISO 8601 time "
                                  "with its UTC offset")
             run = entry["run"]
@@ -173,11 +174,10 @@ def recover(path: str | os.PathLike[str]) -> dict[str, Any]:
             records.append(entry["record"])
         else:
             raise ValueError(f"{path}:{n}: expected {{\"record\": {{\"id\": ..., \"outcome\": ...}}}}")
-    if run is None:
+    if run is None or started is None:
         raise ValueError(f"{path}: empty: the run had written no record")
     last = dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.timezone.utc)
     tests = {r.get("nodeid") for r in records}
-    started = _instant(run["started"]) or last
     run.update(finished=last.isoformat(timespec="seconds"), seconds=(last - started).total_seconds(),
                interrupted=True, crashed=CRASHED,
                partial={"ran": len(tests), "collected": (run.get("partial") or {}).get("collected")},
