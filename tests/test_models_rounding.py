@@ -7,16 +7,18 @@ of the loss crossed at step 6 (cnn, seed 1); a port whose float32 gradient or
 optimizer is off by more than the table allows is still refused."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from equivcheck.engine import tolerance
 from equivcheck.engine.records import RunSettings
-from equivcheck.models import mapping as mm
 from equivcheck.models import sensitivity
 from equivcheck.models import sides as ms
 from equivcheck.models.evaluate import Example, evaluate, mapping
-from equivcheck.models.zoo import cnn_apply, cnn_pair, lstm_pair
+from equivcheck.models.zoo import cnn_apply, cnn_pair, encoder_pair, lstm_apply, lstm_pair
 
 
 def test_seed_7s_lstm_first_step_is_rounding_amplified_by_adam(monkeypatch):
@@ -84,13 +86,69 @@ def test_an_optimizer_step_off_by_more_than_rounding_is_not_excused():
     batches = [ms.numpy_batch(pair.inputs, CNN_KINK.shapes, "float32", rng) for _ in range(2)]
     wide = [tuple(np.asarray(a, np.float64) if np.asarray(a).dtype.kind == "f" else a for a in b) for b in batches]
     model = ms.build_torch(pair, CNN_KINK.seed, "float32", "cpu")
-    start = dict(zip(("params", "stats"), mm.to_jax(ents, ms.torch_state(model)), strict=True))
     steps, _ = ms.torch_train(pair, model, ents, batches, seed=CNN_KINK.seed, device="cpu", grads=True)
     one = tolerance.lookup("float32", device="cpu", precision="highest", check="vjp")
-    one64 = tolerance.lookup("float64", device="cpu", precision="highest", check="vjp")
-    args = (pair, ents, CNN_KINK.seed, "cpu", start)
-    sensitivity._faithful(*args, steps, wide, one, one64, one.scaled(2, "steps"))
+    sensitivity._optimizer_faithful(pair, ents, CNN_KINK.seed, "cpu", steps, wide, one)
     moved = [*steps[:-1], {**steps[-1], "params": {k: {n: v + 1e-3 for n, v in leaf.items()}
                                                      for k, leaf in steps[-1]["params"].items()}}]
     with pytest.raises(sensitivity.NotRounding, match="optimizer's params"):
-        sensitivity._faithful(*args, moved, wide, one, one64, one.scaled(2, "steps"))
+        sensitivity._optimizer_faithful(pair, ents, CNN_KINK.seed, "cpu", moved, wide, one)
+
+
+# Wrong ports an adversarial trial found accepted as rounding (2026-12-02): float32-only slips whose
+# effect Adam amplified past the bound, and a bfloat16 first moment whose gap, accepted where it
+# first showed, grew past every later step's bound unjudged.
+
+def _head_bias_through_float16(params, tokens, train=False):
+    """A straight-through float16 fake-quantization of the head bias, in float32 only."""
+    p, head = dict(params), dict(params["head"])
+    b = head["bias"]
+    if b.dtype == jnp.float32:
+        head["bias"] = b + jax.lax.stop_gradient(b.astype(jnp.float16).astype(b.dtype) - b)
+    p["head"] = head
+    return lstm_apply(p, tokens, train)
+
+
+def _logit_moved_in_float32(params, tokens, train=False):
+    out = lstm_apply(params, tokens, train)
+    if out.dtype != jnp.float32:
+        return out
+    return out + jax.lax.stop_gradient(jnp.zeros_like(out).at[:, 0].set(5e-5))
+
+
+def _adam_first_moment_in_bfloat16(name, b1, b2, eps):
+    good = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=0.0, nesterov=False)
+    bad = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=0.0, nesterov=False, mu_dtype=jnp.bfloat16)
+
+    def low(tree):
+        return any(getattr(leaf, "dtype", None) == jnp.float32 for leaf in jax.tree.leaves(tree))
+
+    return optax.GradientTransformation(lambda p: (bad if low(p) else good).init(p),
+                                        lambda u, s, p=None: (bad if low(u) else good).update(u, s, p))
+
+
+def _bfloat16_moment_optimizer(name, cls, decoupled):
+    from equivcheck.optim import mapping as om
+    from equivcheck.optim import optimizer_pair
+
+    def optax_map(_cls, hp, lr):
+        (b1, b2), eps = hp["betas"], hp["eps"]
+        return om._adam_like(cls, hp, lr, decoupled, (f"{cls.lower()}, mu in bfloat16 under float32",
+                                                      _adam_first_moment_in_bfloat16(name, b1, b2, eps)), om.ADAM_STATE)
+
+    return optimizer_pair(name, cls, lr=1e-2, optax_map=optax_map)
+
+
+@pytest.mark.parametrize("slip, pair", [
+    ("head bias through float16", lambda: lstm_pair(apply=_head_bias_through_float16)),
+    ("logit moved by 5e-5", lambda: lstm_pair(apply=_logit_moved_in_float32)),
+    ("AdamW's first moment in bfloat16", lambda: encoder_pair(optimizer=_bfloat16_moment_optimizer(
+        "enc.adamw_bf16", "AdamW", True))),
+    ("Adam's first moment in bfloat16", lambda: cnn_pair(optimizer=_bfloat16_moment_optimizer(
+        "cnn.adam_bf16", "Adam", False))),
+])
+def test_a_float32_only_slip_amplified_by_training_is_not_accepted(slip, pair):
+    """Each passed seed 0 at 10 examples, accepted as rounding 3-8 times; the correct ports accept none."""
+    [rec] = pair().replace(checks=("train",)).run_checks(
+        dtype="float32", run=RunSettings(examples=10, seed=0, palette=4, device="cpu"))
+    assert rec.outcome == "failed", (slip, rec.ill_conditioned, rec.notes)

@@ -161,22 +161,25 @@ def _train(pair: Any, model: Any, ents: list[mm.Entry], params: Any, stats: Any,
 
 def _rounding(pair: Any, ents: list[mm.Entry], ex: Example, batches: list[Any], t_steps: list[Any],
               j_steps: list[Any], step: int, run: RunSettings) -> bool:
-    """A float32 trajectory gap is rounding, amplified (Adam's first steps are lr * g / (|g| + eps):
-    a gradient element near eps turns a rounding difference into a step difference), when both
-    sides agree in float64 on the same (float32-rounded) inputs and, at that step leaf by leaf,
-    the float32 run further from the float64 answer (the mean of the two float64 runs) is within
-    ROUNDING_FACTOR times the nearer one's distance (plus the step's bound), whichever side that
+    """A float32 trajectory gap first past the bound at `step` is rounding, amplified (Adam's first
+    steps are lr * g / (|g| + eps): a gradient element near eps turns a rounding difference into a
+    step difference), when both sides agree in float64 on the same (float32-rounded) inputs over
+    all the example's steps and, at every step from `step` to the last, leaf by leaf, the float32
+    run further from the float64 answer (the mean of the two float64 runs) is within
+    ROUNDING_FACTOR times the nearer one's distance (plus that step's bound), whichever side that
     is; past that, when each side's every step was float64's from where that side stood
-    (equivcheck.models.sensitivity). A port computing another function differs
-    in float64 too; a side wrong in float32 alone is far from both."""
+    (equivcheck.models.sensitivity). Every step to the last is judged: a gap accepted where it
+    first showed may grow past anything rounding explains later (an optimizer keeping Adam's
+    moments in bfloat16 parts from float64 by about one step's bound per step). A port computing
+    another function differs in float64 too; a side wrong in float32 alone is far from both."""
     one = tolerance.lookup("float32", device=run.device, precision=run.precision, check="vjp")
-    bound = one.scaled(step, "")
+    last = len(t_steps)
     wide = [tuple(np.asarray(a, np.float64) if np.asarray(a).dtype.kind == "f" else a for a in b) for b in batches]
     base64 = tolerance.lookup("float64", device=run.device, precision=run.precision, check="vjp")
     try:
         model = ms.build_torch(pair, ex.seed, "float64", run.device)
         params, stats = mm.to_jax(ents, ms.torch_state(model))
-        t64, t_masks = ms.torch_train(pair, model, ents, wide[:step], seed=ex.seed, device=run.device)
+        t64, t_masks = ms.torch_train(pair, model, ents, wide[:last], seed=ex.seed, device=run.device)
         masks = t_masks + [{k: np.ones_like(v) for k, v in t_masks[0].items()}] * (pair.steps - len(t_masks))
         inputs = [np.stack([b[i] for b in wide]) for i in range(len(wide[0]) - 1)]
         j = ms.run_jax(pair, "train", "float64", run.device, params, stats, inputs, np.stack([b[-1] for b in wide]),
@@ -184,25 +187,27 @@ def _rounding(pair: Any, ents: list[mm.Entry], ex: Example, batches: list[Any], 
     except Exception:  # a failing re-run leaves the failure standing
         return False
     j64 = [{"loss": j["loss"][k], "params": ms.jax_index(j["params"], k), "stats": ms.jax_index(j["stats"], k)}
-           for k in range(step)]
-    if not compare_steps(t64, j64, base64).ok:
+           for k in range(last)]
+    if len(j_steps) != last or not compare_steps(t64, j64, base64).ok:
         return False
     leaves = lambda tree: [np.asarray(x, np.float64) for _, x in flatten(tree)]  # noqa: E731
-    t32, j32, t_ref, j_ref = (leaves(s[step - 1]) for s in (t_steps, j_steps, t64, j64))
     gap = lambda a, b: float(np.max(np.abs(a - b), initial=0.0))  # noqa: E731  (NaN if either has one)
     size = lambda r: float(np.max(np.abs(r), initial=0.0))  # noqa: E731
     far_apart = False
-    for t, j, rt, rj in zip(t32, j32, t_ref, j_ref, strict=True):
-        r = (rt + rj) / 2  # the float64 answer is where both sides agree, not torch's run alone
-        near, far = sorted((gap(t, r), gap(j, r)))
-        # Either side may be the one further off: a float32-only bug in torch must not excuse the port.
-        if not np.isfinite(far):
-            return False
-        far_apart |= far > ROUNDING_FACTOR * near + bound.atol + bound.rtol * size(r)
+    for k in range(step, last + 1):
+        bound = one.scaled(k, "")
+        t32, j32, t_ref, j_ref = (leaves(s[k - 1]) for s in (t_steps, j_steps, t64, j64))
+        for t, j, rt, rj in zip(t32, j32, t_ref, j_ref, strict=True):
+            r = (rt + rj) / 2  # the float64 answer is where both sides agree, not torch's run alone
+            near, far = sorted((gap(t, r), gap(j, r)))
+            # Either side may be the one further off: a float32-only bug in torch must not excuse the port.
+            if not np.isfinite(far):
+                return False
+            far_apart |= far > ROUNDING_FACTOR * near + bound.atol + bound.rtol * size(r)
     if not far_apart:
         return True
     # Past that, whether each side's every step was float64's from where it stood decides.
     from equivcheck.models.sensitivity import trajectories_faithful
 
-    failing = (leaves(t_steps[step - 1]["params"]), leaves(j_steps[step - 1]["params"]))
-    return trajectories_faithful(pair, ents, ex.seed, run.device, batches, wide[:step], failing, one, base64, bound)
+    failing = (leaves(t_steps[last - 1]["params"]), leaves(j_steps[last - 1]["params"]))
+    return trajectories_faithful(pair, ents, ex.seed, run.device, batches, wide[:last], failing, one, base64)
