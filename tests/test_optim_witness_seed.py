@@ -38,3 +38,30 @@ def test_adam_at_a_saturated_tanh_is_ill_conditioned_not_a_jax_fault():
     [record] = run_optimizer_pair(pair, dtype="float32", run=RunSettings(examples=1, seed=1, device="cpu"))
     assert record.outcome == "passed", record.failure_text()
     assert record.ill_conditioned >= 1, record.notes
+
+
+def test_a_gap_accepted_at_its_first_step_is_judged_at_every_later_step():
+    """The saturated example over 3 steps is accepted where its gap first shows (step 1); the same
+    outcome with optax's last step moved by 1e-2 is not: a gap may outgrow rounding after the step
+    that accepted it (a model port's Adam keeping its first moment in bfloat16 was accepted at step
+    2 and grew to 6.75x the bound of later steps, unjudged)."""
+    import dataclasses
+
+    import numpy as np
+
+    from equivcheck.engine import tolerance
+    from equivcheck.optim.diagnose import explained_by_rounding
+    from equivcheck.optim.runner import witnesses
+    from equivcheck.optim.trajectory import evaluate
+
+    pair = next(p for p in OPTIMIZERS if p.name == "adam").replace(witnesses=(dataclasses.replace(SATURATED, steps=3),))
+    run = RunSettings(examples=1, seed=1, device="cpu")
+    base = tolerance.lookup("float32", device="cpu", precision=run.precision, check="mlp")
+    [ex] = witnesses(pair, "mlp", "float32")
+    out = evaluate(pair, ex, "float32", run, base)
+    assert not out.ok and out.step == 1 and len(out.after[1]) == 3, out.verdict
+    assert explained_by_rounding(pair, ex, out, "float32", run, base, 0)
+    last = out.after[1][-1]
+    moved = {**last, "params": {k: np.asarray(v) + 1e-2 for k, v in last["params"].items()}}
+    tampered = dataclasses.replace(out, after=(out.after[0], [*out.after[1][:-1], moved]))
+    assert not explained_by_rounding(pair, ex, tampered, "float32", run, base, 0)

@@ -65,6 +65,7 @@ class Outcome:
     torch_at: Any = None  # both sides at the failing step
     jax_at: Any = None
     start: Any = None  # after a state move: {"params", "state"} both sides continued from
+    after: tuple[list[Any], list[Any]] = ((), ())  # (torch's, optax's) steps from the failing one to the last
 
     @property
     def global_step(self) -> int:
@@ -141,7 +142,8 @@ def compare_steps(torch_steps: list[Any], jax_steps: list[Any], base: Tolerance,
     v = compare(torch_steps[stop], jax_steps[stop], trajectory_tolerance(base, m),
                 per_path={p: trajectory_tolerance(t, m) for p, t in rates.items()})
     v.message = f"step {m}{where}: first step out of tolerance; {v.message}"
-    return dataclasses.replace(out, ok=False, verdict=v, step=m, torch_at=torch_steps[stop], jax_at=jax_steps[stop])
+    return dataclasses.replace(out, ok=False, verdict=v, step=m, torch_at=torch_steps[stop], jax_at=jax_steps[stop],
+                               after=(list(torch_steps[stop:n]), list(jax_steps[stop:n])))
 
 
 def evaluate(pair: Any, ex: Example, dtype: str, run: RunSettings, base: Tolerance,
