@@ -1,8 +1,7 @@
 """The pytest plugin: options, hooks and the `equiv` fixture - nothing else.
 
-Inert without --equiv: equivalence checks (tests that use `equiv` or carry the `equiv`
-marker) are deselected and nothing is imported. With --equiv only they run. torch, jax and
-Hypothesis load in pytest_configure, and only when --equiv is given.
+Inert without --equiv: equivalence checks (tests that use `equiv` or carry the `equiv` marker) are
+deselected and nothing heavy is imported. torch, jax and Hypothesis load in pytest_configure, with --equiv.
 """
 from __future__ import annotations
 
@@ -226,8 +225,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """How many tests are selected to run (after -k/-m): the report tells a run cut short by
-    Ctrl-C, a stuck side or -x by fewer of them reaching an outcome."""
+    """How many tests run (after -k/-m): fewer reaching an outcome tells a run cut short (Ctrl-C, -x)."""
     state = session.config.stash[STATE]
     if state.enabled:
         state.selected = len(session.items)

@@ -88,11 +88,11 @@ def test_an_optimizer_step_off_by_more_than_rounding_is_not_excused():
     model = ms.build_torch(pair, CNN_KINK.seed, "float32", "cpu")
     steps, _ = ms.torch_train(pair, model, ents, batches, seed=CNN_KINK.seed, device="cpu", grads=True)
     one = tolerance.lookup("float32", device="cpu", precision="highest", check="vjp")
-    sensitivity._optimizer_faithful(pair, ents, CNN_KINK.seed, "cpu", steps, wide, one)
+    sensitivity._optimizer_errors(pair, ents, CNN_KINK.seed, "cpu", steps, wide, one)
     moved = [*steps[:-1], {**steps[-1], "params": {k: {n: v + 1e-3 for n, v in leaf.items()}
                                                      for k, leaf in steps[-1]["params"].items()}}]
     with pytest.raises(sensitivity.NotRounding, match="optimizer's params"):
-        sensitivity._optimizer_faithful(pair, ents, CNN_KINK.seed, "cpu", moved, wide, one)
+        sensitivity._optimizer_errors(pair, ents, CNN_KINK.seed, "cpu", moved, wide, one)
 
 
 # Wrong ports an adversarial trial found accepted as rounding (2026-12-02): float32-only slips whose
@@ -127,14 +127,28 @@ def _adam_first_moment_in_bfloat16(name, b1, b2, eps):
                                         lambda u, s, p=None: (bad if low(u) else good).update(u, s, p))
 
 
-def _bfloat16_moment_optimizer(name, cls, decoupled):
+def _adam_second_moment_through_bfloat16(b1, b2, eps):
+    """nu rounded through bfloat16 after every update, in float32 only (its dtype stays float32)."""
+    good = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=0.0, nesterov=False)
+
+    def update(u, s, p=None):
+        u, s = good.update(u, s, p)
+        low = lambda m: m.astype(jnp.bfloat16).astype(m.dtype) if m.dtype == jnp.float32 else m
+        return u, s._replace(nu=jax.tree.map(low, s.nu))
+
+    return optax.GradientTransformation(good.init, update)
+
+
+def _bfloat16_moment_optimizer(name, cls, decoupled, second=False):
     from equivcheck.optim import mapping as om
     from equivcheck.optim import optimizer_pair
 
     def optax_map(_cls, hp, lr):
         (b1, b2), eps = hp["betas"], hp["eps"]
         return om._adam_like(cls, hp, lr, decoupled, (f"{cls.lower()}, mu in bfloat16 under float32",
-                                                      _adam_first_moment_in_bfloat16(name, b1, b2, eps)), om.ADAM_STATE)
+                                                      _adam_second_moment_through_bfloat16(b1, b2, eps) if second
+                                                      else _adam_first_moment_in_bfloat16(name, b1, b2, eps)),
+                              om.ADAM_STATE)
 
     return optimizer_pair(name, cls, lr=1e-2, optax_map=optax_map)
 
@@ -146,6 +160,9 @@ def _bfloat16_moment_optimizer(name, cls, decoupled):
         "enc.adamw_bf16", "AdamW", True))),
     ("Adam's first moment in bfloat16", lambda: cnn_pair(optimizer=_bfloat16_moment_optimizer(
         "cnn.adam_bf16", "Adam", False))),
+    # a second round: half the one-step bound per step, past the trajectory's by Adam's amplification
+    ("AdamW's second moment through bfloat16", lambda: encoder_pair(optimizer=_bfloat16_moment_optimizer(
+        "enc.adamw_nu_bf16", "AdamW", True, second=True))),
 ])
 def test_a_float32_only_slip_amplified_by_training_is_not_accepted(slip, pair):
     """Each passed seed 0 at 10 examples, accepted as rounding 3-8 times; the correct ports accept none."""

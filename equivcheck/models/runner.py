@@ -30,7 +30,7 @@ from equivcheck.models import mapping as mm
 from equivcheck.models import sides as ms
 from equivcheck.models.edges import model_inputs
 from equivcheck.models.diagnose import diagnose, layer_table
-from equivcheck.models.evaluate import ROUNDING_FACTOR, SCALE_OF, Example, Result, evaluate, mapping
+from equivcheck.models.evaluate import SCALE_OF, Example, Result, evaluate, mapping
 from equivcheck.models.fit import run_fit
 from equivcheck.ops.shapes import ShapeRuleError
 from equivcheck.optim.trajectory import BUCKETS
@@ -133,9 +133,8 @@ def run_model_pair(pair: Any, *, dtype: str, run: RunSettings,
             rec.ill_conditioned = len(accepted)
             if accepted:
                 rec.notes.append(f"{len(accepted)} examples past the trajectory bound agreed in float64, and each "
-                                 f"side's {dtype} run was within {ROUNDING_FACTOR:g}x the other's distance from "
-                                 "float64 or, step by step, float64's training from where it stood: accepted as "
-                                 "rounding the training amplified (equivcheck.models.evaluate._rounding)")
+                                 f"side's {dtype} run was, step by step, float64's training from where it stood: "
+                                 "accepted as rounding the training amplified (equivcheck.models.sensitivity)")
             rec.worst_ratio = max((r.verdict.ratio for r in seen), default=0.0)
             worst_leaf = max((r.verdict.worst for r in seen if r.verdict.worst), key=lambda w: w.ratio, default=None)
             if worst_leaf is not None:
