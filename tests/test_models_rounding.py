@@ -15,6 +15,7 @@ import pytest
 
 from equivcheck.engine import tolerance
 from equivcheck.engine.records import RunSettings
+from equivcheck.models import mapping as mm
 from equivcheck.models import sensitivity
 from equivcheck.models import sides as ms
 from equivcheck.models.evaluate import Example, evaluate, mapping
@@ -86,13 +87,14 @@ def test_an_optimizer_step_off_by_more_than_rounding_is_not_excused():
     batches = [ms.numpy_batch(pair.inputs, CNN_KINK.shapes, "float32", rng) for _ in range(2)]
     wide = [tuple(np.asarray(a, np.float64) if np.asarray(a).dtype.kind == "f" else a for a in b) for b in batches]
     model = ms.build_torch(pair, CNN_KINK.seed, "float32", "cpu")
+    start = dict(zip(("params", "stats"), mm.to_jax(ents, ms.torch_state(model)), strict=True))
     steps, _ = ms.torch_train(pair, model, ents, batches, seed=CNN_KINK.seed, device="cpu", grads=True)
     one = tolerance.lookup("float32", device="cpu", precision="highest", check="vjp")
-    sensitivity._optimizer_errors(pair, ents, CNN_KINK.seed, "cpu", steps, wide, one)
+    sensitivity._optimizer_errors(pair, ents, CNN_KINK.seed, "cpu", start, steps, wide, one)
     moved = [*steps[:-1], {**steps[-1], "params": {k: {n: v + 1e-3 for n, v in leaf.items()}
                                                      for k, leaf in steps[-1]["params"].items()}}]
     with pytest.raises(sensitivity.NotRounding, match="optimizer's params"):
-        sensitivity._optimizer_errors(pair, ents, CNN_KINK.seed, "cpu", moved, wide, one)
+        sensitivity._optimizer_errors(pair, ents, CNN_KINK.seed, "cpu", start, moved, wide, one)
 
 
 # Wrong ports an adversarial trial found accepted as rounding (2026-12-02): float32-only slips whose

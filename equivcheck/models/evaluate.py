@@ -151,13 +151,13 @@ def _train(pair: Any, model: Any, ents: list[mm.Entry], params: Any, stats: Any,
     verdict = out.verdict if not out.ok else Verdict(True, "match", ratio=out.model_ratio)
     res = Result(verdict, ratios=out.ratios, curves=curves, step=out.step, masks=t_masks[0] if t_masks else {})
     if not out.ok and out.verdict.kind == "values" and dtype != "float64":
-        res.accepted = _rounding(pair, ents, ex, batches, t_steps, j_steps, out.step, run)
+        res.accepted = _rounding(pair, ents, ex, batches, t_steps, j_steps, run)
     return res
 
 
 def _rounding(pair: Any, ents: list[mm.Entry], ex: Example, batches: list[Any], t_steps: list[Any],
-              j_steps: list[Any], step: int, run: RunSettings) -> bool:
-    """A float32 trajectory gap first past the bound at `step` is rounding, amplified (Adam's first
+              j_steps: list[Any], run: RunSettings) -> bool:
+    """A float32 trajectory gap past the bound is rounding, amplified (Adam's first
     steps are lr * g / (|g| + eps): a gradient element near eps turns a rounding difference into a
     step difference; a kink of the loss between weights a few ulps apart), when both sides agree
     in float64 on the same (float32-rounded) inputs over all the example's steps, and each side's

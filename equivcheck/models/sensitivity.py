@@ -101,36 +101,6 @@ def _float64_gradient(pair: Any, ents: Sequence[mm.Entry], seed: int, device: st
     return {n: (t[n] + j[n]) / 2 for n in t}
 
 
-def _replay(pair: Any, ents: Sequence[mm.Entry], seed: int, device: str, batches64: Sequence[tuple[Any, ...]],
-            grads: Sequence[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
-    """torch's float64 training over `batches64`, step k taking `grads[k]` for its gradient: the
-    parameters and statistics after each step, in the port's layout."""
-    import torch
-
-    model = ms.build_torch(pair, seed, "float64", device)
-    optimizer = pair.optimizer.torch_optimizer(list(model.parameters()))
-    scheduler = pair.optimizer.torch_scheduler(optimizer) if pair.optimizer.torch_scheduler else None
-    model.train(True)
-    after = []
-    for k, batch in enumerate(batches64):
-        def feed(k: int = k) -> None:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if p.grad is not None:
-                        p.grad.copy_(torch.from_numpy(np.asarray(grads[k][name], np.float64)))
-
-        handles = ms._dropout_hooks(model, {}, seed, k)
-        try:
-            ms.torch_step(pair, model, optimizer, scheduler, ms.to_torch_args(batch, device), after_backward=feed)
-        finally:
-            for h in handles:
-                h.remove()
-        with torch.no_grad():
-            params, stats = mm.to_jax(ents, ms.torch_state(model))
-        after.append({"params": params, "stats": stats})
-    return after
-
-
 def _leaves(tree: Any) -> list[np.ndarray]:
     return [np.asarray(v, np.float64) for _, v in flatten(tree)]
 
@@ -157,18 +127,20 @@ def _gradient_errors(pair: Any, ents: Sequence[mm.Entry], seed: int, device: str
     return out
 
 
-def _optimizer_errors(pair: Any, ents: Sequence[mm.Entry], seed: int, device: str,
+def _optimizer_errors(pair: Any, ents: Sequence[mm.Entry], seed: int, device: str, start: dict[str, Any],
                       steps: Sequence[dict[str, Any]], batches64: Sequence[tuple[Any, ...]],
                       one: Tolerance) -> list[dict[str, tuple[float, float]]]:
     """Per step, per leaf of the weights and statistics: (the largest distance of one side's value
-    after that step from torch's float64 optimizer fed the same gradients, the largest float64
-    value). Raises NotRounding where the distance is past step k's bound (k times `one`)."""
-    replayed = _replay(pair, ents, seed, device, batches64, [s["grads"] for s in steps])
-    out: list[dict[str, tuple[float, float]]] = []
+    after that step from torch's float64 optimizer fed the same gradients, the sum of the leaf's
+    largest moves so far, from `start`). Raises NotRounding where the distance is past step k's
+    bound (k times `one`)."""
+    model = ms.build_torch(pair, seed, "float64", device)
+    replayed, _ = ms.torch_train(pair, model, ents, batches64, seed=seed, device=device,
+                                 given=[s["grads"] for s in steps])
     before = {f"{part}{path}": np.asarray(v, np.float64) for part in ("params", "stats")
-              for path, v in flatten(mm.to_jax(ents, ms.torch_state(ms.build_torch(pair, seed, "float64", device)))[
-                  part == "stats"])}
+              for path, v in flatten(start[part])}
     moved: dict[str, float] = {}
+    out: list[dict[str, tuple[float, float]]] = []
     for k, (again, side) in enumerate(zip(replayed, steps)):
         bound, errors = one.scaled(k + 1, ""), {}
         for part in ("params", "stats"):
@@ -181,19 +153,19 @@ def _optimizer_errors(pair: Any, ents: Sequence[mm.Entry], seed: int, device: st
                 # the scale of rounding in the steps taken so far: their largest moves, summed
                 moved[key] = moved.get(key, 0.0) + float(np.max(np.abs(r - before.get(key, r)), initial=0.0))
                 before[key] = r
-                errors[key] = (float(np.max(np.abs(v - r), initial=0.0)), moved[key] * OPTIMIZER_ULPS / GRADIENT_ULPS)
+                errors[key] = (float(np.max(np.abs(v - r), initial=0.0)), moved[key])
         out.append(errors)
     return out
 
 
-def _same_rounding(errors: Sequence[list[dict[str, tuple[float, float]]]], what: str) -> None:
+def _same_rounding(errors: Sequence[list[dict[str, tuple[float, float]]]], what: str, ulps: float) -> None:
     """Raises NotRounding where one side's error (gradient, or optimizer arithmetic) is past
-    ROUNDING_FACTOR times the other's plus GRADIENT_ULPS ulps of the leaf's scale (module docstring)."""
+    ROUNDING_FACTOR times the other's plus `ulps` float32 ulps of the leaf's scale (module docstring)."""
     eps = float(np.finfo(np.float32).eps)
     for k, (t, j) in enumerate(zip(*errors, strict=True)):
         for n in t.keys() & j.keys():
             near, far = sorted((t[n][0], j[n][0]))
-            if far > ROUNDING_FACTOR * near + GRADIENT_ULPS * eps * max(t[n][1], j[n][1]):
+            if far > ROUNDING_FACTOR * near + ulps * eps * max(t[n][1], j[n][1]):
                 raise NotRounding(f"at step {k + 1} one side's float32 {what} of {n!r} is {far:.3g} from "
                                   f"float64's, the other's {near:.3g}: not rounding")
 
@@ -230,9 +202,9 @@ def trajectories_faithful(pair: Any, ents: Sequence[mm.Entry], seed: int, device
                 return False
         start = {"params": params, "stats": stats}
         _same_rounding([_gradient_errors(pair, ents, seed, device, start, steps, batches64[:n], one, one64)
-                        for steps in (t_steps, j_steps)], "gradient")
-        _same_rounding([_optimizer_errors(pair, ents, seed, device, steps, batches64[:n], one)
-                        for steps in (t_steps, j_steps)], "optimizer step")
+                        for steps in (t_steps, j_steps)], "gradient", GRADIENT_ULPS)
+        _same_rounding([_optimizer_errors(pair, ents, seed, device, start, steps, batches64[:n], one)
+                        for steps in (t_steps, j_steps)], "optimizer step", OPTIMIZER_ULPS)
     except Exception:  # noqa: BLE001 - NotRounding, or a re-run that fails: the failure stands
         return False
     return True

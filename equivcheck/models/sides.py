@@ -149,10 +149,12 @@ def torch_grad(pair: Any, model: Any, inputs: Sequence[Any], target: Any, *, tra
 
 @deadline.side("torch")
 def torch_train(pair: Any, model: Any, ents: Sequence[mm.Entry], batches: Sequence[tuple[Any, ...]], *, seed: int,
-                device: str, grads: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                device: str, grads: bool = False, given: Sequence[Mapping[str, Any]] | None = None
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """K optimizer steps in torch's own loop: per step the loss before it, and the parameters
     and BatchNorm statistics after it (in the port's layout), with `grads` also the gradient it
-    took (by torch name, before clipping); and the masks each step drew."""
+    took (by torch name, before clipping); and the masks each step drew. `given[t]` (by torch
+    name), if given, replaces step t's gradient before clipping (equivcheck.models.sensitivity)."""
     import torch
 
     from equivcheck.backends.torch import to_numpy
@@ -166,13 +168,19 @@ def torch_train(pair: Any, model: Any, ents: Sequence[mm.Entry], batches: Sequen
         masks: dict[str, Any] = {}
         taken: dict[str, Any] = {}
 
-        def keep(taken: dict[str, Any] = taken) -> None:
-            taken.update({n: to_numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+        def keep(taken: dict[str, Any] = taken, t: int = t) -> None:
+            if given is not None:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if p.grad is not None:
+                            p.grad.copy_(torch.as_tensor(np.asarray(given[t][n])).to(p.grad))
+            if grads:
+                taken.update({n: to_numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None})
 
         handles = _dropout_hooks(model, masks, seed, t)
         try:
             loss = torch_step(pair, model, optimizer, scheduler, to_torch_args(batch, device),
-                              after_backward=keep if grads else None)
+                              after_backward=keep if grads or given is not None else None)
         finally:
             for h in handles:
                 h.remove()

@@ -253,7 +253,7 @@ def explained_by_rounding(pair: Any, ex: Example, out: Outcome, dtype: str, run:
     problem, n, k = PROBLEM_OF[ex.check], out.step, out.offset
     # Every step from the failing one to the last is judged: a gap accepted where it first showed
     # may outgrow rounding later (equivcheck.models.evaluate._rounding: Adam's first moment in bfloat16).
-    sides = [(t, j) for t, j in zip(*out.after)] or [(out.torch_at, out.jax_at)]
+    sides = list(zip(*out.after)) or [(out.torch_at, out.jax_at)]
     last = n + len(sides) - 1
     # a float64 run is its own reference: its spread is float64 rounding alone (NAdam's
     # unstable oscillation grows even float64's ulps past the bound after ~80 steps)
