@@ -65,3 +65,15 @@ def test_a_gap_accepted_at_its_first_step_is_judged_at_every_later_step():
     moved = {**last, "params": {k: np.asarray(v) + 1e-2 for k, v in last["params"].items()}}
     tampered = dataclasses.replace(out, after=(out.after[0], [*out.after[1][:-1], moved]))
     assert not explained_by_rounding(pair, ex, tampered, "float32", run, base, 0)
+
+
+def test_the_nadam_witness_in_float32_names_the_scalar_dtype_not_eps():
+    """Its float32 failure read "with eps=0.0 on both sides the two agree: eps enters differently":
+    eps=0 only damps the amplification. The float64 run parts too and agrees once torch's default
+    dtype is float64 (torch keeps mu_product in float32), so no float64 run can arbitrate it."""
+    pair = next(p for p in OPTIMIZERS if p.name == "nadam_optax").replace(checks=("mlp",))
+    [record] = run_optimizer_pair(pair, dtype="float32", run=RunSettings(examples=1, seed=1, device="cpu"))
+    assert record.outcome == "failed"
+    text = record.failure_text()
+    assert "eps enters differently" not in text, text
+    assert "mu_product" in text and "set_default_dtype(torch.float64)" in text, text
