@@ -119,6 +119,26 @@ def test_statistics_inside_a_list_are_refused_saying_to_use_dict_keys():
         UserMapping(lambda m: None, Blocks())
 
 
+def test_a_converter_is_read_backwards_where_it_has_an_inverse():
+    """The float32 rounding rule loads the port's weights back into torch (equivcheck.models.sensitivity):
+    a converter's map, read element by element, runs backwards; a tied key gets its tensor; an element
+    that only enters a sum has no unique inverse, and the error names its tensor."""
+    torch.manual_seed(0)
+    model = Tied()
+    um = UserMapping(lambda m: {"embed": {"embedding": _np(m.embed.weight)},
+                                "mid": {"kernel": 2.0 * _np(m.mid.weight).T, "bias": _np(m.mid.bias)}}, model)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    params, stats = um.to_jax(state)
+    back = um.to_torch(params, stats)
+    assert set(back) == set(state)
+    for k, v in state.items():
+        np.testing.assert_allclose(back[k], v, rtol=1e-6, err_msg=k)
+    summed = UserMapping(lambda m: {"fc": {"kernel": _np(m.fc.weight).T, "bias": _np(m.fc.bias) + _np(m.out.bias)[0]},
+                                    "out": {"kernel": _np(m.out.weight).T}}, TwoLinear())
+    with pytest.raises(ConversionError, match=r"'fc.bias' cannot be read back .* only summed"):
+        summed.to_torch(*summed.to_jax({k: v.detach().numpy() for k, v in TwoLinear().state_dict().items()}))
+
+
 def test_a_frozen_parameter_has_no_gradient_to_compare():
     def frozen():
         m = TwoLinear()

@@ -120,6 +120,7 @@ class UserMapping:
 
         self.fn = fn
         self.template = copy.deepcopy(model)
+        self._template64: Any = None
         state = model.state_dict()
         self.keys = list(state)
         self.params = {n for n, _ in model.named_parameters()}
@@ -293,16 +294,51 @@ class UserMapping:
 
     def to_jax(self, state: Mapping[str, Any]) -> tuple[Any, Any]:
         """(trainable tree, statistics tree) of fn on the model holding `state` (NumPy);
-        float leaves in the model's own dtype."""
+        float leaves in the model's own dtype, or float64 where `state` is (a float32 model's
+        mapping converting the float64 re-runs of a diagnosis: in float32 they would start apart)."""
         import torch
 
-        self._load(self.template, state)
+        doubled = self.dtype != torch.float64 and any(np.asarray(v).dtype == np.float64 for v in state.values())
+        if doubled and self._template64 is None:
+            self._template64 = copy.deepcopy(self.template).to(torch.float64)
+        template = self._template64 if doubled else self.template
+        self._load(template, state)
         with torch.no_grad():
-            tree = self.fn(self.template)
-        wide = np.float64 if self.dtype == torch.float64 else np.float32
+            tree = self.fn(template)
+        wide = np.float64 if self.dtype == torch.float64 or doubled else np.float32
         tree = _copy_tree(tree, wide)
         params, stats = _split(tree, lambda p: p in self.stat_paths)
         return (params if params is not None else {}), (stats if stats is not None else {})
+
+    def to_torch(self, params: Any, stats: Any = None) -> dict[str, np.ndarray]:
+        """torch-named float arrays (float64) from the port's trees, the map read backwards: each
+        torch element from a port element that is it times a constant, plus the converter's
+        constant. Tied keys get their tensor. Raises ConversionError when an element enters the
+        port only through sums (two biases summed into one) or not at all: no unique inverse."""
+        values = {**flatten(params if params is not None else {}), **flatten(stats if stats is not None else {})}
+        out = {k: np.zeros(int(np.prod(s))) for k, s in self.floats.items()}
+        seen = {k: np.zeros(len(v), bool) for k, v in out.items()}
+        for p, leaf in self.leaves.items():
+            if p not in values or not leaf.parts:
+                continue
+            v = np.asarray(values[p], np.float64).reshape(-1)
+            if v.shape != leaf.const.shape:
+                raise ConversionError(f"the port's leaf {_where(p)} has {v.size} elements where to_jax gives "
+                                      f"{leaf.const.size}")
+            count = np.zeros(len(leaf.const), np.int64)
+            for _, _, dst, _ in leaf.parts:
+                np.add.at(count, dst, 1)
+            for name, src, dst, scale in leaf.parts:
+                alone = count[dst] == 1
+                out[name][src[alone]] = (v[dst[alone]] - leaf.const[dst[alone]]) / scale[alone]
+                seen[name][src[alone]] = True
+        unread = [k for k, m in seen.items() if not m.all()]
+        if unread:
+            raise ConversionError(f"{unread[0]!r} cannot be read back from the port's trees: some of its elements "
+                                  f"enter to_jax's output only summed with others, or not at all")
+        result = {k: v.reshape(self.floats[k]) for k, v in out.items()}
+        result.update({k: result[first] for k, first in self.alias.items() if k != first and first in result})
+        return result
 
     def grads_to_torch(self, grads: Any, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The gradient of every torch tensor the converter reads, from the port's gradient tree

@@ -236,7 +236,10 @@ def to_jax(ents: Sequence[Entry], state: Mapping[str, Any]) -> tuple[dict[str, A
 
 def to_torch(ents: Sequence[Entry], params: Any, stats: Any = None) -> dict[str, Any]:
     """torch-named arrays from the port's trees: the inverse layouts (gradients go back by
-    `grads_to_torch` instead, where a summed bias is no inverse's business)."""
+    `grads_to_torch` instead, where a summed bias is no inverse's business). A converter.UserMapping
+    (the pair's own `to_jax`) inverts itself, raising ConversionError where it has no unique inverse."""
+    if hasattr(ents, "to_torch"):
+        return ents.to_torch(params, stats)
     out: dict[str, Any] = {}
     for e in ents:
         layer = dict(get(params, e.path)) if not isinstance(get(params, e.path), list) else get(params, e.path)

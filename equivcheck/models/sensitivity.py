@@ -31,7 +31,8 @@ With the two float64 runs agreeing (equivcheck.models.evaluate._rounding), both 
 renderings of one float64 training and the gap is its sensitivity to rounding. A port whose float32
 gradient is wrong fails 1 at some step, one whose float32 optimizer is wrong fails 2, and one
 computing another function fails in float64. The weights must load back into torch
-(equivcheck.models.mapping.to_torch): with a pair's own `to_jax` the gap stands.
+(equivcheck.models.mapping.to_torch; a pair's own `to_jax` through its map read backwards): where
+they cannot, the gap stands.
 """
 from __future__ import annotations
 
