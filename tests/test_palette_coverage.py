@@ -5,11 +5,12 @@ mutant passed seed 0's 10 examples, none drawing the palette's one batched shape
 the search never drew gets a search of its own (equivcheck.ops.runner.run_pair)."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from equivcheck import Floats, Inputs, Pair, RunSettings, Same, run_pair
+from equivcheck import Fixed, Floats, Inputs, Pair, RunSettings, Same, run_pair
 
 
 def _tanh_pair(seen: set) -> Pair:
@@ -50,3 +51,25 @@ def test_a_fault_at_one_palette_shape_is_found_on_every_seed():
         [rec] = run_pair(pair, dtype="float32", run=run)
         assert rec.outcome == "failed", (seed, rec.outcome)
         assert rec.side == "jax", rec.failure_text()
+
+
+def test_every_choice_of_a_fixed_rule_is_drawn_past_the_palette_size():
+    """Six Fixed choices under a palette of 4: the palette kept the first and three spread by size, so a
+    port wrong only at (5, 3) passed on every seed (a new user's trial, 2026-12-02). The user's list is
+    drawn whole."""
+    choices = (((4,),), ((3, 5),), ((2, 3, 2),), ((2, 6),), ((5, 3),), ((2, 2, 7),))
+
+    def jax_softmax(x):
+        return jax.nn.softmax(x, 0) if x.shape == (5, 3) else jax.nn.softmax(x, -1)
+
+    def softmax64(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    for seed in (1, 2, 3):
+        pair = Pair("softmax_mid_shape_slip", lambda x: torch.softmax(x, -1), jax_softmax,
+                    Inputs(Fixed(choices), (Floats(-5, 5),)), reference=softmax64, checks=("forward",))
+        run = RunSettings(examples=10, seed=seed, palette=4)
+        assert set(pair.inputs.palette(run.shape_seed(pair.name, "float32", "cpu"), 4)) == set(choices)
+        [rec] = run_pair(pair, dtype="float32", run=run)
+        assert rec.outcome == "failed" and rec.side == "jax", (seed, rec.failure_text())

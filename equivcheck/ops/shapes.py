@@ -239,6 +239,12 @@ class Fixed(ShapeSpec):
     def minimal(self):
         return self.choices[0]
 
+    def palette(self, rng: np.random.Generator, size: int) -> list[tuple[Shape, ...]]:
+        """Every choice, the first first, whatever `size` (--equiv-shapes): the choices are the user's
+        own list, and one left out is never drawn on any seed. Cut to four, a port wrong on the fifth
+        of six shapes passed on every seed (a new user's trial, 2026-12-02)."""
+        return list(dict.fromkeys(self.choices))
+
 
 @dataclasses.dataclass(frozen=True)
 class Custom(ShapeSpec):
