@@ -4,10 +4,12 @@ vectors both sides share (Vectors)."""
 from __future__ import annotations
 
 import dataclasses
+import sysconfig
 import traceback
 from typing import Any
 
 DEVICES = ("cpu", "gpu")
+_STDLIB = tuple({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]})
 
 
 @dataclasses.dataclass
@@ -23,15 +25,20 @@ class SideError:
     @classmethod
     def from_exc(cls, side: str, check: str, exc: BaseException) -> SideError:
         frames = traceback.extract_tb(exc.__traceback__)
-        # The innermost frame outside the frameworks points at the user's callable.
-        user = [f for f in frames if "site-packages" not in f.filename and "/equivcheck/" not in f.filename]
-        frame = (user or frames or [None])[-1]
-        where = f"{frame.filename}:{frame.lineno} in {frame.name}" if frame else "?"
+        # The innermost frame outside the frameworks and Python's own library points at the user's
+        # callable (a result re-raised by a future read concurrent/futures/_base.py). With none, the
+        # error is equivcheck's check of what the side returned, and its message says where.
+        user = [f for f in frames if "site-packages" not in f.filename and "/equivcheck/" not in f.filename
+                and not f.filename.startswith(_STDLIB)]
+        frame = (user or frames[-1:] or [None])[-1]
+        where = "" if frame is None or "/equivcheck/" in frame.filename else \
+            f"{frame.filename}:{frame.lineno} in {frame.name}"
         text = str(exc).strip().splitlines()
         return cls(side, check, type(exc).__name__, text[0][:300] if text else "", where)
 
     def describe(self) -> str:
-        return f"the {self.side} side raised {self.type} in {self.check}: {self.message} ({self.where})"
+        where = f" ({self.where})" if self.where else ""
+        return f"the {self.side} side raised {self.type} in {self.check}: {self.message}{where}"
 
 
 @dataclasses.dataclass

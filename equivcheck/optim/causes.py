@@ -25,7 +25,7 @@ LAG_STEPS = 8
 # a lag needs at least two steps in agreement, and more than the unshifted comparison.
 MIN_LAG_STEPS = 2
 
-__all__ = ["LAG_STEPS", "decay_elsewhere", "lagged"]
+__all__ = ["LAG_STEPS", "decay_elsewhere", "lagged", "nonfinite"]
 
 
 def lagged(pair: Any, ex: Example, dtype: str, run: Any, base: Tolerance) -> tuple[str | None, str] | None:
@@ -58,7 +58,9 @@ def lagged(pair: Any, ex: Example, dtype: str, run: Any, base: Tolerance) -> tup
     same = agree(tp[1:], jp[1:])
     for late, a, b in (("jax", tp[:-1], jp[1:]), ("torch", jp[:-1], tp[1:])):
         k = agree(a, b)
-        if k >= MIN_LAG_STEPS and k > same:
+        # A late side's first update is zero, so its first step is the start exactly, where the other
+        # side moved past the bound: updates under the bound (gradients of 1e-6) agree with any shift.
+        if k >= MIN_LAG_STEPS and k > same and _still(b[0], ex.params) and not compare_steps(a[1:2], a[:1], base).ok:
             other = "torch" if late == "jax" else "jax"
             span = "" if k == n else f", for its first {k} steps of {n}"
             return late, (f"the {late} side applies each update one step late (its step n equals {other}'s step n-1"
@@ -66,6 +68,49 @@ def lagged(pair: Any, ex: Example, dtype: str, run: Any, base: Tolerance) -> tup
                           "earlier: it applies the update computed from the previous gradient (optax's "
                           "scale_by_rprop does)")
     return None
+
+
+def nonfinite(pair: Any, ex: Example, out: Any, dtype: str, run: Any) -> tuple[str | None, str] | None:
+    """A step that is NaN or infinite on one side where the other's is finite: a step from finite
+    parameters and gradients is finite, so the non-finite side is off, once the finite side's float64
+    run is finite there too (the finite value is then no float32 accident). Elements non-finite on
+    both sides, or finite in neither float64 run, leave it undecided."""
+    from equivcheck.engine.compare import flatten
+
+    v = out.verdict
+    if v is None or v.kind != "nonfinite" or out.torch_at is None or out.jax_at is None:
+        return None
+    t, j = dict(flatten(out.torch_at)), dict(flatten(out.jax_at))
+    odd: dict[str, list[str]] = {"torch": [], "jax": []}
+    for path in sorted(set(t) & set(j)):
+        a, b = np.asarray(t[path], np.float64), np.asarray(j[path], np.float64)
+        if a.shape == b.shape:
+            odd["torch"] += [path] * bool(np.any(~np.isfinite(a) & np.isfinite(b)))
+            odd["jax"] += [path] * bool(np.any(~np.isfinite(b) & np.isfinite(a)))
+    sides = [s for s, paths in odd.items() if paths]
+    if len(sides) != 1:
+        return None
+    off = sides[0]
+    fine = "jax" if off == "torch" else "torch"
+    problem, n = PROBLEM_OF.get(ex.check), out.global_step
+    if out.start is None and problem is not None:
+        try:
+            wide = (run_torch(pair, problem, ex.params, ex.data, n, dtype="float64", device=run.device) if fine == "torch"
+                    else run_jax(pair, problem, 1 if ex.check == "step" else MAX_STEPS, ex.params, ex.data, n,
+                                 dtype="float64", device=run.device))
+            at = dict(flatten(wide[n - 1]))
+        except Exception:  # noqa: BLE001 - a float64 re-run that fails cannot confirm the finite value
+            return None
+        if not all(np.all(np.isfinite(np.asarray(at[p], np.float64))) for p in odd[off] if p in at):
+            return None
+    return off, (f"the {off} side's step {out.global_step} is NaN or infinite at {odd[off][0]} where {fine}'s is "
+                 f"finite (in float64 too): a step from finite parameters and gradients is finite")
+
+
+def _still(step: Any, start: Any) -> bool:
+    """The parameters after one step are the start's, bit for bit."""
+    return all(np.array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+               for a, b in zip(_leaves(step["params"]), _leaves(start), strict=True))
 
 
 def _decay_of(optimizer: Any, leaves: list[Any]) -> list[float]:

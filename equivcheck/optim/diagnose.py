@@ -17,7 +17,7 @@ import numpy as np
 
 from equivcheck.engine.compare import flatten, leaves, within
 from equivcheck.engine.tolerance import Tolerance, lookup
-from equivcheck.optim.causes import decay_elsewhere, lagged
+from equivcheck.optim.causes import decay_elsewhere, lagged, nonfinite
 from equivcheck.optim.sides import MAX_STEPS, run_torch, torch_optimizer_for, treedef_of
 from equivcheck.optim.state import torch_to_neutral
 from equivcheck.optim.trajectory import PROBLEM_OF, Example, Outcome, evaluate, lr_sequences, trajectory_tolerance
@@ -62,8 +62,13 @@ def _state_only(out: Outcome) -> str:
 
 
 def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: Tolerance) -> tuple[str | None, str]:
+    if out.side_error == "the pair's state_map":
+        return None, "the pair's state_map is wrong, not either side: see the message"
     if out.side_error:
         return out.side_error, "a side raised: see the message"
+    blamed = nonfinite(pair, ex, out, dtype, run)
+    if blamed:
+        return blamed
     worst = out.verdict.worst if out.verdict is not None else None
     path = worst.path if worst is not None else ""
     if ex.check == "schedule" or path.startswith("out['lr']"):

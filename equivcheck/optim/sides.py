@@ -174,6 +174,11 @@ def _jitter(leaves: Sequence[Any], optimizer: Any, rng: np.random.Generator, rel
 def _check_torch_optimizer(optimizer: Any, leaves: Sequence[Any], name: str) -> None:
     """Any param groups, in any order, as long as each leaf is held exactly once: the state
     is read and written leaf by leaf (equivcheck.optim.state)."""
+    import torch
+
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"pair {name!r}: its torch_optimizer returned {type(optimizer).__name__}, not a "
+                        f"torch.optim.Optimizer: return the optimizer built over the parameters it receives")
     held = [p for g in optimizer.param_groups for p in g["params"]]
     mine = {id(p) for p in leaves}
     if len(held) != len(leaves) or {id(p) for p in held} != mine:
@@ -202,12 +207,40 @@ def _wide(dtype: str) -> bool:
     return dtype == "float64"
 
 
+def optax_of(pair: Any) -> Any:
+    """pair.optax_transform(), checked: raises TypeError when the factory gives something that is
+    not an optax GradientTransformation (a bare update function, the transformation's class)."""
+    tx = pair.optax_transform()
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(f"pair {pair.name!r}: its optax_transform returned {type(tx).__name__}, not an optax "
+                        f"GradientTransformation (init and update): pass a factory, e.g. lambda: optax.adam(1e-3)")
+    return tx
+
+
+def _same_layout(params: Any, updates: Any) -> None:
+    """At trace time: updates shaped like the parameters. optax.apply_updates broadcasts a scalar or
+    a (1, n) update over its leaf, so every element moves alike, which a one-element draw cannot tell
+    from the right step. Raises ValueError naming the leaf."""
+    import jax
+
+    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
+    u_leaves, u_def = jax.tree_util.tree_flatten_with_path(updates)
+    if p_def != u_def:
+        raise ValueError(f"the optax transformation's updates are not shaped like the parameters' tree: "
+                         f"{u_def} where the parameters are {p_def}")
+    for (path, p), (_, u) in zip(p_leaves, u_leaves):
+        if p.shape != u.shape:
+            raise ValueError(f"the optax transformation's update for {jax.tree_util.keystr(path)} has shape "
+                             f"{tuple(u.shape)} where the parameter has {tuple(p.shape)}: optax.apply_updates "
+                             f"broadcasts it, so the step is not per element")
+
+
 def _program(pair: Any, problem: Any, length: int) -> Callable[..., Any]:
     import jax
     import jax.numpy as jnp
     import optax
 
-    tx = optax.with_extra_args_support(pair.optax_transform())
+    tx = optax.with_extra_args_support(optax_of(pair))
     loss = problem.jax_loss
     micro, sched = pair.accumulate, pair.optax_schedule
 
@@ -221,6 +254,7 @@ def _program(pair: Any, problem: Any, length: int) -> Callable[..., Any]:
             value = sum(vals) / micro
             for g in grads:  # optax.MultiSteps emits zero updates until the last micro-batch
                 u, s = tx.update(g, s, p, value=value)
+                _same_layout(p, u)
                 p = optax.apply_updates(p, u)
             out = {"params": p, "state": s}
             if sched is not None:
@@ -259,7 +293,7 @@ def state_template(pair: Any, params0: Any, dtype: str) -> Any:
     key = (id(pair), dtype, repr(_shapes(params0)))
     if key not in _TEMPLATES:
         with x64(_wide(dtype)):
-            shapes = jax.eval_shape(pair.optax_transform().init, _as_jax(params0))
+            shapes = jax.eval_shape(optax_of(pair).init, _as_jax(params0))
         _TEMPLATES[key] = (pair, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
     return _TEMPLATES[key][1]
 

@@ -175,6 +175,14 @@ def optax_to_neutral(opt_state: Any, smap: StateMap, step: int) -> dict[str, Any
     return out
 
 
+class StateMapError(KeyError):
+    """The pair's state_map names a field the optimizer state does not have: the pair's
+    declaration is off, not either side's steps."""
+
+    def __str__(self) -> str:  # KeyError's own quotes its message
+        return str(self.args[0]) if self.args else ""
+
+
 def _plateau(nt: Any) -> bool:
     """optax's ReduceLROnPlateauState has a `count` of loss values averaged, not of steps."""
     return "plateau_count" in nt._fields
@@ -184,7 +192,8 @@ def _owner(tuples: Sequence[Any], field: str) -> Any:
     owners = [nt for nt in tuples if field in nt._fields]
     if not owners:
         names = sorted({f for nt in tuples for f in nt._fields})
-        raise KeyError(f"the optax state has no field {field!r}; its fields: {', '.join(names)}")
+        raise StateMapError(f"the pair's state_map names the optax field {field!r}, which the optax state does not "
+                            f"have; " + (f"its fields: {', '.join(names)}" if names else "it has no fields"))
     return owners[0]
 
 

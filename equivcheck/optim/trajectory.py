@@ -22,6 +22,7 @@ from equivcheck.engine.records import RunSettings
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.optim.problems import LINEAR, MLP, QUADRATIC
 from equivcheck.optim.sides import MAX_STEPS, run_jax, run_torch
+from equivcheck.optim.state import StateMapError
 
 __all__ = ["BUCKETS", "GROWTH", "PROBLEM_OF", "Example", "Outcome", "compare_steps", "evaluate", "lr_sequences",
            "rate_tolerance", "trajectory_tolerance"]
@@ -198,7 +199,8 @@ def movable(pair: Any) -> bool:
 
 
 def _side_error(side: str, exc: BaseException, context: str = "") -> Outcome:
-
+    if isinstance(exc, StateMapError):  # the pair's declaration, neither side's code: no side is named
+        return Outcome(False, Verdict(False, "error", f"{exc}{context}"), side_error="the pair's state_map")
     err = SideError.from_exc(side, "optimizer step", exc)
     v = Verdict(False, "error", err.describe() + context, side=side)
     return Outcome(False, v, side_error=side)
