@@ -27,6 +27,8 @@ PAIRS = [
     ec.Pair("other_tree", lambda x: (torch.tanh(x), x), jnp.tanh, ec.unary(), checks=("forward",)),
     ec.Pair("nan_on_jax", torch.tanh, lambda x: jnp.where(x > 1, jnp.nan, jnp.tanh(x)), ec.unary(ec.Floats(special=(2.0,))),
             checks=("forward",)),
+    ec.Pair("returns_none", lambda x: None, jnp.tanh, ec.unary(), checks=("forward",)),
+    ec.Pair("jax_item", torch.tanh, lambda x: float(jnp.tanh(x).sum()) + x, ec.unary(), checks=("forward",)),
     ec.Pair("bad_strategy", torch.tanh, jnp.tanh, ec.Inputs(ec.Custom(bad_sampler, ((2,),)), (ec.Floats(),))),
 ]
 
@@ -47,7 +49,7 @@ def run(pytester):
 def test_each_bad_pair_fails_with_its_side_and_cause_and_the_run_goes_on(pytester):
     result, rec = run(pytester)
     out = result.stdout.str()
-    result.assert_outcomes(passed=1, failed=7, errors=0)
+    result.assert_outcomes(passed=1, failed=9, errors=0)
     assert rec["good::hvp::float32::cpu"]["outcome"] == "passed"
 
     torch_raises = rec["torch_raises::forward::float32::cpu"]
@@ -59,8 +61,14 @@ def test_each_bad_pair_fails_with_its_side_and_cause_and_the_run_goes_on(pyteste
     assert jax_raises["side"] == "jax" and "the jax side raised ValueError in vjp" in jax_raises["message"]
 
     assert "shape differs: torch" in rec["other_shape::forward::float32::cpu"]["message"]
-    assert "dtype differs: torch float32, jax float16" in rec["other_dtype::forward::float32::cpu"]["message"]
+    other_dtype = rec["other_dtype::forward::float32::cpu"]
+    assert "dtype differs: torch float32, jax float16" in other_dtype["message"]
+    assert other_dtype["side"] == "jax" and "jax returns float16 at out where the inputs" in other_dtype["diagnosis"]
     assert "tree structure differs" in rec["other_tree::forward::float32::cpu"]["message"]
+    none = rec["returns_none::forward::float32::cpu"]
+    assert none["side"] == "torch" and "the torch side returned None" in none["diagnosis"], none
+    item = rec["jax_item::forward::float32::cpu"]
+    assert item["side"] == "jax" and "the jax side runs traced" in item["message"], item
     nan = rec["nan_on_jax::forward::float32::cpu"]
     assert nan["side"] == "jax" and "jax gives NaN" in nan["message"]
     assert "bad_strategy" in out and "strategy broke" in out  # a broken strategy is that test's failure

@@ -9,6 +9,9 @@ import traceback
 from typing import Any
 
 DEVICES = ("cpu", "gpu")
+# JAX's errors for a concrete value asked of a traced one (jax.errors)
+_TRACED = ("ConcretizationTypeError", "TracerArrayConversionError", "TracerBoolConversionError",
+           "TracerIntegerConversionError")
 _STDLIB = tuple({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]})
 
 
@@ -34,7 +37,11 @@ class SideError:
         where = "" if frame is None or "/equivcheck/" in frame.filename else \
             f"{frame.filename}:{frame.lineno} in {frame.name}"
         text = str(exc).strip().splitlines()
-        return cls(side, check, type(exc).__name__, text[0][:300] if text else "", where)
+        message = text[0][:300] if text else ""
+        if type(exc).__name__ in _TRACED:
+            message += (" (the jax side runs traced, under jax.jit and jax.vjp: float(), .item(), np.asarray() "
+                        "or an `if` on a traced value cannot run there; use jnp operations and jnp.where)")
+        return cls(side, check, type(exc).__name__, message, where)
 
     def describe(self) -> str:
         where = f" ({self.where})" if self.where else ""

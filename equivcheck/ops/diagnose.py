@@ -37,6 +37,7 @@ from equivcheck.layers.traps import Evidence, matching
 from equivcheck.ops.autodiff import Evaluation, evaluate, keyed, leaf_at, widen
 from equivcheck.ops.conditioning import ULPS, largest, rounding
 from equivcheck.ops.finite import DECISIVE, as_tree, derivative, forward64, gap
+from equivcheck.ops.mismatch import odd_type, shape_by_reference
 
 __all__ = ["DECISIVE", "diagnose", "leaf_at", "widen"]
 
@@ -46,7 +47,10 @@ def diagnose(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict
     """Fill verdict.side and verdict.diagnosis for a value or NaN/Inf disagreement, and add the
     known divergence its symptom matches. `tol` is the check's bound (the table's by default)."""
     if verdict.kind == "shape" and check == "forward" and verdict.path is not None:
-        _shape_by_reference(pair, args, ev, verdict)
+        shape_by_reference(pair, args, ev, verdict)
+        return
+    if verdict.kind in ("dtype", "structure"):
+        odd_type(pair, check, ev, verdict, dtype)
         return
     if verdict.kind not in ("values", "nonfinite") or verdict.path is None:
         return
@@ -58,29 +62,6 @@ def diagnose(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdict
         return
     for d in matching(evidence):
         verdict.diagnosis += f"; this matches a known divergence: {d.cause}; reconcile: {d.reconcile}"
-
-
-def _shape_by_reference(pair: Any, args: Sequence[Any], ev: Evaluation, verdict: Verdict) -> None:
-    """Forward leaves of different shapes: the pair's reference, where it has one, gives the
-    shape, and the one side whose shape differs from it is named (logsumexp over the wrong axis
-    of a square batch). Without a reference, or where both or neither match it, no side."""
-    if pair.reference is None:
-        return
-    path = verdict.path
-    t, j = (leaf_at(keyed(pair, "forward", r.values["forward"]), path) if "forward" in r.values else None
-            for r in (ev.torch, ev.jax))
-    try:
-        ref = leaf_at(as_tree(pair.reference(*widen(args, ev)[0])), path)
-    except Exception:  # noqa: BLE001 - advice only: the shape failure stands, undecided
-        return
-    if t is None or j is None or ref is None:
-        return
-    want, shapes = list(np.shape(ref)), {"torch": list(np.shape(t)), "jax": list(np.shape(j))}
-    off = [side for side, shape in shapes.items() if shape != want]
-    if len(off) == 1:
-        verdict.side = off[0]
-        verdict.diagnosis = (f"the pair's NumPy reference gives shape {want} at {path}: {off[0]} (shape "
-                             f"{shapes[off[0]]}) is off")
 
 
 def _evidence(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, path: str, tol: Tolerance
@@ -151,8 +132,10 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
         _decide(verdict, path, t32, j32, ref, lead, both="both sides are that far from the float64 answer",
                 dtype=dtype, evidence="vanishes", tol=tol)
         return
+    # A derivative can differ where the forwards agree (a custom backward, torch's once_differentiable
+    # under an HVP): "different functions" would send the reader to the forward.
     lead = (f"the two sides differ in float64 too ({gap64:.3g}): not rounding, they compute different "
-            f"functions")
+            + ("functions" if check == "forward" else f"derivatives ({check.upper()}s)"))
     if check == "forward":
         if pair.reference is None:
             lone = _lone_nonfinite(verdict, t32, j32, t64, j64, dtype)
