@@ -319,3 +319,40 @@ def test_torchs_float32_scalar_state_in_a_float64_run_is_blamed_on_torch():
     rec = run(pair.replace(witnesses=(NADAM_F64,)), "float64", once)["mlp"]
     assert rec.outcome == "failed" and rec.side == "torch", rec.failure_text()
     assert "torch.set_default_dtype(torch.float64) the sides agree" in rec.diagnosis, rec.diagnosis
+
+
+def _adam_dropping_mu_correction_after(late):
+    """Adam whose port drops the first moment's bias correction after step `late` (a new user's trial)."""
+    def build(hp):
+        b1, b2 = hp["betas"]
+
+        def init(params):
+            z = jax.tree.map(jnp.zeros_like, params)
+            return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), z, z)
+
+        def update(g, s, params=None):
+            count = s.count + 1
+            mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, s.mu, g)
+            nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, s.nu, g)
+
+            def leaf(m, v):
+                t = count.astype(m.dtype)
+                c1 = jnp.where(count > late, 1.0, 1 - b1 ** t).astype(m.dtype)
+                return (m / c1) / (jnp.sqrt(v / (1 - b2 ** t)) + hp["eps"])
+            return jax.tree.map(leaf, mu, nu), optax.ScaleByAdamState(count, mu, nu)
+
+        return optax.chain(optax.GradientTransformation(init, update), optax.scale_by_learning_rate(hp["lr"]))
+    return build
+
+
+@pytest.mark.parametrize("dtype, seed", [("float32", 2), ("float64", 5)])
+def test_a_formula_slip_after_step_50_is_named_not_blamed_on_the_map_or_float32(dtype, seed):
+    """In float32 the state parted past its bound at step 62 while the parameters were still within
+    theirs (62x the one-step bound): "check the StateField" (a map's fault shows at step 1). In float64 the
+    gap at step 51 was small enough to read "one side computes part of the step in float32"."""
+    pair = optimizer_pair("adam_late50", "Adam", lr=1e-2, checks=("quadratic",),
+                          optax_map=_map(_adam_dropping_mu_correction_after(50)))
+    (rec,) = run_optimizer_pair(pair, dtype=dtype, run=RunSettings(examples=10, seed=seed))
+    assert rec.outcome == "failed", rec.failure_text()
+    assert "StateField" not in rec.diagnosis and "float32's level" not in rec.diagnosis, rec.diagnosis
+    assert "bias correction 1 - beta1**t" in rec.diagnosis, rec.diagnosis
