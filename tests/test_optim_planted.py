@@ -33,12 +33,15 @@ def _map(build):
     return lambda cls, hp, lr: Mapped(build(hp), ADAM_STATE, ("planted",))
 
 
+def _adam_init(params):
+    z = jax.tree.map(jnp.zeros_like, params)
+    return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), z, z)
+
+
 def adam_without_bias_correction(hp):
     b1, b2 = hp["betas"]
 
-    def init(params):
-        z = jax.tree.map(jnp.zeros_like, params)
-        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), z, z)
+    init = _adam_init
 
     def update(g, s, params=None):
         mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, g, s.mu)
@@ -326,10 +329,6 @@ def _adam_dropping_mu_correction_after(late):
     def build(hp):
         b1, b2 = hp["betas"]
 
-        def init(params):
-            z = jax.tree.map(jnp.zeros_like, params)
-            return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), z, z)
-
         def update(g, s, params=None):
             count = s.count + 1
             mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, s.mu, g)
@@ -341,7 +340,7 @@ def _adam_dropping_mu_correction_after(late):
                 return (m / c1) / (jnp.sqrt(v / (1 - b2 ** t)) + hp["eps"])
             return jax.tree.map(leaf, mu, nu), optax.ScaleByAdamState(count, mu, nu)
 
-        return optax.chain(optax.GradientTransformation(init, update), optax.scale_by_learning_rate(hp["lr"]))
+        return optax.chain(optax.GradientTransformation(_adam_init, update), optax.scale_by_learning_rate(hp["lr"]))
     return build
 
 

@@ -89,15 +89,15 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
     elsewhere = decay_elsewhere(pair, ex, dtype, run, base)
     if elsewhere:
         return "jax", elsewhere
-    if dtype == "float64" and worst is not None and 0 < worst.max_rel <= FLOAT32_LEVEL * out.step:
-        if _agrees_with_float64_scalars(pair, ex, dtype, run, base):
-            return "torch", ("the gap is at float32's level, and with torch.set_default_dtype(torch.float64) the sides "
-                             "agree: torch keeps part of the optimizer's scalar state in its default dtype (float32) "
-                             "for float64 parameters (e.g. NAdam's mu_product, a capturable step), so its float64 "
-                             "step carries float32 roundings that the trajectory amplified")
+    at_float32 = dtype == "float64" and worst is not None and 0 < worst.max_rel <= FLOAT32_LEVEL * out.step
+    if at_float32 and _agrees_with_float64_scalars(pair, ex, dtype, run, base):
+        return "torch", ("the gap is at float32's level, and with torch.set_default_dtype(torch.float64) the sides "
+                         "agree: torch keeps part of the optimizer's scalar state in its default dtype (float32) "
+                         "for float64 parameters (e.g. NAdam's mu_product, a capturable step), so its float64 "
+                         "step carries float32 roundings that the trajectory amplified")
     # Said only when no probe names a formula: a port dropping a bias correction after step 50 is 1e-4
     # apart at step 62, within this level, and read "computes part of the step in float32".
-    level = "" if dtype != "float64" or worst is None or not 0 < worst.max_rel <= FLOAT32_LEVEL * out.step else (
+    level = "" if not at_float32 else (
         f"the gap is at float32's level (max relative error {worst.max_rel:.2g} after {out.step} steps) and no "
         "single change explains it: one side may compute part of the step in float32 in this float64 run (an "
         "accumulator, a schedule at an int32 count, a constant)")
