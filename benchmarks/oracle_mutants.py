@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                          "and the table covers both (written back to it unless --json is given)")
     args = ap.parse_args(argv)
 
+    from equivcheck.backends import maps
     from equivcheck.engine import KnownDivergences, RunSettings
     from equivcheck.ops.mutants import mutants
     from equivcheck.ops.runner import run_pair
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict[str, Any]] = []
     if args.resume:
-        # A run the process did not survive (XLA's LLVM ran out of memory after 68 pairs and 53
-        # minutes, then a segfault): its pairs are kept, and only the others run.
+        # A run the process did not survive (before equivcheck.backends.maps, XLA's LLVM ran out of
+        # memory maps after 68 pairs and 53 minutes, then a segfault): its pairs are kept, the others run.
         results = json.loads(Path(args.resume).read_text())
     done = {r["pair"] for r in results}
     out = args.json or args.resume
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if pair.name in done:
             continue
         run = RunSettings(examples=args.clean_examples, seed=args.seed, target=TARGET[args.target])
+        maps.relieve()  # every mutant compiles its own programs: ~75 memory maps a second
         recs = run_pair(pair, dtype=args.dtype, run=run, known=known.match_check)
         false = [r.id for r in recs if r.outcome == "failed"]
         results.append({"pair": pair.name, "mutant": None, "clean_checks": len(recs), "false_alarms": false})
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"pair": pair.name, "mutant": m.name, "side": m.side, "no_effect": True})
                 continue
             try:
+                maps.relieve()
                 recs = run_pair(m.pair, dtype=args.dtype, run=run)
             except Exception as exc:  # an engine crash is a finding of this benchmark, not the end of it
                 results.append({"pair": pair.name, "mutant": m.name, "side": m.side, "expect": m.expect,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from equivcheck.backends import maps
 from equivcheck.backends.deadline import SideTimeout, limit
 from equivcheck.engine.kind import SIDES, CheckKind, family_of
 from equivcheck.engine.knowns import KnownDivergences, settle, xpass_reason
@@ -130,6 +131,7 @@ class Equiv:
                                     message=why, nodeid=self._item.nodeid, family=family_of(pair))
                         for c in pair.checks])
             pytest.skip(why)
+        maps.relieve()  # a long run must not exhaust the process's memory maps (equivcheck.backends.maps)
         abort = self._state.abort
         on_stuck = None if abort is None else lambda exc: abort(self.timed_out(pair, exc), exc)
         try:

@@ -260,6 +260,24 @@ def background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
     return _POOL[0].submit(fn, *args)
 
 
+def drain(seconds: float) -> bool:
+    """Wait for the compile thread to finish what is queued on it; False past `seconds`."""
+    if not _POOL or not _POOL[0].thread.is_alive():
+        return True
+    try:
+        _POOL[0].submit(int).result(timeout=seconds)
+    except Exception:  # noqa: BLE001 - timed out, or cancelled at a session's end: not drained
+        return False
+    return True
+
+
+def forget() -> None:
+    """Drop the jitted check programs and the record of programs that failed to build
+    (equivcheck.backends.maps.release)."""
+    PROGRAMS._cache.clear()
+    _BROKEN.clear()
+
+
 def wait(fut: Future[Any]) -> Any:
     """`fut.result()` of a `background` call, within the side's time limit (--equiv-timeout).
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.backends import deadline
+from equivcheck.backends import deadline, maps
 from equivcheck.optim.groups import group_index, leaf_paths
 from equivcheck.optim.state import load_torch, neutral_to_optax, optax_to_neutral, torch_to_neutral
 
@@ -201,6 +201,7 @@ def _to_torch(tree: Any, dev: Any) -> Any:
 
 _PROGRAMS: dict[Any, tuple[Any, Future]] = {}
 _LOCK = threading.Lock()
+maps.on_release(_PROGRAMS.clear)  # compiled ahead of time: jax.clear_caches() does not reach them
 
 
 def _wide(dtype: str) -> bool:
