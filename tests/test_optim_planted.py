@@ -355,3 +355,20 @@ def test_a_formula_slip_after_step_50_is_named_not_blamed_on_the_map_or_float32(
     assert rec.outcome == "failed", rec.failure_text()
     assert "StateField" not in rec.diagnosis and "float32's level" not in rec.diagnosis, rec.diagnosis
     assert "bias correction 1 - beta1**t" in rec.diagnosis, rec.diagnosis
+
+
+def test_a_port_without_dampening_is_named():
+    """torch's SGD(momentum=0.9, dampening=0.5) against optax.trace(0.9) (one step agrees: torch's first
+    buffer is the gradient itself) read "no single change makes the sides agree": the momentum probe
+    turns torch's buffer off, and the map then compares nothing with optax's trace. Dampening set to 0
+    on both sides is the probe that names it."""
+    from equivcheck.optim.state import StateField, StateMap
+
+    def no_dampening(cls, hp, lr):
+        tx = optax.chain(optax.trace(decay=hp["momentum"]), optax.scale(-hp["lr"]))
+        return Mapped(tx, StateMap((StateField("momentum_buffer", "trace"),), torch_step=False), ("optax.trace",))
+
+    pair = optimizer_pair("sgd_no_dampening", "SGD", lr=0.05, momentum=0.9, dampening=0.5, checks=("quadratic",),
+                          optax_map=no_dampening)
+    (rec,) = run_optimizer_pair(pair, dtype="float32", run=RunSettings(examples=5, seed=1))
+    assert rec.outcome == "failed" and "dampening differs" in rec.diagnosis, rec.failure_text()

@@ -32,6 +32,7 @@ MEANING = {
            "moment), or with another value",
     "nesterov": "the Nesterov formula differs (plain momentum agrees)",
     "momentum": "the momentum update differs (dampening, or where the lr enters the buffer)",
+    "dampening": "dampening differs: torch's momentum buffer takes (1 - dampening) * g, optax.trace takes g",
     "beta1": "the first-moment (momentum / Nesterov) formula differs: its bias correction 1 - beta1**t, or e.g. "
              "NAdam's momentum schedule mu_t vs a constant beta1",
     "bias": "the bias correction differs: missing, or applied at another point (from step 10**6 on, where "
@@ -168,6 +169,8 @@ def _probes(hp: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         out.append(("eps", {"eps": 0.0}))
     if hp.get("nesterov"):
         out.append(("nesterov", {"nesterov": False}))
+    if hp.get("momentum") and hp.get("dampening"):
+        out.append(("dampening", {"dampening": 0.0}))
     if hp.get("momentum"):
         out.append(("momentum", {"momentum": 0.0, **({"nesterov": False} if "nesterov" in hp else {}),
                                  **({"dampening": 0.0} if "dampening" in hp else {})}))
