@@ -372,3 +372,37 @@ def test_a_port_without_dampening_is_named():
                           optax_map=no_dampening)
     (rec,) = run_optimizer_pair(pair, dtype="float32", run=RunSettings(examples=5, seed=1))
     assert rec.outcome == "failed" and "dampening differs" in rec.diagnosis, rec.failure_text()
+
+
+def _adam_second_moment_through(dtype):
+    """Adam whose port keeps its second moment in `dtype`, or (float32) rounds it through float16."""
+    def build(hp):
+        b1, b2 = hp["betas"]
+
+        def init(params):
+            z = jax.tree.map(jnp.zeros_like, params)
+            return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), z, jax.tree.map(lambda p: p.astype(dtype), z))
+
+        def update(g, s, params=None):
+            count = s.count + 1
+            mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, s.mu, g)
+            nu = jax.tree.map(lambda v, x: (b2 * v + (1 - b2) * x * x).astype(jnp.float16).astype(v.dtype), s.nu, g)
+            t = count.astype(jnp.float32)
+            u = jax.tree.map(lambda m, v: (m / (1 - b1 ** t)) / (jnp.sqrt(v.astype(m.dtype) / (1 - b2 ** t))
+                                                                 + hp["eps"]), mu, nu)
+            return u, optax.ScaleByAdamState(count, mu, nu)
+
+        return optax.chain(optax.GradientTransformation(init, update), optax.scale_by_learning_rate(hp["lr"]))
+    return build
+
+
+@pytest.mark.parametrize("kept, words", [(jnp.float16, "jax keeps out['state']['exp_avg_sq']"),
+                                         (jnp.float32, "is on the float16 grid")])
+@pytest.mark.parametrize("check", ["step", "quadratic", "mlp"])
+def test_a_state_buffer_kept_in_or_rounded_through_float16_is_named(kept, words, check):
+    """Read "check the StateField" (quadratic) or "no single change makes the sides agree" (step, mlp);
+    on the step check the second moment of a shrunk example (1e-15) is flushed to zero by float16."""
+    pair = optimizer_pair("adam_nu16", "Adam", lr=1e-2, checks=(check,), optax_map=_map(_adam_second_moment_through(kept)))
+    (rec,) = run_optimizer_pair(pair, dtype="float32", run=RunSettings(examples=10, seed=1))
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert words in rec.diagnosis and "float16" in rec.diagnosis, rec.diagnosis

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from equivcheck.engine.compare import within
@@ -25,7 +26,7 @@ LAG_STEPS = 8
 # a lag needs at least two steps in agreement, and more than the unshifted comparison.
 MIN_LAG_STEPS = 2
 
-__all__ = ["LAG_STEPS", "decay_elsewhere", "lagged", "nonfinite"]
+__all__ = ["LAG_STEPS", "coarse_grid", "decay_elsewhere", "lagged", "nonfinite"]
 
 
 def lagged(pair: Any, ex: Example, dtype: str, run: Any, base: Tolerance) -> tuple[str | None, str] | None:
@@ -105,6 +106,48 @@ def nonfinite(pair: Any, ex: Example, out: Any, dtype: str, run: Any) -> tuple[s
             return None
     return off, (f"the {off} side's step {out.global_step} is NaN or infinite at {odd[off][0]} where {fine}'s is "
                  f"finite (in float64 too): a step from finite parameters and gradients is finite")
+
+
+def coarse_grid(out: Any) -> tuple[str, str] | None:
+    """A leaf (parameters or state) that one side keeps in a narrower float dtype than the other,
+    or whose every nonzero value on one side is a float16 or bfloat16 number where the other
+    side's are not: that side keeps it in, or rounds it through, the narrower dtype (an Adam second
+    moment through float16 read "check the StateField" or "no single change"). A float32 number
+    is a float16 one by chance once in 8192, and this is asked of failing steps only."""
+    from equivcheck.engine.compare import flatten
+
+    if out.torch_at is None or out.jax_at is None:
+        return None
+    sides = {"torch": dict(flatten(out.torch_at)), "jax": dict(flatten(out.jax_at))}
+    pairs = [(side, other, path, np.asarray(value), np.asarray(sides[other].get(path, np.nan)))
+             for side, other in (("jax", "torch"), ("torch", "jax")) for path, value in sides[side].items()]
+    pairs = [p for p in pairs if p[3].dtype.kind == "f" and p[4].dtype.kind == "f" and p[3].shape == p[4].shape]
+    for side, other, path, a, b in pairs:  # a narrower dtype first: a leaf that did not move is on every grid
+        if a.dtype.itemsize < b.dtype.itemsize:
+            return side, f"{side} keeps {path} in {a.dtype.name} where {other} keeps {b.dtype.name}"
+    for side, other, path, a, b in pairs:
+        for grid in (np.float16, ml_dtypes.bfloat16):
+            if a.dtype.itemsize > 2 and _on_grid(a, b, grid):
+                name = np.dtype(grid).name
+                return side, (f"{side}'s {path} at step {out.global_step} is on the {name} grid (every nonzero "
+                              f"value a {name} number) where {other}'s is not: {side} keeps it in {name}, or "
+                              f"rounds it through {name}")
+    return None
+
+
+def _on_grid(a: np.ndarray, b: np.ndarray, grid: Any) -> bool:
+    """Every finite nonzero element of `a` is a `grid` number, and at some element `a` differs from
+    `b`, which is not one, while `a` takes more than 4 significant bits (-1, 0.75 or a leaf that
+    did not move are on every grid), or `a` is 0 where `b` is under half the grid's smallest
+    subnormal (an Adam second moment of 1e-15 flushed to zero by float16)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        on_a = a.astype(grid).astype(a.dtype) == a
+        on_b = b.astype(grid).astype(b.dtype) == b
+        simple = (np.frexp(np.where(np.isfinite(a), a, 0))[0] * 16) % 1 == 0
+    some = np.isfinite(a) & (a != 0)
+    tiny = float(ml_dtypes.finfo(grid).smallest_subnormal) / 2
+    flushed = (a == 0) & (b != 0) & (np.abs(b) < tiny)
+    return bool(on_a[some].all() and ((~on_b & (a != b) & some & ~simple).any() or flushed.any()))
 
 
 def _still(step: Any, start: Any) -> bool:

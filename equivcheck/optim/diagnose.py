@@ -1,8 +1,11 @@
 """Why an optimizer check failed: re-run the failing example under controlled changes.
 
-In order: a learning-rate sequence shifted by one step; updates applied one step late, and
-weight decay on other parameters than torch's param groups (equivcheck.optim.causes);
-float64 (the gap was rounding, and the float32 side further from float64 torch is off);
+In order: a step NaN or infinite on one side only; a learning-rate sequence shifted by one step;
+updates applied one step late, weight decay on other parameters than torch's param groups, and
+a leaf one side keeps in (or rounds through) float16 or bfloat16 (equivcheck.optim.causes); a
+state map that reads the wrong field or scale (the state parts at the first step, the
+parameters do not); float64 (the gap was rounding, and the float32 side further from float64
+torch is off);
 then one hyperparameter at a time, changed on both sides (weight_decay=0, eps=0, Nesterov
 off, momentum or beta1 = 0) and a start at step 10**6, where every bias correction
 1 - beta**t is 1. The first change under which the two sides agree names the cause. A pair
@@ -17,7 +20,7 @@ import numpy as np
 
 from equivcheck.engine.compare import flatten, leaves, within
 from equivcheck.engine.tolerance import Tolerance, lookup
-from equivcheck.optim.causes import decay_elsewhere, lagged, nonfinite
+from equivcheck.optim.causes import coarse_grid, decay_elsewhere, lagged, nonfinite
 from equivcheck.optim.sides import MAX_STEPS, run_torch, torch_optimizer_for, treedef_of
 from equivcheck.optim.state import torch_to_neutral
 from equivcheck.optim.trajectory import PROBLEM_OF, Example, Outcome, evaluate, lr_sequences, trajectory_tolerance
@@ -81,15 +84,18 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
     moved_lr = _schedule_state(out, base)
     if moved_lr:
         return None, moved_lr
-    mapped = _state_only(out)
-    if mapped:
-        return None, mapped
     late = lagged(pair, ex, dtype, run, base)
     if late:
         return late
     elsewhere = decay_elsewhere(pair, ex, dtype, run, base)
     if elsewhere:
         return "jax", elsewhere
+    narrow = coarse_grid(out)  # after the lag: a side that has not moved holds the drawn, often short, values
+    if narrow:
+        return narrow
+    mapped = _state_only(out)  # after the narrow dtype: a state kept in float16 parts from the first step too
+    if mapped:
+        return None, mapped
     at_float32 = dtype == "float64" and worst is not None and 0 < worst.max_rel <= FLOAT32_LEVEL * out.step
     if at_float32 and _agrees_with_float64_scalars(pair, ex, dtype, run, base):
         return "torch", ("the gap is at float32's level, and with torch.set_default_dtype(torch.float64) the sides "
