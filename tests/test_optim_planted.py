@@ -355,6 +355,8 @@ def test_a_formula_slip_after_step_50_is_named_not_blamed_on_the_map_or_float32(
     assert rec.outcome == "failed", rec.failure_text()
     assert "StateField" not in rec.diagnosis and "float32's level" not in rec.diagnosis, rec.diagnosis
     assert "bias correction 1 - beta1**t" in rec.diagnosis, rec.diagnosis
+    # a port of one's own (optax_map) of torch.optim.Adam: torch is the specification, the port is off
+    assert rec.side == "jax" and "torch is the specification this pair's jax side ports" in rec.diagnosis
 
 
 def test_a_port_without_dampening_is_named():

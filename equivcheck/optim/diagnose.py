@@ -113,7 +113,8 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
         if verdict:
             return verdict
     if pair.rebuild is None or not pair.hparams:
-        return None, level or "the two sides compute different steps (a pair built by hand: no hyperparameter probes)"
+        return _ported(pair, level or "the two sides compute different steps (a pair built by hand: no hyperparameter "
+                                      "probes)", level)
     for label, changes in _probes(pair.hparams):
         try:
             probe = pair.rebuild(**changes)
@@ -121,13 +122,23 @@ def diagnose(pair: Any, ex: Example, out: Outcome, dtype: str, run: Any, base: T
             continue
         if evaluate(probe, ex, dtype, run, base).ok:
             said = ", ".join(f"{k}={v!r}" for k, v in changes.items())
-            return None, f"with {said} on both sides the two agree on this example: {MEANING[label]}"
+            return _ported(pair, f"with {said} on both sides the two agree on this example: {MEANING[label]}")
     if pair.state_map.torch_step and pair.torch_scheduler is None:
         start = _fresh_state(pair, ex, dtype)
         if start is not None and evaluate(pair, ex, dtype, run, base, start=start).ok:
-            return None, MEANING["bias"]
-    return None, level or ("the formulas differ; no single change (weight_decay, eps, nesterov, momentum, beta1 set "
-                           "to 0, or a start at step 10**6) makes the sides agree")
+            return _ported(pair, MEANING["bias"])
+    return _ported(pair, level or ("the formulas differ; no single change (weight_decay, eps, nesterov, momentum, "
+                                   "beta1 set to 0, or a start at step 10**6) makes the sides agree"), level)
+
+
+def _ported(pair: Any, text: str, level: str = "") -> tuple[str | None, str]:
+    """A formula difference is the port's where the pair names its specification (OptimizerPair.spec:
+    a port of one's own of a torch.optim class); between two libraries, or where the gap is at
+    float32's level (which side computes in float32 is not known), no side."""
+    if pair.spec not in ("torch", "jax") or (level and text == level):
+        return None, text
+    port = "jax" if pair.spec == "torch" else "torch"
+    return port, f"{text} ({pair.spec} is the specification this pair's {port} side ports)"
 
 
 def _agrees_with_float64_scalars(pair: Any, ex: Example, dtype: str, run: Any, base: Tolerance) -> bool:

@@ -64,6 +64,10 @@ class OptimizerPair:
                      changed: the diagnosis varies them to isolate a difference
     unavailable      why the pair cannot run here (torch without torch.optim.Lion); its
                      checks are skipped with this reason
+    spec             "torch" or "jax": the side the other ports, named as right when the
+                     diagnosis finds the formulas differ (optimizer_pair sets "torch" for a port
+                     of one's own, optax_map, of a torch.optim class); "" (the default): two
+                     libraries, neither is the specification, and no side is named
     witnesses        `equivcheck.optim.trajectory.Example`s run first, on every seed, by the check
                      each names (params and data trees of arrays, cast to each dtype): the
                      trajectory where a known divergence shows
@@ -91,6 +95,7 @@ class OptimizerPair:
     doc: str = ""
     tags: frozenset[str] = frozenset()
     witnesses: tuple[Any, ...] = ()
+    spec: str = ""
 
     family = "optimizers"  # the report section (engine.kind.FAMILIES)
     all_checks = OPTIM_CHECKS  # what `equiv.check(pair, checks=...)` may select
@@ -119,6 +124,8 @@ class OptimizerPair:
         if not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise ValueError(f"OptimizerPair {self.name!r}: accumulate must be a positive int")
         require_reasons(f"OptimizerPair {self.name!r}", self.tolerance)
+        if self.spec not in ("", "torch", "jax"):
+            raise ValueError(f"OptimizerPair {self.name!r}: spec is 'torch', 'jax' or '', not {self.spec!r}")
 
     def __str__(self) -> str:
         return self.name
@@ -245,6 +252,7 @@ def optimizer_pair(name: str, torch_optimizer: str | type, *, schedule: Schedule
         torch_clip=clip, clip_reports_norm=clip_norm is not None, accumulate=accumulate, param_groups=tuple(groups),
         checks=base_checks,
         dtypes=dtypes, tolerance=tolerance, hparams=hp, rebuild=rebuild, parts=tuple(parts),
+        spec="torch" if optax_map is not None and cls.__module__.startswith("torch.optim") else "",
         doc=doc or f"torch.optim.{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in hparams.items())})"
         + (f" + {schedule!r}" if schedule is not None else "")
         + (f"; param groups {', '.join(repr(dict(o)) for _, o in groups)}" if groups else ""),
