@@ -27,6 +27,7 @@ from equivcheck.engine.search import FLAKY_NOTE, Search
 from equivcheck.ops.autodiff import CHECKS, Evaluation, evaluate, judge, wide
 from equivcheck.ops.conditioning import LOWP_ULPS, explained_by_precision, explained_by_rounding
 from equivcheck.ops.diagnose import diagnose
+from equivcheck.ops.nudge import nudged
 from equivcheck.ops.shapes import ShapeRuleError
 
 if TYPE_CHECKING:
@@ -145,8 +146,10 @@ def run_pair(
         hit = known(rec.id)
         na = stats[check].not_applicable
         if check in failures:
-            more = functools.partial(_more_failures, pair, examples, check, tol, dtype, run, item_seed + 1)
-            _fill_failure(rec, failures[check], pair, dtype, tol, more)
+            # off the minimal example's kink first, then a fresh search (_decide_elsewhere)
+            sources = (functools.partial(nudged, pair, failures[check], tol, dtype, run.device, _failure_of),
+                       functools.partial(_more_failures, pair, examples, check, tol, dtype, run, item_seed + 1))
+            _fill_failure(rec, failures[check], pair, dtype, tol, sources)
             rec.outcome = "known-divergence" if hit else "failed"
         elif na and sum(na.values()) == rec.examples:
             # Nothing to differentiate in any example: say so, never "ok" over zeros.
@@ -317,13 +320,14 @@ def _more_failures(pair: Pair, examples: st.SearchStrategy, check: str, tol: Any
 
 
 def _decide_elsewhere(failure: CheckFailed, pair: Pair, dtype: str, tol: Any,
-                      more: Callable[[], list[CheckFailed]]) -> None:
+                      sources: Sequence[Callable[[], list[CheckFailed]]]) -> None:
     """The minimal example lies where no side can be named (a kink, unstable differences):
     shrinking heads for zeros and ties, which is where max, sort or relu have kinks. Failing
-    examples found before it (the drawn one first), else from a fresh search, get the same
+    examples found before it (the drawn one first), then the `sources` (the example moved off its
+    kink, equivcheck.ops.nudge; a fresh search), get the same
     diagnosis; the first that names a side decides, and the record says it was decided
     there, with its inputs."""
-    for others in (lambda: failure.others, more):
+    for others in (lambda: failure.others, *sources):
         try:
             candidates = others()
         except Exception:  # noqa: BLE001 - advice only: the minimal example's verdict stands
@@ -379,14 +383,14 @@ def _fill_errors(rec: CheckRecord, leaf: LeafDiff | None) -> None:
 
 
 def _fill_failure(rec: CheckRecord, failure: CheckFailed, pair: Pair, dtype: str, tol: Any,
-                  more: Callable[[], list[CheckFailed]] = list) -> None:
+                  sources: Sequence[Callable[[], list[CheckFailed]]] = ()) -> None:
     verdict = failure.verdict
     try:
         diagnose(pair, failure.check, failure.args, failure.ev, verdict, dtype=dtype, tol=tol)
     except Exception as exc:  # advice only: the failure stands without it
         verdict.diagnosis = f"diagnosis failed: {type(exc).__name__}: {exc}"
     if verdict.side is None and verdict.local:
-        _decide_elsewhere(failure, pair, dtype, tol, more)
+        _decide_elsewhere(failure, pair, dtype, tol, sources)
     rec.kind, rec.side, rec.diagnosis = verdict.kind, verdict.side, verdict.diagnosis
     worst = verdict.worst if verdict.kind == "values" else None
     rec.message = verdict.message + (f"\n  worst: {worst.summary()}" if worst else "")
