@@ -3,7 +3,7 @@
 In order: a step NaN or infinite on one side only; a learning-rate sequence shifted by one step;
 updates applied one step late, weight decay on other parameters than torch's param groups, and
 a leaf one side keeps in (or rounds through) float16 or bfloat16 (equivcheck.optim.causes); a
-state map that reads the wrong field or scale (the state parts at the first step, the
+state map that reads the wrong field or scale (the state parts within two steps, the
 parameters do not); float64 (the gap was rounding, and the float32 side further from float64
 torch is off);
 then one hyperparameter at a time, changed on both sides (weight_decay=0, eps=0, Nesterov
@@ -47,9 +47,10 @@ def _state_only(out: Outcome) -> str:
     """Where the parameters agree and only the optimizer state read through the state map does
     not: the map (a StateField's optax field or scale) is the first suspect, not either side."""
     v = out.verdict
-    if v is None or v.kind != "values" or out.step > 1:
-        # A wrong field or scale shows at the first step; state parting later follows parameters
-        # parting within their (larger, accumulated) bound: mu ~ a * (p - c) amplifies a drift of p.
+    if v is None or v.kind != "values" or out.step > 2:
+        # A wrong field or scale shows at once (step 1, or 2 where a state starts as its first gradient);
+        # state parting later follows parameters parting within their larger, accumulated bound
+        # (mu ~ a * (p - c) amplifies a drift of p: a port slipping after step 50 read "check the StateField").
         return ""
     off = [leaf for leaf in v.leaves if leaf.ratio > 1]
     params = [leaf for leaf in v.leaves if leaf.path.startswith("out['params']")]
