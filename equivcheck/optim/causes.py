@@ -127,19 +127,24 @@ def coarse_grid(out: Any) -> tuple[str, str] | None:
             return side, f"{side} keeps {path} in {a.dtype.name} where {other} keeps {b.dtype.name}"
     for side, other, path, a, b in pairs:
         for grid in (np.float16, ml_dtypes.bfloat16):
-            if a.dtype.itemsize > 2 and _on_grid(a, b, grid):
-                name = np.dtype(grid).name
+            how = _on_grid(a, b, grid) if a.dtype.itemsize > 2 else ""
+            name = np.dtype(grid).name
+            if how == "grid":
                 return side, (f"{side}'s {path} at step {out.global_step} is on the {name} grid (every nonzero "
                               f"value a {name} number) where {other}'s is not: {side} keeps it in {name}, or "
                               f"rounds it through {name}")
+            if how == "flushed":
+                return side, (f"{side}'s {path} at step {out.global_step} is 0 where {other}'s is below {name}'s "
+                              f"smallest subnormal: {side} flushes it, keeping it in or rounding it through {name} "
+                              f"(or never updates it)")
     return None
 
 
-def _on_grid(a: np.ndarray, b: np.ndarray, grid: Any) -> bool:
-    """Every finite nonzero element of `a` is a `grid` number, and at some element `a` differs from
-    `b`, which is not one, while `a` takes more than 4 significant bits (-1, 0.75 or a leaf that
-    did not move are on every grid), or `a` is 0 where `b` is under half the grid's smallest
-    subnormal (an Adam second moment of 1e-15 flushed to zero by float16)."""
+def _on_grid(a: np.ndarray, b: np.ndarray, grid: Any) -> str:
+    """"grid" where every finite nonzero element of `a` is a `grid` number and at some element `a`
+    differs from `b`, which is not one, while `a` takes more than 4 significant bits (-1, 0.75 or a
+    leaf that did not move are on every grid); else "flushed" where `a` is 0 where `b` is under half
+    the grid's smallest subnormal (an Adam second moment of 1e-15 flushed by float16); else ""."""
     with np.errstate(over="ignore", invalid="ignore"):
         on_a = a.astype(grid).astype(a.dtype) == a
         on_b = b.astype(grid).astype(b.dtype) == b
@@ -147,7 +152,9 @@ def _on_grid(a: np.ndarray, b: np.ndarray, grid: Any) -> bool:
     some = np.isfinite(a) & (a != 0)
     tiny = float(ml_dtypes.finfo(grid).smallest_subnormal) / 2
     flushed = (a == 0) & (b != 0) & (np.abs(b) < tiny)
-    return bool(on_a[some].all() and ((~on_b & (a != b) & some & ~simple).any() or flushed.any()))
+    if not on_a[some].all():
+        return ""
+    return "grid" if (~on_b & (a != b) & some & ~simple).any() else "flushed" if flushed.any() else ""
 
 
 def _still(step: Any, start: Any) -> bool:
