@@ -31,8 +31,8 @@ class SideError:
         # The innermost frame outside the frameworks and Python's own library points at the user's
         # callable (a result re-raised by a future read concurrent/futures/_base.py). With none, the
         # error is equivcheck's check of what the side returned, and its message says where.
-        user = [f for f in frames if "site-packages" not in f.filename and "/equivcheck/" not in f.filename
-                and not f.filename.startswith(_STDLIB)]
+        user = [f for f in frames if not any(d in f.filename for d in ("site-packages", "dist-packages", "/equivcheck/"))
+                and not f.filename.startswith(_STDLIB)]  # dist-packages: Debian's installed packages
         frame = (user or frames[-1:] or [None])[-1]
         where = "" if frame is None or "/equivcheck/" in frame.filename else \
             f"{frame.filename}:{frame.lineno} in {frame.name}"
