@@ -77,3 +77,59 @@ def test_the_nadam_witness_in_float32_names_the_scalar_dtype_not_eps():
     text = record.failure_text()
     assert "eps enters differently" not in text, text
     assert "mu_product" in text and "set_default_dtype(torch.float64)" in text, text
+
+
+def test_nadamw_past_the_sampled_envelope_is_judged_step_by_step(monkeypatch):
+    """Seed 1403755993 of the sweep (5 examples): nadamw::mlp::float32 failed 125 steps in, torch's
+    float32 run 1.53x the envelope of six jittered float64 runs, JAX's 0.49x, the float64 runs 2e-6 of
+    their bound apart. Each side's every step is torch's float64 step from where it stood
+    (equivcheck.optim.shadow): accepted."""
+    from equivcheck.optim import diagnose, shadow
+
+    verdicts = []
+    monkeypatch.setattr(diagnose, "steps_faithful", lambda *a: verdicts.append(shadow.steps_faithful(*a)) or verdicts[-1])
+    pair = next(p for p in OPTIMIZERS if p.name == "nadamw").replace(checks=("mlp",))
+    [rec] = run_optimizer_pair(pair, dtype="float32", run=RunSettings(examples=5, seed=1403755993, palette=4))
+    assert rec.outcome == "passed" and rec.ill_conditioned >= 1, rec.failure_text()
+    assert True in verdicts
+
+
+@pytest.mark.parametrize("grid", ["bfloat16", "float16"])
+def test_a_second_moment_rounded_in_float32_only_is_not_accepted_step_by_step(grid, monkeypatch):
+    """The step-by-step rule must not excuse a slip float64 cannot see: Adam's second moment rounded
+    through a 16-bit float in float32 runs only (each step within one step's bound of float64's, about
+    100 times torch's own distance from it)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from equivcheck.optim import diagnose, optimizer_pair, shadow
+    from equivcheck.optim.mapping import ADAM_STATE, Mapped
+
+    narrow = getattr(jnp, grid)
+
+    def build(hp):
+        b1, b2 = hp["betas"]
+
+        def init(params):
+            z = jax.tree.map(jnp.zeros_like, params)
+            return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), z, z)
+
+        def update(g, s, params=None):
+            count = s.count + 1
+            mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, s.mu, g)
+            nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, s.nu, g)
+            nu = jax.tree.map(lambda v: v.astype(narrow).astype(v.dtype) if v.dtype == jnp.float32 else v, nu)
+            t = count.astype(jnp.float32)
+            u = jax.tree.map(lambda m, v: (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + hp["eps"]), mu, nu)
+            return u, optax.ScaleByAdamState(count, mu, nu)
+
+        return optax.chain(optax.GradientTransformation(init, update), optax.scale_by_learning_rate(hp["lr"]))
+
+    verdicts = []
+    monkeypatch.setattr(diagnose, "steps_faithful", lambda *a: verdicts.append(shadow.steps_faithful(*a)) or verdicts[-1])
+    pair = optimizer_pair("adam_nu_narrow_f32", "Adam", lr=1e-2, checks=("quadratic",),
+                          optax_map=lambda cls, hp, lr: Mapped(build(hp), ADAM_STATE, ("planted",)))
+    [rec] = run_optimizer_pair(pair, dtype="float32", run=RunSettings(examples=10, seed=0))
+    assert rec.outcome == "failed" and rec.ill_conditioned == 0, rec.failure_text()
+    assert verdicts and not any(verdicts)

@@ -1,0 +1,128 @@
+"""Whether both float32 trajectories are float64's, step by step, from where each side stood.
+
+The acceptance of equivcheck.optim.diagnose.explained_by_rounding compares the float32 runs with an
+envelope: SAFETY times the spread of six float64 runs jittered like float32. Where a trajectory
+amplifies rounding the envelope is a sample, and a side's own float32 run can lie outside it:
+nadamw::mlp::float32 at seed 1403755993 failed 125 steps in, torch at 1.53 times the envelope, JAX
+at 0.49, the two float64 runs 2e-6 of their bound apart. The shadowing argument that
+equivcheck.models.sensitivity makes for models judges each step instead. For every step k and side,
+torch's float64 optimizer is run one step from that side's own float32 parameters and state after
+step k - 1 (its gradient taken in float64 there). The result must match the side's step k to one
+step's bound (the table's one-step row). Per leaf and step, the side further from its float64 step
+must lie within ROUNDING_FACTOR times the nearer side's distance plus OPTIMIZER_ULPS ulps of the
+leaf's largest move so far. Without that second test, an Adam keeping its second moment in float16
+(about 5e-6 per step, half the one-step bound) would pass as rounding (the adversarial trials of
+models, 2026-12-02).
+
+Both float64 runs must agree first (the caller's condition), so one function is being rounded. The
+optimizer state must move between the frameworks (`trajectory.movable`): each step is loaded
+into torch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from equivcheck.engine.compare import flatten, within
+from equivcheck.engine.tolerance import Tolerance
+from equivcheck.optim.sides import MAX_STEPS, run_jax, run_torch
+from equivcheck.optim.trajectory import PROBLEM_OF, Example, compare_steps, movable
+
+__all__ = ["OPTIMIZER_ULPS", "ROUNDING_FACTOR", "steps_faithful"]
+
+# As equivcheck.models.sensitivity: XLA's float32 transcendentals are a few ulps off where torch's
+# are within one, so one side may sit that much further from float64 than the other.
+ROUNDING_FACTOR = 4.0
+# float32 ulps of a leaf's largest move so far by which one side's distance from its float64 step
+# may exceed ROUNDING_FACTOR times the other's: optax's Adam measured 57, a bfloat16 moment ~8000.
+OPTIMIZER_ULPS = 256.0
+_EPS32 = float(np.finfo(np.float32).eps)
+
+
+def steps_faithful(pair: Any, ex: Example, out: Any, dtype: str, run: Any, base: Tolerance) -> bool:
+    """Whether every step of both sides' float32 run over the compared stretch is torch's float64
+    step from where that side stood (the module docstring). False where it cannot be judged (a
+    float64 run, a state that does not move between frameworks, a re-run that raises)."""
+    if dtype == "float64" or ex.check not in PROBLEM_OF or not movable(pair) or out.verdict is None:
+        return False
+    problem, k0 = PROBLEM_OF[ex.check], out.offset
+    params0 = out.start["params"] if out.start else ex.params
+    state0 = out.start["state"] if out.start else None
+    n = ex.steps - k0
+    length = 1 if ex.check == "step" else MAX_STEPS
+    try:
+        sides = (run_torch(pair, problem, params0, ex.data, n, dtype=dtype, device=run.device, start=state0,
+                           start_step=k0),
+                 run_jax(pair, problem, length, params0, ex.data, n, dtype=dtype, device=run.device, start=state0,
+                         start_step=k0))
+        if not _reproduces(sides, out, base):
+            return False
+        errors = [_local_errors(pair, problem, params0, state0, ex.data, steps, k0, run, base) for steps in sides]
+    except Exception:  # noqa: BLE001 - a re-run that raises, or a step past its bound: the gap stands
+        return False
+    start = _values(params0)
+    moved: dict[str, float] = {}
+    for k, (t_err, j_err) in enumerate(zip(*errors)):
+        for path in t_err:
+            at = [_values(s[k]["params"]).get(path) for s in sides]
+            if path in start:
+                moved[path] = max(moved.get(path, 0.0), *(float(np.max(np.abs(a - start[path]), initial=0.0))
+                                                          for a in at if a is not None))
+            near, far = sorted((t_err[path], j_err.get(path, np.inf)))
+            if not far <= ROUNDING_FACTOR * near + OPTIMIZER_ULPS * _EPS32 * moved.get(path, 0.0):
+                return False
+    return True
+
+
+def _reproduces(sides: tuple[list[Any], list[Any]], out: Any, base: Tolerance) -> bool:
+    """The re-runs reach what the failed check saw, from its failing step to the last, to one step's
+    bound: the rule judges the trajectories it re-ran, so they must be the ones that failed."""
+    seen = list(zip(*out.after)) or [(out.torch_at, out.jax_at)]
+    for i, pair_seen in enumerate(seen):
+        for steps, step in zip(sides, pair_seen):
+            k = out.step - 1 + i
+            if k >= len(steps) or step is None:
+                return False
+            a, b = _values(steps[k]["params"]), _values(step["params"])
+            if set(a) != set(b) or not all(np.all(within(base, a[p], b[p])) for p in a):
+                return False
+    return True
+
+
+def _local_errors(pair: Any, problem: Any, params0: Any, state0: Any, data: Any, steps: list[Any], k0: int,
+                  run: Any, base: Tolerance) -> list[dict[str, float]]:
+    """Per step, per params leaf: the largest distance of the side's step from torch's float64 step
+    from where the side stood. Raises ValueError where a step is past the one-step bound."""
+    data64 = _wide(data)
+    prev_params, prev_state = params0, state0
+    out = []
+    for k, cur in enumerate(steps):
+        one = run_torch(pair, problem, _wide(prev_params), data64, 1, dtype="float64", device=run.device,
+                        start=None if prev_state is None else _wide_state(prev_state, pair), start_step=k0 + k)[0]
+        mine = {"params": cur["params"], **({"state": cur["state"]} if "state" in cur else {})}
+        theirs = {"params": one["params"], **({"state": one["state"]} if "state" in one else {})}
+        if not compare_steps([_wide(mine)], [_wide(theirs)], base).ok:  # the float32 step held to float32's bound
+            raise ValueError(f"step {k0 + k + 1} is past one step's bound from float64's")
+        a, b = _values(cur["params"]), _values(one["params"])
+        out.append({p: float(np.max(np.abs(a[p] - b[p]), initial=0.0)) for p in a})
+        prev_params, prev_state = cur["params"], cur.get("state")
+    return out
+
+
+def _values(params: Any) -> dict[str, np.ndarray]:
+    return {p: np.asarray(v, np.float64) for p, v in flatten({"params": params})}
+
+
+def _wide(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _wide(v) for k, v in tree.items()}
+    a = np.asarray(tree)
+    return a.astype(np.float64) if a.dtype.kind == "f" else a
+
+
+def _wide_state(state: Any, pair: Any) -> Any:
+    out = dict(state)
+    for f in pair.state_map.fields:
+        out[f.torch] = _wide(state[f.torch])
+    return out
