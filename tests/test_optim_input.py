@@ -296,3 +296,17 @@ def test_a_pair_of_your_own_without_a_state_map_passes_and_says_the_state_did_no
     records = run_optimizer_pair(pair, dtype="float64", run=RUN)
     assert [r.outcome for r in records] == ["passed"] * 3, [r.failure_text() for r in records]
     assert any("was not moved between frameworks" in n for n in records[-1].notes), records[-1].notes
+
+
+def test_float64_reruns_widen_floats_and_keep_integer_leaves():
+    # a user's problem may carry class labels, and torch keeps integer state; a float64 re-run
+    # that turned them into floats would feed cross_entropy probabilities, not classes
+    from equivcheck.optim.state import StateField, StateMap, widen, widen_state
+
+    tree = {"x": np.ones(2, np.float32), "y": np.array([1, 0], np.int64), "h": np.ones(1, np.float16)}
+    out = widen(tree)
+    assert out["x"].dtype == np.float64 and out["h"].dtype == np.float64
+    assert out["y"].dtype == np.int64 and out["y"].tolist() == [1, 0]
+    state = widen_state({"step": 3, "exp_avg": {"w": np.ones(2, np.float32)}, "count": np.int32(3)},
+                        StateMap((StateField("exp_avg", "mu"),)))
+    assert state["exp_avg"]["w"].dtype == np.float64 and state["step"] == 3 and state["count"].dtype == np.int32

@@ -15,7 +15,7 @@ import numpy as np
 from equivcheck.engine.compare import within
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.optim.problems import LINEAR
-from equivcheck.optim.sides import MAX_STEPS, leaf_paths, run_jax, run_torch, torch_optimizer_for
+from equivcheck.optim.sides import MAX_STEPS, leaf_paths, run_jax, run_torch, scan_length, torch_optimizer_for
 from equivcheck.optim.trajectory import PROBLEM_OF, Example, compare_steps
 
 # Steps over which a lag is looked for. A one-step check has nothing to shift, so its
@@ -97,7 +97,7 @@ def nonfinite(pair: Any, ex: Example, out: Any, dtype: str, run: Any) -> tuple[s
     if out.start is None and problem is not None:
         try:
             wide = (run_torch(pair, problem, ex.params, ex.data, n, dtype="float64", device=run.device) if fine == "torch"
-                    else run_jax(pair, problem, 1 if ex.check == "step" else MAX_STEPS, ex.params, ex.data, n,
+                    else run_jax(pair, problem, scan_length(ex.check), ex.params, ex.data, n,
                                  dtype="float64", device=run.device))
             at = dict(flatten(wide[n - 1]))
         except Exception:  # noqa: BLE001 - a float64 re-run that fails cannot confirm the finite value
@@ -192,7 +192,7 @@ def decay_elsewhere(pair: Any, ex: Example, dtype: str, run: Any, base: Toleranc
     if ex.check not in PROBLEM_OF:
         return ""
     problem = PROBLEM_OF[ex.check]
-    length = 1 if ex.check == "step" else MAX_STEPS
+    length = scan_length(ex.check)
     try:
         leaves = [torch.tensor(x) for x in _leaves(ex.params)]
         own = _decay_of(torch_optimizer_for(pair, leaves, ex.params), leaves)

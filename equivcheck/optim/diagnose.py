@@ -22,8 +22,8 @@ from equivcheck.engine.compare import flatten, leaves, within
 from equivcheck.engine.tolerance import Tolerance, lookup
 from equivcheck.optim.causes import coarse_grid, decay_elsewhere, lagged, nonfinite
 from equivcheck.optim.shadow import steps_faithful
-from equivcheck.optim.sides import MAX_STEPS, run_torch, torch_optimizer_for, treedef_of
-from equivcheck.optim.state import torch_to_neutral
+from equivcheck.optim.sides import MAX_STEPS, run_torch, scan_length, torch_optimizer_for, treedef_of
+from equivcheck.optim.state import torch_to_neutral, widen, widen_state
 from equivcheck.optim.trajectory import PROBLEM_OF, Example, Outcome, evaluate, lr_sequences, trajectory_tolerance
 
 LARGE_STEP = 10**6
@@ -237,7 +237,7 @@ def _shift(pair: Any, dtype: str, base: Tolerance) -> str:
 def _rounding(pair: Any, ex: Example, out: Outcome, run: Any) -> tuple[str | None, str] | None:
     """If the example agrees in float64, the float32 gap was rounding: blame the float32 side
     further from torch's float64 value at the failing leaf and step."""
-    wide = dataclasses.replace(ex, params=_cast(ex.params), data=_cast(ex.data))
+    wide = dataclasses.replace(ex, params=widen(ex.params), data=widen(ex.data))
     tol64 = lookup("float64", device=run.device, precision=run.precision)
     out64 = evaluate(pair, wide, "float64", run, tol64)
     if not out64.ok:
@@ -308,11 +308,11 @@ def explained_by_rounding(pair: Any, ex: Example, out: Outcome, dtype: str, run:
     # a float64 run is its own reference: its spread is float64 rounding alone (NAdam's
     # unstable oscillation grows even float64's ulps past the bound after ~80 steps)
     low = dtype if dtype != "float64" else None
-    params = _cast(out.start["params"] if out.start else ex.params)
-    state = _cast_state(out.start["state"], pair) if out.start else None
-    data = _cast(ex.data)
+    params = widen(out.start["params"] if out.start else ex.params)
+    state = widen_state(out.start["state"], pair.state_map) if out.start else None
+    data = widen(ex.data)
     rng, rel = np.random.default_rng(seed), ULPS * _eps(dtype)
-    nudge = lambda t: _map(t, lambda a: a * (1 + rel * rng.uniform(-1, 1, a.shape)))
+    nudge = lambda t: _map(t, lambda a: a * (1 + rel * rng.uniform(-1, 1, a.shape)) if a.dtype.kind == "f" else a)
 
     def from_n(p: Any, d: Any, s: Any, jitter: Any = None) -> list[list[np.ndarray]]:
         steps = run_torch(pair, problem, p, d, last, dtype="float64", start=s, start_step=k, jitter=jitter)
@@ -326,7 +326,7 @@ def explained_by_rounding(pair: Any, ex: Example, out: Outcome, dtype: str, run:
             moved = from_n(nudge(params), nudge(data), s, (rng, rel, low, (-2.0, 2.0)[i] if i < 2 else None))
             spread = [[np.maximum(a, np.abs(m - e)) for a, m, e in zip(sp, mv, ex_)]
                       for sp, mv, ex_ in zip(spread, moved, exact)]
-        length = 1 if ex.check == "step" else MAX_STEPS
+        length = scan_length(ex.check)
         jax64 = [_leaves(x) for x in run_jax(pair, problem, length, params, data, last, dtype="float64", start=state,
                                              start_step=k)[n - 1:last]]
     except Exception:  # the float64 re-run failing leaves the failure standing
@@ -380,13 +380,6 @@ def _within(t32: list[np.ndarray], j32: list[np.ndarray], exact: list[np.ndarray
     return True
 
 
-def _cast_state(state: Any, pair: Any) -> Any:
-    out = dict(state)
-    for f in pair.state_map.fields:
-        out[f.torch] = _cast(state[f.torch])
-    return out
-
-
 def _leaves(step: Any) -> list[np.ndarray]:
     return [np.asarray(x, np.float64) for x in leaves(step)]
 
@@ -395,12 +388,6 @@ def _map(tree: Any, fn: Any) -> Any:
     if isinstance(tree, dict):
         return {k: _map(v, fn) for k, v in tree.items()}
     return fn(np.asarray(tree))
-
-
-def _cast(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _cast(v) for k, v in tree.items()}
-    return np.asarray(tree, np.float64)
 
 
 __all__ = ["diagnose", "explained_by_rounding"]

@@ -25,7 +25,7 @@ from equivcheck.engine.search import Search
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.optim.diagnose import diagnose, explained_by_rounding
 from equivcheck.optim.problems import Problem
-from equivcheck.optim.sides import MAX_STEPS, compiled
+from equivcheck.optim.sides import MAX_STEPS, compiled, scan_length
 from equivcheck.optim.trajectory import (
     BUCKETS,
     GROWTH,
@@ -87,7 +87,7 @@ def prepare(pair: Any, dtype: str, run: RunSettings) -> None:
             continue
         for shapes in _palette(pair, check, problem, dtype, run):
             params, data = problem.zeros(shapes, dtype, pair.accumulate)
-            compiled(pair, problem, 1 if check == "step" else MAX_STEPS, params, data, dtype, background=True)
+            compiled(pair, problem, scan_length(check), params, data, dtype, background=True)
 
 
 def _run_check(pair: Any, check: str, dtype: str, run: RunSettings, base: Tolerance, expected: bool,

@@ -26,7 +26,8 @@ import numpy as np
 
 from equivcheck.engine.compare import flatten, within
 from equivcheck.engine.tolerance import Tolerance
-from equivcheck.optim.sides import MAX_STEPS, run_jax, run_torch
+from equivcheck.optim.sides import run_jax, run_torch, scan_length
+from equivcheck.optim.state import widen, widen_state
 from equivcheck.optim.trajectory import PROBLEM_OF, Example, compare_steps, movable
 
 __all__ = ["OPTIMIZER_ULPS", "ROUNDING_FACTOR", "steps_faithful"]
@@ -50,7 +51,7 @@ def steps_faithful(pair: Any, ex: Example, out: Any, dtype: str, run: Any, base:
     params0 = out.start["params"] if out.start else ex.params
     state0 = out.start["state"] if out.start else None
     n = ex.steps - k0
-    length = 1 if ex.check == "step" else MAX_STEPS
+    length = scan_length(ex.check)
     try:
         sides = (run_torch(pair, problem, params0, ex.data, n, dtype=dtype, device=run.device, start=state0,
                            start_step=k0),
@@ -94,15 +95,15 @@ def _local_errors(pair: Any, problem: Any, params0: Any, state0: Any, data: Any,
                   run: Any, base: Tolerance) -> list[dict[str, float]]:
     """Per step, per params leaf: the largest distance of the side's step from torch's float64 step
     from where the side stood. Raises ValueError where a step is past the one-step bound."""
-    data64 = _wide(data)
+    data64 = widen(data)
     prev_params, prev_state = params0, state0
     out = []
     for k, cur in enumerate(steps):
-        one = run_torch(pair, problem, _wide(prev_params), data64, 1, dtype="float64", device=run.device,
-                        start=None if prev_state is None else _wide_state(prev_state, pair), start_step=k0 + k)[0]
+        one = run_torch(pair, problem, widen(prev_params), data64, 1, dtype="float64", device=run.device,
+                        start=None if prev_state is None else widen_state(prev_state, pair.state_map), start_step=k0 + k)[0]
         mine = {"params": cur["params"], **({"state": cur["state"]} if "state" in cur else {})}
         theirs = {"params": one["params"], **({"state": one["state"]} if "state" in one else {})}
-        if not compare_steps([_wide(mine)], [_wide(theirs)], base).ok:  # the float32 step held to float32's bound
+        if not compare_steps([widen(mine)], [widen(theirs)], base).ok:  # the float32 step held to float32's bound
             raise ValueError(f"step {k0 + k + 1} is past one step's bound from float64's")
         a, b = _values(cur["params"]), _values(one["params"])
         out.append({p: float(np.max(np.abs(a[p] - b[p]), initial=0.0)) for p in a})
@@ -112,17 +113,3 @@ def _local_errors(pair: Any, problem: Any, params0: Any, state0: Any, data: Any,
 
 def _values(params: Any) -> dict[str, np.ndarray]:
     return {p: np.asarray(v, np.float64) for p, v in flatten({"params": params})}
-
-
-def _wide(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _wide(v) for k, v in tree.items()}
-    a = np.asarray(tree)
-    return a.astype(np.float64) if a.dtype.kind == "f" else a
-
-
-def _wide_state(state: Any, pair: Any) -> Any:
-    out = dict(state)
-    for f in pair.state_map.fields:
-        out[f.torch] = _wide(state[f.torch])
-    return out

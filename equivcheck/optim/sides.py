@@ -23,6 +23,12 @@ from equivcheck.optim.state import load_torch, neutral_to_optax, optax_to_neutra
 MAX_STEPS = 100  # the longest trajectory a check draws; the scan always runs this many
 
 
+def scan_length(check: str) -> int:
+    """Steps the compiled program of a check runs: 1 for "step", MAX_STEPS for a trajectory check
+    (which stops reading at its drawn step count)."""
+    return 1 if check == "step" else MAX_STEPS
+
+
 def treedef_of(tree: Any) -> Any:
     import jax
 

@@ -62,6 +62,23 @@ def held(optimizer: Any) -> list[Any]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def widen(tree: Any) -> Any:
+    """A nested dict of arrays with each floating leaf as float64; integer and bool leaves (step
+    counts, class labels) keep their dtype, so a float64 re-run sees the same kinds of values."""
+    if isinstance(tree, dict):
+        return {k: widen(v) for k, v in tree.items()}
+    a = np.asarray(tree)
+    return a.astype(np.float64) if a.dtype.kind == "f" else a
+
+
+def widen_state(neutral: Mapping[str, Any], smap: StateMap) -> dict[str, Any]:
+    """The neutral state with every mapped field widened (see `widen`); other keys as they are."""
+    out = dict(neutral)
+    for f in smap.fields:
+        out[f.torch] = widen(neutral[f.torch])
+    return out
+
+
 def torch_to_neutral(optimizer: Any, smap: StateMap, treedef: Any, step: int, scheduler: Any = None, *,
                      params: Sequence[Any] | None = None) -> dict[str, Any]:
     """The neutral state of a torch optimizer holding the leaves of `treedef`: `params`, the

@@ -21,7 +21,7 @@ from equivcheck.engine.compare import Verdict, compare, flatten, format_args, le
 from equivcheck.engine.records import RunSettings
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.optim.problems import LINEAR, MLP, QUADRATIC
-from equivcheck.optim.sides import MAX_STEPS, run_jax, run_torch
+from equivcheck.optim.sides import MAX_STEPS, run_jax, run_torch, scan_length
 from equivcheck.optim.state import StateMapError
 
 __all__ = ["BUCKETS", "GROWTH", "PROBLEM_OF", "Example", "Outcome", "compare_steps", "evaluate", "lr_sequences",
@@ -153,7 +153,7 @@ def evaluate(pair: Any, ex: Example, dtype: str, run: RunSettings, base: Toleran
     if ex.check == "schedule":
         return _schedule(pair, ex, dtype, base)
     problem = PROBLEM_OF[ex.check]
-    length = 1 if ex.check == "step" else MAX_STEPS
+    length = scan_length(ex.check)
     try:
         t_full = run_torch(pair, problem, ex.params, ex.data, ex.steps, dtype=dtype, device=run.device, start=start)
     except Exception as exc:
