@@ -12,7 +12,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from equivcheck.engine.compare import within
+from equivcheck.engine.compare import flatten, within
 from equivcheck.engine.tolerance import Tolerance
 from equivcheck.optim.problems import LINEAR
 from equivcheck.optim.sides import MAX_STEPS, leaf_paths, run_jax, run_torch, scan_length, torch_optimizer_for
@@ -76,18 +76,13 @@ def nonfinite(pair: Any, ex: Example, out: Any, dtype: str, run: Any) -> tuple[s
     parameters and gradients is finite, so the non-finite side is off, once the finite side's float64
     run is finite there too (the finite value is then no float32 accident). Elements non-finite on
     both sides, or finite in neither float64 run, leave it undecided."""
-    from equivcheck.engine.compare import flatten
-
     v = out.verdict
-    if v is None or v.kind != "nonfinite" or out.torch_at is None or out.jax_at is None:
+    if v is None or v.kind != "nonfinite":
         return None
-    t, j = dict(flatten(out.torch_at)), dict(flatten(out.jax_at))
     odd: dict[str, list[str]] = {"torch": [], "jax": []}
-    for path in sorted(set(t) & set(j)):
-        a, b = np.asarray(t[path], np.float64), np.asarray(j[path], np.float64)
-        if a.shape == b.shape:
-            odd["torch"] += [path] * bool(np.any(~np.isfinite(a) & np.isfinite(b)))
-            odd["jax"] += [path] * bool(np.any(~np.isfinite(b) & np.isfinite(a)))
+    for path, a, b in ((p, np.asarray(a, np.float64), np.asarray(b, np.float64)) for p, a, b in _matched(out)):
+        odd["torch"] += [path] * bool(np.any(~np.isfinite(a) & np.isfinite(b)))
+        odd["jax"] += [path] * bool(np.any(~np.isfinite(b) & np.isfinite(a)))
     sides = [s for s, paths in odd.items() if paths]
     if len(sides) != 1:
         return None
@@ -114,14 +109,9 @@ def coarse_grid(out: Any) -> tuple[str, str] | None:
     side's are not: that side keeps it in, or rounds it through, the narrower dtype (an Adam second
     moment through float16 read "check the StateField" or "no single change"). A float32 number
     is a float16 one by chance once in 8192, and this is asked of failing steps only."""
-    from equivcheck.engine.compare import flatten
-
-    if out.torch_at is None or out.jax_at is None:
-        return None
-    sides = {"torch": dict(flatten(out.torch_at)), "jax": dict(flatten(out.jax_at))}
-    pairs = [(side, other, path, np.asarray(value), np.asarray(sides[other].get(path, np.nan)))
-             for side, other in (("jax", "torch"), ("torch", "jax")) for path, value in sides[side].items()]
-    pairs = [p for p in pairs if p[3].dtype.kind == "f" and p[4].dtype.kind == "f" and p[3].shape == p[4].shape]
+    matched = [m for m in _matched(out) if m[1].dtype.kind == "f" and m[2].dtype.kind == "f"]
+    pairs = [("jax", "torch", path, b, a) for path, a, b in matched] + [("torch", "jax", path, a, b)
+                                                                         for path, a, b in matched]
     for side, other, path, a, b in pairs:  # a narrower dtype first: a leaf that did not move is on every grid
         if a.dtype.itemsize < b.dtype.itemsize:
             return side, f"{side} keeps {path} in {a.dtype.name} where {other} keeps {b.dtype.name}"
@@ -138,6 +128,16 @@ def coarse_grid(out: Any) -> tuple[str, str] | None:
                               f"smallest subnormal: {side} flushes it, keeping it in or rounding it through {name} "
                               f"(or never updates it)")
     return None
+
+
+def _matched(out: Any) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(path, torch's value, jax's value), in each side's own dtype, for every leaf of the failing
+    step (parameters and state) both sides hold with one shape, sorted by path; [] without both."""
+    if out.torch_at is None or out.jax_at is None:
+        return []
+    t, j = dict(flatten(out.torch_at)), dict(flatten(out.jax_at))
+    both = ((p, np.asarray(t[p]), np.asarray(j[p])) for p in sorted(set(t) & set(j)))
+    return [(p, a, b) for p, a, b in both if a.shape == b.shape]
 
 
 def _on_grid(a: np.ndarray, b: np.ndarray, grid: Any) -> str:
