@@ -24,13 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.backends.jaxpr import call_body
 from equivcheck.engine.compare import compare
 from equivcheck.engine.tolerance import Tolerance
 
-# Call-like primitives whose body is a jaxpr taking the equation's operands one for one: their
-# inner equations are the port's own code (a jitted helper, a custom_vjp activation, remat).
-_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-                    "custom_vjp_call_jaxpr", "checkpoint", "remat"})
 MAX_PERMUTED_RANK = 5  # 120 axis orders at most
 MAX_UNROLLED = 256  # longer scans are bound whole: their body values, stacked, would hold every step
 ARGUMENT = "the port's argument"
@@ -38,20 +35,6 @@ ARGUMENT = "the port's argument"
 ELEMENTWISE = frozenset({"mul", "add", "sub", "div", "neg", "select_n", "max", "min", "pow", "integer_pow", "exp",
                          "log", "tanh", "logistic", "abs", "sign", "sqrt", "rsqrt", "clamp", "erf", "square"})
 LAYOUT = frozenset({"transpose", "reshape", "copy", "copy_p", "convert_element_type"})
-
-
-def _body(eqn: Any, operands: int) -> tuple[Any, Sequence[Any]] | None:
-    from jax.extend.core import ClosedJaxpr, Jaxpr
-
-    if eqn.primitive.name not in _CALLS:
-        return None
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(key)
-        if isinstance(sub, ClosedJaxpr) and len(sub.jaxpr.invars) == operands:
-            return sub.jaxpr, sub.consts
-        if isinstance(sub, Jaxpr) and not sub.constvars and len(sub.invars) == operands:
-            return sub, ()
-    return None
 
 
 @dataclasses.dataclass
@@ -91,7 +74,7 @@ def evaluate(fn: Callable[..., Any], *args: Any) -> list[Value]:
             where = _where(summarize(eqn.source_info))
             label = eqn.primitive.name + (f" at {where}" if where else "")
             parents = tuple(i for i in in_ids if i is not None)
-            body = _body(eqn, len(ins))
+            body = call_body(eqn, len(ins))
             if body is not None:  # the call's outputs are its body's: kept once
                 outs, out_ids = run(body[0], body[1], ins, in_ids, sink)
             else:

@@ -25,7 +25,7 @@ from equivcheck.engine.compare import LeafDiff, Verdict, format_args, n_elements
 from equivcheck.engine.records import CheckRecord, RunSettings, check_id
 from equivcheck.engine.search import FLAKY_NOTE, Search
 from equivcheck.ops.autodiff import CHECKS, Evaluation, evaluate, judge, wide
-from equivcheck.ops.conditioning import LOWP_ULPS, explained_by_precision, explained_by_rounding
+from equivcheck.ops.conditioning import LOWP_CAP, LOWP_FLOOR, LOWP_SAFETY, explained_by_precision, explained_by_rounding
 from equivcheck.ops.diagnose import diagnose
 from equivcheck.ops.nudge import nudged
 from equivcheck.ops.shapes import ShapeRuleError
@@ -139,9 +139,10 @@ def run_pair(
                              "result's sensitivity to input rounding (ill-conditioned): accepted")
         if rec.low_precision:
             rec.notes.append(f"{rec.low_precision} examples beyond the table bound agreed in float32 on the same "
-                             f"inputs, each side within {LOWP_ULPS:g} {dtype} ulps: accepted as the frameworks' "
-                             "low-precision arithmetic (torch computes in float32 inside kernels, XLA rounds "
-                             "every primitive)")
+                             f"inputs, each side within {LOWP_SAFETY:g}x what rounding every primitive to {dtype} "
+                             f"moves the answer plus {LOWP_FLOOR:g} ulps (at most {LOWP_CAP:g}): accepted as the "
+                             "frameworks' low-precision "
+                             "arithmetic (torch computes in float32 inside kernels, XLA rounds every primitive)")
         _fill_errors(rec, stats[check].leaf)
         hit = known(rec.id)
         na = stats[check].not_applicable
