@@ -11,7 +11,7 @@
 2. If they still disagree, the two sides compute different functions. For the forward, the
    pair's own `reference` (a NumPy float64 implementation) decides; without one, a value not
    finite on one side only names that side where the other side's is finite and in range,
-   in float64 too (`_lone_nonfinite`); so it does for a derivative the differences cannot decide. For derivatives, finite
+   in float64 too (`equivcheck.ops.poles`); so it does for a derivative the differences cannot decide. For derivatives, finite
    differences decide (`equivcheck.ops.finite`), never one side's forward alone and no
    framework's autodiff: of the pair's `reference` if it has one, else of both sides' float64
    forwards if those agree at the example and around it (each side differenced on its own).
@@ -35,9 +35,10 @@ from equivcheck.engine.dtypes import np_dtype
 from equivcheck.engine.tolerance import Tolerance, lookup
 from equivcheck.layers.traps import Evidence, matching
 from equivcheck.ops.autodiff import Evaluation, evaluate, keyed, leaf_at, widen
-from equivcheck.ops.conditioning import ULPS, largest, rounding
-from equivcheck.ops.finite import DECISIVE, as_tree, derivative, forward64, gap
+from equivcheck.ops.conditioning import ULPS, rounding
+from equivcheck.ops.finite import DECISIVE, as_tree, derivative, gap
 from equivcheck.ops.mismatch import odd_type, shape_by_reference
+from equivcheck.ops.poles import forward_pole, lone_nonfinite, pole
 
 __all__ = ["DECISIVE", "diagnose", "leaf_at", "widen"]
 
@@ -138,10 +139,10 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
             + ("functions" if check == "forward" else f"derivatives ({check.upper()}s)"))
     if check == "forward":
         if pair.reference is None:
-            lone = _lone_nonfinite(verdict, t32, j32, t64, j64, dtype)
-            pole = _pole(pair, args64, vec64, lone[0], path, t64 if lone[0] == "torch" else j64) if lone else ""
-            verdict.side = lone[0] if lone and not pole else None
-            verdict.diagnosis = lead + "; " + (pole or (lone[1] if lone else "give the Pair a float64 `reference` "
+            lone = lone_nonfinite(verdict, t32, j32, t64, j64, dtype)
+            at_pole = pole(pair, args64, vec64, lone[0], path, t64 if lone[0] == "torch" else j64) if lone else ""
+            verdict.side = lone[0] if lone and not at_pole else None
+            verdict.diagnosis = lead + "; " + (at_pole or (lone[1] if lone else "give the Pair a float64 `reference` "
                                                         "to decide which side is right"))
             return
         try:
@@ -159,8 +160,8 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
     # the leaves that compared, the failing one not among them).
     worst = verdict.worst
     index = worst.worst_index if verdict.kind == "values" and worst is not None and worst.path == path else None
-    lone = _lone_nonfinite(verdict, t32, j32, t64, j64, dtype)
-    if lone and _forward_pole(pair, args64, vec64, lone[0]):
+    lone = lone_nonfinite(verdict, t32, j32, t64, j64, dtype)
+    if lone and forward_pole(pair, args64, vec64, lone[0]):
         # log at 0: torch's -inf forward has an infinite derivative, a port that clamps has a
         # finite one; the forward check judges that, and names the port where it is wrong.
         lead += (f"; {lone[0]}'s own float64 forward is infinite at a pole at this input (its values approaching "
@@ -193,19 +194,46 @@ def _arbitrate(pair: Any, check: str, args: Sequence[Any], ev: Evaluation, verdi
     # Elements the differences could not settle count as agreeing with them on both sides.
     t_, j_ = ((t64, j64) if found.unsettled is None else
               (np.where(found.unsettled, found.ref, x) for x in (t64, j64)))
-    _decide(verdict, path, t_, j_, found.ref, lead + "; " + found.why, dtype=dtype)
+    # The check's bound names the nearer side too, past what the differences may be off by; at
+    # the failing element only where there is one (elsewhere they may straddle a kink).
+    _decide(verdict, path, t_, j_, found.ref, lead + "; " + found.why, dtype=dtype,
+            tol=tol if index is None else None, slack=found.error)
     if index is not None:
-        _at_failing_element(verdict, index, t64, j64, found.ref, lead + "; " + found.why)
+        _at_failing_element(verdict, index, t64, j64, found.ref, lead + "; " + found.why,
+                            beyond=None if tol is None else _beyond(tol, t64, j64, found.ref, dtype, found.error))
+
+
+def _beyond(tol: Tolerance, t: np.ndarray, j: np.ndarray, ref: np.ndarray, dtype: str,
+            slack: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Per side, elementwise: further from `ref` than the check's bound plus `slack` (what `ref`,
+    an estimate, may be off by)."""
+    out = {}
+    for side, x in (("torch", t), ("jax", j)):
+        with np.errstate(invalid="ignore"):
+            far = ~within(tol, x, ref, dtype) & np.isfinite(ref)
+            if slack is not None:
+                far &= np.abs(np.asarray(x, np.float64) - ref) > slack
+        out[side] = far
+    return out
 
 
 def _at_failing_element(verdict: Verdict, index: tuple[int, ...], t: np.ndarray, j: np.ndarray, ref: np.ndarray,
-                        lead: str) -> None:
+                        lead: str, beyond: dict[str, np.ndarray] | None = None) -> None:
     """The failing element, probed for a kink and found smooth, outweighs the leaf's largest
     errors: central differences across a kink at another element (relu or softsign'' at a drawn
     0) read a slope neither side owes, and would name the side that is right, or both. Where the
-    failing element names another side than the leaf did, it is the one named."""
+    failing element names another side than the leaf did, it is the one named; both where the
+    nearer side is beyond the check's bound there too (`beyond`, per side)."""
     et, ej = (abs(float(x[index]) - float(ref[index])) for x in (t, j))
     side = "torch" if et > DECISIVE * ej else "jax" if ej > DECISIVE * et else None
+    near = {"torch": "jax", "jax": "torch"}.get(side or "")
+    if near and beyond is not None and bool(beyond[near][index]):
+        verdict.side = "both"
+        verdict.diagnosis = (
+            f"{lead}; at the failing element {list(index)} both are off: {side} most, and {near} too, beyond the "
+            f"check's bound against the differences and what they may be off by (torch {float(t[index]):.6g}, "
+            f"jax {float(j[index]):.6g}, differences {float(ref[index]):.6g})")
+        return
     if side is None or side == verdict.side:
         return
     leaf = "both sides" if verdict.side == "both" else verdict.side
@@ -217,104 +245,6 @@ def _at_failing_element(verdict: Verdict, index: tuple[int, ...], t: np.ndarray,
         f"at elements not probed for a kink, where differences across one read a slope neither side owes")
 
 
-def _lone_nonfinite(verdict: Verdict, t: np.ndarray, j: np.ndarray, t64: np.ndarray, j64: np.ndarray,
-                    dtype: str) -> tuple[str, str] | None:
-    """(side, why) where one side alone is not finite (NaN, +inf or -inf alike) and the other
-    side's value is finite both in the tested dtype and in float64, within the dtype's range:
-    a representable answer exists and the other side computes it, and a value that is not
-    finite on one side only is rarely the right answer. None where that does not hold at every
-    element whose finiteness differs (both sides not finite, each side at some, the other side
-    not finite or out of range in float64, or the non-finite side's own float64 answer out of
-    range: then its inf is that answer, rounded)."""
-    if verdict.kind != "nonfinite":
-        return None
-    with np.errstate(invalid="ignore"):
-        ft, fj = np.isfinite(t), np.isfinite(j)
-        if np.any(~ft & ~fj & ~((t == j) | (np.isnan(t) & np.isnan(j)))):
-            return None  # inf against -inf, NaN against inf: no side is the finite one
-        lone_t, lone_j = ~ft & fj, ft & ~fj
-        if lone_t.any() == lone_j.any():
-            return None
-        side, other, o, o64, s64, where = (("torch", "jax", j, j64, t64, lone_t) if lone_t.any()
-                                           else ("jax", "torch", t, t64, j64, lone_j))
-        top = largest(dtype)
-        if not np.all(np.isfinite(o64[where]) & (np.abs(o64[where]) <= top)):
-            return None
-        if np.any(np.isfinite(s64[where]) & (np.abs(s64[where]) > top)):
-            return None  # its own float64 answer is beyond the dtype: its inf is that answer, rounded
-    at = tuple(int(i) for i in np.argwhere(where)[0]) if where.ndim else ()
-    bad = (t if side == "torch" else j)[at]
-    n = int(np.count_nonzero(where))
-    return side, (f"{side} gives {float(bad)} at {verdict.path}{list(at) if at else ''}"
-                  f"{f' (and {n - 1} more)' if n > 1 else ''} where {other} gives {float(o[at]):.9g} "
-                  f"({float(o64[at]):.9g} in float64, within {dtype}'s range): a finite answer exists and {other} "
-                  f"computes it, and a value that is not finite on one side only is rarely the right one: "
-                  f"{side} is off")
-
-
-POLE_STEPS = (1e-4, 1e-6, 1e-8)  # relative nudges of the input, approaching the failing point
-
-
-def _pole(pair: Any, args64: Sequence[Any], vec64: Any, side: str, path: str, s64: np.ndarray) -> str:
-    """Why an infinity on one side alone may be the answer, or "": approaching the input, that
-    side's own float64 forward grows without bound at the element (1/x at 0, log at 0: each step
-    closer adds at least half of what the last one did), so the point is a pole and what a side
-    gives there is a convention, not an error of one side. A side whose values settle to a finite
-    limit nearby has no such excuse."""
-    at = _infinite_at(s64)
-    if at is None:
-        return ""
-    near = _approach(pair, args64, vec64, side,
-                     lambda leaves: float(np.asarray(leaves[0] if len(leaves) == 1 else leaf_at(leaves, path))[at]))
-    if near is None:
-        return ""
-    return (f"{side} gives {float(s64[at])} at {path}{list(at) if at else ''}, and its own float64 values approaching "
-            f"the input grow without bound ({', '.join(f'{v:.3g}' for v in near)} at relative steps "
-            f"{', '.join(f'{h:g}' for h in POLE_STEPS)}): a pole, where the infinity may be the answer and a finite "
-            f"value a clamp; no side is named: give the Pair a float64 `reference` (or a Convention) that says "
-            f"which value the pole takes")
-
-
-def _approach(pair: Any, args64: Sequence[Any], vec64: Any, side: str, read: Any) -> list[float] | None:
-    """`side`'s float64 forward, read by `read(leaves)`, at the inputs moved by POLE_STEPS towards
-    the example; those values where they grow without bound (a pole), else None."""
-    f = forward64(pair, args64, side, vec64)
-    primals = [np.asarray(args64[i], np.float64) for i in pair.diff_args]
-    try:
-        near = [read(f([p * (1 + h) + h * (p == 0) for p in primals])) for h in POLE_STEPS]
-    except Exception:  # noqa: BLE001 - no evidence of a pole: the lone-value rule stands
-        return None
-    size = np.abs(near)
-    if not (np.all(np.isfinite(size)) and size[0] < size[1] < size[2] and size[2] - size[1] >= (size[1] - size[0]) / 2):
-        return None
-    return near
-
-
-def _forward_pole(pair: Any, args64: Sequence[Any], vec64: Any, side: str) -> bool:
-    """Whether `side`'s float64 forward is infinite at the example at a pole (`_pole`'s test): a
-    forward that is NaN, or infinite without growing towards it (a constant inf), is no pole."""
-    try:
-        leaves = forward64(pair, args64, side, vec64)([np.asarray(args64[i], np.float64) for i in pair.diff_args])
-    except Exception:  # noqa: BLE001 - no evidence either way: the lone-value rule stands
-        return False
-    for k, leaf in enumerate(leaves):
-        at = _infinite_at(leaf)
-        if at is not None and _approach(pair, args64, vec64, side, lambda ls, k=k, at=at: float(np.asarray(ls[k])[at])):
-            return True
-    return False
-
-
-def _infinite_at(leaf: np.ndarray) -> tuple[int, ...] | None:
-    """The first non-finite element's index where every non-finite element is infinite (a
-    candidate pole), else None: a NaN is no pole."""
-    bad = ~np.isfinite(leaf)
-    if not bad.any() or np.isnan(leaf[bad]).any():
-        return None
-    return tuple(int(i) for i in np.argwhere(bad)[0]) if leaf.ndim else ()
-
-
-# Formats a side may quietly compute in: the name, its unit roundoff, and whether a value lies on
-# its grid (TF32 keeps float32's range with a 10-bit mantissa: the low 13 bits are zero).
 def _on(dtype: Any, x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         return x.astype(dtype).astype(np.float64) == x
@@ -367,11 +297,12 @@ _BOTH = "both sides are off by similar amounts (an ill-conditioned input, or a t
 
 
 def _decide(verdict: Verdict, path: str, t: np.ndarray, j: np.ndarray, ref: np.ndarray, lead: str,
-            both: str = _BOTH, *, dtype: str, evidence: str = "grid", tol: Tolerance | None = None) -> None:
-    """Name the side further from `ref` by DECISIVE, or both. With `tol` (the check's bound, where
-    `ref` is an answer and not an estimate), the nearer side is off too where it is beyond that
-    bound against `ref`: one side 29x further than the other must not hide that the other is 15x
-    the bound (gelu's tanh approximation against a sigmoid one, with erf's as the reference).
+            both: str = _BOTH, *, dtype: str, evidence: str = "grid", tol: Tolerance | None = None,
+            slack: np.ndarray | None = None) -> None:
+    """Name the side further from `ref` by DECISIVE, or both. With `tol` (the check's bound), the
+    nearer side is off too where it is beyond that bound against `ref` plus `slack` (what `ref`,
+    an estimate, may be off by): one side 29x further than the other must not hide that the other
+    is 15x the bound (gelu's tanh approximation against a sigmoid one, with erf's as the reference).
     `evidence` for the precision hint (`_precision_hint`): "vanishes" where the gap vanishes in
     float64 and is no input rounding, "grid" where the sides differ in float64 too, "none" where
     rounding explains it."""
@@ -390,7 +321,7 @@ def _decide(verdict: Verdict, path: str, t: np.ndarray, j: np.ndarray, ref: np.n
     if verdict.side != "both" and tol is not None:
         near, far = ("jax", "torch") if verdict.side == "torch" else ("torch", "jax")
         with np.errstate(invalid="ignore"):
-            beyond = ~within(tol, t if near == "torch" else j, ref, dtype) & np.isfinite(ref)
+            beyond = _beyond(tol, t, j, ref, dtype, slack)[near]
         if np.any(beyond):
             verdict.side = "both"
             both = (f"both are off: {far} most, and {near} too, beyond the check's bound against it "

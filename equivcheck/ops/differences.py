@@ -56,6 +56,10 @@ class Differences:
         # what has been retaken at the wider step, which does not depend on the step scale s: `at`
         # runs at s = 1 and 1/2, and an HVP's part retaken at both was counted twice
         self._retaken: set[tuple[int, ...]] = set()
+        # per step scale s of `at`: elementwise, what float64 rounding of the function's values can
+        # make the differences read (inf where not bounded: the HVP's second differences)
+        self.noise: dict[float, np.ndarray] = {}
+        self._noise: list[np.ndarray] = []
         self.scale = []
         for p in primals:
             top = float(np.max(np.abs(p), initial=0.0)) or 1.0
@@ -84,6 +88,8 @@ class Differences:
         """Central differences along d; along a unit direction `key`, one whose change is rounding while a
         step of REL in the input's own units changes the function is recorded in `unresolved`."""
         plus, minus = self.shifted([(h, d)]), self.shifted([(-h, d)])
+        eps = RESOLVED * np.finfo(np.float64).eps
+        self._noise = [eps * np.maximum(np.abs(a), np.abs(b)) / (2 * h) for a, b in zip(plus, minus)]
         if key is not None and key not in self._retaken and h < REL and _unresolved(plus, minus):
             self._retaken.add(key)
             wide = self.shifted([(REL, d)]), self.shifted([(-REL, d)])
@@ -96,6 +102,7 @@ class Differences:
         if check == "jvp":
             # Element by element, each on its own scale: J t = sum_e t_e J[:, e].
             total: list[np.ndarray] | None = None
+            noise: list[np.ndarray] | None = None
             for k, p in enumerate(self.primals):
                 for e in range(p.size):
                     te = float(self.vec.t[k].flat[e])
@@ -104,16 +111,22 @@ class Differences:
                     u = self.unit(k, e)
                     col = self.central(u, s * self.step(u, REL), (k, e))
                     total = [te * c for c in col] if total is None else [a + te * c for a, c in zip(total, col)]
+                    noise = ([abs(te) * n for n in self._noise] if noise is None
+                             else [a + abs(te) * n for a, n in zip(noise, self._noise)])
             if total is None:
                 total = [np.zeros_like(o) for o in self.f(self.primals)]
+                noise = [np.zeros_like(o) for o in total]
+            self.noise[s] = np.asarray(leaf_at(noise, path), np.float64)
             return leaf_at(total, path)
         k = pair.grad_index(path)
         ref = np.zeros_like(self.primals[k])
+        self.noise[s] = np.full(ref.shape, np.inf if check == "hvp" else 0.0)
         parts = self.by_scale(self.vec.v) if check == "hvp" else []
         for e in range(ref.size):
             u = self.unit(k, e)
             if check == "vjp":
                 ref.flat[e] = self.weighted(self.central(u, s * self.step(u, REL), (k, e)))
+                self.noise[s].flat[e] = sum(float(np.sum(n * np.abs(c))) for n, c in zip(self._noise, self.vec.ct))
                 continue
             # (H v)_e of the cotangent-weighted output: a mixed second difference along e and v,
             # H v summed over v's parts of one scale each.

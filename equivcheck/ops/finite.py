@@ -53,6 +53,7 @@ class Arbitration:
     unstable: bool = False  # the differences, not the sides, are what cannot decide at this example
     unsettled: np.ndarray | None = None  # elements of `ref` the differences could not settle: left out
     side: str | None = None  # named without a `ref`: "both" where each follows its own, wrong, forward
+    error: np.ndarray | None = None  # elementwise, what `ref` may be off by: steps h and h/2 apart, and arbiters apart
 
     @property
     def local(self) -> bool:
@@ -177,8 +178,12 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
         unsettled = noisy
     # Richardson: both rules err by O(h^2), so this cancels the leading term.
     refs = {name: b + (b - a) / 3 for name, (a, b) in steps.items()}
+    # Richardson's b + (b - a) / 3 carries 4/3 of b's rounding and 1/3 of a's
+    noise = np.max([np.maximum(fd.noise.get(1.0, np.inf), fd.noise.get(0.5, np.inf)) for fd in fds.values()], axis=0)
+    error = np.where(np.isfinite(drift), drift, np.inf) + 2 * noise
     if len(refs) == 2:
         apart = np.abs(refs["torch"] - refs["jax"])
+        error = error + apart
         if unsettled is not None:
             apart[unsettled] = 0.0
         if DECISIVE * float(np.max(apart, initial=0.0)) > sides_gap:
@@ -191,7 +196,7 @@ def derivative(pair: Any, check: str, args64: Sequence[Any], vec: Vectors, path:
     if unsettled is not None:
         why += (f"; at {int(unsettled.sum())} other elements steps h and h/2 disagree (up to "
                 f"{float(np.max(drift[unsettled])):.3g}): those are left out, and the failing element decides")
-    return Arbitration(sum(refs.values()) / len(refs), why, unsettled=unsettled)
+    return Arbitration(sum(refs.values()) / len(refs), why, unsettled=unsettled, error=error)
 
 
 def _at_element(pair: Any, check: str, path: str, index: tuple[int, ...], fds: dict[str, Differences],
