@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import torch.nn.functional as F
@@ -274,3 +275,32 @@ def test_the_cumprod_jvp_overflow_names_torch():
     verdict = verdict_on(pair, "jvp", args, "float32")
     assert verdict.kind == "nonfinite" and verdict.side == "torch", verdict.diagnosis
     assert verdict.diagnosis.endswith("torch is off"), verdict.diagnosis
+
+
+_LN = Inputs(Fixed((((3, 8),),)), (Floats(-0.01, 0.01),))
+KNOWN_BY_SYMPTOM = [
+    (Pair("my_mse", lambda a, b: F.mse_loss(a, b), lambda a, b: jnp.mean(optax.l2_loss(a, b)),
+          Inputs(Same(2), (Floats(-1, 1), Floats(-1, 1))), checks=("forward",)),
+     [np.array([0.5, -1.0, 0.25, 0.75], np.float32), np.array([0.0, 0.5, -0.5, 1.0], np.float32)],
+     "optax.l2_loss is 0.5 * (x - y)^2"),
+    (Pair("my_gelu", F.gelu, jax.nn.gelu, unary(Floats(-8, 8)), checks=("forward",)),
+     [np.array([-3.0, -1.0, 0.5, 1.5, 2.5], np.float32)], "GELU: torch exact erf, Flax/JAX gelu approximate=True"),
+    (Pair("my_layer_norm", lambda x: F.layer_norm(x, (8,)),
+          lambda x: (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-6), _LN,
+          checks=("forward",)),
+     [np.linspace(-0.01, 0.01, 24, dtype=np.float32).reshape(3, 8)], "LayerNorm eps: torch 1e-5, Flax"),
+]
+
+
+@pytest.mark.parametrize(("pair", "args", "cause"), KNOWN_BY_SYMPTOM, ids=[p.name for p, _, _ in KNOWN_BY_SYMPTOM])
+def test_a_user_pair_failing_like_a_known_trap_is_told_its_cause(pair, args, cause):
+    # Audit of issue 11 (fault 9's kind): these rows of the trap table had no symptom, so a user's
+    # mse against optax.l2_loss, approximate gelu or LayerNorm eps 1e-6 read a bare "undecided".
+    verdict = verdict_on(pair, "forward", args, "float32")
+    assert f"this matches a known divergence: {cause}" in verdict.diagnosis, verdict.diagnosis
+
+
+def test_a_plain_wrong_op_is_told_no_known_cause():
+    pair = Pair("my_tanh", torch.tanh, lambda x: jnp.tanh(1.01 * x), unary(), checks=("forward",))
+    verdict = verdict_on(pair, "forward", [np.array([0.5, -1.0, 2.0], np.float32)], "float32")
+    assert "matches a known divergence" not in verdict.diagnosis, verdict.diagnosis

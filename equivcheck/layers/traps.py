@@ -65,6 +65,60 @@ def _nan_at_saturated_probability(ev: Evidence) -> bool:
     return bool(one_sided.any() and np.all(np.isin(ev.arg[one_sided], (0.0, 1.0))))
 
 
+def _differing(ev: Evidence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torch's and JAX's values (float64) at the elements that differ, and the mask of them."""
+    mask = ~np.asarray(ev.close, bool)
+    return np.asarray(ev.torch, np.float64)[mask], np.asarray(ev.jax, np.float64)[mask], mask
+
+
+def _one_each(t: np.ndarray, j: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
+    """One side is `a` and the other `b`, each to a tenth of how far apart `a` and `b` are."""
+    near = lambda x, y: bool(np.all(np.abs(x - y) <= 0.1 * np.abs(a - b) + 1e-7 * np.abs(y)))
+    return bool(np.any(a != b)) and ((near(t, a) and near(j, b)) or (near(t, b) and near(j, a)))
+
+
+def _gelu_flavours(ev: Evidence) -> bool:
+    """A forward that is erf's GELU of its input on one side and the tanh approximation on the other."""
+    import math
+
+    x = np.asarray(ev.args[0], np.float64) if ev.args else None
+    if ev.check != "forward" or x is None or x.shape != ev.torch.shape:
+        return False
+    t, j, mask = _differing(ev)
+    x = x[mask]
+    exact = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    approx = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return t.size > 0 and _one_each(t, j, exact, approx)
+
+
+def _half_squared_error(ev: Evidence) -> bool:
+    """A forward whose two float arguments of one shape (predictions, targets) give the squared
+    error on one side and half of it on the other (optax.l2_loss), elementwise, summed or averaged."""
+    floats = [np.asarray(a, np.float64) for a in ev.args if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
+    if ev.check != "forward" or len(floats) != 2 or floats[0].shape != floats[1].shape:
+        return False
+    sq = (floats[0] - floats[1]) ** 2
+    t, j = np.asarray(ev.torch, np.float64), np.asarray(ev.jax, np.float64)
+    for full in (sq, sq.mean(), sq.sum()):
+        if np.shape(full) == t.shape and _one_each(t, j, np.asarray(full), np.asarray(full) / 2):
+            return True
+    return False
+
+
+def _norm_eps(ev: Evidence) -> bool:
+    """A normalisation over the last axis with eps 1e-5 on one side and 1e-6 on the other (torch's
+    LayerNorm/GroupNorm against Flax's defaults): each side is (x - mean) / sqrt(var + eps) of the
+    input, up to one affine map shared by both (the same weight and bias)."""
+    x = np.asarray(ev.args[0], np.float64) if ev.args else None
+    if ev.check != "forward" or x is None or x.shape != ev.torch.shape or x.ndim < 1 or x.shape[-1] < 2:
+        return False
+    centred = x - x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    a, b = centred / np.sqrt(var + 1e-5), centred / np.sqrt(var + 1e-6)
+    t, j = np.asarray(ev.torch, np.float64), np.asarray(ev.jax, np.float64)
+    return _one_each(t, j, a, b)
+
+
 @dataclasses.dataclass(frozen=True)
 class Divergence:
     id: str  # the pair (or pair::check) that shows it
@@ -79,7 +133,7 @@ class Divergence:
 TABLE: tuple[Divergence, ...] = (
     # layers: effect = largest |torch - jax| of the trap's forward on inputs drawn from its own ranges
     Divergence("nn.trap.layer_norm_eps", "LayerNorm eps: torch 1e-5, Flax LayerNorm epsilon=1e-6",
-               "0.42 max abs (inputs U(-0.01, 0.01))", "nnx.LayerNorm(epsilon=1e-5)", "nn.layer_norm"),
+               "0.42 max abs (inputs U(-0.01, 0.01))", "nnx.LayerNorm(epsilon=1e-5)", "nn.layer_norm", symptom=_norm_eps),
     Divergence("nn.trap.layer_norm_fast_variance",
                "Flax norms default use_fast_variance=True (E[x^2] - E[x]^2); torch subtracts the mean first",
                "1e2 max abs (inputs U(1000.3, 1001.7), float32)", "use_fast_variance=False", "nn.layer_norm_offset",
@@ -140,7 +194,7 @@ TABLE: tuple[Divergence, ...] = (
                "0.22 max abs with b_hn folded into the input bias",
                "flax.linen.GRUCell (hn has a bias), as equivcheck.layers.flax_bridge.gru does", "nn.gru"),
     Divergence("nn.trap.gelu_approximate", "GELU: torch exact erf, Flax/JAX gelu approximate=True",
-               "4.6e-4 max abs on [-8, 8]", "approximate=False", "nn.gelu"),
+               "4.6e-4 max abs on [-8, 8]", "approximate=False", "nn.gelu", symptom=_gelu_flavours),
     # losses
     Divergence("loss.trap.cross_entropy_reduction",
                "reduction: torch cross_entropy averages, optax returns per-example losses",
@@ -155,7 +209,7 @@ TABLE: tuple[Divergence, ...] = (
                "1.7 max abs (a factor beta = 2)", "optax.losses.huber_loss(x, y, delta=beta) / beta",
                "loss.smooth_l1"),
     Divergence("loss.trap.mse_as_l2_loss", "optax.l2_loss is 0.5 * (x - y)^2; mse_loss is (x - y)^2",
-               "48 max abs (a factor 2)", "optax.losses.squared_error", "loss.mse"),
+               "48 max abs (a factor 2)", "optax.losses.squared_error", "loss.mse", symptom=_half_squared_error),
     Divergence("loss.trap.bce_unclamped", "binary_cross_entropy clamps each log at -100; a plain log gives inf",
                "inf where p = 0 or 1 (NaN for 0 * log 0)", "jnp.maximum(jnp.log(p), -100)", "loss.bce_saturated"),
     Divergence("loss.trap.ctc_mean", "ctc_loss 'mean' divides each loss by its target length before averaging",
