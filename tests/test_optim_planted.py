@@ -256,6 +256,18 @@ def test_an_update_applied_one_step_late_is_named(bad, check):
     assert rec.message.startswith("step 1:"), rec.message  # the lagging side has not moved yet
 
 
+def test_a_first_learning_rate_of_zero_is_offered_as_a_cause_of_the_lag():
+    # Audit of issue 11: optax's Adam with a schedule giving 0 at count 0 read "it applies the update
+    # computed from the previous gradient (optax's scale_by_rprop does)" alone. Its first update is
+    # zero, and its second sees the same gradient torch's first did: the first steps cannot tell the
+    # two causes apart, so both are named.
+    bad = OptimizerPair("adam_first_lr_zero", lambda ps: torch.optim.Adam(ps, lr=1e-2),
+                        lambda: optax.adam(lambda c: jnp.where(c == 0, 0.0, 1e-2)), checks=("quadratic",))
+    rec = run(bad)["quadratic"]
+    assert rec.outcome == "failed" and rec.side == "jax", rec.failure_text()
+    assert "a learning rate of 0 at count 0" in rec.diagnosis, rec.failure_text()
+
+
 def test_torchs_rprop_is_matched_step_for_step():
     """torch Rprop: every step size starts at lr, grows by 1.2 while the gradient keeps its
     sign, halves where it changes it, and there the parameter stays (torch zeroes the grad).

@@ -5,6 +5,7 @@ seed 1: the known divergence read as "no longer shows" on some nights (found by
 benchmarks/seed_sweep.py)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from equivcheck.engine.records import RunSettings
@@ -133,3 +134,41 @@ def test_a_second_moment_rounded_in_float32_only_is_not_accepted_step_by_step(gr
     [rec] = run_optimizer_pair(pair, dtype="float32", run=RunSettings(examples=10, seed=0))
     assert rec.outcome == "failed" and rec.ill_conditioned == 0, rec.failure_text()
     assert verdicts and not any(verdicts)
+
+
+# The seed sweep's seed 296031912 (5 examples, the default profile): rmsprop::mlp::float32 failed
+# at step 62 with both float64 runs 1e-3 apart too: RMSprop divides gradients that cancel to
+# rounding noise by their own root mean square, so float64's own rounding turns into whole steps,
+# and the rule asked the float64 runs to agree to float64's linearly scaled envelope.
+CHAOTIC = Example(
+    "mlp",
+    {"b1": [0.561129, -0.95700985, 0.0, -0.16846426], "b2": [0.0],
+     "w1": [[0.7844205, 0.0, 0.0, 0.040609386], [0.051557638, 0.0, -0.0759277, -0.50311667]],
+     "w2": [[0.014149606], [-0.647727], [-0.13075411], [0.0]]},
+    {"x": [[[7.4092904e-03, 1.9532374e+00], [-6.3684809e-01, 2.6608079e-03], [0.0, 9.0182877e-01],
+            [-1.0105098e+00, 0.0], [1.4172773e+00, -8.6590475e-01], [9.1739082e-01, 3.5262216e-05],
+            [-1.4626036e+00, 1.7350947e-02], [-3.9843194e-02, -3.8128462e-02]]],
+     "y": [[[0.0], [0.505843], [0.7766528], [0.60860336], [-0.9224711], [0.0], [0.0], [-0.18927461]]]},
+    steps=79, split=78)
+
+
+def test_rmsprop_whose_float64_runs_part_by_their_own_rounding_is_accepted():
+    import dataclasses
+
+    from equivcheck.engine import tolerance
+    from equivcheck.optim.diagnose import explained_by_rounding
+    from equivcheck.optim.runner import witnesses
+    from equivcheck.optim.trajectory import evaluate
+
+    pair = next(p for p in OPTIMIZERS if p.name == "rmsprop").replace(witnesses=(CHAOTIC,))
+    run = RunSettings(examples=1, seed=1, device="cpu")
+    base = tolerance.lookup("float32", device="cpu", precision=run.precision, check="mlp")
+    [ex] = witnesses(pair, "mlp", "float32")
+    out = evaluate(pair, ex, "float32", run, base)
+    assert not out.ok, "the example must fail the table for the test to mean anything"
+    assert explained_by_rounding(pair, ex, out, "float32", run, base, 0)
+    # a constant slip after the failing step still fails: the float32 sides' own gap is judged
+    last = out.after[1][-1]
+    moved = {**last, "params": {k: np.asarray(v) + 1e-2 for k, v in last["params"].items()}}
+    tampered = dataclasses.replace(out, after=(out.after[0], [*out.after[1][:-1], moved]))
+    assert not explained_by_rounding(pair, ex, tampered, "float32", run, base, 0)

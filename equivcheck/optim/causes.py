@@ -29,6 +29,16 @@ MIN_LAG_STEPS = 2
 __all__ = ["LAG_STEPS", "coarse_grid", "decay_elsewhere", "lagged", "nonfinite"]
 
 
+# What makes a side's first update zero and the later ones a step late; from the first steps alone
+# the two cannot be told apart (an Adam whose first learning rate is 0 sees the same gradient twice).
+_LATE = {
+    "jax": ("a learning rate of 0 at count 0 (a schedule that starts from 0 or counts from 1), or an update "
+            "computed from the previous gradient (optax's scale_by_rprop does)"),
+    "torch": ("a learning rate of 0 at the first optimizer.step() (a warm-up from 0, a scheduler stepped before "
+              "the optimizer), or an update computed from the previous gradient"),
+}
+
+
 def lagged(pair: Any, ex: Example, dtype: str, run: Any, base: Tolerance) -> tuple[str | None, str] | None:
     """One side's step n equals the other's step n-1 (its first update is zero, or it applies
     the update computed from the previous gradient: optax's scale_by_rprop does). Compared on
@@ -66,8 +76,7 @@ def lagged(pair: Any, ex: Example, dtype: str, run: Any, base: Tolerance) -> tup
             span = "" if k == n else f", for its first {k} steps of {n}"
             return late, (f"the {late} side applies each update one step late (its step n equals {other}'s step n-1"
                           f"{span}): its first update is zero and each later one is the one {other} made a step "
-                          "earlier: it applies the update computed from the previous gradient (optax's "
-                          "scale_by_rprop does)")
+                          f"earlier: {_LATE[late]}")
     return None
 
 

@@ -30,7 +30,7 @@ from equivcheck.optim.sides import run_jax, run_torch, scan_length
 from equivcheck.optim.state import widen, widen_state
 from equivcheck.optim.trajectory import PROBLEM_OF, Example, compare_steps, movable
 
-__all__ = ["OPTIMIZER_ULPS", "ROUNDING_FACTOR", "steps_faithful"]
+__all__ = ["OPTIMIZER_ULPS", "ROUNDING_FACTOR", "float64_runs_agree", "steps_faithful"]
 
 # As equivcheck.models.sensitivity: XLA's float32 transcendentals are a few ulps off where torch's
 # are within one, so one side may sit that much further from float64 than the other.
@@ -74,6 +74,44 @@ def steps_faithful(pair: Any, ex: Example, out: Any, dtype: str, run: Any, base:
             if not far <= ROUNDING_FACTOR * near + OPTIMIZER_ULPS * _EPS32 * moved.get(path, 0.0):
                 return False
     return True
+
+
+def float64_runs_agree(pair: Any, problem: Any, params: Any, data: Any, state: Any, k0: int,
+                       torch64: list[list[np.ndarray]], jax64: list[list[np.ndarray]], tol64: Tolerance,
+                       seed: int) -> bool:
+    """Whether the two float64 runs (leaves per step, from the stretch's start, params and state in
+    float64) agree at every step within SAFETY x the spread of torch's float64 run jittered by
+    float64's own rounding (ULPS float64 ulps of the parameters and state after each step) plus
+    float64's bound for the step count. Where a trajectory turns rounding into whole steps (RMSprop
+    dividing a gradient that cancels to noise by its own root mean square: rmsprop::mlp at seed
+    296031912, the float64 runs 1e-3 apart after 70 steps) float64 parts too, by what its own
+    rounding does; a formula difference parts them at the first steps, where that spread is ulps."""
+    from equivcheck.ops.conditioning import SAFETY, SAMPLES, ULPS, _eps
+    from equivcheck.optim.trajectory import trajectory_tolerance
+
+    rng, rel = np.random.default_rng(seed), ULPS * _eps("float64")
+    last = len(torch64)
+    spread = [[np.zeros_like(x) for x in at] for at in torch64]
+    for _ in range(SAMPLES):
+        runs = run_torch(pair, problem, params, data, last, dtype="float64", start=state, start_step=k0,
+                         jitter=(rng, rel, None))
+        for sp, run, ref in zip(spread, runs, torch64):
+            for i, (x, r) in enumerate(zip(_flat(run), ref)):
+                sp[i] = np.maximum(sp[i], np.abs(x - r))
+    for m, (t_at, j_at, sp) in enumerate(zip(torch64, jax64, spread), start=1):
+        t = trajectory_tolerance(tol64, m)
+        for a, b, v in zip(t_at, j_at, sp):
+            bound = SAFETY * v + t.atol + t.rtol * np.abs(a)
+            with np.errstate(invalid="ignore"):
+                if not np.all((np.isfinite(bound) & (np.abs(a - b) <= bound)) | (a == b)):
+                    return False
+    return True
+
+
+def _flat(step: Any) -> list[np.ndarray]:
+    from equivcheck.engine.compare import leaves
+
+    return [np.asarray(x, np.float64) for x in leaves(step)]
 
 
 def _reproduces(sides: tuple[list[Any], list[Any]], out: Any, base: Tolerance) -> bool:
