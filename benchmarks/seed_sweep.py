@@ -9,7 +9,8 @@ row per check that failed or passed against a known divergence (xpass), then a l
     python benchmarks/seed_sweep.py --seeds 20 --examples 10 --suites autodiff,layers
     python benchmarks/seed_sweep.py --seed-list 1738067960   # replay one seed
 
-Exit status 1 when any seed had a failure or an xpass.
+Exit status 1 when any seed had a failure or an xpass, or pytest itself exited non-zero (a test that
+errors, or a worker that dies, leaves no failed record: its checks are only missing).
 """
 from __future__ import annotations
 
@@ -71,8 +72,18 @@ def main(argv: list[str] | None = None) -> int:
             why = (r.get("message") or "").strip().splitlines()[:1]
             print(f"  {r['outcome']}: {r['id']} ({r.get('kind') or '-'}: {why[0][:160] if why else '-'})  "
                   f"replay: {r.get('replay') or '-'}", file=sys.stderr, flush=True)
-        counts = {k: sum(r["outcome"] == k for r in records) for k in ("passed", "failed", "xpass", "known-divergence")}
-        summary.append(f"seed {seed}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" ({seconds:.0f} s)")
+        counts = {k: sum(r["outcome"] == k for r in records) for k in ("passed", "failed", "xpass", "known-divergence",
+                                                                        "skipped")}
+        line = f"seed {seed}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" ({seconds:.0f} s)"
+        if proc.returncode != 0:
+            # a test that errored (or a worker that died) leaves no failed record: its checks are
+            # simply missing, so pytest's own verdict decides too
+            tail = [ln for ln in (proc.stdout + proc.stderr).strip().splitlines() if ln.startswith(("ERROR", "FAILED"))]
+            last = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+            line += f"; pytest exit {proc.returncode}: " + " | ".join(tail[:5] + last)
+            if not bad:
+                rows.append(("-", seed, "(pytest)", f"exit {proc.returncode}", " ".join(cmd[2:])))
+        summary.append(line)
         print(summary[-1], file=sys.stderr, flush=True)
 
     print(f"seed sweep: {len(seeds)} seeds x {', '.join(args.suites.split(','))}, {args.examples} examples per check")
@@ -83,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if replay:
             print(f"replay: {replay}")
     print("\n".join(summary))
-    clean = sum(1 for s in summary if " 0 failed, 0 xpass" in s)
-    print(f"{clean} of {len(seeds)} seeds clean (0 failed, 0 xpass)")
+    clean = sum(1 for s in summary if " 0 failed, 0 xpass" in s and "pytest exit" not in s)
+    print(f"{clean} of {len(seeds)} seeds clean (0 failed, 0 xpass, pytest exit 0)")
     return 0 if clean == len(seeds) else 1
 
 

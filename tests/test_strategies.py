@@ -225,3 +225,20 @@ def test_inputs_given_a_list_of_shapes_says_what_to_write():
 
     with pytest.raises(TypeError, match=r"not a shape rule: give Fixed\(\(\(shape"):
         Inputs([(4, 3), (4, 2)], (Floats(), Floats()))
+
+
+@pytest.mark.parametrize(("dtype", "value"), [("float32", float(np.float32(1e-9))), ("float64", 1e-9)])
+def test_a_range_holding_no_number_of_the_dtype_draws_the_nearest(dtype, value):
+    # Audit of issue 11: Floats(1e-9, 1e-9) in float32 (1e-9 is no float32) crashed inside
+    # Hypothesis with min_value > max_value, after rounding each end inwards.
+    @settings(max_examples=5, database=None)
+    @given(Floats(1e-9, 1e-9, tiny=False).elements(dtype))
+    def draws(v):
+        assert v == value
+
+    draws()
+
+
+def test_a_range_upside_down_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"Floats\(lo=2, hi=1\): lo is above hi"):
+        Floats(2, 1).elements("float32")

@@ -42,7 +42,8 @@ def _representable(x: float, dtype: str, direction: float) -> float:
 class Floats:
     """Values for one floating-point argument.
 
-    lo, hi     closed range (kept inside the dtype's finite range)
+    lo, hi     closed range (kept inside the dtype's finite range); a range holding no number of
+               the dtype (Floats(1e-9, 1e-9) in float32) draws the dtype's nearest to its middle
     special    values the op treats specially (kinks, zeros, poles): drawn often
     near       points approached within a few ulps from both sides (singularities)
     tiny       also draw magnitudes near the smallest normal number
@@ -67,9 +68,16 @@ class Floats:
     min_magnitude: float = 0.0
 
     def _range(self, dtype: str) -> tuple[float, float]:
+        if self.lo > self.hi:
+            raise ValueError(f"Floats(lo={self.lo}, hi={self.hi}): lo is above hi, so there is nothing to draw")
         finfo = np.finfo(np.float32 if dtype == "bfloat16" else np_dtype(dtype))
         lo = _representable(max(self.lo, float(finfo.min)), dtype, math.inf)
-        return lo, _representable(min(self.hi, float(finfo.max)), dtype, -math.inf)
+        hi = _representable(min(self.hi, float(finfo.max)), dtype, -math.inf)
+        if lo > hi:  # no number of the dtype inside: the range stands for the value it rounds to
+            mid = float(np.float32(np_dtype(dtype).type((self.lo + self.hi) / 2)) if dtype == "bfloat16"
+                        else np_dtype(dtype).type((self.lo + self.hi) / 2))
+            return mid, mid
+        return lo, hi
 
     def elements(self, dtype: str) -> st.SearchStrategy[float]:
         lo, hi = self._range(dtype)
